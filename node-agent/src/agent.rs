@@ -1,0 +1,184 @@
+//! The node agent's set of enrolled pods, reconciled against the config.
+//!
+//! Enrolling opens the pod's listeners first and only then switches capture on, so
+//! a captured connect never finds no listener. Unenrolling switches capture off
+//! first, then closes the listeners; connections already proxied run to their end.
+//! A pod that cannot be enrolled (its namespace not there yet, say) is logged and
+//! retried on the next reconcile, without holding up the others.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use crate::{
+    config::{MeshConfig, WorkloadKey},
+    ebpf::Capture,
+    netns::Netns,
+    proxy::{self, inbound::InboundListener, outbound::OutboundListener},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot open network namespace {path}: {source}")]
+    Netns {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot open listeners in {path}: {source}")]
+    Listen {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Ebpf(#[from] crate::ebpf::Error),
+}
+
+struct Enrolled {
+    netns_path: PathBuf,
+    cookie: u64,
+    stop: watch::Sender<bool>,
+}
+
+pub struct Agent {
+    node: String,
+    capture: Capture,
+    settings: proxy::Settings,
+    pods: BTreeMap<WorkloadKey, Enrolled>,
+    /// Workloads that should be enrolled but are not yet (last attempt failed).
+    pending: BTreeSet<WorkloadKey>,
+}
+
+impl Agent {
+    pub fn new(node: String, capture: Capture, settings: proxy::Settings) -> Self {
+        Agent {
+            node,
+            capture,
+            settings,
+            pods: BTreeMap::new(),
+            pending: BTreeSet::new(),
+        }
+    }
+
+    /// Whether some enrollment failed and should be tried again.
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    pub fn enrolled(&self) -> impl Iterator<Item = &WorkloadKey> {
+        self.pods.keys()
+    }
+
+    /// Brings the enrolled set in line with `config`.
+    pub fn apply(&mut self, config: &MeshConfig) {
+        let desired: BTreeMap<WorkloadKey, PathBuf> = config
+            .enrolled_on(&self.node)
+            .filter_map(|w| Some((w.key(), w.netns.clone()?)))
+            .collect();
+
+        let gone: Vec<WorkloadKey> = self
+            .pods
+            .iter()
+            .filter(|(k, e)| desired.get(*k) != Some(&e.netns_path))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in gone {
+            self.remove(&key);
+        }
+
+        self.pending.clear();
+        for (key, path) in desired {
+            if self.pods.contains_key(&key) {
+                continue;
+            }
+            match self.add(&key, &path) {
+                Ok(cookie) => {
+                    info!(workload = %key, netns = %path.display(), netns_cookie = cookie, "pod enrolled")
+                }
+                Err(e) => {
+                    error!(workload = %key, error = %e, "cannot enroll pod; will retry");
+                    self.pending.insert(key);
+                }
+            }
+        }
+        self.forget_stale();
+    }
+
+    fn add(&mut self, key: &WorkloadKey, path: &Path) -> Result<u64, Error> {
+        let netns = Netns::open(path).map_err(|source| Error::Netns {
+            path: path.to_owned(),
+            source,
+        })?;
+        let cookie = netns.cookie();
+        let pod = Arc::new(proxy::Pod {
+            workload: key.clone(),
+            netns,
+        });
+        let listen_err = |source| Error::Listen {
+            path: path.to_owned(),
+            source,
+        };
+        let outbound = OutboundListener::new(pod.clone(), self.capture.orig_dst(), self.settings)
+            .map_err(listen_err)?;
+        let inbound = InboundListener::new(pod.clone(), self.settings).map_err(listen_err)?;
+        let addresses = pod.netns.addresses().map_err(|source| Error::Netns {
+            path: path.to_owned(),
+            source,
+        })?;
+        self.capture
+            .enroll(&pod.netns, &addresses, inbound.socket())?;
+
+        let (stop, stopped) = watch::channel(false);
+        tokio::spawn(outbound.run(stopped.clone()));
+        tokio::spawn(inbound.run(stopped));
+        self.pods.insert(
+            key.clone(),
+            Enrolled {
+                netns_path: path.to_owned(),
+                cookie,
+                stop,
+            },
+        );
+        Ok(cookie)
+    }
+
+    fn remove(&mut self, key: &WorkloadKey) {
+        let Some(e) = self.pods.remove(key) else {
+            return;
+        };
+        if let Err(err) = self.capture.unenroll(e.cookie) {
+            error!(workload = %key, error = %err, "cannot unenroll pod in the kernel");
+        }
+        let _ = e.stop.send(true);
+        info!(workload = %key, "pod unenrolled");
+    }
+
+    /// Drops kernel state for namespaces this agent no longer serves: what a
+    /// previous run enrolled for pods that have since left the config.
+    fn forget_stale(&mut self) {
+        let ours: BTreeSet<u64> = self.pods.values().map(|e| e.cookie).collect();
+        let mut stale: BTreeSet<u64> = self.capture.enrolled_cookies().into_iter().collect();
+        stale.extend(self.capture.pinned_lookup_cookies());
+        for cookie in stale.difference(&ours) {
+            match self.capture.unenroll(*cookie) {
+                Ok(()) => info!(
+                    netns_cookie = cookie,
+                    "removed capture of a namespace no longer enrolled"
+                ),
+                Err(e) => warn!(netns_cookie = cookie, error = %e, "cannot remove stale capture"),
+            }
+        }
+    }
+
+    /// Stops every listener. Capture stays attached and pinned: enrolled pods fail
+    /// closed until an agent serves them again.
+    pub fn shutdown(&mut self) {
+        for (_, e) in std::mem::take(&mut self.pods) {
+            let _ = e.stop.send(true);
+        }
+    }
+}

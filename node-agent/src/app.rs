@@ -1,0 +1,170 @@
+//! Wires a role together from the command line.
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime},
+};
+
+use anyhow::Context as _;
+use tracing::{error, info, warn};
+
+use crate::{
+    agent::Agent,
+    cli::{AgentArgs, Cli, Command, ConfigCommand},
+    config::MeshConfig,
+    ebpf::{self, Capture},
+    proxy,
+};
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Agent(args) => agent(args),
+        Command::Config {
+            command: ConfigCommand::Validate { file },
+        } => {
+            let config = MeshConfig::load(&file)?;
+            println!(
+                "{}: ok ({} workloads)",
+                file.display(),
+                config.workloads.len()
+            );
+            Ok(())
+        }
+    }
+}
+
+fn agent(args: AgentArgs) -> anyhow::Result<()> {
+    if args.uninstall {
+        let removed = ebpf::uninstall(&args.bpf_pin_dir)?;
+        info!(pin_dir = %args.bpf_pin_dir.display(), removed, "uninstalled");
+        return Ok(());
+    }
+    ebpf::object()?;
+    let config_path = args
+        .config
+        .clone()
+        .context("--config is required (the mesh config file)")?;
+    let node = match &args.node {
+        Some(n) => n.clone(),
+        None => hostname().context("--node not given and the hostname is unreadable")?,
+    };
+    let cgroup = match &args.cgroup {
+        Some(c) => c.clone(),
+        None => cgroup2_root().context("--cgroup not given and no cgroup2 mount found")?,
+    };
+    raise_fd_limit();
+    // The first config must be good: there is no last good one to fall back on.
+    let config = MeshConfig::load(&config_path)?;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("weft-worker")
+        .build()?;
+    runtime.block_on(async move {
+        let capture = Capture::install(&args.bpf_pin_dir, &cgroup)?;
+        let settings = proxy::Settings {
+            connect_timeout: Duration::from_millis(args.connect_timeout_ms),
+        };
+        let mut agent = Agent::new(node.clone(), capture, settings);
+        agent.apply(&config);
+        info!(
+            node = %node,
+            cgroup = %cgroup.display(),
+            pin_dir = %args.bpf_pin_dir.display(),
+            enrolled = agent.enrolled().count(),
+            "agent ready"
+        );
+        watch_config(
+            &mut agent,
+            &config_path,
+            Duration::from_millis(args.config_poll_ms),
+        )
+        .await?;
+        agent.shutdown();
+        info!("agent stopped; capture stays pinned (use --uninstall to remove it)");
+        anyhow::Ok(())
+    })
+}
+
+/// What identifies a version of the config file cheaply.
+fn stamp(path: &Path) -> Option<(SystemTime, u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len(), m.ino()))
+}
+
+/// Polls the config file until a shutdown signal. A bad file is reported and the
+/// last good config keeps serving.
+async fn watch_config(agent: &mut Agent, path: &Path, every: Duration) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut last_stamp = stamp(path);
+    let mut good = MeshConfig::load(path).unwrap_or_default();
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+            _ = tick.tick() => {}
+        }
+        let now = stamp(path);
+        if now != last_stamp {
+            last_stamp = now;
+            match MeshConfig::load(path) {
+                Ok(config) => {
+                    if config != good {
+                        info!(path = %path.display(), "config changed, applying");
+                        agent.apply(&config);
+                        good = config;
+                    }
+                }
+                Err(e) => {
+                    error!(error = %e, "config rejected; the last good config keeps serving")
+                }
+            }
+        } else if agent.has_pending() {
+            agent.apply(&good);
+        }
+    }
+}
+
+fn hostname() -> Option<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
+    Some(name.trim().to_owned()).filter(|n| !n.is_empty())
+}
+
+/// The mount point of the cgroup v2 hierarchy, from /proc/self/mountinfo.
+fn cgroup2_root() -> Option<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines()
+        .find_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            if right.split(' ').next()? != "cgroup2" {
+                return None;
+            }
+            left.split(' ').nth(4).map(PathBuf::from)
+        })
+        .or_else(|| {
+            warn!("no cgroup2 mount in mountinfo");
+            None
+        })
+}
+
+/// Every proxied connection holds two sockets: lift the soft open-file limit to the
+/// hard one, as a busy proxy needs.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the struct given.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                warn!("cannot raise the open-file limit");
+            }
+        }
+    }
+}

@@ -1,0 +1,471 @@
+//! Loading, attaching and pinning the kernel programs, and typed access to their
+//! maps. No other module sees a map or program name.
+//!
+//! Everything lives under the pin directory (`/sys/fs/bpf/weft` by default):
+//! `maps/<MAP>` and `links/<program>` for the cgroup programs, `links/lookup-<netns
+//! cookie>` for each pod's `sk_lookup`. A restarting agent reuses what is pinned, so
+//! capture stays attached while it is away (enrolled pods fail closed: their
+//! connects reach no listener and are refused); `uninstall` removes it all.
+
+use std::{
+    fs::File,
+    io,
+    net::IpAddr,
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, SockHash},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps,
+        links::{FdLink, LinkError, PinnedLink},
+    },
+};
+use tracing::{debug, info, warn};
+use weft_common::{
+    ConnKey, LISTENER_INBOUND_PLAINTEXT, ListenerKey, MAP_ENROLLED, MAP_LISTENERS, MAP_ORIG_DST,
+    OrigDst, PROG_CONNECT4, PROG_CONNECT6, PROG_GETPEERNAME4, PROG_GETPEERNAME6, PROG_SK_LOOKUP,
+    PROG_SOCK_OPS, PodInfo, v4_mapped,
+};
+
+use crate::netns::Netns;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "this weft binary was built without its eBPF object; build it with `cargo xtask build-ebpf` and rebuild the agent (or run `cargo xtask demo`, which does both)"
+    )]
+    NoObject,
+    #[error("bpffs is not mounted at /sys/fs/bpf and mounting it failed: {0}")]
+    Bpffs(io::Error),
+    #[error("cannot create pin directory {path}: {source}")]
+    PinDir { path: PathBuf, source: io::Error },
+    #[error("cannot open cgroup {path} (is cgroup v2 mounted there?): {source}")]
+    Cgroup { path: PathBuf, source: io::Error },
+    #[error("loading the eBPF object failed: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("map {name} is missing from the object or has the wrong type: {detail}")]
+    Map { name: &'static str, detail: String },
+    #[error("map {name}: {source}")]
+    MapOp {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("pinning {path}: {detail}")]
+    Pin { path: PathBuf, detail: String },
+    #[error("removing pins under {path}: {source}")]
+    Unpin { path: PathBuf, source: io::Error },
+}
+
+/// The object built by `cargo xtask build-ebpf`, embedded at build time.
+#[cfg(weft_ebpf_object)]
+static OBJECT: Option<&[u8]> = Some(aya::include_bytes_aligned!(env!("WEFT_EBPF_OBJECT_PATH")));
+#[cfg(not(weft_ebpf_object))]
+static OBJECT: Option<&[u8]> = None;
+
+/// The embedded kernel object, or the error that says how to build it.
+pub fn object() -> Result<&'static [u8], Error> {
+    OBJECT.ok_or(Error::NoObject)
+}
+
+/// The cgroup programs: (name, kind). Attached once to the node's cgroup.
+const CGROUP_PROGRAMS: [(&str, CgroupKind); 5] = [
+    (PROG_CONNECT4, CgroupKind::SockAddr),
+    (PROG_CONNECT6, CgroupKind::SockAddr),
+    (PROG_GETPEERNAME4, CgroupKind::SockAddr),
+    (PROG_GETPEERNAME6, CgroupKind::SockAddr),
+    (PROG_SOCK_OPS, CgroupKind::SockOps),
+];
+
+#[derive(Clone, Copy)]
+enum CgroupKind {
+    SockAddr,
+    SockOps,
+}
+
+/// Read-only view of the original-destination map, shared by every proxy task.
+#[derive(Clone)]
+pub struct OrigDstTable(Arc<HashMap<MapData, ConnKey, OrigDst>>);
+
+impl OrigDstTable {
+    /// One map lookup (one `bpf()` syscall) per accepted connection.
+    pub fn get(&self, key: &ConnKey) -> Option<OrigDst> {
+        self.0.get(key, 0).ok()
+    }
+}
+
+/// The loaded capture: programs attached, maps open.
+pub struct Capture {
+    ebpf: Ebpf,
+    enrolled: HashMap<MapData, u64, PodInfo>,
+    listeners: SockHash<MapData, ListenerKey>,
+    orig_dst: OrigDstTable,
+    links_dir: PathBuf,
+}
+
+impl Capture {
+    /// Loads the object, reusing pinned maps and links, and attaches what is not
+    /// attached yet to `cgroup`.
+    pub fn install(pin_dir: &Path, cgroup: &Path) -> Result<Self, Error> {
+        let object = object()?;
+        ensure_bpffs()?;
+        let maps_dir = pin_dir.join("maps");
+        let links_dir = pin_dir.join("links");
+        for dir in [pin_dir, &maps_dir, &links_dir] {
+            std::fs::create_dir_all(dir).map_err(|source| Error::PinDir {
+                path: dir.to_owned(),
+                source,
+            })?;
+        }
+        let cgroup_file = File::open(cgroup).map_err(|source| Error::Cgroup {
+            path: cgroup.to_owned(),
+            source,
+        })?;
+
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&maps_dir)
+            .load(object)?;
+
+        for (name, kind) in CGROUP_PROGRAMS {
+            let pin = links_dir.join(name);
+            if pin.exists() {
+                match PinnedLink::from_pin(&pin) {
+                    Ok(_) => {
+                        debug!(program = name, "reusing pinned link");
+                        continue;
+                    }
+                    Err(e) => {
+                        warn!(program = name, error = %e, "pinned link unusable, attaching anew");
+                        let _ = std::fs::remove_file(&pin);
+                    }
+                }
+            }
+            let link = attach_cgroup(&mut ebpf, name, kind, &cgroup_file)?;
+            link.pin(&pin).map_err(|e| Error::Pin {
+                path: pin.clone(),
+                detail: e.to_string(),
+            })?;
+            info!(program = name, cgroup = %cgroup.display(), "attached");
+        }
+
+        let lookup: &mut SkLookup = program(&mut ebpf, PROG_SK_LOOKUP)?;
+        lookup.load().map_err(|source| Error::Program {
+            name: PROG_SK_LOOKUP,
+            source,
+        })?;
+
+        let enrolled =
+            HashMap::try_from(take_map(&mut ebpf, MAP_ENROLLED)?).map_err(|e| Error::Map {
+                name: MAP_ENROLLED,
+                detail: e.to_string(),
+            })?;
+        let listeners =
+            SockHash::try_from(take_map(&mut ebpf, MAP_LISTENERS)?).map_err(|e| Error::Map {
+                name: MAP_LISTENERS,
+                detail: e.to_string(),
+            })?;
+        let orig_dst =
+            HashMap::try_from(take_map(&mut ebpf, MAP_ORIG_DST)?).map_err(|e| Error::Map {
+                name: MAP_ORIG_DST,
+                detail: e.to_string(),
+            })?;
+        Ok(Capture {
+            ebpf,
+            enrolled,
+            listeners,
+            orig_dst: OrigDstTable(Arc::new(orig_dst)),
+            links_dir,
+        })
+    }
+
+    pub fn orig_dst(&self) -> OrigDstTable {
+        self.orig_dst.clone()
+    }
+
+    /// Enrolls a pod: registers its inbound listener, attaches `sk_lookup` to its
+    /// namespace (or reuses the pinned link), then switches outbound capture on. The
+    /// pod's listeners must already be open, so no connect is ever refused for want
+    /// of them.
+    pub fn enroll(
+        &mut self,
+        netns: &Netns,
+        addresses: &[IpAddr],
+        inbound: &impl AsRawFd,
+    ) -> Result<(), Error> {
+        let cookie = netns.cookie();
+        for ip in addresses {
+            let key = ListenerKey {
+                addr: match ip {
+                    IpAddr::V4(v4) => v4_mapped(v4.octets()),
+                    IpAddr::V6(v6) => v6.octets(),
+                },
+                kind: LISTENER_INBOUND_PLAINTEXT,
+                _pad: 0,
+            };
+            self.listeners
+                .insert(key, inbound.as_raw_fd(), 0)
+                .map_err(|source| Error::MapOp {
+                    name: MAP_LISTENERS,
+                    source,
+                })?;
+        }
+
+        let pin = self.lookup_pin(cookie);
+        if !(pin.exists() && PinnedLink::from_pin(&pin).is_ok()) {
+            let _ = std::fs::remove_file(&pin);
+            let ns = File::open(netns.path()).map_err(|e| Error::Pin {
+                path: netns.path().to_owned(),
+                detail: e.to_string(),
+            })?;
+            let prog: &mut SkLookup = program(&mut self.ebpf, PROG_SK_LOOKUP)?;
+            let id = prog.attach(&ns).map_err(|source| Error::Program {
+                name: PROG_SK_LOOKUP,
+                source,
+            })?;
+            let link = prog.take_link(id).map_err(|source| Error::Program {
+                name: PROG_SK_LOOKUP,
+                source,
+            })?;
+            let link: FdLink = link.into();
+            link.pin(&pin).map_err(|e| Error::Pin {
+                path: pin.clone(),
+                detail: e.to_string(),
+            })?;
+        }
+
+        let info = PodInfo {
+            flags: weft_common::POD_CAPTURE_OUTBOUND | weft_common::POD_CAPTURE_INBOUND,
+            _pad: 0,
+        };
+        self.enrolled
+            .insert(cookie, info, 0)
+            .map_err(|source| Error::MapOp {
+                name: MAP_ENROLLED,
+                source,
+            })
+    }
+
+    /// Unenrolls a pod: outbound capture off first (new connects go direct), then
+    /// inbound steering. Connections already through the agent carry on.
+    pub fn unenroll(&mut self, cookie: u64) -> Result<(), Error> {
+        match self.enrolled.remove(&cookie) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(source) => {
+                return Err(Error::MapOp {
+                    name: MAP_ENROLLED,
+                    source,
+                });
+            }
+        }
+        let pin = self.lookup_pin(cookie);
+        match std::fs::remove_file(&pin) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(Error::Unpin { path: pin, source }),
+        }
+    }
+
+    /// Network-namespace cookies enrolled in the kernel right now, whoever put them
+    /// there (after a restart: the previous run).
+    pub fn enrolled_cookies(&self) -> Vec<u64> {
+        self.enrolled.keys().filter_map(Result::ok).collect()
+    }
+
+    /// Cookies with a pinned `sk_lookup` link.
+    pub fn pinned_lookup_cookies(&self) -> Vec<u64> {
+        let Ok(dir) = std::fs::read_dir(&self.links_dir) else {
+            return Vec::new();
+        };
+        dir.filter_map(|e| e.ok())
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()?
+                    .strip_prefix("lookup-")?
+                    .parse()
+                    .ok()
+            })
+            .collect()
+    }
+
+    fn lookup_pin(&self, cookie: u64) -> PathBuf {
+        self.links_dir.join(format!("lookup-{cookie}"))
+    }
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, Error>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let prog = ebpf.program_mut(name).ok_or(Error::Program {
+        name,
+        source: aya::programs::ProgramError::NotLoaded,
+    })?;
+    prog.try_into()
+        .map_err(|source| Error::Program { name, source })
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, Error> {
+    ebpf.take_map(name).ok_or(Error::Map {
+        name,
+        detail: "not in the object".to_owned(),
+    })
+}
+
+fn attach_cgroup(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    kind: CgroupKind,
+    cgroup: &File,
+) -> Result<FdLink, Error> {
+    let err = |source| Error::Program { name, source };
+    // `Single`: this agent owns the attachment on its node's cgroup.
+    let link: FdLink = match kind {
+        CgroupKind::SockAddr => {
+            let prog: &mut CgroupSockAddr = program(ebpf, name)?;
+            prog.load().map_err(err)?;
+            let id = prog.attach(cgroup, CgroupAttachMode::Single).map_err(err)?;
+            prog.take_link(id)
+                .map_err(err)?
+                .try_into()
+                .map_err(|e: LinkError| Error::Pin {
+                    path: PathBuf::from(name),
+                    detail: e.to_string(),
+                })?
+        }
+        CgroupKind::SockOps => {
+            let prog: &mut SockOps = program(ebpf, name)?;
+            prog.load().map_err(err)?;
+            let id = prog.attach(cgroup, CgroupAttachMode::Single).map_err(err)?;
+            prog.take_link(id)
+                .map_err(err)?
+                .try_into()
+                .map_err(|e: LinkError| Error::Pin {
+                    path: PathBuf::from(name),
+                    detail: e.to_string(),
+                })?
+        }
+    };
+    Ok(link)
+}
+
+/// Mounts bpffs at `/sys/fs/bpf` if nothing is mounted there.
+fn ensure_bpffs() -> Result<(), Error> {
+    const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+    let path = c"/sys/fs/bpf";
+    // SAFETY: statfs writes into the zeroed struct.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid C string and out-pointer.
+    if unsafe { libc::statfs(path.as_ptr(), &mut st) } == 0 && st.f_type as i64 == BPF_FS_MAGIC {
+        return Ok(());
+    }
+    std::fs::create_dir_all("/sys/fs/bpf").map_err(Error::Bpffs)?;
+    // SAFETY: plain mount syscall with valid C strings.
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            path.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc == 0 {
+        info!("mounted bpffs at /sys/fs/bpf");
+        Ok(())
+    } else {
+        Err(Error::Bpffs(io::Error::last_os_error()))
+    }
+}
+
+/// Removes everything under `pin_dir`: unpinning a link detaches its program once
+/// no process holds it, and unpinning a map frees it once no program uses it.
+pub fn uninstall(pin_dir: &Path) -> Result<usize, Error> {
+    let mut removed = 0;
+    for sub in ["links", "maps"] {
+        let dir = pin_dir.join(sub);
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(source) => return Err(Error::Unpin { path: dir, source }),
+        };
+        for entry in entries {
+            let entry = entry.map_err(|source| Error::Unpin {
+                path: dir.clone(),
+                source,
+            })?;
+            std::fs::remove_file(entry.path()).map_err(|source| Error::Unpin {
+                path: entry.path(),
+                source,
+            })?;
+            removed += 1;
+        }
+        let _ = std::fs::remove_dir(&dir);
+    }
+    match std::fs::remove_dir(pin_dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(Error::Unpin {
+                path: pin_dir.to_owned(),
+                source,
+            });
+        }
+    }
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every map and program name the agent uses exists in the built object.
+    #[test]
+    fn object_has_every_name() {
+        let Ok(object) = object() else {
+            // CI builds the object first; there, a missing object is a failure.
+            assert_ne!(
+                std::env::var("CI").as_deref(),
+                Ok("true"),
+                "built without the eBPF object"
+            );
+            eprintln!("skipped: built without the eBPF object (cargo xtask build-ebpf)");
+            return;
+        };
+        let obj = aya_obj_names(object);
+        for name in weft_common::MAP_NAMES {
+            assert!(
+                obj.maps.iter().any(|m| m == name),
+                "map {name} not in object: {:?}",
+                obj.maps
+            );
+        }
+        for name in weft_common::PROG_NAMES {
+            assert!(
+                obj.programs.iter().any(|p| p == name),
+                "program {name} not in object: {:?}",
+                obj.programs
+            );
+        }
+    }
+
+    struct Names {
+        maps: Vec<String>,
+        programs: Vec<String>,
+    }
+
+    fn aya_obj_names(data: &[u8]) -> Names {
+        let obj = aya_obj::Object::parse(data).expect("object parses");
+        Names {
+            maps: obj.maps.keys().cloned().collect(),
+            programs: obj.programs.keys().cloned().collect(),
+        }
+    }
+}

@@ -1,0 +1,17 @@
+//! Weft: a sidecarless service mesh. This crate is the `weft` binary's library: the
+//! node agent (eBPF capture, per-pod listeners, the proxy), and the roles to come
+//! (CA, waypoint, gateway).
+//!
+//! Layout: `cli` (flags), `app` (wires a role together), `config` (the mesh model
+//! and its file), `ebpf` (loading, pinning, typed maps: nobody else sees map names),
+//! `netns` (entering pod namespaces), `agent` (the set of enrolled pods), `proxy`
+//! (listeners and the byte copy), `telemetry` (logs).
+
+pub mod agent;
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod ebpf;
+pub mod netns;
+pub mod proxy;
+pub mod telemetry;

@@ -1,0 +1,223 @@
+//! The data path: per-pod listeners and the byte copy between a pod's socket and the
+//! upstream. `outbound` serves 15001 (captured connects), `inbound` serves 15006
+//! (connections steered in by `sk_lookup`).
+//!
+//! Every socket here is made inside the pod's network namespace (see `netns`), so
+//! outbound traffic leaves with the pod's own address and routes, and the inbound
+//! connection to the application stays on the pod's loopback.
+
+pub mod copy;
+pub mod inbound;
+pub mod outbound;
+
+use std::{
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tracing::info;
+use weft_common::{AGENT_SOCKET_MARK, INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
+
+use crate::{config::WorkloadKey, netns::Netns, telemetry::ACCESS_LOG};
+
+/// What a listener needs to know about the pod it serves.
+#[derive(Debug)]
+pub struct Pod {
+    pub workload: WorkloadKey,
+    pub netns: Netns,
+}
+
+/// Proxy settings shared by every listener.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    pub connect_timeout: Duration,
+}
+
+/// Opens a listening socket inside `netns`.
+pub(crate) fn listen(netns: &Netns, addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = netns.run(|| {
+        Socket::new(
+            Domain::for_address(addr),
+            Type::STREAM.nonblocking().cloexec(),
+            Some(Protocol::TCP),
+        )
+    })??;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        // [::1] is IPv6 only; [::] takes IPv4 too (one socket for sk_lookup).
+        socket.set_only_v6(!addr.ip().is_unspecified())?;
+    }
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Source the agent binds for its connection to the application inside a pod:
+/// `sk_lookup` leaves loopback sources alone, so this connection is not steered
+/// back to the agent (the same address Istio uses for inbound passthrough).
+pub(crate) const INBOUND_SOURCE_V4: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 6));
+pub(crate) const INBOUND_SOURCE_V6: IpAddr = IpAddr::V6(Ipv6Addr::LOCALHOST);
+
+/// Connects to `dst` from inside `netns`, with the agent's socket mark, from
+/// `source` if given.
+pub(crate) async fn connect_from(
+    netns: &Netns,
+    dst: SocketAddr,
+    source: Option<IpAddr>,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    let socket = netns.run(|| {
+        Socket::new(
+            Domain::for_address(dst),
+            Type::STREAM.nonblocking().cloexec(),
+            Some(Protocol::TCP),
+        )
+    })??;
+    socket.set_mark(AGENT_SOCKET_MARK)?;
+    socket.set_tcp_nodelay(true)?;
+    if let Some(ip) = source {
+        socket.bind(&SocketAddr::new(ip, 0).into())?;
+    }
+    let socket = TcpSocket::from_std_stream(socket.into());
+    match tokio::time::timeout(timeout, socket.connect(dst)).await {
+        Ok(result) => result,
+        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")),
+    }
+}
+
+/// Ports of the agent itself: never a destination through the mesh.
+pub(crate) fn is_reserved_port(port: u16) -> bool {
+    matches!(
+        port,
+        OUTBOUND_PORT | INBOUND_PLAINTEXT_PORT | INBOUND_HBONE_PORT
+    )
+}
+
+/// IPv4-mapped IPv6 addresses as plain IPv4.
+pub(crate) fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+/// Aborts the connection with a reset rather than a clean close, so the peer knows
+/// it did not complete.
+pub(crate) fn reset(stream: TcpStream) {
+    let _ = stream.set_zero_linger();
+    drop(stream);
+}
+
+/// Which way a connection goes through this agent.
+#[derive(Debug, Clone, Copy)]
+pub enum Direction {
+    Outbound,
+    Inbound,
+}
+
+impl Direction {
+    fn as_str(self) -> &'static str {
+        match self {
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
+        }
+    }
+}
+
+/// One access-log line per connection, written when the guard drops, so that no
+/// path (early refusal, error, panic unwinding a task) forgets it.
+pub(crate) struct AccessLog {
+    direction: Direction,
+    pod: Arc<Pod>,
+    src: SocketAddr,
+    dst: Option<SocketAddr>,
+    start: Instant,
+    pub sent: u64,
+    pub received: u64,
+    pub end: &'static str,
+    pub error: Option<String>,
+}
+
+impl AccessLog {
+    pub fn new(direction: Direction, pod: Arc<Pod>, src: SocketAddr) -> Self {
+        AccessLog {
+            direction,
+            pod,
+            src,
+            dst: None,
+            start: Instant::now(),
+            sent: 0,
+            received: 0,
+            end: "unknown",
+            error: None,
+        }
+    }
+
+    pub fn set_dst(&mut self, dst: SocketAddr) {
+        self.dst = Some(dst);
+    }
+
+    pub fn fail(&mut self, end: &'static str, error: impl ToString) {
+        self.end = end;
+        self.error = Some(error.to_string());
+    }
+}
+
+impl Drop for AccessLog {
+    fn drop(&mut self) {
+        let dst = self.dst.map(|a| a.to_string());
+        info!(
+            target: ACCESS_LOG,
+            direction = self.direction.as_str(),
+            workload = %self.pod.workload,
+            src.addr = %self.src,
+            dst.addr = dst.as_deref().unwrap_or("-"),
+            bytes_sent = self.sent,
+            bytes_received = self.received,
+            duration_ms = self.start.elapsed().as_secs_f64() * 1e3,
+            end = self.end,
+            error = self.error.as_deref(),
+            "connection closed"
+        );
+    }
+}
+
+/// Waits until `stop` says so (or its sender is gone).
+pub(crate) async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Connects to `dst` from the pod's namespace and copies bytes both ways until
+/// both sides are done; the access log records how it went.
+pub(crate) async fn forward(
+    mut log: AccessLog,
+    mut down: TcpStream,
+    dst: SocketAddr,
+    source: Option<IpAddr>,
+    settings: Settings,
+) {
+    log.set_dst(dst);
+    if is_reserved_port(dst.port()) {
+        log.fail("refused", "destination port is reserved for the mesh");
+        reset(down);
+        return;
+    }
+    let _ = down.set_nodelay(true);
+    let mut up = match connect_from(&log.pod.netns, dst, source, settings.connect_timeout).await {
+        Ok(up) => up,
+        Err(e) => {
+            log.fail("upstream_connect_failed", e);
+            reset(down);
+            return;
+        }
+    };
+    let t = copy::bidirectional(&mut down, &mut up).await;
+    log.sent = t.sent;
+    log.received = t.received;
+    match t.result {
+        Ok(()) => log.end = "closed",
+        Err((copy::Side::Downstream, e)) => log.fail("downstream_error", e),
+        Err((copy::Side::Upstream, e)) => log.fail("upstream_error", e),
+    }
+}

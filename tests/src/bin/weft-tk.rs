@@ -1,0 +1,845 @@
+//! weft-tk: the Weft test kit, a TCP client/server pair for data-integrity
+//! tests through the mesh.
+//!
+//! ```text
+//! weft-tk serve --listen <addr:port>
+//! weft-tk client --connect <addr:port> [--upload N] [--download N]
+//!                [--respond-after-eof] [--timeout-secs S]
+//! weft-tk connect-time --connect <addr:port> --count N [--timeout-secs S]
+//! ```
+//!
+//! Protocol, per connection: the client sends a 24-byte header of three
+//! little-endian u64s — `upload` (bytes the client sends after the header),
+//! `download` (bytes the server sends), `flags` (bit 0: respond after EOF) —
+//! then `upload` bytes of pattern stream 1 and a FIN. The server verifies the
+//! upload and the EOF after it, and sends `download` bytes of pattern stream
+//! 2, concurrently with reading unless asked to wait for the client's EOF.
+//! Both sides print one JSON line per connection on stdout. A server that
+//! detects corruption resets the connection (RST) so the client notices too.
+//!
+//! Sizes accept binary suffixes: `1K` = 1024, `64M`, `1G`.
+
+use std::collections::HashMap;
+use std::io::{self, ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+const HEADER_LEN: usize = 24;
+const FLAG_RESPOND_AFTER_EOF: u64 = 1;
+const UPLOAD_SEED: u64 = 1;
+const DOWNLOAD_SEED: u64 = 2;
+const CHUNK: usize = 64 * 1024;
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Server-side I/O timeout, so a vanished client does not pin a thread forever.
+const SERVER_IO_TIMEOUT: Duration = Duration::from_secs(120);
+
+const USAGE: &str = "usage:
+  weft-tk serve --listen <addr:port>
+  weft-tk client --connect <addr:port> [--upload N] [--download N] [--respond-after-eof] [--timeout-secs S]
+  weft-tk connect-time --connect <addr:port> --count N [--timeout-secs S]
+sizes accept K/M/G suffixes (binary)";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("serve") => serve(&args[1..]),
+        Some("client") => client(&args[1..]),
+        Some("connect-time") => connect_time(&args[1..]),
+        Some("-h" | "--help" | "help") => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        _ => Err(format!("unknown or missing subcommand\n{USAGE}")),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("weft-tk: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Pattern streams
+
+/// Deterministic pseudo-random byte streams, addressable by position, so
+/// both ends can fill or check any chunk independently of how the transport
+/// split the stream.
+///
+/// A stream is a sequence of 64 KiB blocks; block `k` is a window into a
+/// 128 KiB random table (one per seed) that starts at a pseudo-random offset
+/// derived from `k`. Filling and checking are then plain memcpy/memcmp, fast
+/// even in unoptimised test builds, while corrupted, shifted, duplicated or
+/// reordered data still fails verification.
+mod pattern {
+    const BLOCK: usize = 64 * 1024;
+
+    /// splitmix64 of (stream, index).
+    fn mix(seed: u64, index: u64) -> u64 {
+        let mut z = ((seed << 56) ^ index).wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    pub struct Pattern {
+        seed: u64,
+        table: Vec<u8>,
+    }
+
+    impl Pattern {
+        pub fn new(seed: u64) -> Pattern {
+            let table = (0..(2 * BLOCK / 8) as u64)
+                .flat_map(|i| mix(seed, i).to_le_bytes())
+                .collect();
+            Pattern { seed, table }
+        }
+
+        pub fn seed(&self) -> u64 {
+            self.seed
+        }
+
+        /// The stream bytes from `offset` on, as slices of the table.
+        fn pieces(&self, mut offset: u64, mut len: usize) -> impl Iterator<Item = &[u8]> {
+            std::iter::from_fn(move || {
+                if len == 0 {
+                    return None;
+                }
+                let block = offset / BLOCK as u64;
+                let within = (offset % BLOCK as u64) as usize;
+                let n = (BLOCK - within).min(len);
+                // A different stream of mix() (top bit set) picks the window.
+                let start = (mix(self.seed | 0x80, block) % BLOCK as u64) as usize + within;
+                offset += n as u64;
+                len -= n;
+                Some(&self.table[start..start + n])
+            })
+        }
+
+        /// Fills `buf` with the stream from byte `offset` on.
+        pub fn fill(&self, offset: u64, buf: &mut [u8]) {
+            let mut rest = buf;
+            for piece in self.pieces(offset, rest.len()) {
+                let (head, tail) = rest.split_at_mut(piece.len());
+                head.copy_from_slice(piece);
+                rest = tail;
+            }
+        }
+
+        /// Where `data`, claimed to be the stream from `offset` on, first
+        /// differs from it (index into `data`), if anywhere.
+        pub fn mismatch(&self, offset: u64, data: &[u8]) -> Option<usize> {
+            let mut done = 0;
+            for piece in self.pieces(offset, data.len()) {
+                let got = &data[done..done + piece.len()];
+                if got != piece {
+                    return got
+                        .iter()
+                        .zip(piece)
+                        .position(|(a, b)| a != b)
+                        .map(|i| done + i);
+                }
+                done += piece.len();
+            }
+            None
+        }
+    }
+
+    /// Checks incoming bytes against a stream.
+    pub struct Verifier {
+        pattern: Pattern,
+        position: u64,
+    }
+
+    impl Verifier {
+        pub fn new(seed: u64) -> Verifier {
+            Verifier {
+                pattern: Pattern::new(seed),
+                position: 0,
+            }
+        }
+
+        /// Bytes verified so far.
+        pub fn position(&self) -> u64 {
+            self.position
+        }
+
+        /// Checks the next `data` bytes of the stream.
+        pub fn check(&mut self, data: &[u8]) -> Result<(), String> {
+            if let Some(i) = self.pattern.mismatch(self.position, data) {
+                let mut expected = [0u8];
+                self.pattern.fill(self.position + i as u64, &mut expected);
+                return Err(format!(
+                    "data corrupted at byte {} of stream {}: got {:#04x}, expected {:#04x}",
+                    self.position + i as u64,
+                    self.pattern.seed(),
+                    data[i],
+                    expected[0]
+                ));
+            }
+            self.position += data.len() as u64;
+            Ok(())
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn fill_is_position_addressable() {
+            let p = Pattern::new(7);
+            let mut whole = vec![0u8; 3 * BLOCK + 100];
+            p.fill(0, &mut whole);
+            let ranges = [
+                (0, 1),
+                (3, 17),
+                (5, 6),
+                (BLOCK - 3, BLOCK + 5),
+                (13, 2 * BLOCK + 7),
+                (3 * BLOCK, 3 * BLOCK + 100),
+            ];
+            for (start, end) in ranges {
+                let mut part = vec![0u8; end - start];
+                p.fill(start as u64, &mut part);
+                assert_eq!(part, whole[start..end], "range {start}..{end}");
+                assert_eq!(p.mismatch(start as u64, &part), None);
+            }
+        }
+
+        #[test]
+        fn streams_and_blocks_differ() {
+            let (a, b) = (Pattern::new(1), Pattern::new(2));
+            let mut x = vec![0u8; 2 * BLOCK];
+            let mut y = vec![0u8; 2 * BLOCK];
+            a.fill(0, &mut x);
+            b.fill(0, &mut y);
+            assert_ne!(x, y);
+            // Blocks of one stream are not interchangeable.
+            assert!(a.mismatch(BLOCK as u64, &x[..BLOCK]).is_some());
+            // Nor is data shifted by a byte.
+            assert!(a.mismatch(1, &x[..100]).is_some());
+        }
+
+        #[test]
+        fn verifier_catches_corruption() {
+            let mut data = vec![0u8; BLOCK + 64];
+            Pattern::new(1).fill(0, &mut data);
+            let mut v = Verifier::new(1);
+            v.check(&data[..10]).unwrap();
+            v.check(&data[10..]).unwrap();
+            assert_eq!(v.position(), data.len() as u64);
+
+            let mut v = Verifier::new(1);
+            data[BLOCK + 33] ^= 1;
+            let err = v.check(&data).unwrap_err();
+            assert!(err.contains(&format!("byte {}", BLOCK + 33)), "{err}");
+        }
+    }
+}
+
+/// Sends `len` bytes of stream `seed`, stopping early (with an error) once
+/// `abort` is set.
+fn send_pattern(
+    mut out: &TcpStream,
+    seed: u64,
+    len: u64,
+    abort: Option<&AtomicBool>,
+) -> io::Result<u64> {
+    let pattern = pattern::Pattern::new(seed);
+    let mut buf = vec![0u8; CHUNK];
+    let mut sent = 0u64;
+    while sent < len {
+        if abort.is_some_and(|a| a.load(Ordering::Relaxed)) {
+            return Err(io::Error::other("aborted"));
+        }
+        let n = (len - sent).min(CHUNK as u64) as usize;
+        pattern.fill(sent, &mut buf[..n]);
+        out.write_all(&buf[..n])?;
+        sent += n as u64;
+    }
+    Ok(sent)
+}
+
+/// Outcome of one direction of a transfer: the bytes moved, and what went
+/// wrong if anything did.
+struct Transfer {
+    bytes: u64,
+    error: Option<String>,
+}
+
+/// Reads and verifies exactly `len` bytes of stream `seed`, then (if
+/// `expect_eof`) checks that the peer closed its side right after them.
+fn receive_pattern(mut input: &TcpStream, seed: u64, len: u64, expect_eof: bool) -> Transfer {
+    let mut verifier = pattern::Verifier::new(seed);
+    let mut buf = vec![0u8; CHUNK];
+    let fail = |verifier: &pattern::Verifier, error: String| Transfer {
+        bytes: verifier.position(),
+        error: Some(error),
+    };
+    while verifier.position() < len {
+        let want = (len - verifier.position()).min(CHUNK as u64) as usize;
+        match input.read(&mut buf[..want]) {
+            Ok(0) => {
+                let got = verifier.position();
+                return fail(&verifier, format!("early EOF after {got} of {len} bytes"));
+            }
+            Ok(n) => {
+                if let Err(e) = verifier.check(&buf[..n]) {
+                    return fail(&verifier, e);
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => {
+                let got = verifier.position();
+                return fail(
+                    &verifier,
+                    format!("read failed after {got} of {len} bytes: {e}"),
+                );
+            }
+        }
+    }
+    if expect_eof {
+        loop {
+            match input.read(&mut buf[..1]) {
+                Ok(0) => break,
+                Ok(_) => return fail(&verifier, format!("more than the announced {len} bytes")),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => {
+                    return fail(&verifier, format!("waiting for EOF after {len} bytes: {e}"));
+                }
+            }
+        }
+    }
+    Transfer {
+        bytes: verifier.position(),
+        error: None,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// serve
+
+fn serve(args: &[String]) -> Result<ExitCode, String> {
+    let opts = Opts::parse(args, &["--listen"], &[])?;
+    let addr = resolve(opts.required("--listen")?)?;
+    let listener = listen(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    emit(&json!({ "listening": local.to_string() }));
+    loop {
+        match listener.accept() {
+            Ok((stream, peer)) => {
+                thread::spawn(move || handle_connection(stream, peer));
+            }
+            Err(e) => {
+                // E.g. EMFILE: keep serving the connections we have.
+                eprintln!("weft-tk serve: accept failed: {e}");
+                thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+/// A listening socket; for `[::]` also accepting IPv4 (IPV6_V6ONLY off), so
+/// one server covers both families regardless of the system default.
+fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+    let domain = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain socket(2) call; the result is checked before use.
+    let fd = unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a freshly created socket that nothing else owns.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    let fd = socket.as_raw_fd();
+    let on: libc::c_int = 1;
+    set_option(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, &on)?;
+    if let SocketAddr::V6(v6) = addr
+        && v6.ip().is_unspecified()
+    {
+        let off: libc::c_int = 0;
+        set_option(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, &off)?;
+    }
+    let (storage, len) = to_sockaddr(addr);
+    // SAFETY: storage holds a valid sockaddr of `len` bytes for this family.
+    if unsafe { libc::bind(fd, (&raw const storage).cast(), len) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: plain listen(2) on our socket.
+    if unsafe { libc::listen(fd, 1024) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(TcpListener::from(socket))
+}
+
+fn to_sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: sockaddr_storage is plain data; all-zeroes is a valid value.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(v4) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: v4.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(v4.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
+            unsafe { (&raw mut storage).cast::<libc::sockaddr_in>().write(sin) };
+            size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(v6) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: v6.port().to_be(),
+                sin6_flowinfo: v6.flowinfo(),
+                sin6_addr: libc::in6_addr {
+                    s6_addr: v6.ip().octets(),
+                },
+                sin6_scope_id: v6.scope_id(),
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
+            unsafe { (&raw mut storage).cast::<libc::sockaddr_in6>().write(sin6) };
+            size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
+}
+
+fn set_option<T>(fd: RawFd, level: libc::c_int, name: libc::c_int, value: &T) -> io::Result<()> {
+    // SAFETY: `value` points to a live T and the length passed is its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (value as *const T).cast(),
+            size_of::<T>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Makes the final close send RST instead of FIN.
+fn set_linger_zero(stream: &TcpStream) -> io::Result<()> {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    set_option(
+        stream.as_raw_fd(),
+        libc::SOL_SOCKET,
+        libc::SO_LINGER,
+        &linger,
+    )
+}
+
+/// What the server learned about one connection.
+struct Served {
+    received: u64,
+    sent: u64,
+    /// No header at all: a bare connect/close, e.g. from `connect-time`.
+    probe: bool,
+    error: Option<String>,
+}
+
+fn handle_connection(stream: TcpStream, peer: SocketAddr) {
+    let local = stream
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let served = serve_connection(&stream);
+    if let Some(error) = &served.error {
+        if !served.probe {
+            eprintln!("weft-tk serve: connection from {peer}: {error}; resetting it");
+        }
+        // Dropping the last handle to the socket now sends RST. A concurrent
+        // sender holds a clone until it sees the abort flag.
+        let _ = set_linger_zero(&stream);
+    }
+    emit(&json!({
+        "accepted": peer.to_string(),
+        "local": local,
+        "upload_ok": served.error.is_none() && !served.probe,
+        "bytes": served.received,
+        "sent": served.sent,
+        "probe": served.probe,
+        "error": served.error,
+    }));
+}
+
+fn serve_connection(stream: &TcpStream) -> Served {
+    let mut served = Served {
+        received: 0,
+        sent: 0,
+        probe: false,
+        error: None,
+    };
+    let _ = stream.set_read_timeout(Some(SERVER_IO_TIMEOUT));
+    let _ = stream.set_write_timeout(Some(SERVER_IO_TIMEOUT));
+
+    let header = match read_header(stream) {
+        Ok(Some(h)) => h,
+        Ok(None) => {
+            served.probe = true;
+            served.error = Some("closed before sending a header".into());
+            return served;
+        }
+        Err(e) => {
+            served.error = Some(format!("reading header: {e}"));
+            return served;
+        }
+    };
+    let [upload, download, flags] = header;
+
+    if flags & FLAG_RESPOND_AFTER_EOF != 0 {
+        let got = receive_pattern(stream, UPLOAD_SEED, upload, true);
+        served.received = got.bytes;
+        if got.error.is_some() {
+            served.error = got.error;
+            return served;
+        }
+        match send_pattern(stream, DOWNLOAD_SEED, download, None) {
+            Ok(n) => served.sent = n,
+            Err(e) => served.error = Some(format!("sending: {e}")),
+        }
+        return served;
+    }
+
+    let writer = match stream.try_clone() {
+        Ok(w) => w,
+        Err(e) => {
+            served.error = Some(format!("cloning socket: {e}"));
+            return served;
+        }
+    };
+    let abort = Arc::new(AtomicBool::new(false));
+    let sender = {
+        let abort = abort.clone();
+        thread::spawn(move || send_pattern(&writer, DOWNLOAD_SEED, download, Some(&abort)))
+    };
+    let got = receive_pattern(stream, UPLOAD_SEED, upload, true);
+    served.received = got.bytes;
+    if got.error.is_some() {
+        // Don't wait for the sender: it may be blocked on a peer that stopped
+        // reading. It drops its handle (→ RST, see handle_connection) when it
+        // notices the flag or its write fails.
+        abort.store(true, Ordering::Relaxed);
+        served.error = got.error;
+        return served;
+    }
+    match sender.join() {
+        Ok(Ok(n)) => served.sent = n,
+        Ok(Err(e)) => served.error = Some(format!("sending: {e}")),
+        Err(_) => served.error = Some("sender thread panicked".into()),
+    }
+    served
+}
+
+/// Reads the header; `Ok(None)` if the peer closed (or reset) before
+/// sending a single byte.
+fn read_header(mut stream: &TcpStream) -> io::Result<Option<[u64; 3]>> {
+    let mut buf = [0u8; HEADER_LEN];
+    let mut filled = 0;
+    while filled < HEADER_LEN {
+        match stream.read(&mut buf[filled..]) {
+            Ok(0) if filled == 0 => return Ok(None),
+            Ok(0) => return Err(io::Error::new(ErrorKind::UnexpectedEof, "truncated header")),
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if filled == 0 && e.kind() == ErrorKind::ConnectionReset => return Ok(None),
+            Err(e) => return Err(e),
+        }
+    }
+    let word = |i: usize| u64::from_le_bytes(buf[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+    Ok(Some([word(0), word(1), word(2)]))
+}
+
+// ---------------------------------------------------------------------------
+// client
+
+fn client(args: &[String]) -> Result<ExitCode, String> {
+    let opts = Opts::parse(
+        args,
+        &["--connect", "--upload", "--download", "--timeout-secs"],
+        &["--respond-after-eof"],
+    )?;
+    let addr = resolve(opts.required("--connect")?)?;
+    let upload = opts.get("--upload").map_or(Ok(0), parse_size)?;
+    let download = opts.get("--download").map_or(Ok(0), parse_size)?;
+    let timeout = opts.timeout()?;
+    let flags = if opts.has("--respond-after-eof") {
+        FLAG_RESPOND_AFTER_EOF
+    } else {
+        0
+    };
+
+    let start = Instant::now();
+    let mut report = json!({
+        "ok": false, "uploaded": 0, "downloaded": 0,
+        "peer": null, "local": null, "error": null,
+    });
+    let result = run_client(addr, upload, download, flags, timeout, &mut report);
+    let ok = result.is_ok();
+    report["ok"] = ok.into();
+    report["error"] = result.err().map_or(Value::Null, Value::from);
+    report["elapsed_ms"] = (start.elapsed().as_secs_f64() * 1000.0).into();
+    emit(&report);
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn run_client(
+    addr: SocketAddr,
+    upload: u64,
+    download: u64,
+    flags: u64,
+    timeout: Duration,
+    report: &mut Value,
+) -> Result<(), String> {
+    let stream =
+        TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect {addr}: {e}"))?;
+    // Peer and local address as the kernel sees them (getpeername and
+    // getsockname), which is what a transparent proxy must preserve.
+    report["peer"] = stream.peer_addr().map(|a| a.to_string()).ok().into();
+    report["local"] = stream.local_addr().map(|a| a.to_string()).ok().into();
+    let setup = |e: io::Error| format!("socket setup: {e}");
+    stream.set_read_timeout(Some(timeout)).map_err(setup)?;
+    stream.set_write_timeout(Some(timeout)).map_err(setup)?;
+    stream.set_nodelay(true).map_err(setup)?;
+
+    let writer = stream.try_clone().map_err(setup)?;
+    let sender = thread::spawn(move || -> Result<u64, String> {
+        let mut header = [0u8; HEADER_LEN];
+        for (i, v) in [upload, download, flags].into_iter().enumerate() {
+            header[i * 8..i * 8 + 8].copy_from_slice(&v.to_le_bytes());
+        }
+        (&writer)
+            .write_all(&header)
+            .map_err(|e| format!("sending header: {e}"))?;
+        let sent = send_pattern(&writer, UPLOAD_SEED, upload, None)
+            .map_err(|e| format!("upload failed: {e}"))?;
+        writer
+            .shutdown(Shutdown::Write)
+            .map_err(|e| format!("shutdown after upload: {e}"))?;
+        Ok(sent)
+    });
+
+    let received = receive_pattern(&stream, DOWNLOAD_SEED, download, true);
+    report["downloaded"] = received.bytes.into();
+    let sent = sender
+        .join()
+        .unwrap_or_else(|_| Err("upload thread panicked".into()));
+    if let Ok(n) = &sent {
+        report["uploaded"] = (*n).into();
+    }
+    match (sent, received.error) {
+        (Ok(_), None) => Ok(()),
+        (Err(up), None) => Err(up),
+        (Ok(_), Some(down)) => Err(format!("download: {down}")),
+        (Err(up), Some(down)) => Err(format!("{up}; download: {down}")),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// connect-time
+
+fn connect_time(args: &[String]) -> Result<ExitCode, String> {
+    let opts = Opts::parse(args, &["--connect", "--count", "--timeout-secs"], &[])?;
+    let addr = resolve(opts.required("--connect")?)?;
+    let count: usize = opts
+        .required("--count")?
+        .parse()
+        .map_err(|e| format!("--count: {e}"))?;
+    if count == 0 {
+        return Err("--count must be at least 1".into());
+    }
+    let timeout = opts.timeout()?;
+
+    let mut micros = Vec::with_capacity(count);
+    for i in 0..count {
+        let start = Instant::now();
+        match TcpStream::connect_timeout(&addr, timeout) {
+            Ok(stream) => {
+                micros.push(start.elapsed().as_secs_f64() * 1e6);
+                drop(stream);
+            }
+            Err(e) => {
+                emit(&json!({
+                    "ok": false,
+                    "error": format!("connection {} of {count} to {addr}: {e}", i + 1),
+                }));
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+    }
+    micros.sort_by(f64::total_cmp);
+    let percentile = |p: f64| micros[((micros.len() - 1) as f64 * p).round() as usize];
+    emit(&json!({
+        "ok": true,
+        "count": count,
+        "mean_us": micros.iter().sum::<f64>() / count as f64,
+        "p50_us": percentile(0.50),
+        "p99_us": percentile(0.99),
+        "min_us": micros[0],
+        "max_us": micros[micros.len() - 1],
+    }));
+    Ok(ExitCode::SUCCESS)
+}
+
+// ---------------------------------------------------------------------------
+// helpers
+
+/// Prints one JSON line on stdout and flushes it, so a test waiting for the
+/// line sees it at once even through a pipe.
+fn emit(value: &Value) {
+    let mut out = io::stdout().lock();
+    // Nothing sensible to do if stdout is gone.
+    let _ = writeln!(out, "{value}");
+    let _ = out.flush();
+}
+
+fn resolve(addr: &str) -> Result<SocketAddr, String> {
+    addr.to_socket_addrs()
+        .map_err(|e| format!("bad address {addr:?}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{addr:?} resolves to no address"))
+}
+
+/// `1234`, `1K`, `64M`, `1G` (binary multiples; `KiB` etc. also accepted).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (digits, shift) = match t.char_indices().last() {
+        Some((i, 'k' | 'K')) => (&t[..i], 10),
+        Some((i, 'm' | 'M')) => (&t[..i], 20),
+        Some((i, 'g' | 'G')) => (&t[..i], 30),
+        _ => (t, 0),
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .ok_or_else(|| format!("bad size {s:?} (expected e.g. 4096, 1K, 64M, 1G)"))
+}
+
+/// Command-line options: `--name value`, `--name=value` and switches.
+struct Opts {
+    values: HashMap<String, String>,
+    switches: Vec<String>,
+}
+
+impl Opts {
+    fn parse(args: &[String], with_value: &[&str], switches: &[&str]) -> Result<Opts, String> {
+        let mut opts = Opts {
+            values: HashMap::new(),
+            switches: Vec::new(),
+        };
+        let mut args = args.iter();
+        while let Some(arg) = args.next() {
+            let (name, inline) = match arg.split_once('=') {
+                Some((n, v)) => (n, Some(v.to_owned())),
+                None => (arg.as_str(), None),
+            };
+            if with_value.contains(&name) {
+                let value = match inline {
+                    Some(v) => v,
+                    None => args
+                        .next()
+                        .cloned()
+                        .ok_or_else(|| format!("{name} needs a value"))?,
+                };
+                opts.values.insert(name.to_owned(), value);
+            } else if switches.contains(&name) && inline.is_none() {
+                opts.switches.push(name.to_owned());
+            } else {
+                return Err(format!("unexpected argument {arg:?}\n{USAGE}"));
+            }
+        }
+        Ok(opts)
+    }
+
+    fn get(&self, name: &str) -> Option<&str> {
+        self.values.get(name).map(String::as_str)
+    }
+
+    fn required(&self, name: &str) -> Result<&str, String> {
+        self.get(name)
+            .ok_or_else(|| format!("{name} is required\n{USAGE}"))
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.switches.iter().any(|s| s == name)
+    }
+
+    fn timeout(&self) -> Result<Duration, String> {
+        match self.get("--timeout-secs") {
+            None => Ok(DEFAULT_TIMEOUT),
+            Some(s) => s
+                .parse::<f64>()
+                .ok()
+                .filter(|t| t.is_finite() && *t > 0.0)
+                .map(Duration::from_secs_f64)
+                .ok_or_else(|| format!("bad --timeout-secs {s:?}")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("0"), Ok(0));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("1K"), Ok(1024));
+        assert_eq!(parse_size("64M"), Ok(64 << 20));
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("2g"), Ok(2 << 30));
+        assert!(parse_size("M").is_err());
+        assert!(parse_size("1X").is_err());
+        assert!(parse_size("99999999999999999G").is_err());
+    }
+
+    #[test]
+    fn options() {
+        let args: Vec<String> = [
+            "--connect",
+            "1.2.3.4:5",
+            "--upload=1K",
+            "--respond-after-eof",
+        ]
+        .map(String::from)
+        .to_vec();
+        let o = Opts::parse(&args, &["--connect", "--upload"], &["--respond-after-eof"]).unwrap();
+        assert_eq!(o.get("--connect"), Some("1.2.3.4:5"));
+        assert_eq!(o.get("--upload"), Some("1K"));
+        assert!(o.has("--respond-after-eof"));
+        assert!(Opts::parse(&args[..1], &["--connect"], &[]).is_err());
+        assert!(Opts::parse(&["--bogus".to_owned()], &[], &[]).is_err());
+    }
+}

@@ -24,7 +24,7 @@ use aya::{
         links::{FdLink, LinkError, PinnedLink},
     },
 };
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 use weft_common::{
     ConnKey, LISTENER_INBOUND_PLAINTEXT, ListenerKey, MAP_ENROLLED, MAP_LISTENERS, MAP_ORIG_DST,
     OrigDst, PROG_CONNECT4, PROG_CONNECT6, PROG_GETPEERNAME4, PROG_GETPEERNAME6, PROG_SK_LOOKUP,
@@ -139,7 +139,7 @@ impl Capture {
             if pin.exists() {
                 match PinnedLink::from_pin(&pin) {
                     Ok(_) => {
-                        debug!(program = name, "reusing pinned link");
+                        info!(program = name, "reusing pinned link");
                         continue;
                     }
                     Err(e) => {

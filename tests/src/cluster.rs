@@ -915,6 +915,11 @@ fn sweep_stale(cgroup2: &Path) {
     for ns in namespaces {
         let _ = delete_netns(&ns);
     }
+    // Agents' pin directories (`weft-w<pid>x…-n<i>`, see `Mesh`): unpinning
+    // detaches what a dead test left attached.
+    for name in stale(Path::new(crate::mesh::BPFFS)) {
+        let _ = fs::remove_dir_all(Path::new(crate::mesh::BPFFS).join(name));
+    }
 }
 
 /// `n` as an address octet; callers keep `n` within bounds checked in `new`.

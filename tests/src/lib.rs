@@ -20,12 +20,14 @@
 //! ```
 
 pub mod cluster;
+pub mod mesh;
 pub mod process;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 pub use cluster::{Cluster, Node, Pod};
+pub use mesh::Mesh;
 pub use process::Proc;
 
 /// How long [`eventually`] and [`assert_eventually!`] wait by default.

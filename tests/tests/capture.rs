@@ -1,0 +1,379 @@
+//! Kernel capture end to end, in the virtual cluster: enrolled pods' TCP is handed
+//! to their node's agent by the eBPF programs, forwarded to where the application
+//! meant it to go, and steered into the destination's agent on arrival. Everything
+//! here is real: programs loaded into the kernel, namespaces, veths, `weft agent`
+//! processes, and `weft-tk` moving verified bytes.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    process::Command,
+    time::Duration,
+};
+
+use anyhow::{Context, Result, ensure};
+use serde_json::Value;
+use weft_tests::{Cluster, Mesh, PATIENCE, Pod, Proc, eventually, require_privileged};
+
+const TK: &str = env!("CARGO_BIN_EXE_weft-tk");
+const PORT: u16 = 9000;
+const HEADER: u64 = 24; // weft-tk's request header
+const MIB: u64 = 1 << 20;
+
+fn server(pod: &Pod) -> Result<Proc> {
+    let mut cmd = pod.command(TK);
+    cmd.args(["serve", "--listen", &format!("[::]:{PORT}")]);
+    let p = pod.spawn(&mut cmd)?;
+    p.wait_for_json(PATIENCE, |v| v.get("listening").is_some())?;
+    Ok(p)
+}
+
+/// Runs a `weft-tk client` in `from` and returns its JSON report (ok or not).
+fn client(from: &Pod, to: &str, upload: u64, download: u64, extra: &[&str]) -> Result<Value> {
+    let (up, down) = (upload.to_string(), download.to_string());
+    let mut args = vec![
+        "client",
+        "--connect",
+        to,
+        "--upload",
+        &up,
+        "--download",
+        &down,
+    ];
+    args.extend(extra);
+    let out = from.exec(TK, &args)?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap_or_default()).with_context(|| {
+        format!(
+            "client printed no report: {stdout:?} {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+fn client_ok(from: &Pod, to: &str, upload: u64, download: u64, extra: &[&str]) -> Result<Value> {
+    let r = client(from, to, upload, download, extra)?;
+    ensure!(r["ok"] == true, "{} → {to} failed: {r}", from.name);
+    Ok(r)
+}
+
+/// Connections the server finished, with the peer address it saw.
+fn accepted(server: &Proc) -> Vec<Value> {
+    server
+        .json_lines()
+        .into_iter()
+        .filter(|v| v.get("accepted").is_some() && v["probe"] != true)
+        .collect()
+}
+
+fn peer_ip(line: &Value) -> IpAddr {
+    let a: SocketAddr = line["accepted"].as_str().unwrap().parse().unwrap();
+    a.ip().to_canonical()
+}
+
+fn addr(ip: impl Into<IpAddr>) -> String {
+    SocketAddr::new(ip.into(), PORT).to_string()
+}
+
+/// Waits for an access-log line of `node`'s agent matching `pred`.
+fn wait_access(mesh: &Mesh, node: usize, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let mut found = None;
+    eventually(PATIENCE, || {
+        found = mesh.access_logs(node).into_iter().find(|v| pred(v));
+        found.is_some()
+    });
+    found.unwrap_or_else(|| {
+        panic!(
+            "node {node}: no access log for {what}; have: {:#?}",
+            mesh.access_logs(node)
+        )
+    })
+}
+
+fn is(v: &Value, direction: &str, dst: &str) -> bool {
+    v["direction"] == direction && v["dst.addr"] == dst
+}
+
+const INBOUND_SOURCE: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 6));
+
+#[test]
+fn bulk_64mib_each_way_arrives_intact_across_nodes_and_on_one_node() -> Result<()> {
+    if !require_privileged() {
+        return Ok(());
+    }
+    let c = Cluster::new("capture_bulk", 2, 2)?;
+    let mesh = Mesh::start(&c, |_| true)?;
+    let client_pod = c.pod(0, 0);
+    for dst_pod in [c.pod(1, 0), c.pod(0, 1)] {
+        let srv = server(dst_pod)?;
+        let to = addr(dst_pod.ip);
+        let r = client_ok(client_pod, &to, 64 * MIB, 64 * MIB, &[])?;
+        // The application sees the address it dialed, not the agent's listener.
+        assert_eq!(r["peer"], to);
+
+        let out = wait_access(&mesh, 0, "outbound", |v| is(v, "outbound", &to));
+        assert_eq!(out["workload"], format!("default/{}", client_pod.name));
+        assert_eq!(out["bytes_sent"], 64 * MIB + HEADER);
+        assert_eq!(out["bytes_received"], 64 * MIB);
+        assert_eq!(out["end"], "closed");
+
+        let inb = wait_access(&mesh, dst_pod.node, "inbound", |v| is(v, "inbound", &to));
+        assert_eq!(inb["workload"], format!("default/{}", dst_pod.name));
+        assert_eq!(inb["bytes_sent"], 64 * MIB + HEADER);
+        assert_eq!(inb["bytes_received"], 64 * MIB);
+        // The server verified every byte, and was reached through its own agent.
+        let seen = accepted(&srv);
+        assert_eq!(seen.len(), 1, "{seen:?}");
+        assert_eq!(seen[0]["upload_ok"], true);
+        assert_eq!(seen[0]["bytes"], 64 * MIB);
+        assert_eq!(peer_ip(&seen[0]), INBOUND_SOURCE);
+    }
+    Ok(())
+}
+
+#[test]
+fn pods_not_enrolled_connect_directly_and_the_agent_sees_nothing() -> Result<()> {
+    if !require_privileged() {
+        return Ok(());
+    }
+    let c = Cluster::new("capture_not_enrolled", 2, 2)?;
+    // Only n0p1 is enrolled: the agents run and capture, but not these pods.
+    let mesh = Mesh::start(&c, |p| p.node == 0 && p.index == 1)?;
+    let srv = server(c.pod(1, 0))?;
+    client_ok(c.pod(0, 0), &addr(c.pod(1, 0).ip), MIB, MIB, &[])?;
+    client_ok(c.pod(0, 0), &addr(c.pod(1, 0).ip6), MIB, MIB, &[])?;
+    let seen = accepted(&srv);
+    assert_eq!(seen.len(), 2);
+    assert_eq!(peer_ip(&seen[0]), IpAddr::from(c.pod(0, 0).ip));
+    assert_eq!(peer_ip(&seen[1]), IpAddr::from(c.pod(0, 0).ip6));
+    // Give a wrongly captured connection time to show up in the logs.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(mesh.access_logs(0).is_empty(), "{:?}", mesh.access_logs(0));
+    assert!(mesh.access_logs(1).is_empty(), "{:?}", mesh.access_logs(1));
+    Ok(())
+}
+
+#[test]
+fn ipv6_and_ipv4_mapped_destinations_are_captured_and_getpeername_shows_them() -> Result<()> {
+    if !require_privileged() {
+        return Ok(());
+    }
+    let c = Cluster::new("capture_ipv6", 2, 1)?;
+    let mesh = Mesh::start(&c, |_| true)?;
+    let dst = c.pod(1, 0);
+    let srv = server(dst)?;
+    let v6 = addr(dst.ip6);
+    let mapped = format!("[::ffff:{}]:{PORT}", dst.ip);
+    for (dialed, forwarded_to) in [(v6.clone(), v6.clone()), (mapped, addr(dst.ip))] {
+        let r = client_ok(c.pod(0, 0), &dialed, 4 * MIB, 4 * MIB, &[])?;
+        assert_eq!(r["peer"], dialed, "getpeername must return what was dialed");
+        let out = wait_access(&mesh, 0, &dialed, |v| is(v, "outbound", &forwarded_to));
+        assert_eq!(out["bytes_received"], 4 * MIB);
+    }
+    assert_eq!(accepted(&srv).len(), 2);
+    Ok(())
+}
+
+#[test]
+fn half_close_client_still_receives_the_full_response() -> Result<()> {
+    if !require_privileged() {
+        return Ok(());
+    }
+    let c = Cluster::new("capture_half_close", 2, 1)?;
+    let mesh = Mesh::start(&c, |_| true)?;
+    let _srv = server(c.pod(1, 0))?;
+    let to = addr(c.pod(1, 0).ip);
+    // The server answers only after it has seen the client's FIN: the proxy must
+    // pass the FIN on and keep the response direction open.
+    client_ok(c.pod(0, 0), &to, MIB, 8 * MIB, &["--respond-after-eof"])?;
+    let out = wait_access(&mesh, 0, "half-closed", |v| is(v, "outbound", &to));
+    assert_eq!(out["end"], "closed");
+    assert_eq!(out["bytes_received"], 8 * MIB);
+    Ok(())
+}
+
+#[test]
+fn the_agents_own_connections_are_never_captured_even_inside_the_capture_cgroup() -> Result<()> {
+    if !require_privileged() {
+        return Ok(());
+    }
+    let c = Cluster::new("capture_no_loop", 2, 1)?;
+    let mesh = Mesh::start(&c, |_| true)?;
+    // Move each agent into the cgroup its programs are attached to (as when they
+    // attach at the cgroup root in production): only the socket mark now keeps
+    // its own connects, including those made inside pod namespaces, from capture.
+    for n in c.nodes() {
+        let pid = mesh.agent(n.index).pid();
+        std::fs::write(n.cgroup.join("cgroup.procs"), pid.to_string())?;
+    }
+    let _srv = server(c.pod(1, 0))?;
+    let to = addr(c.pod(1, 0).ip);
+    for _ in 0..3 {
+        client_ok(c.pod(0, 0), &to, MIB, MIB, &[])?;
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    // A loop would show as extra (or endless) outbound entries on node 0.
+    let outbound: Vec<_> = mesh
+        .access_logs(0)
+        .into_iter()
+        .filter(|v| v["direction"] == "outbound")
+        .collect();
+    assert_eq!(outbound.len(), 3, "{outbound:#?}");
+    assert!(outbound.iter().all(|v| v["dst.addr"] == to));
+    let inbound = mesh.access_logs(1);
+    assert_eq!(inbound.len(), 3, "{inbound:#?}");
+    Ok(())
+}
+
+#[test]
+fn enroll_and_unenroll_at_runtime_and_a_bad_config_keeps_the_last_good_one() -> Result<()> {
+    if !require_privileged() {
+        return Ok(());
+    }
+    let c = Cluster::new("capture_runtime", 2, 1)?;
+    let mut mesh = Mesh::start(&c, |_| false)?;
+    let (a, b) = (c.pod(0, 0), c.pod(1, 0));
+    let srv = server(b)?;
+    let to = addr(b.ip);
+    let outbound = |mesh: &Mesh| {
+        mesh.access_logs(0)
+            .iter()
+            .filter(|v| v["direction"] == "outbound")
+            .count()
+    };
+
+    client_ok(a, &to, MIB, MIB, &[])?;
+    assert_eq!(peer_ip(&accepted(&srv)[0]), IpAddr::from(a.ip));
+    assert_eq!(outbound(&mesh), 0);
+
+    mesh.set_enrolled(a, true)?;
+    client_ok(a, &to, MIB, MIB, &[])?;
+    wait_access(&mesh, 0, "after enroll", |v| is(v, "outbound", &to));
+
+    // A broken file is reported and changes nothing.
+    let good = mesh.config_text();
+    mesh.write_raw_config("workloads:\n- name: [broken\n")?;
+    let rejected = eventually(PATIENCE, || {
+        !mesh
+            .logs(0, |v| {
+                v["message"] == "config rejected; the last good config keeps serving"
+            })
+            .is_empty()
+    });
+    assert!(rejected, "the agent did not report the broken config");
+    client_ok(a, &to, MIB, MIB, &[])?;
+    assert!(eventually(PATIENCE, || outbound(&mesh) == 2));
+    mesh.write_raw_config(&good)?;
+
+    mesh.set_enrolled(a, false)?;
+    client_ok(a, &to, MIB, MIB, &[])?;
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(outbound(&mesh), 2, "capture must stop after unenroll");
+    let seen = accepted(&srv);
+    assert_eq!(peer_ip(seen.last().unwrap()), IpAddr::from(a.ip));
+    Ok(())
+}
+
+#[test]
+fn agent_restart_keeps_capture_attached_and_fails_closed_meanwhile() -> Result<()> {
+    if !require_privileged() {
+        return Ok(());
+    }
+    let c = Cluster::new("capture_restart", 2, 1)?;
+    let mut mesh = Mesh::start(&c, |_| true)?;
+    let srv = server(c.pod(1, 0))?;
+    let to = addr(c.pod(1, 0).ip);
+    client_ok(c.pod(0, 0), &to, MIB, MIB, &[])?;
+
+    for node in [0, 1] {
+        // A crash: nothing gets to clean up.
+        mesh.stop_agent(node, true)?;
+        assert!(mesh.pin_dir(node).join("links/weft_connect4").exists());
+        // While the agent is away, the enrolled pods' traffic is refused (outbound
+        // capture and inbound steering are still attached) and never bypasses
+        // the mesh to reach the application.
+        let before = accepted(&srv).len();
+        let r = client(c.pod(0, 0), &to, MIB, MIB, &["--timeout-secs", "5"])?;
+        assert_eq!(r["ok"], false, "node {node} agent down, yet: {r}");
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(accepted(&srv).len(), before);
+
+        mesh.start_agent(node)?;
+        let reused = mesh.logs(node, |v| v["message"] == "reusing pinned link");
+        assert_eq!(reused.len(), 5, "all cgroup links are reused: {reused:?}");
+        client_ok(c.pod(0, 0), &to, MIB, MIB, &[])?;
+        wait_access(&mesh, node, "after restart", |v| v["dst.addr"] == to);
+    }
+    Ok(())
+}
+
+fn bpftool_id(kind: &str, pinned: &std::path::Path) -> Result<u64> {
+    let out = Command::new("bpftool")
+        .args(["-j", kind, "show", "pinned"])
+        .arg(pinned)
+        .output()
+        .context("bpftool (cargo xtask setup installs it)")?;
+    ensure!(
+        out.status.success(),
+        "bpftool {kind} show pinned {}: {}",
+        pinned.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout)?;
+    v["id"].as_u64().context("no id")
+}
+
+fn bpftool_exists(kind: &str, id: u64) -> bool {
+    Command::new("bpftool")
+        .args([kind, "show", "id", &id.to_string()])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+#[test]
+fn uninstall_leaves_nothing_in_the_kernel_or_on_bpffs() -> Result<()> {
+    if !require_privileged() {
+        return Ok(());
+    }
+    let c = Cluster::new("capture_uninstall", 2, 1)?;
+    let mut mesh = Mesh::start(&c, |_| true)?;
+    let _srv = server(c.pod(1, 0))?;
+    let to = addr(c.pod(1, 0).ip);
+    client_ok(c.pod(0, 0), &to, MIB, MIB, &[])?;
+
+    let pins = mesh.pin_dir(0);
+    let mut objects = Vec::new();
+    for (kind, sub) in [("link", "links"), ("map", "maps")] {
+        for entry in std::fs::read_dir(pins.join(sub))? {
+            objects.push((kind, bpftool_id(kind, &entry?.path())?));
+        }
+    }
+    // 5 cgroup links, 1 sk_lookup link, 4 maps.
+    assert_eq!(objects.len(), 10, "{objects:?}");
+
+    mesh.stop_agent(0, false)?;
+    mesh.uninstall(0)?;
+    assert!(!pins.exists(), "{} still exists", pins.display());
+    let gone = eventually(PATIENCE, || {
+        objects.iter().all(|(kind, id)| !bpftool_exists(kind, *id))
+    });
+    assert!(
+        gone,
+        "still in the kernel: {:?}",
+        objects
+            .iter()
+            .filter(|(k, id)| bpftool_exists(k, *id))
+            .collect::<Vec<_>>()
+    );
+    let out = Command::new("bpftool")
+        .args(["-j", "cgroup", "show"])
+        .arg(&c.node(0).cgroup)
+        .output()?;
+    let attached: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    assert!(
+        attached.as_array().is_none_or(|a| a.is_empty()),
+        "{attached}"
+    );
+    // Node 0's pods now connect directly again, and are not black-holed.
+    client_ok(c.pod(0, 0), &to, MIB, MIB, &[])?;
+    Ok(())
+}

@@ -77,11 +77,16 @@ fn agent(args: AgentArgs) -> anyhow::Result<()> {
         watch_config(
             &mut agent,
             &config_path,
+            config,
             Duration::from_millis(args.config_poll_ms),
         )
         .await?;
         agent.shutdown();
-        info!("agent stopped; capture stays pinned (use --uninstall to remove it)");
+        let left = proxy::drain(Duration::from_millis(args.drain_ms)).await;
+        info!(
+            connections_cut = left,
+            "agent stopped; capture stays pinned (use --uninstall to remove it)"
+        );
         anyhow::Ok(())
     })
 }
@@ -95,12 +100,16 @@ fn stamp(path: &Path) -> Option<(SystemTime, u64, u64)> {
 
 /// Polls the config file until a shutdown signal. A bad file is reported and the
 /// last good config keeps serving.
-async fn watch_config(agent: &mut Agent, path: &Path, every: Duration) -> anyhow::Result<()> {
+async fn watch_config(
+    agent: &mut Agent,
+    path: &Path,
+    mut good: MeshConfig,
+    every: Duration,
+) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut last_stamp = stamp(path);
-    let mut good = MeshConfig::load(path).unwrap_or_default();
     let mut tick = tokio::time::interval(every);
     loop {
         tokio::select! {

@@ -55,6 +55,11 @@ pub struct AgentArgs {
     #[arg(long, env = "WEFT_CONNECT_TIMEOUT_MS", default_value_t = 10_000)]
     pub connect_timeout_ms: u64,
 
+    /// On shutdown, how long connections in flight may take to finish before they
+    /// are cut, in milliseconds. New connections are refused at once.
+    #[arg(long, env = "WEFT_DRAIN_MS", default_value_t = 5_000)]
+    pub drain_ms: u64,
+
     /// Remove every program, link, map and pin this agent installed, then exit.
     #[arg(long)]
     pub uninstall: bool,

@@ -13,7 +13,10 @@ pub mod outbound;
 use std::{
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering::Relaxed},
+    },
     time::{Duration, Instant},
 };
 
@@ -109,6 +112,22 @@ pub(crate) fn reset(stream: TcpStream) {
     drop(stream);
 }
 
+/// Connections in flight (an access-log guard is alive for each).
+static ACTIVE: AtomicUsize = AtomicUsize::new(0);
+
+/// Waits until no connection is in flight, or `deadline` passes; returns how many
+/// were still open.
+pub async fn drain(deadline: Duration) -> usize {
+    let until = Instant::now() + deadline;
+    loop {
+        let n = ACTIVE.load(Relaxed);
+        if n == 0 || Instant::now() >= until {
+            return n;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Which way a connection goes through this agent.
 #[derive(Debug, Clone, Copy)]
 pub enum Direction {
@@ -141,6 +160,7 @@ pub(crate) struct AccessLog {
 
 impl AccessLog {
     pub fn new(direction: Direction, pod: Arc<Pod>, src: SocketAddr) -> Self {
+        ACTIVE.fetch_add(1, Relaxed);
         AccessLog {
             direction,
             pod,
@@ -166,6 +186,7 @@ impl AccessLog {
 
 impl Drop for AccessLog {
     fn drop(&mut self) {
+        ACTIVE.fetch_sub(1, Relaxed);
         let dst = self.dst.map(|a| a.to_string());
         info!(
             target: ACCESS_LOG,

@@ -4,14 +4,17 @@
 //!
 //! Layout: `cli` (flags), `app` (wires a role together), `config` (the mesh model
 //! and its file), `ebpf` (loading, pinning, typed maps: nobody else sees map names),
-//! `netns` (entering pod namespaces), `agent` (the set of enrolled pods), `proxy`
+//! `netns` (entering pod namespaces), `identity` (SPIFFE IDs), `ca` (signing
+//! workload certificates on CSR), `agent` (the set of enrolled pods), `proxy`
 //! (listeners and the byte copy), `telemetry` (logs).
 
 pub mod agent;
 pub mod app;
+pub mod ca;
 pub mod cli;
 pub mod config;
 pub mod ebpf;
+pub mod identity;
 pub mod netns;
 pub mod proxy;
 pub mod telemetry;

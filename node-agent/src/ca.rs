@@ -1,0 +1,294 @@
+//! The certificate authority's signing core: turns a workload's CSR into an X.509
+//! SVID, and holds the trust bundle.
+//!
+//! The CSR boundary: the requester generates the key and proves possession of it
+//! (the CSR's signature is verified); the CA takes *only* the public key from the
+//! request, checks that the request asks for exactly the identity the caller is
+//! authorized for, and builds every other field itself. Nothing else a requester
+//! puts in a CSR (extra names, CA flags, key usages, validity) reaches a
+//! certificate. The signing key never leaves this struct.
+//!
+//! The trust bundle can hold several roots, so a root can be rotated without
+//! downtime: add the new root to every bundle, switch signing to it, and drop the
+//! old one once no certificate it signed is alive.
+
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    PKCS_ECDSA_P256_SHA256, SanType, SerialNumber,
+};
+use time::OffsetDateTime;
+
+use crate::identity::SpiffeId;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("the CSR does not parse or its signature does not verify: {0}")]
+    BadCsr(rcgen::Error),
+    #[error("the CSR's key must be ECDSA P-256")]
+    KeyType,
+    #[error("the CSR must name exactly one URI SAN, the requested identity; it names {0:?}")]
+    Names(Vec<String>),
+    #[error("the CSR asks for {asked}, but the request is for {requested}")]
+    Mismatch { asked: String, requested: String },
+    #[error("signing failed: {0}")]
+    Sign(rcgen::Error),
+    #[error("bad CA material: {0}")]
+    Material(rcgen::Error),
+}
+
+/// How far back `not_before` is set, to tolerate clock skew between nodes.
+const BACKDATE: Duration = Duration::from_secs(60);
+
+/// A signing root and the bundle of roots workloads trust.
+pub struct Authority {
+    issuer: Issuer<'static, KeyPair>,
+    root_pem: String,
+    /// PEM of every trusted root, the signing one first.
+    bundle: Vec<String>,
+}
+
+impl Authority {
+    /// A new self-signed P-256 root for `trust_domain`, valid for `validity`.
+    pub fn generate(trust_domain: &str, validity: Duration) -> Result<Self, Error> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(Error::Material)?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, trust_domain);
+        dn.push(DnType::CommonName, "weft root CA");
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - BACKDATE;
+        params.not_after = now + validity;
+        params.serial_number = Some(random_serial()?);
+        let cert = params.self_signed(&key).map_err(Error::Material)?;
+        let root_pem = cert.pem();
+        Ok(Authority {
+            issuer: Issuer::new(params, key),
+            bundle: vec![root_pem.clone()],
+            root_pem,
+        })
+    }
+
+    /// An authority from an existing root certificate and its key (PEM).
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, Error> {
+        let key = KeyPair::from_pem(key_pem).map_err(Error::Material)?;
+        let issuer = Issuer::from_ca_cert_pem(cert_pem, key).map_err(Error::Material)?;
+        Ok(Authority {
+            issuer,
+            root_pem: cert_pem.to_owned(),
+            bundle: vec![cert_pem.to_owned()],
+        })
+    }
+
+    /// Adds a root to the trust bundle (for rotation); signing is unchanged.
+    pub fn trust_also(&mut self, root_pem: String) {
+        if !self.bundle.contains(&root_pem) {
+            self.bundle.push(root_pem);
+        }
+    }
+
+    /// The signing root (PEM).
+    pub fn root_pem(&self) -> &str {
+        &self.root_pem
+    }
+
+    /// Every trusted root (PEM), the signing one first.
+    pub fn bundle(&self) -> &[String] {
+        &self.bundle
+    }
+
+    /// Signs `csr_pem` for `requested`, valid for `ttl`. The caller has already
+    /// decided that its peer may have `requested`. Returns the chain as PEM, leaf
+    /// first, then the signing root.
+    pub fn sign(
+        &self,
+        csr_pem: &str,
+        requested: &SpiffeId,
+        ttl: Duration,
+    ) -> Result<Vec<String>, Error> {
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(Error::BadCsr)?;
+        if csr.public_key.algorithm() != &PKCS_ECDSA_P256_SHA256 {
+            return Err(Error::KeyType);
+        }
+        let names: Vec<String> = csr
+            .params
+            .subject_alt_names
+            .iter()
+            .map(|san| match san {
+                SanType::URI(uri) => uri.as_str().to_owned(),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        let [asked] = names.as_slice() else {
+            return Err(Error::Names(names));
+        };
+        if asked.parse::<SpiffeId>().as_ref() != Ok(requested) {
+            return Err(Error::Mismatch {
+                asked: asked.clone(),
+                requested: requested.to_string(),
+            });
+        }
+
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.subject_alt_names = vec![SanType::URI(
+            requested.to_string().try_into().map_err(Error::Sign)?,
+        )];
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - BACKDATE;
+        params.not_after = now + ttl;
+        params.serial_number = Some(random_serial()?);
+        let leaf = CertificateSigningRequestParams {
+            params,
+            public_key: csr.public_key,
+        }
+        .signed_by(&self.issuer)
+        .map_err(Error::Sign)?;
+        Ok(vec![leaf.pem(), self.root_pem.clone()])
+    }
+}
+
+/// A random positive 128-bit serial number.
+fn random_serial() -> Result<SerialNumber, Error> {
+    let mut bytes = [0u8; 16];
+    getrandom(&mut bytes)?;
+    bytes[0] &= 0x7f;
+    Ok(SerialNumber::from_slice(&bytes))
+}
+
+fn getrandom(buf: &mut [u8]) -> Result<(), Error> {
+    // SAFETY: getrandom writes at most `buf.len()` bytes into `buf`.
+    let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n == buf.len() as isize {
+        Ok(())
+    } else {
+        Err(Error::Material(rcgen::Error::RingUnspecified))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DAY: Duration = Duration::from_secs(86_400);
+
+    fn id(ns: &str, sa: &str) -> SpiffeId {
+        SpiffeId::new("cluster.local", ns, sa).unwrap()
+    }
+
+    fn csr_for(sans: &[&str]) -> (KeyPair, String) {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = sans
+            .iter()
+            .map(|s| SanType::URI((*s).try_into().unwrap()))
+            .collect();
+        let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+        (key, csr)
+    }
+
+    fn parse(pem: &str) -> x509_parser::certificate::X509Certificate<'static> {
+        let der = ::pem::parse(pem).unwrap().into_contents();
+        let der: &'static [u8] = Box::leak(der.into_boxed_slice());
+        x509_parser::parse_x509_certificate(der).unwrap().1
+    }
+
+    #[test]
+    fn signs_exactly_the_requested_identity_with_the_requesters_key() {
+        let ca = Authority::generate("cluster.local", 365 * DAY).unwrap();
+        let want = id("shop", "web");
+        let (key, csr) = csr_for(&[&want.to_string()]);
+        let chain = ca.sign(&csr, &want, DAY).unwrap();
+        assert_eq!(chain.len(), 2);
+        assert_eq!(chain[1], ca.root_pem());
+        let leaf = parse(&chain[0]);
+        assert_eq!(
+            leaf.public_key().subject_public_key.data.as_ref(),
+            key.public_key_raw()
+        );
+        let san = leaf.subject_alternative_name().unwrap().unwrap();
+        assert_eq!(
+            format!("{:?}", san.value.general_names),
+            format!("[URI(\"{want}\")]")
+        );
+        assert!(!leaf.is_ca());
+        let root = parse(ca.root_pem());
+        leaf.verify_signature(Some(root.public_key())).unwrap();
+        let lifetime =
+            leaf.validity().not_after.timestamp() - leaf.validity().not_before.timestamp();
+        assert_eq!(lifetime as u64, DAY.as_secs() + BACKDATE.as_secs());
+    }
+
+    #[test]
+    fn refuses_a_csr_for_another_identity_or_with_extra_names() {
+        let ca = Authority::generate("cluster.local", DAY).unwrap();
+        let want = id("shop", "web");
+        let (_, other) = csr_for(&["spiffe://cluster.local/ns/shop/sa/admin"]);
+        assert!(matches!(
+            ca.sign(&other, &want, DAY),
+            Err(Error::Mismatch { .. })
+        ));
+        let (_, two) = csr_for(&[&want.to_string(), "spiffe://cluster.local/ns/x/sa/y"]);
+        assert!(matches!(ca.sign(&two, &want, DAY), Err(Error::Names(_))));
+        let (_, none) = csr_for(&[]);
+        assert!(matches!(ca.sign(&none, &want, DAY), Err(Error::Names(_))));
+    }
+
+    #[test]
+    fn refuses_garbage_and_forged_signatures() {
+        let ca = Authority::generate("cluster.local", DAY).unwrap();
+        let want = id("shop", "web");
+        assert!(matches!(
+            ca.sign("not a csr", &want, DAY),
+            Err(Error::BadCsr(_))
+        ));
+        let (_, csr) = csr_for(&[&want.to_string()]);
+        // Flip a byte inside the signed body: the signature no longer verifies.
+        let mut der = ::pem::parse(&csr).unwrap().into_contents();
+        let mid = der.len() / 2;
+        der[mid] ^= 0x01;
+        let forged = ::pem::encode(&::pem::Pem::new("CERTIFICATE REQUEST", der));
+        assert!(ca.sign(&forged, &want, DAY).is_err());
+    }
+
+    #[test]
+    fn a_csr_cannot_ask_to_be_a_ca() {
+        let ca = Authority::generate("cluster.local", DAY).unwrap();
+        let want = id("shop", "web");
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![SanType::URI(want.to_string().try_into().unwrap())];
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+        let chain = ca.sign(&csr, &want, DAY).unwrap();
+        assert!(!parse(&chain[0]).is_ca());
+    }
+
+    #[test]
+    fn rotation_keeps_old_roots_trusted() {
+        let old = Authority::generate("cluster.local", DAY).unwrap();
+        let mut new = Authority::generate("cluster.local", DAY).unwrap();
+        new.trust_also(old.root_pem().to_owned());
+        assert_eq!(new.bundle().len(), 2);
+        assert_eq!(new.bundle()[0], new.root_pem());
+    }
+}

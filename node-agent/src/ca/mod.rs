@@ -12,6 +12,8 @@
 //! downtime: add the new root to every bundle, switch signing to it, and drop the
 //! old one once no certificate it signed is alive.
 
+pub mod proto;
+
 use std::time::Duration;
 
 use rcgen::{

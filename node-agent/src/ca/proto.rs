@@ -1,0 +1,346 @@
+//! The CA's wire format: Istio's `istio.v1.auth.IstioCertificateService`
+//! (`CreateCertificate`), the protocol ztunnel speaks, framed as gRPC messages.
+//!
+//! ```proto
+//! message IstioCertificateRequest {
+//!   string csr = 1;                      // PEM
+//!   int64 validity_duration = 3;         // seconds
+//!   google.protobuf.Struct metadata = 4; // "ImpersonatedIdentity": the SPIFFE ID asked for
+//! }
+//! message IstioCertificateResponse { repeated string cert_chain = 1; }
+//! ```
+//!
+//! Two small messages do not justify a protobuf code generator and its build-time
+//! dependencies, so the codec is written out here. Decoding is strict about what it
+//! reads (wire types, lengths, UTF-8, sizes) and skips unknown fields, as protobuf
+//! requires. Input comes from the network: every error is a value, never a panic.
+
+/// gRPC method path.
+pub const CREATE_CERTIFICATE: &str = "/istio.v1.auth.IstioCertificateService/CreateCertificate";
+
+/// Largest message accepted either way: a P-256 CSR is well under 1 KiB and a chain
+/// of a few certificates a few KiB.
+pub const MAX_MESSAGE: usize = 64 * 1024;
+
+/// Metadata key carrying the identity requested (ztunnel's name for it).
+pub const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    #[error("message truncated")]
+    Truncated,
+    #[error("message of {0} bytes is over the {MAX_MESSAGE}-byte limit")]
+    TooLarge(usize),
+    #[error("compressed gRPC messages are not supported")]
+    Compressed,
+    #[error("field {field}: wrong wire type {wire_type}")]
+    WireType { field: u64, wire_type: u8 },
+    #[error("field {0}: not UTF-8")]
+    Utf8(u64),
+    #[error("varint too long")]
+    Varint,
+    #[error("unsupported wire type {0}")]
+    UnknownWireType(u8),
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CertificateRequest {
+    pub csr: String,
+    pub validity_secs: i64,
+    pub impersonated_identity: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CertificateResponse {
+    pub cert_chain: Vec<String>,
+}
+
+const VARINT: u8 = 0;
+const I64: u8 = 1;
+const LEN: u8 = 2;
+const I32: u8 = 5;
+
+impl CertificateRequest {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.csr.len() + 96);
+        put_bytes(&mut out, 1, self.csr.as_bytes());
+        if self.validity_secs != 0 {
+            put_key(&mut out, 3, VARINT);
+            put_varint(&mut out, self.validity_secs as u64);
+        }
+        if let Some(id) = &self.impersonated_identity {
+            // Struct { fields: map<string, Value> = 1 } with one entry
+            // { key = 1: "ImpersonatedIdentity", value = 2: Value { string_value = 3 } }.
+            let mut value = Vec::new();
+            put_bytes(&mut value, 3, id.as_bytes());
+            let mut entry = Vec::new();
+            put_bytes(&mut entry, 1, IMPERSONATED_IDENTITY.as_bytes());
+            put_bytes(&mut entry, 2, &value);
+            let mut st = Vec::new();
+            put_bytes(&mut st, 1, &entry);
+            put_bytes(&mut out, 4, &st);
+        }
+        out
+    }
+
+    pub fn decode(mut buf: &[u8]) -> Result<Self, Error> {
+        let mut req = CertificateRequest::default();
+        while !buf.is_empty() {
+            let (field, wt) = get_key(&mut buf)?;
+            match (field, wt) {
+                (1, LEN) => req.csr = get_string(&mut buf, field)?,
+                (3, VARINT) => req.validity_secs = get_varint(&mut buf)? as i64,
+                (4, LEN) => {
+                    let st = get_len(&mut buf)?;
+                    if let Some(id) = struct_string(st, IMPERSONATED_IDENTITY)? {
+                        req.impersonated_identity = Some(id);
+                    }
+                }
+                (1 | 3 | 4, _) => {
+                    return Err(Error::WireType {
+                        field,
+                        wire_type: wt,
+                    });
+                }
+                _ => skip(&mut buf, wt)?,
+            }
+        }
+        Ok(req)
+    }
+}
+
+impl CertificateResponse {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.cert_chain.iter().map(|c| c.len() + 4).sum());
+        for cert in &self.cert_chain {
+            put_bytes(&mut out, 1, cert.as_bytes());
+        }
+        out
+    }
+
+    pub fn decode(mut buf: &[u8]) -> Result<Self, Error> {
+        let mut resp = CertificateResponse::default();
+        while !buf.is_empty() {
+            let (field, wt) = get_key(&mut buf)?;
+            match (field, wt) {
+                (1, LEN) => resp.cert_chain.push(get_string(&mut buf, field)?),
+                (1, _) => {
+                    return Err(Error::WireType {
+                        field,
+                        wire_type: wt,
+                    });
+                }
+                _ => skip(&mut buf, wt)?,
+            }
+        }
+        Ok(resp)
+    }
+}
+
+/// Wraps a message in gRPC's length-prefixed frame (uncompressed).
+pub fn frame(message: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(5 + message.len());
+    out.push(0);
+    out.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    out.extend_from_slice(message);
+    out
+}
+
+/// Takes one gRPC frame off the front of `buf`: `Ok(None)` if more bytes are
+/// needed, else the message and the number of bytes consumed.
+pub fn unframe(buf: &[u8]) -> Result<Option<(&[u8], usize)>, Error> {
+    if buf.len() < 5 {
+        return Ok(None);
+    }
+    if buf[0] != 0 {
+        return Err(Error::Compressed);
+    }
+    let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+    if len > MAX_MESSAGE {
+        return Err(Error::TooLarge(len));
+    }
+    Ok(buf.get(5..5 + len).map(|m| (m, 5 + len)))
+}
+
+/// The string value of `key` in an encoded `google.protobuf.Struct`, if present.
+fn struct_string(mut st: &[u8], key: &str) -> Result<Option<String>, Error> {
+    let mut found = None;
+    while !st.is_empty() {
+        let (field, wt) = get_key(&mut st)?;
+        if (field, wt) != (1, LEN) {
+            skip(&mut st, wt)?;
+            continue;
+        }
+        let mut entry = get_len(&mut st)?;
+        let (mut k, mut v) = (None, None);
+        while !entry.is_empty() {
+            let (f, w) = get_key(&mut entry)?;
+            match (f, w) {
+                (1, LEN) => k = Some(get_string(&mut entry, f)?),
+                (2, LEN) => {
+                    let mut value = get_len(&mut entry)?;
+                    while !value.is_empty() {
+                        let (vf, vw) = get_key(&mut value)?;
+                        if (vf, vw) == (3, LEN) {
+                            v = Some(get_string(&mut value, vf)?);
+                        } else {
+                            skip(&mut value, vw)?;
+                        }
+                    }
+                }
+                _ => skip(&mut entry, w)?,
+            }
+        }
+        if k.as_deref() == Some(key) {
+            found = v;
+        }
+    }
+    Ok(found)
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn put_key(out: &mut Vec<u8>, field: u64, wire_type: u8) {
+    put_varint(out, (field << 3) | u64::from(wire_type));
+}
+
+fn put_bytes(out: &mut Vec<u8>, field: u64, bytes: &[u8]) {
+    put_key(out, field, LEN);
+    put_varint(out, bytes.len() as u64);
+    out.extend_from_slice(bytes);
+}
+
+fn get_varint(buf: &mut &[u8]) -> Result<u64, Error> {
+    let mut v = 0u64;
+    for i in 0..10 {
+        let (&b, rest) = buf.split_first().ok_or(Error::Truncated)?;
+        *buf = rest;
+        v |= u64::from(b & 0x7f) << (7 * i);
+        if b < 0x80 {
+            return Ok(v);
+        }
+    }
+    Err(Error::Varint)
+}
+
+fn get_key(buf: &mut &[u8]) -> Result<(u64, u8), Error> {
+    let k = get_varint(buf)?;
+    Ok((k >> 3, (k & 7) as u8))
+}
+
+fn get_len<'a>(buf: &mut &'a [u8]) -> Result<&'a [u8], Error> {
+    let len = get_varint(buf)?;
+    let len = usize::try_from(len).map_err(|_| Error::Truncated)?;
+    if len > buf.len() {
+        return Err(Error::Truncated);
+    }
+    let (head, rest) = buf.split_at(len);
+    *buf = rest;
+    Ok(head)
+}
+
+fn get_string(buf: &mut &[u8], field: u64) -> Result<String, Error> {
+    let b = get_len(buf)?;
+    String::from_utf8(b.to_vec()).map_err(|_| Error::Utf8(field))
+}
+
+fn skip(buf: &mut &[u8], wire_type: u8) -> Result<(), Error> {
+    let n = match wire_type {
+        VARINT => return get_varint(buf).map(|_| ()),
+        LEN => return get_len(buf).map(|_| ()),
+        I64 => 8,
+        I32 => 4,
+        other => return Err(Error::UnknownWireType(other)),
+    };
+    if buf.len() < n {
+        return Err(Error::Truncated);
+    }
+    *buf = &buf[n..];
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_round_trips() {
+        let req = CertificateRequest {
+            csr: "-----BEGIN CERTIFICATE REQUEST-----\nabc\n".into(),
+            validity_secs: 86_400,
+            impersonated_identity: Some("spiffe://cluster.local/ns/a/sa/b".into()),
+        };
+        assert_eq!(CertificateRequest::decode(&req.encode()).unwrap(), req);
+        let bare = CertificateRequest {
+            csr: "x".into(),
+            ..Default::default()
+        };
+        assert_eq!(CertificateRequest::decode(&bare.encode()).unwrap(), bare);
+    }
+
+    #[test]
+    fn request_matches_the_protobuf_wire_format() {
+        // csr = "a" (field 1), validity_duration = 300 (field 3): bytes a protobuf
+        // library produces for the same message.
+        let req = CertificateRequest {
+            csr: "a".into(),
+            validity_secs: 300,
+            impersonated_identity: None,
+        };
+        assert_eq!(req.encode(), [0x0a, 0x01, b'a', 0x18, 0xac, 0x02]);
+    }
+
+    #[test]
+    fn response_round_trips_and_skips_unknown_fields() {
+        let resp = CertificateResponse {
+            cert_chain: vec!["leaf".into(), "root".into()],
+        };
+        let mut wire = resp.encode();
+        // An unknown varint field 7 and an unknown fixed64 field 8.
+        wire.extend_from_slice(&[0x38, 0x05, 0x41, 1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(CertificateResponse::decode(&wire).unwrap(), resp);
+    }
+
+    #[test]
+    fn bad_input_is_an_error_never_a_panic() {
+        for bad in [
+            &[0x0a, 0x05, b'a'][..],       // length past the end
+            &[0x0a][..],                   // key, then nothing
+            &[0x08, 0x01][..],             // csr as a varint
+            &[0x0a, 0x02, 0xff, 0xfe][..], // csr not UTF-8
+            &[0xff; 11][..],               // endless varint
+            &[0x0b][..],                   // wire type 3 (groups)
+        ] {
+            assert!(CertificateRequest::decode(bad).is_err(), "{bad:?} accepted");
+        }
+        // Every prefix of a valid message either decodes or errors.
+        let wire = CertificateRequest {
+            csr: "csr".into(),
+            validity_secs: 5,
+            impersonated_identity: Some("id".into()),
+        }
+        .encode();
+        for n in 0..wire.len() {
+            let _ = CertificateRequest::decode(&wire[..n]);
+        }
+    }
+
+    #[test]
+    fn frames() {
+        let f = frame(b"hello");
+        assert_eq!(unframe(&f[..4]).unwrap(), None);
+        assert_eq!(unframe(&f[..7]).unwrap(), None);
+        assert_eq!(unframe(&f).unwrap(), Some((&b"hello"[..], 10)));
+        assert_eq!(unframe(&[1, 0, 0, 0, 0]), Err(Error::Compressed));
+        assert_eq!(
+            unframe(&[0, 0xff, 0xff, 0xff, 0xff]),
+            Err(Error::TooLarge(u32::MAX as usize))
+        );
+    }
+}

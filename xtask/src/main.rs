@@ -1,1 +1,169 @@
-fn main() {}
+//! `cargo xtask`: Weft's developer commands, one place for what a fresh machine,
+//! a developer and CI need.
+//!
+//! - `setup`: installs what is missing (nightly's rust-src, a bpf-linker built
+//!   against the nightly's own LLVM, the Debian tools the tests use); quick and
+//!   idempotent when everything is there.
+//! - `build-ebpf`: builds the kernel programs with the nightly into
+//!   `target/ebpf/`, where `node-agent/build.rs` embeds them from.
+//! - `test`: the project's one test command (setup, eBPF, binaries, `cargo test`).
+//!
+//! The alias in `.cargo/config.toml` runs this crate with `cargo run`, so every
+//! child `cargo` gets an environment cleaned of what that outer run set (see
+//! [`cmd::cargo`]).
+
+mod cmd;
+mod setup;
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "xtask",
+    bin_name = "cargo xtask",
+    about = "Weft developer commands"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Check and install the toolchain pieces and tools Weft needs (idempotent).
+    Setup,
+    /// Build the eBPF programs (nightly, bpfel-unknown-none) into target/ebpf.
+    BuildEbpf,
+    /// Run the whole test suite, privileged virtual-cluster tests included.
+    ///
+    /// Extra arguments after `--` go to `cargo test`, e.g.
+    /// `cargo xtask test -- -p weft-tests -- --nocapture`.
+    Test {
+        #[arg(last = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result: Result<ExitCode> = match cli.command {
+        Task::Setup => setup::run(setup::Apt::Install).map(|_| ExitCode::SUCCESS),
+        Task::BuildEbpf => build_ebpf().map(|()| ExitCode::SUCCESS),
+        Task::Test { args } => test(&args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("\nxtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `cargo xtask build-ebpf`: the toolchain checks of `setup`, then the build.
+fn build_ebpf() -> Result<()> {
+    build_ebpf_with(&setup::toolchain()?)
+}
+
+/// Builds the kernel crate with a checked nightly `toolchain`.
+pub fn build_ebpf_with(toolchain: &setup::Toolchain) -> Result<()> {
+    cmd::step("building the eBPF programs (nightly, bpfel-unknown-none)");
+    let root = cmd::repo_root();
+    let target_dir = root.join("target").join("ebpf");
+    let mut build = cmd::cargo(Some("nightly"));
+    build
+        .current_dir(root.join("ebpf"))
+        .args(["build", "--release", "--target-dir"])
+        .arg(&target_dir)
+        .env("PATH", toolchain.path_with_linker());
+    cmd::run(&mut build)?;
+    let object = target_dir.join("bpfel-unknown-none/release/weft-ebpf");
+    let size = std::fs::metadata(&object)
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "the build succeeded but {} is missing: {e}",
+                object.display()
+            )
+        })?
+        .len();
+    cmd::done(&format!(
+        "eBPF object: {} ({} KiB); the next build of `weft` embeds it",
+        object.display(),
+        size / 1024
+    ));
+    Ok(())
+}
+
+/// `cargo xtask test`: setup, eBPF object, every binary, then `cargo test`.
+fn test(extra: &[String]) -> Result<ExitCode> {
+    let root = cmd::is_root();
+    if !root {
+        if cmd::ci() {
+            anyhow::bail!(
+                "CI=true but not running as root: the privileged virtual-cluster tests \
+                 (network namespaces, cgroups, eBPF) would fail. Run CI as root."
+            );
+        }
+        cmd::warn(
+            "not running as root: the privileged virtual-cluster tests will skip \
+             (run as root, or set CI=true to make that an error)",
+        );
+    }
+    let toolchain = setup::run(if root {
+        setup::Apt::Install
+    } else {
+        setup::Apt::WarnOnly
+    })?;
+    build_ebpf_with(&toolchain)?;
+    cmd::step("building every binary (the privileged tests run `weft` and `weft-tk`)");
+    cmd::run(cmd::cargo(None).args(["build", "--workspace", "--bins"]))?;
+    cmd::step("running the test suite");
+    let mut test = cmd::cargo(None);
+    test.arg("test");
+    // `--workspace` would override a `-p` given to pick packages.
+    if !picks_packages(extra) {
+        test.arg("--workspace");
+    }
+    let status = cmd::status(test.args(extra))?;
+    if status.success() {
+        cmd::done("all tests passed");
+        return Ok(ExitCode::SUCCESS);
+    }
+    eprintln!("\nxtask: `cargo test` failed ({status})");
+    // Propagate cargo's own code (101 for failed tests); a signal becomes 1.
+    Ok(ExitCode::from(
+        status
+            .code()
+            .and_then(|c| u8::try_from(c).ok())
+            .unwrap_or(1),
+    ))
+}
+
+/// Whether extra `cargo test` arguments select packages (before a `--` that
+/// starts the test binary's own arguments).
+fn picks_packages(args: &[String]) -> bool {
+    args.iter().take_while(|a| *a != "--").any(|a| {
+        a == "-p"
+            || a == "--package"
+            || a.starts_with("--package=")
+            || (a.starts_with("-p") && a.len() > 2)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn package_selection_is_detected_before_the_separator() {
+        let args = |s: &str| s.split_whitespace().map(String::from).collect::<Vec<_>>();
+        assert!(picks_packages(&args("-p weft-tests -- --nocapture")));
+        assert!(picks_packages(&args("--package=weft")));
+        assert!(picks_packages(&args("-pweft")));
+        assert!(!picks_packages(&args("-- -p")));
+        assert!(!picks_packages(&args("--release capture")));
+    }
+}

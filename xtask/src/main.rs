@@ -7,12 +7,16 @@
 //! - `build-ebpf`: builds the kernel programs with the nightly into
 //!   `target/ebpf/`, where `node-agent/build.rs` embeds them from.
 //! - `test`: the project's one test command (setup, eBPF, binaries, `cargo test`).
+//! - `demo`: a two-node virtual cluster with the mesh, sample traffic and live
+//!   access logs.
 //!
 //! The alias in `.cargo/config.toml` runs this crate with `cargo run`, so every
 //! child `cargo` gets an environment cleaned of what that outer run set (see
 //! [`cmd::cargo`]).
 
 mod cmd;
+mod demo;
+mod lab;
 mod setup;
 
 use std::process::ExitCode;
@@ -45,6 +49,13 @@ enum Task {
         #[arg(last = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Start a two-node virtual cluster with the mesh, send sample traffic and
+    /// show what the agents captured (needs root).
+    Demo {
+        /// Run the walkthrough once and tear down, without waiting for Ctrl-C.
+        #[arg(long)]
+        once: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -53,6 +64,7 @@ fn main() -> ExitCode {
         Task::Setup => setup::run(setup::Apt::Install).map(|_| ExitCode::SUCCESS),
         Task::BuildEbpf => build_ebpf().map(|()| ExitCode::SUCCESS),
         Task::Test { args } => test(&args),
+        Task::Demo { once } => demo::run(once).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

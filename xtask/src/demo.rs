@@ -1,0 +1,633 @@
+//! `cargo xtask demo`: Weft's first five minutes.
+//!
+//! A two-node virtual cluster, the mesh with one pod left out, a real web
+//! server and the traffic kit, sample traffic, and a table of what the agents
+//! captured; then commands to try by hand while new access-log lines stream in,
+//! until Ctrl-C. Teardown is the harness's: dropping the `Mesh` kills the agents
+//! and uninstalls their programs, dropping the `Cluster` removes namespaces and
+//! cgroups, on every path out of here (errors and panics included).
+
+use std::fmt::Write as _;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+use weft_tests::{Cluster, Mesh, Pod, Proc, bin_path, eventually};
+
+use crate::cmd::quote;
+use crate::lab::{self, Profile};
+
+const WEB_PORT: u16 = 8080;
+const TK_PORT: u16 = 9000;
+/// Each way, for the weft-tk transfers.
+const TRANSFER: &str = "8M";
+const TRANSFER_BYTES: u64 = 8 << 20;
+/// How long servers may take to start listening.
+const SERVER_START: Duration = Duration::from_secs(20);
+const LIVE_POLL: Duration = Duration::from_millis(500);
+
+/// Set by SIGINT/SIGTERM; the demo stops at the next check and tears down.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_signal: libc::c_int) {
+    // Only an atomic store: async-signal-safe.
+    STOP.store(true, Ordering::SeqCst);
+}
+
+fn install_signal_handlers() {
+    let handler = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { libc::signal(signal, handler) };
+    }
+}
+
+fn interrupted() -> Result<()> {
+    if STOP.load(Ordering::SeqCst) {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
+/// Whether a pod is in the mesh: all but n1p1, which shows the difference.
+fn enrolled(p: &Pod) -> bool {
+    !(p.node == 1 && p.index == 1)
+}
+
+pub fn run(once: bool) -> Result<()> {
+    lab::require_root("the demo")?;
+    lab::prepare(Profile::Debug)?;
+    install_signal_handlers();
+
+    banner("Weft demo");
+    println!(
+        "Weft captures the TCP connections of enrolled pods with eBPF and runs them through\n\
+         a per-node agent (no sidecars). This demo builds a small cluster out of network\n\
+         namespaces and cgroups on this machine, starts one agent per node, sends traffic\n\
+         and shows what the agents saw."
+    );
+
+    let cluster = Cluster::new("demo", 2, 2).context("building the virtual cluster")?;
+    let id = cluster.id().to_owned();
+    let cgroup = cluster.cgroup().to_path_buf();
+    let outcome = walkthrough(&cluster, once);
+    if let Err(e) = &outcome {
+        eprintln!("\nxtask demo: {e:#}");
+    }
+    section("Teardown");
+    drop(cluster);
+    println!(
+        "  agents stopped, `weft agent --uninstall` removed their eBPF programs and pins,\n  \
+         network namespaces and cgroups deleted"
+    );
+    lab::check_clean(&id, &cgroup)?;
+    outcome.map_err(|_| anyhow::anyhow!("the demo did not complete (see above)"))
+}
+
+/// Everything that needs the cluster; the mesh and all processes are dropped
+/// (killed, uninstalled) before this returns.
+fn walkthrough(cluster: &Cluster, once: bool) -> Result<()> {
+    section("1. The cluster");
+    println!(
+        "  {} nodes with {} pods each. A node is a network namespace that routes for its pods\n  \
+         (nodes meet on a bridge); a pod is a network namespace plus a cgroup v2.\n",
+        cluster.nodes().len(),
+        cluster.pods_of(0).len()
+    );
+    for node in cluster.nodes() {
+        println!(
+            "  {}  {:<15} pods {}/{}",
+            node.name,
+            node.ip.to_string(),
+            node.pod_cidr.0,
+            node.pod_cidr.1
+        );
+        for pod in cluster.pods_of(node.index) {
+            println!(
+                "    {}  {:<10} {:<13} {}",
+                pod.name,
+                pod.ip.to_string(),
+                pod.ip6.to_string(),
+                if enrolled(pod) {
+                    "enrolled"
+                } else {
+                    "NOT enrolled (plain kernel networking, for comparison)"
+                }
+            );
+        }
+    }
+
+    section("2. The mesh");
+    let mesh = Mesh::start(cluster, enrolled).context("starting the agents")?;
+    for node in cluster.nodes() {
+        println!(
+            "  {}: `weft agent` pid {} ready; attached to cgroup {}, pins in {}",
+            node.name,
+            mesh.agent(node.index).pid(),
+            node.cgroup.display(),
+            mesh.pin_dir(node.index).display()
+        );
+    }
+    println!("  config: {}", mesh.config_path().display());
+    interrupted()?;
+
+    section("3. Applications");
+    let site = WebRoot::create(cluster.id())?;
+    let web_pod = cluster.pod(1, 0);
+    let mut web_cmd = web_pod.command("python3");
+    web_cmd
+        .args([
+            "-u",
+            "-m",
+            "http.server",
+            &WEB_PORT.to_string(),
+            "--bind",
+            "::",
+            "--directory",
+        ])
+        .arg(&site.0);
+    let web = spawn(web_pod, web_cmd)?;
+    web.wait_for_line(SERVER_START, |l| l.contains("Serving HTTP"))
+        .context("the web server did not start")?;
+    println!(
+        "  {}: python3 -m http.server on port {WEB_PORT}",
+        web_pod.name
+    );
+    let tk = bin_path("weft-tk");
+    let tk_servers: Vec<(&Pod, Proc)> = [cluster.pod(0, 1), cluster.pod(1, 1)]
+        .into_iter()
+        .map(|pod| -> Result<(&Pod, Proc)> {
+            let mut c = pod.command(&tk);
+            c.args(["serve", "--listen", &format!("[::]:{TK_PORT}")]);
+            let p = spawn(pod, c)?;
+            p.wait_for_json(SERVER_START, |v| v.get("listening").is_some())?;
+            println!(
+                "  {}: weft-tk serve on port {TK_PORT} (verifies every byte it gets)",
+                pod.name
+            );
+            Ok((pod, p))
+        })
+        .collect::<Result<_>>()?;
+    interrupted()?;
+
+    section("4. Traffic");
+    let mut failures = Vec::new();
+    let mut note = |result: Result<()>| {
+        if let Err(e) = result {
+            println!("      FAILED: {e:#}");
+            failures.push(e);
+        }
+    };
+    let (n0p0, n0p1, n1p0, n1p1) = (
+        cluster.pod(0, 0),
+        cluster.pod(0, 1),
+        cluster.pod(1, 0),
+        cluster.pod(1, 1),
+    );
+    println!(
+        "  [1] curl  {} -> http://{}:{WEB_PORT}/ in {}   (cross-node, both enrolled)",
+        n0p0.name, n1p0.ip, n1p0.name
+    );
+    note(curl_step(n0p0, n1p0, &web));
+    interrupted()?;
+    let server = |pod: &Pod| {
+        &tk_servers
+            .iter()
+            .find(|(p, _)| p.name == pod.name)
+            .unwrap()
+            .1
+    };
+    let tk_steps = [
+        (n0p0, n0p1, n0p1.ip.to_string(), "same node, both enrolled"),
+        (
+            n1p1,
+            n0p1,
+            n0p1.ip.to_string(),
+            "from a pod NOT enrolled to an enrolled one",
+        ),
+        (
+            n0p0,
+            n1p1,
+            format!("[{}]", n1p1.ip6),
+            "IPv6, cross-node, to the pod NOT enrolled",
+        ),
+    ];
+    for (i, (from, to, host, what)) in tk_steps.iter().enumerate() {
+        println!(
+            "  [{}] weft-tk  {} -> {}:{TK_PORT} in {}, {TRANSFER} each way   ({what})",
+            i + 2,
+            from.name,
+            host,
+            to.name
+        );
+        note(tk_step(&tk, from, &format!("{host}:{TK_PORT}"), server(to)));
+        interrupted()?;
+    }
+
+    section("5. What the agents captured (their access logs)");
+    // One line per connection and proxy side: curl (n0 out, n1 in), n0p0->n0p1
+    // (out and in on n0), n1p1->n0p1 (in on n0), n0p0->n1p1 (out on n0).
+    let expected = 6;
+    eventually(Duration::from_secs(5), || {
+        all_logs(&mesh, cluster).len() >= expected
+    });
+    let logs = all_logs(&mesh, cluster);
+    print_table(&logs);
+    if logs.len() < expected {
+        println!("  (expected {expected} lines, got {})", logs.len());
+    }
+    println!(
+        "\n  outbound = the agent on the client's node took the connection from an enrolled pod;\n  \
+         inbound  = the agent on the server's node delivered it to an enrolled pod.\n  \
+         Traffic of the pod that is not enrolled is captured only where it meets an enrolled one.\n  \
+         An outbound line's source is on loopback: the app's connect was redirected to the\n  \
+         agent's listener at 127.0.0.1 / [::1] inside the pod (getpeername still shows the\n  \
+         original destination)."
+    );
+
+    let failed = failures.len();
+    if failed > 0 {
+        bail!("{failed} of 4 traffic steps failed");
+    }
+    if once {
+        return Ok(());
+    }
+
+    section("6. Try it yourself (in another terminal, as root)");
+    print_commands(cluster, &mesh, &tk);
+    section("Live access logs (Ctrl-C to stop and tear down)");
+    let mut seen: Vec<usize> = cluster
+        .nodes()
+        .iter()
+        .map(|n| mesh.access_logs(n.index).len())
+        .collect();
+    while !STOP.load(Ordering::SeqCst) {
+        std::thread::sleep(LIVE_POLL);
+        for node in cluster.nodes() {
+            let lines = mesh.access_logs(node.index);
+            for line in lines.iter().skip(seen[node.index]) {
+                println!("  {}", live_row(&node.name, line));
+            }
+            seen[node.index] = lines.len();
+        }
+    }
+    println!("\n  Ctrl-C received");
+    drop(tk_servers);
+    drop(web);
+    drop(mesh);
+    Ok(())
+}
+
+/// Spawns a pod command in its own process group, so that a Ctrl-C in the
+/// terminal reaches only xtask, which then tears everything down in order.
+fn spawn(pod: &Pod, mut cmd: Command) -> Result<Proc> {
+    cmd.process_group(0);
+    pod.spawn(&mut cmd)
+}
+
+/// A directory with a small page for the web server; removed on drop.
+struct WebRoot(PathBuf);
+
+impl WebRoot {
+    fn create(id: &str) -> Result<WebRoot> {
+        let dir = std::env::temp_dir().join(format!("weft-demo-{id}"));
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(
+            dir.join("index.html"),
+            "<!doctype html><title>weft demo</title><p>Hello from pod n1p0, through the Weft mesh.</p>\n",
+        )?;
+        Ok(WebRoot(dir))
+    }
+}
+
+impl Drop for WebRoot {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn curl_step(from: &Pod, to: &Pod, web: &Proc) -> Result<()> {
+    let before = web.stderr().lines().count();
+    let url = format!("http://{}:{WEB_PORT}/", to.ip);
+    let out = from.exec(
+        "curl",
+        [
+            "-sS",
+            "--max-time",
+            "10",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{size_download} %{remote_ip} %{remote_port}",
+            &url,
+        ],
+    )?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let fields: Vec<&str> = stdout.split_whitespace().collect();
+    if !out.status.success() {
+        bail!(
+            "curl failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let [code, size, ip, port] = fields[..] else {
+        bail!("unexpected curl output {stdout:?}");
+    };
+    println!(
+        "      HTTP {code}, {size} bytes; curl's socket is connected to {ip}:{port} (getpeername)"
+    );
+    // http.server logs each request on stderr, starting with the client address.
+    eventually(Duration::from_secs(2), || {
+        web.stderr().lines().count() > before
+    });
+    if let Some(line) = web
+        .stderr()
+        .lines()
+        .skip(before)
+        .find(|l| l.contains("\"GET "))
+    {
+        let client = line.split_whitespace().next().unwrap_or("?");
+        println!("      the web server saw the request come from {client}");
+        loopback_note(client);
+    }
+    if code != "200" {
+        bail!("expected HTTP 200, got {code}");
+    }
+    Ok(())
+}
+
+fn tk_step(tk: &Path, from: &Pod, addr: &str, server: &Proc) -> Result<()> {
+    let accepted = |p: &Proc| {
+        p.json_lines()
+            .into_iter()
+            .filter(|v| v.get("accepted").is_some())
+            .count()
+    };
+    let before = accepted(server);
+    let out = from.exec(
+        tk,
+        [
+            "client",
+            "--connect",
+            addr,
+            "--upload",
+            TRANSFER,
+            "--download",
+            TRANSFER,
+            "--timeout-secs",
+            "30",
+        ],
+    )?;
+    let report: Value = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .with_context(|| {
+            format!(
+                "weft-tk client printed no report; stderr: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )
+        })?;
+    let peer = report["peer"].as_str().unwrap_or("-");
+    let ms = report["elapsed_ms"].as_f64().unwrap_or(0.0);
+    eventually(Duration::from_secs(2), || accepted(server) > before);
+    let seen = server
+        .json_lines()
+        .into_iter()
+        .filter(|v| v.get("accepted").is_some())
+        .nth(before);
+    if report["ok"] != true {
+        bail!(
+            "weft-tk client: {}",
+            report["error"].as_str().unwrap_or("failed")
+        );
+    }
+    let moved = |k: &str| report[k].as_u64().unwrap_or(0);
+    if moved("uploaded") != TRANSFER_BYTES || moved("downloaded") != TRANSFER_BYTES {
+        bail!(
+            "moved {} up / {} down, expected {TRANSFER_BYTES} each",
+            moved("uploaded"),
+            moved("downloaded")
+        );
+    }
+    println!("      ok: {TRANSFER} up and {TRANSFER} down, every byte verified, {ms:.0} ms");
+    println!("      client's socket is connected to {peer} (getpeername)");
+    if let Some(seen) = seen {
+        let client = seen["accepted"].as_str().unwrap_or("?");
+        println!(
+            "      the server accepted it from {client} on {}",
+            seen["local"].as_str().unwrap_or("?")
+        );
+        loopback_note(client);
+    }
+    Ok(())
+}
+
+/// Explains a loopback client address seen by a server in an enrolled pod.
+fn loopback_note(client: &str) {
+    if client.contains("127.0.0.6") || client.starts_with("[::1]") || client == "::1" {
+        println!(
+            "      (that is the agent on the server's node handing the connection over inside\n       \
+             the pod; the inbound access-log line below names the real client)"
+        );
+    }
+}
+
+/// Access-log lines of all agents, each with its node's name, in time order.
+fn all_logs(mesh: &Mesh, cluster: &Cluster) -> Vec<(String, Value)> {
+    let mut all: Vec<(String, Value)> = cluster
+        .nodes()
+        .iter()
+        .flat_map(|n| {
+            mesh.access_logs(n.index)
+                .into_iter()
+                .map(|v| (n.name.clone(), v))
+        })
+        .collect();
+    all.sort_by_key(|a| text(&a.1, "timestamp"));
+    all
+}
+
+fn text(v: &Value, key: &str) -> String {
+    match &v[key] {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+/// The columns of an access-log row.
+fn columns(node: &str, v: &Value) -> [String; 7] {
+    let mut end = text(v, "end");
+    if let Some(e) = v["error"].as_str() {
+        let _ = write!(end, " ({e})");
+    }
+    [
+        node.to_owned(),
+        text(v, "direction"),
+        text(v, "workload"),
+        format!("{} -> {}", text(v, "src.addr"), text(v, "dst.addr")),
+        format!(
+            "{} / {}",
+            bytes(v["bytes_sent"].as_u64()),
+            bytes(v["bytes_received"].as_u64())
+        ),
+        v["duration_ms"]
+            .as_f64()
+            .map_or("-".into(), |ms| format!("{ms:.1} ms")),
+        end,
+    ]
+}
+
+const HEADERS: [&str; 7] = [
+    "node",
+    "direction",
+    "workload",
+    "src -> dst",
+    "sent / received",
+    "duration",
+    "end",
+];
+
+fn print_table(logs: &[(String, Value)]) {
+    if logs.is_empty() {
+        println!("  (no access-log lines)");
+        return;
+    }
+    let rows: Vec<[String; 7]> = logs.iter().map(|(n, v)| columns(n, v)).collect();
+    let mut widths = HEADERS.map(str::len);
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: &[String]| {
+        let mut out = String::from(" ");
+        for (cell, w) in cells.iter().zip(widths) {
+            let _ = write!(out, " {cell:<w$} ");
+        }
+        println!("{}", out.trim_end());
+    };
+    line(&HEADERS.map(String::from));
+    line(&widths.map(|w| "-".repeat(w)));
+    for row in &rows {
+        line(row);
+    }
+}
+
+/// One access-log row with fixed column widths, for the live view.
+fn live_row(node: &str, v: &Value) -> String {
+    let c = columns(node, v);
+    format!(
+        "{:<6} {:<9} {:<13} {:<44} {:<21} {:>10}  {}",
+        c[0], c[1], c[2], c[3], c[4], c[5], c[6]
+    )
+}
+
+/// `n` bytes, readably.
+fn bytes(n: Option<u64>) -> String {
+    match n {
+        None => "-".into(),
+        Some(n) if n < 1024 => format!("{n} B"),
+        Some(n) if n < 1 << 20 => format!("{:.1} KiB", n as f64 / 1024.0),
+        Some(n) => format!("{:.1} MiB", n as f64 / f64::from(1 << 20)),
+    }
+}
+
+/// The shell command that runs `program args` inside `pod` (its cgroup first,
+/// so that the capture programs see it, then its network namespace).
+fn in_pod(pod: &Pod, program: &str) -> String {
+    let script = format!(
+        "echo $$ > {} && exec ip netns exec {} {program}",
+        pod.cgroup.join("cgroup.procs").display(),
+        pod.netns
+    );
+    format!("sh -c {}", quote(&script))
+}
+
+fn print_commands(cluster: &Cluster, mesh: &Mesh, tk: &Path) {
+    let (n0p0, n0p1, n1p0, n1p1) = (
+        cluster.pod(0, 0),
+        cluster.pod(0, 1),
+        cluster.pod(1, 0),
+        cluster.pod(1, 1),
+    );
+    let web = format!("curl -s http://{}:{WEB_PORT}/", n1p0.ip);
+    let tk = tk.display();
+    let id = cluster.id();
+    println!(
+        "  A command is inside a pod when it joins the pod's cgroup (that is what the capture\n  \
+         programs key on) and its network namespace:\n"
+    );
+    println!("  # the web page in n1p0, from enrolled n0p0 (captured on both nodes)");
+    println!("  {}\n", in_pod(n0p0, &web));
+    println!("  # the same from n1p1, which is not enrolled (captured only inbound, at n1p0)");
+    println!("  {}\n", in_pod(n1p1, &web));
+    println!(
+        "  # only the network namespace, not the cgroup: n0p0's side is not captured\n  \
+         # (no outbound line), n1p0's inbound side still is"
+    );
+    println!("  ip netns exec {} {web}\n", n0p0.netns);
+    println!("  # 64 MiB each way through the mesh, every byte verified (n0p0 -> n0p1)");
+    println!(
+        "  {}\n",
+        in_pod(
+            n0p0,
+            &format!(
+                "{tk} client --connect {}:{TK_PORT} --upload 64M --download 64M",
+                n0p1.ip
+            )
+        )
+    );
+    println!("  # a look under the hood");
+    println!("  ip netns list | grep {id}");
+    println!("  bpftool cgroup tree {}", cluster.cgroup().display());
+    println!(
+        "  ls {} {}",
+        mesh.pin_dir(0).display(),
+        mesh.pin_dir(1).display()
+    );
+    println!("  cat {}", mesh.config_path().display());
+    println!();
+}
+
+fn banner(title: &str) {
+    println!("\n{title}\n{}", "=".repeat(title.len()));
+}
+
+fn section(title: &str) {
+    println!("\n--- {title} ---\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_sizes() {
+        assert_eq!(bytes(Some(0)), "0 B");
+        assert_eq!(bytes(Some(1536)), "1.5 KiB");
+        assert_eq!(bytes(Some(8 << 20)), "8.0 MiB");
+        assert_eq!(bytes(None), "-");
+    }
+
+    #[test]
+    fn access_log_columns() {
+        let v = serde_json::json!({
+            "direction": "outbound", "workload": "default/n0p0",
+            "src.addr": "10.1.1.2:40000", "dst.addr": "10.2.1.2:8080",
+            "bytes_sent": 80, "bytes_received": 1048576, "duration_ms": 1.25,
+            "end": "closed", "error": null,
+        });
+        let c = columns("node0", &v);
+        assert_eq!(c[3], "10.1.1.2:40000 -> 10.2.1.2:8080");
+        assert_eq!(c[4], "80 B / 1.0 MiB");
+        assert_eq!(c[5], "1.2 ms");
+        assert_eq!(c[6], "closed");
+    }
+}

@@ -9,6 +9,7 @@
 //! - `test`: the project's one test command (setup, eBPF, binaries, `cargo test`).
 //! - `demo`: a two-node virtual cluster with the mesh, sample traffic and live
 //!   access logs.
+//! - `measure`: connect latency and throughput, captured versus direct.
 //!
 //! The alias in `.cargo/config.toml` runs this crate with `cargo run`, so every
 //! child `cargo` gets an environment cleaned of what that outer run set (see
@@ -17,6 +18,7 @@
 mod cmd;
 mod demo;
 mod lab;
+mod measure;
 mod setup;
 
 use std::process::ExitCode;
@@ -56,6 +58,9 @@ enum Task {
         #[arg(long)]
         once: bool,
     },
+    /// Measure connect latency and throughput, captured versus direct (needs
+    /// root; release builds). Writes target/bench/capture.json.
+    Measure,
 }
 
 fn main() -> ExitCode {
@@ -65,6 +70,7 @@ fn main() -> ExitCode {
         Task::BuildEbpf => build_ebpf().map(|()| ExitCode::SUCCESS),
         Task::Test { args } => test(&args),
         Task::Demo { once } => demo::run(once).map(|()| ExitCode::SUCCESS),
+        Task::Measure => measure::run().map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

@@ -59,7 +59,7 @@ fn enrolled(p: &Pod) -> bool {
 }
 
 pub fn run(once: bool) -> Result<()> {
-    lab::require_root("the demo")?;
+    lab::require_root("demo")?;
     lab::prepare(Profile::Debug)?;
     install_signal_handlers();
 

@@ -27,16 +27,17 @@ impl Profile {
     }
 }
 
-/// Fails with a clear message unless this is root.
-pub fn require_root(what: &str) -> Result<()> {
+/// Fails with a clear message unless this is root; `task` is the subcommand.
+pub fn require_root(task: &str) -> Result<()> {
     if !cmd::is_root() {
         bail!(
-            "{what} builds network namespaces and cgroups and loads eBPF programs, \
-             so it must run as root (e.g. `sudo -E cargo xtask ...`, or from a root shell)"
+            "`cargo xtask {task}` builds network namespaces and cgroups and loads eBPF \
+             programs, so it must run as root: from a root shell, or with \
+             `sudo -E env \"PATH=$PATH\" cargo xtask {task}`"
         );
     }
     if let Some(problem) = weft_tests::cluster::privilege_problem() {
-        bail!("{what} cannot build a virtual cluster here: {problem}");
+        bail!("`cargo xtask {task}` cannot build a virtual cluster here: {problem}");
     }
     Ok(())
 }

@@ -233,6 +233,13 @@ pub(crate) async fn forward(
             return;
         }
     };
+    if matches!(log.direction, Direction::Outbound) {
+        // The pod's own address and port, as the destination sees them; the
+        // accepted socket only shows the loopback hop inside the pod.
+        if let Ok(local) = up.local_addr() {
+            log.src = canonical(local);
+        }
+    }
     let t = copy::bidirectional(&mut down, &mut up).await;
     log.sent = t.sent;
     log.received = t.received;

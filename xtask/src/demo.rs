@@ -244,9 +244,9 @@ fn walkthrough(cluster: &Cluster, once: bool) -> Result<()> {
         "\n  outbound = the agent on the client's node took the connection from an enrolled pod;\n  \
          inbound  = the agent on the server's node delivered it to an enrolled pod.\n  \
          Traffic of the pod that is not enrolled is captured only where it meets an enrolled one.\n  \
-         An outbound line's source is on loopback: the app's connect was redirected to the\n  \
-         agent's listener at 127.0.0.1 / [::1] inside the pod (getpeername still shows the\n  \
-         original destination)."
+         The app's connect was redirected to the agent's listener at 127.0.0.1 / [::1]\n  \
+         inside its pod (getpeername still shows the original destination); the agent then\n  \
+         connected from the pod's own address, which both lines show as the source."
     );
 
     let failed = failures.len();

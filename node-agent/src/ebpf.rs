@@ -326,34 +326,24 @@ fn attach_cgroup(
     cgroup: &File,
 ) -> Result<FdLink, Error> {
     let err = |source| Error::Program { name, source };
-    // `Single`: this agent owns the attachment on its node's cgroup.
-    let link: FdLink = match kind {
-        CgroupKind::SockAddr => {
-            let prog: &mut CgroupSockAddr = program(ebpf, name)?;
-            prog.load().map_err(err)?;
-            let id = prog.attach(cgroup, CgroupAttachMode::Single).map_err(err)?;
-            prog.take_link(id)
-                .map_err(err)?
-                .try_into()
-                .map_err(|e: LinkError| Error::Pin {
-                    path: PathBuf::from(name),
-                    detail: e.to_string(),
-                })?
-        }
-        CgroupKind::SockOps => {
-            let prog: &mut SockOps = program(ebpf, name)?;
-            prog.load().map_err(err)?;
-            let id = prog.attach(cgroup, CgroupAttachMode::Single).map_err(err)?;
-            prog.take_link(id)
-                .map_err(err)?
-                .try_into()
-                .map_err(|e: LinkError| Error::Pin {
-                    path: PathBuf::from(name),
-                    detail: e.to_string(),
-                })?
-        }
+    let to_fd = |e: LinkError| Error::Pin {
+        path: PathBuf::from(name),
+        detail: e.to_string(),
     };
-    Ok(link)
+    // The two program types share no attach trait; the steps are the same.
+    // `Single`: this agent owns the attachment on its node's cgroup.
+    macro_rules! attach {
+        ($ty:ty) => {{
+            let prog: &mut $ty = program(ebpf, name)?;
+            prog.load().map_err(err)?;
+            let id = prog.attach(cgroup, CgroupAttachMode::Single).map_err(err)?;
+            prog.take_link(id).map_err(err)?.try_into().map_err(to_fd)
+        }};
+    }
+    match kind {
+        CgroupKind::SockAddr => attach!(CgroupSockAddr),
+        CgroupKind::SockOps => attach!(SockOps),
+    }
 }
 
 /// Mounts bpffs at `/sys/fs/bpf` if nothing is mounted there.

@@ -471,37 +471,15 @@ impl Node {
     pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
         namespaced_command(program, &self.netns_path, None)
     }
+}
 
-    /// Spawns a command built with [`Node::command`]; see [`Proc`].
-    pub fn spawn(&self, cmd: &mut Command) -> Result<Proc> {
-        let label = label(cmd, &self.name);
-        Proc::spawn(cmd, label)
+impl Host for Node {
+    fn name(&self) -> &str {
+        &self.name
     }
 
-    /// Runs `program args…` in the node namespace to completion (bounded by
-    /// [`process::EXEC_TIMEOUT`]), whatever its exit status.
-    pub fn exec<I, S>(&self, program: impl AsRef<OsStr>, args: I) -> Result<Output>
-    where
-        I: IntoIterator<Item = S>,
-        S: AsRef<OsStr>,
-    {
-        let mut cmd = self.command(program);
-        cmd.args(args);
-        let label = label(&cmd, &self.name);
-        process::exec(&mut cmd, label)
-    }
-
-    /// Like [`Node::exec`], but fails unless the program succeeds; returns
-    /// its stdout.
-    pub fn exec_ok<I, S>(&self, program: impl AsRef<OsStr>, args: I) -> Result<String>
-    where
-        I: IntoIterator<Item = S>,
-        S: AsRef<OsStr>,
-    {
-        let mut cmd = self.command(program);
-        cmd.args(args);
-        let label = label(&cmd, &self.name);
-        process::exec_ok(&mut cmd, label)
+    fn command(&self, program: impl AsRef<OsStr>) -> Command {
+        Node::command(self, program)
     }
 }
 
@@ -515,36 +493,56 @@ impl Pod {
             Some(&self.cgroup.join("cgroup.procs")),
         )
     }
+}
 
-    /// Spawns a command built with [`Pod::command`]; see [`Proc`].
-    pub fn spawn(&self, cmd: &mut Command) -> Result<Proc> {
-        let label = label(cmd, &self.name);
+impl Host for Pod {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn command(&self, program: impl AsRef<OsStr>) -> Command {
+        Pod::command(self, program)
+    }
+}
+
+/// A place commands run in (a node or a pod): spawning and running to completion
+/// work the same way for both once [`Host::command`] has placed the process.
+pub trait Host {
+    /// The name used in labels and errors.
+    fn name(&self) -> &str;
+
+    /// A command placed in this host (see `Node::command`, `Pod::command`).
+    fn command(&self, program: impl AsRef<OsStr>) -> Command;
+
+    /// Spawns a command built with [`Host::command`]; see [`Proc`].
+    fn spawn(&self, cmd: &mut Command) -> Result<Proc> {
+        let label = label(cmd, self.name());
         Proc::spawn(cmd, label)
     }
 
-    /// Runs `program args…` in the pod to completion (bounded by
+    /// Runs `program args…` here to completion (bounded by
     /// [`process::EXEC_TIMEOUT`]), whatever its exit status.
-    pub fn exec<I, S>(&self, program: impl AsRef<OsStr>, args: I) -> Result<Output>
+    fn exec<I, S>(&self, program: impl AsRef<OsStr>, args: I) -> Result<Output>
     where
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
         let mut cmd = self.command(program);
         cmd.args(args);
-        let label = label(&cmd, &self.name);
+        let label = label(&cmd, self.name());
         process::exec(&mut cmd, label)
     }
 
-    /// Like [`Pod::exec`], but fails unless the program succeeds; returns its
+    /// Like [`Host::exec`], but fails unless the program succeeds; returns its
     /// stdout.
-    pub fn exec_ok<I, S>(&self, program: impl AsRef<OsStr>, args: I) -> Result<String>
+    fn exec_ok<I, S>(&self, program: impl AsRef<OsStr>, args: I) -> Result<String>
     where
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
         let mut cmd = self.command(program);
         cmd.args(args);
-        let label = label(&cmd, &self.name);
+        let label = label(&cmd, self.name());
         process::exec_ok(&mut cmd, label)
     }
 }

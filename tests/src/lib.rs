@@ -26,7 +26,7 @@ pub mod process;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-pub use cluster::{Cluster, Node, Pod};
+pub use cluster::{Cluster, Host, Node, Pod};
 pub use mesh::Mesh;
 pub use process::Proc;
 

@@ -9,6 +9,7 @@ use std::{
     process::Command,
     time::Duration,
 };
+use weft_tests::Host as _;
 
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;

@@ -8,6 +8,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
+use weft_tests::Host as _;
 
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
+use weft_tests::Host as _;
 
 use anyhow::{Context, Result, bail};
 use serde_json::Value;

@@ -8,6 +8,7 @@
 
 use std::fmt::Write as _;
 use std::time::Duration;
+use weft_tests::Host as _;
 
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};

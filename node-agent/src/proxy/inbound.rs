@@ -7,12 +7,12 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use tokio::{net::TcpListener, sync::watch};
-use tracing::{debug, warn};
+use tracing::debug;
 use weft_common::INBOUND_PLAINTEXT_PORT;
 
 use super::{
-    AccessLog, Direction, INBOUND_SOURCE_V4, INBOUND_SOURCE_V6, Pod, Settings, canonical, forward,
-    listen, reset, stopped,
+    AcceptBackoff, AccessLog, Direction, INBOUND_SOURCE_V4, INBOUND_SOURCE_V6, Pod, Settings,
+    canonical, forward, listen, reset, stopped,
 };
 
 pub struct InboundListener {
@@ -51,14 +51,17 @@ impl InboundListener {
     }
 
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
+        let mut backoff = AcceptBackoff::default();
         loop {
             let (stream, peer) = tokio::select! {
                 _ = stopped(&mut stop) => break,
                 r = self.listener.accept() => match r {
-                    Ok(c) => c,
+                    Ok(c) => {
+                        backoff.succeeded();
+                        c
+                    }
                     Err(e) => {
-                        warn!(workload = %self.pod.workload, error = %e, "inbound accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                        backoff.failed(&self.pod.workload, Direction::Inbound, e).await;
                         continue;
                     }
                 },

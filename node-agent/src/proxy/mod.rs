@@ -22,7 +22,7 @@ use std::{
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tracing::info;
+use tracing::{info, warn};
 use weft_common::{AGENT_SOCKET_MARK, INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 
 use crate::{config::WorkloadKey, netns::Netns, telemetry::ACCESS_LOG};
@@ -201,6 +201,30 @@ impl Drop for AccessLog {
             error = self.error.as_deref(),
             "connection closed"
         );
+    }
+}
+
+/// Pacing for an accept loop whose `accept` fails (typically out of file
+/// descriptors): waits 10 ms, doubling up to 1 s while failures continue, and warns
+/// once per run of failures rather than on every retry.
+#[derive(Default)]
+pub(crate) struct AcceptBackoff {
+    delay: Duration,
+}
+
+impl AcceptBackoff {
+    pub async fn failed(&mut self, workload: &WorkloadKey, direction: Direction, e: io::Error) {
+        if self.delay.is_zero() {
+            warn!(%workload, direction = direction.as_str(), error = %e, "accept failed; backing off");
+            self.delay = Duration::from_millis(10);
+        } else {
+            self.delay = (self.delay * 2).min(Duration::from_secs(1));
+        }
+        tokio::time::sleep(self.delay).await;
+    }
+
+    pub fn succeeded(&mut self) {
+        self.delay = Duration::ZERO;
     }
 }
 

@@ -12,7 +12,9 @@ use tokio::{net::TcpListener, sync::watch};
 use tracing::{debug, warn};
 use weft_common::{AF_INET, ConnKey, OUTBOUND_PORT, OrigDst, v4_mapped};
 
-use super::{AccessLog, Direction, Pod, Settings, canonical, forward, listen, reset, stopped};
+use super::{
+    AcceptBackoff, AccessLog, Direction, Pod, Settings, canonical, forward, listen, reset, stopped,
+};
 use crate::ebpf::OrigDstTable;
 
 pub struct OutboundListener {
@@ -66,14 +68,17 @@ impl OutboundListener {
                 [] => std::future::pending().await,
             }
         };
+        let mut backoff = AcceptBackoff::default();
         loop {
             let (stream, peer) = tokio::select! {
                 _ = stopped(&mut stop) => break,
                 r = accept_any(&listeners) => match r {
-                    Ok(c) => c,
+                    Ok(c) => {
+                        backoff.succeeded();
+                        c
+                    }
                     Err(e) => {
-                        warn!(workload = %pod.workload, error = %e, "outbound accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                        backoff.failed(&pod.workload, Direction::Outbound, e).await;
                         continue;
                     }
                 },

@@ -22,6 +22,7 @@
 pub mod cluster;
 pub mod mesh;
 pub mod process;
+pub mod tk;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};

@@ -9,61 +9,27 @@ use std::{
     process::Command,
     time::Duration,
 };
-use weft_tests::Host as _;
 
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
-use weft_tests::{Cluster, Mesh, PATIENCE, Pod, Proc, eventually, require_privileged};
+use weft_tests::tk;
+use weft_tests::{
+    Cluster, Mesh, PATIENCE, Pod, Proc, eventually, require_privileged,
+    tk::{accepted, client},
+};
 
-const TK: &str = env!("CARGO_BIN_EXE_weft-tk");
 const PORT: u16 = 9000;
 const HEADER: u64 = 24; // weft-tk's request header
 const MIB: u64 = 1 << 20;
 
 fn server(pod: &Pod) -> Result<Proc> {
-    let mut cmd = pod.command(TK);
-    cmd.args(["serve", "--listen", &format!("[::]:{PORT}")]);
-    let p = pod.spawn(&mut cmd)?;
-    p.wait_for_json(PATIENCE, |v| v.get("listening").is_some())?;
-    Ok(p)
-}
-
-/// Runs a `weft-tk client` in `from` and returns its JSON report (ok or not).
-fn client(from: &Pod, to: &str, upload: u64, download: u64, extra: &[&str]) -> Result<Value> {
-    let (up, down) = (upload.to_string(), download.to_string());
-    let mut args = vec![
-        "client",
-        "--connect",
-        to,
-        "--upload",
-        &up,
-        "--download",
-        &down,
-    ];
-    args.extend(extra);
-    let out = from.exec(TK, &args)?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(stdout.lines().last().unwrap_or_default()).with_context(|| {
-        format!(
-            "client printed no report: {stdout:?} {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
+    tk::serve(pod, PORT)
 }
 
 fn client_ok(from: &Pod, to: &str, upload: u64, download: u64, extra: &[&str]) -> Result<Value> {
     let r = client(from, to, upload, download, extra)?;
     ensure!(r["ok"] == true, "{} → {to} failed: {r}", from.name);
     Ok(r)
-}
-
-/// Connections the server finished, with the peer address it saw.
-fn accepted(server: &Proc) -> Vec<Value> {
-    server
-        .json_lines()
-        .into_iter()
-        .filter(|v| v.get("accepted").is_some() && v["probe"] != true)
-        .collect()
 }
 
 fn peer_ip(line: &Value) -> IpAddr {

@@ -21,11 +21,7 @@ const EIGHT_MIB: u64 = 8 << 20;
 
 /// Starts `weft-tk serve` on all addresses (v4 and v6) in `pod`.
 fn start_server(pod: &Pod) -> Result<Proc> {
-    let mut cmd = pod.command(TK);
-    cmd.args(["serve", "--listen", &format!("[::]:{PORT}")]);
-    let server = pod.spawn(&mut cmd)?;
-    server.wait_for_json(PATIENCE, |v| v.get("listening").is_some())?;
-    Ok(server)
+    weft_tests::tk::serve(pod, PORT)
 }
 
 /// The address with IPv4-mapped IPv6 turned back into IPv4, as a dual-stack

@@ -162,21 +162,9 @@ impl Capture {
             source,
         })?;
 
-        let enrolled =
-            HashMap::try_from(take_map(&mut ebpf, MAP_ENROLLED)?).map_err(|e| Error::Map {
-                name: MAP_ENROLLED,
-                detail: e.to_string(),
-            })?;
-        let listeners =
-            SockHash::try_from(take_map(&mut ebpf, MAP_LISTENERS)?).map_err(|e| Error::Map {
-                name: MAP_LISTENERS,
-                detail: e.to_string(),
-            })?;
-        let orig_dst =
-            HashMap::try_from(take_map(&mut ebpf, MAP_ORIG_DST)?).map_err(|e| Error::Map {
-                name: MAP_ORIG_DST,
-                detail: e.to_string(),
-            })?;
+        let enrolled = typed_map(&mut ebpf, MAP_ENROLLED)?;
+        let listeners = typed_map(&mut ebpf, MAP_LISTENERS)?;
+        let orig_dst = typed_map(&mut ebpf, MAP_ORIG_DST)?;
         Ok(Capture {
             ebpf,
             enrolled,
@@ -312,10 +300,18 @@ where
         .map_err(|source| Error::Program { name, source })
 }
 
-fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, Error> {
-    ebpf.take_map(name).ok_or(Error::Map {
+/// Takes map `name` out of the object as its typed wrapper.
+fn typed_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, Error>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(Error::Map {
         name,
         detail: "not in the object".to_owned(),
+    })?;
+    T::try_from(map).map_err(|e| Error::Map {
+        name,
+        detail: e.to_string(),
     })
 }
 

@@ -51,3 +51,15 @@ pub fn accepted(server: &Proc) -> Vec<Value> {
         .filter(|v| v.get("accepted").is_some() && v["probe"] != true)
         .collect()
 }
+
+/// [`accepted`], once at least `n` connections are reported: the server prints a
+/// line after it has closed the connection, which can be just after the client
+/// has exited. Waits at most [`PATIENCE`], then returns what there is.
+pub fn wait_accepted(server: &Proc, n: usize) -> Vec<Value> {
+    let mut seen = Vec::new();
+    crate::eventually(PATIENCE, || {
+        seen = accepted(server);
+        seen.len() >= n
+    });
+    seen
+}

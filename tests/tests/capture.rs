@@ -15,7 +15,7 @@ use serde_json::Value;
 use weft_tests::tk;
 use weft_tests::{
     Cluster, Mesh, PATIENCE, Pod, Proc, eventually, require_privileged,
-    tk::{accepted, client},
+    tk::{accepted, client, wait_accepted},
 };
 
 const PORT: u16 = 9000;
@@ -88,7 +88,7 @@ fn bulk_64mib_each_way_arrives_intact_across_nodes_and_on_one_node() -> Result<(
         assert_eq!(inb["bytes_sent"], 64 * MIB + HEADER);
         assert_eq!(inb["bytes_received"], 64 * MIB);
         // The server verified every byte, and was reached through its own agent.
-        let seen = accepted(&srv);
+        let seen = wait_accepted(&srv, 1);
         assert_eq!(seen.len(), 1, "{seen:?}");
         assert_eq!(seen[0]["upload_ok"], true);
         assert_eq!(seen[0]["bytes"], 64 * MIB);
@@ -108,7 +108,7 @@ fn pods_not_enrolled_connect_directly_and_the_agent_sees_nothing() -> Result<()>
     let srv = server(c.pod(1, 0))?;
     client_ok(c.pod(0, 0), &addr(c.pod(1, 0).ip), MIB, MIB, &[])?;
     client_ok(c.pod(0, 0), &addr(c.pod(1, 0).ip6), MIB, MIB, &[])?;
-    let seen = accepted(&srv);
+    let seen = wait_accepted(&srv, 2);
     assert_eq!(seen.len(), 2);
     assert_eq!(peer_ip(&seen[0]), IpAddr::from(c.pod(0, 0).ip));
     assert_eq!(peer_ip(&seen[1]), IpAddr::from(c.pod(0, 0).ip6));
@@ -136,7 +136,7 @@ fn ipv6_and_ipv4_mapped_destinations_are_captured_and_getpeername_shows_them() -
         let out = wait_access(&mesh, 0, &dialed, |v| is(v, "outbound", &forwarded_to));
         assert_eq!(out["bytes_received"], 4 * MIB);
     }
-    assert_eq!(accepted(&srv).len(), 2);
+    assert_eq!(wait_accepted(&srv, 2).len(), 2);
     Ok(())
 }
 
@@ -177,8 +177,17 @@ fn the_agents_own_connections_are_never_captured_even_inside_the_capture_cgroup(
     for _ in 0..3 {
         client_ok(c.pod(0, 0), &to, MIB, MIB, &[])?;
     }
+    let count = |node: usize, dir: &str| {
+        mesh.access_logs(node)
+            .iter()
+            .filter(|v| v["direction"] == dir)
+            .count()
+    };
+    eventually(PATIENCE, || {
+        count(0, "outbound") >= 3 && count(1, "inbound") >= 3
+    });
+    // Then give a loop time to show: as extra (or endless) outbound entries on node 0.
     std::thread::sleep(Duration::from_millis(300));
-    // A loop would show as extra (or endless) outbound entries on node 0.
     let outbound: Vec<_> = mesh
         .access_logs(0)
         .into_iter()
@@ -209,7 +218,7 @@ fn enroll_and_unenroll_at_runtime_and_a_bad_config_keeps_the_last_good_one() -> 
     };
 
     client_ok(a, &to, MIB, MIB, &[])?;
-    assert_eq!(peer_ip(&accepted(&srv)[0]), IpAddr::from(a.ip));
+    assert_eq!(peer_ip(&wait_accepted(&srv, 1)[0]), IpAddr::from(a.ip));
     assert_eq!(outbound(&mesh), 0);
 
     mesh.set_enrolled(a, true)?;
@@ -235,7 +244,7 @@ fn enroll_and_unenroll_at_runtime_and_a_bad_config_keeps_the_last_good_one() -> 
     client_ok(a, &to, MIB, MIB, &[])?;
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(outbound(&mesh), 2, "capture must stop after unenroll");
-    let seen = accepted(&srv);
+    let seen = wait_accepted(&srv, 4);
     assert_eq!(peer_ip(seen.last().unwrap()), IpAddr::from(a.ip));
     Ok(())
 }
@@ -251,14 +260,15 @@ fn agent_restart_keeps_capture_attached_and_fails_closed_meanwhile() -> Result<(
     let to = addr(c.pod(1, 0).ip);
     client_ok(c.pod(0, 0), &to, MIB, MIB, &[])?;
 
-    for node in [0, 1] {
+    // `served`: connections the server has completed before this round.
+    for (served, node) in (1..).zip([0, 1]) {
         // A crash: nothing gets to clean up.
         mesh.stop_agent(node, true)?;
         assert!(mesh.pin_dir(node).join("links/weft_connect4").exists());
         // While the agent is away, the enrolled pods' traffic is refused (outbound
         // capture and inbound steering are still attached) and never bypasses
         // the mesh to reach the application.
-        let before = accepted(&srv).len();
+        let before = wait_accepted(&srv, served).len();
         let r = client(c.pod(0, 0), &to, MIB, MIB, &["--timeout-secs", "5"])?;
         assert_eq!(r["ok"], false, "node {node} agent down, yet: {r}");
         std::thread::sleep(Duration::from_millis(200));

@@ -13,6 +13,8 @@ use std::{
 
 use serde::Deserialize;
 
+use crate::identity::SpiffeId;
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("cannot read config file {path}: {source}")]
@@ -30,11 +32,41 @@ pub enum Error {
 }
 
 /// The whole mesh, as one file declares it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MeshConfig {
+    /// The trust domain of every identity in this mesh.
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: String,
     #[serde(default)]
     pub workloads: Vec<Workload>,
+}
+
+impl Default for MeshConfig {
+    fn default() -> Self {
+        MeshConfig {
+            trust_domain: default_trust_domain(),
+            workloads: Vec::new(),
+        }
+    }
+}
+
+fn default_trust_domain() -> String {
+    crate::identity::DEFAULT_TRUST_DOMAIN.to_owned()
+}
+
+/// Where an enrolled workload's connections go when their destination is not in
+/// the mesh (not an enrolled workload, or unknown).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutsideMesh {
+    /// Connect directly, in plaintext, as the pod would without the mesh. The
+    /// default: enrolling a pod must not cut it off from DNS, package mirrors or
+    /// databases outside the cluster; there is no identity there to check.
+    #[default]
+    Passthrough,
+    /// Refuse (reset) the connection: for pods that must only talk inside the mesh.
+    Refuse,
 }
 
 /// A workload (a pod, in Kubernetes terms).
@@ -57,6 +89,9 @@ pub struct Workload {
     /// Whether the mesh captures its traffic.
     #[serde(default)]
     pub enrolled: bool,
+    /// What its connections to destinations outside the mesh do.
+    #[serde(default)]
+    pub outside_mesh: OutsideMesh,
 }
 
 fn default_namespace() -> String {
@@ -86,6 +121,12 @@ impl Workload {
             namespace: self.namespace.clone(),
             name: self.name.clone(),
         }
+    }
+
+    /// Its SPIFFE identity in `trust_domain`. Validation makes this infallible for
+    /// a loaded config.
+    pub fn identity(&self, trust_domain: &str) -> Result<SpiffeId, crate::identity::Error> {
+        SpiffeId::new(trust_domain, &self.namespace, &self.service_account)
     }
 }
 
@@ -123,7 +164,11 @@ impl MeshConfig {
     /// Cross-field rules; each problem names the entry it is about.
     fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
+        if let Err(e) = SpiffeId::new(&self.trust_domain, "default", "default") {
+            problems.push(format!("trust_domain: {e}"));
+        }
         let mut seen = HashSet::new();
+        let mut addresses = std::collections::HashMap::new();
         for (i, w) in self.workloads.iter().enumerate() {
             let at = format!("workloads[{i}] ({}/{})", w.namespace, w.name);
             if !is_dns_label(&w.name) {
@@ -144,8 +189,32 @@ impl MeshConfig {
             if !seen.insert(w.key()) {
                 problems.push(format!("{at}: duplicate workload"));
             }
+            for a in &w.addresses {
+                if let Some(other) = addresses.insert(*a, w.key())
+                    && other != w.key()
+                {
+                    problems.push(format!("{at}: address {a} is also {other}'s"));
+                }
+            }
         }
         problems
+    }
+
+    /// The workload that owns `ip`, if any.
+    pub fn workload_by_address(&self, ip: IpAddr) -> Option<&Workload> {
+        let ip = ip.to_canonical();
+        self.workloads.iter().find(|w| w.addresses.contains(&ip))
+    }
+
+    /// Whether some workload on `node` has identity `id` (what the CA signs for
+    /// that node's agent).
+    pub fn identity_on_node(&self, id: &SpiffeId, node: &str) -> bool {
+        id.trust_domain() == self.trust_domain
+            && self.workloads.iter().any(|w| {
+                w.node == node
+                    && w.namespace == id.namespace()
+                    && w.service_account == id.service_account()
+            })
     }
 
     /// The enrolled workloads placed on `node`.

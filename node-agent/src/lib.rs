@@ -18,3 +18,4 @@ pub mod identity;
 pub mod netns;
 pub mod proxy;
 pub mod telemetry;
+pub mod tls;

@@ -25,6 +25,102 @@ pub const MAX_MESSAGE: usize = 64 * 1024;
 /// Metadata key carrying the identity requested (ztunnel's name for it).
 pub const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
 
+/// A gRPC status code (the `grpc-status` trailer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Code(pub u32);
+
+impl Code {
+    pub const OK: Code = Code(0);
+    pub const DEADLINE_EXCEEDED: Code = Code(4);
+    pub const INVALID_ARGUMENT: Code = Code(3);
+    pub const PERMISSION_DENIED: Code = Code(7);
+    pub const RESOURCE_EXHAUSTED: Code = Code(8);
+    pub const UNIMPLEMENTED: Code = Code(12);
+    pub const INTERNAL: Code = Code(13);
+    pub const UNAVAILABLE: Code = Code(14);
+    pub const UNAUTHENTICATED: Code = Code(16);
+
+    /// The canonical name, as gRPC documents it.
+    pub fn name(self) -> &'static str {
+        const NAMES: [&str; 17] = [
+            "OK",
+            "CANCELLED",
+            "UNKNOWN",
+            "INVALID_ARGUMENT",
+            "DEADLINE_EXCEEDED",
+            "NOT_FOUND",
+            "ALREADY_EXISTS",
+            "PERMISSION_DENIED",
+            "RESOURCE_EXHAUSTED",
+            "FAILED_PRECONDITION",
+            "ABORTED",
+            "OUT_OF_RANGE",
+            "UNIMPLEMENTED",
+            "INTERNAL",
+            "UNAVAILABLE",
+            "DATA_LOSS",
+            "UNAUTHENTICATED",
+        ];
+        usize::try_from(self.0)
+            .ok()
+            .and_then(|i| NAMES.get(i))
+            .copied()
+            .unwrap_or("UNKNOWN")
+    }
+
+    /// Parses a `grpc-status` value (decimal digits only).
+    pub fn parse(value: &[u8]) -> Option<Code> {
+        if value.is_empty() || value.len() > 9 || !value.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        std::str::from_utf8(value).ok()?.parse().ok().map(Code)
+    }
+}
+
+impl std::fmt::Display for Code {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.name(), self.0)
+    }
+}
+
+/// Percent-encodes a `grpc-message` value: bytes outside printable ASCII, and `%`,
+/// become `%XX` (the gRPC HTTP/2 spec), so any UTF-8 text is a valid header value.
+pub fn encode_message(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    for &b in message.as_bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Decodes a `grpc-message` value; a malformed escape is kept as is, and invalid
+/// UTF-8 is replaced, as the spec asks of receivers (never fail on a message).
+pub fn decode_message(value: &[u8]) -> String {
+    let mut out = Vec::with_capacity(value.len());
+    let mut i = 0;
+    while let Some(&b) = value.get(i) {
+        let hex = value
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (b, hex) {
+            (b'%', Some(v)) => {
+                out.push(v);
+                i += 3;
+            }
+            _ => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Error {
     #[error("message truncated")]
@@ -329,6 +425,23 @@ mod tests {
         for n in 0..wire.len() {
             let _ = CertificateRequest::decode(&wire[..n]);
         }
+    }
+
+    #[test]
+    fn status_codes_and_messages() {
+        assert_eq!(Code::parse(b"7"), Some(Code::PERMISSION_DENIED));
+        assert_eq!(Code::PERMISSION_DENIED.to_string(), "PERMISSION_DENIED (7)");
+        assert_eq!(Code(99).name(), "UNKNOWN");
+        for bad in [&b""[..], b"-1", b"1 ", b"99999999999"] {
+            assert_eq!(Code::parse(bad), None, "{bad:?}");
+        }
+        let text = "node n1: 100% denied \u{e9}\n";
+        let wire = encode_message(text);
+        assert!(wire.bytes().all(|b| (0x20..=0x7e).contains(&b)), "{wire}");
+        assert_eq!(decode_message(wire.as_bytes()), text);
+        assert_eq!(decode_message(b"50%"), "50%");
+        assert_eq!(decode_message(b"%zz%4"), "%zz%4");
+        assert_eq!(decode_message(b"%FF"), "\u{fffd}");
     }
 
     #[test]

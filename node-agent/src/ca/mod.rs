@@ -6,13 +6,18 @@
 //! request, checks that the request asks for exactly the identity the caller is
 //! authorized for, and builds every other field itself. Nothing else a requester
 //! puts in a CSR (extra names, CA flags, key usages, validity) reaches a
-//! certificate. The signing key never leaves this struct.
+//! certificate. The signing key leaves this struct only to be saved by the CA
+//! that made it ([`Authority::key_pem`]).
 //!
 //! The trust bundle can hold several roots, so a root can be rotated without
 //! downtime: add the new root to every bundle, switch signing to it, and drop the
 //! old one once no certificate it signed is alive.
 
+pub mod client;
 pub mod proto;
+pub mod server;
+pub mod store;
+pub mod tokens;
 
 use std::time::Duration;
 
@@ -96,6 +101,11 @@ impl Authority {
         if !self.bundle.contains(&root_pem) {
             self.bundle.push(root_pem);
         }
+    }
+
+    /// The signing key (PKCS#8 PEM), for the CA to save a root it generated.
+    pub(crate) fn key_pem(&self) -> String {
+        self.issuer.key().serialize_pem()
     }
 
     /// The signing root (PEM).

@@ -1,0 +1,328 @@
+//! The agent's side of the CA: one `CreateCertificate` call over gRPC (HTTP/2 over
+//! TLS 1.3), authenticated by the node's bearer token, and the key and CSR it sends.
+//!
+//! The CA is checked before anything is sent: its certificate must chain to the
+//! trust bundle and name exactly `spiffe://<trust-domain>/ns/weft-system/sa/weft-ca`,
+//! so the token never reaches anyone else.
+//!
+//! Each call opens its own connection. Calls are rare (one per workload per half
+//! certificate lifetime), so a pooled connection would save nothing worth its
+//! reconnect and health logic.
+
+use std::{net::SocketAddr, time::Duration};
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, header};
+use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256, SanType};
+use rustls::pki_types::ServerName;
+use tokio::{net::TcpStream, task::JoinHandle};
+use tokio_rustls::TlsConnector;
+
+use super::{
+    proto::{self, CertificateRequest, CertificateResponse, Code},
+    server::ca_identity,
+};
+use crate::{
+    identity::SpiffeId,
+    tls::{self, TrustBundle},
+};
+
+/// Default bound on a whole call: connect, handshakes, request and answer.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("CA client setup: {0}")]
+    Setup(String),
+    #[error("cannot connect to the CA at {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(
+        "TLS with the CA at {addr} failed (check that it serves {expected} with a \
+         certificate from a root in the trust bundle): {source}"
+    )]
+    Tls {
+        addr: SocketAddr,
+        expected: String,
+        source: std::io::Error,
+    },
+    #[error("the CA at {addr} did not answer within {timeout:?}")]
+    Timeout { addr: SocketAddr, timeout: Duration },
+    #[error("HTTP/2 with the CA at {addr}: {source}")]
+    H2 { addr: SocketAddr, source: h2::Error },
+    #[error("the CA at {addr} answered something that is not a certificate: {message}")]
+    Protocol { addr: SocketAddr, message: String },
+    /// The CA answered, and said no.
+    #[error("the CA refused: {code}: {message}")]
+    Refused { code: Code, message: String },
+}
+
+impl Error {
+    /// Whether the same call may succeed later: every transport failure, and the
+    /// refusals gRPC defines as transient. A CA that says "unauthenticated" or
+    /// "permission denied" will keep saying it until someone changes its config.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Setup(_) => false,
+            Error::Refused { code, .. } => matches!(
+                *code,
+                Code::UNAVAILABLE
+                    | Code::DEADLINE_EXCEEDED
+                    | Code::RESOURCE_EXHAUSTED
+                    | Code::INTERNAL
+            ),
+            _ => true,
+        }
+    }
+}
+
+/// A client of one CA. Cheap to clone: the TLS config is shared.
+#[derive(Clone)]
+pub struct CaClient {
+    addr: SocketAddr,
+    authorization: HeaderValue,
+    connector: TlsConnector,
+    expected: SpiffeId,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for CaClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Not the token.
+        f.debug_struct("CaClient")
+            .field("addr", &self.addr)
+            .field("expected", &self.expected.to_string())
+            .finish_non_exhaustive()
+    }
+}
+
+impl CaClient {
+    /// A client of the CA at `addr` for `trust_domain`, trusting `bundle` and
+    /// authenticating with this node's `token`.
+    pub fn new(
+        addr: SocketAddr,
+        token: String,
+        bundle: TrustBundle,
+        trust_domain: &str,
+    ) -> Result<Self, Error> {
+        let expected = ca_identity(trust_domain).map_err(|e| Error::Setup(e.to_string()))?;
+        let mut authorization = HeaderValue::try_from(format!("Bearer {token}"))
+            .map_err(|_| Error::Setup("the node token is not a valid header value".into()))?;
+        authorization.set_sensitive(true);
+        let config = tls::anonymous_client_config(&bundle, expected.clone())
+            .map_err(|e| Error::Setup(e.to_string()))?;
+        Ok(CaClient {
+            addr,
+            authorization,
+            connector: TlsConnector::from(config),
+            expected,
+            timeout: DEFAULT_TIMEOUT,
+        })
+    }
+
+    /// Bounds every call to `timeout` (default [`DEFAULT_TIMEOUT`]).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Asks the CA to sign `csr_pem` for `id`, valid for `ttl` (the CA may shorten
+    /// it). Returns the chain as PEM, leaf first.
+    pub async fn sign(
+        &self,
+        csr_pem: &str,
+        id: &SpiffeId,
+        ttl: Duration,
+    ) -> Result<Vec<String>, Error> {
+        let call = self.create_certificate(csr_pem, id, ttl);
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::Timeout {
+                addr: self.addr,
+                timeout: self.timeout,
+            }),
+        }
+    }
+
+    async fn create_certificate(
+        &self,
+        csr_pem: &str,
+        id: &SpiffeId,
+        ttl: Duration,
+    ) -> Result<Vec<String>, Error> {
+        let message = CertificateRequest {
+            csr: csr_pem.to_owned(),
+            validity_secs: i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX),
+            impersonated_identity: Some(id.to_string()),
+        }
+        .encode();
+        let request = self.request(proto::CREATE_CERTIFICATE)?;
+        let (send, _conn) = self.connect().await?;
+        let mut send = send.ready().await.map_err(|e| self.h2(e))?;
+        let (response, mut body) = send.send_request(request, false).map_err(|e| self.h2(e))?;
+        body.send_data(Bytes::from(proto::frame(&message)), true)
+            .map_err(|e| self.h2(e))?;
+        let response = response.await.map_err(|e| self.h2(e))?;
+        let (parts, mut body) = response.into_parts();
+        if parts.status != StatusCode::OK {
+            return Err(self.protocol(format!("HTTP status {}", parts.status)));
+        }
+        // Trailers-only: an error (or a bogus empty success) with no body.
+        if let Some(code) = status_of(&parts.headers) {
+            let code = code.map_err(|m| self.protocol(m))?;
+            return Err(refusal(code, &parts.headers)
+                .unwrap_or_else(|| self.protocol("success without a certificate".into())));
+        }
+        let grpc = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        if !grpc {
+            return Err(self.protocol("the answer is not gRPC".into()));
+        }
+        let mut buf = Vec::new();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.map_err(|e| self.h2(e))?;
+            let _ = body.flow_control().release_capacity(chunk.len());
+            if buf.len() + chunk.len() > proto::MAX_MESSAGE + 5 {
+                return Err(self.protocol("the answer is over the size limit".into()));
+            }
+            buf.extend_from_slice(&chunk);
+        }
+        let trailers = body
+            .trailers()
+            .await
+            .map_err(|e| self.h2(e))?
+            .unwrap_or_default();
+        let code = status_of(&trailers)
+            .ok_or_else(|| self.protocol("no grpc-status".into()))?
+            .map_err(|m| self.protocol(m))?;
+        if let Some(refused) = refusal(code, &trailers) {
+            return Err(refused);
+        }
+        let message = match proto::unframe(&buf) {
+            Ok(Some((message, used))) if used == buf.len() => message,
+            Ok(_) => return Err(self.protocol("not exactly one gRPC message".into())),
+            Err(e) => return Err(self.protocol(e.to_string())),
+        };
+        let chain = CertificateResponse::decode(message)
+            .map_err(|e| self.protocol(e.to_string()))?
+            .cert_chain;
+        let leaf = chain
+            .first()
+            .ok_or_else(|| self.protocol("an empty certificate chain".into()))?;
+        let got = tls::certs_from_pem(leaf)
+            .and_then(|certs| tls::identity_of(&certs[0]))
+            .map_err(|e| self.protocol(format!("the leaf certificate: {e}")))?;
+        if &got != id {
+            return Err(self.protocol(format!("a certificate for {got}, asked for {id}")));
+        }
+        Ok(chain)
+    }
+
+    /// A TLS + HTTP/2 connection to the CA. The connection is driven by a task
+    /// that the returned guard aborts when dropped, so a timed-out call leaves
+    /// nothing behind.
+    pub(crate) async fn connect(&self) -> Result<(SendRequest<Bytes>, AbortOnDrop), Error> {
+        let tcp = TcpStream::connect(self.addr)
+            .await
+            .map_err(|source| Error::Connect {
+                addr: self.addr,
+                source,
+            })?;
+        let _ = tcp.set_nodelay(true);
+        // No SNI for an IP address; the verifier checks the SPIFFE ID, not a name.
+        let name = ServerName::IpAddress(self.addr.ip().into());
+        let tls = self
+            .connector
+            .connect(name, tcp)
+            .await
+            .map_err(|source| Error::Tls {
+                addr: self.addr,
+                expected: self.expected.to_string(),
+                source,
+            })?;
+        let (send, conn) = h2::client::handshake(tls).await.map_err(|e| self.h2(e))?;
+        let task = tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "CA connection ended");
+            }
+        });
+        Ok((send, AbortOnDrop(task)))
+    }
+
+    /// A gRPC request head for `path`, with the bearer token.
+    pub(crate) fn request(&self, path: &str) -> Result<Request<()>, Error> {
+        let uri = http::Uri::builder()
+            .scheme("https")
+            .authority(self.addr.to_string())
+            .path_and_query(path)
+            .build()
+            .map_err(|e| Error::Setup(e.to_string()))?;
+        Request::builder()
+            .method(Method::POST)
+            .uri(uri)
+            .header(header::CONTENT_TYPE, "application/grpc")
+            .header(header::TE, "trailers")
+            .header(header::AUTHORIZATION, self.authorization.clone())
+            .body(())
+            .map_err(|e| Error::Setup(e.to_string()))
+    }
+
+    fn h2(&self, source: h2::Error) -> Error {
+        Error::H2 {
+            addr: self.addr,
+            source,
+        }
+    }
+
+    fn protocol(&self, message: String) -> Error {
+        Error::Protocol {
+            addr: self.addr,
+            message,
+        }
+    }
+}
+
+/// Aborts the task driving a connection when the call is over.
+pub(crate) struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The `grpc-status` of a header block: `None` if absent.
+fn status_of(headers: &HeaderMap) -> Option<Result<Code, String>> {
+    let value = headers.get("grpc-status")?;
+    Some(Code::parse(value.as_bytes()).ok_or_else(|| format!("bad grpc-status {value:?}")))
+}
+
+/// The refusal a non-OK status means.
+fn refusal(code: Code, headers: &HeaderMap) -> Option<Error> {
+    (code != Code::OK).then(|| Error::Refused {
+        code,
+        message: headers
+            .get("grpc-message")
+            .map(|v| proto::decode_message(v.as_bytes()))
+            .unwrap_or_default(),
+    })
+}
+
+/// A fresh P-256 key and a CSR for `id` (one URI SAN, nothing else), both PEM: the
+/// key is PKCS#8, as [`tls::Svid::from_pem`] takes it.
+pub fn new_key_and_csr(id: &SpiffeId) -> Result<(String, String), rcgen::Error> {
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let mut params = CertificateParams::default();
+    params.subject_alt_names = vec![SanType::URI(id.to_string().try_into()?)];
+    let csr = params.serialize_request(&key)?.pem()?;
+    Ok((key.serialize_pem(), csr))
+}

@@ -1,0 +1,1406 @@
+//! The CA's network face (`weft ca`): Istio's `CreateCertificate` over gRPC
+//! (HTTP/2 over TLS 1.3), for node agents.
+//!
+//! Who may have what: an agent proves which node it runs on with a bearer token
+//! (the node-token file, the local-mode stand-in for a projected service-account
+//! token), and gets signed only identities that the mesh config places on that
+//! node. The identity asked for is the CSR's one URI SAN; the rest of the
+//! certificate is the CA's own ([`Authority::sign`]). The CA proves itself to
+//! agents with an SVID for `spiffe://<trust-domain>/ns/weft-system/sa/weft-ca`
+//! that it signs for itself at every start, so agents need nothing but the bundle.
+//!
+//! Peers are untrusted until their token checks out: headers, body and time are
+//! bounded per stream, streams per connection, and connections per server.
+//!
+//! State lives in one directory (see [`super::store`]).
+
+use std::{
+    future::Future,
+    io,
+    net::SocketAddr,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, SystemTime},
+};
+
+use bytes::Bytes;
+use h2::{
+    RecvStream,
+    server::{self as h2s, SendResponse},
+};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    sync::{Semaphore, watch},
+    task::JoinSet,
+};
+use tokio_rustls::TlsAcceptor;
+use tracing::{Instrument as _, debug, error, info, info_span, warn};
+
+use super::{
+    Authority,
+    client::new_key_and_csr,
+    proto::{self, CertificateRequest, CertificateResponse, Code},
+    store,
+    tokens::{self, NodeTokens},
+};
+use crate::{config::MeshConfig, identity::SpiffeId, tls};
+
+/// The namespace and service account of the CA's own identity.
+pub const CA_NAMESPACE: &str = "weft-system";
+pub const CA_SERVICE_ACCOUNT: &str = "weft-ca";
+
+/// The identity the CA serves under, and agents check it against.
+pub fn ca_identity(trust_domain: &str) -> Result<SpiffeId, crate::identity::Error> {
+    SpiffeId::new(trust_domain, CA_NAMESPACE, CA_SERVICE_ACCOUNT)
+}
+
+/// Lifetime of the CA's serving certificate (re-issued at every start).
+const SERVING_TTL: Duration = Duration::from_secs(30 * 86_400);
+/// The longest `--cert-ttl` accepted.
+pub const MAX_CERT_TTL: Duration = Duration::from_secs(365 * 86_400);
+/// Bound on each step a peer controls: the handshakes, and a request's body.
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection with no stream for this long is closed.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Connections served at once; more are closed on accept.
+const MAX_CONNECTIONS: usize = 1024;
+/// Streams a connection may have open at once.
+const MAX_STREAMS: u32 = 16;
+/// Request header block limit: a token and a few gRPC headers.
+const MAX_HEADER_LIST: u32 = 16 * 1024;
+/// On shutdown, how long connections in flight may take to finish.
+const DRAIN: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: io::Error },
+    #[error(transparent)]
+    Config(#[from] crate::config::Error),
+    #[error(transparent)]
+    Tokens(#[from] tokens::Error),
+    #[error("CA state: {0}")]
+    Store(#[from] store::Error),
+    #[error("the CA's serving certificate: {0}")]
+    Serving(String),
+    #[error("{0}")]
+    Options(String),
+}
+
+/// What `weft ca` is told on its command line.
+#[derive(Debug, Clone)]
+pub struct CaOptions {
+    /// The state directory (root, trusted roots, bundle, addr).
+    pub dir: PathBuf,
+    /// The mesh config: which identities live on which node. Polled.
+    pub config: PathBuf,
+    /// The node-token file (`node-name: token` per line, YAML). Polled.
+    pub node_tokens: PathBuf,
+    pub listen: SocketAddr,
+    /// Where `GET /metrics` is served (plain HTTP); `None` for nowhere.
+    pub metrics_addr: Option<SocketAddr>,
+    /// The longest certificate lifetime handed out, and the one given when the
+    /// request names none.
+    pub max_ttl: Duration,
+    /// How often the config and token files are checked for changes.
+    pub config_poll: Duration,
+}
+
+/// A bound CA: [`CaServer::bind`] loads everything and opens the ports (so every
+/// startup error surfaces there), [`CaServer::run`] serves until shutdown.
+pub struct CaServer {
+    listener: TcpListener,
+    metrics: Option<TcpListener>,
+    acceptor: TlsAcceptor,
+    shared: Arc<Shared>,
+    opts: CaOptions,
+    stamps: (Option<Stamp>, Option<Stamp>),
+}
+
+/// What every connection reads.
+struct Shared {
+    authority: Authority,
+    trust_domain: String,
+    max_ttl: Duration,
+    mesh: RwLock<Arc<MeshConfig>>,
+    tokens: RwLock<Arc<NodeTokens>>,
+    counters: Counters,
+}
+
+impl CaServer {
+    /// Loads the config and tokens, loads (or on first start makes) the root,
+    /// writes `bundle.pem`, issues the serving certificate and binds the ports.
+    pub async fn bind(opts: CaOptions) -> Result<CaServer, Error> {
+        if opts.max_ttl.is_zero() || opts.max_ttl > MAX_CERT_TTL {
+            return Err(Error::Options(format!(
+                "the certificate TTL must be between 1s and {}d",
+                MAX_CERT_TTL.as_secs() / 86_400
+            )));
+        }
+        if opts.config_poll.is_zero() {
+            return Err(Error::Options(
+                "the config poll interval must not be 0".into(),
+            ));
+        }
+        // Stamp before reading: a change in between is then seen on the next poll.
+        let stamps = (stamp(&opts.config), stamp(&opts.node_tokens));
+        let mesh = MeshConfig::load(&opts.config)?;
+        let tokens = NodeTokens::load(&opts.node_tokens)?;
+        let trust_domain = mesh.trust_domain.clone();
+
+        let authority = store::load_authority(&opts.dir, &trust_domain)?;
+        store::write_bundle(&opts.dir, &authority)?;
+        let acceptor = serving_tls(&authority, &trust_domain)?;
+
+        let listener = TcpListener::bind(opts.listen)
+            .await
+            .map_err(|source| Error::Bind {
+                addr: opts.listen,
+                source,
+            })?;
+        let metrics = match opts.metrics_addr {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| Error::Bind { addr, source })?,
+            ),
+            None => None,
+        };
+        Ok(CaServer {
+            listener,
+            metrics,
+            acceptor,
+            shared: Arc::new(Shared {
+                authority,
+                trust_domain,
+                max_ttl: opts.max_ttl,
+                mesh: RwLock::new(Arc::new(mesh)),
+                tokens: RwLock::new(Arc::new(tokens)),
+                counters: Counters::default(),
+            }),
+            opts,
+            stamps,
+        })
+    }
+
+    /// Where the CA listens (the actual port when bound to port 0).
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Where `GET /metrics` is served, if anywhere.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.shared.trust_domain
+    }
+
+    /// Every trusted root (PEM), the signing one first: what `bundle.pem` holds.
+    pub fn bundle_pem(&self) -> String {
+        self.shared.authority.bundle().concat()
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting, lets connections
+    /// in flight finish for a few seconds and cuts the rest.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+        let CaServer {
+            listener,
+            metrics,
+            acceptor,
+            shared,
+            opts,
+            stamps,
+        } = self;
+        let addr = listener.local_addr().map_err(|source| Error::Bind {
+            addr: opts.listen,
+            source,
+        })?;
+        store::write_addr(&opts.dir, addr)?;
+
+        let mut background = JoinSet::new();
+        background.spawn(watch_files(opts.clone(), shared.clone(), stamps));
+        let metrics_addr = metrics
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .map_or_else(|| "off".to_owned(), |a| a.to_string());
+        if let Some(l) = metrics {
+            background.spawn(serve_metrics(l, shared.clone()));
+        }
+        info!(
+            addr = %addr,
+            metrics = %metrics_addr,
+            trust_domain = %shared.trust_domain,
+            roots = shared.authority.bundle().len(),
+            max_ttl_s = shared.max_ttl.as_secs(),
+            dir = %opts.dir.display(),
+            "ca ready"
+        );
+
+        let (stop, stopping) = watch::channel(false);
+        let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let mut conns = JoinSet::new();
+        let mut backoff = Duration::ZERO;
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((tcp, peer)) => {
+                        backoff = Duration::ZERO;
+                        let Ok(permit) = limit.clone().try_acquire_owned() else {
+                            warn!(peer = %peer, limit = MAX_CONNECTIONS, "too many connections");
+                            continue;
+                        };
+                        let conn =
+                            connection(tcp, acceptor.clone(), shared.clone(), stopping.clone());
+                        conns.spawn(
+                            async move {
+                                conn.await;
+                                drop(permit);
+                            }
+                            .instrument(info_span!("ca_conn", peer = %peer)),
+                        );
+                    }
+                    Err(e) => {
+                        // Out of descriptors or the like: back off, do not spin.
+                        backoff = (backoff * 2)
+                            .clamp(Duration::from_millis(10), Duration::from_secs(1));
+                        warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed");
+                        tokio::time::sleep(backoff).await;
+                    }
+                },
+                Some(done) = conns.join_next(), if !conns.is_empty() => {
+                    if let Err(e) = done && e.is_panic() {
+                        error!(error = %e, "a CA connection task panicked");
+                    }
+                }
+            }
+        }
+        drop(listener);
+        let _ = stop.send(true);
+        let drained =
+            tokio::time::timeout(DRAIN, async { while conns.join_next().await.is_some() {} })
+                .await
+                .is_ok();
+        conns.abort_all();
+        background.abort_all();
+        info!(drained, "ca stopped");
+        Ok(())
+    }
+}
+
+/// Binds and serves until `shutdown`: [`CaServer::bind`] then [`CaServer::run`].
+pub async fn serve(opts: CaOptions, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+    CaServer::bind(opts).await?.run(shutdown).await
+}
+
+// ---- one connection, one stream ------------------------------------------------
+
+async fn connection(
+    tcp: TcpStream,
+    acceptor: TlsAcceptor,
+    shared: Arc<Shared>,
+    mut stopping: watch::Receiver<bool>,
+) {
+    let _ = tcp.set_nodelay(true);
+    let tls = match tokio::time::timeout(IO_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => return debug!(error = %e, "TLS handshake failed"),
+        Err(_) => return debug!("TLS handshake timed out"),
+    };
+    let handshake = h2s::Builder::new()
+        .max_concurrent_streams(MAX_STREAMS)
+        .max_header_list_size(MAX_HEADER_LIST)
+        .max_send_buffer_size(proto::MAX_MESSAGE + 1024)
+        .handshake::<_, Bytes>(tls);
+    let mut conn = match tokio::time::timeout(IO_TIMEOUT, handshake).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => return debug!(error = %e, "HTTP/2 handshake failed"),
+        Err(_) => return debug!("HTTP/2 handshake timed out"),
+    };
+    let mut streams = JoinSet::new();
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            next = conn.accept() => match next {
+                Some(Ok((request, respond))) => {
+                    streams.spawn(serve_stream(request, respond, shared.clone()).in_current_span());
+                }
+                Some(Err(e)) => {
+                    debug!(error = %e, "HTTP/2 connection failed");
+                    break;
+                }
+                None => break,
+            },
+            Some(done) = streams.join_next(), if !streams.is_empty() => {
+                if let Err(e) = done && e.is_panic() {
+                    error!(error = %e, "a CA stream task panicked");
+                }
+            }
+            _ = stopping.changed(), if !closing => {
+                closing = true;
+                conn.graceful_shutdown();
+            }
+            () = tokio::time::sleep(IDLE_TIMEOUT), if !closing && streams.is_empty() => {
+                closing = true;
+                conn.graceful_shutdown();
+            }
+        }
+    }
+}
+
+/// The result of a `CreateCertificate` call, as counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Signed,
+    Unauthenticated,
+    Denied,
+    Invalid,
+    Error,
+}
+
+impl Outcome {
+    const ALL: [Outcome; 5] = [
+        Outcome::Signed,
+        Outcome::Unauthenticated,
+        Outcome::Denied,
+        Outcome::Invalid,
+        Outcome::Error,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Outcome::Signed => "signed",
+            Outcome::Unauthenticated => "unauthenticated",
+            Outcome::Denied => "denied",
+            Outcome::Invalid => "invalid",
+            Outcome::Error => "error",
+        }
+    }
+}
+
+/// Why a call was refused: what is counted, the status sent, and the reason.
+struct Refusal {
+    outcome: Outcome,
+    code: Code,
+    reason: String,
+}
+
+impl Refusal {
+    fn new(outcome: Outcome, code: Code, reason: impl Into<String>) -> Self {
+        Refusal {
+            outcome,
+            code,
+            reason: reason.into(),
+        }
+    }
+
+    fn invalid(reason: impl Into<String>) -> Self {
+        Refusal::new(Outcome::Invalid, Code::INVALID_ARGUMENT, reason)
+    }
+}
+
+/// Who asked for what, as far as the call got: for the log line.
+#[derive(Default)]
+struct Caller {
+    node: Option<String>,
+    identity: Option<String>,
+}
+
+async fn serve_stream(
+    request: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+    shared: Arc<Shared>,
+) {
+    let (head, body) = request.into_parts();
+    let grpc = head
+        .headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    let ours = head.method == Method::POST && head.uri.path() == proto::CREATE_CERTIFICATE;
+    if !grpc {
+        let status = if ours {
+            StatusCode::UNSUPPORTED_MEDIA_TYPE
+        } else {
+            StatusCode::NOT_FOUND
+        };
+        debug!(path = head.uri.path(), %status, "not a gRPC request");
+        return send_http_status(&mut respond, status);
+    }
+    if !ours {
+        debug!(path = head.uri.path(), "unknown gRPC method");
+        let reason = format!("unknown method {} {}", head.method, head.uri.path());
+        return send_status(&mut respond, Code::UNIMPLEMENTED, &reason);
+    }
+
+    let mut caller = Caller::default();
+    let result = create_certificate(&head.headers, body, &shared, &mut caller).await;
+    let node = caller.node.as_deref().unwrap_or("-");
+    let identity = caller.identity.as_deref().unwrap_or("-");
+    match result {
+        Ok((chain, ttl)) => {
+            shared.counters.record(Outcome::Signed);
+            info!(node, identity, ttl_s = ttl.as_secs(), "certificate signed");
+            send_chain(&mut respond, chain);
+        }
+        Err(refusal) => {
+            shared.counters.record(refusal.outcome);
+            warn!(
+                node,
+                identity,
+                result = refusal.outcome.label(),
+                code = refusal.code.0,
+                reason = %refusal.reason,
+                "certificate refused"
+            );
+            send_status(&mut respond, refusal.code, &refusal.reason);
+        }
+    }
+}
+
+async fn create_certificate(
+    headers: &HeaderMap,
+    body: RecvStream,
+    shared: &Shared,
+    caller: &mut Caller,
+) -> Result<(Vec<String>, Duration), Refusal> {
+    // Authenticate before reading the body: strangers get nothing but a status.
+    let token = bearer_token(headers).ok_or_else(|| {
+        Refusal::new(
+            Outcome::Unauthenticated,
+            Code::UNAUTHENTICATED,
+            "missing `authorization: Bearer <node token>` header",
+        )
+    })?;
+    let tokens = read_lock(&shared.tokens);
+    let node = tokens.node_for(token).ok_or_else(|| {
+        Refusal::new(
+            Outcome::Unauthenticated,
+            Code::UNAUTHENTICATED,
+            "the node token is not one this CA knows (check the CA's node-token file)",
+        )
+    })?;
+    caller.node = Some(node.to_owned());
+    drop(tokens);
+
+    let message = match tokio::time::timeout(IO_TIMEOUT, read_message(body)).await {
+        Ok(message) => message?,
+        Err(_) => {
+            return Err(Refusal::new(
+                Outcome::Invalid,
+                Code::DEADLINE_EXCEEDED,
+                format!("the request body did not arrive within {IO_TIMEOUT:?}"),
+            ));
+        }
+    };
+    let request = CertificateRequest::decode(&message)
+        .map_err(|e| Refusal::invalid(format!("bad request message: {e}")))?;
+    let id = csr_identity(&request.csr).map_err(Refusal::invalid)?;
+    caller.identity = Some(id.to_string());
+    if let Some(asked) = &request.impersonated_identity
+        && asked.parse::<SpiffeId>().as_ref() != Ok(&id)
+    {
+        return Err(Refusal::invalid(format!(
+            "the {} metadata {asked:?} does not match the CSR's identity {id}",
+            proto::IMPERSONATED_IDENTITY
+        )));
+    }
+
+    let node = caller.node.as_deref().unwrap_or_default();
+    if !read_lock(&shared.mesh).identity_on_node(&id, node) {
+        return Err(Refusal::new(
+            Outcome::Denied,
+            Code::PERMISSION_DENIED,
+            format!(
+                "node {node} may not have {id}: the mesh config places no workload with \
+                 that identity on it"
+            ),
+        ));
+    }
+
+    let ttl = match u64::try_from(request.validity_secs) {
+        Ok(0) => shared.max_ttl,
+        Ok(secs) => Duration::from_secs(secs).min(shared.max_ttl),
+        Err(_) => {
+            return Err(Refusal::invalid(format!(
+                "negative validity_duration {}",
+                request.validity_secs
+            )));
+        }
+    };
+    match shared.authority.sign(&request.csr, &id, ttl) {
+        Ok(chain) => Ok((chain, ttl)),
+        Err(e @ (super::Error::Sign(_) | super::Error::Material(_))) => Err(Refusal::new(
+            Outcome::Error,
+            Code::INTERNAL,
+            format!("signing failed: {e}"),
+        )),
+        Err(e) => Err(Refusal::invalid(e.to_string())),
+    }
+}
+
+/// Reads a request body that must hold exactly one gRPC message, refusing as soon
+/// as it says (or proves) to be too large.
+async fn read_message(mut body: RecvStream) -> Result<Vec<u8>, Refusal> {
+    let too_large = |n: usize| {
+        Refusal::new(
+            Outcome::Invalid,
+            Code::RESOURCE_EXHAUSTED,
+            format!(
+                "request of {n} bytes is over the {}-byte limit",
+                proto::MAX_MESSAGE
+            ),
+        )
+    };
+    let mut buf: Vec<u8> = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.map_err(|e| Refusal::invalid(format!("request body: {e}")))?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+        if buf.len() + chunk.len() > proto::MAX_MESSAGE + 5 {
+            return Err(too_large(buf.len() + chunk.len()));
+        }
+        buf.extend_from_slice(&chunk);
+        if let Err(proto::Error::TooLarge(n)) = proto::unframe(&buf) {
+            return Err(too_large(n));
+        }
+    }
+    match proto::unframe(&buf) {
+        Ok(Some((message, used))) if used == buf.len() => Ok(message.to_vec()),
+        Ok(Some(_)) => Err(Refusal::invalid("more than one request message")),
+        Ok(None) => Err(Refusal::invalid("the request message is truncated")),
+        Err(e) => Err(Refusal::invalid(e.to_string())),
+    }
+}
+
+/// The token of an `authorization: Bearer <token>` header (scheme case-insensitive).
+fn bearer_token(headers: &HeaderMap) -> Option<&[u8]> {
+    let value = headers.get(header::AUTHORIZATION)?.as_bytes();
+    let (scheme, token) = value.split_at_checked(7)?;
+    scheme.eq_ignore_ascii_case(b"bearer ").then_some(token)
+}
+
+/// The one SPIFFE identity a CSR asks for (its signature is verified too).
+fn csr_identity(csr_pem: &str) -> Result<SpiffeId, String> {
+    let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+        .map_err(|e| format!("the CSR does not parse or its signature does not verify: {e}"))?;
+    let uris: Vec<&str> = csr
+        .params
+        .subject_alt_names
+        .iter()
+        .filter_map(|san| match san {
+            rcgen::SanType::URI(uri) => Some(uri.as_str()),
+            _ => None,
+        })
+        .collect();
+    match uris.as_slice() {
+        [uri] => uri
+            .parse()
+            .map_err(|e| format!("the CSR's URI SAN is not a SPIFFE ID: {e}")),
+        _ => Err(format!(
+            "the CSR must name exactly one URI SAN, the identity asked for; it names {}",
+            uris.len()
+        )),
+    }
+}
+
+fn read_lock<T: Clone>(lock: &RwLock<T>) -> T {
+    // A writer that panicked left a whole value behind (writes are one assignment).
+    lock.read().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+fn write_lock<T>(lock: &RwLock<T>, value: T) {
+    *lock.write().unwrap_or_else(|e| e.into_inner()) = value;
+}
+
+fn grpc_response(status: Option<(Code, &str)>) -> Response<()> {
+    let mut response = Response::new(());
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    if let Some((code, message)) = status {
+        insert_status(headers, code, message);
+    }
+    response
+}
+
+fn insert_status(headers: &mut HeaderMap, code: Code, message: &str) {
+    headers.insert("grpc-status", HeaderValue::from(code.0));
+    if !message.is_empty()
+        && let Ok(v) = HeaderValue::try_from(proto::encode_message(message))
+    {
+        headers.insert("grpc-message", v);
+    }
+}
+
+/// A trailers-only gRPC answer.
+fn send_status(respond: &mut SendResponse<Bytes>, code: Code, message: &str) {
+    if let Err(e) = respond.send_response(grpc_response(Some((code, message))), true) {
+        debug!(error = %e, "cannot answer, the client is gone");
+    }
+}
+
+fn send_chain(respond: &mut SendResponse<Bytes>, cert_chain: Vec<String>) {
+    let message = proto::frame(&CertificateResponse { cert_chain }.encode());
+    let sent = respond
+        .send_response(grpc_response(None), false)
+        .and_then(|mut body| {
+            body.send_data(Bytes::from(message), false)?;
+            let mut trailers = HeaderMap::new();
+            insert_status(&mut trailers, Code::OK, "");
+            body.send_trailers(trailers)
+        });
+    if let Err(e) = sent {
+        debug!(error = %e, "cannot answer, the client is gone");
+    }
+}
+
+fn send_http_status(respond: &mut SendResponse<Bytes>, status: StatusCode) {
+    let mut response = Response::new(());
+    *response.status_mut() = status;
+    if let Err(e) = respond.send_response(response, true) {
+        debug!(error = %e, "cannot answer, the client is gone");
+    }
+}
+
+// ---- files ---------------------------------------------------------------------
+
+/// What identifies a version of a file cheaply.
+type Stamp = (SystemTime, u64, u64);
+
+fn stamp(path: &Path) -> Option<Stamp> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len(), m.ino()))
+}
+
+/// Polls the mesh config and the node tokens; a file that fails to load is
+/// reported and the last good version keeps serving.
+async fn watch_files(opts: CaOptions, shared: Arc<Shared>, stamps: (Option<Stamp>, Option<Stamp>)) {
+    let (mut config_stamp, mut tokens_stamp) = stamps;
+    let mut tick = tokio::time::interval(opts.config_poll);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now = stamp(&opts.config);
+        if now != config_stamp {
+            config_stamp = now;
+            match MeshConfig::load(&opts.config) {
+                Ok(c) if c.trust_domain != shared.trust_domain => error!(
+                    path = %opts.config.display(),
+                    from = %shared.trust_domain,
+                    to = %c.trust_domain,
+                    "mesh config rejected: the trust domain changed; restart the CA to change it \
+                     (its identity is in the old one); the last good config keeps serving"
+                ),
+                Ok(c) => {
+                    if *read_lock(&shared.mesh) != c {
+                        info!(
+                            path = %opts.config.display(),
+                            workloads = c.workloads.len(),
+                            "mesh config reloaded"
+                        );
+                        write_lock(&shared.mesh, Arc::new(c));
+                    }
+                }
+                Err(e) => {
+                    error!(error = %e, "mesh config rejected; the last good config keeps serving")
+                }
+            }
+        }
+        let now = stamp(&opts.node_tokens);
+        if now != tokens_stamp {
+            tokens_stamp = now;
+            match NodeTokens::load(&opts.node_tokens) {
+                Ok(t) => {
+                    info!(
+                        path = %opts.node_tokens.display(),
+                        nodes = t.len(),
+                        "node tokens reloaded"
+                    );
+                    write_lock(&shared.tokens, Arc::new(t));
+                }
+                Err(e) => {
+                    error!(error = %e, "node tokens rejected; the last good ones keep serving")
+                }
+            }
+        }
+    }
+}
+
+/// The TLS config the CA serves with: a fresh key and a certificate for its own
+/// identity, signed by its root (which also proves the root's key is its own).
+fn serving_tls(authority: &Authority, trust_domain: &str) -> Result<TlsAcceptor, Error> {
+    let bad = Error::Serving;
+    let id = ca_identity(trust_domain).map_err(|e| bad(e.to_string()))?;
+    let (key, csr) = new_key_and_csr(&id).map_err(|e| bad(e.to_string()))?;
+    let chain = authority
+        .sign(&csr, &id, SERVING_TTL)
+        .map_err(|e| bad(format!("cannot issue the serving certificate: {e}")))?;
+    let verified = (|| {
+        let leaf = ::pem::parse(chain.first()?).ok()?;
+        let root = ::pem::parse(authority.root_pem()).ok()?;
+        let (_, leaf) = x509_parser::parse_x509_certificate(leaf.contents()).ok()?;
+        let (_, root) = x509_parser::parse_x509_certificate(root.contents()).ok()?;
+        leaf.verify_signature(Some(root.public_key())).ok()
+    })();
+    if verified.is_none() {
+        return Err(bad("root-key.pem is not the key of root.pem".into()));
+    }
+    let svid = tls::Svid::from_pem(&chain, &key).map_err(|e| bad(e.to_string()))?;
+    let config = tls::server_config_no_client_auth(&svid).map_err(|e| bad(e.to_string()))?;
+    Ok(TlsAcceptor::from(config))
+}
+
+// ---- metrics -------------------------------------------------------------------
+
+#[derive(Default)]
+struct Counters([AtomicU64; 5]);
+
+impl Counters {
+    fn record(&self, outcome: Outcome) {
+        let i = Outcome::ALL.iter().position(|o| *o == outcome).unwrap_or(0);
+        self.0[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Prometheus text exposition format.
+    fn render(&self) -> String {
+        let mut out = String::from(
+            "# HELP weft_ca_requests_total Certificate requests, by result.\n\
+             # TYPE weft_ca_requests_total counter\n",
+        );
+        for (outcome, n) in Outcome::ALL.iter().zip(&self.0) {
+            out.push_str(&format!(
+                "weft_ca_requests_total{{result=\"{}\"}} {}\n",
+                outcome.label(),
+                n.load(Ordering::Relaxed)
+            ));
+        }
+        out
+    }
+}
+
+/// `GET /metrics` over plain HTTP/1.1, one request per connection.
+async fn serve_metrics(listener: TcpListener, shared: Arc<Shared>) {
+    let limit = Arc::new(Semaphore::new(64));
+    loop {
+        let (tcp, _) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                warn!(error = %e, "metrics accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let _ =
+                tokio::time::timeout(Duration::from_secs(5), metrics_request(tcp, &shared)).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn metrics_request(mut tcp: TcpStream, shared: &Shared) -> io::Result<()> {
+    let mut buf = vec![0u8; 8192];
+    let mut len = 0;
+    while !buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+        if len == buf.len() {
+            return Ok(());
+        }
+        let n = tcp.read(&mut buf[len..]).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        len += n;
+    }
+    let line = buf[..len].split(|&b| b == b'\r').next().unwrap_or_default();
+    let mut parts = line.split(|&b| b == b' ');
+    let (method, target) = (parts.next(), parts.next());
+    let path = target.map(|t| t.split(|&b| b == b'?').next().unwrap_or_default());
+    let (status, body) = match (method, path) {
+        (Some(b"GET"), Some(b"/metrics")) => ("200 OK", shared.counters.render()),
+        _ => ("404 Not Found", "not found\n".to_owned()),
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    tcp.write_all(response.as_bytes()).await?;
+    tcp.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{os::unix::fs::PermissionsExt, sync::atomic::AtomicUsize};
+
+    use tokio::sync::oneshot;
+
+    use super::*;
+    use crate::{
+        ca::client::{self, CaClient},
+        tls::{Svid, TrustBundle},
+    };
+
+    const TD: &str = "cluster.local";
+    const N1: &str = "n1-token-0123456789abcdef";
+    const N2: &str = "n2-token-0123456789abcdef";
+    const MESH: &str = "workloads:
+- {name: web-0, namespace: shop, service_account: web, node: n1}
+- {name: db-0, namespace: shop, service_account: db, node: n2}
+";
+    const HOUR: Duration = Duration::from_secs(3600);
+    const BACKDATE: Duration = Duration::from_secs(60);
+
+    /// A directory removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new() -> Self {
+            static N: AtomicUsize = AtomicUsize::new(0);
+            let path = std::env::temp_dir().join(format!(
+                "weft-ca-test-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            let _ = std::fs::remove_dir_all(&path);
+            std::fs::create_dir_all(&path).unwrap();
+            TempDir(path)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// Options for a CA on loopback port 0 with the two-node mesh.
+    fn options(tmp: &TempDir) -> CaOptions {
+        let config = tmp.0.join("mesh.yaml");
+        let node_tokens = tmp.0.join("tokens.yaml");
+        std::fs::write(&config, MESH).unwrap();
+        std::fs::write(&node_tokens, format!("n1: {N1}\nn2: {N2}\n")).unwrap();
+        CaOptions {
+            dir: tmp.0.join("ca"),
+            config,
+            node_tokens,
+            listen: "127.0.0.1:0".parse().unwrap(),
+            metrics_addr: Some("127.0.0.1:0".parse().unwrap()),
+            max_ttl: HOUR,
+            config_poll: Duration::from_millis(20),
+        }
+    }
+
+    struct Running {
+        addr: SocketAddr,
+        metrics: SocketAddr,
+        bundle: String,
+        stop: oneshot::Sender<()>,
+        task: tokio::task::JoinHandle<Result<(), Error>>,
+    }
+
+    impl Running {
+        async fn start(opts: CaOptions) -> Running {
+            let server = CaServer::bind(opts).await.unwrap();
+            let (stop, stopped) = oneshot::channel();
+            Running {
+                addr: server.local_addr().unwrap(),
+                metrics: server.metrics_addr().unwrap(),
+                bundle: server.bundle_pem(),
+                stop,
+                task: tokio::spawn(server.run(async {
+                    let _ = stopped.await;
+                })),
+            }
+        }
+
+        async fn stop(self) {
+            let _ = self.stop.send(());
+            self.task.await.unwrap().unwrap();
+        }
+
+        fn client(&self, token: &str) -> CaClient {
+            let bundle = TrustBundle::from_pem(&self.bundle).unwrap();
+            CaClient::new(self.addr, token.into(), bundle, TD).unwrap()
+        }
+    }
+
+    fn id(sa: &str) -> SpiffeId {
+        SpiffeId::new(TD, "shop", sa).unwrap()
+    }
+
+    /// Asks for `id` with a fresh key; the SVID it makes.
+    async fn sign(client: &CaClient, id: &SpiffeId, ttl: Duration) -> Result<Svid, client::Error> {
+        let (key, csr) = client::new_key_and_csr(id).unwrap();
+        let chain = client.sign(&csr, id, ttl).await?;
+        Ok(Svid::from_pem(&chain, &key).unwrap())
+    }
+
+    fn refused(result: Result<Svid, client::Error>) -> (Code, String) {
+        match result {
+            Err(client::Error::Refused { code, message }) => (code, message),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    fn lifetime(svid: &Svid) -> Duration {
+        svid.not_after.duration_since(svid.not_before).unwrap()
+    }
+
+    /// Polls `check` until it holds, for at most five seconds.
+    async fn eventually<F: Future<Output = bool>>(what: &str, mut check: impl FnMut() -> F) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !check().await {
+            assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn signs_identities_of_the_callers_node_with_a_capped_ttl() {
+        let tmp = TempDir::new();
+        let opts = options(&tmp);
+        let ca = Running::start(opts.clone()).await;
+        assert_eq!(
+            std::fs::read_to_string(opts.dir.join("bundle.pem")).unwrap(),
+            ca.bundle
+        );
+        let n1 = ca.client(N1);
+
+        let svid = sign(&n1, &id("web"), 24 * HOUR).await.unwrap();
+        assert_eq!(svid.id, id("web"));
+        assert_eq!(lifetime(&svid), HOUR + BACKDATE, "capped at --cert-ttl");
+        let svid = sign(&n1, &id("web"), 10 * 60 * Duration::from_secs(1))
+            .await
+            .unwrap();
+        assert_eq!(lifetime(&svid), Duration::from_secs(600) + BACKDATE);
+        let svid = sign(&n1, &id("web"), Duration::ZERO).await.unwrap();
+        assert_eq!(lifetime(&svid), HOUR + BACKDATE, "none asked: --cert-ttl");
+
+        // The chain ends with the signing root, which heads the bundle.
+        let (_, csr) = client::new_key_and_csr(&id("db")).unwrap();
+        let chain = ca.client(N2).sign(&csr, &id("db"), HOUR).await.unwrap();
+        assert_eq!(chain.len(), 2);
+        assert!(ca.bundle.starts_with(&chain[1]));
+
+        // `addr` says where the CA listens.
+        let written = std::fs::read_to_string(opts.dir.join("addr")).unwrap();
+        assert_eq!(written.trim(), ca.addr.to_string());
+        ca.stop().await;
+    }
+
+    #[tokio::test]
+    async fn refuses_identities_of_other_nodes_and_mismatched_requests() {
+        let tmp = TempDir::new();
+        let ca = Running::start(options(&tmp)).await;
+        let n1 = ca.client(N1);
+
+        let e = sign(&n1, &id("db"), HOUR).await;
+        let (code, message) = refused(e);
+        assert_eq!(code, Code::PERMISSION_DENIED);
+        assert!(
+            message.contains("spiffe://cluster.local/ns/shop/sa/db"),
+            "{message}"
+        );
+        assert!(message.contains("node n1"), "{message}");
+
+        let foreign = SpiffeId::new("other.local", "shop", "web").unwrap();
+        assert_eq!(
+            refused(sign(&n1, &foreign, HOUR).await).0,
+            Code::PERMISSION_DENIED
+        );
+
+        // The CSR asks for web, the metadata for db.
+        let (_, csr) = client::new_key_and_csr(&id("web")).unwrap();
+        match n1.sign(&csr, &id("db"), HOUR).await {
+            Err(
+                e @ client::Error::Refused {
+                    code: Code::INVALID_ARGUMENT,
+                    ..
+                },
+            ) => {
+                assert!(!e.is_retryable());
+                assert!(e.to_string().contains("does not match"), "{e}");
+            }
+            other => panic!("{other:?}"),
+        }
+        match n1.sign("not a CSR", &id("web"), HOUR).await {
+            Err(client::Error::Refused { code, message }) => {
+                assert_eq!(code, Code::INVALID_ARGUMENT);
+                assert!(message.contains("CSR"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        ca.stop().await;
+    }
+
+    #[tokio::test]
+    async fn refuses_unknown_or_missing_tokens() {
+        let tmp = TempDir::new();
+        let ca = Running::start(options(&tmp)).await;
+        let (code, message) = refused(
+            sign(
+                &ca.client("n1-token-but-not-the-right-one"),
+                &id("web"),
+                HOUR,
+            )
+            .await,
+        );
+        assert_eq!(code, Code::UNAUTHENTICATED);
+        assert!(message.contains("node token"), "{message}");
+
+        let mut request = ca.client(N1).request(proto::CREATE_CERTIFICATE).unwrap();
+        request.headers_mut().remove(header::AUTHORIZATION);
+        let answer = raw_call(&ca.client(N1), request, b"").await;
+        assert_eq!(answer.grpc_status(), Some(Code::UNAUTHENTICATED));
+        ca.stop().await;
+    }
+
+    #[tokio::test]
+    async fn the_client_checks_it_reaches_the_ca() {
+        let tmp = TempDir::new();
+        let ca = Running::start(options(&tmp)).await;
+        let bundle = TrustBundle::from_pem(&ca.bundle).unwrap();
+
+        // Right root, but expecting the CA of another trust domain.
+        let other_td = CaClient::new(ca.addr, N1.into(), bundle, "other.local").unwrap();
+        let e = sign(&other_td, &id("web"), HOUR).await.unwrap_err();
+        assert!(matches!(e, client::Error::Tls { .. }), "{e}");
+        assert!(e.is_retryable());
+
+        // Trusting another root.
+        let stranger = Authority::generate(TD, HOUR).unwrap();
+        let foreign = TrustBundle::from_pem(stranger.root_pem()).unwrap();
+        let client = CaClient::new(ca.addr, N1.into(), foreign, TD).unwrap();
+        let e = sign(&client, &id("web"), HOUR).await.unwrap_err();
+        assert!(matches!(e, client::Error::Tls { .. }), "{e}");
+
+        // Nobody there.
+        let addr = ca.addr;
+        ca.stop().await;
+        let e = sign(&other_td.clone(), &id("web"), HOUR).await.unwrap_err();
+        assert!(
+            matches!(e, client::Error::Connect { addr: a, .. } if a == addr),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_restart_keeps_the_root_and_trusted_roots_join_the_bundle() {
+        let tmp = TempDir::new();
+        let opts = options(&tmp);
+        let ca = Running::start(opts.clone()).await;
+        let first = ca.bundle.clone();
+        ca.stop().await;
+        let mode = std::fs::metadata(opts.dir.join("root-key.pem"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+
+        let ca = Running::start(opts.clone()).await;
+        assert_eq!(ca.bundle, first);
+        // A bundle read before the restart still trusts the CA.
+        let old_bundle = TrustBundle::from_pem(&first).unwrap();
+        let client = CaClient::new(ca.addr, N1.into(), old_bundle, TD).unwrap();
+        sign(&client, &id("web"), HOUR).await.unwrap();
+        ca.stop().await;
+
+        // Rotation: a root in trusted/ is trusted too, after the signing one.
+        let next = Authority::generate(TD, HOUR).unwrap();
+        std::fs::create_dir_all(opts.dir.join("trusted")).unwrap();
+        std::fs::write(opts.dir.join("trusted/next.pem"), next.root_pem()).unwrap();
+        std::fs::write(opts.dir.join("trusted/notes.txt"), "ignored").unwrap();
+        // A copy of the signing root there is not a second root.
+        std::fs::copy(
+            opts.dir.join("root.pem"),
+            opts.dir.join("trusted/current.pem"),
+        )
+        .unwrap();
+        let ca = Running::start(opts.clone()).await;
+        assert_eq!(TrustBundle::from_pem(&ca.bundle).unwrap().len(), 2);
+        assert!(ca.bundle.starts_with(&first));
+        assert_eq!(
+            std::fs::read_to_string(opts.dir.join("bundle.pem")).unwrap(),
+            ca.bundle
+        );
+        ca.stop().await;
+
+        // A trusted file that is not a certificate stops the start.
+        std::fs::write(opts.dir.join("trusted/bad.pem"), "garbage").unwrap();
+        let e = CaServer::bind(opts).await.err().unwrap();
+        assert!(e.to_string().contains("bad.pem"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn refuses_to_start_on_half_a_root_or_bad_options() {
+        let tmp = TempDir::new();
+        let opts = options(&tmp);
+        std::fs::create_dir_all(&opts.dir).unwrap();
+        std::fs::write(opts.dir.join("root.pem"), "x").unwrap();
+        let e = CaServer::bind(opts.clone()).await.err().unwrap();
+        assert!(
+            e.to_string()
+                .contains("only one of root.pem and root-key.pem"),
+            "{e}"
+        );
+
+        let tmp = TempDir::new();
+        let mut opts = options(&tmp);
+        opts.max_ttl = Duration::ZERO;
+        assert!(matches!(CaServer::bind(opts).await, Err(Error::Options(_))));
+
+        let tmp = TempDir::new();
+        let opts = options(&tmp);
+        std::fs::write(&opts.node_tokens, "n1: short\n").unwrap();
+        assert!(matches!(
+            CaServer::bind(opts).await,
+            Err(Error::Tokens { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn follows_the_mesh_config_and_tokens_and_keeps_the_last_good_ones() {
+        let tmp = TempDir::new();
+        let opts = options(&tmp);
+        let ca = Running::start(opts.clone()).await;
+        let (n1, n2) = (ca.client(N1), ca.client(N2));
+        sign(&n1, &id("web"), HOUR).await.unwrap();
+
+        // web moves to n2.
+        std::fs::write(&opts.config, MESH.replace("node: n1", "node: n2")).unwrap();
+        eventually("n1 loses web", || async {
+            sign(&n1, &id("web"), HOUR).await.is_err()
+        })
+        .await;
+        sign(&n2, &id("web"), HOUR).await.unwrap();
+
+        // A broken file changes nothing.
+        std::fs::write(&opts.config, "workloads: [nonsense").unwrap();
+        std::fs::write(&opts.node_tokens, "n1: short\n").unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        sign(&n2, &id("web"), HOUR).await.unwrap();
+
+        // n2's token is replaced.
+        std::fs::write(
+            &opts.node_tokens,
+            format!("n1: {N1}\nn2: n2-new-token-0123456789\n"),
+        )
+        .unwrap();
+        eventually("the old n2 token stops working", || async {
+            matches!(
+                sign(&n2, &id("web"), HOUR).await,
+                Err(client::Error::Refused {
+                    code: Code::UNAUTHENTICATED,
+                    ..
+                })
+            )
+        })
+        .await;
+        sign(&ca.client("n2-new-token-0123456789"), &id("web"), HOUR)
+            .await
+            .unwrap();
+        ca.stop().await;
+    }
+
+    #[tokio::test]
+    async fn metrics_count_every_result() {
+        let tmp = TempDir::new();
+        let ca = Running::start(options(&tmp)).await;
+        let n1 = ca.client(N1);
+        sign(&n1, &id("web"), HOUR).await.unwrap();
+        sign(&n1, &id("web"), HOUR).await.unwrap();
+        sign(&n1, &id("db"), HOUR).await.unwrap_err();
+        sign(&ca.client("nobody-0123456789abcdef"), &id("web"), HOUR)
+            .await
+            .unwrap_err();
+        n1.sign("junk", &id("web"), HOUR).await.unwrap_err();
+
+        let text = http_get(ca.metrics, "/metrics").await;
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+        for line in [
+            "# TYPE weft_ca_requests_total counter",
+            "weft_ca_requests_total{result=\"signed\"} 2",
+            "weft_ca_requests_total{result=\"denied\"} 1",
+            "weft_ca_requests_total{result=\"unauthenticated\"} 1",
+            "weft_ca_requests_total{result=\"invalid\"} 1",
+            "weft_ca_requests_total{result=\"error\"} 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+        }
+        assert!(
+            http_get(ca.metrics, "/other")
+                .await
+                .starts_with("HTTP/1.1 404")
+        );
+        ca.stop().await;
+    }
+
+    #[tokio::test]
+    async fn garbage_is_refused_and_the_ca_keeps_serving() {
+        let tmp = TempDir::new();
+        let ca = Running::start(options(&tmp)).await;
+        let n1 = ca.client(N1);
+
+        // Not TLS at all: raw bytes, and a plaintext HTTP/1 request. The server
+        // closes (after a TLS alert at most).
+        for junk in [
+            &[0xde, 0xad, 0xbe, 0xef, 0, 0, 0, 0][..],
+            b"GET / HTTP/1.1\r\nhost: x\r\n\r\n",
+        ] {
+            let mut tcp = TcpStream::connect(ca.addr).await.unwrap();
+            tcp.write_all(junk).await.unwrap();
+            let mut rest = Vec::new();
+            let read =
+                tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut rest)).await;
+            assert!(read.is_ok(), "the CA kept a garbage connection open");
+            assert!(rest.len() < 64, "{rest:?}");
+        }
+
+        // HTTP/2 to another path: UNIMPLEMENTED for gRPC, 404 otherwise.
+        let request = n1.request("/grpc.health.v1.Health/Check").unwrap();
+        let answer = raw_call(&n1, request, &proto::frame(b"")).await;
+        assert_eq!(answer.status, StatusCode::OK);
+        assert_eq!(answer.grpc_status(), Some(Code::UNIMPLEMENTED));
+        let mut request = n1.request("/").unwrap();
+        *request.method_mut() = Method::GET;
+        request.headers_mut().remove(header::CONTENT_TYPE);
+        assert_eq!(
+            raw_call(&n1, request, b"").await.status,
+            StatusCode::NOT_FOUND
+        );
+
+        // The right path but not gRPC.
+        let mut request = n1.request(proto::CREATE_CERTIFICATE).unwrap();
+        request.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        assert_eq!(
+            raw_call(&n1, request, b"{}").await.status,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE
+        );
+
+        // Oversized: a frame that says so, and a body that is.
+        let mut big = vec![0u8, 0xff, 0xff, 0xff, 0xff];
+        big.extend(std::iter::repeat_n(b'x', 1000));
+        let request = n1.request(proto::CREATE_CERTIFICATE).unwrap();
+        let answer = raw_call(&n1, request, &big).await;
+        assert_eq!(answer.grpc_status(), Some(Code::RESOURCE_EXHAUSTED));
+        let big = proto::frame(&vec![b'x'; proto::MAX_MESSAGE + 1]);
+        let request = n1.request(proto::CREATE_CERTIFICATE).unwrap();
+        assert_eq!(
+            raw_call(&n1, request, &big).await.grpc_status(),
+            Some(Code::RESOURCE_EXHAUSTED)
+        );
+
+        // Not one message: truncated, two, compressed, not protobuf.
+        let message = CertificateRequest {
+            csr: "x".into(),
+            ..Default::default()
+        }
+        .encode();
+        let framed = proto::frame(&message);
+        let two = [framed.clone(), framed.clone()].concat();
+        let mut compressed = framed.clone();
+        compressed[0] = 1;
+        for body in [
+            &framed[..3],
+            &framed[..framed.len() - 1],
+            &two,
+            &compressed,
+            &proto::frame(&[0xff; 3]),
+        ] {
+            let request = n1.request(proto::CREATE_CERTIFICATE).unwrap();
+            let answer = raw_call(&n1, request, body).await;
+            assert_eq!(
+                answer.grpc_status(),
+                Some(Code::INVALID_ARGUMENT),
+                "{body:?}"
+            );
+        }
+
+        // Still serving.
+        sign(&n1, &id("web"), HOUR).await.unwrap();
+        ca.stop().await;
+    }
+
+    #[test]
+    fn bearer_tokens() {
+        let mut h = HeaderMap::new();
+        assert_eq!(bearer_token(&h), None);
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("bearer abc"),
+        );
+        assert_eq!(bearer_token(&h), Some(&b"abc"[..]));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
+        assert_eq!(bearer_token(&h), None);
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bear"));
+        assert_eq!(bearer_token(&h), None);
+    }
+
+    /// An HTTP/2 answer, as seen on the wire.
+    struct Answer {
+        status: StatusCode,
+        headers: HeaderMap,
+        trailers: Option<HeaderMap>,
+    }
+
+    impl Answer {
+        fn grpc_status(&self) -> Option<Code> {
+            let h = self
+                .headers
+                .get("grpc-status")
+                .or_else(|| self.trailers.as_ref().and_then(|t| t.get("grpc-status")))?;
+            Code::parse(h.as_bytes())
+        }
+    }
+
+    /// Sends `request` with `body` over a fresh connection of `client`'s.
+    async fn raw_call(client: &CaClient, request: Request<()>, body: &[u8]) -> Answer {
+        let (send, _conn) = client.connect().await.unwrap();
+        let mut send = send.ready().await.unwrap();
+        let (response, mut stream) = send.send_request(request, false).unwrap();
+        stream
+            .send_data(Bytes::copy_from_slice(body), true)
+            .unwrap();
+        let response = tokio::time::timeout(Duration::from_secs(5), response)
+            .await
+            .expect("no answer")
+            .unwrap();
+        let (head, mut body) = response.into_parts();
+        while let Some(Ok(chunk)) = body.data().await {
+            let _ = body.flow_control().release_capacity(chunk.len());
+        }
+        let trailers = body.trailers().await.ok().flatten();
+        Answer {
+            status: head.status,
+            headers: head.headers,
+            trailers,
+        }
+    }
+
+    async fn http_get(addr: SocketAddr, path: &str) -> String {
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut out = String::new();
+        tcp.read_to_string(&mut out).await.unwrap();
+        out
+    }
+}

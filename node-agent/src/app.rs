@@ -10,7 +10,8 @@ use tracing::{error, info, warn};
 
 use crate::{
     agent::Agent,
-    cli::{AgentArgs, Cli, Command, ConfigCommand},
+    ca::server::{CaOptions, CaServer},
+    cli::{AgentArgs, CaArgs, Cli, Command, ConfigCommand},
     config::MeshConfig,
     ebpf::{self, Capture},
     proxy,
@@ -19,6 +20,7 @@ use crate::{
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Agent(args) => agent(args),
+        Command::Ca(args) => ca(args),
         Command::Config {
             command: ConfigCommand::Validate { file },
         } => {
@@ -136,6 +138,37 @@ async fn watch_config(
             agent.apply(&good);
         }
     }
+}
+
+fn ca(args: CaArgs) -> anyhow::Result<()> {
+    let opts = CaOptions {
+        dir: args.dir,
+        config: args.config,
+        node_tokens: args.node_tokens,
+        listen: args.listen,
+        metrics_addr: Some(args.metrics_addr),
+        max_ttl: args.cert_ttl,
+        config_poll: Duration::from_millis(args.config_poll_ms),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("weft-ca")
+        .build()?;
+    runtime.block_on(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let server = CaServer::bind(opts).await?;
+        server
+            .run(async move {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            })
+            .await?;
+        anyhow::Ok(())
+    })
 }
 
 fn hostname() -> Option<String> {

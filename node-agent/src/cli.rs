@@ -1,6 +1,6 @@
 //! Command-line flags. Every flag can also come from a `WEFT_*` environment variable.
 
-use std::path::PathBuf;
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 
@@ -15,6 +15,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the node agent: load and attach the eBPF programs, serve enrolled pods.
     Agent(AgentArgs),
+    /// Run the certificate authority: sign workload certificates for node agents.
+    Ca(CaArgs),
     /// Work with configuration files.
     Config {
         #[command(subcommand)]
@@ -26,6 +28,42 @@ pub enum Command {
 pub enum ConfigCommand {
     /// Check a mesh config file and print every error with its location.
     Validate { file: PathBuf },
+}
+
+#[derive(Debug, Args)]
+pub struct CaArgs {
+    /// The CA's state directory: `root.pem` and `root-key.pem` (made on first
+    /// start), `trusted/*.pem` (more roots to trust, for rotation), and what the CA
+    /// writes for others: `bundle.pem` (the trust bundle) and `addr`.
+    #[arg(long, env = "WEFT_CA_DIR")]
+    pub dir: PathBuf,
+
+    /// The mesh config: a node gets signed only identities of workloads the file
+    /// places on it. Watched: changes apply without a restart.
+    #[arg(long, env = "WEFT_CA_CONFIG")]
+    pub config: PathBuf,
+
+    /// The node-token file (YAML, `node-name: token`): how agents prove their node.
+    /// Watched.
+    #[arg(long, env = "WEFT_CA_NODE_TOKENS")]
+    pub node_tokens: PathBuf,
+
+    /// Where the gRPC endpoint (TLS) listens.
+    #[arg(long, env = "WEFT_CA_LISTEN", default_value = "127.0.0.1:15012")]
+    pub listen: SocketAddr,
+
+    /// Where `GET /metrics` (plain HTTP) listens.
+    #[arg(long, env = "WEFT_CA_METRICS_ADDR", default_value = "127.0.0.1:15014")]
+    pub metrics_addr: SocketAddr,
+
+    /// The longest certificate lifetime handed out, and the one given when a
+    /// request names none. Forms: `90s`, `30m`, `24h`.
+    #[arg(long, env = "WEFT_CA_CERT_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub cert_ttl: Duration,
+
+    /// How often the mesh config and token files are checked, in milliseconds.
+    #[arg(long, env = "WEFT_CA_CONFIG_POLL_MS", default_value_t = 500)]
+    pub config_poll_ms: u64,
 }
 
 #[derive(Debug, Args)]
@@ -63,4 +101,27 @@ pub struct AgentArgs {
     /// Remove every program, link, map and pin this agent installed, then exit.
     #[arg(long)]
     pub uninstall: bool,
+}
+
+/// `90s`, `30m`, `24h`, `500ms`, or plain seconds.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 90s, 30m or 24h"))?;
+    let secs = |k: u64| std::time::Duration::from_secs(n.saturating_mul(k));
+    Ok(match unit {
+        "" | "s" => secs(1),
+        "ms" => std::time::Duration::from_millis(n),
+        "m" => secs(60),
+        "h" => secs(3600),
+        "d" => secs(86_400),
+        _ => {
+            return Err(format!(
+                "{s:?}: unknown unit {unit:?} (use ms, s, m, h or d)"
+            ));
+        }
+    })
 }

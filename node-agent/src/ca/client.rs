@@ -167,8 +167,11 @@ impl CaClient {
         let (send, _conn) = self.connect().await?;
         let mut send = send.ready().await.map_err(|e| self.h2(e))?;
         let (response, mut body) = send.send_request(request, false).map_err(|e| self.h2(e))?;
-        body.send_data(Bytes::from(proto::frame(&message)), true)
-            .map_err(|e| self.h2(e))?;
+        // A CA that refuses before reading the body may reset the stream first: the
+        // answer, not this error, then says why.
+        if let Err(e) = body.send_data(Bytes::from(proto::frame(&message)), true) {
+            tracing::debug!(error = %e, "request body not sent");
+        }
         let response = response.await.map_err(|e| self.h2(e))?;
         let (parts, mut body) = response.into_parts();
         if parts.status != StatusCode::OK {

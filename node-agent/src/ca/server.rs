@@ -137,7 +137,7 @@ impl CaServer {
     /// Loads the config and tokens, loads (or on first start makes) the root,
     /// writes `bundle.pem`, issues the serving certificate and binds the ports.
     pub async fn bind(opts: CaOptions) -> Result<CaServer, Error> {
-        if opts.max_ttl.is_zero() || opts.max_ttl > MAX_CERT_TTL {
+        if opts.max_ttl < Duration::from_secs(1) || opts.max_ttl > MAX_CERT_TTL {
             return Err(Error::Options(format!(
                 "the certificate TTL must be between 1s and {}d",
                 MAX_CERT_TTL.as_secs() / 86_400

@@ -18,8 +18,10 @@ use tracing::{error, info, warn};
 use crate::{
     config::{MeshConfig, WorkloadKey},
     ebpf::Capture,
+    hbone::server::HboneListener,
+    identity::SpiffeId,
     netns::Netns,
-    proxy::{self, inbound::InboundListener, outbound::OutboundListener},
+    proxy::{self, Shared, inbound::InboundListener, outbound::OutboundListener},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +42,7 @@ pub enum Error {
 
 struct Enrolled {
     netns_path: PathBuf,
+    identity: SpiffeId,
     cookie: u64,
     stop: watch::Sender<bool>,
 }
@@ -47,18 +50,18 @@ struct Enrolled {
 pub struct Agent {
     node: String,
     capture: Capture,
-    settings: proxy::Settings,
+    shared: Arc<Shared>,
     pods: BTreeMap<WorkloadKey, Enrolled>,
     /// Workloads that should be enrolled but are not yet (last attempt failed).
     pending: BTreeSet<WorkloadKey>,
 }
 
 impl Agent {
-    pub fn new(node: String, capture: Capture, settings: proxy::Settings) -> Self {
+    pub fn new(node: String, capture: Capture, shared: Arc<Shared>) -> Self {
         Agent {
             node,
             capture,
-            settings,
+            shared,
             pods: BTreeMap::new(),
             pending: BTreeSet::new(),
         }
@@ -75,15 +78,27 @@ impl Agent {
 
     /// Brings the enrolled set in line with `config`.
     pub fn apply(&mut self, config: &MeshConfig) {
-        let desired: BTreeMap<WorkloadKey, PathBuf> = config
+        self.shared.set_view(config.clone());
+        let desired: BTreeMap<WorkloadKey, (PathBuf, SpiffeId)> = config
             .enrolled_on(&self.node)
-            .filter_map(|w| Some((w.key(), w.netns.clone()?)))
+            .filter_map(|w| {
+                let id = w.identity(&config.trust_domain).ok()?;
+                Some((w.key(), (w.netns.clone()?, id)))
+            })
             .collect();
+        // Certificates: exactly the identities of this node's enrolled pods, fetched
+        // ahead of their first connection.
+        let mut ids: Vec<SpiffeId> = desired.values().map(|(_, id)| id.clone()).collect();
+        ids.sort();
+        ids.dedup();
+        self.shared.certs.retain(&ids);
 
         let gone: Vec<WorkloadKey> = self
             .pods
             .iter()
-            .filter(|(k, e)| desired.get(*k) != Some(&e.netns_path))
+            .filter(|(k, e)| {
+                desired.get(*k).map(|(p, id)| (p, id)) != Some((&e.netns_path, &e.identity))
+            })
             .map(|(k, _)| k.clone())
             .collect();
         for key in gone {
@@ -91,11 +106,11 @@ impl Agent {
         }
 
         self.pending.clear();
-        for (key, path) in desired {
+        for (key, (path, identity)) in desired {
             if self.pods.contains_key(&key) {
                 continue;
             }
-            match self.add(&key, &path) {
+            match self.add(&key, &path, identity) {
                 Ok(cookie) => {
                     info!(workload = %key, netns = %path.display(), netns_cookie = cookie, "pod enrolled")
                 }
@@ -108,7 +123,7 @@ impl Agent {
         self.forget_stale();
     }
 
-    fn add(&mut self, key: &WorkloadKey, path: &Path) -> Result<u64, Error> {
+    fn add(&mut self, key: &WorkloadKey, path: &Path, identity: SpiffeId) -> Result<u64, Error> {
         let netns = Netns::open(path).map_err(|source| Error::Netns {
             path: path.to_owned(),
             source,
@@ -116,29 +131,41 @@ impl Agent {
         let cookie = netns.cookie();
         let pod = Arc::new(proxy::Pod {
             workload: key.clone(),
+            identity: identity.clone(),
             netns,
         });
         let listen_err = |source| Error::Listen {
             path: path.to_owned(),
             source,
         };
-        let outbound = OutboundListener::new(pod.clone(), self.capture.orig_dst(), self.settings)
-            .map_err(listen_err)?;
-        let inbound = InboundListener::new(pod.clone(), self.settings).map_err(listen_err)?;
         let addresses = pod.netns.addresses().map_err(|source| Error::Netns {
             path: path.to_owned(),
             source,
         })?;
+        let outbound =
+            OutboundListener::new(pod.clone(), self.capture.orig_dst(), self.shared.clone())
+                .map_err(listen_err)?;
+        let inbound = InboundListener::new(pod.clone(), self.shared.clone()).map_err(listen_err)?;
+        let hbone = HboneListener::new(
+            pod.clone(),
+            &addresses,
+            self.shared.certs.clone(),
+            &self.shared.bundle(),
+            self.shared.settings,
+        )
+        .map_err(listen_err)?;
         self.capture
             .enroll(&pod.netns, &addresses, inbound.socket())?;
 
         let (stop, stopped) = watch::channel(false);
         tokio::spawn(outbound.run(stopped.clone()));
+        tokio::spawn(hbone.run(stopped.clone()));
         tokio::spawn(inbound.run(stopped));
         self.pods.insert(
             key.clone(),
             Enrolled {
                 netns_path: path.to_owned(),
+                identity,
                 cookie,
                 stop,
             },

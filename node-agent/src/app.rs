@@ -8,13 +8,19 @@ use std::{
 use anyhow::Context as _;
 use tracing::{error, info, warn};
 
+use std::sync::{Arc, RwLock};
+
 use crate::{
     agent::Agent,
+    ca::client::CaClient,
     ca::server::{CaOptions, CaServer},
+    certs::CertManager,
     cli::{AgentArgs, CaArgs, Cli, Command, ConfigCommand},
     config::MeshConfig,
     ebpf::{self, Capture},
+    hbone::{PoolSettings, client::Pool},
     proxy,
+    tls::TrustBundle,
 };
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -62,13 +68,54 @@ fn agent(args: AgentArgs) -> anyhow::Result<()> {
         .enable_all()
         .thread_name("weft-worker")
         .build()?;
+    let bundle_path = args
+        .trust_bundle
+        .clone()
+        .context("--trust-bundle is required (the CA writes it as bundle.pem)")?;
+    let bundle = load_bundle(&bundle_path)?;
+    let token_path = args
+        .ca_token_file
+        .clone()
+        .context("--ca-token-file is required (this node's token for the CA)")?;
+    let token = std::fs::read_to_string(&token_path)
+        .with_context(|| format!("reading {}", token_path.display()))?
+        .trim()
+        .to_owned();
+
     runtime.block_on(async move {
-        let capture = Capture::install(&args.bpf_pin_dir, &cgroup)?;
+        let ca = CaClient::new(args.ca_addr, token, bundle.clone(), &config.trust_domain)?;
+        let certs = CertManager::new(Arc::new(ca), args.cert_ttl);
+        let bundle = Arc::new(RwLock::new(bundle));
         let settings = proxy::Settings {
             connect_timeout: Duration::from_millis(args.connect_timeout_ms),
         };
-        let mut agent = Agent::new(node.clone(), capture, settings);
+        let defaults = PoolSettings::default();
+        let pool = Pool::new(
+            certs.clone(),
+            bundle.clone(),
+            PoolSettings {
+                max_streams_per_connection: args.hbone_max_streams.max(1),
+                spread: args.hbone_spread.unwrap_or(defaults.spread).max(1),
+                idle_timeout: args.hbone_idle,
+                connect_timeout: settings.connect_timeout,
+            },
+        );
+        let shared = Arc::new(proxy::Shared::new(settings, certs, bundle.clone(), pool));
+        let shared_for_agent = shared.clone();
+        tokio::spawn(watch_bundle(
+            bundle_path,
+            bundle,
+            Duration::from_millis(args.config_poll_ms),
+        ));
+        let mut agent = Agent::new(node.clone(), capture_install(&args, &cgroup)?, shared_for_agent);
         agent.apply(&config);
+        // Ready means able to serve: the enrolled pods' certificates are here (or
+        // the CA has answered, and the log says why not).
+        let missing = shared.certs.settle(Duration::from_secs(15)).await;
+        if !missing.is_empty() {
+            let ids: Vec<String> = missing.iter().map(ToString::to_string).collect();
+            warn!(identities = ?ids, "no certificate yet for some workloads; their mTLS connections fail until the CA answers");
+        }
         info!(
             node = %node,
             cgroup = %cgroup.display(),
@@ -136,6 +183,40 @@ async fn watch_config(
             }
         } else if agent.has_pending() {
             agent.apply(&good);
+        }
+    }
+}
+
+fn capture_install(args: &AgentArgs, cgroup: &Path) -> anyhow::Result<Capture> {
+    Ok(Capture::install(&args.bpf_pin_dir, cgroup)?)
+}
+
+fn load_bundle(path: &Path) -> anyhow::Result<TrustBundle> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the trust bundle {}", path.display()))?;
+    TrustBundle::from_pem(&text).with_context(|| format!("trust bundle {}", path.display()))
+}
+
+/// Re-reads the trust bundle when the file changes (a root rotation adds a root
+/// there); a bad file is reported and the last good bundle kept. New connections
+/// use the new bundle.
+async fn watch_bundle(path: PathBuf, bundle: Arc<RwLock<TrustBundle>>, every: Duration) {
+    let mut last = stamp(&path);
+    loop {
+        tokio::time::sleep(every).await;
+        let now = stamp(&path);
+        if now == last {
+            continue;
+        }
+        last = now;
+        match load_bundle(&path) {
+            Ok(b) => {
+                info!(path = %path.display(), roots = b.len(), "trust bundle reloaded");
+                *bundle.write().unwrap_or_else(|e| e.into_inner()) = b;
+            }
+            Err(e) => {
+                error!(error = %format!("{e:#}"), "trust bundle rejected; keeping the last good one")
+            }
         }
     }
 }

@@ -101,6 +101,37 @@ pub struct AgentArgs {
     /// Remove every program, link, map and pin this agent installed, then exit.
     #[arg(long)]
     pub uninstall: bool,
+
+    /// The CA (`weft ca`) that signs this node's workload certificates.
+    #[arg(long, env = "WEFT_CA_ADDR", default_value = "127.0.0.1:15012")]
+    pub ca_addr: std::net::SocketAddr,
+
+    /// A file holding this node's token for the CA.
+    #[arg(long, env = "WEFT_CA_TOKEN_FILE")]
+    pub ca_token_file: Option<PathBuf>,
+
+    /// The trust bundle (PEM, every root workloads trust; the CA writes it).
+    /// Re-read when it changes, so a new root can be added without a restart.
+    #[arg(long, env = "WEFT_TRUST_BUNDLE")]
+    pub trust_bundle: Option<PathBuf>,
+
+    /// Lifetime asked for workload certificates (the CA may cap it); renewed at
+    /// half life. Forms: `90s`, `30m`, `24h`.
+    #[arg(long, env = "WEFT_CERT_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub cert_ttl: std::time::Duration,
+
+    /// HBONE: streams one pooled connection carries at most.
+    #[arg(long, env = "WEFT_HBONE_MAX_STREAMS", default_value_t = 100)]
+    pub hbone_max_streams: usize,
+
+    /// HBONE: connections per (source, destination) opened before any carries a
+    /// second stream. Default: the number of CPUs.
+    #[arg(long, env = "WEFT_HBONE_SPREAD")]
+    pub hbone_spread: Option<usize>,
+
+    /// HBONE: an unused pooled connection is closed after this long.
+    #[arg(long, env = "WEFT_HBONE_IDLE", default_value = "60s", value_parser = parse_duration)]
+    pub hbone_idle: std::time::Duration,
 }
 
 /// `90s`, `30m`, `24h`, `500ms`, or plain seconds.

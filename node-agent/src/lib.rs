@@ -11,9 +11,11 @@
 pub mod agent;
 pub mod app;
 pub mod ca;
+pub mod certs;
 pub mod cli;
 pub mod config;
 pub mod ebpf;
+pub mod hbone;
 pub mod identity;
 pub mod netns;
 pub mod proxy;

@@ -175,13 +175,13 @@ impl Svid {
         self.certified.clone()
     }
 
-    /// When to renew: half way through the lifetime.
-    pub fn renew_at(&self) -> SystemTime {
-        let life = self
-            .not_after
-            .duration_since(self.not_before)
-            .unwrap_or_default();
-        self.not_before + life / 2
+    /// How long after `received` to renew: half of the life it had left then (the
+    /// CA backdates `not_before` for clock skew, so that is not counted), and never
+    /// sooner than a second, so a CA handing out near-expired certificates cannot
+    /// make us spin.
+    pub fn renew_after(&self, received: SystemTime) -> Duration {
+        let left = self.not_after.duration_since(received).unwrap_or_default();
+        (left / 2).max(Duration::from_secs(1))
     }
 
     pub fn expired(&self) -> bool {
@@ -447,8 +447,12 @@ pub(crate) mod tests {
         assert_eq!(svid.id, id("a"));
         assert_eq!(svid.certified_key().cert.len(), 1);
         assert!(!svid.expired());
-        assert!(svid.renew_at() > SystemTime::now());
-        assert!(svid.renew_at() < svid.not_after);
+        let now = SystemTime::now();
+        let renew = svid.renew_after(now);
+        assert!(
+            renew > DAY / 2 - Duration::from_secs(5) && renew <= DAY / 2,
+            "{renew:?}"
+        );
     }
 
     #[test]

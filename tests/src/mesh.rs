@@ -1,5 +1,9 @@
-//! A Weft mesh on a virtual cluster: the config file, one `weft agent` per node, and
-//! their logs.
+//! A Weft mesh on a virtual cluster: the config file, a `weft ca` (in node 0's
+//! namespace, on its uplink address, as a CA pod would run on some node), one
+//! `weft agent` per node with its own CA token, and their logs.
+//!
+//! Every pod's service account is its own name, so every pod has its own SPIFFE
+//! identity: `spiffe://cluster.local/ns/default/sa/<pod name>`.
 //!
 //! Each agent attaches to its node's cgroup (the parent of that node's pod cgroups)
 //! and pins under its own directory, `/sys/fs/bpf/weft-<cluster id>-n<i>`, so meshes
@@ -31,22 +35,42 @@ pub struct Mesh<'c> {
     dir: PathBuf,
     config: PathBuf,
     enrolled: BTreeSet<String>,
+    /// Per pod name: extra YAML lines for its workload entry.
+    extra: std::collections::BTreeMap<String, String>,
     agents: Vec<Option<Proc>>,
+    ca: Option<Proc>,
     /// Extra arguments for every agent.
     pub agent_args: Vec<String>,
+    /// Extra arguments for the CA.
+    pub ca_args: Vec<String>,
+}
+
+/// Where the CA listens: node 0's uplink, reachable from every node.
+pub const CA_PORT: u16 = 15012;
+
+/// The SPIFFE identity the harness gives `pod`.
+pub fn identity(pod: &Pod) -> String {
+    format!("spiffe://cluster.local/ns/default/sa/{}", pod.name)
 }
 
 impl<'c> Mesh<'c> {
     /// Writes the config with the pods `enroll` picks and starts an agent per node.
     pub fn start(cluster: &'c Cluster, enroll: impl Fn(&Pod) -> bool) -> Result<Self> {
         let mut mesh = Self::new(cluster, enroll)?;
-        for i in 0..cluster.nodes().len() {
-            mesh.start_agent(i)?;
-        }
+        mesh.start_all()?;
         Ok(mesh)
     }
 
-    /// Like `start`, without starting the agents.
+    /// Starts the CA and every agent (after `new`, and changes to the arguments).
+    pub fn start_all(&mut self) -> Result<()> {
+        self.start_ca()?;
+        for i in 0..self.cluster.nodes().len() {
+            self.start_agent(i)?;
+        }
+        Ok(())
+    }
+
+    /// Like `start`, without starting the CA and the agents.
     pub fn new(cluster: &'c Cluster, enroll: impl Fn(&Pod) -> bool) -> Result<Self> {
         let dir = std::env::temp_dir().join(format!("weft-{}", cluster.id()));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -61,11 +85,94 @@ impl<'c> Mesh<'c> {
                 .filter(|p| enroll(p))
                 .map(|p| p.name.clone())
                 .collect(),
+            extra: Default::default(),
             agents: (0..cluster.nodes().len()).map(|_| None).collect(),
+            ca: None,
             agent_args: Vec::new(),
+            ca_args: Vec::new(),
         };
         mesh.write_config()?;
+        let mut tokens = String::new();
+        for (i, node) in cluster.nodes().iter().enumerate() {
+            let token = random_token()?;
+            let _ = writeln!(tokens, "{}: {token}", node.name);
+            std::fs::write(mesh.token_path(i), &token)?;
+        }
+        std::fs::write(mesh.dir.join("tokens.yaml"), tokens)?;
         Ok(mesh)
+    }
+
+    /// The file holding node `node`'s CA token.
+    pub fn token_path(&self, node: usize) -> PathBuf {
+        self.dir.join(format!("token-n{node}"))
+    }
+
+    /// The CA's state directory (root, bundle).
+    pub fn ca_dir(&self) -> PathBuf {
+        self.dir.join("ca")
+    }
+
+    /// The trust bundle the CA writes and the agents read.
+    pub fn bundle_path(&self) -> PathBuf {
+        self.ca_dir().join("bundle.pem")
+    }
+
+    pub fn ca_addr(&self) -> String {
+        format!("{}:{CA_PORT}", self.cluster.node(0).ip)
+    }
+
+    /// Adds YAML lines (indented two spaces, e.g. `"  outside_mesh: refuse\n"`)
+    /// to `pod`'s workload entry, and rewrites the config.
+    pub fn set_extra(&mut self, pod: &Pod, yaml: &str) -> Result<()> {
+        self.extra.insert(pod.name.clone(), yaml.to_owned());
+        self.write_config()
+    }
+
+    /// Starts the CA (in node 0's namespace) and waits until it serves.
+    pub fn start_ca(&mut self) -> Result<()> {
+        if self.ca.is_some() {
+            bail!("the CA is already running");
+        }
+        let mut cmd = self.cluster.node(0).command(&self.weft);
+        cmd.env("LOG_FORMAT", "json")
+            .env("RUST_LOG", "info")
+            .arg("ca")
+            .arg("--dir")
+            .arg(self.ca_dir())
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--node-tokens")
+            .arg(self.dir.join("tokens.yaml"))
+            .arg("--listen")
+            .arg(self.ca_addr())
+            .arg("--metrics-addr")
+            .arg("127.0.0.1:15014")
+            .arg("--config-poll-ms")
+            .arg("100")
+            .args(&self.ca_args);
+        let proc = Proc::spawn(&mut cmd, "weft ca")?;
+        let ready = proc.wait_for_json(AGENT_START, |v| v["message"] == "ca ready");
+        if let Err(e) = ready {
+            bail!(
+                "the CA did not become ready: {e:#}\nstdout:\n{}\nstderr:\n{}",
+                proc.stdout_lines().join("\n"),
+                proc.stderr()
+            );
+        }
+        self.ca = Some(proc);
+        Ok(())
+    }
+
+    /// Stops the CA (SIGKILL: a crash, or the CA's node going away).
+    pub fn stop_ca(&mut self) -> Result<()> {
+        if let Some(mut p) = self.ca.take() {
+            p.kill()?;
+        }
+        Ok(())
+    }
+
+    pub fn ca(&self) -> &Proc {
+        self.ca.as_ref().expect("the CA is running")
     }
 
     pub fn config_path(&self) -> &Path {
@@ -83,12 +190,14 @@ impl<'c> Mesh<'c> {
             let node = &self.cluster.node(pod.node).name;
             let _ = write!(
                 out,
-                "- name: {}\n  namespace: default\n  node: {node}\n  netns: {}\n  addresses: [{}, {}]\n  enrolled: {}\n",
+                "- name: {}\n  namespace: default\n  service_account: {}\n  node: {node}\n  netns: {}\n  addresses: [{}, {}]\n  enrolled: {}\n{}",
+                pod.name,
                 pod.name,
                 pod.netns_path.display(),
                 pod.ip,
                 pod.ip6,
                 self.enrolled.contains(&pod.name),
+                self.extra.get(&pod.name).map(String::as_str).unwrap_or(""),
             );
         }
         out
@@ -161,6 +270,12 @@ impl<'c> Mesh<'c> {
             .arg(self.pin_dir(node))
             .arg("--config-poll-ms")
             .arg("100")
+            .arg("--ca-addr")
+            .arg(self.ca_addr())
+            .arg("--ca-token-file")
+            .arg(self.token_path(node))
+            .arg("--trust-bundle")
+            .arg(self.bundle_path())
             .args(&self.agent_args);
         cmd
     }
@@ -246,8 +361,17 @@ fn is_pod_event(v: &Value, message: &str, pod: &str) -> bool {
             .is_some_and(|w| w.ends_with(&format!("/{pod}")))
 }
 
+/// 32 hex characters from the kernel's random source.
+fn random_token() -> Result<String> {
+    use std::io::Read as _;
+    let mut b = [0u8; 16];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
 impl Drop for Mesh<'_> {
     fn drop(&mut self) {
+        let _ = self.stop_ca();
         for node in 0..self.agents.len() {
             let _ = self.stop_agent(node, true);
             let _ = self.uninstall(node);

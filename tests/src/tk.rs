@@ -63,3 +63,28 @@ pub fn wait_accepted(server: &Proc, n: usize) -> Vec<Value> {
     });
     seen
 }
+
+/// Starts `weft-tk echo` on `[::]:port` in `pod` and waits until it listens.
+pub fn echo(pod: &Pod, port: u16) -> Result<Proc> {
+    let mut cmd = pod.command(bin_path("weft-tk"));
+    cmd.args(["echo", "--listen", &format!("[::]:{port}")]);
+    let server = pod.spawn(&mut cmd)?;
+    server.wait_for_json(PATIENCE, |v| v.get("listening").is_some())?;
+    Ok(server)
+}
+
+/// Runs `weft-tk say` in `from`: sends `message` to `to`, returns the report
+/// (`ok` is true when the echo came back intact).
+pub fn say(from: &Pod, to: &str, message: &str, extra: &[&str]) -> Result<Value> {
+    let mut args = vec!["say", "--connect", to, "--message", message];
+    args.extend(extra);
+    let out = from.exec(bin_path("weft-tk"), &args)?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap_or_default()).with_context(|| {
+        format!(
+            "say in {} printed no report: {stdout:?} {}",
+            from.name,
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}

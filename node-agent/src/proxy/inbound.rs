@@ -11,18 +11,18 @@ use tracing::debug;
 use weft_common::INBOUND_PLAINTEXT_PORT;
 
 use super::{
-    AcceptBackoff, AccessLog, Direction, INBOUND_SOURCE_V4, INBOUND_SOURCE_V6, Pod, Settings,
+    AcceptBackoff, AccessLog, Direction, INBOUND_SOURCE_V4, INBOUND_SOURCE_V6, Pod, Shared,
     canonical, forward, listen, reset, stopped,
 };
 
 pub struct InboundListener {
     pod: Arc<Pod>,
     listener: TcpListener,
-    settings: Settings,
+    shared: Arc<Shared>,
 }
 
 impl InboundListener {
-    pub fn new(pod: Arc<Pod>, settings: Settings) -> std::io::Result<Self> {
+    pub fn new(pod: Arc<Pod>, shared: Arc<Shared>) -> std::io::Result<Self> {
         let any6 = SocketAddr::new(
             std::net::Ipv6Addr::UNSPECIFIED.into(),
             INBOUND_PLAINTEXT_PORT,
@@ -41,7 +41,7 @@ impl InboundListener {
         Ok(InboundListener {
             pod,
             listener,
-            settings,
+            shared,
         })
     }
 
@@ -67,14 +67,19 @@ impl InboundListener {
                 },
             };
             let pod = self.pod.clone();
-            let settings = self.settings;
+            let settings = self.shared.settings;
             tokio::spawn(async move { handle(pod, settings, stream, peer).await });
         }
         debug!(workload = %self.pod.workload, "inbound listener stopped");
     }
 }
 
-async fn handle(pod: Arc<Pod>, settings: Settings, down: tokio::net::TcpStream, peer: SocketAddr) {
+async fn handle(
+    pod: Arc<Pod>,
+    settings: super::Settings,
+    down: tokio::net::TcpStream,
+    peer: SocketAddr,
+) {
     let mut log = AccessLog::new(Direction::Inbound, pod.clone(), canonical(peer));
     let dst = match down.local_addr() {
         Ok(a) => canonical(a),

@@ -25,12 +25,21 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tracing::{info, warn};
 use weft_common::{AGENT_SOCKET_MARK, INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 
-use crate::{config::WorkloadKey, netns::Netns, telemetry::ACCESS_LOG};
+use crate::{
+    certs::CertManager,
+    config::{MeshConfig, WorkloadKey},
+    hbone::client::Pool,
+    identity::SpiffeId,
+    netns::Netns,
+    telemetry::ACCESS_LOG,
+    tls::TrustBundle,
+};
 
 /// What a listener needs to know about the pod it serves.
 #[derive(Debug)]
 pub struct Pod {
     pub workload: WorkloadKey,
+    pub identity: SpiffeId,
     pub netns: Netns,
 }
 
@@ -38,6 +47,49 @@ pub struct Pod {
 #[derive(Debug, Clone, Copy)]
 pub struct Settings {
     pub connect_timeout: Duration,
+}
+
+/// What every listener of this agent shares: settings, the current mesh model,
+/// certificates, the trust bundle and the HBONE pool.
+pub struct Shared {
+    pub settings: Settings,
+    view: std::sync::RwLock<Arc<MeshConfig>>,
+    pub certs: CertManager,
+    pub bundle: Arc<std::sync::RwLock<TrustBundle>>,
+    pub pool: Pool,
+}
+
+impl Shared {
+    pub fn new(
+        settings: Settings,
+        certs: CertManager,
+        bundle: Arc<std::sync::RwLock<TrustBundle>>,
+        pool: Pool,
+    ) -> Self {
+        Shared {
+            settings,
+            view: std::sync::RwLock::new(Arc::new(MeshConfig::default())),
+            certs,
+            bundle,
+            pool,
+        }
+    }
+
+    /// The mesh as of the last good config (a cheap `Arc` clone).
+    pub fn view(&self) -> Arc<MeshConfig> {
+        self.view.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn set_view(&self, config: MeshConfig) {
+        *self.view.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
+    }
+
+    pub fn bundle(&self) -> TrustBundle {
+        self.bundle
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
 }
 
 /// Opens a listening socket inside `netns`.
@@ -147,11 +199,18 @@ impl Direction {
 /// One access-log line per connection, written when the guard drops, so that no
 /// path (early refusal, error, panic unwinding a task) forgets it.
 pub(crate) struct AccessLog {
-    direction: Direction,
-    pod: Arc<Pod>,
-    src: SocketAddr,
+    pub(crate) direction: Direction,
+    pub(crate) pod: Arc<Pod>,
+    pub(crate) src: SocketAddr,
     dst: Option<SocketAddr>,
     start: Instant,
+    /// The SPIFFE identities of the two ends, when known.
+    pub src_identity: Option<String>,
+    pub dst_identity: Option<String>,
+    /// How the connection crossed the network: `mutual_tls` (HBONE) or `none`.
+    pub security: &'static str,
+    /// The pooled HBONE connection that carried it.
+    pub connection: Option<u64>,
     pub sent: u64,
     pub received: u64,
     pub end: &'static str,
@@ -167,6 +226,10 @@ impl AccessLog {
             src,
             dst: None,
             start: Instant::now(),
+            src_identity: None,
+            dst_identity: None,
+            security: "none",
+            connection: None,
             sent: 0,
             received: 0,
             end: "unknown",
@@ -194,6 +257,10 @@ impl Drop for AccessLog {
             workload = %self.pod.workload,
             src.addr = %self.src,
             dst.addr = dst.as_deref().unwrap_or("-"),
+            src.identity = self.src_identity.as_deref(),
+            dst.identity = self.dst_identity.as_deref(),
+            security = self.security,
+            hbone.connection = self.connection,
             bytes_sent = self.sent,
             bytes_received = self.received,
             duration_ms = self.start.elapsed().as_secs_f64() * 1e3,

@@ -1,7 +1,11 @@
 //! Outbound: the pod's captured connects arrive on 15001 (`127.0.0.1` and `[::1]`
 //! inside its namespace). The original destination comes from the kernel (one map
-//! lookup keyed by the pod's namespace and the client's own address and port), and
-//! for now the connection is forwarded to it in plaintext.
+//! lookup keyed by the pod's namespace and the client's own address and port).
+//!
+//! A destination that is an enrolled workload gets an HBONE stream (mutual TLS with
+//! the source pod's certificate, checking the destination's identity). Any other
+//! destination is outside the mesh: by the source pod's `outside_mesh` setting it
+//! goes direct in plaintext, or is refused.
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -13,21 +17,30 @@ use tracing::{debug, warn};
 use weft_common::{AF_INET, ConnKey, OUTBOUND_PORT, OrigDst, v4_mapped};
 
 use super::{
-    AcceptBackoff, AccessLog, Direction, Pod, Settings, canonical, forward, listen, reset, stopped,
+    AcceptBackoff, AccessLog, Direction, Pod, Shared, canonical, copy::Side, forward,
+    is_reserved_port, listen, reset, stopped,
 };
-use crate::ebpf::OrigDstTable;
+use crate::{
+    config::OutsideMesh,
+    ebpf::OrigDstTable,
+    hbone::{client::Target, stream},
+};
 
 pub struct OutboundListener {
     pod: Arc<Pod>,
     listeners: Vec<TcpListener>,
     orig_dst: OrigDstTable,
-    settings: Settings,
+    shared: Arc<Shared>,
 }
 
 impl OutboundListener {
     /// Binds 15001 on the pod's IPv4 loopback, and on its IPv6 loopback when the pod
     /// has IPv6.
-    pub fn new(pod: Arc<Pod>, orig_dst: OrigDstTable, settings: Settings) -> std::io::Result<Self> {
+    pub fn new(
+        pod: Arc<Pod>,
+        orig_dst: OrigDstTable,
+        shared: Arc<Shared>,
+    ) -> std::io::Result<Self> {
         let v4 = listen(
             &pod.netns,
             SocketAddr::new(Ipv4Addr::LOCALHOST.into(), OUTBOUND_PORT),
@@ -46,7 +59,7 @@ impl OutboundListener {
             pod,
             listeners,
             orig_dst,
-            settings,
+            shared,
         })
     }
 
@@ -55,7 +68,7 @@ impl OutboundListener {
             pod,
             listeners,
             orig_dst,
-            settings,
+            shared,
         } = self;
         let accept_any = async |ls: &[TcpListener]| {
             // At most two listeners: poll both, take whichever is ready.
@@ -85,8 +98,9 @@ impl OutboundListener {
             };
             let pod = pod.clone();
             let orig_dst = orig_dst.clone();
+            let shared = shared.clone();
             tokio::spawn(async move {
-                handle(pod, orig_dst, settings, stream, peer).await;
+                handle(pod, orig_dst, shared, stream, peer).await;
             });
         }
         debug!(workload = %pod.workload, "outbound listener stopped");
@@ -96,8 +110,8 @@ impl OutboundListener {
 async fn handle(
     pod: Arc<Pod>,
     orig_dst: OrigDstTable,
-    settings: Settings,
-    down: tokio::net::TcpStream,
+    shared: Arc<Shared>,
+    mut down: tokio::net::TcpStream,
     peer: SocketAddr,
 ) {
     let mut log = AccessLog::new(Direction::Outbound, pod.clone(), canonical(peer));
@@ -109,7 +123,80 @@ async fn handle(
         reset(down);
         return;
     };
-    forward(log, down, dst, None, settings).await;
+    let view = shared.view();
+    let me = view.workloads.iter().find(|w| w.key() == pod.workload);
+    let peer_workload = view.workload_by_address(dst.ip()).filter(|w| w.enrolled);
+    let Some(dst_workload) = peer_workload else {
+        match me.map(|w| w.outside_mesh).unwrap_or_default() {
+            OutsideMesh::Passthrough => forward(log, down, dst, None, shared.settings).await,
+            OutsideMesh::Refuse => {
+                log.set_dst(dst);
+                log.fail(
+                    "refused",
+                    "destination is outside the mesh (outside_mesh: refuse)",
+                );
+                reset(down);
+            }
+        }
+        return;
+    };
+    log.set_dst(dst);
+    if is_reserved_port(dst.port()) {
+        log.fail("refused", "destination port is reserved for the mesh");
+        reset(down);
+        return;
+    }
+    let dst_id = match dst_workload.identity(&view.trust_domain) {
+        Ok(id) => id,
+        Err(e) => {
+            log.fail("refused", e);
+            reset(down);
+            return;
+        }
+    };
+    // The pod's own address in the destination's family: what the peer sees.
+    let source_ip = me.and_then(|w| {
+        w.addresses
+            .iter()
+            .copied()
+            .find(|a| a.is_ipv4() == dst.is_ipv4())
+    });
+    if let Some(ip) = source_ip {
+        log.src = SocketAddr::new(ip, peer.port());
+    }
+    log.src_identity = Some(pod.identity.to_string());
+    log.dst_identity = Some(dst_id.to_string());
+    log.security = "mutual_tls";
+    drop(view);
+    let _ = down.set_nodelay(true);
+    let tunnel = match shared
+        .pool
+        .open(Target {
+            netns: &pod.netns,
+            src: &pod.identity,
+            dst: &dst_id,
+            hbone: SocketAddr::new(dst.ip(), weft_common::INBOUND_HBONE_PORT),
+            authority: dst,
+            source_ip,
+        })
+        .await
+    {
+        Ok(t) => t,
+        Err(e) => {
+            log.fail(e.end(), e);
+            reset(down);
+            return;
+        }
+    };
+    log.connection = Some(tunnel.connection);
+    let t = stream::bidirectional(&mut down, tunnel.send, tunnel.recv).await;
+    log.sent = t.sent;
+    log.received = t.received;
+    match t.result {
+        Ok(()) => log.end = "closed",
+        Err((Side::Downstream, e)) => log.fail("downstream_error", e),
+        Err((Side::Upstream, e)) => log.fail("upstream_error", e),
+    }
 }
 
 /// The key `sock_ops` filed the original destination under: the client's own

@@ -6,7 +6,13 @@
 //! weft-tk client --connect <addr:port> [--upload N] [--download N]
 //!                [--respond-after-eof] [--timeout-secs S]
 //! weft-tk connect-time --connect <addr:port> --count N [--timeout-secs S]
+//! weft-tk echo --listen <addr:port>
+//! weft-tk say --connect <addr:port> --message TEXT [--hold-secs S] [--timeout-secs S]
 //! ```
+//!
+//! `echo` sends back whatever it reads until EOF; `say` sends one message, reads
+//! the echo and prints it (`--hold-secs` keeps the connection open that long
+//! after the echo, for tests that count live connections).
 //!
 //! Protocol, per connection: the client sends a 24-byte header of three
 //! little-endian u64s — `upload` (bytes the client sends after the header),
@@ -44,6 +50,8 @@ const USAGE: &str = "usage:
   weft-tk serve --listen <addr:port>
   weft-tk client --connect <addr:port> [--upload N] [--download N] [--respond-after-eof] [--timeout-secs S]
   weft-tk connect-time --connect <addr:port> --count N [--timeout-secs S]
+  weft-tk echo --listen <addr:port>
+  weft-tk say --connect <addr:port> --message TEXT [--hold-secs S] [--timeout-secs S]
 sizes accept K/M/G suffixes (binary)";
 
 fn main() -> ExitCode {
@@ -52,6 +60,8 @@ fn main() -> ExitCode {
         Some("serve") => serve(&args[1..]),
         Some("client") => client(&args[1..]),
         Some("connect-time") => connect_time(&args[1..]),
+        Some("echo") => echo(&args[1..]),
+        Some("say") => say(&args[1..]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;
@@ -346,6 +356,105 @@ fn serve(args: &[String]) -> Result<ExitCode, String> {
             }
         }
     }
+}
+
+/// An echo server: each connection gets back what it sent, line by line as it
+/// arrives, until EOF. One JSON line per connection when it ends.
+fn echo(args: &[String]) -> Result<ExitCode, String> {
+    let opts = Opts::parse(args, &["--listen"], &[])?;
+    let addr = resolve(opts.required("--listen")?)?;
+    let listener = listen(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    emit(&json!({ "listening": local.to_string() }));
+    loop {
+        match listener.accept() {
+            Ok((mut stream, peer)) => {
+                thread::spawn(move || {
+                    let _ = stream.set_read_timeout(Some(SERVER_IO_TIMEOUT));
+                    let mut buf = [0u8; 16 * 1024];
+                    let mut total = 0u64;
+                    let result = loop {
+                        match stream.read(&mut buf) {
+                            Ok(0) => break Ok(()),
+                            Ok(n) => {
+                                total += n as u64;
+                                if let Err(e) = stream.write_all(&buf[..n]) {
+                                    break Err(e);
+                                }
+                            }
+                            Err(e) => break Err(e),
+                        }
+                    };
+                    let _ = stream.shutdown(Shutdown::Write);
+                    emit(&json!({
+                        "accepted": peer.to_string(),
+                        "echoed": total,
+                        "error": result.err().map(|e| e.to_string()),
+                    }));
+                });
+            }
+            Err(e) => {
+                eprintln!("weft-tk echo: accept failed: {e}");
+                thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+/// Sends `--message`, reads its echo back, prints `{"ok", "reply"}`.
+fn say(args: &[String]) -> Result<ExitCode, String> {
+    let opts = Opts::parse(
+        args,
+        &["--connect", "--message", "--hold-secs", "--timeout-secs"],
+        &[],
+    )?;
+    let addr = resolve(opts.required("--connect")?)?;
+    let message = opts.required("--message")?.as_bytes().to_vec();
+    let hold = match opts.get("--hold-secs") {
+        Some(s) => {
+            Duration::from_secs_f64(s.parse().map_err(|_| format!("bad --hold-secs {s:?}"))?)
+        }
+        None => Duration::ZERO,
+    };
+    let timeout = opts.timeout()?;
+    let start = Instant::now();
+    let run = || -> Result<Vec<u8>, String> {
+        let mut stream = TcpStream::connect_timeout(&addr, timeout)
+            .map_err(|e| format!("connect {addr}: {e}"))?;
+        stream
+            .set_read_timeout(Some(timeout))
+            .map_err(|e| e.to_string())?;
+        stream
+            .write_all(&message)
+            .map_err(|e| format!("send: {e}"))?;
+        let mut reply = vec![0u8; message.len()];
+        stream
+            .read_exact(&mut reply)
+            .map_err(|e| format!("reading the echo: {e}"))?;
+        thread::sleep(hold);
+        stream
+            .shutdown(Shutdown::Write)
+            .map_err(|e| e.to_string())?;
+        let mut rest = Vec::new();
+        stream
+            .read_to_end(&mut rest)
+            .map_err(|e| format!("reading to EOF: {e}"))?;
+        reply.extend(rest);
+        Ok(reply)
+    };
+    let result = run();
+    let ok = result.as_ref().is_ok_and(|r| *r == message);
+    emit(&json!({
+        "ok": ok,
+        "reply": result.as_ref().ok().map(|r| String::from_utf8_lossy(r).into_owned()),
+        "error": result.err(),
+        "elapsed_ms": start.elapsed().as_secs_f64() * 1000.0,
+    }));
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 /// A listening socket; for `[::]` also accepting IPv4 (IPV6_V6ONLY off), so

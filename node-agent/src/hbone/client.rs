@@ -1,0 +1,405 @@
+//! Outbound HBONE: a pool of mutual-TLS HTTP/2 connections, one `CONNECT` stream
+//! per proxied connection.
+//!
+//! Connections are keyed by (source pod, source identity, destination identity,
+//! destination address): a connection proves exactly one pair of identities, and
+//! its socket lives in the source pod's namespace (it leaves with the pod's own
+//! address). For each key the pool picks the connection with the fewest streams,
+//! and opens another when
+//! - every connection has `max_streams_per_connection` streams, or
+//! - the least busy one already has a stream and there are fewer than `spread`
+//!   connections: concurrent transfers between two pods then run on separate TLS
+//!   connections, which are separate tasks on separate cores, and a bulk transfer
+//!   never shares its TLS record stream with small exchanges until all `spread`
+//!   connections are busy.
+//!
+//! A connection made with a certificate that has since been renewed takes no new
+//! streams; it finishes the ones it has and is closed when idle. Unused connections
+//! are closed after `idle_timeout`.
+
+use std::{
+    cell::Cell,
+    collections::HashMap,
+    io,
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed},
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use h2::{RecvStream, SendStream, client::SendRequest};
+use http::{Method, Request, StatusCode};
+use rustls::pki_types::ServerName;
+use tokio_rustls::TlsConnector;
+use tracing::{debug, info};
+
+use super::{
+    CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME, PoolSettings, STREAM_WINDOW, stream::h2_io,
+};
+use crate::{
+    certs::{self, CertManager},
+    identity::SpiffeId,
+    netns::Netns,
+    proxy::connect_from,
+    tls::{self, TrustBundle},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Certificate(#[from] certs::Error),
+    #[error("connecting to {addr}: {source}")]
+    Connect { addr: SocketAddr, source: io::Error },
+    #[error("TLS with {addr}: {source}")]
+    Tls { addr: SocketAddr, source: io::Error },
+    #[error("HTTP/2 with {addr}: {source}")]
+    H2 { addr: SocketAddr, source: io::Error },
+    #[error("the peer answered {0}")]
+    Status(StatusCode),
+    #[error("bad trust setup: {0}")]
+    Setup(#[from] tls::Error),
+}
+
+impl Error {
+    /// The access-log `end` for this failure.
+    pub fn end(&self) -> &'static str {
+        match self {
+            Error::Certificate(_) | Error::Setup(_) => "no_certificate",
+            Error::Tls { .. } => "tls_error",
+            Error::Status(s) if *s == StatusCode::UNAUTHORIZED || *s == StatusCode::FORBIDDEN => {
+                "denied"
+            }
+            _ => "upstream_connect_failed",
+        }
+    }
+}
+
+/// Where a stream goes and on whose behalf.
+pub struct Target<'a> {
+    /// The source pod's namespace: the connection's socket is made there.
+    pub netns: &'a Netns,
+    pub src: &'a SpiffeId,
+    pub dst: &'a SpiffeId,
+    /// The destination pod's HBONE address (`ip:15008`).
+    pub hbone: SocketAddr,
+    /// What the stream asks for (`CONNECT ip:port`).
+    pub authority: SocketAddr,
+    /// The original source, for the `forwarded` header.
+    pub source_ip: Option<IpAddr>,
+}
+
+/// One open stream, with the bookkeeping that frees its slot when dropped.
+pub struct Tunnel {
+    pub send: SendStream<Bytes>,
+    pub recv: RecvStream,
+    /// Which pooled connection carries it (for logs and tests).
+    pub connection: u64,
+    _slot: Slot,
+}
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct Key {
+    netns_cookie: u64,
+    src: SpiffeId,
+    dst: SpiffeId,
+    addr: SocketAddr,
+}
+
+struct Conn {
+    id: u64,
+    send: SendRequest<Bytes>,
+    /// Serial of the certificate the connection was made with.
+    serial: String,
+    active: AtomicUsize,
+    closed: Arc<AtomicBool>,
+    idle_since: Mutex<Instant>,
+}
+
+/// A stream's claim on a connection.
+struct Slot(Arc<Conn>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(1, Relaxed) == 1 {
+            *self.0.idle_since.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        }
+    }
+}
+
+type Conns = Arc<tokio::sync::Mutex<Vec<Arc<Conn>>>>;
+
+#[derive(Clone)]
+pub struct Pool {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    certs: CertManager,
+    bundle: Arc<RwLock<TrustBundle>>,
+    settings: PoolSettings,
+    keys: Mutex<HashMap<Key, Conns>>,
+    next_id: AtomicU64,
+}
+
+impl Pool {
+    /// A pool that takes certificates from `certs` and trusts what `bundle` holds
+    /// at the time each connection is made.
+    pub fn new(
+        certs: CertManager,
+        bundle: Arc<RwLock<TrustBundle>>,
+        settings: PoolSettings,
+    ) -> Self {
+        let inner = Arc::new(Inner {
+            certs,
+            bundle,
+            settings,
+            keys: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+        });
+        tokio::spawn(reap(Arc::downgrade(&inner)));
+        Pool { inner }
+    }
+
+    /// Opens a stream to `t`, over a pooled connection or a new one.
+    pub async fn open(&self, t: Target<'_>) -> Result<Tunnel, Error> {
+        let s = &self.inner.settings;
+        let svid = self.inner.certs.get(t.src, s.connect_timeout).await?;
+        let key = Key {
+            netns_cookie: t.netns.cookie(),
+            src: t.src.clone(),
+            dst: t.dst.clone(),
+            addr: t.hbone,
+        };
+        let slot = {
+            let conns = self
+                .inner
+                .keys
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(key)
+                .or_default()
+                .clone();
+            let mut conns = conns.lock().await;
+            conns.retain(|c| !c.closed.load(Relaxed));
+            let current = conns.iter().filter(|c| c.serial == svid.serial);
+            let count = current.clone().count();
+            let best = current
+                .filter(|c| c.active.load(Relaxed) < s.max_streams_per_connection)
+                .min_by_key(|c| c.active.load(Relaxed));
+            let conn = match best {
+                Some(c) if c.active.load(Relaxed) == 0 || count >= s.spread => c.clone(),
+                _ => {
+                    let c = Arc::new(self.connect(&t, &svid).await?);
+                    conns.push(c.clone());
+                    c
+                }
+            };
+            conn.active.fetch_add(1, Relaxed);
+            Slot(conn)
+        };
+        let conn = &slot.0;
+        let h2_err = |source: h2::Error| Error::H2 {
+            addr: t.hbone,
+            source: h2_io(source),
+        };
+        let mut send = conn.send.clone().ready().await.map_err(h2_err)?;
+        let req = connect_request(t.authority, t.source_ip);
+        let (response, stream) = send.send_request(req, false).map_err(h2_err)?;
+        let response = match tokio::time::timeout(s.connect_timeout, response).await {
+            Ok(r) => r.map_err(h2_err)?,
+            Err(_) => {
+                return Err(Error::H2 {
+                    addr: t.hbone,
+                    source: io::Error::new(io::ErrorKind::TimedOut, "no answer to CONNECT"),
+                });
+            }
+        };
+        if response.status() != StatusCode::OK {
+            return Err(Error::Status(response.status()));
+        }
+        Ok(Tunnel {
+            send: stream,
+            recv: response.into_body(),
+            connection: conn.id,
+            _slot: slot,
+        })
+    }
+
+    async fn connect(&self, t: &Target<'_>, svid: &tls::Svid) -> Result<Conn, Error> {
+        let s = &self.inner.settings;
+        let bundle = self
+            .inner
+            .bundle
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let config = tls::client_config(svid, &bundle, t.dst.clone())?;
+        let tcp = connect_from(t.netns, t.hbone, None, s.connect_timeout)
+            .await
+            .map_err(|source| Error::Connect {
+                addr: t.hbone,
+                source,
+            })?;
+        let name = ServerName::IpAddress(t.hbone.ip().into());
+        let tls = match tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            TlsConnector::from(config).connect(name, tcp),
+        )
+        .await
+        {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(source)) => {
+                return Err(Error::Tls {
+                    addr: t.hbone,
+                    source,
+                });
+            }
+            Err(_) => {
+                return Err(Error::Tls {
+                    addr: t.hbone,
+                    source: io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"),
+                });
+            }
+        };
+        let handshake = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME)
+            .handshake::<_, Bytes>(tls);
+        let (send, connection) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+            Ok(Ok(x)) => x,
+            Ok(Err(e)) => {
+                return Err(Error::H2 {
+                    addr: t.hbone,
+                    source: h2_io(e),
+                });
+            }
+            Err(_) => {
+                return Err(Error::H2 {
+                    addr: t.hbone,
+                    source: io::Error::new(io::ErrorKind::TimedOut, "HTTP/2 handshake timed out"),
+                });
+            }
+        };
+        let id = self.inner.next_id.fetch_add(1, Relaxed);
+        let closed = Arc::new(AtomicBool::new(false));
+        let flag = closed.clone();
+        let (src, dst, addr) = (t.src.to_string(), t.dst.to_string(), t.hbone);
+        info!(connection = id, src.identity = %src, dst.identity = %dst, dst.addr = %addr, serial = %svid.serial, "HBONE connection opened");
+        tokio::spawn(async move {
+            let result = connection.await;
+            flag.store(true, Relaxed);
+            debug!(connection = id, dst.addr = %addr, result = ?result.err(), "HBONE connection closed");
+        });
+        Ok(Conn {
+            id,
+            send,
+            serial: svid.serial.clone(),
+            active: AtomicUsize::new(0),
+            closed,
+            idle_since: Mutex::new(Instant::now()),
+        })
+    }
+}
+
+/// Closes connections idle for longer than the timeout (dropping the last
+/// `SendRequest` makes h2 send GOAWAY and close), until the pool is gone.
+async fn reap(pool: std::sync::Weak<Inner>) {
+    let every = {
+        let Some(p) = pool.upgrade() else { return };
+        (p.settings.idle_timeout / 4).max(Duration::from_millis(250))
+    };
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(p) = pool.upgrade() else { return };
+        let idle = p.settings.idle_timeout;
+        let mut keys = p.keys.lock().unwrap_or_else(|e| e.into_inner());
+        keys.retain(|_, conns| {
+            let Ok(mut conns) = conns.try_lock() else {
+                return true;
+            };
+            conns.retain(|c| {
+                let unused = c.active.load(Relaxed) == 0
+                    && c.idle_since
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .elapsed()
+                        >= idle;
+                !c.closed.load(Relaxed) && !unused
+            });
+            !conns.is_empty()
+        });
+    }
+}
+
+/// `CONNECT ip:port` with the original source and a fresh trace context.
+fn connect_request(authority: SocketAddr, source: Option<IpAddr>) -> Request<()> {
+    let mut req = Request::builder()
+        .method(Method::CONNECT)
+        .uri(authority.to_string())
+        .header("traceparent", traceparent());
+    if let Some(ip) = source {
+        let value = match ip {
+            IpAddr::V4(ip) => format!("for={ip}"),
+            IpAddr::V6(ip) => format!("for=\"[{ip}]\""),
+        };
+        req = req.header("forwarded", value);
+    }
+    // Only a malformed header value could fail here, and ours are all well formed.
+    req.body(()).unwrap_or_default()
+}
+
+/// A W3C `traceparent` for a new trace: version 00, random trace and span ids,
+/// sampled flag off. Not security sensitive: a per-thread xorshift seeded from the
+/// kernel's random source once.
+fn traceparent() -> String {
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new({
+            let mut b = [0u8; 8];
+            // SAFETY: getrandom writes at most 8 bytes into `b`.
+            unsafe { libc::getrandom(b.as_mut_ptr().cast(), 8, 0) };
+            u64::from_ne_bytes(b) | 1
+        });
+    }
+    let next = || {
+        STATE.with(|s| {
+            let mut x = s.get();
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            s.set(x);
+            x
+        })
+    };
+    format!("00-{:016x}{:016x}-{:016x}-00", next(), next(), next())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connect_request_is_hbone_shaped() {
+        let r = connect_request(
+            "10.2.1.2:8080".parse().unwrap(),
+            Some("10.1.1.2".parse().unwrap()),
+        );
+        assert_eq!(r.method(), Method::CONNECT);
+        assert_eq!(r.uri().authority().unwrap().as_str(), "10.2.1.2:8080");
+        assert!(r.uri().scheme().is_none());
+        assert_eq!(r.headers()["forwarded"], "for=10.1.1.2");
+        let tp = r.headers()["traceparent"].to_str().unwrap();
+        assert_eq!(tp.len(), 55);
+        assert!(tp.starts_with("00-") && tp.ends_with("-00"));
+        let r = connect_request(
+            "[fd00::2]:80".parse().unwrap(),
+            Some("fd00::1".parse().unwrap()),
+        );
+        assert_eq!(r.uri().authority().unwrap().as_str(), "[fd00::2]:80");
+        assert_eq!(r.headers()["forwarded"], "for=\"[fd00::1]\"");
+        assert_ne!(traceparent(), traceparent());
+    }
+}

@@ -1,0 +1,354 @@
+//! Inbound HBONE: the listener on 15008 inside a pod's network namespace.
+//!
+//! Each connection must complete a TLS 1.3 handshake with a client certificate that
+//! chains to the trust bundle; the peer's identity is its one SPIFFE URI SAN. The
+//! server presents the pod's own SVID (the current one at each handshake, so a
+//! renewal takes effect without a restart). Then HTTP/2: every stream must be a
+//! `CONNECT` to one of this pod's addresses on a port that is not the mesh's own;
+//! the agent connects to the application inside the namespace and answers 200, or
+//! 400 (bad request) / 503 (the application refused) without touching anything.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
+
+use bytes::Bytes;
+use h2::{RecvStream, server::SendResponse};
+use http::{Method, Request, Response, StatusCode};
+use rustls::{server::ResolvesServerCert, sign::CertifiedKey};
+use tokio::{net::TcpListener, sync::watch};
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, warn};
+use weft_common::INBOUND_HBONE_PORT;
+
+use super::{
+    CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME, MAX_HEADER_LIST, STREAM_WINDOW, stream,
+};
+use crate::{
+    certs::CertManager,
+    identity::SpiffeId,
+    proxy::{
+        AcceptBackoff, AccessLog, Direction, INBOUND_SOURCE_V4, INBOUND_SOURCE_V6, Pod, Settings,
+        canonical, connect_from, copy::Side, is_reserved_port, listen, stopped,
+    },
+    tls::{self, TrustBundle},
+};
+
+/// Streams one inbound connection may carry at once.
+const MAX_CONCURRENT_STREAMS: u32 = 1000;
+
+pub struct HboneListener {
+    pod: Arc<Pod>,
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    addresses: Arc<[IpAddr]>,
+    settings: Settings,
+}
+
+/// Resolves the pod's current SVID at each handshake.
+#[derive(Debug)]
+struct PodCert {
+    certs: CertManager,
+    id: SpiffeId,
+}
+
+impl std::fmt::Debug for CertManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CertManager")
+    }
+}
+
+impl ResolvesServerCert for PodCert {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let svid = self.certs.current(&self.id);
+        if svid.is_none() {
+            warn!(identity = %self.id, "HBONE handshake refused: no certificate for this pod yet");
+        }
+        svid.map(|s| s.certified_key())
+    }
+}
+
+impl HboneListener {
+    /// Binds 15008 (IPv6 and IPv4) inside the pod's namespace.
+    pub fn new(
+        pod: Arc<Pod>,
+        addresses: &[IpAddr],
+        certs: CertManager,
+        bundle: &TrustBundle,
+        settings: Settings,
+    ) -> std::io::Result<Self> {
+        let any6 = SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), INBOUND_HBONE_PORT);
+        let listener = match listen(&pod.netns, any6) {
+            Ok(l) => l,
+            Err(_) => listen(
+                &pod.netns,
+                SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), INBOUND_HBONE_PORT),
+            )?,
+        };
+        let resolver = Arc::new(PodCert {
+            certs,
+            id: pod.identity.clone(),
+        });
+        let config = tls::server_config(resolver, bundle).map_err(std::io::Error::other)?;
+        Ok(HboneListener {
+            pod,
+            listener,
+            acceptor: TlsAcceptor::from(config),
+            addresses: addresses.iter().map(|a| a.to_canonical()).collect(),
+            settings,
+        })
+    }
+
+    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+        let mut backoff = AcceptBackoff::default();
+        loop {
+            let (stream, peer) = tokio::select! {
+                _ = stopped(&mut stop) => break,
+                r = self.listener.accept() => match r {
+                    Ok(c) => {
+                        backoff.succeeded();
+                        c
+                    }
+                    Err(e) => {
+                        backoff.failed(&self.pod.workload, Direction::Inbound, e).await;
+                        continue;
+                    }
+                },
+            };
+            let conn = Conn {
+                pod: self.pod.clone(),
+                addresses: self.addresses.clone(),
+                settings: self.settings,
+                peer: canonical(peer),
+            };
+            let acceptor = self.acceptor.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move { conn.serve(acceptor, stream, stop).await });
+        }
+        debug!(workload = %self.pod.workload, "HBONE listener stopped");
+    }
+}
+
+struct Conn {
+    pod: Arc<Pod>,
+    addresses: Arc<[IpAddr]>,
+    settings: Settings,
+    peer: SocketAddr,
+}
+
+impl Conn {
+    async fn serve(
+        self,
+        acceptor: TlsAcceptor,
+        tcp: tokio::net::TcpStream,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let _ = tcp.set_nodelay(true);
+        let (workload, peer) = (self.pod.workload.clone(), self.peer);
+        let refuse = move |reason: &dyn std::fmt::Display| {
+            warn!(
+                %workload,
+                %peer,
+                reason = %reason,
+                "HBONE connection refused"
+            );
+        };
+        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => return refuse(&format_args!("TLS handshake failed: {e}")),
+            Err(_) => return refuse(&"TLS handshake timed out"),
+        };
+        let peer_id = match tls::peer_identity(tls.get_ref().1.peer_certificates()) {
+            Ok(id) => Arc::<str>::from(id.to_string()),
+            Err(e) => return refuse(&e),
+        };
+        let handshake = h2::server::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME)
+            .max_header_list_size(MAX_HEADER_LIST)
+            .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+            .handshake::<_, Bytes>(tls);
+        let mut h2 = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+            Ok(Ok(h2)) => h2,
+            Ok(Err(e)) => return refuse(&format_args!("HTTP/2 handshake failed: {e}")),
+            Err(_) => return refuse(&"HTTP/2 handshake timed out"),
+        };
+        debug!(workload = %self.pod.workload, peer = %self.peer, peer_identity = %peer_id, "HBONE connection accepted");
+        let this = Arc::new(self);
+        let mut draining = false;
+        loop {
+            let next = tokio::select! {
+                _ = stopped(&mut stop), if !draining => {
+                    // Finish the streams in flight, take no new ones.
+                    h2.graceful_shutdown();
+                    draining = true;
+                    continue;
+                }
+                next = h2.accept() => next,
+            };
+            match next {
+                Some(Ok((req, respond))) => {
+                    let this = this.clone();
+                    let peer_id = peer_id.clone();
+                    tokio::spawn(async move { this.stream(peer_id, req, respond).await });
+                }
+                Some(Err(e)) => {
+                    if !e.is_go_away() && !e.is_io() {
+                        refuse(&format_args!("HTTP/2 error: {e}"));
+                    }
+                    break;
+                }
+                None => break,
+            }
+        }
+    }
+
+    async fn stream(
+        &self,
+        peer_id: Arc<str>,
+        req: Request<RecvStream>,
+        mut respond: SendResponse<Bytes>,
+    ) {
+        let mut log = AccessLog::new(Direction::Inbound, self.pod.clone(), self.peer);
+        log.src_identity = Some(peer_id.to_string());
+        log.dst_identity = Some(self.pod.identity.to_string());
+        log.security = "mutual_tls";
+        // The outer connection comes from the source pod's own address (the agent
+        // dials from inside its namespace), so `self.peer` already names it; the
+        // `forwarded` header says the same for peers that dial from elsewhere.
+        if let Some(src) = forwarded_for(&req)
+            && src.ip() != self.peer.ip()
+        {
+            log.src = src;
+        }
+        let mut reply = |log: &mut AccessLog, status: StatusCode, why: String| {
+            log.fail(
+                if status == StatusCode::SERVICE_UNAVAILABLE {
+                    "upstream_connect_failed"
+                } else {
+                    "bad_request"
+                },
+                &why,
+            );
+            let resp = Response::builder()
+                .status(status)
+                .body(())
+                .unwrap_or_default();
+            let _ = respond.send_response(resp, true);
+        };
+        if req.method() != Method::CONNECT {
+            return reply(
+                &mut log,
+                StatusCode::BAD_REQUEST,
+                format!("method {} is not CONNECT", req.method()),
+            );
+        }
+        let Some(dst) = req
+            .uri()
+            .authority()
+            .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+            .map(canonical)
+        else {
+            return reply(
+                &mut log,
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "authority {:?} is not ip:port",
+                    req.uri().authority().map(|a| a.as_str())
+                ),
+            );
+        };
+        log.set_dst(dst);
+        if !self.addresses.contains(&dst.ip()) {
+            return reply(
+                &mut log,
+                StatusCode::BAD_REQUEST,
+                format!("{} is not an address of this pod", dst.ip()),
+            );
+        }
+        if is_reserved_port(dst.port()) {
+            return reply(
+                &mut log,
+                StatusCode::BAD_REQUEST,
+                format!("port {} is reserved for the mesh", dst.port()),
+            );
+        }
+        let source = if dst.is_ipv4() {
+            INBOUND_SOURCE_V4
+        } else {
+            INBOUND_SOURCE_V6
+        };
+        let mut up = match connect_from(
+            &self.pod.netns,
+            dst,
+            Some(source),
+            self.settings.connect_timeout,
+        )
+        .await
+        {
+            Ok(up) => up,
+            Err(e) => {
+                return reply(
+                    &mut log,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("application: {e}"),
+                );
+            }
+        };
+        let send = match respond.send_response(Response::new(()), false) {
+            Ok(send) => send,
+            Err(e) => {
+                log.fail("downstream_error", e);
+                return;
+            }
+        };
+        // Here the socket is the application (upstream) and the stream the client.
+        let t = stream::bidirectional(&mut up, send, req.into_body()).await;
+        log.sent = t.received;
+        log.received = t.sent;
+        match t.result {
+            Ok(()) => log.end = "closed",
+            Err((Side::Downstream, e)) => log.fail("upstream_error", e),
+            Err((Side::Upstream, e)) => log.fail("downstream_error", e),
+        }
+    }
+}
+
+/// The original source from a `forwarded: for=<ip>` header (RFC 7239), if any.
+fn forwarded_for<B>(req: &Request<B>) -> Option<SocketAddr> {
+    let value = req.headers().get("forwarded")?.to_str().ok()?;
+    value.split([';', ',']).find_map(|part| {
+        let v = part.trim().strip_prefix("for=")?.trim_matches('"');
+        let v = v.trim_start_matches('[');
+        let ip = v.split(']').next()?;
+        let ip: IpAddr = ip.parse().ok()?;
+        Some(SocketAddr::new(ip.to_canonical(), 0))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(forwarded: &str) -> Request<()> {
+        Request::builder()
+            .header("forwarded", forwarded)
+            .body(())
+            .unwrap()
+    }
+
+    #[test]
+    fn reads_forwarded_for() {
+        assert_eq!(
+            forwarded_for(&req("for=10.1.1.2")),
+            Some("10.1.1.2:0".parse().unwrap())
+        );
+        assert_eq!(
+            forwarded_for(&req("for=\"[fd00::2]\"")),
+            Some("[fd00::2]:0".parse().unwrap())
+        );
+        assert_eq!(forwarded_for(&req("for=unknown")), None);
+    }
+}

@@ -21,6 +21,7 @@
 
 pub mod cluster;
 pub mod mesh;
+pub mod probe;
 pub mod process;
 pub mod tk;
 

@@ -256,13 +256,10 @@ fn client_certificates_the_mesh_did_not_issue_are_refused_before_the_application
     Ok(())
 }
 
-/// KNOWN BUG (found by this test; see the `ignore` reason): the inbound HBONE
-/// listener checks the client's chain against the bundle and that the leaf has
-/// one SPIFFE ID, but not that the ID is in the mesh's trust domain. A
-/// certificate for `spiffe://evil.example/...` that chains to the bundle is
-/// accepted, and its CONNECT reaches the application.
+/// A certificate for `spiffe://evil.example/...` that chains to the bundle (a
+/// root may sign for several trust domains) is not a peer of this mesh: the
+/// inbound listener refuses it before any CONNECT.
 #[test]
-#[ignore = "BUG: inbound HBONE accepts a peer SPIFFE ID outside the mesh's trust domain (tls::peer_identity / hbone::server do not check it)"]
 fn a_client_certificate_for_another_trust_domain_is_refused() -> Result<()> {
     if !require_privileged() {
         return Ok(());

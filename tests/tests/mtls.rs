@@ -298,3 +298,227 @@ fn an_agent_asking_for_an_identity_not_on_its_node_is_refused() -> Result<()> {
         .is_empty()));
     Ok(())
 }
+
+/// Starts `weft-tk say` in `from` in the background; its report is its last
+/// stdout line.
+fn say_bg(from: &Pod, to: &str, message: &str, extra: &[&str]) -> Result<Proc> {
+    let mut cmd = from.command(weft_tests::bin_path("weft-tk"));
+    cmd.args(["say", "--connect", to, "--message", message])
+        .args(extra);
+    from.spawn(&mut cmd)
+}
+
+fn report(p: &Proc, within: Duration) -> Result<Value> {
+    p.wait_for_json(within, |v| v.get("ok").is_some())
+}
+
+/// Outbound access-log lines of `node` to `dst`, with the pooled connection each
+/// rode on.
+fn connections_used(mesh: &Mesh, node: usize, dst: &str, n: usize) -> Vec<u64> {
+    wait_access(mesh, node, n, |v| {
+        v["direction"] == "outbound" && v["dst.addr"] == dst && v["end"] == "closed"
+    })
+    .iter()
+    .filter_map(|v| v["hbone.connection"].as_u64())
+    .collect()
+}
+
+#[test]
+fn concurrent_connections_share_pooled_connections_up_to_the_cap_then_open_more() -> Result<()> {
+    if !require_privileged() {
+        return Ok(());
+    }
+    let c = Cluster::new("mtls_pool_cap", 2, 1)?;
+    let mut mesh = Mesh::new(&c, |_| true)?;
+    mesh.agent_args = ["--hbone-max-streams", "4", "--hbone-spread", "1"]
+        .map(String::from)
+        .to_vec();
+    mesh.start_all()?;
+    let (a, b) = (c.pod(0, 0), c.pod(1, 0));
+    let _echo = tk::echo(b, PORT)?;
+    let to = addr(b.ip);
+    // Ten connections held open together (the pool picks under a per-key lock,
+    // so how they interleave does not matter).
+    let held: Vec<Proc> = (0..10)
+        .map(|i| say_bg(a, &to, &format!("held-{i}"), &["--hold-secs", "4"]))
+        .collect::<Result<_>>()?;
+    // While all ten are open: ceil(10 / 4) = 3 TLS connections from a to b:15008.
+    let count = || -> usize {
+        a.exec("ss", ["-Htn", "state", "established", "( dport = :15008 )"])
+            .map(|o| String::from_utf8_lossy(&o.stdout).lines().count())
+            .unwrap_or(0)
+    };
+    eventually(PATIENCE, || count() >= 3);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(count(), 3, "HBONE connections from a to b");
+    for p in &held {
+        let r = report(p, Duration::from_secs(30))?;
+        assert_eq!(r["ok"], true, "{r}");
+    }
+    let used = connections_used(&mesh, 0, &to, 10);
+    let mut per_conn = std::collections::BTreeMap::new();
+    for id in &used {
+        *per_conn.entry(*id).or_insert(0) += 1;
+    }
+    assert_eq!(per_conn.len(), 3, "{per_conn:?}");
+    assert!(per_conn.values().all(|n| *n <= 4), "{per_conn:?}");
+    Ok(())
+}
+
+#[test]
+fn small_exchanges_are_not_stalled_by_a_bulk_transfer_on_the_same_connection() -> Result<()> {
+    if !require_privileged() {
+        return Ok(());
+    }
+    let c = Cluster::new("mtls_pool_hol", 2, 1)?;
+    let mut mesh = Mesh::new(&c, |_| true)?;
+    // Worst case: everything on one connection.
+    mesh.agent_args = ["--hbone-spread", "1"].map(String::from).to_vec();
+    mesh.start_all()?;
+    let (a, b) = (c.pod(0, 0), c.pod(1, 0));
+    let _srv = tk::serve(b, PORT + 1)?;
+    let _echo = tk::echo(b, PORT)?;
+    let bulk_to = SocketAddr::new(b.ip.into(), PORT + 1).to_string();
+    let mut cmd = a.command(weft_tests::bin_path("weft-tk"));
+    cmd.args([
+        "client",
+        "--connect",
+        &bulk_to,
+        "--upload",
+        "4G",
+        "--download",
+        "4G",
+    ]);
+    let bulk = a.spawn(&mut cmd)?;
+    // The bulk stream is flowing.
+    ensure!(
+        eventually(PATIENCE, || !mesh
+            .logs(0, |v| v["message"] == "HBONE connection opened")
+            .is_empty()),
+        "no HBONE connection for the bulk transfer"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let to = addr(b.ip);
+    for i in 0..20 {
+        say_ok(a, &to, &format!("small-{i}"))?;
+    }
+    let bulk_running = bulk.json_lines().iter().all(|v| v.get("ok").is_none());
+    assert!(
+        bulk_running,
+        "the bulk transfer ended before the small exchanges: the test proves nothing; make it bigger"
+    );
+    // All of them shared the bulk transfer's connection.
+    let small = connections_used(&mesh, 0, &to, 20);
+    assert_eq!(small.len(), 20);
+    let opened = mesh.logs(0, |v| v["message"] == "HBONE connection opened");
+    assert_eq!(
+        opened.len(),
+        1,
+        "expected one shared connection: {opened:?}"
+    );
+    Ok(())
+}
+
+fn issued(mesh: &Mesh, node: usize, id: &str) -> Vec<String> {
+    mesh.logs(node, |v| {
+        v["message"] == "certificate issued" && v["identity"] == id
+    })
+    .iter()
+    .filter_map(|v| v["serial"].as_str().map(str::to_owned))
+    .collect()
+}
+
+#[test]
+fn renewal_during_a_long_transfer_keeps_it_intact_and_new_connections_use_the_new_certificate()
+-> Result<()> {
+    if !require_privileged() {
+        return Ok(());
+    }
+    let c = Cluster::new("mtls_renew", 2, 1)?;
+    let mut mesh = Mesh::new(&c, |_| true)?;
+    // 6 s certificates: renewed every ~3 s, so the original one is long expired
+    // when the transfer ends.
+    mesh.ca_args = ["--cert-ttl", "6s"].map(String::from).to_vec();
+    mesh.agent_args = ["--cert-ttl", "6s"].map(String::from).to_vec();
+    mesh.start_all()?;
+    let (a, b) = (c.pod(0, 0), c.pod(1, 0));
+    let _echo = tk::echo(b, PORT)?;
+    let to = addr(b.ip);
+    let first = issued(&mesh, 0, &identity(a));
+    ensure!(!first.is_empty(), "no certificate issued at start");
+    // 40 exchanges 250 ms apart on one connection: 10 s.
+    let long = say_bg(
+        a,
+        &to,
+        "long-lived",
+        &["--repeat", "40", "--interval-ms", "250"],
+    )?;
+    ensure!(
+        eventually(Duration::from_secs(20), || issued(&mesh, 0, &identity(a))
+            .len()
+            >= first.len() + 2),
+        "the certificate was not renewed"
+    );
+    say_ok(a, &to, "after renewal")?;
+    let r = report(&long, Duration::from_secs(30))?;
+    assert_eq!(r["ok"], true, "the long transfer broke: {r}");
+    let lines = wait_access(&mesh, 0, 2, |v| {
+        v["direction"] == "outbound" && v["dst.addr"] == to && v["end"] == "closed"
+    });
+    let conns: Vec<u64> = lines
+        .iter()
+        .filter_map(|v| v["hbone.connection"].as_u64())
+        .collect();
+    assert_eq!(conns.len(), 2);
+    assert_ne!(
+        conns[0], conns[1],
+        "the new connection reused the connection made with the old certificate"
+    );
+    Ok(())
+}
+
+#[test]
+fn with_the_ca_down_existing_certificates_keep_working() -> Result<()> {
+    if !require_privileged() {
+        return Ok(());
+    }
+    let c = Cluster::new("mtls_ca_down", 2, 1)?;
+    let mut mesh = Mesh::new(&c, |_| true)?;
+    mesh.ca_args = ["--cert-ttl", "20s"].map(String::from).to_vec();
+    // Idle pooled connections close after 1 s: every exchange below needs a new
+    // TLS handshake, with the certificates the agents hold.
+    mesh.agent_args = ["--cert-ttl", "20s", "--hbone-idle", "1s"]
+        .map(String::from)
+        .to_vec();
+    mesh.start_all()?;
+    let (a, b) = (c.pod(0, 0), c.pod(1, 0));
+    let _echo = tk::echo(b, PORT)?;
+    let _echo_a = tk::echo(a, PORT)?;
+    let to = addr(b.ip);
+    say_ok(a, &to, "before")?;
+    mesh.stop_ca()?;
+    // The renewal at half life (~10 s) fails...
+    ensure!(
+        eventually(Duration::from_secs(30), || !mesh
+            .logs(0, |v| v["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("certificate request failed"))
+                && v["identity"] == identity(a))
+            .is_empty()),
+        "no failed renewal logged"
+    );
+    // ...and the current certificates keep serving new connections, both ways.
+    let before = mesh
+        .logs(0, |v| v["message"] == "HBONE connection opened")
+        .len();
+    say_ok(a, &to, "CA down")?;
+    say_ok(b, &addr(a.ip), "CA down, other way")?;
+    let after = mesh
+        .logs(0, |v| v["message"] == "HBONE connection opened")
+        .len();
+    assert!(
+        after > before,
+        "no new TLS connection was made with the CA down"
+    );
+    Ok(())
+}

@@ -254,7 +254,7 @@ impl Pool {
             Ok(Err(source)) => {
                 return Err(Error::Tls {
                     addr: t.hbone,
-                    source,
+                    source: readable_tls_error(source),
                 });
             }
             Err(_) => {
@@ -303,6 +303,21 @@ impl Pool {
             idle_since: Mutex::new(Instant::now()),
         })
     }
+}
+
+/// rustls shows a custom certificate error in debug form; say it plainly.
+fn readable_tls_error(e: io::Error) -> io::Error {
+    let Some(inner) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) else {
+        return e;
+    };
+    if let rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other)) = inner {
+        let text = match other.0.downcast_ref::<tls::WrongIdentity>() {
+            Some(w) => w.to_string(),
+            None => other.0.to_string(),
+        };
+        return io::Error::new(e.kind(), format!("invalid peer certificate: {text}"));
+    }
+    e
 }
 
 /// Closes connections idle for longer than the timeout (dropping the last

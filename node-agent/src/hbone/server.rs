@@ -160,6 +160,14 @@ impl Conn {
             Err(_) => return refuse(&"TLS handshake timed out"),
         };
         let peer_id = match tls::peer_identity(tls.get_ref().1.peer_certificates()) {
+            // A root of the bundle may also sign for other trust domains
+            // (federation, a root shared during migration): only ours are peers.
+            Ok(id) if id.trust_domain() != self.pod.identity.trust_domain() => {
+                return refuse(&format_args!(
+                    "peer {id} is not in trust domain {}",
+                    self.pod.identity.trust_domain()
+                ));
+            }
             Ok(id) => Arc::<str>::from(id.to_string()),
             Err(e) => return refuse(&e),
         };

@@ -7,7 +7,7 @@
 //!                [--respond-after-eof] [--timeout-secs S]
 //! weft-tk connect-time --connect <addr:port> --count N [--timeout-secs S]
 //! weft-tk echo --listen <addr:port>
-//! weft-tk say --connect <addr:port> --message TEXT [--hold-secs S] [--timeout-secs S]
+//! weft-tk say --connect <addr:port> --message TEXT [--hold-secs S] [--repeat N --interval-ms M] [--timeout-secs S]
 //! ```
 //!
 //! `echo` sends back whatever it reads until EOF; `say` sends one message, reads
@@ -51,7 +51,7 @@ const USAGE: &str = "usage:
   weft-tk client --connect <addr:port> [--upload N] [--download N] [--respond-after-eof] [--timeout-secs S]
   weft-tk connect-time --connect <addr:port> --count N [--timeout-secs S]
   weft-tk echo --listen <addr:port>
-  weft-tk say --connect <addr:port> --message TEXT [--hold-secs S] [--timeout-secs S]
+  weft-tk say --connect <addr:port> --message TEXT [--hold-secs S] [--repeat N --interval-ms M] [--timeout-secs S]
 sizes accept K/M/G suffixes (binary)";
 
 fn main() -> ExitCode {
@@ -405,7 +405,14 @@ fn echo(args: &[String]) -> Result<ExitCode, String> {
 fn say(args: &[String]) -> Result<ExitCode, String> {
     let opts = Opts::parse(
         args,
-        &["--connect", "--message", "--hold-secs", "--timeout-secs"],
+        &[
+            "--connect",
+            "--message",
+            "--hold-secs",
+            "--repeat",
+            "--interval-ms",
+            "--timeout-secs",
+        ],
         &[],
     )?;
     let addr = resolve(opts.required("--connect")?)?;

@@ -102,6 +102,14 @@ fn agent(args: AgentArgs) -> anyhow::Result<()> {
         );
         let shared = Arc::new(proxy::Shared::new(settings, certs, bundle.clone(), pool));
         let shared_for_agent = shared.clone();
+        let metrics = tokio::net::TcpListener::bind(args.metrics_addr)
+            .await
+            .with_context(|| format!("binding the metrics endpoint {}", args.metrics_addr))?;
+        let certs_view = shared.certs.clone();
+        tokio::spawn(crate::metrics::serve(
+            metrics,
+            Arc::new(move || certs_view.render_metrics()),
+        ));
         tokio::spawn(watch_bundle(
             bundle_path,
             bundle,

@@ -195,6 +195,51 @@ impl CertManager {
         missing
     }
 
+    /// Prometheus text for the certificates kept: expiry (seconds since the epoch),
+    /// whether the last request failed, and requests made.
+    pub fn render_metrics(&self) -> String {
+        use crate::metrics::label;
+        let mut out = String::from(
+            "# HELP weft_certificate_expiry_timestamp_seconds When the workload certificate in use expires (0: none).\n\
+             # TYPE weft_certificate_expiry_timestamp_seconds gauge\n",
+        );
+        let snap = self.snapshot();
+        for (id, s) in &snap {
+            let expiry = s
+                .svid
+                .as_ref()
+                .and_then(|c| c.not_after.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_secs());
+            out.push_str(&format!(
+                "weft_certificate_expiry_timestamp_seconds{{identity=\"{}\"}} {expiry}\n",
+                label(&id.to_string())
+            ));
+        }
+        out.push_str(
+            "# HELP weft_certificate_last_request_failed 1 if the last request to the CA for this identity failed.\n\
+             # TYPE weft_certificate_last_request_failed gauge\n",
+        );
+        for (id, s) in &snap {
+            out.push_str(&format!(
+                "weft_certificate_last_request_failed{{identity=\"{}\"}} {}\n",
+                label(&id.to_string()),
+                u8::from(s.last_error.is_some())
+            ));
+        }
+        out.push_str(
+            "# HELP weft_certificate_requests_total Requests made to the CA, by identity.\n\
+             # TYPE weft_certificate_requests_total counter\n",
+        );
+        for (id, s) in &snap {
+            out.push_str(&format!(
+                "weft_certificate_requests_total{{identity=\"{}\"}} {}\n",
+                label(&id.to_string()),
+                s.attempts
+            ));
+        }
+        out
+    }
+
     /// Every identity kept, with its certificate if any (for metrics and status).
     pub fn snapshot(&self) -> Vec<(SpiffeId, State)> {
         let entries = self.inner.entries.lock().unwrap_or_else(|e| e.into_inner());

@@ -102,6 +102,10 @@ pub struct AgentArgs {
     #[arg(long)]
     pub uninstall: bool,
 
+    /// Where Prometheus `GET /metrics` is served (plain HTTP).
+    #[arg(long, env = "WEFT_METRICS_ADDR", default_value = "[::]:15020")]
+    pub metrics_addr: std::net::SocketAddr,
+
     /// The CA (`weft ca`) that signs this node's workload certificates.
     #[arg(long, env = "WEFT_CA_ADDR", default_value = "127.0.0.1:15012")]
     pub ca_addr: std::net::SocketAddr,

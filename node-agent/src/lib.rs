@@ -17,6 +17,7 @@ pub mod config;
 pub mod ebpf;
 pub mod hbone;
 pub mod identity;
+pub mod metrics;
 pub mod netns;
 pub mod proxy;
 pub mod telemetry;

@@ -520,5 +520,29 @@ fn with_the_ca_down_existing_certificates_keep_working() -> Result<()> {
         after > before,
         "no new TLS connection was made with the CA down"
     );
+    // The agent's metrics say so: a failed request, and an expiry still ahead.
+    let out = c
+        .node(0)
+        .exec("curl", ["-sS", "http://127.0.0.1:15020/metrics"])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let value = |name: &str| -> Option<f64> {
+        let prefix = format!("{name}{{identity=\"{}\"}} ", identity(a));
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.parse().ok())
+    };
+    assert_eq!(
+        value("weft_certificate_last_request_failed"),
+        Some(1.0),
+        "{text}"
+    );
+    let expiry = value("weft_certificate_expiry_timestamp_seconds").context("no expiry metric")?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs_f64();
+    assert!(
+        expiry > now,
+        "expiry {expiry} is not ahead of {now}:\n{text}"
+    );
     Ok(())
 }

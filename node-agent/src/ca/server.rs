@@ -34,7 +34,6 @@ use h2::{
 };
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
     sync::{Semaphore, watch},
     task::JoinSet,
@@ -232,7 +231,11 @@ impl CaServer {
             .and_then(|l| l.local_addr().ok())
             .map_or_else(|| "off".to_owned(), |a| a.to_string());
         if let Some(l) = metrics {
-            background.spawn(serve_metrics(l, shared.clone()));
+            let counters = shared.clone();
+            background.spawn(crate::metrics::serve(
+                l,
+                Arc::new(move || counters.counters.render()),
+            ));
         }
         info!(
             addr = %addr,
@@ -786,60 +789,6 @@ impl Counters {
         }
         out
     }
-}
-
-/// `GET /metrics` over plain HTTP/1.1, one request per connection.
-async fn serve_metrics(listener: TcpListener, shared: Arc<Shared>) {
-    let limit = Arc::new(Semaphore::new(64));
-    loop {
-        let (tcp, _) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                warn!(error = %e, "metrics accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
-            continue;
-        };
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            let _ =
-                tokio::time::timeout(Duration::from_secs(5), metrics_request(tcp, &shared)).await;
-            drop(permit);
-        });
-    }
-}
-
-async fn metrics_request(mut tcp: TcpStream, shared: &Shared) -> io::Result<()> {
-    let mut buf = vec![0u8; 8192];
-    let mut len = 0;
-    while !buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
-        if len == buf.len() {
-            return Ok(());
-        }
-        let n = tcp.read(&mut buf[len..]).await?;
-        if n == 0 {
-            return Ok(());
-        }
-        len += n;
-    }
-    let line = buf[..len].split(|&b| b == b'\r').next().unwrap_or_default();
-    let mut parts = line.split(|&b| b == b' ');
-    let (method, target) = (parts.next(), parts.next());
-    let path = target.map(|t| t.split(|&b| b == b'?').next().unwrap_or_default());
-    let (status, body) = match (method, path) {
-        (Some(b"GET"), Some(b"/metrics")) => ("200 OK", shared.counters.render()),
-        _ => ("404 Not Found", "not found\n".to_owned()),
-    };
-    let response = format!(
-        "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\n\
-         content-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    tcp.write_all(response.as_bytes()).await?;
-    tcp.shutdown().await
 }
 
 #[cfg(test)]

@@ -795,7 +795,10 @@ impl Counters {
 mod tests {
     use std::{os::unix::fs::PermissionsExt, sync::atomic::AtomicUsize};
 
-    use tokio::sync::oneshot;
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        sync::oneshot,
+    };
 
     use super::*;
     use crate::{

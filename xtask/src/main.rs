@@ -9,7 +9,8 @@
 //! - `test`: the project's one test command (setup, eBPF, binaries, `cargo test`).
 //! - `demo`: a two-node virtual cluster with the mesh, sample traffic and live
 //!   access logs.
-//! - `measure`: connect latency and throughput, captured versus direct.
+//! - `measure`: connect latency, request/response latency and throughput, through
+//!   the mesh (HBONE mTLS) versus direct.
 //!
 //! The alias in `.cargo/config.toml` runs this crate with `cargo run`, so every
 //! child `cargo` gets an environment cleaned of what that outer run set (see
@@ -58,8 +59,8 @@ enum Task {
         #[arg(long)]
         once: bool,
     },
-    /// Measure connect latency and throughput, captured versus direct (needs
-    /// root; release builds). Writes target/bench/capture.json.
+    /// Measure latency and throughput through the mesh (mTLS) versus direct (needs
+    /// root; release builds). Writes target/bench/mtls.json.
     Measure,
 }
 

@@ -323,6 +323,22 @@ fn pki_error(e: webpki::Error) -> rustls::Error {
     rustls::Error::InvalidCertificate(c)
 }
 
+/// The client side both configs share: TLS 1.3 only, and a server that must prove
+/// to be `expected` under `bundle`.
+fn spiffe_client(
+    bundle: &TrustBundle,
+    expected: SpiffeId,
+) -> Result<rustls::ConfigBuilder<ClientConfig, rustls::client::WantsClientCert>, Error> {
+    let verifier = Arc::new(SpiffeServerVerifier {
+        bundle: bundle.clone(),
+        expected,
+    });
+    Ok(ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier))
+}
+
 /// A client config that presents `svid` and accepts only a server that proves to
 /// be `expected` under `bundle`. ALPN `h2`, TLS 1.3 only.
 pub fn client_config(
@@ -330,14 +346,7 @@ pub fn client_config(
     bundle: &TrustBundle,
     expected: SpiffeId,
 ) -> Result<Arc<ClientConfig>, Error> {
-    let verifier = Arc::new(SpiffeServerVerifier {
-        bundle: bundle.clone(),
-        expected,
-    });
-    let mut config = ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(verifier)
+    let mut config = spiffe_client(bundle, expected)?
         .with_client_cert_resolver(Arc::new(FixedClientCert(svid.certified_key())));
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     config.resumption = rustls::client::Resumption::disabled();
@@ -350,15 +359,7 @@ pub fn anonymous_client_config(
     bundle: &TrustBundle,
     expected: SpiffeId,
 ) -> Result<Arc<ClientConfig>, Error> {
-    let verifier = Arc::new(SpiffeServerVerifier {
-        bundle: bundle.clone(),
-        expected,
-    });
-    let mut config = ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_no_client_auth();
+    let mut config = spiffe_client(bundle, expected)?.with_no_client_auth();
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     Ok(Arc::new(config))
 }

@@ -30,7 +30,7 @@ use crate::{
     identity::SpiffeId,
     proxy::{
         AcceptBackoff, AccessLog, Direction, INBOUND_SOURCE_V4, INBOUND_SOURCE_V6, Pod, Settings,
-        canonical, connect_from, copy::Side, is_reserved_port, listen, stopped,
+        accept_next, canonical, connect_from, copy::Side, is_reserved_port, listen, stopped,
     },
     tls::{self, TrustBundle},
 };
@@ -102,20 +102,15 @@ impl HboneListener {
 
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
         let mut backoff = AcceptBackoff::default();
-        loop {
-            let (stream, peer) = tokio::select! {
-                _ = stopped(&mut stop) => break,
-                r = self.listener.accept() => match r {
-                    Ok(c) => {
-                        backoff.succeeded();
-                        c
-                    }
-                    Err(e) => {
-                        backoff.failed(&self.pod.workload, Direction::Inbound, e).await;
-                        continue;
-                    }
-                },
-            };
+        while let Some((stream, peer)) = accept_next(
+            &self.listener,
+            &mut stop,
+            &mut backoff,
+            &self.pod.workload,
+            Direction::Inbound,
+        )
+        .await
+        {
             let conn = Conn {
                 pod: self.pod.clone(),
                 addresses: self.addresses.clone(),

@@ -12,7 +12,7 @@ use weft_common::INBOUND_PLAINTEXT_PORT;
 
 use super::{
     AcceptBackoff, AccessLog, Direction, INBOUND_SOURCE_V4, INBOUND_SOURCE_V6, Pod, Shared,
-    canonical, forward, listen, reset, stopped,
+    accept_next, canonical, forward, listen, reset,
 };
 
 pub struct InboundListener {
@@ -52,20 +52,15 @@ impl InboundListener {
 
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
         let mut backoff = AcceptBackoff::default();
-        loop {
-            let (stream, peer) = tokio::select! {
-                _ = stopped(&mut stop) => break,
-                r = self.listener.accept() => match r {
-                    Ok(c) => {
-                        backoff.succeeded();
-                        c
-                    }
-                    Err(e) => {
-                        backoff.failed(&self.pod.workload, Direction::Inbound, e).await;
-                        continue;
-                    }
-                },
-            };
+        while let Some((stream, peer)) = accept_next(
+            &self.listener,
+            &mut stop,
+            &mut backoff,
+            &self.pod.workload,
+            Direction::Inbound,
+        )
+        .await
+        {
             let pod = self.pod.clone();
             let settings = self.shared.settings;
             tokio::spawn(async move { handle(pod, settings, stream, peer).await });

@@ -295,6 +295,29 @@ impl AcceptBackoff {
     }
 }
 
+/// The next connection on a single-listener accept loop, pacing failures; `None`
+/// once `stop` says so.
+pub(crate) async fn accept_next(
+    listener: &TcpListener,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+    backoff: &mut AcceptBackoff,
+    workload: &WorkloadKey,
+    direction: Direction,
+) -> Option<(TcpStream, SocketAddr)> {
+    loop {
+        tokio::select! {
+            _ = stopped(stop) => return None,
+            r = listener.accept() => match r {
+                Ok(c) => {
+                    backoff.succeeded();
+                    return Some(c);
+                }
+                Err(e) => backoff.failed(workload, direction, e).await,
+            },
+        }
+    }
+}
+
 /// Waits until `stop` says so (or its sender is gone).
 pub(crate) async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;

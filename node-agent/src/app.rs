@@ -25,7 +25,7 @@ use crate::{
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Agent(args) => agent(args),
+        Command::Agent(args) => agent(*args),
         Command::Ca(args) => ca(args),
         Command::Config {
             command: ConfigCommand::Validate { file },
@@ -68,22 +68,41 @@ fn agent(args: AgentArgs) -> anyhow::Result<()> {
         .enable_all()
         .thread_name("weft-worker")
         .build()?;
-    let bundle_path = args
-        .trust_bundle
-        .clone()
-        .context("--trust-bundle is required (the CA writes it as bundle.pem)")?;
-    let bundle = load_bundle(&bundle_path)?;
-    let token_path = args
-        .ca_token_file
-        .clone()
-        .context("--ca-token-file is required (this node's token for the CA)")?;
-    let token = std::fs::read_to_string(&token_path)
-        .with_context(|| format!("reading {}", token_path.display()))?
-        .trim()
-        .to_owned();
-
     runtime.block_on(async move {
-        let ca = CaClient::new(args.ca_addr, token, bundle.clone(), &config.trust_domain)?;
+        // An embedded CA binds first: it writes the bundle this agent then reads.
+        let embedded = match &args.embedded_ca_dir {
+            Some(dir) => Some(embedded_ca(&args, dir, &config_path).await?),
+            None => None,
+        };
+        let ca_addr = match &embedded {
+            Some(ca) => ca.local_addr().map(connectable)?,
+            None => args.ca_addr,
+        };
+        let bundle_path = match (&args.trust_bundle, &args.embedded_ca_dir) {
+            (Some(path), _) => path.clone(),
+            (None, Some(dir)) => dir.join("bundle.pem"),
+            (None, None) => anyhow::bail!(
+                "--trust-bundle is required (the CA writes it as bundle.pem)"
+            ),
+        };
+        let bundle = load_bundle(&bundle_path)?;
+        let token = match (&args.ca_token_file, &args.embedded_ca_node_tokens) {
+            (Some(path), _) => std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?
+                .trim()
+                .to_owned(),
+            (None, Some(tokens)) => crate::ca::tokens::token_of(tokens, &node)?,
+            (None, None) => anyhow::bail!(
+                "--ca-token-file is required (this node's token for the CA)"
+            ),
+        };
+        let (ca_stop, ca_stopping) = tokio::sync::oneshot::channel::<()>();
+        let ca_task = embedded.map(|ca| {
+            tokio::spawn(ca.run(async move {
+                let _ = ca_stopping.await;
+            }))
+        });
+        let ca = CaClient::new(ca_addr, token, bundle.clone(), &config.trust_domain)?;
         let certs = CertManager::new(Arc::new(ca), args.cert_ttl);
         let bundle = Arc::new(RwLock::new(bundle));
         let settings = proxy::Settings {
@@ -140,12 +159,55 @@ fn agent(args: AgentArgs) -> anyhow::Result<()> {
         .await?;
         agent.shutdown();
         let left = proxy::drain(Duration::from_millis(args.drain_ms)).await;
+        let _ = ca_stop.send(());
+        if let Some(task) = ca_task {
+            match task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => error!(error = %e, "the embedded CA failed"),
+                Err(e) => error!(error = %e, "the embedded CA task failed"),
+            }
+        }
         info!(
             connections_cut = left,
             "agent stopped; capture stays pinned (use --uninstall to remove it)"
         );
         anyhow::Ok(())
     })
+}
+
+/// Binds the CA that runs inside this agent (`--embedded-ca-dir`).
+async fn embedded_ca(args: &AgentArgs, dir: &Path, config: &Path) -> anyhow::Result<CaServer> {
+    let node_tokens = args
+        .embedded_ca_node_tokens
+        .clone()
+        .context("--embedded-ca-node-tokens is required with --embedded-ca-dir")?;
+    let opts = CaOptions {
+        dir: dir.to_owned(),
+        config: config.to_owned(),
+        node_tokens,
+        listen: args.ca_addr,
+        metrics_addr: Some(args.embedded_ca_metrics_addr),
+        max_ttl: args.embedded_ca_cert_ttl,
+        config_poll: Duration::from_millis(args.config_poll_ms),
+    };
+    CaServer::bind(opts)
+        .await
+        .context("starting the embedded CA")
+}
+
+/// An address to connect to for one that is listened on: a wildcard listener is
+/// reached on loopback.
+fn connectable(addr: std::net::SocketAddr) -> std::net::SocketAddr {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+    match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port())
+        }
+        IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::new(Ipv6Addr::LOCALHOST.into(), addr.port())
+        }
+        _ => addr,
+    }
 }
 
 /// What identifies a version of the config file cheaply.

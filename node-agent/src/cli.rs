@@ -14,7 +14,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the node agent: load and attach the eBPF programs, serve enrolled pods.
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
     /// Run the certificate authority: sign workload certificates for node agents.
     Ca(CaArgs),
     /// Work with configuration files.
@@ -110,14 +110,50 @@ pub struct AgentArgs {
     #[arg(long, env = "WEFT_CA_ADDR", default_value = "127.0.0.1:15012")]
     pub ca_addr: std::net::SocketAddr,
 
-    /// A file holding this node's token for the CA.
+    /// A file holding this node's token for the CA. With `--embedded-ca-dir`,
+    /// defaults to this node's entry in `--embedded-ca-node-tokens`.
     #[arg(long, env = "WEFT_CA_TOKEN_FILE")]
     pub ca_token_file: Option<PathBuf>,
 
     /// The trust bundle (PEM, every root workloads trust; the CA writes it).
     /// Re-read when it changes, so a new root can be added without a restart.
+    /// With `--embedded-ca-dir`, defaults to that directory's `bundle.pem`.
     #[arg(long, env = "WEFT_TRUST_BUNDLE")]
     pub trust_bundle: Option<PathBuf>,
+
+    /// Run a CA inside this agent, with its state in this directory (as
+    /// `weft ca --dir`). It listens on `--ca-addr`, so other nodes' agents can use
+    /// it too, signs from the same `--config`, and this agent talks to it over the
+    /// same authenticated CSR protocol as to a separate `weft ca`: the proxy code
+    /// never holds the signing key. Both share one address space, though; where
+    /// that matters, run `weft ca` as its own process.
+    #[arg(
+        long,
+        env = "WEFT_EMBEDDED_CA_DIR",
+        requires = "embedded_ca_node_tokens"
+    )]
+    pub embedded_ca_dir: Option<PathBuf>,
+
+    /// The embedded CA's node-token file (as `weft ca --node-tokens`).
+    #[arg(
+        long,
+        env = "WEFT_EMBEDDED_CA_NODE_TOKENS",
+        requires = "embedded_ca_dir"
+    )]
+    pub embedded_ca_node_tokens: Option<PathBuf>,
+
+    /// Where the embedded CA serves `GET /metrics` (as `weft ca --metrics-addr`).
+    #[arg(
+        long,
+        env = "WEFT_EMBEDDED_CA_METRICS_ADDR",
+        default_value = "127.0.0.1:15014"
+    )]
+    pub embedded_ca_metrics_addr: std::net::SocketAddr,
+
+    /// The longest certificate lifetime the embedded CA hands out
+    /// (as `weft ca --cert-ttl`).
+    #[arg(long, env = "WEFT_EMBEDDED_CA_CERT_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub embedded_ca_cert_ttl: std::time::Duration,
 
     /// Lifetime asked for workload certificates (the CA may cap it); renewed at
     /// half life. Forms: `90s`, `30m`, `24h`.

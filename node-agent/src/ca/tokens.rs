@@ -116,6 +116,22 @@ impl NodeTokens {
     }
 }
 
+/// `node`'s token in a node-token file: what an agent with an embedded CA uses
+/// to authenticate to it, as any other node does.
+pub fn token_of(path: &Path, node: &str) -> Result<String, Error> {
+    let bad = |message: String| Error {
+        path: path.to_owned(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    let Entries(map) = serde_yaml::from_str(&text)
+        .map_err(|e| bad(format!("{e} (expected a map of `node-name: token`)")))?;
+    map.into_iter()
+        .find(|(n, _)| n == node)
+        .map(|(_, t)| t)
+        .ok_or_else(|| bad(format!("has no token for node {node:?}")))
+}
+
 /// The entries of a YAML map of strings, in file order, duplicates kept (a map
 /// type would silently keep only the last of two entries for a node).
 struct Entries(Vec<(String, String)>);
@@ -170,5 +186,16 @@ mod tests {
         ] {
             assert!(parse(text).is_err(), "accepted {why}: {text:?}");
         }
+    }
+
+    #[test]
+    fn an_embedded_ca_agent_finds_its_own_token() {
+        let path = std::env::temp_dir().join(format!("weft-tokens-{}", std::process::id()));
+        std::fs::write(&path, format!("n1: {N1}\nn2: {N2}\n")).unwrap();
+        let got = (token_of(&path, "n2"), token_of(&path, "n3"));
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(got.0.unwrap(), N2);
+        let err = got.1.unwrap_err().to_string();
+        assert!(err.contains("no token for node \"n3\""), "{err}");
     }
 }

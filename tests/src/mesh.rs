@@ -43,6 +43,9 @@ pub struct Mesh<'c> {
     pub agent_args: Vec<String>,
     /// Extra arguments for the CA.
     pub ca_args: Vec<String>,
+    /// Run the CA inside node 0's agent (`--embedded-ca-dir`) instead of as its
+    /// own `weft ca` process. Set before `start_all`.
+    pub embedded_ca: bool,
 }
 
 /// Where the CA listens: node 0's uplink, reachable from every node.
@@ -63,7 +66,9 @@ impl<'c> Mesh<'c> {
 
     /// Starts the CA and every agent (after `new`, and changes to the arguments).
     pub fn start_all(&mut self) -> Result<()> {
-        self.start_ca()?;
+        if !self.embedded_ca {
+            self.start_ca()?;
+        }
         for i in 0..self.cluster.nodes().len() {
             self.start_agent(i)?;
         }
@@ -90,6 +95,7 @@ impl<'c> Mesh<'c> {
             ca: None,
             agent_args: Vec::new(),
             ca_args: Vec::new(),
+            embedded_ca: false,
         };
         mesh.write_config()?;
         let mut tokens = String::new();
@@ -271,12 +277,20 @@ impl<'c> Mesh<'c> {
             .arg("--config-poll-ms")
             .arg("100")
             .arg("--ca-addr")
-            .arg(self.ca_addr())
-            .arg("--ca-token-file")
-            .arg(self.token_path(node))
-            .arg("--trust-bundle")
-            .arg(self.bundle_path())
-            .args(&self.agent_args);
+            .arg(self.ca_addr());
+        if self.embedded_ca && node == 0 {
+            // Its own token and the bundle come from the CA's files (the defaults).
+            cmd.arg("--embedded-ca-dir")
+                .arg(self.ca_dir())
+                .arg("--embedded-ca-node-tokens")
+                .arg(self.dir.join("tokens.yaml"));
+        } else {
+            cmd.arg("--ca-token-file")
+                .arg(self.token_path(node))
+                .arg("--trust-bundle")
+                .arg(self.bundle_path());
+        }
+        cmd.args(&self.agent_args);
         cmd
     }
 

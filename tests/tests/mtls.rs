@@ -548,3 +548,78 @@ fn with_the_ca_down_existing_certificates_keep_working() -> Result<()> {
     );
     Ok(())
 }
+
+fn ca_counter(c: &Cluster, result: &str) -> Result<f64> {
+    let out = c
+        .node(0)
+        .exec("curl", ["-sS", "http://127.0.0.1:15014/metrics"])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("weft_ca_requests_total{{result=\"{result}\"}} ")))
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("no {result} counter in:\n{text}"))
+}
+
+#[test]
+fn a_ca_embedded_in_an_agent_serves_every_node_behind_the_same_boundary() -> Result<()> {
+    if !require_privileged() {
+        return Ok(());
+    }
+    let c = Cluster::new("mtls_embedded_ca", 3, 1)?;
+    let mut mesh = Mesh::new(&c, |_| true)?;
+    mesh.embedded_ca = true;
+    // Node 2's agent presents a token the CA does not know.
+    std::fs::write(mesh.token_path(2), "not-a-token-the-ca-knows-0000")?;
+    mesh.start_all()?;
+    assert!(
+        !mesh.logs(0, |v| v["message"] == "ca ready").is_empty(),
+        "node 0's agent did not start the CA"
+    );
+    let (a, b, x) = (c.pod(0, 0), c.pod(1, 0), c.pod(2, 0));
+    // Both honest nodes got their certificates from node 0's agent, over the CSR
+    // protocol: node 0 from itself, node 1 across the wire.
+    for (node, pod) in [(0, a), (1, b)] {
+        ensure!(
+            !issued(&mesh, node, &identity(pod)).is_empty(),
+            "node {node} has no certificate for {}",
+            pod.name
+        );
+    }
+    assert!(ca_counter(&c, "signed")? >= 2.0);
+
+    // The same boundary as a separate CA: an unknown token is refused, said so
+    // and counted.
+    let refused = mesh.agent(2).wait_for_json(PATIENCE, |v| {
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("certificate request failed"))
+            && v["identity"] == identity(x)
+    })?;
+    assert!(
+        refused["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("UNAUTHENTICATED")),
+        "{refused}"
+    );
+    assert!(ca_counter(&c, "unauthenticated")? >= 1.0);
+
+    // Traffic both ways between the honest nodes is mutual TLS with the right
+    // identities.
+    let _echo_a = tk::echo(a, PORT)?;
+    let _echo_b = tk::echo(b, PORT)?;
+    say_ok(a, &addr(b.ip), "a to b")?;
+    say_ok(b, &addr(a.ip), "b to a")?;
+    let inbound = wait_access(&mesh, 1, 1, |v| {
+        v["direction"] == "inbound" && v["end"] == "closed"
+    });
+    assert_eq!(inbound[0]["security"], "mutual_tls", "{}", inbound[0]);
+    assert_eq!(inbound[0]["src.identity"], identity(a));
+
+    // The CA's root outlives the agent it runs in: after a restart of node 0's
+    // agent its new certificates still verify at node 1, which kept its bundle.
+    mesh.stop_agent(0, false)?;
+    mesh.start_agent(0)?;
+    say_ok(b, &addr(a.ip), "b to a, after node 0 restarted")?;
+    say_ok(a, &addr(b.ip), "a to b, after node 0 restarted")?;
+    Ok(())
+}

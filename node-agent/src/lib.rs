@@ -10,6 +10,7 @@
 
 pub mod agent;
 pub mod app;
+pub mod authz;
 pub mod ca;
 pub mod certs;
 pub mod cli;
@@ -17,6 +18,7 @@ pub mod config;
 pub mod ebpf;
 pub mod hbone;
 pub mod identity;
+pub mod lb;
 pub mod metrics;
 pub mod netns;
 pub mod proxy;

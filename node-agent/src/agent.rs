@@ -76,6 +76,14 @@ impl Agent {
         self.pods.keys()
     }
 
+    /// The enrolled pods and their namespace cookies.
+    pub fn enrolled_pods(&self) -> BTreeMap<WorkloadKey, u64> {
+        self.pods
+            .iter()
+            .map(|(k, e)| (k.clone(), e.cookie))
+            .collect()
+    }
+
     /// Brings the enrolled set in line with `config`.
     pub fn apply(&mut self, config: &MeshConfig) {
         self.shared.set_view(config.clone());
@@ -146,14 +154,8 @@ impl Agent {
             OutboundListener::new(pod.clone(), self.capture.orig_dst(), self.shared.clone())
                 .map_err(listen_err)?;
         let inbound = InboundListener::new(pod.clone(), self.shared.clone()).map_err(listen_err)?;
-        let hbone = HboneListener::new(
-            pod.clone(),
-            &addresses,
-            self.shared.certs.clone(),
-            &self.shared.bundle(),
-            self.shared.settings,
-        )
-        .map_err(listen_err)?;
+        let hbone =
+            HboneListener::new(pod.clone(), &addresses, self.shared.clone()).map_err(listen_err)?;
         self.capture
             .enroll(&pod.netns, &addresses, inbound.socket())?;
 

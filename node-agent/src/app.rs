@@ -11,6 +11,7 @@ use tracing::{error, info, warn};
 use std::sync::{Arc, RwLock};
 
 use crate::{
+    admin::Admin,
     agent::Agent,
     ca::client::CaClient,
     ca::server::{CaOptions, CaServer},
@@ -27,14 +28,35 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Agent(args) => agent(*args),
         Command::Ca(args) => ca(args),
+        Command::Status(args) => {
+            let (code, body) =
+                crate::metrics::get(args.admin_addr, "/status").with_context(|| {
+                    format!(
+                        "asking the agent's admin endpoint {} (is the agent running on this node?)",
+                        args.admin_addr
+                    )
+                })?;
+            anyhow::ensure!(code == 200, "the agent answered {code}: {body}");
+            if args.json {
+                print!("{body}");
+            } else {
+                let status: crate::admin::Status =
+                    serde_json::from_str(&body).context("reading the agent's status")?;
+                print!("{}", crate::admin::print_status(&status));
+            }
+            Ok(())
+        }
         Command::Config {
             command: ConfigCommand::Validate { file },
         } => {
             let config = MeshConfig::load(&file)?;
             println!(
-                "{}: ok ({} workloads)",
+                "{}: ok ({} workloads, {} services, {} authorization policies, {} peer authentications)",
                 file.display(),
-                config.workloads.len()
+                config.workloads.len(),
+                config.services.len(),
+                config.authorization_policies.len(),
+                config.peer_authentications.len(),
             );
             Ok(())
         }
@@ -119,16 +141,37 @@ fn agent(args: AgentArgs) -> anyhow::Result<()> {
                 connect_timeout: settings.connect_timeout,
             },
         );
-        let shared = Arc::new(proxy::Shared::new(settings, certs, bundle.clone(), pool));
-        let shared_for_agent = shared.clone();
-        let metrics = tokio::net::TcpListener::bind(args.metrics_addr)
-            .await
-            .with_context(|| format!("binding the metrics endpoint {}", args.metrics_addr))?;
-        let certs_view = shared.certs.clone();
-        tokio::spawn(crate::metrics::serve(
-            metrics,
-            Arc::new(move || certs_view.render_metrics()),
+        let shared = Arc::new(proxy::Shared::new(
+            settings,
+            &node,
+            certs,
+            bundle.clone(),
+            pool,
         ));
+        let shared_for_agent = shared.clone();
+        let bind = async |addr: std::net::SocketAddr, what: &str| {
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the {what} endpoint {addr}"))
+        };
+        let metrics = bind(args.metrics_addr, "metrics").await?;
+        let readiness = bind(args.readiness_addr, "readiness").await?;
+        let admin_listener = bind(args.admin_addr, "admin").await?;
+        let certs_view = shared.certs.clone();
+        let render: crate::metrics::Render = Arc::new(move || {
+            let mut page = crate::stats::STATS.render();
+            page.push_str(&certs_view.render_metrics());
+            page
+        });
+        let admin = Arc::new(Admin::new(
+            shared.clone(),
+            node.clone(),
+            config_path.clone(),
+            render.clone(),
+        ));
+        tokio::spawn(crate::metrics::serve(metrics, render));
+        tokio::spawn(crate::metrics::serve_http(readiness, admin.readiness()));
+        tokio::spawn(crate::metrics::serve_http(admin_listener, admin.handler()));
         tokio::spawn(watch_bundle(
             bundle_path,
             bundle,
@@ -136,6 +179,7 @@ fn agent(args: AgentArgs) -> anyhow::Result<()> {
         ));
         let mut agent = Agent::new(node.clone(), capture_install(&args, &cgroup)?, shared_for_agent);
         agent.apply(&config);
+        admin.set_enrolled(agent.enrolled_pods());
         // Ready means able to serve: the enrolled pods' certificates are here (or
         // the CA has answered, and the log says why not).
         let missing = shared.certs.settle(Duration::from_secs(15)).await;
@@ -150,9 +194,10 @@ fn agent(args: AgentArgs) -> anyhow::Result<()> {
             enrolled = agent.enrolled().count(),
             "agent ready"
         );
+        admin.set_ready();
         watch_config(
             &mut agent,
-            &config_path,
+            &admin,
             config,
             Duration::from_millis(args.config_poll_ms),
         )
@@ -221,10 +266,11 @@ fn stamp(path: &Path) -> Option<(SystemTime, u64, u64)> {
 /// last good config keeps serving.
 async fn watch_config(
     agent: &mut Agent,
-    path: &Path,
+    admin: &Admin,
     mut good: MeshConfig,
     every: Duration,
 ) -> anyhow::Result<()> {
+    let path = admin.config_path.as_path();
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -246,13 +292,17 @@ async fn watch_config(
                         agent.apply(&config);
                         good = config;
                     }
+                    admin.config_applied();
                 }
                 Err(e) => {
-                    error!(error = %e, "config rejected; the last good config keeps serving")
+                    error!(error = %e, "config rejected; the last good config keeps serving");
+                    admin.config_rejected(e.to_string());
                 }
             }
+            admin.set_enrolled(agent.enrolled_pods());
         } else if agent.has_pending() {
             agent.apply(&good);
+            admin.set_enrolled(agent.enrolled_pods());
         }
     }
 }

@@ -107,13 +107,13 @@ impl Authorizer {
         let mut seen: HashMap<(&str, &Labels), usize> = HashMap::new();
         for w in &config.workloads {
             let index = *seen.entry((&w.namespace, &w.labels)).or_insert_with(|| {
-                let (deny, allow): (Vec<usize>, Vec<usize>) = authz
-                    .applicable(&w.namespace, &w.labels)
-                    .partition(|&i| authz.policies[i].action == Action::Deny);
+                // DENY policies first: a denial then stops the scan before any
+                // ALLOW policy is evaluated.
+                let mut policies: Vec<usize> = authz.applicable(&w.namespace, &w.labels).collect();
+                policies.sort_by_key(|&i| authz.policies[i].action == Action::Allow);
                 authz.resolved.push(Resolved {
                     labels: w.labels.clone(),
-                    deny: deny.into(),
-                    allow: allow.into(),
+                    policies: policies.into(),
                 });
                 authz.resolved.len() - 1
             });
@@ -152,15 +152,8 @@ impl Authorizer {
             .map(|&i| &self.resolved[i])
             .filter(|r| r.labels == dst.labels);
         match resolved {
-            Some(r) => self.decide(r.deny.iter().copied(), r.allow.iter().copied(), &peer),
-            None => {
-                let applicable = || self.applicable(&dst.namespace, &dst.labels);
-                self.decide(
-                    applicable().filter(|&i| self.policies[i].action == Action::Deny),
-                    applicable().filter(|&i| self.policies[i].action == Action::Allow),
-                    &peer,
-                )
-            }
+            Some(r) => self.decide(r.policies.iter().copied(), &peer),
+            None => self.decide(self.applicable(&dst.namespace, &dst.labels), &peer),
         }
     }
 
@@ -208,31 +201,28 @@ impl Authorizer {
             .filter(move |&i| self.policies[i].selects(labels))
     }
 
-    /// `deny` and `allow`: the applicable policies of each action, in the order of
-    /// [`Self::applicable`].
-    fn decide(
-        &self,
-        deny: impl Iterator<Item = usize>,
-        allow: impl Iterator<Item = usize>,
-        peer: &Peer,
-    ) -> Decision {
-        for i in deny {
-            let policy = &self.policies[i];
-            if policy.matches(peer) {
-                return Decision::Deny {
-                    policy: policy.id.clone(),
-                    reason: format!("denied by DENY policy {}", policy.id),
-                };
-            }
-        }
+    fn decide(&self, applicable: impl Iterator<Item = usize>, peer: &Peer) -> Decision {
         let mut allow_policies = 0usize;
-        for i in allow {
-            if self.policies[i].matches(peer) {
-                return Decision::Allow;
+        let mut allowed = false;
+        for i in applicable {
+            let policy = &self.policies[i];
+            match policy.action {
+                Action::Deny => {
+                    if policy.matches(peer) {
+                        return Decision::Deny {
+                            policy: policy.id.clone(),
+                            reason: format!("denied by DENY policy {}", policy.id),
+                        };
+                    }
+                }
+                Action::Allow => {
+                    allow_policies += 1;
+                    // A later DENY still wins, so keep going after a match.
+                    allowed = allowed || policy.matches(peer);
+                }
             }
-            allow_policies += 1;
         }
-        if allow_policies == 0 {
+        if allowed || allow_policies == 0 {
             Decision::Allow
         } else {
             Decision::Deny {
@@ -279,8 +269,9 @@ impl Hasher for Fnv {
 #[derive(Debug)]
 struct Resolved {
     labels: Labels,
-    deny: Box<[usize]>,
-    allow: Box<[usize]>,
+    /// The applicable DENY policies, then the ALLOW ones, each in the order of
+    /// [`Authorizer::applicable`] (the sort is stable).
+    policies: Box<[usize]>,
 }
 
 #[derive(Debug, Default)]

@@ -17,6 +17,9 @@ pub enum Command {
     Agent(Box<AgentArgs>),
     /// Run the certificate authority: sign workload certificates for node agents.
     Ca(CaArgs),
+    /// Print a node's view (pods, identities, services, connections) from its
+    /// agent's admin endpoint.
+    Status(StatusArgs),
     /// Work with configuration files.
     Config {
         #[command(subcommand)]
@@ -28,6 +31,16 @@ pub enum Command {
 pub enum ConfigCommand {
     /// Check a mesh config file and print every error with its location.
     Validate { file: PathBuf },
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The agent's admin endpoint.
+    #[arg(long, env = "WEFT_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+    pub admin_addr: SocketAddr,
+    /// Print the JSON the agent returns instead of tables.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -105,6 +118,15 @@ pub struct AgentArgs {
     /// Where Prometheus `GET /metrics` is served (plain HTTP).
     #[arg(long, env = "WEFT_METRICS_ADDR", default_value = "[::]:15020")]
     pub metrics_addr: std::net::SocketAddr,
+
+    /// Where `GET /healthz/ready` answers 200 once the agent serves.
+    #[arg(long, env = "WEFT_READINESS_ADDR", default_value = "[::]:15021")]
+    pub readiness_addr: std::net::SocketAddr,
+
+    /// The admin endpoint (config dump, certificates, log level, status). Keep
+    /// it on loopback: it is unauthenticated.
+    #[arg(long, env = "WEFT_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+    pub admin_addr: std::net::SocketAddr,
 
     /// The CA (`weft ca`) that signs this node's workload certificates.
     #[arg(long, env = "WEFT_CA_ADDR", default_value = "127.0.0.1:15012")]

@@ -938,6 +938,21 @@ peer_authentications:
     }
 
     #[test]
+    fn the_documented_example_is_valid() {
+        let doc = include_str!("../../docs/config.md");
+        let start = doc
+            .find("```yaml\n# A complete example")
+            .expect("the example")
+            + 8;
+        let end = start + doc[start..].find("```").expect("its end");
+        let c = parse(&doc[start..end]).unwrap();
+        assert_eq!(c.workloads.len(), 3);
+        assert_eq!(c.services.len(), 2);
+        assert_eq!(c.authorization_policies.len(), 2);
+        assert_eq!(c.peer_authentications.len(), 2);
+    }
+
+    #[test]
     fn every_problem_is_reported() {
         let e = parse(
             "workloads:\n- name: A\n  node: n0\n  enrolled: true\n- name: b\n  node: n0\n- name: b\n  node: n0\n",

@@ -8,6 +8,7 @@
 //! workload certificates on CSR), `agent` (the set of enrolled pods), `proxy`
 //! (listeners and the byte copy), `telemetry` (logs).
 
+pub mod admin;
 pub mod agent;
 pub mod app;
 pub mod authz;
@@ -22,5 +23,7 @@ pub mod lb;
 pub mod metrics;
 pub mod netns;
 pub mod proxy;
+pub mod stats;
 pub mod telemetry;
 pub mod tls;
+pub mod view;

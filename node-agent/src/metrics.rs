@@ -1,6 +1,6 @@
-//! A minimal Prometheus endpoint: `GET /metrics` over plain HTTP/1.1, one request
-//! per connection, text exposition format. Shared by the agent (15020) and the CA.
-//! What it serves is whatever the role's `render` returns at scrape time.
+//! Minimal plain-HTTP/1.1 endpoints, one request per connection: Prometheus
+//! `GET /metrics` (text exposition format; the agent's 15020 and the CA's 15014),
+//! the agent's readiness (15021) and admin (15000) endpoints.
 
 use std::{io, sync::Arc, time::Duration};
 
@@ -13,14 +13,67 @@ use tracing::warn;
 
 pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
 
-/// Serves scrapes until the task is dropped. At most 64 at once, 5 s each.
+/// What a small HTTP endpoint answers.
+pub struct Reply {
+    pub status: u16,
+    pub content_type: &'static str,
+    pub body: String,
+}
+
+impl Reply {
+    pub fn text(status: u16, body: impl Into<String>) -> Reply {
+        Reply {
+            status,
+            content_type: "text/plain; charset=utf-8",
+            body: body.into(),
+        }
+    }
+
+    pub fn json(body: &impl serde::Serialize) -> Reply {
+        match serde_json::to_string_pretty(body) {
+            Ok(mut body) => {
+                body.push('\n');
+                Reply {
+                    status: 200,
+                    content_type: "application/json",
+                    body,
+                }
+            }
+            Err(e) => Reply::text(500, format!("cannot encode: {e}\n")),
+        }
+    }
+}
+
+/// One request: method, path, query string (without `?`).
+pub type Handler = Arc<dyn Fn(&str, &str, &str) -> Reply + Send + Sync>;
+
+/// Serves `GET /metrics` with what `render` returns at scrape time.
 pub async fn serve(listener: TcpListener, render: Render) {
+    serve_http(
+        listener,
+        Arc::new(
+            move |method: &str, path: &str, _: &str| match (method, path) {
+                ("GET", "/metrics") => Reply {
+                    status: 200,
+                    content_type: "text/plain; version=0.0.4",
+                    body: render(),
+                },
+                _ => Reply::text(404, "not found\n"),
+            },
+        ),
+    )
+    .await
+}
+
+/// Serves small HTTP/1.1 requests (one per connection, no body) with `handler`,
+/// until the task is dropped. At most 64 at once, 5 s each.
+pub async fn serve_http(listener: TcpListener, handler: Handler) {
     let limit = Arc::new(Semaphore::new(64));
     loop {
         let (tcp, _) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(e) => {
-                warn!(error = %e, "metrics accept failed");
+                warn!(error = %e, "HTTP endpoint accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
@@ -28,15 +81,15 @@ pub async fn serve(listener: TcpListener, render: Render) {
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             continue;
         };
-        let render = render.clone();
+        let handler = handler.clone();
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(5), request(tcp, &render)).await;
+            let _ = tokio::time::timeout(Duration::from_secs(5), request(tcp, &handler)).await;
             drop(permit);
         });
     }
 }
 
-async fn request(mut tcp: TcpStream, render: &Render) -> io::Result<()> {
+async fn request(mut tcp: TcpStream, handler: &Handler) -> io::Result<()> {
     let mut buf = vec![0u8; 8192];
     let mut len = 0;
     while !buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
@@ -50,20 +103,59 @@ async fn request(mut tcp: TcpStream, render: &Render) -> io::Result<()> {
         len += n;
     }
     let line = buf[..len].split(|&b| b == b'\r').next().unwrap_or_default();
-    let mut parts = line.split(|&b| b == b' ');
-    let (method, target) = (parts.next(), parts.next());
-    let path = target.map(|t| t.split(|&b| b == b'?').next().unwrap_or_default());
-    let (status, body) = match (method, path) {
-        (Some(b"GET"), Some(b"/metrics")) => ("200 OK", render()),
-        _ => ("404 Not Found", "not found\n".to_owned()),
+    let line = String::from_utf8_lossy(line);
+    let mut parts = line.split(' ');
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let reply = handler(method, path, query);
+    let reason = match reply.status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        503 => "Service Unavailable",
+        _ => "",
     };
-    let response = format!(
-        "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\n\
-         content-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
+    let head = format!(
+        "HTTP/1.1 {} {reason}\r\ncontent-type: {}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        reply.status,
+        reply.content_type,
+        reply.body.len()
     );
-    tcp.write_all(response.as_bytes()).await?;
+    tcp.write_all(head.as_bytes()).await?;
+    tcp.write_all(reply.body.as_bytes()).await?;
     tcp.shutdown().await
+}
+
+/// The value of `key` in a query string (`a=1&b=2`), undecoded.
+pub fn query_param<'q>(query: &'q str, key: &str) -> Option<&'q str> {
+    query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+}
+
+/// A blocking `GET` of `path` on a local HTTP endpoint (for `weft status`):
+/// the status code and the body.
+pub fn get(addr: std::net::SocketAddr, path: &str) -> io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut tcp = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        tcp,
+        "GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n"
+    )?;
+    let mut out = Vec::new();
+    tcp.read_to_end(&mut out)?;
+    let text = String::from_utf8_lossy(&out);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| io::Error::other("no HTTP response"))?;
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| io::Error::other("no HTTP status"))?;
+    Ok((status, body.to_owned()))
 }
 
 /// A label value, escaped as the exposition format wants.

@@ -5,8 +5,10 @@
 //! server presents the pod's own SVID (the current one at each handshake, so a
 //! renewal takes effect without a restart). Then HTTP/2: every stream must be a
 //! `CONNECT` to one of this pod's addresses on a port that is not the mesh's own;
-//! the agent connects to the application inside the namespace and answers 200, or
-//! 400 (bad request) / 503 (the application refused) without touching anything.
+//! authorization policy decides on the proven identity, the connection's source
+//! address and the port; then the agent connects to the application inside the
+//! namespace and answers 200, or 400 (bad request) / 401 (denied by policy) / 503
+//! (the application refused) without touching anything.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -29,10 +31,12 @@ use crate::{
     certs::CertManager,
     identity::SpiffeId,
     proxy::{
-        AcceptBackoff, AccessLog, Direction, INBOUND_SOURCE_V4, INBOUND_SOURCE_V6, Pod, Settings,
-        accept_next, canonical, connect_from, copy::Side, is_reserved_port, listen, stopped,
+        AcceptBackoff, AccessLog, Direction, INBOUND_SOURCE_V4, INBOUND_SOURCE_V6, Pod, Shared,
+        accept_next, canonical, connect_from, copy::Side, is_reserved_port, listen, live::Facts,
+        stopped,
     },
-    tls::{self, TrustBundle},
+    stats::{Flags, Peer, Reporter, STATS, TcpLabels},
+    tls,
 };
 
 /// Streams one inbound connection may carry at once.
@@ -43,7 +47,7 @@ pub struct HboneListener {
     listener: TcpListener,
     acceptor: TlsAcceptor,
     addresses: Arc<[IpAddr]>,
-    settings: Settings,
+    shared: Arc<Shared>,
 }
 
 /// Resolves the pod's current SVID at each handshake.
@@ -71,13 +75,7 @@ impl ResolvesServerCert for PodCert {
 
 impl HboneListener {
     /// Binds 15008 (IPv6 and IPv4) inside the pod's namespace.
-    pub fn new(
-        pod: Arc<Pod>,
-        addresses: &[IpAddr],
-        certs: CertManager,
-        bundle: &TrustBundle,
-        settings: Settings,
-    ) -> std::io::Result<Self> {
+    pub fn new(pod: Arc<Pod>, addresses: &[IpAddr], shared: Arc<Shared>) -> std::io::Result<Self> {
         let any6 = SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), INBOUND_HBONE_PORT);
         let listener = match listen(&pod.netns, any6) {
             Ok(l) => l,
@@ -87,16 +85,17 @@ impl HboneListener {
             )?,
         };
         let resolver = Arc::new(PodCert {
-            certs,
+            certs: shared.certs.clone(),
             id: pod.identity.clone(),
         });
-        let config = tls::server_config(resolver, bundle).map_err(std::io::Error::other)?;
+        let config =
+            tls::server_config(resolver, &shared.bundle()).map_err(std::io::Error::other)?;
         Ok(HboneListener {
             pod,
             listener,
             acceptor: TlsAcceptor::from(config),
             addresses: addresses.iter().map(|a| a.to_canonical()).collect(),
-            settings,
+            shared,
         })
     }
 
@@ -114,7 +113,7 @@ impl HboneListener {
             let conn = Conn {
                 pod: self.pod.clone(),
                 addresses: self.addresses.clone(),
-                settings: self.settings,
+                shared: self.shared.clone(),
                 peer: canonical(peer),
             };
             let acceptor = self.acceptor.clone();
@@ -128,7 +127,7 @@ impl HboneListener {
 struct Conn {
     pod: Arc<Pod>,
     addresses: Arc<[IpAddr]>,
-    settings: Settings,
+    shared: Arc<Shared>,
     peer: SocketAddr,
 }
 
@@ -163,7 +162,7 @@ impl Conn {
                     self.pod.identity.trust_domain()
                 ));
             }
-            Ok(id) => Arc::<str>::from(id.to_string()),
+            Ok(id) => Arc::new(id),
             Err(e) => return refuse(&e),
         };
         let handshake = h2::server::Builder::new()
@@ -210,7 +209,7 @@ impl Conn {
 
     async fn stream(
         &self,
-        peer_id: Arc<str>,
+        peer_id: Arc<SpiffeId>,
         req: Request<RecvStream>,
         mut respond: SendResponse<Bytes>,
     ) {
@@ -228,10 +227,10 @@ impl Conn {
         }
         let mut reply = |log: &mut AccessLog, status: StatusCode, why: String| {
             log.fail(
-                if status == StatusCode::SERVICE_UNAVAILABLE {
-                    "upstream_connect_failed"
-                } else {
-                    "bad_request"
+                match status {
+                    StatusCode::SERVICE_UNAVAILABLE => "upstream_connect_failed",
+                    StatusCode::UNAUTHORIZED => "denied",
+                    _ => "bad_request",
                 },
                 &why,
             );
@@ -278,6 +277,46 @@ impl Conn {
                 format!("port {} is reserved for the mesh", dst.port()),
             );
         }
+        // Policy, on the identity the handshake proved and the address the
+        // connection came from (not on what the peer's headers claim).
+        let view = self.shared.view();
+        let Some(me) = view.workload(&self.pod.workload) else {
+            return reply(
+                &mut log,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "this pod is no longer in the config".into(),
+            );
+        };
+        let by_addr = view
+            .workload_by_address(self.peer.ip())
+            .filter(|w| w.identity(&view.trust_domain).ok().as_ref() == Some(&*peer_id));
+        log.opened(TcpLabels {
+            reporter: Reporter::Destination,
+            source: match by_addr {
+                Some(w) => Peer::of(w, Some(peer_id.to_string())),
+                None => Peer {
+                    namespace: Some(peer_id.namespace().to_owned()),
+                    principal: Some(peer_id.to_string()),
+                    ..Peer::default()
+                },
+            },
+            destination: Peer::of(me, Some(self.pod.identity.to_string())),
+            service: None,
+            mutual_tls: true,
+            flags: Flags::None,
+        });
+        let facts = Facts {
+            workload: self.pod.workload.clone(),
+            src_identity: Some((*peer_id).clone()),
+            src_ip: self.peer.ip(),
+            dst_port: dst.port(),
+        };
+        if let Some((kind, reason)) = facts.denied_by(&view) {
+            STATS.policy_denied(&self.pod.workload.to_string(), kind);
+            return reply(&mut log, StatusCode::UNAUTHORIZED, reason);
+        }
+        drop(view);
+        let kill = self.shared.live.register(facts);
         let source = if dst.is_ipv4() {
             INBOUND_SOURCE_V4
         } else {
@@ -287,7 +326,7 @@ impl Conn {
             &self.pod.netns,
             dst,
             Some(source),
-            self.settings.connect_timeout,
+            self.shared.settings.connect_timeout,
         )
         .await
         {
@@ -308,7 +347,14 @@ impl Conn {
             }
         };
         // Here the socket is the application (upstream) and the stream the client.
-        let t = stream::bidirectional(&mut up, send, req.into_body()).await;
+        let t = tokio::select! {
+            t = stream::bidirectional(&mut up, send, req.into_body()) => t,
+            reason = kill.killed() => {
+                log.fail("denied", reason);
+                let _ = up.set_zero_linger();
+                return;
+            }
+        };
         log.sent = t.received;
         log.received = t.sent;
         match t.result {

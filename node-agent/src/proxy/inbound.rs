@@ -3,6 +3,9 @@
 //! socket's local address is the address the client dialed; the agent connects to
 //! it from inside the namespace, over the pod's loopback, which `sk_lookup` leaves
 //! alone.
+//!
+//! Plaintext carries no identity: a `STRICT` peer authentication refuses it, and
+//! authorization policies decide on the source address and port alone.
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -12,8 +15,9 @@ use weft_common::INBOUND_PLAINTEXT_PORT;
 
 use super::{
     AcceptBackoff, AccessLog, Direction, INBOUND_SOURCE_V4, INBOUND_SOURCE_V6, Pod, Shared,
-    accept_next, canonical, forward, listen, reset,
+    accept_next, canonical, forward, listen, live::Facts, reset,
 };
+use crate::stats::{Flags, Peer, Reporter, STATS, TcpLabels};
 
 pub struct InboundListener {
     pod: Arc<Pod>,
@@ -62,20 +66,16 @@ impl InboundListener {
         .await
         {
             let pod = self.pod.clone();
-            let settings = self.shared.settings;
-            tokio::spawn(async move { handle(pod, settings, stream, peer).await });
+            let shared = self.shared.clone();
+            tokio::spawn(async move { handle(pod, shared, stream, peer).await });
         }
         debug!(workload = %self.pod.workload, "inbound listener stopped");
     }
 }
 
-async fn handle(
-    pod: Arc<Pod>,
-    settings: super::Settings,
-    down: tokio::net::TcpStream,
-    peer: SocketAddr,
-) {
-    let mut log = AccessLog::new(Direction::Inbound, pod.clone(), canonical(peer));
+async fn handle(pod: Arc<Pod>, shared: Arc<Shared>, down: tokio::net::TcpStream, peer: SocketAddr) {
+    let peer = canonical(peer);
+    let mut log = AccessLog::new(Direction::Inbound, pod.clone(), peer);
     let dst = match down.local_addr() {
         Ok(a) => canonical(a),
         Err(e) => {
@@ -84,10 +84,44 @@ async fn handle(
             return;
         }
     };
+    log.set_dst(dst);
+    let view = shared.view();
+    let Some(me) = view.workload(&pod.workload) else {
+        log.fail("refused", "this pod is no longer in the config");
+        reset(down);
+        return;
+    };
+    log.opened(TcpLabels {
+        reporter: Reporter::Destination,
+        source: view
+            .workload_by_address(peer.ip())
+            .map(|w| Peer::of(w, None))
+            .unwrap_or_default(),
+        destination: Peer::of(me, Some(pod.identity.to_string())),
+        service: None,
+        mutual_tls: false,
+        flags: Flags::None,
+    });
+    // Plaintext has no identity: peer authentication and policy decide on the
+    // source address and the port alone.
+    let facts = Facts {
+        workload: pod.workload.clone(),
+        src_identity: None,
+        src_ip: peer.ip(),
+        dst_port: dst.port(),
+    };
+    if let Some((kind, reason)) = facts.denied_by(&view) {
+        STATS.policy_denied(&pod.workload.to_string(), kind);
+        log.fail("denied", reason);
+        reset(down);
+        return;
+    }
+    drop(view);
+    let kill = shared.live.register(facts);
     let source = if dst.is_ipv4() {
         INBOUND_SOURCE_V4
     } else {
         INBOUND_SOURCE_V6
     };
-    forward(log, down, dst, Some(source), settings).await;
+    forward(log, down, dst, Some(source), shared.settings, Some(kill)).await;
 }

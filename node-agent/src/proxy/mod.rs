@@ -8,6 +8,7 @@
 
 pub mod copy;
 pub mod inbound;
+pub mod live;
 pub mod outbound;
 
 use std::{
@@ -31,8 +32,10 @@ use crate::{
     hbone::client::Pool,
     identity::SpiffeId,
     netns::Netns,
+    stats::{Flags, STATS, TcpLabels},
     telemetry::ACCESS_LOG,
     tls::TrustBundle,
+    view::{Balancers, View},
 };
 
 /// What a listener needs to know about the pod it serves.
@@ -49,39 +52,53 @@ pub struct Settings {
     pub connect_timeout: Duration,
 }
 
-/// What every listener of this agent shares: settings, the current mesh model,
-/// certificates, the trust bundle and the HBONE pool.
+/// What every listener of this agent shares: settings, the current mesh view,
+/// certificates, the trust bundle, the HBONE pool, the services' balancers and
+/// the inbound connections policy may have to close.
 pub struct Shared {
     pub settings: Settings,
-    view: std::sync::RwLock<Arc<MeshConfig>>,
+    node: String,
+    view: std::sync::RwLock<Arc<View>>,
+    pub balancers: Balancers,
     pub certs: CertManager,
     pub bundle: Arc<std::sync::RwLock<TrustBundle>>,
     pub pool: Pool,
+    pub live: live::LiveConns,
 }
 
 impl Shared {
     pub fn new(
         settings: Settings,
+        node: &str,
         certs: CertManager,
         bundle: Arc<std::sync::RwLock<TrustBundle>>,
         pool: Pool,
     ) -> Self {
+        let balancers = Balancers::default();
+        let view = View::new(MeshConfig::default(), node, &balancers);
         Shared {
             settings,
-            view: std::sync::RwLock::new(Arc::new(MeshConfig::default())),
+            node: node.to_owned(),
+            view: std::sync::RwLock::new(Arc::new(view)),
+            balancers,
             certs,
             bundle,
             pool,
+            live: live::LiveConns::default(),
         }
     }
 
     /// The mesh as of the last good config (a cheap `Arc` clone).
-    pub fn view(&self) -> Arc<MeshConfig> {
+    pub fn view(&self) -> Arc<View> {
         self.view.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// Compiles and installs `config`, then closes inbound connections it now
+    /// denies.
     pub fn set_view(&self, config: MeshConfig) {
-        *self.view.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
+        let view = Arc::new(View::new(config, &self.node, &self.balancers));
+        *self.view.write().unwrap_or_else(|e| e.into_inner()) = view.clone();
+        self.live.recheck(&view);
     }
 
     pub fn bundle(&self) -> TrustBundle {
@@ -167,6 +184,11 @@ pub(crate) fn reset(stream: TcpStream) {
 /// Connections in flight (an access-log guard is alive for each).
 static ACTIVE: AtomicUsize = AtomicUsize::new(0);
 
+/// Connections in flight now.
+pub fn in_flight() -> usize {
+    ACTIVE.load(Relaxed)
+}
+
 /// Waits until no connection is in flight, or `deadline` passes; returns how many
 /// were still open.
 pub async fn drain(deadline: Duration) -> usize {
@@ -215,6 +237,10 @@ pub(crate) struct AccessLog {
     pub received: u64,
     pub end: &'static str,
     pub error: Option<String>,
+    /// The service the client dialed, when it dialed one.
+    pub service: Option<String>,
+    /// The metric labels, once both ends are known (see [`AccessLog::opened`]).
+    tcp: Option<TcpLabels>,
 }
 
 impl AccessLog {
@@ -234,6 +260,26 @@ impl AccessLog {
             received: 0,
             end: "unknown",
             error: None,
+            service: None,
+            tcp: None,
+        }
+    }
+
+    /// Both ends are known: counts the connection as opened under `labels`; its
+    /// close is counted when the log is written.
+    pub fn opened(&mut self, labels: TcpLabels) {
+        STATS.opened(&labels);
+        self.tcp = Some(labels);
+    }
+
+    /// The response flag an end maps to.
+    fn flags(&self) -> Flags {
+        match self.end {
+            "denied" => Flags::Deny,
+            "upstream_connect_failed" | "no_healthy_endpoint" | "tls_error" | "no_certificate" => {
+                Flags::Connect
+            }
+            _ => Flags::None,
         }
     }
 
@@ -250,6 +296,11 @@ impl AccessLog {
 impl Drop for AccessLog {
     fn drop(&mut self) {
         ACTIVE.fetch_sub(1, Relaxed);
+        let flags = self.flags();
+        if let Some(mut labels) = self.tcp.take() {
+            labels.flags = flags;
+            STATS.closed(&labels, self.sent, self.received);
+        }
         let dst = self.dst.map(|a| a.to_string());
         info!(
             target: ACCESS_LOG,
@@ -257,6 +308,7 @@ impl Drop for AccessLog {
             workload = %self.pod.workload,
             src.addr = %self.src,
             dst.addr = dst.as_deref().unwrap_or("-"),
+            service = self.service.as_deref(),
             src.identity = self.src_identity.as_deref(),
             dst.identity = self.dst_identity.as_deref(),
             security = self.security,
@@ -331,6 +383,7 @@ pub(crate) async fn forward(
     dst: SocketAddr,
     source: Option<IpAddr>,
     settings: Settings,
+    kill: Option<live::Kill>,
 ) {
     log.set_dst(dst);
     if is_reserved_port(dst.port()) {
@@ -354,7 +407,19 @@ pub(crate) async fn forward(
             log.src = canonical(local);
         }
     }
-    let t = copy::bidirectional(&mut down, &mut up).await;
+    let t = match &kill {
+        Some(kill) => {
+            tokio::select! {
+                t = copy::bidirectional(&mut down, &mut up) => t,
+                reason = kill.killed() => {
+                    log.fail("denied", reason);
+                    reset(down);
+                    return;
+                }
+            }
+        }
+        None => copy::bidirectional(&mut down, &mut up).await,
+    };
     log.sent = t.sent;
     log.received = t.received;
     match t.result {

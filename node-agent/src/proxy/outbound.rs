@@ -3,13 +3,17 @@
 //! lookup keyed by the pod's namespace and the client's own address and port).
 //!
 //! A destination that is an enrolled workload gets an HBONE stream (mutual TLS with
-//! the source pod's certificate, checking the destination's identity). Any other
-//! destination is outside the mesh: by the source pod's `outside_mesh` setting it
-//! goes direct in plaintext, or is refused.
+//! the source pod's certificate, checking the destination's identity). A service's
+//! virtual IP is resolved to one of its endpoints by the service's balancer (an
+//! enrolled endpoint over HBONE, any other in plaintext), with retries on other
+//! endpoints and outlier detection. Any other destination is outside the mesh: by
+//! the source pod's `outside_mesh` setting it goes direct in plaintext, or is
+//! refused.
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::Arc,
+    time::Instant,
 };
 
 use tokio::{net::TcpListener, sync::watch};
@@ -17,13 +21,15 @@ use tracing::{debug, warn};
 use weft_common::{AF_INET, ConnKey, OUTBOUND_PORT, OrigDst, v4_mapped};
 
 use super::{
-    AcceptBackoff, AccessLog, Direction, Pod, Shared, canonical, copy::Side, forward,
-    is_reserved_port, listen, reset, stopped,
+    AcceptBackoff, AccessLog, Direction, Pod, Shared, canonical, connect_from, copy, copy::Side,
+    forward, is_reserved_port, listen, reset, stopped,
 };
 use crate::{
-    config::OutsideMesh,
+    config::{OutsideMesh, WorkloadKey},
     ebpf::OrigDstTable,
-    hbone::{client::Target, stream},
+    hbone::{self, client::Target, stream},
+    identity::SpiffeId,
+    stats::{Flags, Peer, Reporter, STATS, ServiceName, TcpLabels},
 };
 
 pub struct OutboundListener {
@@ -111,7 +117,7 @@ async fn handle(
     pod: Arc<Pod>,
     orig_dst: OrigDstTable,
     shared: Arc<Shared>,
-    mut down: tokio::net::TcpStream,
+    down: tokio::net::TcpStream,
     peer: SocketAddr,
 ) {
     let mut log = AccessLog::new(Direction::Outbound, pod.clone(), canonical(peer));
@@ -123,79 +129,352 @@ async fn handle(
         reset(down);
         return;
     };
+    log.set_dst(dst);
     let view = shared.view();
-    let me = view.workloads.iter().find(|w| w.key() == pod.workload);
-    let peer_workload = view.workload_by_address(dst.ip()).filter(|w| w.enrolled);
-    let Some(dst_workload) = peer_workload else {
-        match me.map(|w| w.outside_mesh).unwrap_or_default() {
-            OutsideMesh::Passthrough => forward(log, down, dst, None, shared.settings).await,
-            OutsideMesh::Refuse => {
-                log.set_dst(dst);
-                log.fail(
-                    "refused",
-                    "destination is outside the mesh (outside_mesh: refuse)",
-                );
-                reset(down);
-            }
-        }
+    let Some(me) = view.workload(&pod.workload) else {
+        log.fail("refused", "this pod is no longer in the config");
+        reset(down);
         return;
     };
-    log.set_dst(dst);
+    // The pod's own address in the destination's family: what the peer sees.
+    let source_ip = me
+        .addresses
+        .iter()
+        .copied()
+        .find(|a| a.is_ipv4() == dst.is_ipv4());
+    if let Some(ip) = source_ip {
+        log.src = SocketAddr::new(ip, peer.port());
+    }
+    let source = Peer::of(me, Some(pod.identity.to_string()));
+    let outside = me.outside_mesh;
     if is_reserved_port(dst.port()) {
         log.fail("refused", "destination port is reserved for the mesh");
         reset(down);
         return;
     }
-    let dst_id = match dst_workload.identity(&view.trust_domain) {
-        Ok(id) => id,
-        Err(e) => {
-            log.fail("refused", e);
-            reset(down);
-            return;
-        }
-    };
-    // The pod's own address in the destination's family: what the peer sees.
-    let source_ip = me.and_then(|w| {
-        w.addresses
-            .iter()
-            .copied()
-            .find(|a| a.is_ipv4() == dst.is_ipv4())
-    });
-    if let Some(ip) = source_ip {
-        log.src = SocketAddr::new(ip, peer.port());
-    }
-    log.src_identity = Some(pod.identity.to_string());
-    log.dst_identity = Some(dst_id.to_string());
-    log.security = "mutual_tls";
-    drop(view);
     let _ = down.set_nodelay(true);
-    let tunnel = match shared
-        .pool
-        .open(Target {
-            netns: &pod.netns,
-            src: &pod.identity,
-            dst: &dst_id,
-            hbone: SocketAddr::new(dst.ip(), weft_common::INBOUND_HBONE_PORT),
-            authority: dst,
-            source_ip,
-        })
-        .await
-    {
-        Ok(t) => t,
-        Err(e) => {
-            log.fail(e.end(), e);
+
+    if let Some(w) = view.workload_by_address(dst.ip()).filter(|w| w.enrolled) {
+        let endpoint = Endpoint::of(&view, w, dst);
+        let Ok(endpoint) = endpoint else {
+            log.fail("refused", "the destination has no valid identity");
             reset(down);
             return;
+        };
+        drop(view);
+        let labels = labels(source, &endpoint, None);
+        let timeout = shared.settings.connect_timeout;
+        match connect(&shared, &pod, source_ip, &endpoint, timeout).await {
+            Ok(up) => carry(log, down, up, labels, &endpoint).await,
+            Err(e) => {
+                log.opened(labels);
+                log.fail(e.end(), e);
+                reset(down);
+            }
+        }
+        return;
+    }
+
+    if let Some((svc, balancer)) = view.service_by_vip(dst.ip()) {
+        let svc = svc.clone();
+        let balancer = balancer.clone();
+        to_service(
+            log,
+            down,
+            (&pod, &shared, view),
+            (&svc, balancer),
+            (source, source_ip, dst),
+            outside,
+        )
+        .await;
+        return;
+    }
+
+    let destination = view
+        .workload_by_address(dst.ip())
+        .map(|w| Peer::of(w, None))
+        .unwrap_or_default();
+    drop(view);
+    match outside {
+        OutsideMesh::Passthrough => {
+            log.opened(TcpLabels {
+                reporter: Reporter::Source,
+                source,
+                destination,
+                service: None,
+                mutual_tls: false,
+                flags: Flags::None,
+            });
+            forward(log, down, dst, None, shared.settings, None).await
+        }
+        OutsideMesh::Refuse => {
+            log.fail(
+                "refused",
+                "destination is outside the mesh (outside_mesh: refuse)",
+            );
+            reset(down);
+        }
+    }
+}
+
+/// A destination pod, as the data path needs it.
+struct Endpoint {
+    workload: Peer,
+    addr: SocketAddr,
+    /// Its identity when it is in the mesh (HBONE); `None` for plaintext.
+    identity: Option<SpiffeId>,
+}
+
+impl Endpoint {
+    fn of(
+        view: &crate::view::View,
+        w: &crate::config::Workload,
+        addr: SocketAddr,
+    ) -> Result<Endpoint, crate::identity::Error> {
+        let identity = if w.enrolled {
+            Some(w.identity(&view.trust_domain)?)
+        } else {
+            None
+        };
+        Ok(Endpoint {
+            workload: Peer::of(w, identity.as_ref().map(ToString::to_string)),
+            addr,
+            identity,
+        })
+    }
+}
+
+fn labels(source: Peer, ep: &Endpoint, service: Option<ServiceName>) -> TcpLabels {
+    TcpLabels {
+        reporter: Reporter::Source,
+        source,
+        destination: ep.workload.clone(),
+        service,
+        mutual_tls: ep.identity.is_some(),
+        flags: Flags::None,
+    }
+}
+
+/// An upstream: an HBONE stream, or a plaintext socket.
+enum Upstream {
+    Hbone(hbone::client::Tunnel),
+    Plain(tokio::net::TcpStream),
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ConnectError {
+    #[error(transparent)]
+    Hbone(#[from] hbone::client::Error),
+    #[error("connecting to {addr}: {source}")]
+    Plain {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("no answer from {addr} within {timeout:?}")]
+    Timeout {
+        addr: SocketAddr,
+        timeout: std::time::Duration,
+    },
+}
+
+impl ConnectError {
+    fn end(&self) -> &'static str {
+        match self {
+            ConnectError::Hbone(e) => e.end(),
+            _ => "upstream_connect_failed",
+        }
+    }
+
+    /// Whether another endpoint might do better (policy refusals are final).
+    fn retryable(&self) -> bool {
+        self.end() != "denied"
+    }
+}
+
+async fn connect(
+    shared: &Shared,
+    pod: &Pod,
+    source_ip: Option<std::net::IpAddr>,
+    ep: &Endpoint,
+    timeout: std::time::Duration,
+) -> Result<Upstream, ConnectError> {
+    let attempt = async {
+        match &ep.identity {
+            Some(dst_id) => shared
+                .pool
+                .open(Target {
+                    netns: &pod.netns,
+                    src: &pod.identity,
+                    dst: dst_id,
+                    hbone: SocketAddr::new(ep.addr.ip(), weft_common::INBOUND_HBONE_PORT),
+                    authority: ep.addr,
+                    source_ip,
+                })
+                .await
+                .map(Upstream::Hbone)
+                .map_err(ConnectError::from),
+            None => connect_from(&pod.netns, ep.addr, None, timeout)
+                .await
+                .map(Upstream::Plain)
+                .map_err(|source| ConnectError::Plain {
+                    addr: ep.addr,
+                    source,
+                }),
         }
     };
-    log.connection = Some(tunnel.connection);
-    let t = stream::bidirectional(&mut down, tunnel.send, tunnel.recv).await;
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(r) => r,
+        Err(_) => Err(ConnectError::Timeout {
+            addr: ep.addr,
+            timeout,
+        }),
+    }
+}
+
+/// Copies between the pod's socket and the upstream until both are done.
+async fn carry(
+    mut log: AccessLog,
+    mut down: tokio::net::TcpStream,
+    up: Upstream,
+    labels: TcpLabels,
+    ep: &Endpoint,
+) {
+    log.set_dst(ep.addr);
+    log.opened(labels);
+    log.src_identity = ep.identity.as_ref().map(|_| log.pod.identity.to_string());
+    log.dst_identity = ep.identity.as_ref().map(ToString::to_string);
+    let t = match up {
+        Upstream::Hbone(tunnel) => {
+            log.security = "mutual_tls";
+            log.connection = Some(tunnel.connection);
+            stream::bidirectional(&mut down, tunnel.send, tunnel.recv).await
+        }
+        Upstream::Plain(mut up) => {
+            if let Ok(local) = up.local_addr() {
+                log.src = canonical(local);
+            }
+            copy::bidirectional(&mut down, &mut up).await
+        }
+    };
     log.sent = t.sent;
     log.received = t.received;
     match t.result {
         Ok(()) => log.end = "closed",
         Err((Side::Downstream, e)) => log.fail("downstream_error", e),
         Err((Side::Upstream, e)) => log.fail("upstream_error", e),
+    }
+}
+
+/// A connection to a service's virtual IP: picks an endpoint, tries another on
+/// a refused or timed-out connect (up to the service's `retries`), reports each
+/// outcome to the balancer's outlier detection.
+async fn to_service(
+    mut log: AccessLog,
+    down: tokio::net::TcpStream,
+    (pod, shared, view): (&Pod, &Shared, Arc<crate::view::View>),
+    (svc, balancer): (&crate::config::Service, Arc<crate::lb::Balancer>),
+    (source, source_ip, dst): (Peer, Option<std::net::IpAddr>, SocketAddr),
+    outside: OutsideMesh,
+) {
+    let name = format!("{}/{}", svc.namespace, svc.name);
+    log.service = Some(name.clone());
+    let service = crate::view::service_name(svc);
+    let Some(port) = svc.ports.iter().find(|p| p.port == dst.port()) else {
+        log.fail(
+            "refused",
+            format!("port {} is not a port of service {name}", dst.port()),
+        );
+        reset(down);
+        return;
+    };
+    let timeout = svc
+        .load_balancing
+        .connect_timeout
+        .unwrap_or(shared.settings.connect_timeout);
+    let attempts = 1 + svc.load_balancing.retries as usize;
+    let client = source_ip.unwrap_or(dst.ip());
+    let mut tried: Vec<WorkloadKey> = Vec::new();
+    let mut last: Option<String> = None;
+    loop {
+        let Some(pick) = balancer.pick(client, &tried, Instant::now()) else {
+            STATS.no_healthy_endpoint(&name);
+            log.opened(TcpLabels {
+                reporter: Reporter::Source,
+                source,
+                destination: Peer::default(),
+                service: Some(service),
+                mutual_tls: false,
+                flags: Flags::None,
+            });
+            let why = match last {
+                Some(e) => format!("no endpoint of {name} left to try; last: {e}"),
+                None => format!("service {name} has no endpoint that can take it"),
+            };
+            log.fail("no_healthy_endpoint", why);
+            reset(down);
+            return;
+        };
+        let key = pick.key.clone();
+        tried.push(key.clone());
+        let Some(w) = view.workload(&key) else {
+            continue;
+        };
+        let Some(ip) = w
+            .addresses
+            .iter()
+            .copied()
+            .find(|a| a.is_ipv4() == dst.is_ipv4())
+            .or_else(|| w.addresses.first().copied())
+        else {
+            continue;
+        };
+        if !w.enrolled && outside == OutsideMesh::Refuse {
+            last = Some(format!("{key} is outside the mesh (outside_mesh: refuse)"));
+            continue;
+        }
+        let Ok(ep) = Endpoint::of(&view, w, SocketAddr::new(ip, port.target())) else {
+            continue;
+        };
+        match connect(shared, pod, source_ip, &ep, timeout).await {
+            Ok(up) => {
+                balancer.report(&key, true, Instant::now());
+                drop(view);
+                let labels = labels(source, &ep, Some(service));
+                // The pick counts as an active request until the copy ends.
+                carry(log, down, up, labels, &ep).await;
+                drop(pick);
+                return;
+            }
+            Err(e) if !e.retryable() => {
+                log.set_dst(ep.addr);
+                log.opened(labels(source, &ep, Some(service)));
+                log.fail(e.end(), e);
+                reset(down);
+                return;
+            }
+            Err(e) => {
+                drop(pick);
+                if let Some(ej) = balancer.report(&key, false, Instant::now()) {
+                    warn!(
+                        service = %name,
+                        endpoint = %key,
+                        ejected_for_ms = ej.duration.as_millis() as u64,
+                        consecutive_failures = ej.consecutive_failures,
+                        "endpoint ejected"
+                    );
+                    STATS.ejection(&name, &key.to_string());
+                }
+                debug!(service = %name, endpoint = %key, error = %e, "connect failed; trying another endpoint");
+                if tried.len() >= attempts {
+                    log.set_dst(ep.addr);
+                    log.opened(labels(source, &ep, Some(service)));
+                    log.fail(e.end(), format!("{e} (after {} attempts)", tried.len()));
+                    reset(down);
+                    return;
+                }
+                last = Some(e.to_string());
+            }
+        }
     }
 }
 

@@ -1,0 +1,251 @@
+//! The cost of an authorization decision with 10,000 policies loaded.
+//!
+//! Plain `main` (no criterion: no new dependencies): builds a mesh of 200
+//! namespaces with 50 policies each, most selecting other workloads, a few
+//! applying to the target, a mesh-wide DENY for plaintext and a namespace DENY on
+//! a principal; then times `Authorizer::check` for an allowed mTLS connection, a
+//! denied one and a plaintext one, on the resolved path (a workload of the config)
+//! and on the fallback path (a workload the config does not list).
+//!
+//! `cargo bench -p weft --bench authz`
+
+use std::{
+    hint::black_box,
+    net::IpAddr,
+    time::{Duration, Instant},
+};
+
+use weft::{
+    authz::{Authorizer, Conn},
+    config::{
+        Action, AuthorizationPolicy, FromSource, Labels, MeshConfig, Operation, PeerAuthentication,
+        PeerMode, Rule, Source, ToOperation, Workload,
+    },
+    identity::SpiffeId,
+};
+
+const NAMESPACES: usize = 200;
+const PER_NAMESPACE: usize = 50;
+const ITERATIONS: u32 = 1_000_000;
+
+fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+fn workload(namespace: &str, name: &str, app: &str) -> Workload {
+    Workload {
+        name: name.to_owned(),
+        namespace: namespace.to_owned(),
+        service_account: name.to_owned(),
+        node: "n0".to_owned(),
+        netns: None,
+        addresses: Vec::new(),
+        enrolled: false,
+        outside_mesh: Default::default(),
+        labels: labels(&[("app", app), ("version", "v1")]),
+    }
+}
+
+fn from(source: Source) -> Vec<FromSource> {
+    vec![FromSource { source }]
+}
+
+fn ports(ports: &[u16]) -> Vec<ToOperation> {
+    vec![ToOperation {
+        operation: Operation {
+            ports: ports.to_vec(),
+            not_ports: Vec::new(),
+        },
+    }]
+}
+
+fn policy(
+    namespace: &str,
+    name: String,
+    app: Option<&str>,
+    action: Action,
+    rules: Vec<Rule>,
+) -> AuthorizationPolicy {
+    AuthorizationPolicy {
+        name,
+        namespace: namespace.to_owned(),
+        selector: app.map(|a| labels(&[("app", a)])),
+        action,
+        rules,
+    }
+}
+
+/// An ALLOW rule from one namespace's service account to some ports: the usual
+/// shape of a policy.
+fn allow_rule(ns: usize, sa: usize, to: &[u16]) -> Rule {
+    Rule {
+        from: from(Source {
+            principals: vec![format!("cluster.local/ns/ns-{ns}/sa/sa-{sa}")],
+            ..Default::default()
+        }),
+        to: ports(to),
+    }
+}
+
+fn config() -> MeshConfig {
+    let mut config = MeshConfig::default();
+    let mut policies = Vec::new();
+    for n in 0..NAMESPACES {
+        let ns = format!("ns-{n}");
+        for p in 0..PER_NAMESPACE {
+            // Each namespace: 45 workload-specific ALLOW policies for apps app-0..44,
+            // 3 more for app-0 (so the target has several applicable), one
+            // namespace-wide DENY on a principal, one DENY on an IP block for app-1.
+            let policy = match p {
+                0..45 => policy(
+                    &ns,
+                    format!("allow-app-{p}"),
+                    Some(&format!("app-{p}")),
+                    Action::Allow,
+                    vec![
+                        allow_rule((n + p) % NAMESPACES, p, &[8080]),
+                        allow_rule(n, 0, &[9090]),
+                    ],
+                ),
+                45..48 => policy(
+                    &ns,
+                    format!("allow-app-0-{p}"),
+                    Some("app-0"),
+                    Action::Allow,
+                    vec![allow_rule((n + p + 1) % NAMESPACES, p, &[8080, 8443])],
+                ),
+                48 => policy(
+                    &ns,
+                    "deny-bad".to_owned(),
+                    None,
+                    Action::Deny,
+                    vec![Rule {
+                        from: from(Source {
+                            principals: vec!["cluster.local/ns/bad/*".to_owned()],
+                            ..Default::default()
+                        }),
+                        to: Vec::new(),
+                    }],
+                ),
+                _ => policy(
+                    &ns,
+                    "deny-range".to_owned(),
+                    Some("app-1"),
+                    Action::Deny,
+                    vec![Rule {
+                        from: from(Source {
+                            ip_blocks: vec!["192.0.2.0/24".parse().unwrap()],
+                            ..Default::default()
+                        }),
+                        to: Vec::new(),
+                    }],
+                ),
+            };
+            policies.push(policy);
+        }
+    }
+    // Mesh-wide: no plaintext to app-0 anywhere. First, so that the cut to 10,000
+    // drops the last namespace's last policy instead.
+    policies.insert(
+        0,
+        policy(
+            "weft-system",
+            "no-plaintext".to_owned(),
+            Some("app-0"),
+            Action::Deny,
+            vec![Rule {
+                from: from(Source {
+                    not_principals: vec!["*".to_owned()],
+                    ..Default::default()
+                }),
+                to: Vec::new(),
+            }],
+        ),
+    );
+    policies.truncate(10_000);
+    config.authorization_policies = policies;
+    for n in 0..NAMESPACES {
+        for a in 0..5 {
+            let app = format!("app-{a}");
+            config
+                .workloads
+                .push(workload(&format!("ns-{n}"), &app, &app));
+        }
+    }
+    config.peer_authentications.push(PeerAuthentication {
+        name: "mesh".to_owned(),
+        namespace: "weft-system".to_owned(),
+        selector: None,
+        mode: PeerMode::Strict,
+    });
+    config
+}
+
+/// Times `f`, printing what it returned once (so the scenario can be checked).
+fn time<T: std::fmt::Debug>(label: &str, mut f: impl FnMut() -> T) {
+    let result = f();
+    for _ in 0..ITERATIONS / 10 {
+        black_box(f());
+    }
+    let start = Instant::now();
+    for _ in 0..ITERATIONS {
+        black_box(f());
+    }
+    let per = start.elapsed().as_nanos() as f64 / f64::from(ITERATIONS);
+    println!("{label:<52} {per:>7.1} ns  {result:?}");
+}
+
+fn main() {
+    let config = config();
+    let start = Instant::now();
+    let authz = Authorizer::new(&config);
+    let built: Duration = start.elapsed();
+    println!(
+        "{} policies, {} workloads: Authorizer::new {:.1} ms",
+        config.authorization_policies.len(),
+        config.workloads.len(),
+        built.as_secs_f64() * 1e3
+    );
+
+    let dst = config
+        .workloads
+        .iter()
+        .find(|w| w.namespace == "ns-7" && w.name == "app-0")
+        .unwrap();
+    let mut unlisted = dst.clone();
+    unlisted.name = "not-in-the-config".to_owned();
+    // ns-7's allow-app-0-47 allows ns-55/sa-47 on 8080.
+    let good: SpiffeId = "spiffe://cluster.local/ns/ns-55/sa/sa-47".parse().unwrap();
+    let bad: SpiffeId = "spiffe://cluster.local/ns/bad/sa/x".parse().unwrap();
+    let ip: IpAddr = "10.1.2.3".parse().unwrap();
+    let cases = [
+        ("mTLS, allowed", Some(&good)),
+        ("mTLS, denied by DENY principal", Some(&bad)),
+        ("plaintext, denied by mesh-wide DENY", None),
+    ];
+    for (path, w) in [("resolved", dst), ("fallback", &unlisted)] {
+        for (what, id) in cases {
+            let conn = Conn {
+                src_identity: id,
+                src_ip: ip,
+                dst_port: 8080,
+            };
+            time(&format!("check {what} [{path}]"), || {
+                authz.check(black_box(w), black_box(&conn))
+            });
+        }
+    }
+    let stranger: SpiffeId = "spiffe://cluster.local/ns/ns-1/sa/sa-1".parse().unwrap();
+    let conn = Conn {
+        src_identity: Some(&stranger),
+        src_ip: ip,
+        dst_port: 8080,
+    };
+    time("check mTLS, no ALLOW matches [resolved]", || {
+        authz.check(black_box(dst), black_box(&conn))
+    });
+    time("peer_mode", || authz.peer_mode(black_box(dst)));
+}

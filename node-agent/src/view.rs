@@ -1,0 +1,182 @@
+//! The agent's compiled view of one config: what the data path asks per
+//! connection, answered from hash maps built once per reload (workload by
+//! address, service by virtual IP), the authorization policies compiled, and a
+//! load balancer per service.
+//!
+//! Load balancers outlive a view: a reload updates each service's balancer in
+//! place (endpoints, settings), so outlier state, active counts and round-robin
+//! position of endpoints that stay are kept, and connections in flight keep the
+//! balancer they picked from.
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    ops::Deref,
+    sync::{Arc, Mutex},
+};
+
+use crate::{
+    authz::Authorizer,
+    config::{MeshConfig, Service, Workload, WorkloadKey, selects},
+    lb::{Balancer, EndpointSpec},
+    stats::ServiceName,
+};
+
+/// A service's key: namespace and name.
+pub type ServiceKey = (String, String);
+
+/// Every service's balancer, kept across reloads.
+#[derive(Default)]
+pub struct Balancers(Mutex<HashMap<ServiceKey, Arc<Balancer>>>);
+
+pub struct View {
+    config: MeshConfig,
+    /// This agent's node.
+    pub node: String,
+    by_addr: HashMap<IpAddr, usize>,
+    by_key: HashMap<WorkloadKey, usize>,
+    vips: HashMap<IpAddr, usize>,
+    balancers: Vec<Arc<Balancer>>,
+    pub authz: Authorizer,
+}
+
+impl Deref for View {
+    type Target = MeshConfig;
+    fn deref(&self) -> &MeshConfig {
+        &self.config
+    }
+}
+
+impl View {
+    /// Compiles `config` for the agent of `node`, updating (or making) each
+    /// service's balancer in `balancers` and forgetting those of removed services.
+    pub fn new(config: MeshConfig, node: &str, balancers: &Balancers) -> View {
+        let mut by_addr = HashMap::new();
+        let mut by_key = HashMap::new();
+        for (i, w) in config.workloads.iter().enumerate() {
+            by_key.insert(w.key(), i);
+            for a in &w.addresses {
+                by_addr.insert(a.to_canonical(), i);
+            }
+        }
+        let mut vips = HashMap::new();
+        let mut kept = HashMap::new();
+        let mut list = Vec::with_capacity(config.services.len());
+        {
+            let mut all = balancers.0.lock().unwrap_or_else(|e| e.into_inner());
+            for (i, svc) in config.services.iter().enumerate() {
+                for a in &svc.addresses {
+                    vips.insert(a.to_canonical(), i);
+                }
+                let key = (svc.namespace.clone(), svc.name.clone());
+                let endpoints = endpoints(&config, svc, node);
+                let lb = &svc.load_balancing;
+                let b = match all.get(&key) {
+                    Some(b) => {
+                        b.update(
+                            lb.policy,
+                            lb.prefer_same_node,
+                            svc.outlier_detection,
+                            endpoints,
+                        );
+                        b.clone()
+                    }
+                    None => Arc::new(Balancer::new(
+                        lb.policy,
+                        lb.prefer_same_node,
+                        svc.outlier_detection,
+                        endpoints,
+                    )),
+                };
+                list.push(b.clone());
+                kept.insert(key, b);
+            }
+            *all = kept;
+        }
+        View {
+            authz: Authorizer::new(&config),
+            config,
+            node: node.to_owned(),
+            by_addr,
+            by_key,
+            vips,
+            balancers: list,
+        }
+    }
+
+    /// The workload that owns `ip`, if any.
+    pub fn workload_by_address(&self, ip: IpAddr) -> Option<&Workload> {
+        self.by_addr
+            .get(&ip.to_canonical())
+            .map(|&i| &self.config.workloads[i])
+    }
+
+    pub fn workload(&self, key: &WorkloadKey) -> Option<&Workload> {
+        self.by_key.get(key).map(|&i| &self.config.workloads[i])
+    }
+
+    /// The service whose virtual IP is `ip`, and its balancer.
+    pub fn service_by_vip(&self, ip: IpAddr) -> Option<(&Service, &Arc<Balancer>)> {
+        self.vips
+            .get(&ip.to_canonical())
+            .map(|&i| (&self.config.services[i], &self.balancers[i]))
+    }
+
+    /// The config this view was made from.
+    pub fn config(&self) -> &MeshConfig {
+        &self.config
+    }
+}
+
+impl Balancers {
+    /// Every service's balancer, for status output.
+    pub fn all(&self) -> Vec<(ServiceKey, Arc<Balancer>)> {
+        let all = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<_> = all.iter().map(|(k, b)| (k.clone(), b.clone())).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+}
+
+/// The metrics' name for `svc`.
+pub fn service_name(svc: &Service) -> ServiceName {
+    ServiceName {
+        namespace: svc.namespace.clone(),
+        name: svc.name.clone(),
+    }
+}
+
+/// A service's endpoints: its listed workloads, or those of its namespace its
+/// selector picks; only workloads with an address can be one.
+pub fn endpoints(config: &MeshConfig, svc: &Service, node: &str) -> Vec<EndpointSpec> {
+    let spec = |w: &Workload, weight: u32| EndpointSpec {
+        key: w.key(),
+        weight,
+        same_node: w.node == node,
+    };
+    match (&svc.selector, &svc.endpoints) {
+        (Some(sel), _) => config
+            .workloads
+            .iter()
+            .filter(|w| {
+                w.namespace == svc.namespace && !w.addresses.is_empty() && selects(sel, &w.labels)
+            })
+            .map(|w| spec(w, 1))
+            .collect(),
+        (None, Some(list)) => list
+            .iter()
+            .filter_map(|ep| {
+                config
+                    .workloads
+                    .iter()
+                    .find(|w| {
+                        w.namespace == svc.namespace
+                            && w.name == ep.workload
+                            && !w.addresses.is_empty()
+                    })
+                    .map(|w| spec(w, ep.weight))
+            })
+            .collect(),
+        (None, None) => Vec::new(),
+    }
+}

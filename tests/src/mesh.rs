@@ -37,10 +37,16 @@ pub struct Mesh<'c> {
     enrolled: BTreeSet<String>,
     /// Per pod name: extra YAML lines for its workload entry.
     extra: std::collections::BTreeMap<String, String>,
+    /// Per pod name: its namespace, when not `default`.
+    namespaces: std::collections::BTreeMap<String, String>,
+    /// YAML appended after the workloads: `services:`, `authorization_policies:`...
+    sections: String,
     agents: Vec<Option<Proc>>,
     ca: Option<Proc>,
     /// Extra arguments for every agent.
     pub agent_args: Vec<String>,
+    /// Extra environment for every agent (e.g. `RUST_LOG`).
+    pub agent_env: Vec<(String, String)>,
     /// Extra arguments for the CA.
     pub ca_args: Vec<String>,
     /// Run the CA inside node 0's agent (`--embedded-ca-dir`) instead of as its
@@ -91,9 +97,12 @@ impl<'c> Mesh<'c> {
                 .map(|p| p.name.clone())
                 .collect(),
             extra: Default::default(),
+            namespaces: Default::default(),
+            sections: String::new(),
             agents: (0..cluster.nodes().len()).map(|_| None).collect(),
             ca: None,
             agent_args: Vec::new(),
+            agent_env: Vec::new(),
             ca_args: Vec::new(),
             embedded_ca: false,
         };
@@ -131,6 +140,35 @@ impl<'c> Mesh<'c> {
     /// to `pod`'s workload entry, and rewrites the config.
     pub fn set_extra(&mut self, pod: &Pod, yaml: &str) -> Result<()> {
         self.extra.insert(pod.name.clone(), yaml.to_owned());
+        self.write_config()
+    }
+
+    /// Puts `pod` in namespace `ns` (its identity follows), and rewrites the config.
+    pub fn set_namespace(&mut self, pod: &Pod, ns: &str) -> Result<()> {
+        self.namespaces.insert(pod.name.clone(), ns.to_owned());
+        self.write_config()
+    }
+
+    /// `pod`'s namespace in the config.
+    pub fn namespace(&self, pod: &Pod) -> &str {
+        self.namespaces
+            .get(&pod.name)
+            .map_or("default", String::as_str)
+    }
+
+    /// `pod`'s SPIFFE identity (its namespace, its name as service account).
+    pub fn identity(&self, pod: &Pod) -> String {
+        format!(
+            "spiffe://cluster.local/ns/{}/sa/{}",
+            self.namespace(pod),
+            pod.name
+        )
+    }
+
+    /// Replaces the YAML after the workloads (services, policies, peer
+    /// authentication) and rewrites the config.
+    pub fn set_sections(&mut self, yaml: &str) -> Result<()> {
+        self.sections = yaml.to_owned();
         self.write_config()
     }
 
@@ -196,8 +234,9 @@ impl<'c> Mesh<'c> {
             let node = &self.cluster.node(pod.node).name;
             let _ = write!(
                 out,
-                "- name: {}\n  namespace: default\n  service_account: {}\n  node: {node}\n  netns: {}\n  addresses: [{}, {}]\n  enrolled: {}\n{}",
+                "- name: {}\n  namespace: {}\n  service_account: {}\n  node: {node}\n  netns: {}\n  addresses: [{}, {}]\n  enrolled: {}\n{}",
                 pod.name,
+                self.namespace(pod),
                 pod.name,
                 pod.netns_path.display(),
                 pod.ip,
@@ -206,6 +245,7 @@ impl<'c> Mesh<'c> {
                 self.extra.get(&pod.name).map(String::as_str).unwrap_or(""),
             );
         }
+        out.push_str(&self.sections);
         out
     }
 
@@ -291,6 +331,7 @@ impl<'c> Mesh<'c> {
                 .arg(self.bundle_path());
         }
         cmd.args(&self.agent_args);
+        cmd.envs(self.agent_env.iter().map(|(k, v)| (k, v)));
         cmd
     }
 

@@ -88,3 +88,46 @@ pub fn say(from: &Pod, to: &str, message: &str, extra: &[&str]) -> Result<Value>
         )
     })
 }
+
+/// Starts `weft-tk name` on `[::]:port` in `pod`, answering with the pod's name.
+pub fn name(pod: &Pod, port: u16) -> Result<Proc> {
+    let mut cmd = pod.command(bin_path("weft-tk"));
+    cmd.args([
+        "name",
+        "--listen",
+        &format!("[::]:{port}"),
+        "--name",
+        &pod.name,
+    ]);
+    let server = pod.spawn(&mut cmd)?;
+    server.wait_for_json(PATIENCE, |v| v.get("listening").is_some())?;
+    Ok(server)
+}
+
+/// Runs `weft-tk who` in `from`: `count` connections to `to`, `concurrency` at
+/// a time; the report has `counts` (per answering pod) and `failures`.
+pub fn who(from: &Pod, to: &str, count: usize, concurrency: usize) -> Result<Value> {
+    let (count, concurrency) = (count.to_string(), concurrency.to_string());
+    let out = from.exec(
+        bin_path("weft-tk"),
+        [
+            "who",
+            "--connect",
+            to,
+            "--count",
+            &count,
+            "--concurrency",
+            &concurrency,
+            "--timeout-secs",
+            "10",
+        ],
+    )?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap_or_default()).with_context(|| {
+        format!(
+            "who in {} printed no report: {stdout:?} {}",
+            from.name,
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}

@@ -262,8 +262,10 @@ fn an_agent_asking_for_an_identity_not_on_its_node_is_refused() -> Result<()> {
             fixed.push(token0.display().to_string());
         }
     }
-    // It shares node 0's namespace with the honest agent: its own metrics port.
-    fixed.extend(["--metrics-addr".into(), "127.0.0.1:0".into()]);
+    // It shares node 0's namespace with the honest agent: ports of its own.
+    for flag in ["--metrics-addr", "--readiness-addr", "--admin-addr"] {
+        fixed.extend([flag.into(), "127.0.0.1:0".into()]);
+    }
     cmd = c.node(0).command(cmd.get_program());
     cmd.env("LOG_FORMAT", "json")
         .env("RUST_LOG", "info")

@@ -8,7 +8,14 @@
 //! weft-tk connect-time --connect <addr:port> --count N [--timeout-secs S]
 //! weft-tk echo --listen <addr:port>
 //! weft-tk say --connect <addr:port> --message TEXT [--hold-secs S] [--repeat N --interval-ms M] [--timeout-secs S]
+//! weft-tk name --listen <addr:port> --name NAME
+//! weft-tk who --connect <addr:port> --count N [--concurrency C] [--timeout-secs S]
 //! ```
+//!
+//! `name` answers every connection with its name and a newline, then closes;
+//! `who` makes `--count` connections (`--concurrency` at a time, each held until
+//! all of its batch have their answer), and prints how many each name answered
+//! and how many failed: for load-balancing tests.
 //!
 //! `echo` sends back whatever it reads until EOF; `say` sends one message, reads
 //! the echo and prints it (`--hold-secs` keeps the connection open that long
@@ -52,6 +59,8 @@ const USAGE: &str = "usage:
   weft-tk connect-time --connect <addr:port> --count N [--timeout-secs S]
   weft-tk echo --listen <addr:port>
   weft-tk say --connect <addr:port> --message TEXT [--hold-secs S] [--repeat N --interval-ms M] [--timeout-secs S]
+  weft-tk name --listen <addr:port> --name NAME
+  weft-tk who --connect <addr:port> --count N [--concurrency C] [--timeout-secs S]
 sizes accept K/M/G suffixes (binary)";
 
 fn main() -> ExitCode {
@@ -62,6 +71,8 @@ fn main() -> ExitCode {
         Some("connect-time") => connect_time(&args[1..]),
         Some("echo") => echo(&args[1..]),
         Some("say") => say(&args[1..]),
+        Some("name") => name(&args[1..]),
+        Some("who") => who(&args[1..]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;
@@ -401,6 +412,107 @@ fn echo(args: &[String]) -> Result<ExitCode, String> {
     }
 }
 
+/// Answers every connection with `--name` and a newline, then closes it.
+fn name(args: &[String]) -> Result<ExitCode, String> {
+    let opts = Opts::parse(args, &["--listen", "--name"], &[])?;
+    let addr = resolve(opts.required("--listen")?)?;
+    let line = format!("{}\n", opts.required("--name")?);
+    let listener = listen(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    emit(&json!({ "listening": local.to_string() }));
+    loop {
+        match listener.accept() {
+            Ok((mut stream, _)) => {
+                let line = line.clone();
+                thread::spawn(move || {
+                    let _ = stream.set_write_timeout(Some(SERVER_IO_TIMEOUT));
+                    let _ = stream.write_all(line.as_bytes());
+                    let _ = stream.shutdown(Shutdown::Write);
+                    // Wait for the client's close, so its read sees the FIN first.
+                    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+                    let _ = stream.read(&mut [0u8; 64]);
+                });
+            }
+            Err(e) => {
+                eprintln!("weft-tk name: accept failed: {e}");
+                thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+/// Makes `--count` connections and tallies the names that answer.
+fn who(args: &[String]) -> Result<ExitCode, String> {
+    let opts = Opts::parse(
+        args,
+        &["--connect", "--count", "--concurrency", "--timeout-secs"],
+        &[],
+    )?;
+    let addr = resolve(opts.required("--connect")?)?;
+    let count: usize = opts
+        .required("--count")?
+        .parse()
+        .map_err(|e| format!("--count: {e}"))?;
+    let concurrency: usize = opts
+        .get("--concurrency")
+        .unwrap_or("1")
+        .parse()
+        .map_err(|e| format!("--concurrency: {e}"))?;
+    if count == 0 || concurrency == 0 {
+        return Err("--count and --concurrency must be at least 1".into());
+    }
+    let timeout = opts.timeout()?;
+    let ask = |held: &mut Vec<TcpStream>| -> Result<String, String> {
+        let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(timeout))
+            .map_err(|e| e.to_string())?;
+        let mut buf = Vec::new();
+        let mut byte = [0u8; 1];
+        loop {
+            match s.read(&mut byte) {
+                Ok(0) => return Err(format!("closed after {:?}", String::from_utf8_lossy(&buf))),
+                Ok(_) if byte[0] == b'\n' => break,
+                Ok(_) => buf.push(byte[0]),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        held.push(s);
+        String::from_utf8(buf).map_err(|e| e.to_string())
+    };
+    let mut counts: std::collections::BTreeMap<String, u64> = Default::default();
+    let mut failures = 0u64;
+    let mut first_error = None;
+    let mut done = 0;
+    while done < count {
+        let batch = concurrency.min(count - done);
+        // Hold every connection of the batch open until all have answered, so
+        // `concurrency` of them are live at once.
+        let mut held = Vec::with_capacity(batch);
+        for _ in 0..batch {
+            match ask(&mut held) {
+                Ok(name) => *counts.entry(name).or_default() += 1,
+                Err(e) => {
+                    failures += 1;
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        drop(held);
+        done += batch;
+    }
+    emit(&json!({
+        "ok": failures == 0,
+        "counts": counts,
+        "failures": failures,
+        "error": first_error,
+    }));
+    Ok(if failures == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
 /// Sends `--message`, reads its echo back, prints `{"ok", "reply"}`.
 fn say(args: &[String]) -> Result<ExitCode, String> {
     let opts = Opts::parse(
@@ -423,6 +535,17 @@ fn say(args: &[String]) -> Result<ExitCode, String> {
         }
         None => Duration::ZERO,
     };
+    let repeat: usize = opts
+        .get("--repeat")
+        .unwrap_or("1")
+        .parse()
+        .map_err(|e| format!("--repeat: {e}"))?;
+    let interval = Duration::from_millis(
+        opts.get("--interval-ms")
+            .unwrap_or("0")
+            .parse()
+            .map_err(|e| format!("--interval-ms: {e}"))?,
+    );
     let timeout = opts.timeout()?;
     let start = Instant::now();
     let run = || -> Result<Vec<u8>, String> {
@@ -431,13 +554,23 @@ fn say(args: &[String]) -> Result<ExitCode, String> {
         stream
             .set_read_timeout(Some(timeout))
             .map_err(|e| e.to_string())?;
-        stream
-            .write_all(&message)
-            .map_err(|e| format!("send: {e}"))?;
         let mut reply = vec![0u8; message.len()];
-        stream
-            .read_exact(&mut reply)
-            .map_err(|e| format!("reading the echo: {e}"))?;
+        // `--repeat` exchanges on the one connection, `--interval-ms` apart; each
+        // echo must come back intact.
+        for i in 0..repeat.max(1) {
+            if i > 0 {
+                thread::sleep(interval);
+            }
+            stream
+                .write_all(&message)
+                .map_err(|e| format!("send {} of {repeat}: {e}", i + 1))?;
+            stream
+                .read_exact(&mut reply)
+                .map_err(|e| format!("reading echo {} of {repeat}: {e}", i + 1))?;
+            if reply != message {
+                return Err(format!("echo {} of {repeat} differs", i + 1));
+            }
+        }
         thread::sleep(hold);
         stream
             .shutdown(Shutdown::Write)

@@ -2,8 +2,10 @@
 //!
 //! A two-node virtual cluster, the mesh with one pod left out, a real web
 //! server and the traffic kit, sample traffic, and a table of what the agents
-//! captured; then commands to try by hand while new access-log lines stream in,
-//! until Ctrl-C. Teardown is the harness's: dropping the `Mesh` kills the agents
+//! captured; a service with three replicas across both nodes behind a virtual
+//! IP, a policy that denies one client, and per-service traffic from the
+//! agents' metrics; then commands to try by hand while new access-log lines and
+//! per-service counts stream in, until Ctrl-C. Teardown is the harness's: dropping the `Mesh` kills the agents
 //! and uninstalls their programs, dropping the `Cluster` removes namespaces and
 //! cgroups, on every path out of here (errors and panics included).
 
@@ -30,6 +32,10 @@ const TRANSFER_BYTES: u64 = 8 << 20;
 /// How long servers may take to start listening.
 const SERVER_START: Duration = Duration::from_secs(20);
 const LIVE_POLL: Duration = Duration::from_millis(500);
+/// The demo service: a virtual IP, its port, and the replicas' port.
+const SVC_VIP: &str = "10.96.0.10";
+const SVC_PORT: u16 = 80;
+const HELLO_PORT: u16 = 7000;
 
 /// Set by SIGINT/SIGTERM; the demo stops at the next check and tears down.
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -59,6 +65,35 @@ fn enrolled(p: &Pod) -> bool {
     !(p.node == 1 && p.index == 1)
 }
 
+/// The replicas of the demo service `hello`: across both nodes.
+fn hello_replicas(c: &Cluster) -> [&Pod; 3] {
+    [c.pod(0, 1), c.pod(1, 0), c.pod(1, 2)]
+}
+
+/// The client the demo's policy denies.
+fn denied_client(c: &Cluster) -> &Pod {
+    c.pod(0, 2)
+}
+
+/// The service, and a policy that denies one client (by its SPIFFE principal).
+fn demo_sections(c: &Cluster) -> String {
+    let denied = &denied_client(c).name;
+    format!(
+        "services:
+- name: hello
+  addresses: [{SVC_VIP}]
+  ports: [{{port: {SVC_PORT}, target_port: {HELLO_PORT}}}]
+  selector: {{app: hello}}
+  load_balancing: {{policy: round_robin}}
+authorization_policies:
+- name: deny-{denied}
+  selector: {{app: hello}}
+  action: DENY
+  rules: [{{from: [{{source: {{principals: [cluster.local/ns/default/sa/{denied}]}}}}]}}]
+"
+    )
+}
+
 pub fn run(once: bool) -> Result<()> {
     lab::require_root("demo")?;
     lab::prepare(Profile::Debug)?;
@@ -72,7 +107,7 @@ pub fn run(once: bool) -> Result<()> {
          and shows what the agents saw."
     );
 
-    let cluster = Cluster::new("demo", 2, 2).context("building the virtual cluster")?;
+    let cluster = Cluster::new("demo", 2, 3).context("building the virtual cluster")?;
     let id = cluster.id().to_owned();
     let cgroup = cluster.cgroup().to_path_buf();
     let outcome = walkthrough(&cluster, once);
@@ -123,7 +158,12 @@ fn walkthrough(cluster: &Cluster, once: bool) -> Result<()> {
     }
 
     section("2. The mesh");
-    let mesh = Mesh::start(cluster, enrolled).context("starting the agents")?;
+    let mut mesh = Mesh::new(cluster, enrolled)?;
+    for pod in hello_replicas(cluster) {
+        mesh.set_extra(pod, "  labels: {app: hello}\n")?;
+    }
+    mesh.set_sections(&demo_sections(cluster))?;
+    mesh.start_all().context("starting the agents")?;
     for node in cluster.nodes() {
         println!(
             "  {}: `weft agent` pid {} ready; attached to cgroup {}, pins in {}",
@@ -253,24 +293,69 @@ fn walkthrough(cluster: &Cluster, once: bool) -> Result<()> {
          mesh gets plaintext (outside_mesh: passthrough, the default)."
     );
 
+    section("6. A service, load balancing and a policy");
+    let hello: Vec<Proc> = hello_replicas(cluster)
+        .into_iter()
+        .map(|pod| -> Result<Proc> {
+            let mut c = pod.command(&tk);
+            c.args([
+                "name",
+                "--listen",
+                &format!("[::]:{HELLO_PORT}"),
+                "--name",
+                &pod.name,
+            ]);
+            let p = spawn(pod, c)?;
+            p.wait_for_json(SERVER_START, |v| v.get("listening").is_some())?;
+            Ok(p)
+        })
+        .collect::<Result<_>>()?;
+    let names: Vec<&str> = hello_replicas(cluster)
+        .iter()
+        .map(|p| p.name.as_str())
+        .collect();
+    println!(
+        "  service default/hello: {SVC_VIP}:{SVC_PORT} -> port {HELLO_PORT} of the pods labelled app=hello"
+    );
+    println!(
+        "  ({}), round robin; each replica answers its name.",
+        names.join(", ")
+    );
+    println!(
+        "  policy default/deny-{0}: DENY spiffe://cluster.local/ns/default/sa/{0} at app=hello.",
+        denied_client(cluster).name
+    );
+    note(service_step(n0p0, 30, true));
+    note(service_step(denied_client(cluster), 3, false));
+    let traffic = service_traffic(cluster);
+    println!("
+  per-service traffic, from the agents' Istio metrics (istio_tcp_*, :15020):");
+    print_traffic(&traffic);
+
     let failed = failures.len();
     if failed > 0 {
-        bail!("{failed} of 4 traffic steps failed");
+        bail!("{failed} of 6 demo steps failed");
     }
     if once {
         return Ok(());
     }
 
-    section("6. Try it yourself (in another terminal, as root)");
+    section("7. Try it yourself (in another terminal, as root)");
     print_commands(cluster, &mesh, &tk);
-    section("Live access logs (Ctrl-C to stop and tear down)");
+    section("Live access logs and per-service traffic (Ctrl-C to stop and tear down)");
     let mut seen: Vec<usize> = cluster
         .nodes()
         .iter()
         .map(|n| mesh.access_logs(n.index).len())
         .collect();
+    let mut last = traffic;
     while !STOP.load(Ordering::SeqCst) {
         std::thread::sleep(LIVE_POLL);
+        let now = service_traffic(cluster);
+        if now != last {
+            print_traffic(&now);
+            last = now;
+        }
         for node in cluster.nodes() {
             let lines = mesh.access_logs(node.index);
             for line in lines.iter().skip(seen[node.index]) {
@@ -280,10 +365,106 @@ fn walkthrough(cluster: &Cluster, once: bool) -> Result<()> {
         }
     }
     println!("\n  Ctrl-C received");
+    drop(hello);
     drop(tk_servers);
     drop(web);
     drop(mesh);
     Ok(())
+}
+
+/// `count` connections from `from` to the service; `allowed` says whether the
+/// policy lets `from` in.
+fn service_step(from: &Pod, count: usize, allowed: bool) -> Result<()> {
+    let to = format!("{SVC_VIP}:{SVC_PORT}");
+    println!(
+        "  weft-tk who  {} -> {to}, {count} connections   ({})",
+        from.name,
+        if allowed {
+            "allowed"
+        } else {
+            "denied by the policy"
+        }
+    );
+    let report = weft_tests::tk::who(from, &to, count, 1)?;
+    let answered: Vec<String> = report["counts"]
+        .as_object()
+        .map(|m| m.iter().map(|(k, v)| format!("{k}: {v}")).collect())
+        .unwrap_or_default();
+    let failures = report["failures"].as_u64().unwrap_or(0);
+    if allowed {
+        if failures > 0 || answered.len() != 3 {
+            bail!("expected all three replicas to answer: {report}");
+        }
+        println!("      answered by {}", answered.join(", "));
+    } else {
+        if !answered.is_empty() {
+            bail!("a denied client got through: {report}");
+        }
+        println!(
+            "      all {failures} refused: the destination's agent answered 401 on the HBONE stream;"
+        );
+        println!("      the application never saw them");
+    }
+    Ok(())
+}
+
+/// Per (service, response flags): connections closed and bytes both ways, as
+/// the clients' agents report them (`reporter="source"`: the side that knows
+/// which service was dialed).
+type Traffic = std::collections::BTreeMap<(String, String), (u64, u64)>;
+
+fn service_traffic(cluster: &Cluster) -> Traffic {
+    let mut out = Traffic::new();
+    for node in cluster.nodes() {
+        let Ok(page) = node.exec("curl", ["-sS", "http://127.0.0.1:15020/metrics"]) else {
+            continue;
+        };
+        let text = String::from_utf8_lossy(&page.stdout);
+        for line in text.lines().filter(|l| l.starts_with("istio_tcp_")) {
+            let Some((name, rest)) = line.split_once('{') else {
+                continue;
+            };
+            let field = |key: &str| -> String {
+                rest.split(&format!("{key}=\""))
+                    .nth(1)
+                    .and_then(|v| v.split('"').next())
+                    .unwrap_or("")
+                    .to_owned()
+            };
+            let svc = field("destination_service");
+            if field("reporter") != "source" || svc == "unknown" {
+                continue;
+            }
+            let value: u64 = line
+                .rsplit(' ')
+                .next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            let e = out.entry((svc, field("response_flags"))).or_default();
+            match name {
+                "istio_tcp_connections_closed_total" => e.0 += value,
+                "istio_tcp_received_bytes_total" | "istio_tcp_sent_bytes_total" => e.1 += value,
+                _ => {}
+            }
+        }
+    }
+    out.retain(|_, (conns, _)| *conns > 0);
+    out
+}
+
+fn print_traffic(t: &Traffic) {
+    for ((svc, flags), (conns, bytes_total)) in t {
+        let what = match flags.as_str() {
+            "-" => "completed",
+            "DENY" => "denied by policy",
+            "CONNECT" => "failed to connect",
+            other => other,
+        };
+        println!(
+            "    {svc:<34} {conns:>5} connections {what:<18} {:>10}",
+            bytes(Some(*bytes_total))
+        );
+    }
 }
 
 /// Spawns a pod command in its own process group, so that a Ctrl-C in the

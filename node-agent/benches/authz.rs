@@ -10,8 +10,10 @@
 //! `cargo bench -p weft --bench authz`
 
 use std::{
+    alloc::{GlobalAlloc, Layout, System},
     hint::black_box,
     net::IpAddr,
+    sync::atomic::{AtomicU64, Ordering},
     time::{Duration, Instant},
 };
 
@@ -27,6 +29,28 @@ use weft::{
 const NAMESPACES: usize = 200;
 const PER_NAMESPACE: usize = 50;
 const ITERATIONS: u32 = 1_000_000;
+
+/// The system allocator, counting allocations: the allowed path must make none.
+struct Counting;
+
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: every call is forwarded unchanged to the system allocator.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: the caller upholds `GlobalAlloc::alloc`'s contract, which is System's.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` came from `alloc` above, that is from System, with `layout`.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
 
 fn labels(pairs: &[(&str, &str)]) -> Labels {
     pairs
@@ -190,12 +214,15 @@ fn time<T: std::fmt::Debug>(label: &str, mut f: impl FnMut() -> T) {
     for _ in 0..ITERATIONS / 10 {
         black_box(f());
     }
+    let allocations = ALLOCATIONS.load(Ordering::Relaxed);
     let start = Instant::now();
     for _ in 0..ITERATIONS {
         black_box(f());
     }
     let per = start.elapsed().as_nanos() as f64 / f64::from(ITERATIONS);
-    println!("{label:<52} {per:>7.1} ns  {result:?}");
+    let allocations =
+        (ALLOCATIONS.load(Ordering::Relaxed) - allocations) as f64 / f64::from(ITERATIONS);
+    println!("{label:<52} {per:>7.1} ns {allocations:>4.1} allocs  {result:?}");
 }
 
 fn main() {

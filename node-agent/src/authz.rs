@@ -18,12 +18,19 @@
 //! share labels share the work. [`Authorizer::check`] is then two hash lookups
 //! (namespace, name), a comparison of the workload's labels with the ones resolved
 //! (so a workload whose labels changed is never judged by a stale set), and the
-//! evaluation of the applicable policies only: O(A · R · F) for A applicable
-//! policies of R rules of F fields. A workload the config does not list falls back
-//! to scanning its namespace's and the root namespace's policies with their
-//! selectors: O(P_ns + P_root). Neither path allocates unless the answer is a
+//! evaluation of the applicable policies only, DENY ones first: O(A · R · F) for A
+//! applicable policies of R rules of F fields. A workload the config does not list
+//! falls back to scanning its namespace's and the root namespace's policies with
+//! their selectors: O(P_ns + P_root). Neither path allocates unless the answer is a
 //! denial (which formats its reason); the peer's principal is matched piece by piece
 //! (trust domain, `/ns/`, namespace, `/sa/`, service account) rather than built.
+//! [`Authorizer::peer_mode`] is a hash lookup and a scan of the namespace's
+//! selector-bearing peer authentications. With 10,000 policies loaded
+//! (`cargo bench -p weft --bench authz`): about 20 ms to build, about 100 ns a
+//! decision for a listed workload, about 450 ns for an unlisted one.
+//!
+//! When several DENY policies match, the one reported is the first of the root
+//! namespace's, then of the workload's namespace, in file order.
 
 use std::{
     collections::HashMap,
@@ -109,7 +116,7 @@ impl Authorizer {
             let index = *seen.entry((&w.namespace, &w.labels)).or_insert_with(|| {
                 // DENY policies first: a denial then stops the scan before any
                 // ALLOW policy is evaluated.
-                let mut policies: Vec<usize> = authz.applicable(&w.namespace, &w.labels).collect();
+                let mut policies = Vec::from_iter(authz.applicable(&w.namespace, &w.labels));
                 policies.sort_by_key(|&i| authz.policies[i].action == Action::Allow);
                 authz.resolved.push(Resolved {
                     labels: w.labels.clone(),
@@ -211,7 +218,7 @@ impl Authorizer {
                     if policy.matches(peer) {
                         return Decision::Deny {
                             policy: policy.id.clone(),
-                            reason: format!("denied by DENY policy {}", policy.id),
+                            reason: ["denied by DENY policy ", &policy.id].concat(),
                         };
                     }
                 }
@@ -241,8 +248,8 @@ impl Authorizer {
 }
 
 /// Maps keyed by namespace or workload name. The keys come from the config, never
-/// from a peer, so a fast unkeyed hash is safe here; the default SipHash was a third
-/// of a decision's cost.
+/// from a peer, so an unkeyed hash is safe here; on these short keys FNV saves about
+/// 20 ns of a 105 ns decision over the default SipHash (`benches/authz.rs`).
 type NameMap<V> = HashMap<Box<str>, V, BuildHasherDefault<Fnv>>;
 
 /// FNV-1a, 64 bits.
@@ -672,7 +679,13 @@ authorization_policies:
         assert!(m.allowed("shop/web", FRONT, IP, 80));
         assert!(m.allowed("shop/web", None, IP, 80));
         let m = with(
-            "authorization_policies:\n- {name: all, namespace: shop, action: DENY, rules: [{from: [{source: {}}], to: [{operation: {}}]}]}\n",
+            r#"
+authorization_policies:
+- name: all
+  namespace: shop
+  action: DENY
+  rules: [{from: [{source: {}}], to: [{operation: {}}]}]
+"#,
         );
         assert!(!m.allowed("shop/web", FRONT, IP, 80));
         assert!(!m.allowed("shop/web", None, IP, 80));
@@ -681,7 +694,12 @@ authorization_policies:
     /// Allows only what one `source` matches; returns which of the peers get in.
     fn source_admits(source: &str, peers: &[(Option<&str>, &str)]) -> Vec<bool> {
         let m = with(&format!(
-            "authorization_policies:\n- {{name: p, namespace: shop, rules: [{{from: [{{source: {source}}}]}}]}}\n"
+            r#"
+authorization_policies:
+- name: p
+  namespace: shop
+  rules: [{{from: [{{source: {source}}}]}}]
+"#
         ));
         peers
             .iter()
@@ -923,7 +941,9 @@ root_namespace: istio-system
 {WORKLOADS}
 - {{name: gw, namespace: istio-system, node: n0}}
 authorization_policies:
-- {{name: mesh-allow-front, namespace: istio-system, rules: [{{from: [{{source: {{namespaces: [front]}}}}]}}]}}
+- name: mesh-allow-front
+  namespace: istio-system
+  rules: [{{from: [{{source: {{namespaces: [front]}}}}]}}]
 "#
         ));
         assert!(m.allowed("shop/web", FRONT, IP, 80));
@@ -973,7 +993,10 @@ authorization_policies:
         );
         assert_eq!(
             peer(
-                "- {name: mesh, namespace: weft-system, mode: STRICT}\n- {name: shop, namespace: shop, mode: PERMISSIVE}"
+                r#"
+- {name: mesh, namespace: weft-system, mode: STRICT}
+- {name: shop, namespace: shop, mode: PERMISSIVE}
+"#
             ),
             [P, P, S, S]
         );

@@ -164,6 +164,7 @@ async fn handle(
         drop(view);
         let labels = labels(source, &endpoint, None);
         let timeout = shared.settings.connect_timeout;
+        log.identities(&endpoint);
         match connect(&shared, &pod, source_ip, &endpoint, timeout).await {
             Ok(up) => carry(log, down, up, labels, &endpoint).await,
             Err(e) => {
@@ -241,6 +242,15 @@ impl Endpoint {
             addr,
             identity,
         })
+    }
+}
+
+impl AccessLog {
+    /// Both identities, when the endpoint is in the mesh (also for failed
+    /// attempts: the log then says who was expected).
+    fn identities(&mut self, ep: &Endpoint) {
+        self.src_identity = ep.identity.as_ref().map(|_| self.pod.identity.to_string());
+        self.dst_identity = ep.identity.as_ref().map(ToString::to_string);
     }
 }
 
@@ -341,8 +351,7 @@ async fn carry(
 ) {
     log.set_dst(ep.addr);
     log.opened(labels);
-    log.src_identity = ep.identity.as_ref().map(|_| log.pod.identity.to_string());
-    log.dst_identity = ep.identity.as_ref().map(ToString::to_string);
+    log.identities(ep);
     let t = match up {
         Upstream::Hbone(tunnel) => {
             log.security = "mutual_tls";
@@ -447,6 +456,7 @@ async fn to_service(
             }
             Err(e) if !e.retryable() => {
                 log.set_dst(ep.addr);
+                log.identities(&ep);
                 log.opened(labels(source, &ep, Some(service)));
                 log.fail(e.end(), e);
                 reset(down);
@@ -467,6 +477,7 @@ async fn to_service(
                 debug!(service = %name, endpoint = %key, error = %e, "connect failed; trying another endpoint");
                 if tried.len() >= attempts {
                     log.set_dst(ep.addr);
+                    log.identities(&ep);
                     log.opened(labels(source, &ep, Some(service)));
                     log.fail(e.end(), format!("{e} (after {} attempts)", tried.len()));
                     reset(down);

@@ -9,7 +9,7 @@
 //! weft-tk echo --listen <addr:port>
 //! weft-tk say --connect <addr:port> --message TEXT [--hold-secs S] [--repeat N --interval-ms M] [--timeout-secs S]
 //! weft-tk name --listen <addr:port> --name NAME
-//! weft-tk who --connect <addr:port> --count N [--concurrency C] [--timeout-secs S]
+//! weft-tk who --connect <addr:port> --count N [--concurrency C] [--hold-ms M] [--timeout-secs S]
 //! ```
 //!
 //! `name` answers every connection with its name and a newline, then closes;
@@ -60,7 +60,7 @@ const USAGE: &str = "usage:
   weft-tk echo --listen <addr:port>
   weft-tk say --connect <addr:port> --message TEXT [--hold-secs S] [--repeat N --interval-ms M] [--timeout-secs S]
   weft-tk name --listen <addr:port> --name NAME
-  weft-tk who --connect <addr:port> --count N [--concurrency C] [--timeout-secs S]
+  weft-tk who --connect <addr:port> --count N [--concurrency C] [--hold-ms M] [--timeout-secs S]
 sizes accept K/M/G suffixes (binary)";
 
 fn main() -> ExitCode {
@@ -445,9 +445,22 @@ fn name(args: &[String]) -> Result<ExitCode, String> {
 fn who(args: &[String]) -> Result<ExitCode, String> {
     let opts = Opts::parse(
         args,
-        &["--connect", "--count", "--concurrency", "--timeout-secs"],
+        &[
+            "--connect",
+            "--count",
+            "--concurrency",
+            "--timeout-secs",
+            "--hold-ms",
+        ],
         &[],
     )?;
+    let hold = Duration::from_millis(
+        opts.get("--hold-ms")
+            .unwrap_or("0")
+            .parse()
+            .map_err(|e| format!("--hold-ms: {e}"))?,
+    );
+    raise_fd_limit();
     let addr = resolve(opts.required("--connect")?)?;
     let count: usize = opts
         .required("--count")?
@@ -497,6 +510,10 @@ fn who(args: &[String]) -> Result<ExitCode, String> {
                 }
             }
         }
+        if !hold.is_zero() {
+            emit(&json!({ "holding": held.len() }));
+            thread::sleep(hold);
+        }
         drop(held);
         done += batch;
     }
@@ -511,6 +528,21 @@ fn who(args: &[String]) -> Result<ExitCode, String> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// Lifts the soft open-file limit to the hard one (for many held connections).
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the struct given.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
 }
 
 /// Sends `--message`, reads its echo back, prints `{"ok", "reply"}`.

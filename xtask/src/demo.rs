@@ -328,8 +328,10 @@ fn walkthrough(cluster: &Cluster, once: bool) -> Result<()> {
     note(service_step(n0p0, 30, true));
     note(service_step(denied_client(cluster), 3, false));
     let traffic = service_traffic(cluster);
-    println!("
-  per-service traffic, from the agents' Istio metrics (istio_tcp_*, :15020):");
+    println!(
+        "
+  per-service traffic, from the agents' Istio metrics (istio_tcp_*, :15020):"
+    );
     print_traffic(&traffic);
 
     let failed = failures.len();

@@ -76,6 +76,11 @@ impl Agent {
         self.pods.keys()
     }
 
+    /// Entries per eBPF map, into the metrics.
+    pub fn count_map_entries(&self) {
+        crate::stats::STATS.set_map_entries(&self.capture.map_entries());
+    }
+
     /// The enrolled pods and their namespace cookies.
     pub fn enrolled_pods(&self) -> BTreeMap<WorkloadKey, u64> {
         self.pods

@@ -262,6 +262,8 @@ fn stamp(path: &Path) -> Option<(SystemTime, u64, u64)> {
     Some((m.modified().ok()?, m.len(), m.ino()))
 }
 
+const MAP_COUNT_EVERY: Duration = Duration::from_secs(5);
+
 /// Polls the config file until a shutdown signal. A bad file is reported and the
 /// last good config keeps serving.
 async fn watch_config(
@@ -276,7 +278,13 @@ async fn watch_config(
     let mut int = signal(SignalKind::interrupt())?;
     let mut last_stamp = stamp(path);
     let mut tick = tokio::time::interval(every);
+    // eBPF map sizes for the metrics, every few seconds (a walk of each map).
+    let mut last_count = std::time::Instant::now() - MAP_COUNT_EVERY;
     loop {
+        if last_count.elapsed() >= MAP_COUNT_EVERY {
+            agent.count_map_entries();
+            last_count = std::time::Instant::now();
+        }
         tokio::select! {
             _ = term.recv() => return Ok(()),
             _ = int.recv() => return Ok(()),

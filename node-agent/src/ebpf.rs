@@ -267,6 +267,17 @@ impl Capture {
         self.enrolled.keys().filter_map(Result::ok).collect()
     }
 
+    /// How many entries each map holds now, for the metrics. Walks the keys
+    /// (one `bpf()` call per entry): call it at scrape-like intervals, not per
+    /// connection.
+    pub fn map_entries(&self) -> Vec<(&'static str, usize)> {
+        vec![
+            (MAP_ENROLLED, self.enrolled.keys().count()),
+            (MAP_LISTENERS, self.listeners.keys().count()),
+            (MAP_ORIG_DST, self.orig_dst.0.keys().count()),
+        ]
+    }
+
     /// Cookies with a pinned `sk_lookup` link.
     pub fn pinned_lookup_cookies(&self) -> Vec<u64> {
         let Ok(dir) = std::fs::read_dir(&self.links_dir) else {

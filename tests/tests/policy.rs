@@ -328,5 +328,40 @@ fn a_broken_config_keeps_the_last_good_one_and_a_change_to_one_service_spares_an
         ],
     )?;
     assert_eq!(String::from_utf8_lossy(&ready.stdout), "200");
+    // The log level changes at run time.
+    let set = node.exec(
+        "curl",
+        [
+            "-sS",
+            "-X",
+            "POST",
+            "http://127.0.0.1:15000/logging?level=debug",
+        ],
+    )?;
+    assert_eq!(String::from_utf8_lossy(&set.stdout).trim(), "debug");
+    assert_eq!(say(client, "10.96.1.1:80")?["ok"], true);
+    assert!(
+        eventually(PATIENCE, || !mesh
+            .logs(0, |v| v["level"] == "DEBUG")
+            .is_empty()),
+        "no debug line after the change"
+    );
+    // A bad filter is refused, and the one in force stays.
+    let bad = node.exec(
+        "curl",
+        [
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-X",
+            "POST",
+            "http://127.0.0.1:15000/logging?level=weft%3Dnotalevel",
+        ],
+    )?;
+    assert_eq!(String::from_utf8_lossy(&bad.stdout), "400");
+    let now = node.exec("curl", ["-sS", "http://127.0.0.1:15000/logging"])?;
+    assert_eq!(String::from_utf8_lossy(&now.stdout).trim(), "debug");
     Ok(())
 }

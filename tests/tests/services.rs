@@ -303,5 +303,12 @@ fn tcp_metrics_count_the_connections_and_bytes_sent() -> Result<()> {
         series(&text1, "istio_tcp_sent_bytes_total", &want_dest),
         Some((3 * down) as f64)
     );
+    // The eBPF maps' sizes: one pod enrolled on node 0.
+    let mut text = String::new();
+    let counted = eventually(std::time::Duration::from_secs(15), || {
+        text = metrics(&c, 0).unwrap_or_default();
+        text.contains("weft_ebpf_map_entries{map=\"WEFT_ENROLLED\"} 1")
+    });
+    assert!(counted, "{text}");
     Ok(())
 }

@@ -312,3 +312,41 @@ fn tcp_metrics_count_the_connections_and_bytes_sent() -> Result<()> {
     assert!(counted, "{text}");
     Ok(())
 }
+
+#[test]
+fn a_service_without_a_healthy_endpoint_is_refused_cleanly_logged_and_counted() -> Result<()> {
+    if !require_privileged() {
+        return Ok(());
+    }
+    let c = Cluster::new("svc_none", 1, 1)?;
+    let mut mesh = Mesh::new(&c, |_| true)?;
+    mesh.set_sections(
+        "services:\n- name: empty\n  addresses: [10.96.0.30]\n  ports: [{port: 80}]\n  selector: {app: nobody}\n",
+    )?;
+    mesh.start_all()?;
+    let report = tk::who(c.pod(0, 0), "10.96.0.30:80", 2, 1)?;
+    assert_eq!(report["failures"], 2, "{report}");
+    let refused = || {
+        mesh.logs(0, |v| {
+            v["target"] == "weft::access"
+                && v["service"] == "default/empty"
+                && v["end"] == "no_healthy_endpoint"
+        })
+    };
+    assert!(
+        eventually(PATIENCE, || refused().len() == 2),
+        "{:?}",
+        refused()
+    );
+    let text = metrics(&c, 0)?;
+    assert_eq!(
+        series(
+            &text,
+            "weft_service_no_healthy_endpoint_total",
+            &["service=\"default/empty\""]
+        ),
+        Some(2.0),
+        "{text}"
+    );
+    Ok(())
+}

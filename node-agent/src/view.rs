@@ -36,7 +36,9 @@ pub struct View {
     by_addr: HashMap<IpAddr, usize>,
     by_key: HashMap<WorkloadKey, usize>,
     vips: HashMap<IpAddr, usize>,
-    balancers: Vec<Arc<Balancer>>,
+    /// Per service (config order): the service, shared with connections to it
+    /// (a refcount per connection, not a copy), and its balancer.
+    services: Vec<(Arc<Service>, Arc<Balancer>)>,
     pub authz: Authorizer,
 }
 
@@ -88,7 +90,7 @@ impl View {
                         endpoints,
                     )),
                 };
-                list.push(b.clone());
+                list.push((Arc::new(svc.clone()), b.clone()));
                 kept.insert(key, b);
             }
             *all = kept;
@@ -100,7 +102,7 @@ impl View {
             by_addr,
             by_key,
             vips,
-            balancers: list,
+            services: list,
         }
     }
 
@@ -116,10 +118,10 @@ impl View {
     }
 
     /// The service whose virtual IP is `ip`, and its balancer.
-    pub fn service_by_vip(&self, ip: IpAddr) -> Option<(&Service, &Arc<Balancer>)> {
+    pub fn service_by_vip(&self, ip: IpAddr) -> Option<&(Arc<Service>, Arc<Balancer>)> {
         self.vips
             .get(&ip.to_canonical())
-            .map(|&i| (&self.config.services[i], &self.balancers[i]))
+            .map(|&i| &self.services[i])
     }
 
     /// The config this view was made from.

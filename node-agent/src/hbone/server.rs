@@ -32,8 +32,8 @@ use crate::{
     identity::SpiffeId,
     proxy::{
         AcceptBackoff, AccessLog, Direction, INBOUND_SOURCE_V4, INBOUND_SOURCE_V6, Pod, Shared,
-        accept_next, canonical, connect_from, copy::Side, is_reserved_port, listen, live::Facts,
-        stopped,
+        accept_next, canonical, connect_from, copy::Side, is_reserved_port, listen_any,
+        live::Facts, stopped,
     },
     stats::{Flags, Peer, Reporter, STATS, TcpLabels},
     tls,
@@ -76,14 +76,7 @@ impl ResolvesServerCert for PodCert {
 impl HboneListener {
     /// Binds 15008 (IPv6 and IPv4) inside the pod's namespace.
     pub fn new(pod: Arc<Pod>, addresses: &[IpAddr], shared: Arc<Shared>) -> std::io::Result<Self> {
-        let any6 = SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), INBOUND_HBONE_PORT);
-        let listener = match listen(&pod.netns, any6) {
-            Ok(l) => l,
-            Err(_) => listen(
-                &pod.netns,
-                SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), INBOUND_HBONE_PORT),
-            )?,
-        };
+        let listener = listen_any(&pod.netns, INBOUND_HBONE_PORT)?;
         let resolver = Arc::new(PodCert {
             certs: shared.certs.clone(),
             id: pod.identity.clone(),

@@ -15,7 +15,7 @@ use weft_common::INBOUND_PLAINTEXT_PORT;
 
 use super::{
     AcceptBackoff, AccessLog, Direction, INBOUND_SOURCE_V4, INBOUND_SOURCE_V6, Pod, Shared,
-    accept_next, canonical, forward, listen, live::Facts, reset,
+    accept_next, canonical, forward, listen_any, live::Facts, reset,
 };
 use crate::stats::{Flags, Peer, Reporter, STATS, TcpLabels};
 
@@ -27,21 +27,7 @@ pub struct InboundListener {
 
 impl InboundListener {
     pub fn new(pod: Arc<Pod>, shared: Arc<Shared>) -> std::io::Result<Self> {
-        let any6 = SocketAddr::new(
-            std::net::Ipv6Addr::UNSPECIFIED.into(),
-            INBOUND_PLAINTEXT_PORT,
-        );
-        let listener = match listen(&pod.netns, any6) {
-            Ok(l) => l,
-            // A pod without IPv6 gets an IPv4-only listener.
-            Err(_) => listen(
-                &pod.netns,
-                SocketAddr::new(
-                    std::net::Ipv4Addr::UNSPECIFIED.into(),
-                    INBOUND_PLAINTEXT_PORT,
-                ),
-            )?,
-        };
+        let listener = listen_any(&pod.netns, INBOUND_PLAINTEXT_PORT)?;
         Ok(InboundListener {
             pod,
             listener,

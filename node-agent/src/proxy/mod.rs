@@ -128,6 +128,13 @@ pub(crate) fn listen(netns: &Netns, addr: SocketAddr) -> io::Result<TcpListener>
     TcpListener::from_std(socket.into())
 }
 
+/// Listens on `port` of every address inside `netns`: `[::]` (IPv4 too), or
+/// `0.0.0.0` for a pod without IPv6.
+pub(crate) fn listen_any(netns: &Netns, port: u16) -> io::Result<TcpListener> {
+    listen(netns, SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port))
+        .or_else(|_| listen(netns, SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port)))
+}
+
 /// Source the agent binds for its connection to the application inside a pod:
 /// `sk_lookup` leaves loopback sources alone, so this connection is not steered
 /// back to the agent (the same address Istio uses for inbound passthrough).

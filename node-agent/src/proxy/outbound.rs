@@ -177,8 +177,7 @@ async fn handle(
     }
 
     if let Some((svc, balancer)) = view.service_by_vip(dst.ip()) {
-        let svc = svc.clone();
-        let balancer = balancer.clone();
+        let (svc, balancer) = (svc.clone(), balancer.clone());
         to_service(
             log,
             down,

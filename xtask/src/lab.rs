@@ -1,4 +1,4 @@
-//! What `demo` and `measure` share: building the binaries they run on a virtual
+//! What `demo` and `bench` share: building the binaries they run on a virtual
 //! cluster, and checking that a cluster left nothing behind.
 
 use std::os::unix::process::CommandExt;

@@ -9,17 +9,17 @@
 //! - `test`: the project's one test command (setup, eBPF, binaries, `cargo test`).
 //! - `demo`: a two-node virtual cluster with the mesh, sample traffic and live
 //!   access logs.
-//! - `measure`: connect latency, request/response latency and throughput, through
-//!   the mesh (HBONE mTLS) versus direct.
+//! - `bench`: throughput, latency, connection rate, HTTP, CPU and memory through
+//!   Weft versus direct TCP (see `bench.rs` and BENCHMARKS.md).
 //!
 //! The alias in `.cargo/config.toml` runs this crate with `cargo run`, so every
 //! child `cargo` gets an environment cleaned of what that outer run set (see
 //! [`cmd::cargo`]).
 
+mod bench;
 mod cmd;
 mod demo;
 mod lab;
-mod measure;
 mod setup;
 
 use std::process::ExitCode;
@@ -59,9 +59,15 @@ enum Task {
         #[arg(long)]
         once: bool,
     },
-    /// Measure latency and throughput through the mesh (mTLS) versus direct (needs
-    /// root; release builds). Writes target/bench/mtls.json.
-    Measure,
+    /// Benchmark Weft against direct TCP on a virtual cluster (needs root; release
+    /// builds): throughput, latency, connection rate, HTTP, CPU and memory. Writes
+    /// target/bench/*.json and the latest results into BENCHMARKS.md.
+    Bench {
+        /// A short run (one round, short durations) for iteration; under two
+        /// minutes once built. Does not touch BENCHMARKS.md.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -71,7 +77,7 @@ fn main() -> ExitCode {
         Task::BuildEbpf => build_ebpf().map(|()| ExitCode::SUCCESS),
         Task::Test { args } => test(&args),
         Task::Demo { once } => demo::run(once).map(|()| ExitCode::SUCCESS),
-        Task::Measure => measure::run().map(|()| ExitCode::SUCCESS),
+        Task::Bench { quick } => bench::run(quick).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

@@ -15,6 +15,10 @@ pub const PACKAGES: &[&str] = &[
     "iproute2", "curl", "iperf3", "bpftool", "tcpdump", "python3",
 ];
 
+/// What `cargo xtask bench` runs on top of [`PACKAGES`]: an HTTP load
+/// generator and an HTTP server for the destination pod.
+pub const BENCH_PACKAGES: &[&str] = &["wrk", "nginx-light"];
+
 /// What to do about missing Debian packages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Apt {
@@ -45,7 +49,7 @@ impl Toolchain {
 pub fn run(apt: Apt) -> Result<Toolchain> {
     let start = Instant::now();
     let toolchain = toolchain()?;
-    packages(apt)?;
+    packages(apt, PACKAGES)?;
     cmd::done(&format!(
         "setup complete in {:.1} s",
         start.elapsed().as_secs_f64()
@@ -247,18 +251,18 @@ fn build_bpf_linker(lib_dir: &Path, llvm_major: u32) -> Result<()> {
     )
 }
 
-/// Checks the Debian packages and installs missing ones with apt-get.
-fn packages(apt: Apt) -> Result<()> {
+/// Checks the Debian packages `wanted` and installs missing ones with apt-get.
+pub fn packages(apt: Apt, wanted: &[&'static str]) -> Result<()> {
     cmd::step("checking Debian packages");
     let out = cmd::tool("dpkg-query")
         .args(["-W", "-f=${Package} ${Status}\\n"])
-        .args(PACKAGES)
+        .args(wanted)
         .output()
         .context("cannot run dpkg-query: is this a Debian-based system?")?;
     // dpkg-query exits 1 when some package is unknown; the output still lists the rest.
-    let missing = missing_packages(&String::from_utf8_lossy(&out.stdout));
+    let missing = missing_packages(wanted, &String::from_utf8_lossy(&out.stdout));
     if missing.is_empty() {
-        cmd::done(&format!("installed: {}", PACKAGES.join(" ")));
+        cmd::done(&format!("installed: {}", wanted.join(" ")));
         return Ok(());
     }
     let list = missing.join(" ");
@@ -282,9 +286,9 @@ fn packages(apt: Apt) -> Result<()> {
     Ok(())
 }
 
-/// The packages of [`PACKAGES`] that `dpkg-query` output does not show installed.
-fn missing_packages(dpkg: &str) -> Vec<&'static str> {
-    PACKAGES
+/// The packages of `wanted` that `dpkg-query` output does not show installed.
+fn missing_packages(wanted: &[&'static str], dpkg: &str) -> Vec<&'static str> {
+    wanted
         .iter()
         .copied()
         .filter(|pkg| {
@@ -344,6 +348,6 @@ mod tests {
         let out = "iproute2 install ok installed\ncurl install ok installed\n\
                    iperf3 deinstall ok config-files\nbpftool install ok installed\n\
                    python3:amd64 install ok installed\n";
-        assert_eq!(missing_packages(out), vec!["iperf3", "tcpdump"]);
+        assert_eq!(missing_packages(PACKAGES, out), vec!["iperf3", "tcpdump"]);
     }
 }

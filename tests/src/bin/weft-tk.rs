@@ -10,7 +10,19 @@
 //! weft-tk say --connect <addr:port> --message TEXT [--hold-secs S] [--repeat N --interval-ms M] [--timeout-secs S]
 //! weft-tk name --listen <addr:port> --name NAME
 //! weft-tk who --connect <addr:port> --count N [--concurrency C] [--hold-ms M] [--timeout-secs S]
+//! weft-tk rr --connect <addr:port> --count N [--size B] [--warmup N] [--rate R]
+//! weft-tk conn-rate --connect <addr:port> --count N [--size B]
+//! weft-tk hold --connect <addr:port> --count N [--hold-secs S]
 //! ```
+//!
+//! The last three are benchmark clients for an `echo` server (`cargo xtask
+//! bench`): `rr` times `--size`-byte request/response round trips over one
+//! connection, back to back or paced at `--rate` per second; `conn-rate` makes
+//! `--count` connections one after another, each with one exchange, and times
+//! the connects and the whole exchanges; `hold` opens `--count` connections,
+//! checks each with a one-byte echo, prints `{"holding": N}` and keeps them
+//! open. `echo --workers N` serves connections on N threads instead of one
+//! thread per connection, and `--quiet` drops the per-connection JSON lines.
 //!
 //! `name` answers every connection with its name and a newline, then closes;
 //! `who` makes `--count` connections (`--concurrency` at a time, each held until
@@ -61,6 +73,10 @@ const USAGE: &str = "usage:
   weft-tk say --connect <addr:port> --message TEXT [--hold-secs S] [--repeat N --interval-ms M] [--timeout-secs S]
   weft-tk name --listen <addr:port> --name NAME
   weft-tk who --connect <addr:port> --count N [--concurrency C] [--hold-ms M] [--timeout-secs S]
+  weft-tk rr --connect <addr:port> --count N [--size B] [--warmup N] [--rate R] [--timeout-secs S]
+  weft-tk conn-rate --connect <addr:port> --count N [--size B] [--timeout-secs S]
+  weft-tk hold --connect <addr:port> --count N [--hold-secs S] [--timeout-secs S]
+  weft-tk echo --listen <addr:port> [--workers N] [--quiet]
 sizes accept K/M/G suffixes (binary)";
 
 fn main() -> ExitCode {
@@ -73,6 +89,9 @@ fn main() -> ExitCode {
         Some("say") => say(&args[1..]),
         Some("name") => name(&args[1..]),
         Some("who") => who(&args[1..]),
+        Some("rr") => rr(&args[1..]),
+        Some("conn-rate") => conn_rate(&args[1..]),
+        Some("hold") => hold(&args[1..]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;
@@ -372,43 +391,76 @@ fn serve(args: &[String]) -> Result<ExitCode, String> {
 /// An echo server: each connection gets back what it sent, line by line as it
 /// arrives, until EOF. One JSON line per connection when it ends.
 fn echo(args: &[String]) -> Result<ExitCode, String> {
-    let opts = Opts::parse(args, &["--listen"], &[])?;
+    let opts = Opts::parse(args, &["--listen", "--workers"], &["--quiet"])?;
     let addr = resolve(opts.required("--listen")?)?;
+    let workers: usize = opts
+        .get("--workers")
+        .unwrap_or("0")
+        .parse()
+        .map_err(|e| format!("--workers: {e}"))?;
+    let quiet = opts.has("--quiet");
+    raise_fd_limit();
     let listener = listen(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     emit(&json!({ "listening": local.to_string() }));
-    loop {
+    let accept = |listener: &TcpListener| loop {
         match listener.accept() {
-            Ok((mut stream, peer)) => {
-                thread::spawn(move || {
-                    let _ = stream.set_read_timeout(Some(SERVER_IO_TIMEOUT));
-                    let mut buf = [0u8; 16 * 1024];
-                    let mut total = 0u64;
-                    let result = loop {
-                        match stream.read(&mut buf) {
-                            Ok(0) => break Ok(()),
-                            Ok(n) => {
-                                total += n as u64;
-                                if let Err(e) = stream.write_all(&buf[..n]) {
-                                    break Err(e);
-                                }
-                            }
-                            Err(e) => break Err(e),
-                        }
-                    };
-                    let _ = stream.shutdown(Shutdown::Write);
-                    emit(&json!({
-                        "accepted": peer.to_string(),
-                        "echoed": total,
-                        "error": result.err().map(|e| e.to_string()),
-                    }));
-                });
-            }
+            Ok(conn) => return conn,
             Err(e) => {
                 eprintln!("weft-tk echo: accept failed: {e}");
                 thread::sleep(Duration::from_millis(50));
             }
         }
+    };
+    if workers == 0 {
+        loop {
+            let (stream, peer) = accept(&listener);
+            thread::spawn(move || echo_connection(stream, peer, quiet));
+        }
+    }
+    let listener = Arc::new(listener);
+    let pool: Vec<_> = (0..workers)
+        .map(|_| {
+            let listener = Arc::clone(&listener);
+            thread::spawn(move || {
+                loop {
+                    let (stream, peer) = accept(&listener);
+                    echo_connection(stream, peer, quiet);
+                }
+            })
+        })
+        .collect();
+    for worker in pool {
+        let _ = worker.join();
+    }
+    Ok(ExitCode::FAILURE)
+}
+
+/// Echoes one connection until EOF, then half-closes it.
+fn echo_connection(mut stream: TcpStream, peer: SocketAddr, quiet: bool) {
+    let _ = stream.set_read_timeout(Some(SERVER_IO_TIMEOUT));
+    let _ = stream.set_nodelay(true);
+    let mut buf = [0u8; 16 * 1024];
+    let mut total = 0u64;
+    let result = loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break Ok(()),
+            Ok(n) => {
+                total += n as u64;
+                if let Err(e) = stream.write_all(&buf[..n]) {
+                    break Err(e);
+                }
+            }
+            Err(e) => break Err(e),
+        }
+    };
+    let _ = stream.shutdown(Shutdown::Write);
+    if !quiet {
+        emit(&json!({
+            "accepted": peer.to_string(),
+            "echoed": total,
+            "error": result.err().map(|e| e.to_string()),
+        }));
     }
 }
 
@@ -985,6 +1037,212 @@ fn connect_time(args: &[String]) -> Result<ExitCode, String> {
         "min_us": micros[0],
         "max_us": micros[micros.len() - 1],
     }));
+    Ok(ExitCode::SUCCESS)
+}
+
+// ---------------------------------------------------------------------------
+// benchmark clients: rr, conn-rate, hold (against `echo`)
+
+/// A message of `size` bytes that is not all one value, so a misplaced byte shows.
+fn bench_message(size: usize) -> Vec<u8> {
+    (0..size).map(|i| (i % 251) as u8).collect()
+}
+
+/// The `p` quantile of sorted samples (nearest rank).
+fn quantile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn count_opt(opts: &Opts) -> Result<usize, String> {
+    let count: usize = opts
+        .required("--count")?
+        .parse()
+        .map_err(|e| format!("--count: {e}"))?;
+    if count == 0 {
+        return Err("--count must be at least 1".into());
+    }
+    Ok(count)
+}
+
+/// One exchange: `msg` out, the same number of bytes back, which must equal it.
+fn exchange(stream: &mut TcpStream, msg: &[u8], reply: &mut [u8]) -> io::Result<()> {
+    stream.write_all(msg)?;
+    stream.read_exact(reply)?;
+    if reply != msg {
+        return Err(io::Error::new(ErrorKind::InvalidData, "the echo differs"));
+    }
+    Ok(())
+}
+
+/// Request/response latency over one connection.
+fn rr(args: &[String]) -> Result<ExitCode, String> {
+    let opts = Opts::parse(
+        args,
+        &[
+            "--connect",
+            "--count",
+            "--size",
+            "--warmup",
+            "--rate",
+            "--timeout-secs",
+        ],
+        &[],
+    )?;
+    let addr = resolve(opts.required("--connect")?)?;
+    let count = count_opt(&opts)?;
+    let size = parse_size(opts.get("--size").unwrap_or("1K"))? as usize;
+    let warmup: usize = match opts.get("--warmup") {
+        Some(w) => w.parse().map_err(|e| format!("--warmup: {e}"))?,
+        None => count / 10,
+    };
+    let rate: f64 = opts
+        .get("--rate")
+        .unwrap_or("0")
+        .parse()
+        .map_err(|e| format!("--rate: {e}"))?;
+    let timeout = opts.timeout()?;
+    let fail = |e: String| {
+        emit(&json!({ "ok": false, "error": e }));
+        Ok(ExitCode::FAILURE)
+    };
+    let mut stream = match TcpStream::connect_timeout(&addr, timeout) {
+        Ok(s) => s,
+        Err(e) => return fail(format!("connect {addr}: {e}")),
+    };
+    let _ = stream.set_nodelay(true);
+    let _ = stream.set_read_timeout(Some(timeout));
+    let msg = bench_message(size);
+    let mut reply = vec![0u8; size];
+    let mut micros = Vec::with_capacity(count);
+    // Paced runs send on a fixed schedule; a late exchange delays the next
+    // send rather than being followed by a burst.
+    let interval = (rate > 0.0).then(|| Duration::from_secs_f64(1.0 / rate));
+    let mut next = Instant::now();
+    let mut timed_from = Instant::now();
+    for i in 0..warmup + count {
+        if i == warmup {
+            timed_from = Instant::now();
+            next = timed_from;
+        }
+        if let Some(interval) = interval {
+            let now = Instant::now();
+            if next > now {
+                thread::sleep(next - now);
+            }
+            next = next.max(now) + interval;
+        }
+        let start = Instant::now();
+        if let Err(e) = exchange(&mut stream, &msg, &mut reply) {
+            return fail(format!("exchange {} of {}: {e}", i + 1, warmup + count));
+        }
+        if i >= warmup {
+            micros.push(start.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    let elapsed = timed_from.elapsed().as_secs_f64();
+    micros.sort_by(f64::total_cmp);
+    emit(&json!({
+        "ok": true,
+        "count": count,
+        "size": size,
+        "rate_per_s": count as f64 / elapsed,
+        "mean_us": micros.iter().sum::<f64>() / count as f64,
+        "p50_us": quantile(&micros, 0.50),
+        "p90_us": quantile(&micros, 0.90),
+        "p99_us": quantile(&micros, 0.99),
+        "p999_us": quantile(&micros, 0.999),
+        "max_us": micros[count - 1],
+    }));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// New connections, one after another, each with one exchange.
+fn conn_rate(args: &[String]) -> Result<ExitCode, String> {
+    let opts = Opts::parse(
+        args,
+        &["--connect", "--count", "--size", "--timeout-secs"],
+        &[],
+    )?;
+    let addr = resolve(opts.required("--connect")?)?;
+    let count = count_opt(&opts)?;
+    let size = parse_size(opts.get("--size").unwrap_or("1K"))? as usize;
+    let timeout = opts.timeout()?;
+    let msg = bench_message(size);
+    let mut reply = vec![0u8; size];
+    let mut connect = Vec::with_capacity(count);
+    let mut whole = Vec::with_capacity(count);
+    let began = Instant::now();
+    for i in 0..count {
+        let start = Instant::now();
+        let result = TcpStream::connect_timeout(&addr, timeout).and_then(|mut s| {
+            connect.push(start.elapsed().as_secs_f64() * 1e6);
+            s.set_nodelay(true)?;
+            s.set_read_timeout(Some(timeout))?;
+            exchange(&mut s, &msg, &mut reply)
+        });
+        if let Err(e) = result {
+            emit(&json!({
+                "ok": false,
+                "error": format!("connection {} of {count} to {addr}: {e}", i + 1),
+            }));
+            return Ok(ExitCode::FAILURE);
+        }
+        whole.push(start.elapsed().as_secs_f64() * 1e6);
+    }
+    let elapsed = began.elapsed().as_secs_f64();
+    connect.sort_by(f64::total_cmp);
+    whole.sort_by(f64::total_cmp);
+    emit(&json!({
+        "ok": true,
+        "count": count,
+        "size": size,
+        "conns_per_s": count as f64 / elapsed,
+        "connect_p50_us": quantile(&connect, 0.50),
+        "connect_p99_us": quantile(&connect, 0.99),
+        "exchange_p50_us": quantile(&whole, 0.50),
+        "exchange_p99_us": quantile(&whole, 0.99),
+    }));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Opens `--count` connections, checks each with a one-byte echo, holds them.
+fn hold(args: &[String]) -> Result<ExitCode, String> {
+    let opts = Opts::parse(
+        args,
+        &["--connect", "--count", "--hold-secs", "--timeout-secs"],
+        &[],
+    )?;
+    let addr = resolve(opts.required("--connect")?)?;
+    let count = count_opt(&opts)?;
+    let hold: f64 = opts
+        .get("--hold-secs")
+        .unwrap_or("60")
+        .parse()
+        .map_err(|e| format!("--hold-secs: {e}"))?;
+    let timeout = opts.timeout()?;
+    raise_fd_limit();
+    let mut held = Vec::with_capacity(count);
+    let mut byte = [0u8; 1];
+    for i in 0..count {
+        let result = TcpStream::connect_timeout(&addr, timeout).and_then(|mut s| {
+            s.set_read_timeout(Some(timeout))?;
+            exchange(&mut s, b"h", &mut byte)?;
+            Ok(s)
+        });
+        match result {
+            Ok(s) => held.push(s),
+            Err(e) => {
+                emit(&json!({
+                    "ok": false,
+                    "error": format!("connection {} of {count} to {addr}: {e}", i + 1),
+                }));
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+    }
+    emit(&json!({ "holding": held.len() }));
+    thread::sleep(Duration::from_secs_f64(hold.max(0.0)));
+    emit(&json!({ "ok": true, "held": held.len() }));
     Ok(ExitCode::SUCCESS)
 }
 

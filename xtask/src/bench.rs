@@ -1,0 +1,1343 @@
+//! `cargo xtask bench`: what Weft adds to every byte, request and connection,
+//! measured against direct TCP between the same pods on the same machine.
+//!
+//! A 2-node × 2-pod virtual cluster (release builds). The client is `n0p0`; the
+//! servers are `n0p1` (same node) and `n1p0` (across nodes). In **direct** runs
+//! no pod is enrolled, so the agents run but capture nothing; in **Weft** runs
+//! all three are, so a connection is captured on the client's node and carried
+//! over HBONE (HTTP/2 CONNECT over mutual TLS 1.3) to the server's agent. The
+//! modes alternate round by round (and which goes first alternates too), so
+//! drift in the machine hits both alike; every scenario reports the median over
+//! rounds, the spread, and the ratio Weft/direct.
+//!
+//! Scenarios, per path:
+//! 1. iperf3 throughput, 1 and 4 streams;
+//! 2. 1 KiB request/response on one persistent connection (`weft-tk rr` against
+//!    `weft-tk echo`), p50/p90/p99/p99.9, at a fixed 1,000/s and back to back;
+//! 3. new connections per second, each with one 1 KiB exchange (`weft-tk
+//!    conn-rate`), with connect-time percentiles;
+//! 4. HTTP/1.1: wrk against nginx in the server pod, requests per second and
+//!    latency percentiles;
+//! 5. CPU: machine CPU seconds per GiB (iperf3, 1 stream) and per 10,000 HTTP
+//!    requests, and the agents' own share; agent RSS idle and with 1,000 and
+//!    10,000 idle connections held through it (Weft only).
+//!
+//! The agents' access logs prove the labels: a Weft run leaves a line per
+//! connection on both nodes (cross-node ones `mutual_tls`), a direct run none.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use serde_json::{Value, json};
+use weft_tests::Host as _;
+use weft_tests::{Cluster, Mesh, Pod, Proc, bin_path, eventually};
+
+use crate::cmd;
+use crate::lab::{self, Profile};
+use crate::setup;
+
+/// `weft-tk echo` on a pool of workers: request/response and connection rate.
+const ECHO_PORT: u16 = 9000;
+/// `weft-tk echo`, one thread per connection: the held idle connections.
+const HOLD_PORT: u16 = 9001;
+const IPERF_PORT: u16 = 5201;
+const HTTP_PORT: u16 = 8080;
+/// The request and the response of scenarios 2 and 3.
+const MESSAGE: &str = "1K";
+/// The fixed, moderate request rate of scenario 2.
+const RR_RATE: u32 = 1000;
+/// Bytes of nginx's response body.
+const HTTP_BODY: usize = 1024;
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// How much of everything to run.
+#[derive(Debug, Clone)]
+struct Plan {
+    quick: bool,
+    rounds: usize,
+    iperf_secs: u32,
+    rr_fixed: u32,
+    rr_saturated: u32,
+    conns: u32,
+    http_secs: u32,
+    http_connections: u32,
+    held: &'static [usize],
+}
+
+impl Plan {
+    fn full() -> Plan {
+        Plan {
+            quick: false,
+            rounds: 3,
+            iperf_secs: 5,
+            rr_fixed: 5000,
+            rr_saturated: 20_000,
+            conns: 3000,
+            http_secs: 5,
+            http_connections: 32,
+            held: &[1000, 10_000],
+        }
+    }
+
+    fn quick() -> Plan {
+        Plan {
+            quick: true,
+            rounds: 1,
+            iperf_secs: 2,
+            rr_fixed: 1000,
+            rr_saturated: 5000,
+            conns: 1000,
+            http_secs: 2,
+            http_connections: 32,
+            held: &[1000],
+        }
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "quick": self.quick,
+            "rounds": self.rounds,
+            "iperf3_seconds": self.iperf_secs,
+            "rr_message_bytes": 1024,
+            "rr_fixed_rate_per_s": RR_RATE,
+            "rr_fixed_count": self.rr_fixed,
+            "rr_saturated_count": self.rr_saturated,
+            "new_connections": self.conns,
+            "http_seconds": self.http_secs,
+            "http_connections": self.http_connections,
+            "http_body_bytes": HTTP_BODY,
+            "held_connections": self.held,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Direct,
+    Weft,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Direct => "direct",
+            Mode::Weft => "weft",
+        }
+    }
+}
+
+/// Where the server is, seen from the client `n0p0`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    Cross,
+    Same,
+}
+
+impl Route {
+    const ALL: [Route; 2] = [Route::Cross, Route::Same];
+
+    fn key(self) -> &'static str {
+        match self {
+            Route::Cross => "cross_node",
+            Route::Same => "same_node",
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Route::Cross => "cross-node",
+            Route::Same => "same-node",
+        }
+    }
+
+    fn server(self, cluster: &Cluster) -> &Pod {
+        match self {
+            Route::Cross => cluster.pod(1, 0),
+            Route::Same => cluster.pod(0, 1),
+        }
+    }
+}
+
+/// One scenario's samples, one per round and mode.
+#[derive(Debug)]
+struct Row {
+    key: String,
+    name: String,
+    unit: &'static str,
+    direct: Vec<f64>,
+    weft: Vec<f64>,
+}
+
+impl Row {
+    fn direct_median(&self) -> f64 {
+        median(&self.direct)
+    }
+
+    fn weft_median(&self) -> f64 {
+        median(&self.weft)
+    }
+
+    fn ratio(&self) -> f64 {
+        self.weft_median() / self.direct_median()
+    }
+
+    fn is_latency(&self) -> bool {
+        self.unit == "µs" || self.unit == "ms"
+    }
+
+    fn json(&self) -> Value {
+        let mut v = json!({
+            "key": self.key,
+            "name": self.name,
+            "unit": self.unit,
+            "direct_median": finite(self.direct_median()),
+            "weft_median": finite(self.weft_median()),
+            "ratio": finite(self.ratio()),
+            "direct": self.direct,
+            "weft": self.weft,
+            "direct_spread": finite(spread(&self.direct)),
+            "weft_spread": finite(spread(&self.weft)),
+        });
+        if self.is_latency() {
+            v["added"] = finite(self.weft_median() - self.direct_median());
+        }
+        v
+    }
+}
+
+/// All rows, in the order they were first measured.
+#[derive(Debug, Default)]
+struct Results {
+    rows: Vec<Row>,
+}
+
+impl Results {
+    fn add(&mut self, key: &str, name: &str, unit: &'static str, mode: Mode, value: f64) {
+        let i = match self.rows.iter().position(|r| r.key == key) {
+            Some(i) => i,
+            None => {
+                self.rows.push(Row {
+                    key: key.to_owned(),
+                    name: name.to_owned(),
+                    unit,
+                    direct: Vec::new(),
+                    weft: Vec::new(),
+                });
+                self.rows.len() - 1
+            }
+        };
+        match mode {
+            Mode::Direct => self.rows[i].direct.push(value),
+            Mode::Weft => self.rows[i].weft.push(value),
+        }
+    }
+
+    fn get(&self, key: &str) -> Option<&Row> {
+        self.rows.iter().find(|r| r.key == key)
+    }
+}
+
+/// One target of the issue, judged on this run.
+#[derive(Debug)]
+struct Target {
+    what: &'static str,
+    goal: &'static str,
+    value: Option<f64>,
+    shown: String,
+    met: Option<bool>,
+}
+
+pub fn run(quick: bool) -> Result<()> {
+    lab::require_root("bench")?;
+    lab::prepare(Profile::Release)?;
+    setup::packages(setup::Apt::Install, setup::BENCH_PACKAGES)?;
+    let plan = if quick { Plan::quick() } else { Plan::full() };
+
+    cmd::step(&format!(
+        "benchmarking on a 2-node x 2-pod cluster: n0p0 -> n0p1 (same node) and n1p0 (cross node), \
+         {} round(s) of direct/Weft{}",
+        plan.rounds,
+        if quick { " (--quick)" } else { "" }
+    ));
+    let cluster = Cluster::new("bench", 2, 2).context("building the virtual cluster")?;
+    let id = cluster.id().to_owned();
+    let cgroup = cluster.cgroup().to_path_buf();
+    let scratch = Scratch::new(&id)?;
+    let result = bench(&cluster, &plan, &scratch.0);
+    drop(scratch);
+    drop(cluster);
+    lab::check_clean(&id, &cgroup)?;
+    let (results, proof) = result?;
+
+    let targets = targets(&results, &plan);
+    cmd::step("results (medians over rounds; spread = (max - min) / median)");
+    println!("{}", table(&results));
+    println!("{}", targets_table(&targets));
+
+    let machine = machine();
+    let commit = git_head();
+    let when = cmd::output(cmd::tool("date").args(["-u", "+%Y-%m-%dT%H:%M:%SZ"]))
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default();
+    let report = json!({
+        "what": "Weft vs direct TCP: client n0p0, servers n0p1 (same node) and n1p0 (cross node); \
+                 Weft = all three enrolled (HBONE, HTTP/2 CONNECT over mutual TLS 1.3), direct = none enrolled",
+        "when": when,
+        "commit": commit,
+        "machine": machine,
+        "plan": plan.json(),
+        "scenarios": results.rows.iter().map(Row::json).collect::<Vec<_>>(),
+        "targets": targets.iter().map(|t| json!({
+            "what": t.what, "goal": t.goal, "value": t.value.and_then(finite_opt), "met": t.met,
+        })).collect::<Vec<_>>(),
+        "access_log_proof": proof,
+    });
+    let dir = cmd::repo_root().join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    let stamp = when.replace(':', "");
+    let name = format!("bench-{}{}.json", stamp, if quick { "-quick" } else { "" });
+    let text = serde_json::to_string_pretty(&report)? + "\n";
+    for path in [dir.join(&name), dir.join("latest.json")] {
+        std::fs::write(&path, &text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    cmd::done(&format!(
+        "written to target/bench/{name} and target/bench/latest.json"
+    ));
+    if !quick {
+        let path = cmd::repo_root().join("BENCHMARKS.md");
+        let md = markdown(
+            &results,
+            &targets,
+            &machine,
+            commit.as_deref(),
+            &when,
+            &plan,
+        );
+        update_benchmarks_md(&path, &md)?;
+        cmd::done("BENCHMARKS.md: the \"Latest results\" section is updated");
+    }
+    Ok(())
+}
+
+/// A directory for nginx's files, removed again on drop. Its name contains the
+/// cluster id, so the leftover check would notice it.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(id: &str) -> Result<Scratch> {
+        let dir = std::env::temp_dir().join(format!("weft-bench-{id}"));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Scratch(dir))
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The servers of one pod, stopped when dropped.
+struct Servers {
+    _procs: Vec<Proc>,
+}
+
+fn start_servers(pod: &Pod, scratch: &Path) -> Result<Servers> {
+    let tk = bin_path("weft-tk");
+    let mut procs = Vec::new();
+    for (port, extra) in [
+        (ECHO_PORT, &["--workers", "4", "--quiet"][..]),
+        (HOLD_PORT, &["--quiet"][..]),
+    ] {
+        let mut c = pod.command(&tk);
+        c.args(["echo", "--listen", &format!("0.0.0.0:{port}")])
+            .args(extra);
+        let p = pod.spawn(&mut c)?;
+        p.wait_for_json(Duration::from_secs(20), |v| v.get("listening").is_some())?;
+        procs.push(p);
+    }
+    let mut c = pod.command("iperf3");
+    c.args(["-s", "-p", &IPERF_PORT.to_string()]);
+    procs.push(pod.spawn(&mut c)?);
+    procs.push(start_nginx(pod, scratch)?);
+    for port in [IPERF_PORT, HTTP_PORT] {
+        // Neither prints a line when ready: wait for the socket.
+        let listening = || {
+            pod.exec_ok("ss", ["-Htln", &format!("sport = :{port}")])
+                .is_ok_and(|out| !out.trim().is_empty())
+        };
+        if !eventually(Duration::from_secs(20), listening) {
+            bail!("nothing listens on port {port} in {}", pod.name);
+        }
+    }
+    Ok(Servers { _procs: procs })
+}
+
+/// nginx in `pod`, one worker, answering every request with a 1 KiB body.
+fn start_nginx(pod: &Pod, scratch: &Path) -> Result<Proc> {
+    let dir = scratch.join(format!("nginx-{}", pod.name));
+    std::fs::create_dir_all(&dir)?;
+    let d = dir.display();
+    let body = "w".repeat(HTTP_BODY);
+    let conf = format!(
+        "user root;\n\
+         worker_processes 1;\n\
+         daemon off;\n\
+         master_process off;\n\
+         pid {d}/nginx.pid;\n\
+         error_log {d}/error.log warn;\n\
+         events {{ worker_connections 4096; }}\n\
+         http {{\n\
+         \x20   access_log off;\n\
+         \x20   client_body_temp_path {d}/body;\n\
+         \x20   proxy_temp_path {d}/proxy;\n\
+         \x20   fastcgi_temp_path {d}/fastcgi;\n\
+         \x20   uwsgi_temp_path {d}/uwsgi;\n\
+         \x20   scgi_temp_path {d}/scgi;\n\
+         \x20   keepalive_requests 10000000;\n\
+         \x20   keepalive_timeout 300s;\n\
+         \x20   default_type text/plain;\n\
+         \x20   server {{\n\
+         \x20       listen {HTTP_PORT} reuseport;\n\
+         \x20       location / {{ return 200 \"{body}\"; }}\n\
+         \x20   }}\n\
+         }}\n"
+    );
+    let path = dir.join("nginx.conf");
+    std::fs::write(&path, conf)?;
+    let mut c = pod.command("nginx");
+    c.arg("-p")
+        .arg(&dir)
+        .arg("-e")
+        .arg(dir.join("error.log"))
+        .arg("-c")
+        .arg(&path);
+    pod.spawn(&mut c)
+}
+
+fn bench(cluster: &Cluster, plan: &Plan, scratch: &Path) -> Result<(Results, Vec<Value>)> {
+    let client = cluster.pod(0, 0);
+    let pods = [
+        client,
+        Route::Same.server(cluster),
+        Route::Cross.server(cluster),
+    ];
+    let mut mesh = Mesh::start(cluster, |_| false).context("starting the CA and agents")?;
+    let _servers = Route::ALL
+        .iter()
+        .map(|r| start_servers(r.server(cluster), scratch))
+        .collect::<Result<Vec<_>>>()?;
+
+    let mut results = Results::default();
+    let mut proof = Vec::new();
+    for round in 1..=plan.rounds {
+        let order = if round % 2 == 1 {
+            [Mode::Direct, Mode::Weft]
+        } else {
+            [Mode::Weft, Mode::Direct]
+        };
+        for mode in order {
+            for pod in pods {
+                mesh.set_enrolled(pod, mode == Mode::Weft)?;
+            }
+            let before = settled_log_counts(&mesh);
+            for route in Route::ALL {
+                let server = route.server(cluster);
+                let line = scenarios(&mesh, plan, mode, route, client, server, &mut results)
+                    .with_context(|| format!("round {round}, {} {}", mode.name(), route.label()))?;
+                println!(
+                    "  round {round} {:<6} {:<10} {line}",
+                    mode.name(),
+                    route.label()
+                );
+            }
+            proof.push(check_labels(&mesh, cluster, round, mode, before)?);
+        }
+    }
+    for pod in pods {
+        mesh.set_enrolled(pod, true)?;
+    }
+    memory(
+        &mut mesh,
+        plan,
+        client,
+        Route::Cross.server(cluster),
+        &mut results,
+    )?;
+    Ok((results, proof))
+}
+
+/// Runs every scenario once for `mode` over `route`; returns a one-line summary.
+fn scenarios(
+    mesh: &Mesh,
+    plan: &Plan,
+    mode: Mode,
+    route: Route,
+    client: &Pod,
+    server: &Pod,
+    results: &mut Results,
+) -> Result<String> {
+    let tk = bin_path("weft-tk");
+    let r = route.key();
+    let l = route.label();
+    let mut add = |key: &str, name: &str, unit: &'static str, value: f64| {
+        results.add(
+            &format!("{r}.{key}"),
+            &format!("{l} {name}"),
+            unit,
+            mode,
+            value,
+        );
+    };
+
+    // 1. Throughput, with the CPU it costs.
+    let cpu0 = Cpu::now(mesh)?;
+    let (one, bytes) = iperf3(client, server, 1, plan.iperf_secs)?;
+    let cpu1 = Cpu::now(mesh)?;
+    let gib = bytes / GIB;
+    add("iperf3_1_stream", "iperf3 1 stream", "Gbit/s", one / 1e9);
+    add(
+        "cpu_per_gib_machine",
+        "machine CPU per GiB (iperf3 1 stream)",
+        "CPU-s/GiB",
+        (cpu1.machine - cpu0.machine) / gib,
+    );
+    if mode == Mode::Weft {
+        add(
+            "cpu_per_gib_agents",
+            "agents' CPU per GiB (iperf3 1 stream)",
+            "CPU-s/GiB",
+            (cpu1.agents - cpu0.agents) / gib,
+        );
+    }
+    let (four, _) = iperf3(client, server, 4, plan.iperf_secs)?;
+    add("iperf3_4_streams", "iperf3 4 streams", "Gbit/s", four / 1e9);
+
+    // 2. Request/response on one connection, paced and back to back.
+    let target = format!("{}:{ECHO_PORT}", server.ip);
+    let rr = |count: u32, rate: Option<u32>| -> Result<Value> {
+        let mut args = vec![
+            "rr".to_owned(),
+            "--connect".to_owned(),
+            target.clone(),
+            "--size".to_owned(),
+            MESSAGE.to_owned(),
+            "--count".to_owned(),
+            count.to_string(),
+        ];
+        if let Some(rate) = rate {
+            args.extend(["--rate".to_owned(), rate.to_string()]);
+        }
+        let v = json_line(&client.exec_ok(&tk, &args)?)?;
+        ensure!(v["ok"] == true, "weft-tk rr failed: {v}");
+        Ok(v)
+    };
+    let fixed = rr(plan.rr_fixed, Some(RR_RATE))?;
+    let saturated = rr(plan.rr_saturated, None)?;
+    for (v, key, name) in [
+        (&fixed, "rr_fixed", "1 KiB req/resp at 1,000/s"),
+        (&saturated, "rr_saturated", "1 KiB req/resp back to back"),
+    ] {
+        for p in ["p50", "p90", "p99", "p999"] {
+            let shown = if p == "p999" { "p99.9" } else { p };
+            add(
+                &format!("{key}_{p}"),
+                &format!("{name}, {shown}"),
+                "µs",
+                num(v, &format!("{p}_us"))?,
+            );
+        }
+    }
+    add(
+        "rr_saturated_rate",
+        "1 KiB req/resp back to back, rate",
+        "req/s",
+        num(&saturated, "rate_per_s")?,
+    );
+
+    // 3. New connections, each with one exchange.
+    let conns = json_line(&client.exec_ok(
+        &tk,
+        [
+            "conn-rate",
+            "--connect",
+            &target,
+            "--size",
+            MESSAGE,
+            "--count",
+            &plan.conns.to_string(),
+        ],
+    )?)?;
+    ensure!(conns["ok"] == true, "weft-tk conn-rate failed: {conns}");
+    add(
+        "conn_rate",
+        "new connections (1 KiB exchange each)",
+        "conn/s",
+        num(&conns, "conns_per_s")?,
+    );
+    add(
+        "conn_connect_p50",
+        "connect() p50",
+        "µs",
+        num(&conns, "connect_p50_us")?,
+    );
+    add(
+        "conn_connect_p99",
+        "connect() p99",
+        "µs",
+        num(&conns, "connect_p99_us")?,
+    );
+    add(
+        "conn_exchange_p50",
+        "connect + 1 KiB exchange p50",
+        "µs",
+        num(&conns, "exchange_p50_us")?,
+    );
+    add(
+        "conn_exchange_p99",
+        "connect + 1 KiB exchange p99",
+        "µs",
+        num(&conns, "exchange_p99_us")?,
+    );
+
+    // 4. HTTP with wrk against nginx, with the CPU it costs.
+    let cpu0 = Cpu::now(mesh)?;
+    let http = wrk(client, server, plan)?;
+    let cpu1 = Cpu::now(mesh)?;
+    let per_10k = 10_000.0 / http.requests;
+    add("http_rps", "HTTP/1.1 (wrk -> nginx)", "req/s", http.rps);
+    for (p, v) in [("p50", http.p50), ("p90", http.p90), ("p99", http.p99)] {
+        add(&format!("http_{p}"), &format!("HTTP/1.1 {p}"), "µs", v);
+    }
+    add(
+        "cpu_per_10k_http_machine",
+        "machine CPU per 10k HTTP requests",
+        "CPU-s/10k",
+        (cpu1.machine - cpu0.machine) * per_10k,
+    );
+    if mode == Mode::Weft {
+        add(
+            "cpu_per_10k_http_agents",
+            "agents' CPU per 10k HTTP requests",
+            "CPU-s/10k",
+            (cpu1.agents - cpu0.agents) * per_10k,
+        );
+    }
+
+    Ok(format!(
+        "iperf3 {:>5.2} (1) {:>5.2} (4) Gbit/s  rr p50 {:>5.1}/{:>5.1} µs  {:>6.0} conn/s  http {:>6.0} req/s",
+        one / 1e9,
+        four / 1e9,
+        num(&fixed, "p50_us")?,
+        num(&saturated, "p50_us")?,
+        num(&conns, "conns_per_s")?,
+        http.rps,
+    ))
+}
+
+/// Agent memory, Weft only: each size is measured on freshly started agents,
+/// idle and then with that many idle connections held from the client through
+/// both agents to the server.
+fn memory(
+    mesh: &mut Mesh,
+    plan: &Plan,
+    client: &Pod,
+    server: &Pod,
+    results: &mut Results,
+) -> Result<()> {
+    let tk = bin_path("weft-tk");
+    let target = format!("{}:{HOLD_PORT}", server.ip);
+    for &n in plan.held {
+        for node in 0..2 {
+            mesh.stop_agent(node, false)?;
+        }
+        for node in 0..2 {
+            mesh.start_agent(node)?;
+        }
+        // Let the first certificates and the startup work settle.
+        std::thread::sleep(Duration::from_secs(2));
+        let idle = [rss_kib(mesh, 0)?, rss_kib(mesh, 1)?];
+        let mut c = client.command(&tk);
+        c.args([
+            "hold",
+            "--connect",
+            &target,
+            "--count",
+            &n.to_string(),
+            "--hold-secs",
+            "600",
+        ]);
+        let mut holder = client.spawn(&mut c)?;
+        let wait = Duration::from_secs(30 + n as u64 / 200);
+        holder
+            .wait_for_json(wait, |v| v.get("holding").is_some() || v["ok"] == false)
+            .with_context(|| format!("holding {n} connections: {}", holder.stderr()))?;
+        if let Some(v) = holder.json_lines().iter().find(|v| v["ok"] == false) {
+            bail!("holding {n} connections failed: {v}");
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        let held = [rss_kib(mesh, 0)?, rss_kib(mesh, 1)?];
+        holder.kill()?;
+        for (i, side) in ["source", "destination"].into_iter().enumerate() {
+            results.add(
+                &format!("memory.rss_idle_{side}"),
+                &format!("agent RSS idle ({side} node)"),
+                "MiB",
+                Mode::Weft,
+                idle[i] / 1024.0,
+            );
+            results.add(
+                &format!("memory.rss_{n}_{side}"),
+                &format!("agent RSS, {n} idle connections ({side} node)"),
+                "MiB",
+                Mode::Weft,
+                held[i] / 1024.0,
+            );
+            results.add(
+                &format!("memory.per_connection_{n}_{side}"),
+                &format!("agent memory per idle connection, {n} held ({side} node)"),
+                "KiB",
+                Mode::Weft,
+                (held[i] - idle[i]) / n as f64,
+            );
+        }
+        println!(
+            "  memory: idle {:.1}/{:.1} MiB, {n} held {:.1}/{:.1} MiB (source/destination agent)",
+            idle[0] / 1024.0,
+            idle[1] / 1024.0,
+            held[0] / 1024.0,
+            held[1] / 1024.0
+        );
+    }
+    Ok(())
+}
+
+/// Resident memory of node `node`'s agent, in KiB.
+fn rss_kib(mesh: &Mesh, node: usize) -> Result<f64> {
+    let pid = mesh.agent(node).pid();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .with_context(|| format!("no VmRSS in /proc/{pid}/status"))
+}
+
+/// CPU seconds used so far: by the whole machine (busy time of every CPU) and by
+/// the two agents.
+#[derive(Debug, Clone, Copy)]
+struct Cpu {
+    machine: f64,
+    agents: f64,
+}
+
+impl Cpu {
+    fn now(mesh: &Mesh) -> Result<Cpu> {
+        let tick = clock_tick();
+        let stat = std::fs::read_to_string("/proc/stat")?;
+        let machine = machine_busy_ticks(&stat).context("no cpu line in /proc/stat")? / tick;
+        let mut agents = 0.0;
+        for node in 0..2 {
+            let pid = mesh.agent(node).pid();
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+            agents +=
+                process_ticks(&stat).with_context(|| format!("parsing /proc/{pid}/stat"))? / tick;
+        }
+        Ok(Cpu { machine, agents })
+    }
+}
+
+fn clock_tick() -> f64 {
+    // SAFETY: sysconf only reads a configuration value.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 { t as f64 } else { 100.0 }
+}
+
+/// Busy ticks of all CPUs from `/proc/stat`: everything but idle and iowait.
+fn machine_busy_ticks(stat: &str) -> Option<f64> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let f: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal ...
+    let busy = f.first()? + f.get(1)? + f.get(2)? + f.get(5)? + f.get(6)? + f.get(7)?;
+    Some(busy)
+}
+
+/// utime + stime of a `/proc/PID/stat` line.
+fn process_ticks(stat: &str) -> Option<f64> {
+    // The command name may contain spaces: fields are counted after its ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 14 and 15 of proc(5); `rest` starts at field 3.
+    Some(f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?)
+}
+
+/// Proves the labels of one mode's runs from the agents' access logs.
+fn check_labels(
+    mesh: &Mesh,
+    cluster: &Cluster,
+    round: usize,
+    mode: Mode,
+    before: (usize, usize),
+) -> Result<Value> {
+    let after = settled_log_counts(mesh);
+    let out = mesh.access_logs(0).split_off(before.0);
+    let inb = mesh.access_logs(1).split_off(before.1);
+    let cross_ip = Route::Cross.server(cluster).ip.to_string();
+    let to_cross = |v: &&Value| {
+        v["dst.addr"]
+            .as_str()
+            .is_some_and(|a| a.starts_with(&format!("{cross_ip}:")))
+    };
+    let cross_out: Vec<&Value> = out.iter().filter(to_cross).collect();
+    let not_mtls = |lines: &[&Value]| {
+        lines
+            .iter()
+            .filter(|v| v["security"] != "mutual_tls")
+            .count()
+    };
+    let inb_refs: Vec<&Value> = inb.iter().collect();
+    match mode {
+        Mode::Weft => {
+            ensure!(
+                !cross_out.is_empty() && !inb.is_empty(),
+                "round {round}: the Weft run left no access-log lines for cross-node connections \
+                 on node 0 ({}) or node 1 ({}): nothing was captured",
+                cross_out.len(),
+                inb.len()
+            );
+            ensure!(
+                not_mtls(&cross_out) == 0 && not_mtls(&inb_refs) == 0,
+                "round {round}: cross-node connections not over mutual TLS: {} of {} on node 0, \
+                 {} of {} on node 1",
+                not_mtls(&cross_out),
+                cross_out.len(),
+                not_mtls(&inb_refs),
+                inb.len()
+            );
+        }
+        Mode::Direct => ensure!(
+            out.is_empty() && inb.is_empty(),
+            "round {round}: the direct run went through the agents ({} access-log lines on node 0, \
+             {} on node 1)",
+            out.len(),
+            inb.len()
+        ),
+    }
+    Ok(json!({
+        "round": round,
+        "mode": mode.name(),
+        "node0_lines": out.len(),
+        "node0_cross_node_mutual_tls": cross_out.len() - not_mtls(&cross_out),
+        "node1_lines": inb.len(),
+        "node1_mutual_tls": inb.len() - not_mtls(&inb_refs),
+        "settled_counts_after": [after.0, after.1],
+    }))
+}
+
+/// The number of access-log lines of node 0's and node 1's agents, once neither
+/// has changed for 300 ms (an agent logs a connection when it closes, which can
+/// be just after the client has exited). Gives up waiting after 10 s.
+fn settled_log_counts(mesh: &Mesh) -> (usize, usize) {
+    let counts = || (mesh.access_logs(0).len(), mesh.access_logs(1).len());
+    let mut last = counts();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = counts();
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    last
+}
+
+/// Bits per second and bytes received in an iperf3 run of `streams` streams.
+fn iperf3(client: &Pod, server: &Pod, streams: u32, secs: u32) -> Result<(f64, f64)> {
+    let out = client.exec(
+        "iperf3",
+        [
+            "-c",
+            &server.ip.to_string(),
+            "-p",
+            &IPERF_PORT.to_string(),
+            "-t",
+            &secs.to_string(),
+            "-P",
+            &streams.to_string(),
+            "-J",
+        ],
+    )?;
+    let report: Value = serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "iperf3 printed no JSON ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )
+    })?;
+    if let Some(e) = report["error"].as_str() {
+        bail!("iperf3 -P {streams}: {e}");
+    }
+    let sum = &report["end"]["sum_received"];
+    Ok((num(sum, "bits_per_second")?, num(sum, "bytes")?))
+}
+
+/// What one wrk run measured (latencies in µs).
+#[derive(Debug, PartialEq)]
+struct Http {
+    rps: f64,
+    requests: f64,
+    p50: f64,
+    p90: f64,
+    p99: f64,
+}
+
+fn wrk(client: &Pod, server: &Pod, plan: &Plan) -> Result<Http> {
+    let out = client.exec_ok(
+        "wrk",
+        [
+            "-t1",
+            &format!("-c{}", plan.http_connections),
+            &format!("-d{}s", plan.http_secs),
+            "--latency",
+            &format!("http://{}:{HTTP_PORT}/", server.ip),
+        ],
+    )?;
+    parse_wrk(&out)
+}
+
+/// Reads wrk's `--latency` report; fails on any socket error or non-2xx answer.
+fn parse_wrk(out: &str) -> Result<Http> {
+    if let Some(line) = out.lines().find(|l| {
+        let l = l.trim();
+        l.starts_with("Non-2xx") || l.starts_with("Socket errors")
+    }) {
+        bail!("wrk reported errors: {}\n{out}", line.trim());
+    }
+    let mut pct = std::collections::HashMap::new();
+    let mut requests = None;
+    let mut rps = None;
+    for line in out.lines().map(str::trim) {
+        if let Some(v) = line.strip_prefix("Requests/sec:") {
+            rps = v.trim().parse::<f64>().ok();
+        } else if let Some((n, _)) = line.split_once(" requests in ") {
+            requests = n.trim().parse::<f64>().ok();
+        } else if let Some((p, v)) = line.split_once('%')
+            && let (Ok(p), Some(v)) = (p.trim().parse::<u32>(), duration_us(v.trim()))
+        {
+            pct.insert(p, v);
+        }
+    }
+    let get = |p: u32| {
+        pct.get(&p)
+            .copied()
+            .with_context(|| format!("wrk printed no {p}% latency:\n{out}"))
+    };
+    Ok(Http {
+        rps: rps.with_context(|| format!("wrk printed no Requests/sec:\n{out}"))?,
+        requests: requests.with_context(|| format!("wrk printed no request count:\n{out}"))?,
+        p50: get(50)?,
+        p90: get(90)?,
+        p99: get(99)?,
+    })
+}
+
+/// `394.00us`, `1.23ms`, `2.00s` in µs.
+fn duration_us(s: &str) -> Option<f64> {
+    let (n, scale) = if let Some(n) = s.strip_suffix("us") {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix("ms") {
+        (n, 1e3)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1e6)
+    } else {
+        return None;
+    };
+    n.parse::<f64>().ok().map(|v| v * scale)
+}
+
+fn targets(results: &Results, plan: &Plan) -> Vec<Target> {
+    let ratio = |key: &str| results.get(key).map(Row::ratio);
+    let added = |key: &str| {
+        results
+            .get(key)
+            .map(|r| r.weft_median() - r.direct_median())
+    };
+    let weft = |key: &str| results.get(key).map(Row::weft_median);
+    let max_of = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    };
+    let most_held = plan.held.iter().max().copied().unwrap_or(0);
+    let cpu = match (
+        weft("cross_node.cpu_per_gib_agents"),
+        results
+            .get("cross_node.cpu_per_gib_machine")
+            .map(Row::direct_median),
+    ) {
+        (Some(a), Some(d)) => Some(a / d),
+        _ => None,
+    };
+    let t = |what, goal, value: Option<f64>, unit: &str, ok: fn(f64) -> bool| Target {
+        what,
+        goal,
+        value,
+        shown: value.map_or("-".into(), |v| {
+            if unit == "x" {
+                format!("{v:.2}x")
+            } else {
+                format!("{v:.1} {unit}")
+            }
+        }),
+        met: value.filter(|v| v.is_finite()).map(ok),
+    };
+    vec![
+        t(
+            "single-stream throughput, Weft/direct",
+            ">= 0.55x",
+            ratio("cross_node.iperf3_1_stream"),
+            "x",
+            |v| v >= 0.55,
+        ),
+        t(
+            "4-stream throughput, Weft/direct",
+            ">= 0.60x",
+            ratio("cross_node.iperf3_4_streams"),
+            "x",
+            |v| v >= 0.60,
+        ),
+        t(
+            "latency added at p50 (1 KiB at 1,000/s)",
+            "<= 60 µs",
+            added("cross_node.rr_fixed_p50"),
+            "µs",
+            |v| v <= 60.0,
+        ),
+        t(
+            "latency added at p99 (1 KiB at 1,000/s)",
+            "<= 300 µs",
+            added("cross_node.rr_fixed_p99"),
+            "µs",
+            |v| v <= 300.0,
+        ),
+        t(
+            "new-connection rate, Weft/direct",
+            ">= 0.50x",
+            ratio("cross_node.conn_rate"),
+            "x",
+            |v| v >= 0.50,
+        ),
+        t(
+            "agent RSS idle (larger of the two)",
+            "<= 16 MiB",
+            max_of(
+                weft("memory.rss_idle_source"),
+                weft("memory.rss_idle_destination"),
+            ),
+            "MiB",
+            |v| v <= 16.0,
+        ),
+        t(
+            "agent memory per idle connection (larger side, most held)",
+            "<= 16 KiB",
+            max_of(
+                weft(&format!("memory.per_connection_{most_held}_source")),
+                weft(&format!("memory.per_connection_{most_held}_destination")),
+            ),
+            "KiB",
+            |v| v <= 16.0,
+        ),
+        t(
+            "agents' CPU per GiB / machine CPU per GiB direct",
+            "<= 2.0x",
+            cpu,
+            "x",
+            |v| v <= 2.0,
+        ),
+    ]
+}
+
+fn show(v: f64, unit: &str) -> String {
+    if !v.is_finite() {
+        return "-".into();
+    }
+    let digits = match unit {
+        "Gbit/s" | "CPU-s/GiB" | "CPU-s/10k" => 2,
+        "req/s" | "conn/s" => 0,
+        _ => 1,
+    };
+    format!("{v:.digits$} {unit}")
+}
+
+fn table(results: &Results) -> String {
+    let mut out = format!(
+        "  {:<62} {:>16} {:>7} {:>16} {:>7} {:>8}\n",
+        "scenario", "direct", "spread", "Weft", "spread", "ratio"
+    );
+    for r in &results.rows {
+        let _ = writeln!(
+            out,
+            "  {:<62} {:>16} {:>7} {:>16} {:>7} {:>8}",
+            r.name,
+            show(r.direct_median(), r.unit),
+            pct(spread(&r.direct)),
+            show(r.weft_median(), r.unit),
+            pct(spread(&r.weft)),
+            if r.ratio().is_finite() {
+                format!("{:.2}x", r.ratio())
+            } else {
+                "-".into()
+            },
+        );
+    }
+    out
+}
+
+fn targets_table(targets: &[Target]) -> String {
+    let mut out = String::from("  targets (cross-node):\n");
+    for t in targets {
+        let verdict = match t.met {
+            Some(true) => "met",
+            Some(false) => "MISSED",
+            None => "not measured",
+        };
+        let _ = writeln!(
+            out,
+            "    {:<60} {:>10}  goal {:<10} {verdict}",
+            t.what, t.shown, t.goal
+        );
+    }
+    out
+}
+
+fn pct(v: f64) -> String {
+    if v.is_finite() {
+        format!("{:.0}%", v * 100.0)
+    } else {
+        "-".into()
+    }
+}
+
+fn markdown(
+    results: &Results,
+    targets: &[Target],
+    machine: &Value,
+    commit: Option<&str>,
+    when: &str,
+    plan: &Plan,
+) -> String {
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "Run at {when} on commit `{}`: {}, {} CPUs, {} GiB, Linux {}. {} rounds, \
+         direct and Weft alternating; medians over rounds, spread = (max − min) / median.\n",
+        commit.unwrap_or("?"),
+        machine["cpu_model"].as_str().unwrap_or("?"),
+        machine["cpus"],
+        machine["memory_gib"],
+        machine["kernel"].as_str().unwrap_or("?"),
+        plan.rounds,
+    );
+    md.push_str("| target (cross-node) | goal | this run | |\n|---|---|---|---|\n");
+    for t in targets {
+        let verdict = match t.met {
+            Some(true) => "met",
+            Some(false) => "**missed**",
+            None => "not measured",
+        };
+        let _ = writeln!(md, "| {} | {} | {} | {verdict} |", t.what, t.goal, t.shown);
+    }
+    md.push_str("\n| scenario | direct | spread | Weft | spread | Weft/direct |\n|---|---|---|---|---|---|\n");
+    for r in &results.rows {
+        let ratio = if r.ratio().is_finite() {
+            format!("{:.2}×", r.ratio())
+        } else {
+            "—".into()
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {ratio} |",
+            r.name,
+            show(r.direct_median(), r.unit),
+            pct(spread(&r.direct)),
+            show(r.weft_median(), r.unit),
+            pct(spread(&r.weft)),
+        );
+    }
+    md
+}
+
+const BEGIN: &str = "<!-- bench:latest:begin (written by `cargo xtask bench`) -->";
+const END: &str = "<!-- bench:latest:end -->";
+
+/// Replaces the generated section of BENCHMARKS.md (between the markers) with `md`.
+fn update_benchmarks_md(path: &Path, md: &str) -> Result<()> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let new = replace_between(&text, md)
+        .with_context(|| format!("{} has no `{BEGIN}` … `{END}` section", path.display()))?;
+    std::fs::write(path, new).with_context(|| format!("writing {}", path.display()))
+}
+
+fn replace_between(text: &str, md: &str) -> Option<String> {
+    let start = text.find(BEGIN)? + BEGIN.len();
+    let end = start + text[start..].find(END)?;
+    Some(format!("{}\n{}{}", &text[..start], md, &text[end..]))
+}
+
+fn machine() -> Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, m)| m.trim().to_owned());
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_gib = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map(|kib| (kib / 1024.0 / 1024.0).round());
+    json!({
+        "cpu_model": model,
+        "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "memory_gib": mem_gib,
+        "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_owned()).ok(),
+    })
+}
+
+fn git_head() -> Option<String> {
+    cmd::output(cmd::tool("git").arg("-C").arg(cmd::repo_root()).args([
+        "rev-parse",
+        "--short",
+        "HEAD",
+    ]))
+    .ok()
+    .map(|s| s.trim().to_owned())
+}
+
+fn num(v: &Value, key: &str) -> Result<f64> {
+    v[key]
+        .as_f64()
+        .with_context(|| format!("no number {key:?} in {v}"))
+}
+
+fn json_line(out: &str) -> Result<Value> {
+    out.lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .with_context(|| format!("no JSON in {out:?}"))
+}
+
+fn median(samples: &[f64]) -> f64 {
+    if samples.is_empty() {
+        return f64::NAN;
+    }
+    let mut s = samples.to_vec();
+    s.sort_by(f64::total_cmp);
+    let mid = s.len() / 2;
+    if s.len() % 2 == 1 {
+        s[mid]
+    } else {
+        (s[mid - 1] + s[mid]) / 2.0
+    }
+}
+
+/// (max − min) / median; 0 for one sample.
+fn spread(samples: &[f64]) -> f64 {
+    let max = samples.iter().copied().fold(f64::NAN, f64::max);
+    let min = samples.iter().copied().fold(f64::NAN, f64::min);
+    (max - min) / median(samples)
+}
+
+fn finite(v: f64) -> Value {
+    finite_opt(v).map_or(Value::Null, Value::from)
+}
+
+fn finite_opt(v: f64) -> Option<f64> {
+    v.is_finite().then_some(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians_and_spread() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(median(&[]).is_nan());
+        assert_eq!(spread(&[9.0, 10.0, 11.0]), 0.2);
+        assert_eq!(spread(&[5.0]), 0.0);
+    }
+
+    #[test]
+    fn wrk_report() {
+        let out = "Running 2s test @ http://10.2.1.2:8080/
+  1 threads and 32 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     1.52ms  302.11us   5.10ms   80.00%
+    Req/Sec    21.10k     1.20k   23.00k    70.00%
+  Latency Distribution
+     50%  394.00us
+     75%    1.60ms
+     90%    1.90ms
+     99%    2.50s
+  42000 requests in 2.00s, 47.10MB read
+Requests/sec:  20999.50
+Transfer/sec:     23.55MB
+";
+        let h = parse_wrk(out).unwrap();
+        assert_eq!(
+            h,
+            Http {
+                rps: 20999.5,
+                requests: 42000.0,
+                p50: 394.0,
+                p90: 1900.0,
+                p99: 2.5e6,
+            }
+        );
+        let bad = out.replace(
+            "Requests/sec",
+            "  Socket errors: connect 0, read 3, write 0, timeout 0\nRequests/sec",
+        );
+        assert!(parse_wrk(&bad).is_err());
+        assert!(parse_wrk("Requests/sec: 5").is_err());
+    }
+
+    #[test]
+    fn cpu_counters() {
+        let stat = "cpu  100 5 50 1000 7 3 2 1 0 0\ncpu0 1 2 3\n";
+        assert_eq!(machine_busy_ticks(stat), Some(161.0));
+        let pid = "42 (weft agent) S 1 42 42 0 -1 4194560 300 0 0 0 250 75 0 0 20 0 9 0 100";
+        assert_eq!(process_ticks(pid), Some(325.0));
+    }
+
+    #[test]
+    fn generated_section_is_replaced() {
+        let text = format!("# B\n\n{BEGIN}\nold\n{END}\n\nmore\n");
+        let new = replace_between(&text, "new\n").unwrap();
+        assert_eq!(new, format!("# B\n\n{BEGIN}\nnew\n{END}\n\nmore\n"));
+        assert!(replace_between("nothing", "x").is_none());
+    }
+
+    #[test]
+    fn latency_rows_report_added_time() {
+        let mut r = Results::default();
+        for (d, w) in [(20.0, 80.0), (22.0, 90.0), (30.0, 70.0)] {
+            r.add("x.p50", "p50", "µs", Mode::Direct, d);
+            r.add("x.p50", "p50", "µs", Mode::Weft, w);
+        }
+        let j = r.get("x.p50").unwrap().json();
+        assert_eq!(j["added"], 58.0);
+        assert_eq!(j["direct_median"], 22.0);
+        assert!(table(&r).contains("3.64x"), "{}", table(&r));
+    }
+}

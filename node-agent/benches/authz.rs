@@ -1,22 +1,25 @@
 //! The cost of an authorization decision with 10,000 policies loaded.
 //!
-//! Plain `main` (no criterion: no new dependencies): builds a mesh of 200
-//! namespaces with 50 policies each, most selecting other workloads, a few
-//! applying to the target, a mesh-wide DENY for plaintext and a namespace DENY on
-//! a principal; then times `Authorizer::check` for an allowed mTLS connection, a
-//! denied one and a plaintext one, on the resolved path (a workload of the config)
-//! and on the fallback path (a workload the config does not list).
+//! Builds a mesh of 200 namespaces with 50 policies each, most selecting other
+//! workloads, a few applying to the target, a mesh-wide DENY for plaintext and a
+//! namespace DENY on a principal; then times `Authorizer::check` for an allowed mTLS
+//! connection, a denied one and a plaintext one, on the resolved path (a workload of
+//! the config) and on the fallback path (a workload the config does not list), and
+//! `Authorizer::peer_mode`. Before the Criterion runs it prints, per scenario, the
+//! decision (so the scenario can be checked) and the allocations per call (counted
+//! by the global allocator: the allowed path must make none).
 //!
-//! `cargo bench -p weft --bench authz`
+//! `cargo bench -p weft --bench authz` (add `-- --quick` for a short run).
 
 use std::{
     alloc::{GlobalAlloc, Layout, System},
     hint::black_box,
     net::IpAddr,
     sync::atomic::{AtomicU64, Ordering},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
+use criterion::{BenchmarkId, Criterion};
 use weft::{
     authz::{Authorizer, Conn},
     config::{
@@ -28,7 +31,8 @@ use weft::{
 
 const NAMESPACES: usize = 200;
 const PER_NAMESPACE: usize = 50;
-const ITERATIONS: u32 = 1_000_000;
+/// Calls over which the allocations per call are counted.
+const COUNTED_CALLS: u32 = 1_000;
 
 /// The system allocator, counting allocations: the allowed path must make none.
 struct Counting;
@@ -208,28 +212,24 @@ fn config() -> MeshConfig {
     config
 }
 
-/// Times `f`, printing what it returned once (so the scenario can be checked).
-fn time<T: std::fmt::Debug>(label: &str, mut f: impl FnMut() -> T) {
+/// Prints what `f` returns (so the scenario can be checked) and the allocations
+/// per call, counted over [`COUNTED_CALLS`] calls after a first one.
+fn report<T: std::fmt::Debug>(label: &str, mut f: impl FnMut() -> T) {
     let result = f();
-    for _ in 0..ITERATIONS / 10 {
+    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    for _ in 0..COUNTED_CALLS {
         black_box(f());
     }
-    let allocations = ALLOCATIONS.load(Ordering::Relaxed);
-    let start = Instant::now();
-    for _ in 0..ITERATIONS {
-        black_box(f());
-    }
-    let per = start.elapsed().as_nanos() as f64 / f64::from(ITERATIONS);
     let allocations =
-        (ALLOCATIONS.load(Ordering::Relaxed) - allocations) as f64 / f64::from(ITERATIONS);
-    println!("{label:<52} {per:>7.1} ns {allocations:>4.1} allocs  {result:?}");
+        (ALLOCATIONS.load(Ordering::Relaxed) - before) as f64 / f64::from(COUNTED_CALLS);
+    println!("{label:<48} {allocations:>4.1} allocs/call  {result:?}");
 }
 
 fn main() {
     let config = config();
     let start = Instant::now();
     let authz = Authorizer::new(&config);
-    let built: Duration = start.elapsed();
+    let built = start.elapsed();
     println!(
         "{} policies, {} workloads: Authorizer::new {:.1} ms",
         config.authorization_policies.len(),
@@ -247,32 +247,46 @@ fn main() {
     // ns-7's allow-app-0-47 allows ns-55/sa-47 on 8080.
     let good: SpiffeId = "spiffe://cluster.local/ns/ns-55/sa/sa-47".parse().unwrap();
     let bad: SpiffeId = "spiffe://cluster.local/ns/bad/sa/x".parse().unwrap();
+    let stranger: SpiffeId = "spiffe://cluster.local/ns/ns-1/sa/sa-1".parse().unwrap();
     let ip: IpAddr = "10.1.2.3".parse().unwrap();
+    let conn = |id| Conn {
+        src_identity: id,
+        src_ip: ip,
+        dst_port: 8080,
+    };
+    // (scenario, source identity, destination paths it runs on)
+    let resolved_only: &[(&str, &Workload)] = &[("resolved", dst)];
+    let both: &[(&str, &Workload)] = &[("resolved", dst), ("fallback", &unlisted)];
     let cases = [
-        ("mTLS, allowed", Some(&good)),
-        ("mTLS, denied by DENY principal", Some(&bad)),
-        ("plaintext, denied by mesh-wide DENY", None),
+        ("mtls_allowed", Some(&good), both),
+        ("mtls_denied_by_deny_principal", Some(&bad), both),
+        ("plaintext_denied_by_mesh_deny", None, both),
+        ("mtls_no_allow_matches", Some(&stranger), resolved_only),
     ];
-    for (path, w) in [("resolved", dst), ("fallback", &unlisted)] {
-        for (what, id) in cases {
-            let conn = Conn {
-                src_identity: id,
-                src_ip: ip,
-                dst_port: 8080,
-            };
-            time(&format!("check {what} [{path}]"), || {
+
+    for (what, id, paths) in cases {
+        for &(path, w) in paths {
+            let conn = conn(id);
+            report(&format!("check {what} [{path}]"), || {
                 authz.check(black_box(w), black_box(&conn))
             });
         }
     }
-    let stranger: SpiffeId = "spiffe://cluster.local/ns/ns-1/sa/sa-1".parse().unwrap();
-    let conn = Conn {
-        src_identity: Some(&stranger),
-        src_ip: ip,
-        dst_port: 8080,
-    };
-    time("check mTLS, no ALLOW matches [resolved]", || {
-        authz.check(black_box(dst), black_box(&conn))
+    report("peer_mode", || authz.peer_mode(black_box(dst)));
+
+    let mut c = Criterion::default().configure_from_args();
+    let mut group = c.benchmark_group("authz_check");
+    for (what, id, paths) in cases {
+        for &(path, w) in paths {
+            let conn = conn(id);
+            group.bench_with_input(BenchmarkId::new(what, path), &(w, conn), |b, (w, conn)| {
+                b.iter(|| authz.check(black_box(w), black_box(conn)))
+            });
+        }
+    }
+    group.finish();
+    c.bench_function("authz_peer_mode", |b| {
+        b.iter(|| authz.peer_mode(black_box(dst)))
     });
-    time("peer_mode", || authz.peer_mode(black_box(dst)));
+    c.final_summary();
 }

@@ -56,6 +56,8 @@ const GIB: f64 = (1u64 << 30) as f64;
 #[derive(Debug, Clone)]
 struct Plan {
     quick: bool,
+    /// `perf record` both agents during the cross-node Weft scenarios.
+    perf: bool,
     rounds: usize,
     iperf_secs: u32,
     rr_fixed: u32,
@@ -70,6 +72,7 @@ impl Plan {
     fn full() -> Plan {
         Plan {
             quick: false,
+            perf: false,
             rounds: 3,
             iperf_secs: 5,
             rr_fixed: 5000,
@@ -84,6 +87,7 @@ impl Plan {
     fn quick() -> Plan {
         Plan {
             quick: true,
+            perf: false,
             rounds: 1,
             iperf_secs: 2,
             rr_fixed: 1000,
@@ -249,11 +253,12 @@ struct Target {
     met: Option<bool>,
 }
 
-pub fn run(quick: bool) -> Result<()> {
+pub fn run(quick: bool, perf: bool) -> Result<()> {
     lab::require_root("bench")?;
     lab::prepare(Profile::Release)?;
     setup::packages(setup::Apt::Install, setup::BENCH_PACKAGES)?;
-    let plan = if quick { Plan::quick() } else { Plan::full() };
+    let mut plan = if quick { Plan::quick() } else { Plan::full() };
+    plan.perf = perf;
 
     cmd::step(&format!(
         "benchmarking on a 2-node x 2-pod cluster: n0p0 -> n0p1 (same node) and n1p0 (cross node), \
@@ -492,9 +497,19 @@ fn scenarios(
         );
     };
 
+    let profile = |name: &str| -> Result<Option<Profiler>> {
+        if plan.perf && mode == Mode::Weft && route == Route::Cross {
+            Profiler::start(mesh, name).map(Some)
+        } else {
+            Ok(None)
+        }
+    };
+
     // 1. Throughput, with the CPU it costs.
     let cpu0 = Cpu::now(mesh)?;
+    let perf = profile("iperf3_1_stream")?;
     let (one, bytes) = iperf3(client, server, 1, plan.iperf_secs)?;
+    drop(perf);
     let cpu1 = Cpu::now(mesh)?;
     let gib = bytes / GIB;
     add("iperf3_1_stream", "iperf3 1 stream", "Gbit/s", one / 1e9);
@@ -534,8 +549,12 @@ fn scenarios(
         ensure!(v["ok"] == true, "weft-tk rr failed: {v}");
         Ok(v)
     };
+    let perf = profile("rr_fixed")?;
     let fixed = rr(plan.rr_fixed, Some(RR_RATE))?;
+    drop(perf);
+    let perf = profile("rr_saturated")?;
     let saturated = rr(plan.rr_saturated, None)?;
+    drop(perf);
     for (v, key, name) in [
         (&fixed, "rr_fixed", "1 KiB req/resp at 1,000/s"),
         (&saturated, "rr_saturated", "1 KiB req/resp back to back"),
@@ -558,6 +577,7 @@ fn scenarios(
     );
 
     // 3. New connections, each with one exchange.
+    let perf = profile("conn_rate")?;
     let conns = json_line(&client.exec_ok(
         &tk,
         [
@@ -570,6 +590,7 @@ fn scenarios(
             &plan.conns.to_string(),
         ],
     )?)?;
+    drop(perf);
     ensure!(conns["ok"] == true, "weft-tk conn-rate failed: {conns}");
     add(
         "conn_rate",
@@ -604,7 +625,9 @@ fn scenarios(
 
     // 4. HTTP with wrk against nginx, with the CPU it costs.
     let cpu0 = Cpu::now(mesh)?;
+    let perf = profile("http")?;
     let http = wrk(client, server, plan)?;
+    drop(perf);
     let cpu1 = Cpu::now(mesh)?;
     let per_10k = 10_000.0 / http.requests;
     add("http_rps", "HTTP/1.1 (wrk -> nginx)", "req/s", http.rps);
@@ -712,6 +735,47 @@ fn memory(
         );
     }
     Ok(())
+}
+
+/// `perf record` of both agents (`--call-graph dwarf`) while it lives, into
+/// `target/bench/perf-<name>.data`.
+struct Profiler(Option<std::process::Child>);
+
+impl Profiler {
+    fn start(mesh: &Mesh, name: &str) -> Result<Profiler> {
+        let dir = cmd::repo_root().join("target/bench");
+        std::fs::create_dir_all(&dir)?;
+        let pids = format!("{},{}", mesh.agent(0).pid(), mesh.agent(1).pid());
+        let child = cmd::tool("perf")
+            .args([
+                "record",
+                "-q",
+                "-F",
+                "1999",
+                "--call-graph",
+                "dwarf,16384",
+                "-p",
+                &pids,
+                "-o",
+            ])
+            .arg(dir.join(format!("perf-{name}.data")))
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .context("starting perf record (is linux-perf installed?)")?;
+        // perf needs a moment to attach before the load starts.
+        std::thread::sleep(Duration::from_millis(500));
+        Ok(Profiler(Some(child)))
+    }
+}
+
+impl Drop for Profiler {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            // SAFETY: kill only sends a signal to our own child.
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+            let _ = child.wait();
+        }
+    }
 }
 
 /// Resident memory of node `node`'s agent, in KiB.

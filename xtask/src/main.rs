@@ -67,6 +67,10 @@ enum Task {
         /// minutes once built. Does not touch BENCHMARKS.md.
         #[arg(long)]
         quick: bool,
+        /// Record both agents with `perf record --call-graph dwarf` during the
+        /// cross-node Weft scenarios, into target/bench/perf-<scenario>.data.
+        #[arg(long)]
+        perf: bool,
     },
 }
 
@@ -77,7 +81,7 @@ fn main() -> ExitCode {
         Task::BuildEbpf => build_ebpf().map(|()| ExitCode::SUCCESS),
         Task::Test { args } => test(&args),
         Task::Demo { once } => demo::run(once).map(|()| ExitCode::SUCCESS),
-        Task::Bench { quick } => bench::run(quick).map(|()| ExitCode::SUCCESS),
+        Task::Bench { quick, perf } => bench::run(quick, perf).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

@@ -351,7 +351,7 @@ async fn reap(pool: std::sync::Weak<Inner>) {
 }
 
 /// `CONNECT ip:port` with the original source and a fresh trace context.
-fn connect_request(authority: SocketAddr, source: Option<IpAddr>) -> Request<()> {
+pub fn connect_request(authority: SocketAddr, source: Option<IpAddr>) -> Request<()> {
     let mut req = Request::builder()
         .method(Method::CONNECT)
         .uri(authority.to_string())

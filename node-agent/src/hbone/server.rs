@@ -359,7 +359,7 @@ impl Conn {
 }
 
 /// The original source from a `forwarded: for=<ip>` header (RFC 7239), if any.
-fn forwarded_for<B>(req: &Request<B>) -> Option<SocketAddr> {
+pub fn forwarded_for<B>(req: &Request<B>) -> Option<SocketAddr> {
     let value = req.headers().get("forwarded")?.to_str().ok()?;
     value.split([';', ',']).find_map(|part| {
         let v = part.trim().strip_prefix("for=")?.trim_matches('"');

@@ -1018,11 +1018,7 @@ fn connect_time(args: &[String]) -> Result<ExitCode, String> {
                 drop(stream);
             }
             Err(e) => {
-                emit(&json!({
-                    "ok": false,
-                    "error": format!("connection {} of {count} to {addr}: {e}", i + 1),
-                }));
-                return Ok(ExitCode::FAILURE);
+                return Ok(connection_failed(i, count, addr, &e));
             }
         }
     }
@@ -1042,6 +1038,15 @@ fn connect_time(args: &[String]) -> Result<ExitCode, String> {
 
 // ---------------------------------------------------------------------------
 // benchmark clients: rr, conn-rate, hold (against `echo`)
+
+/// Reports connection `i` (0-based) of `count` to `addr` as failed.
+fn connection_failed(i: usize, count: usize, addr: SocketAddr, e: &io::Error) -> ExitCode {
+    emit(&json!({
+        "ok": false,
+        "error": format!("connection {} of {count} to {addr}: {e}", i + 1),
+    }));
+    ExitCode::FAILURE
+}
 
 /// A message of `size` bytes that is not all one value, so a misplaced byte shows.
 fn bench_message(size: usize) -> Vec<u8> {
@@ -1181,11 +1186,7 @@ fn conn_rate(args: &[String]) -> Result<ExitCode, String> {
             exchange(&mut s, &msg, &mut reply)
         });
         if let Err(e) = result {
-            emit(&json!({
-                "ok": false,
-                "error": format!("connection {} of {count} to {addr}: {e}", i + 1),
-            }));
-            return Ok(ExitCode::FAILURE);
+            return Ok(connection_failed(i, count, addr, &e));
         }
         whole.push(start.elapsed().as_secs_f64() * 1e6);
     }
@@ -1232,11 +1233,7 @@ fn hold(args: &[String]) -> Result<ExitCode, String> {
         match result {
             Ok(s) => held.push(s),
             Err(e) => {
-                emit(&json!({
-                    "ok": false,
-                    "error": format!("connection {} of {count} to {addr}: {e}", i + 1),
-                }));
-                return Ok(ExitCode::FAILURE);
+                return Ok(connection_failed(i, count, addr, &e));
             }
         }
     }

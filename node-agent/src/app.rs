@@ -403,8 +403,9 @@ fn cgroup2_root() -> Option<PathBuf> {
 }
 
 /// Every proxied connection holds two sockets: lift the soft open-file limit to the
-/// hard one, as a busy proxy needs.
-fn raise_fd_limit() {
+/// hard one, as a busy proxy needs. (`weft-tk` uses it too, for many held
+/// connections.)
+pub fn raise_fd_limit() {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,

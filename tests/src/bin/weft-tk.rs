@@ -399,7 +399,7 @@ fn echo(args: &[String]) -> Result<ExitCode, String> {
         .parse()
         .map_err(|e| format!("--workers: {e}"))?;
     let quiet = opts.has("--quiet");
-    raise_fd_limit();
+    weft::app::raise_fd_limit();
     let listener = listen(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     emit(&json!({ "listening": local.to_string() }));
@@ -512,7 +512,7 @@ fn who(args: &[String]) -> Result<ExitCode, String> {
             .parse()
             .map_err(|e| format!("--hold-ms: {e}"))?,
     );
-    raise_fd_limit();
+    weft::app::raise_fd_limit();
     let addr = resolve(opts.required("--connect")?)?;
     let count: usize = opts
         .required("--count")?
@@ -580,21 +580,6 @@ fn who(args: &[String]) -> Result<ExitCode, String> {
     } else {
         ExitCode::FAILURE
     })
-}
-
-/// Lifts the soft open-file limit to the hard one (for many held connections).
-fn raise_fd_limit() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit read and write the struct given.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
 }
 
 /// Sends `--message`, reads its echo back, prints `{"ok", "reply"}`.
@@ -1221,7 +1206,7 @@ fn hold(args: &[String]) -> Result<ExitCode, String> {
         .parse()
         .map_err(|e| format!("--hold-secs: {e}"))?;
     let timeout = opts.timeout()?;
-    raise_fd_limit();
+    weft::app::raise_fd_limit();
     let mut held = Vec::with_capacity(count);
     let mut byte = [0u8; 1];
     for i in 0..count {

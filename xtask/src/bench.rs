@@ -552,9 +552,20 @@ fn scenarios(
     let perf = profile("rr_fixed")?;
     let fixed = rr(plan.rr_fixed, Some(RR_RATE))?;
     drop(perf);
+    let cpu0 = Cpu::now(mesh)?;
     let perf = profile("rr_saturated")?;
     let saturated = rr(plan.rr_saturated, None)?;
     drop(perf);
+    let cpu1 = Cpu::now(mesh)?;
+    if mode == Mode::Weft {
+        per_unit(
+            &mut add,
+            "request",
+            "back to back",
+            (cpu0, cpu1),
+            f64::from(plan.rr_saturated),
+        );
+    }
     for (v, key, name) in [
         (&fixed, "rr_fixed", "1 KiB req/resp at 1,000/s"),
         (&saturated, "rr_saturated", "1 KiB req/resp back to back"),
@@ -577,6 +588,7 @@ fn scenarios(
     );
 
     // 3. New connections, each with one exchange.
+    let cpu0 = Cpu::now(mesh)?;
     let perf = profile("conn_rate")?;
     let conns = json_line(&client.exec_ok(
         &tk,
@@ -591,7 +603,17 @@ fn scenarios(
         ],
     )?)?;
     drop(perf);
+    let cpu1 = Cpu::now(mesh)?;
     ensure!(conns["ok"] == true, "weft-tk conn-rate failed: {conns}");
+    if mode == Mode::Weft {
+        per_unit(
+            &mut add,
+            "connection",
+            "new connections",
+            (cpu0, cpu1),
+            f64::from(plan.conns),
+        );
+    }
     add(
         "conn_rate",
         "new connections (1 KiB exchange each)",
@@ -658,6 +680,29 @@ fn scenarios(
         num(&conns, "conns_per_s")?,
         http.rps,
     ))
+}
+
+/// The agents' CPU time and context switches per `unit` (a request, a
+/// connection) over `count` of them.
+fn per_unit(
+    add: &mut impl FnMut(&str, &str, &'static str, f64),
+    unit: &str,
+    during: &str,
+    (before, after): (Cpu, Cpu),
+    count: f64,
+) {
+    add(
+        &format!("agents_cpu_per_{unit}"),
+        &format!("agents' CPU per {unit} ({during})"),
+        "CPU-µs",
+        (after.agents - before.agents) * 1e6 / count,
+    );
+    add(
+        &format!("agents_switches_per_{unit}"),
+        &format!("agents' context switches per {unit} ({during})"),
+        "switches",
+        (after.switches - before.switches) / count,
+    );
 }
 
 /// Agent memory, Weft only: each size is measured on freshly started agents,
@@ -738,8 +783,27 @@ fn memory(
 }
 
 /// `perf record` of both agents (`--call-graph dwarf`) while it lives, into
-/// `target/bench/perf-<name>.data`.
-struct Profiler(Option<std::process::Child>);
+/// `target/bench/perf-<name>.data`, and `perf stat` of their system calls and
+/// context switches into `target/bench/perf-<name>.stat`.
+struct Profiler(Vec<std::process::Child>);
+
+/// What `perf stat` counts: every system call, the data-path ones by name, and
+/// the scheduler's switches and wake-ups.
+const PERF_STAT_EVENTS: &[&str] = &[
+    "raw_syscalls:sys_enter",
+    "syscalls:sys_enter_read",
+    "syscalls:sys_enter_write",
+    "syscalls:sys_enter_writev",
+    "syscalls:sys_enter_sendto",
+    "syscalls:sys_enter_recvfrom",
+    "syscalls:sys_enter_epoll_wait",
+    "syscalls:sys_enter_futex",
+    "syscalls:sys_enter_accept4",
+    "syscalls:sys_enter_connect",
+    "syscalls:sys_enter_setns",
+    "sched:sched_switch",
+    "sched:sched_wakeup",
+];
 
 impl Profiler {
     fn start(mesh: &Mesh, name: &str) -> Result<Profiler> {
@@ -762,15 +826,27 @@ impl Profiler {
             .stdout(std::process::Stdio::null())
             .spawn()
             .context("starting perf record (is linux-perf installed?)")?;
+        let mut profiler = Profiler(vec![child]);
+        let mut stat = cmd::tool("perf");
+        stat.args(["stat", "-p", &pids, "-o"])
+            .arg(dir.join(format!("perf-{name}.stat")));
+        for e in PERF_STAT_EVENTS {
+            stat.args(["-e", e]);
+        }
+        let child = stat
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .context("starting perf stat")?;
+        profiler.0.push(child);
         // perf needs a moment to attach before the load starts.
         std::thread::sleep(Duration::from_millis(500));
-        Ok(Profiler(Some(child)))
+        Ok(profiler)
     }
 }
 
 impl Drop for Profiler {
     fn drop(&mut self) {
-        if let Some(mut child) = self.0.take() {
+        for mut child in self.0.drain(..) {
             // SAFETY: kill only sends a signal to our own child.
             unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
             let _ = child.wait();
@@ -790,11 +866,13 @@ fn rss_kib(mesh: &Mesh, node: usize) -> Result<f64> {
 }
 
 /// CPU seconds used so far: by the whole machine (busy time of every CPU) and by
-/// the two agents.
+/// the two agents, and the agents' context switches.
 #[derive(Debug, Clone, Copy)]
 struct Cpu {
     machine: f64,
     agents: f64,
+    /// Context switches of the agents' threads.
+    switches: f64,
 }
 
 impl Cpu {
@@ -809,8 +887,40 @@ impl Cpu {
             agents +=
                 process_ticks(&stat).with_context(|| format!("parsing /proc/{pid}/stat"))? / tick;
         }
-        Ok(Cpu { machine, agents })
+        let mut switches = 0.0;
+        for node in 0..2 {
+            switches += context_switches(mesh.agent(node).pid())?;
+        }
+        Ok(Cpu {
+            machine,
+            agents,
+            switches,
+        })
     }
+}
+
+/// Voluntary and involuntary context switches of all of `pid`'s threads.
+fn context_switches(pid: u32) -> Result<f64> {
+    let mut total = 0.0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        // A thread may end between the listing and the read.
+        let Ok(status) = std::fs::read_to_string(task?.path().join("status")) else {
+            continue;
+        };
+        total += switches_in_status(&status);
+    }
+    Ok(total)
+}
+
+fn switches_in_status(status: &str) -> f64 {
+    status
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("voluntary_ctxt_switches:")
+                .or_else(|| l.strip_prefix("nonvoluntary_ctxt_switches:"))
+        })
+        .filter_map(|v| v.trim().parse::<f64>().ok())
+        .sum()
 }
 
 fn clock_tick() -> f64 {
@@ -1382,6 +1492,8 @@ Transfer/sec:     23.55MB
         assert_eq!(machine_busy_ticks(stat), Some(161.0));
         let pid = "42 (weft agent) S 1 42 42 0 -1 4194560 300 0 0 0 250 75 0 0 20 0 9 0 100";
         assert_eq!(process_ticks(pid), Some(325.0));
+        let status = "Name:\tweft\nvoluntary_ctxt_switches:\t120\nnonvoluntary_ctxt_switches:\t7\n";
+        assert_eq!(switches_in_status(status), 127.0);
     }
 
     #[test]

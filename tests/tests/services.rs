@@ -239,6 +239,49 @@ fn a_killed_backend_is_ejected_no_client_fails_and_it_is_readmitted() -> Result<
 }
 
 #[test]
+fn a_retry_on_another_endpoint_resends_what_the_client_sent_early() -> Result<()> {
+    if !require_privileged() {
+        return Ok(());
+    }
+    let c = Cluster::new("svc_early", 2, 2)?;
+    let mut mesh = Mesh::new(&c, |_| true)?;
+    let backends = [c.pod(0, 1), c.pod(1, 0), c.pod(1, 1)];
+    for b in backends {
+        mesh.set_extra(b, "  labels: {app: web}\n")?;
+    }
+    // No outlier detection: every connection picked for the dead backend is
+    // retried, and each retry must carry the client's bytes sent so far.
+    mesh.set_sections(&web_service(
+        "round_robin",
+        "  outlier_detection: {consecutive_failures: 1000}\n",
+    ))?;
+    mesh.agent_env = vec![("RUST_LOG".into(), "info,weft::proxy=debug".into())];
+    mesh.start_all()?;
+    let _live = [tk::echo(backends[0], PORT)?, tk::echo(backends[2], PORT)?];
+    let client = c.pod(0, 0);
+    let to = format!("{VIP}:80");
+    // The client speaks first and at once, so its bytes reach its agent while
+    // the dead backend's agent is still answering 503.
+    for i in 0..30 {
+        let message = format!("early {i} {}", "x".repeat(3000));
+        let r = tk::say(client, &to, &message, &[])?;
+        assert_eq!(r["ok"], true, "exchange {i}: {r}");
+    }
+    let retries = mesh.logs(0, |v| {
+        v["message"] == "connect failed; trying another endpoint"
+            && v["endpoint"]
+                .as_str()
+                .is_some_and(|e| e.ends_with(&format!("/{}", backends[1].name)))
+    });
+    ensure!(!retries.is_empty(), "the dead backend was never picked");
+    ensure!(
+        retries.iter().any(|v| v["early_bytes"].as_u64() > Some(0)),
+        "no retry carried early bytes: {retries:?}"
+    );
+    Ok(())
+}
+
+#[test]
 fn tcp_metrics_count_the_connections_and_bytes_sent() -> Result<()> {
     if !require_privileged() {
         return Ok(());

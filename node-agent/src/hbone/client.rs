@@ -29,10 +29,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream, client::SendRequest};
 use http::{Method, Request, StatusCode};
 use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tracing::{debug, info};
 
@@ -59,6 +60,8 @@ pub enum Error {
     H2 { addr: SocketAddr, source: io::Error },
     #[error("the peer answered {0}")]
     Status(StatusCode),
+    #[error("the client's connection failed while opening: {0}")]
+    Downstream(io::Error),
     #[error("bad trust setup: {0}")]
     Setup(#[from] tls::Error),
 }
@@ -72,6 +75,7 @@ impl Error {
             Error::Status(s) if *s == StatusCode::UNAUTHORIZED || *s == StatusCode::FORBIDDEN => {
                 "denied"
             }
+            Error::Downstream(_) => "downstream_error",
             _ => "upstream_connect_failed",
         }
     }
@@ -98,6 +102,82 @@ pub struct Tunnel {
     /// Which pooled connection carries it (for logs and tests).
     pub connection: u64,
     _slot: Slot,
+}
+
+/// At most this much of what a client sends is forwarded before the peer
+/// answers the `CONNECT` (and kept for a retry); the rest waits for the answer.
+pub const EARLY_LIMIT: usize = 64 << 10;
+
+/// What the client sent while its stream was being opened: forwarded ahead of
+/// the answer and kept, so a retry on another endpoint can send it again.
+#[derive(Debug, Default)]
+pub struct Early {
+    chunks: Vec<Bytes>,
+    len: usize,
+    /// The client closed its side (FIN) before the answer came.
+    eof: bool,
+}
+
+impl Early {
+    /// Bytes read from the client so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Whether the client's side is already closed (its FIN was read).
+    pub fn eof(&self) -> bool {
+        self.eof
+    }
+
+    /// The bytes, in order.
+    pub fn chunks(&self) -> &[Bytes] {
+        &self.chunks
+    }
+
+    fn wants_more(&self) -> bool {
+        !self.eof && self.len < EARLY_LIMIT
+    }
+
+    /// Reads what `down` has ready without waiting (up to the limit), keeps it,
+    /// and returns it with whether it ends the client's side; `None` when there
+    /// was nothing to read.
+    fn read_ready(&mut self, down: &TcpStream) -> io::Result<Option<(Bytes, bool)>> {
+        let mut buf = BytesMut::new();
+        while self.wants_more() {
+            buf.reserve((EARLY_LIMIT - self.len).min(16 << 10));
+            match down.try_read_buf(&mut buf) {
+                Ok(0) => self.eof = true,
+                Ok(n) => self.len += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+        if buf.is_empty() && !self.eof {
+            return Ok(None);
+        }
+        let data = buf.freeze();
+        if !data.is_empty() {
+            self.chunks.push(data.clone());
+        }
+        Ok(Some((data, self.eof)))
+    }
+
+    /// Sends everything kept so far on a new stream (and its end, if the client
+    /// has closed).
+    fn replay(&self, send: &mut SendStream<Bytes>) -> Result<(), h2::Error> {
+        let last = self.chunks.len();
+        for (i, chunk) in self.chunks.iter().enumerate() {
+            send.send_data(chunk.clone(), self.eof && i + 1 == last)?;
+        }
+        if self.eof && self.chunks.is_empty() {
+            send.send_data(Bytes::new(), true)?;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -163,8 +243,22 @@ impl Pool {
         Pool { inner }
     }
 
-    /// Opens a stream to `t`, over a pooled connection or a new one.
-    pub async fn open(&self, t: Target<'_>) -> Result<Tunnel, Error> {
+    /// Opens a stream to `t`, over a pooled connection or a new one, and waits
+    /// for the peer's answer.
+    ///
+    /// It does not wait idly: what `down` (the client's socket) sends before the
+    /// answer goes out behind the `CONNECT` straight away, up to
+    /// [`EARLY_LIMIT`] bytes, and what is already waiting goes out in the same
+    /// TLS record as the `CONNECT` itself. A new connection's first request thus
+    /// costs no extra round trip between the agents. Everything sent this way is
+    /// kept in `early`; a later `open` with the same `early` (a retry on another
+    /// endpoint) sends it again first.
+    pub async fn open(
+        &self,
+        t: Target<'_>,
+        down: &TcpStream,
+        early: &mut Early,
+    ) -> Result<Tunnel, Error> {
         let s = &self.inner.settings;
         let svid = self.inner.certs.get(t.src, s.connect_timeout).await?;
         let key = Key {
@@ -207,9 +301,29 @@ impl Pool {
         };
         let mut send = conn.send.clone().ready().await.map_err(h2_err)?;
         let req = connect_request(t.authority, t.source_ip);
-        let (response, stream) = send.send_request(req, false).map_err(h2_err)?;
-        let response = match tokio::time::timeout(s.connect_timeout, response).await {
-            Ok(r) => r.map_err(h2_err)?,
+        // Take what the client has already sent before the request goes out, so
+        // the connection's task writes both in one go.
+        early.read_ready(down).map_err(Error::Downstream)?;
+        let (response, mut stream) = send.send_request(req, false).map_err(h2_err)?;
+        // A failed send means the stream is already gone: the answer says why.
+        let _ = early.replay(&mut stream);
+        let answer = async {
+            tokio::pin!(response);
+            loop {
+                tokio::select! {
+                    biased;
+                    r = &mut response => return r.map_err(h2_err),
+                    ready = down.readable(), if early.wants_more() => {
+                        ready.map_err(Error::Downstream)?;
+                        if let Some((data, end)) = early.read_ready(down).map_err(Error::Downstream)? {
+                            let _ = stream.send_data(data, end);
+                        }
+                    }
+                }
+            }
+        };
+        let response = match tokio::time::timeout(s.connect_timeout, answer).await {
+            Ok(r) => r?,
             Err(_) => {
                 return Err(Error::H2 {
                     addr: t.hbone,

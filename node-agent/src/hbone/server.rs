@@ -341,7 +341,7 @@ impl Conn {
         };
         // Here the socket is the application (upstream) and the stream the client.
         let t = tokio::select! {
-            t = stream::bidirectional(&mut up, send, req.into_body()) => t,
+            t = stream::bidirectional(&mut up, send, req.into_body(), false) => t,
             reason = kill.killed() => {
                 log.fail("denied", reason);
                 let _ = up.set_zero_linger();

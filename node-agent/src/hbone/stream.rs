@@ -29,16 +29,23 @@ const MAX_BUF: usize = 256 * 1024;
 
 /// Copies between `tcp` (the downstream side, for the byte counts) and the
 /// stream (`send`, `recv`) until both directions are done or one fails.
+/// `sent_all`: the socket's side already ended and END_STREAM went out (the
+/// client closed while the stream was being opened), so only the other
+/// direction is left.
 pub async fn bidirectional(
     tcp: &mut TcpStream,
     mut send: SendStream<Bytes>,
     mut recv: RecvStream,
+    sent_all: bool,
 ) -> Transfer {
     let mut sent = 0u64;
     let mut received = 0u64;
     let result = {
         let (mut rd, mut wr) = tcp.split();
         let up = async {
+            if sent_all {
+                return Ok(());
+            }
             let mut want = START_BUF;
             let mut buf = BytesMut::with_capacity(want);
             loop {

@@ -16,7 +16,7 @@ use std::{
     time::Instant,
 };
 
-use tokio::{net::TcpListener, sync::watch};
+use tokio::{io::AsyncWriteExt, net::TcpListener, sync::watch};
 use tracing::{debug, warn};
 use weft_common::{AF_INET, ConnKey, OUTBOUND_PORT, OrigDst, v4_mapped};
 
@@ -27,7 +27,11 @@ use super::{
 use crate::{
     config::{OutsideMesh, WorkloadKey},
     ebpf::OrigDstTable,
-    hbone::{self, client::Target, stream},
+    hbone::{
+        self,
+        client::{Early, Target},
+        stream,
+    },
     identity::SpiffeId,
     stats::{Flags, Peer, Reporter, STATS, ServiceName, TcpLabels},
 };
@@ -165,8 +169,13 @@ async fn handle(
         let labels = labels(source, &endpoint, None);
         let timeout = shared.settings.connect_timeout;
         log.identities(&endpoint);
-        match connect(&shared, &pod, source_ip, &endpoint, timeout).await {
-            Ok(up) => carry(log, down, up, labels, &endpoint).await,
+        let mut early = Early::default();
+        match connect(
+            &shared, &pod, source_ip, &endpoint, timeout, &down, &mut early,
+        )
+        .await
+        {
+            Ok(up) => carry(log, down, up, early, labels, &endpoint).await,
             Err(e) => {
                 log.opened(labels);
                 log.fail(e.end(), e);
@@ -294,41 +303,57 @@ impl ConnectError {
         }
     }
 
-    /// Whether another endpoint might do better (policy refusals are final).
+    /// Whether another endpoint might do better (policy refusals are final, and
+    /// so is a client that went away).
     fn retryable(&self) -> bool {
-        self.end() != "denied"
+        !matches!(self.end(), "denied" | "downstream_error")
     }
 }
 
+/// Connects to `ep`. An HBONE stream already carries what the client sent while
+/// it was being opened (kept in `early`); a plaintext connection gets what an
+/// earlier attempt kept before anything else.
 async fn connect(
     shared: &Shared,
     pod: &Pod,
     source_ip: Option<std::net::IpAddr>,
     ep: &Endpoint,
     timeout: std::time::Duration,
+    down: &tokio::net::TcpStream,
+    early: &mut Early,
 ) -> Result<Upstream, ConnectError> {
     let attempt = async {
         match &ep.identity {
             Some(dst_id) => shared
                 .pool
-                .open(Target {
-                    netns: &pod.netns,
-                    src: &pod.identity,
-                    dst: dst_id,
-                    hbone: SocketAddr::new(ep.addr.ip(), weft_common::INBOUND_HBONE_PORT),
-                    authority: ep.addr,
-                    source_ip,
-                })
+                .open(
+                    Target {
+                        netns: &pod.netns,
+                        src: &pod.identity,
+                        dst: dst_id,
+                        hbone: SocketAddr::new(ep.addr.ip(), weft_common::INBOUND_HBONE_PORT),
+                        authority: ep.addr,
+                        source_ip,
+                    },
+                    down,
+                    early,
+                )
                 .await
                 .map(Upstream::Hbone)
                 .map_err(ConnectError::from),
-            None => connect_from(&pod.netns, ep.addr, None, timeout)
-                .await
-                .map(Upstream::Plain)
-                .map_err(|source| ConnectError::Plain {
+            None => {
+                let plain = |source| ConnectError::Plain {
                     addr: ep.addr,
                     source,
-                }),
+                };
+                let mut up = connect_from(&pod.netns, ep.addr, None, timeout)
+                    .await
+                    .map_err(plain)?;
+                for chunk in early.chunks() {
+                    up.write_all(chunk).await.map_err(plain)?;
+                }
+                Ok(Upstream::Plain(up))
+            }
         }
     };
     match tokio::time::timeout(timeout, attempt).await {
@@ -345,6 +370,7 @@ async fn carry(
     mut log: AccessLog,
     mut down: tokio::net::TcpStream,
     up: Upstream,
+    early: Early,
     labels: TcpLabels,
     ep: &Endpoint,
 ) {
@@ -355,7 +381,8 @@ async fn carry(
         Upstream::Hbone(tunnel) => {
             log.security = "mutual_tls";
             log.connection = Some(tunnel.connection);
-            stream::bidirectional(&mut down, tunnel.send, tunnel.recv).await
+            let sent_all = early.eof();
+            stream::bidirectional(&mut down, tunnel.send, tunnel.recv, sent_all).await
         }
         Upstream::Plain(mut up) => {
             if let Ok(local) = up.local_addr() {
@@ -364,7 +391,7 @@ async fn carry(
             copy::bidirectional(&mut down, &mut up).await
         }
     };
-    log.sent = t.sent;
+    log.sent = t.sent + early.len() as u64;
     log.received = t.received;
     match t.result {
         Ok(()) => log.end = "closed",
@@ -403,6 +430,7 @@ async fn to_service(
     let client = source_ip.unwrap_or(dst.ip());
     let mut tried: Vec<WorkloadKey> = Vec::new();
     let mut last: Option<String> = None;
+    let mut early = Early::default();
     loop {
         let Some(pick) = balancer.pick(client, &tried, Instant::now()) else {
             STATS.no_healthy_endpoint(&name);
@@ -443,13 +471,13 @@ async fn to_service(
         let Ok(ep) = Endpoint::of(&view, w, SocketAddr::new(ip, port.target())) else {
             continue;
         };
-        match connect(shared, pod, source_ip, &ep, timeout).await {
+        match connect(shared, pod, source_ip, &ep, timeout, &down, &mut early).await {
             Ok(up) => {
                 balancer.report(&key, true, Instant::now());
                 drop(view);
                 let labels = labels(source, &ep, Some(service));
                 // The pick counts as an active request until the copy ends.
-                carry(log, down, up, labels, &ep).await;
+                carry(log, down, up, early, labels, &ep).await;
                 drop(pick);
                 return;
             }
@@ -473,7 +501,7 @@ async fn to_service(
                     );
                     STATS.ejection(&name, &key.to_string());
                 }
-                debug!(service = %name, endpoint = %key, error = %e, "connect failed; trying another endpoint");
+                debug!(service = %name, endpoint = %key, error = %e, early_bytes = early.len(), "connect failed; trying another endpoint");
                 if tried.len() >= attempts {
                     log.set_dst(ep.addr);
                     log.identities(&ep);

@@ -86,9 +86,16 @@ fn agent(args: AgentArgs) -> anyhow::Result<()> {
     // The first config must be good: there is no last good one to fall back on.
     let config = MeshConfig::load(&config_path)?;
 
+    // The data path runs on the workers; this runtime has the control plane and
+    // the accept loops.
+    let workers = args
+        .workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let workers = crate::workers::start(workers).context("starting the worker threads")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
-        .thread_name("weft-worker")
+        .thread_name("weft-main")
         .build()?;
     runtime.block_on(async move {
         // An embedded CA binds first: it writes the bundle this agent then reads.
@@ -192,6 +199,7 @@ fn agent(args: AgentArgs) -> anyhow::Result<()> {
             cgroup = %cgroup.display(),
             pin_dir = %args.bpf_pin_dir.display(),
             enrolled = agent.enrolled().count(),
+            workers,
             "agent ready"
         );
         admin.set_ready();

@@ -186,10 +186,15 @@ pub struct AgentArgs {
     #[arg(long, env = "WEFT_HBONE_MAX_STREAMS", default_value_t = 100)]
     pub hbone_max_streams: usize,
 
-    /// HBONE: connections per (source, destination) opened before any carries a
-    /// second stream. Default: the number of CPUs.
+    /// HBONE: connections per (worker, source, destination) opened before any
+    /// carries a second stream. Default: 2.
     #[arg(long, env = "WEFT_HBONE_SPREAD")]
     pub hbone_spread: Option<usize>,
+
+    /// Data-path worker threads; each proxied connection stays on one. Default:
+    /// the CPUs this process may use.
+    #[arg(long, env = "WEFT_WORKERS")]
+    pub workers: Option<usize>,
 
     /// HBONE: an unused pooled connection is closed after this long.
     #[arg(long, env = "WEFT_HBONE_IDLE", default_value = "60s", value_parser = parse_duration)]

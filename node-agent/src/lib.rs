@@ -27,3 +27,4 @@ pub mod stats;
 pub mod telemetry;
 pub mod tls;
 pub mod view;
+pub mod workers;

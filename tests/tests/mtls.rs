@@ -334,9 +334,17 @@ fn concurrent_connections_share_pooled_connections_up_to_the_cap_then_open_more(
     }
     let c = Cluster::new("mtls_pool_cap", 2, 1)?;
     let mut mesh = Mesh::new(&c, |_| true)?;
-    mesh.agent_args = ["--hbone-max-streams", "4", "--hbone-spread", "1"]
-        .map(String::from)
-        .to_vec();
+    // One worker: one pool (each worker has its own).
+    mesh.agent_args = [
+        "--hbone-max-streams",
+        "4",
+        "--hbone-spread",
+        "1",
+        "--workers",
+        "1",
+    ]
+    .map(String::from)
+    .to_vec();
     mesh.start_all()?;
     let (a, b) = (c.pod(0, 0), c.pod(1, 0));
     let _echo = tk::echo(b, PORT)?;
@@ -376,8 +384,10 @@ fn small_exchanges_are_not_stalled_by_a_bulk_transfer_on_the_same_connection() -
     }
     let c = Cluster::new("mtls_pool_hol", 2, 1)?;
     let mut mesh = Mesh::new(&c, |_| true)?;
-    // Worst case: everything on one connection.
-    mesh.agent_args = ["--hbone-spread", "1"].map(String::from).to_vec();
+    // Worst case: everything on one connection (one worker, so one pool).
+    mesh.agent_args = ["--hbone-spread", "1", "--workers", "1"]
+        .map(String::from)
+        .to_vec();
     mesh.start_all()?;
     let (a, b) = (c.pod(0, 0), c.pod(1, 0));
     let _srv = tk::serve(b, PORT + 1)?;

@@ -1,17 +1,18 @@
 //! Outbound HBONE: a pool of mutual-TLS HTTP/2 connections, one `CONNECT` stream
 //! per proxied connection.
 //!
-//! Connections are keyed by (source pod, source identity, destination identity,
-//! destination address): a connection proves exactly one pair of identities, and
-//! its socket lives in the source pod's namespace (it leaves with the pod's own
-//! address). For each key the pool picks the connection with the fewest streams,
-//! and opens another when
+//! Connections are keyed by (worker, source pod, source identity, destination
+//! identity, destination address): a connection proves exactly one pair of
+//! identities, its socket lives in the source pod's namespace (it leaves with the
+//! pod's own address), and its task runs on the worker thread of the streams it
+//! carries (`crate::workers`: concurrent transfers between two pods spread over
+//! the workers, and so over cores). For each key the pool picks the connection
+//! with the fewest streams, and opens another when
 //! - every connection has `max_streams_per_connection` streams, or
 //! - the least busy one already has a stream and there are fewer than `spread`
-//!   connections: concurrent transfers between two pods then run on separate TLS
-//!   connections, which are separate tasks on separate cores, and a bulk transfer
-//!   never shares its TLS record stream with small exchanges until all `spread`
-//!   connections are busy.
+//!   connections: a bulk transfer then never shares its TLS record stream and
+//!   TCP send buffer with small exchanges until all `spread` connections are
+//!   busy.
 //!
 //! A connection made with a certificate that has since been renewed takes no new
 //! streams; it finishes the ones it has and is closed when idle. Unused connections
@@ -182,6 +183,9 @@ impl Early {
 
 #[derive(Clone, PartialEq, Eq, Hash)]
 struct Key {
+    /// Connections are per worker: a stream and the connection carrying it run
+    /// on the same thread (see `crate::workers`).
+    worker: usize,
     netns_cookie: u64,
     src: SpiffeId,
     dst: SpiffeId,
@@ -262,6 +266,7 @@ impl Pool {
         let s = &self.inner.settings;
         let svid = self.inner.certs.get(t.src, s.connect_timeout).await?;
         let key = Key {
+            worker: crate::workers::current(),
             netns_cookie: t.netns.cookie(),
             src: t.src.clone(),
             dst: t.dst.clone(),

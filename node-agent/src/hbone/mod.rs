@@ -34,10 +34,9 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct PoolSettings {
     /// Streams one connection carries at most; past that a new one is opened.
     pub max_streams_per_connection: usize,
-    /// Up to this many connections per key are opened *before* any carries a
-    /// second stream, so concurrent transfers between two pods spread over as many
-    /// TLS connections (and cores) as there are, and a bulk transfer does not sit in
-    /// front of small exchanges.
+    /// Up to this many connections per key (and worker) are opened *before* any
+    /// carries a second stream, so a bulk transfer does not fill the one TCP send
+    /// buffer that small exchanges wait behind.
     pub spread: usize,
     /// An unused connection is closed after this long.
     pub idle_timeout: Duration,
@@ -48,7 +47,7 @@ impl Default for PoolSettings {
     fn default() -> Self {
         PoolSettings {
             max_streams_per_connection: 100,
-            spread: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            spread: 2,
             idle_timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(10),
         }

@@ -111,7 +111,9 @@ impl HboneListener {
             };
             let acceptor = self.acceptor.clone();
             let stop = stop.clone();
-            tokio::spawn(async move { conn.serve(acceptor, stream, stop).await });
+            crate::workers::serve(stream, move |stream| async move {
+                conn.serve(acceptor, stream, stop).await
+            });
         }
         debug!(workload = %self.pod.workload, "HBONE listener stopped");
     }

@@ -53,7 +53,7 @@ impl InboundListener {
         {
             let pod = self.pod.clone();
             let shared = self.shared.clone();
-            tokio::spawn(async move { handle(pod, shared, stream, peer).await });
+            crate::workers::serve(stream, move |stream| handle(pod, shared, stream, peer));
         }
         debug!(workload = %self.pod.workload, "inbound listener stopped");
     }

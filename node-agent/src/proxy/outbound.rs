@@ -109,8 +109,8 @@ impl OutboundListener {
             let pod = pod.clone();
             let orig_dst = orig_dst.clone();
             let shared = shared.clone();
-            tokio::spawn(async move {
-                handle(pod, orig_dst, shared, stream, peer).await;
+            crate::workers::serve(stream, move |stream| {
+                handle(pod, orig_dst, shared, stream, peer)
             });
         }
         debug!(workload = %pod.workload, "outbound listener stopped");

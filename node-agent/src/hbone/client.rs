@@ -146,13 +146,22 @@ impl Early {
     /// Reads what `down` has ready without waiting (up to the limit), keeps it,
     /// and returns it with whether it ends the client's side; `None` when there
     /// was nothing to read.
+    ///
+    /// Reads go through a stack buffer and are kept at their exact size: a
+    /// typical first request is a few hundred bytes, and a connection should not
+    /// carry a mostly empty 16 KiB allocation for it (nor allocate at all when
+    /// nothing is waiting).
     fn read_ready(&mut self, down: &TcpStream) -> io::Result<Option<(Bytes, bool)>> {
         let mut buf = BytesMut::new();
+        let mut stack = [0u8; 16 << 10];
         while self.wants_more() {
-            buf.reserve((EARLY_LIMIT - self.len).min(16 << 10));
-            match down.try_read_buf(&mut buf) {
+            let room = (EARLY_LIMIT - self.len).min(stack.len());
+            match down.try_read(&mut stack[..room]) {
                 Ok(0) => self.eof = true,
-                Ok(n) => self.len += n,
+                Ok(n) => {
+                    buf.extend_from_slice(&stack[..n]);
+                    self.len += n;
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => return Err(e),
             }

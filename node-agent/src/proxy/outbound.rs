@@ -377,11 +377,14 @@ async fn carry(
     log.set_dst(ep.addr);
     log.opened(labels);
     log.identities(ep);
+    // The early bytes are sent; keep only their count, not the buffers, for the
+    // life of the connection.
+    let (early_len, sent_all) = (early.len() as u64, early.eof());
+    drop(early);
     let t = match up {
         Upstream::Hbone(tunnel) => {
             log.security = "mutual_tls";
             log.connection = Some(tunnel.connection);
-            let sent_all = early.eof();
             stream::bidirectional(&mut down, tunnel.send, tunnel.recv, sent_all).await
         }
         Upstream::Plain(mut up) => {
@@ -391,7 +394,7 @@ async fn carry(
             copy::bidirectional(&mut down, &mut up).await
         }
     };
-    log.sent = t.sent + early.len() as u64;
+    log.sent = t.sent + early_len;
     log.received = t.received;
     match t.result {
         Ok(()) => log.end = "closed",

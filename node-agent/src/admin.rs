@@ -280,6 +280,7 @@ impl Admin {
             connections: Connections {
                 in_flight: crate::proxy::in_flight(),
                 inbound_policy_checked: self.shared.live.len(),
+                per_worker: crate::workers::loads(),
             },
         }
     }
@@ -330,6 +331,10 @@ pub struct Connections {
     pub in_flight: usize,
     /// Inbound connections held to policy (closed if a change denies them).
     pub inbound_policy_checked: usize,
+    /// Accepted connections (from pods, plaintext inbound, HBONE from other
+    /// agents) each data-path worker carries now.
+    #[serde(default)]
+    pub per_worker: Vec<usize>,
 }
 
 /// `weft status`: the node's view, as a person reads it.
@@ -404,6 +409,15 @@ pub fn print_status(s: &Status) -> String {
         "\nCONNECTIONS\n  in flight: {}  (inbound under policy: {})",
         s.connections.in_flight, s.connections.inbound_policy_checked
     );
+    if !s.connections.per_worker.is_empty() {
+        let loads: Vec<String> = s
+            .connections
+            .per_worker
+            .iter()
+            .map(usize::to_string)
+            .collect();
+        let _ = writeln!(out, "  accepted, per worker: {}", loads.join(" "));
+    }
     out
 }
 

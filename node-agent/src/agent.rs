@@ -165,9 +165,10 @@ impl Agent {
             .enroll(&pod.netns, &addresses, inbound.socket())?;
 
         let (stop, stopped) = watch::channel(false);
-        tokio::spawn(outbound.run(stopped.clone()));
-        tokio::spawn(hbone.run(stopped.clone()));
-        tokio::spawn(inbound.run(stopped));
+        // The accept loops run on the workers, which serve what they accept.
+        crate::workers::spawn_listener(outbound.run(stopped.clone()));
+        crate::workers::spawn_listener(hbone.run(stopped.clone()));
+        crate::workers::spawn_listener(inbound.run(stopped));
         self.pods.insert(
             key.clone(),
             Enrolled {

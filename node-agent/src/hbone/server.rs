@@ -19,7 +19,7 @@ use bytes::Bytes;
 use h2::{RecvStream, server::SendResponse};
 use http::{Method, Request, Response, StatusCode};
 use rustls::{server::ResolvesServerCert, sign::CertifiedKey};
-use tokio::{net::TcpListener, sync::watch};
+use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 use weft_common::INBOUND_HBONE_PORT;
@@ -33,7 +33,7 @@ use crate::{
     proxy::{
         AcceptBackoff, AccessLog, Direction, INBOUND_SOURCE_V4, INBOUND_SOURCE_V6, Pod, Shared,
         accept_next, canonical, connect_from, copy::Side, is_reserved_port, listen_any,
-        live::Facts, stopped,
+        live::Facts, register, stopped,
     },
     stats::{Flags, Peer, Reporter, STATS, TcpLabels},
     tls,
@@ -44,7 +44,7 @@ const MAX_CONCURRENT_STREAMS: u32 = 1000;
 
 pub struct HboneListener {
     pod: Arc<Pod>,
-    listener: TcpListener,
+    listener: std::net::TcpListener,
     acceptor: TlsAcceptor,
     addresses: Arc<[IpAddr]>,
     shared: Arc<Shared>,
@@ -92,10 +92,14 @@ impl HboneListener {
         })
     }
 
+    /// Accepts until `stop`; run it with [`crate::workers::spawn_listener`].
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
+        let Some(listener) = register(self.listener, &self.pod.workload, Direction::Inbound) else {
+            return;
+        };
         let mut backoff = AcceptBackoff::default();
         while let Some((stream, peer)) = accept_next(
-            &self.listener,
+            &listener,
             &mut stop,
             &mut backoff,
             &self.pod.workload,

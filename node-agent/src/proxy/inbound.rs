@@ -9,19 +9,19 @@
 
 use std::{net::SocketAddr, sync::Arc};
 
-use tokio::{net::TcpListener, sync::watch};
+use tokio::sync::watch;
 use tracing::debug;
 use weft_common::INBOUND_PLAINTEXT_PORT;
 
 use super::{
     AcceptBackoff, AccessLog, Direction, INBOUND_SOURCE_V4, INBOUND_SOURCE_V6, Pod, Shared,
-    accept_next, canonical, forward, listen_any, live::Facts, reset,
+    accept_next, canonical, forward, listen_any, live::Facts, register, reset,
 };
 use crate::stats::{Flags, Peer, Reporter, STATS, TcpLabels};
 
 pub struct InboundListener {
     pod: Arc<Pod>,
-    listener: TcpListener,
+    listener: std::net::TcpListener,
     shared: Arc<Shared>,
 }
 
@@ -36,14 +36,18 @@ impl InboundListener {
     }
 
     /// The listening socket, for `sk_lookup`'s map.
-    pub fn socket(&self) -> &TcpListener {
+    pub fn socket(&self) -> &std::net::TcpListener {
         &self.listener
     }
 
+    /// Accepts until `stop`; run it with [`crate::workers::spawn_listener`].
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
+        let Some(listener) = register(self.listener, &self.pod.workload, Direction::Inbound) else {
+            return;
+        };
         let mut backoff = AcceptBackoff::default();
         while let Some((stream, peer)) = accept_next(
-            &self.listener,
+            &listener,
             &mut stop,
             &mut backoff,
             &self.pod.workload,

@@ -109,8 +109,9 @@ impl Shared {
     }
 }
 
-/// Opens a listening socket inside `netns`.
-pub(crate) fn listen(netns: &Netns, addr: SocketAddr) -> io::Result<TcpListener> {
+/// Opens a listening socket inside `netns` (non-blocking; its accept loop
+/// registers it with the runtime it runs on, see [`crate::workers::spawn_listener`]).
+pub(crate) fn listen(netns: &Netns, addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let socket = netns.run(|| {
         Socket::new(
             Domain::for_address(addr),
@@ -125,12 +126,12 @@ pub(crate) fn listen(netns: &Netns, addr: SocketAddr) -> io::Result<TcpListener>
     }
     socket.bind(&addr.into())?;
     socket.listen(4096)?;
-    TcpListener::from_std(socket.into())
+    Ok(socket.into())
 }
 
 /// Listens on `port` of every address inside `netns`: `[::]` (IPv4 too), or
 /// `0.0.0.0` for a pod without IPv6.
-pub(crate) fn listen_any(netns: &Netns, port: u16) -> io::Result<TcpListener> {
+pub(crate) fn listen_any(netns: &Netns, port: u16) -> io::Result<std::net::TcpListener> {
     listen(netns, SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port))
         .or_else(|_| listen(netns, SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port)))
 }
@@ -351,6 +352,22 @@ impl AcceptBackoff {
 
     pub fn succeeded(&mut self) {
         self.delay = Duration::ZERO;
+    }
+}
+
+/// Registers a listener made by [`listen`] with the runtime this runs on (a
+/// worker's, for its accept loop); `None`, logged, if the reactor refuses it.
+pub(crate) fn register(
+    listener: std::net::TcpListener,
+    workload: &WorkloadKey,
+    direction: Direction,
+) -> Option<TcpListener> {
+    match TcpListener::from_std(listener) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::error!(%workload, ?direction, error = %e, "cannot accept on this listener: its connections will wait and time out");
+            None
+        }
     }
 }
 

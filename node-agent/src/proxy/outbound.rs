@@ -22,7 +22,7 @@ use weft_common::{AF_INET, ConnKey, OUTBOUND_PORT, OrigDst, v4_mapped};
 
 use super::{
     AcceptBackoff, AccessLog, Direction, Pod, Shared, canonical, connect_from, copy, copy::Side,
-    forward, is_reserved_port, listen, reset, stopped,
+    forward, is_reserved_port, listen, register, reset, stopped,
 };
 use crate::{
     config::{OutsideMesh, WorkloadKey},
@@ -38,7 +38,7 @@ use crate::{
 
 pub struct OutboundListener {
     pod: Arc<Pod>,
-    listeners: Vec<TcpListener>,
+    listeners: Vec<std::net::TcpListener>,
     orig_dst: OrigDstTable,
     shared: Arc<Shared>,
 }
@@ -73,6 +73,7 @@ impl OutboundListener {
         })
     }
 
+    /// Accepts until `stop`; run it with [`crate::workers::spawn_listener`].
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
         let OutboundListener {
             pod,
@@ -80,6 +81,13 @@ impl OutboundListener {
             orig_dst,
             shared,
         } = self;
+        let Some(listeners) = listeners
+            .into_iter()
+            .map(|l| register(l, &pod.workload, Direction::Outbound))
+            .collect::<Option<Vec<_>>>()
+        else {
+            return;
+        };
         let accept_any = async |ls: &[TcpListener]| {
             // At most two listeners: poll both, take whichever is ready.
             match ls {

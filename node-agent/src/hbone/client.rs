@@ -14,6 +14,11 @@
 //!   TCP send buffer with small exchanges until all `spread` connections are
 //!   busy.
 //!
+//! Connections being made count toward `spread`, and a handshake is made
+//! outside the key's lock: a stream that an existing connection can carry never
+//! waits for another stream's handshake, and a burst of streams to a new
+//! destination makes `spread` connections, not one each.
+//!
 //! A connection made with a certificate that has since been renewed takes no new
 //! streams; it finishes the ones it has and is closed when idle. Unused connections
 //! are closed after `idle_timeout`.
@@ -222,7 +227,43 @@ impl Drop for Slot {
     }
 }
 
-type Conns = Arc<tokio::sync::Mutex<Vec<Arc<Conn>>>>;
+/// One key's connections, and how many are being made for it now.
+#[derive(Default)]
+struct KeyConns {
+    state: Mutex<Made>,
+    /// Told when a connection being made is done (made or failed).
+    done: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct Made {
+    conns: Vec<Arc<Conn>>,
+    connecting: usize,
+}
+
+type Conns = Arc<KeyConns>;
+
+/// A connection being made for a key: counted while it lasts, and the streams
+/// waiting for it are told when it is gone (made, failed, or given up).
+struct Connecting<'a>(&'a KeyConns);
+
+impl Drop for Connecting<'_> {
+    fn drop(&mut self) {
+        self.0
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .connecting -= 1;
+        self.0.done.notify_waiters();
+    }
+}
+
+/// What a stream does with a key's connections.
+enum Choice {
+    Use(Arc<Conn>),
+    Connect,
+    Wait,
+}
 
 #[derive(Clone)]
 pub struct Pool {
@@ -281,32 +322,39 @@ impl Pool {
             dst: t.dst.clone(),
             addr: t.hbone,
         };
-        let slot = {
-            let conns = self
-                .inner
-                .keys
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .entry(key)
-                .or_default()
-                .clone();
-            let mut conns = conns.lock().await;
-            conns.retain(|c| !c.closed.load(Relaxed));
-            let current = conns.iter().filter(|c| c.serial == svid.serial);
-            let count = current.clone().count();
-            let best = current
-                .filter(|c| c.active.load(Relaxed) < s.max_streams_per_connection)
-                .min_by_key(|c| c.active.load(Relaxed));
-            let conn = match best {
-                Some(c) if c.active.load(Relaxed) == 0 || count >= s.spread => c.clone(),
-                _ => {
-                    let c = Arc::new(self.connect(&t, &svid).await?);
-                    conns.push(c.clone());
-                    c
+        let conns = self
+            .inner
+            .keys
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key)
+            .or_default()
+            .clone();
+        // The choice is made under the key's lock, but a new connection is made
+        // outside it: a stream that an existing connection can carry never
+        // waits for another stream's handshake.
+        let slot = loop {
+            let done = conns.done.notified();
+            let choice = {
+                let mut made = conns.state.lock().unwrap_or_else(|e| e.into_inner());
+                let choice = choose(&mut made, &svid.serial, s);
+                if let Choice::Connect = choice {
+                    made.connecting += 1;
                 }
+                choice
             };
-            conn.active.fetch_add(1, Relaxed);
-            Slot(conn)
+            match choice {
+                Choice::Use(conn) => break Slot(conn),
+                Choice::Wait => done.await,
+                Choice::Connect => {
+                    let _connecting = Connecting(&conns);
+                    let conn = Arc::new(self.connect(&t, &svid).await?);
+                    conn.active.fetch_add(1, Relaxed);
+                    let mut made = conns.state.lock().unwrap_or_else(|e| e.into_inner());
+                    made.conns.push(conn.clone());
+                    break Slot(conn);
+                }
+            }
         };
         let conn = &slot.0;
         let h2_err = |source: h2::Error| Error::H2 {
@@ -433,6 +481,29 @@ impl Pool {
     }
 }
 
+/// Picks the connection with the fewest streams among those made with the
+/// current certificate (`serial`) and not full; it takes the stream when it is
+/// idle or when `spread` connections exist or are being made. Otherwise another
+/// connection is made, unless none can take the stream, `spread` are already
+/// counted and some are being made: then the stream waits for those. A chosen
+/// connection has the stream counted before the lock is let go.
+fn choose(made: &mut Made, serial: &str, s: &PoolSettings) -> Choice {
+    made.conns.retain(|c| !c.closed.load(Relaxed));
+    let current = made.conns.iter().filter(|c| c.serial == serial);
+    let count = current.clone().count() + made.connecting;
+    let best = current
+        .filter(|c| c.active.load(Relaxed) < s.max_streams_per_connection)
+        .min_by_key(|c| c.active.load(Relaxed));
+    match best {
+        Some(c) if c.active.load(Relaxed) == 0 || count >= s.spread => {
+            c.active.fetch_add(1, Relaxed);
+            Choice::Use(c.clone())
+        }
+        None if made.connecting > 0 && count >= s.spread => Choice::Wait,
+        _ => Choice::Connect,
+    }
+}
+
 /// rustls shows a custom certificate error in debug form; say it plainly.
 fn readable_tls_error(e: io::Error) -> io::Error {
     let Some(inner) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) else {
@@ -461,10 +532,8 @@ async fn reap(pool: std::sync::Weak<Inner>) {
         let idle = p.settings.idle_timeout;
         let mut keys = p.keys.lock().unwrap_or_else(|e| e.into_inner());
         keys.retain(|_, conns| {
-            let Ok(mut conns) = conns.try_lock() else {
-                return true;
-            };
-            conns.retain(|c| {
+            let mut made = conns.state.lock().unwrap_or_else(|e| e.into_inner());
+            made.conns.retain(|c| {
                 let unused = c.active.load(Relaxed) == 0
                     && c.idle_since
                         .lock()
@@ -473,7 +542,7 @@ async fn reap(pool: std::sync::Weak<Inner>) {
                         >= idle;
                 !c.closed.load(Relaxed) && !unused
             });
-            !conns.is_empty()
+            !made.conns.is_empty() || made.connecting > 0
         });
     }
 }
@@ -544,5 +613,108 @@ mod tests {
         assert_eq!(r.uri().authority().unwrap().as_str(), "[fd00::2]:80");
         assert_eq!(r.headers()["forwarded"], "for=\"[fd00::1]\"");
         assert_ne!(traceparent(), traceparent());
+    }
+
+    /// A pooled connection over an in-memory pipe, carrying `active` streams.
+    async fn conn(serial: &str, active: usize) -> Arc<Conn> {
+        let (io, _peer) = tokio::io::duplex(64 * 1024);
+        let (send, _connection) = h2::client::Builder::new()
+            .handshake::<_, Bytes>(io)
+            .await
+            .unwrap();
+        Arc::new(Conn {
+            id: 0,
+            send,
+            serial: serial.to_owned(),
+            active: AtomicUsize::new(active),
+            closed: Arc::new(AtomicBool::new(false)),
+            idle_since: Mutex::new(Instant::now()),
+        })
+    }
+
+    fn settings(spread: usize, max: usize) -> PoolSettings {
+        PoolSettings {
+            spread,
+            max_streams_per_connection: max,
+            ..PoolSettings::default()
+        }
+    }
+
+    fn what(c: &Choice) -> &'static str {
+        match c {
+            Choice::Use(_) => "use",
+            Choice::Connect => "connect",
+            Choice::Wait => "wait",
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stream_never_waits_for_a_handshake_an_existing_connection_spares_it() {
+        // One busy connection, a second being made (spread 2): the stream takes
+        // the busy one rather than waiting for the handshake.
+        let busy = conn("s1", 1).await;
+        let mut made = Made {
+            conns: vec![busy.clone()],
+            connecting: 1,
+        };
+        let c = choose(&mut made, "s1", &settings(2, 100));
+        assert_eq!(what(&c), "use");
+        assert_eq!(
+            busy.active.load(Relaxed),
+            2,
+            "counted before the lock is let go"
+        );
+
+        // Fewer than `spread` counted: make another, even while one is being made.
+        let mut made = Made {
+            conns: vec![conn("s1", 1).await],
+            connecting: 0,
+        };
+        assert_eq!(what(&choose(&mut made, "s1", &settings(2, 100))), "connect");
+        let mut made = Made {
+            conns: vec![],
+            connecting: 1,
+        };
+        assert_eq!(what(&choose(&mut made, "s1", &settings(2, 100))), "connect");
+
+        // Nothing can take it and `spread` are being made: wait for them.
+        let mut made = Made {
+            conns: vec![],
+            connecting: 2,
+        };
+        assert_eq!(what(&choose(&mut made, "s1", &settings(2, 100))), "wait");
+        let mut made = Made {
+            conns: vec![conn("s1", 100).await, conn("s1", 100).await],
+            connecting: 1,
+        };
+        assert_eq!(what(&choose(&mut made, "s1", &settings(2, 100))), "wait");
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_is_used_and_closed_or_renewed_ones_are_not() {
+        let idle = conn("s1", 0).await;
+        let mut made = Made {
+            conns: vec![conn("s1", 3).await, idle.clone()],
+            connecting: 0,
+        };
+        match choose(&mut made, "s1", &settings(8, 100)) {
+            Choice::Use(c) => assert!(Arc::ptr_eq(&c, &idle)),
+            other => panic!("expected the idle connection, got {}", what(&other)),
+        }
+        // Made with the previous certificate: takes no new streams.
+        let mut made = Made {
+            conns: vec![conn("old", 0).await],
+            connecting: 0,
+        };
+        assert_eq!(what(&choose(&mut made, "s1", &settings(2, 100))), "connect");
+        // Closed: dropped from the pool.
+        let closed = conn("s1", 0).await;
+        closed.closed.store(true, Relaxed);
+        let mut made = Made {
+            conns: vec![closed],
+            connecting: 0,
+        };
+        assert_eq!(what(&choose(&mut made, "s1", &settings(2, 100))), "connect");
+        assert!(made.conns.is_empty());
     }
 }

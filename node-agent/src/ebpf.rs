@@ -11,7 +11,7 @@ use std::{
     fs::File,
     io,
     net::IpAddr,
-    os::fd::AsRawFd,
+    os::fd::{AsFd, AsRawFd, OwnedFd},
     path::{Path, PathBuf},
     sync::Arc,
 };
@@ -91,16 +91,72 @@ enum CgroupKind {
     SockOps,
 }
 
-/// Read-only view of the original-destination map, shared by every proxy task.
+/// The original-destination map, shared by every proxy task.
 #[derive(Clone)]
-pub struct OrigDstTable(Arc<HashMap<MapData, ConnKey, OrigDst>>);
+pub struct OrigDstTable(Arc<OrigDstMap>);
+
+struct OrigDstMap {
+    map: HashMap<MapData, ConnKey, OrigDst>,
+    /// The same map, for the one call aya does not offer on a hash map.
+    fd: OwnedFd,
+}
 
 impl OrigDstTable {
-    /// One map lookup (one `bpf()` syscall) per accepted connection.
-    pub fn get(&self, key: &ConnKey) -> Option<OrigDst> {
-        self.0.get(key, 0).ok()
+    /// Takes the entry for an accepted connection: one
+    /// `bpf(BPF_MAP_LOOKUP_AND_DELETE_ELEM)`. Deleting it as it is read keeps
+    /// the map to connections not yet accepted, so a busy node does not fill
+    /// the LRU map with spent entries that every new connect must evict, and the
+    /// map's size (a metric) says something. A kernel that refuses the call on
+    /// this map (older than 5.14) gets a plain lookup.
+    pub fn take(&self, key: &ConnKey) -> Option<OrigDst> {
+        let mut value = std::mem::MaybeUninit::<OrigDst>::zeroed();
+        // `union bpf_attr` for the map element commands: map_fd, pad, key,
+        // value, flags.
+        #[repr(C)]
+        struct ElemAttr {
+            map_fd: u32,
+            _pad: u32,
+            key: u64,
+            value: u64,
+            flags: u64,
+        }
+        let attr = ElemAttr {
+            map_fd: self.0.fd.as_raw_fd() as u32,
+            _pad: 0,
+            key: key as *const ConnKey as u64,
+            value: value.as_mut_ptr() as u64,
+            flags: 0,
+        };
+        // SAFETY: `attr` points at a live key and at room for one value of the
+        // map's value type (checked by the kernel against the map's value size,
+        // which the object and `OrigDst` share); the kernel reads `attr` only
+        // during the call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_AND_DELETE_ELEM,
+                &attr as *const ElemAttr,
+                std::mem::size_of::<ElemAttr>(),
+            )
+        };
+        if rc == 0 {
+            // SAFETY: the kernel filled the value; `OrigDst` is plain data.
+            return Some(unsafe { value.assume_init() });
+        }
+        match io::Error::last_os_error().raw_os_error() {
+            Some(libc::ENOENT) => None,
+            _ => self.0.map.get(key, 0).ok(),
+        }
+    }
+
+    /// Entries now (a walk of the map, one `bpf()` call per entry).
+    fn len(&self) -> usize {
+        self.0.map.keys().count()
     }
 }
+
+/// `enum bpf_cmd`: `BPF_MAP_LOOKUP_AND_DELETE_ELEM`.
+const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
 
 /// The loaded capture: programs attached, maps open.
 pub struct Capture {
@@ -164,12 +220,31 @@ impl Capture {
 
         let enrolled = typed_map(&mut ebpf, MAP_ENROLLED)?;
         let listeners = typed_map(&mut ebpf, MAP_LISTENERS)?;
+        let orig_fd = match ebpf.map(MAP_ORIG_DST) {
+            Some(aya::maps::Map::LruHashMap(m) | aya::maps::Map::HashMap(m)) => m
+                .fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| Error::Map {
+                    name: MAP_ORIG_DST,
+                    detail: e.to_string(),
+                })?,
+            _ => {
+                return Err(Error::Map {
+                    name: MAP_ORIG_DST,
+                    detail: "not a hash map in the object".to_owned(),
+                });
+            }
+        };
         let orig_dst = typed_map(&mut ebpf, MAP_ORIG_DST)?;
         Ok(Capture {
             ebpf,
             enrolled,
             listeners,
-            orig_dst: OrigDstTable(Arc::new(orig_dst)),
+            orig_dst: OrigDstTable(Arc::new(OrigDstMap {
+                map: orig_dst,
+                fd: orig_fd,
+            })),
             links_dir,
         })
     }
@@ -274,7 +349,7 @@ impl Capture {
         vec![
             (MAP_ENROLLED, self.enrolled.keys().count()),
             (MAP_LISTENERS, self.listeners.keys().count()),
-            (MAP_ORIG_DST, self.orig_dst.0.keys().count()),
+            (MAP_ORIG_DST, self.orig_dst.len()),
         ]
     }
 

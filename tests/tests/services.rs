@@ -346,6 +346,20 @@ fn tcp_metrics_count_the_connections_and_bytes_sent() -> Result<()> {
         series(&text1, "istio_tcp_sent_bytes_total", &want_dest),
         Some((3 * down) as f64)
     );
+    // The agent took each connection's original destination as it accepted
+    // it: none is left in the map.
+    let map = mesh.pin_dir(0).join("maps/WEFT_ORIG_DST");
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(&map)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "bpftool map dump {}: {out:?}",
+        map.display()
+    );
+    let left: Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(left.as_array().map(Vec::len), Some(0), "{left}");
     // The eBPF maps' sizes: one pod enrolled on node 0.
     let mut text = String::new();
     let counted = eventually(std::time::Duration::from_secs(15), || {

@@ -134,7 +134,7 @@ async fn handle(
 ) {
     let mut log = AccessLog::new(Direction::Outbound, pod.clone(), canonical(peer));
     let key = conn_key(pod.netns.cookie(), peer);
-    let Some(dst) = orig_dst.get(&key).map(|d| to_socket_addr(&d)) else {
+    let Some(dst) = orig_dst.take(&key).map(|d| to_socket_addr(&d)) else {
         // Not captured by our programs (someone dialed 15001 directly), or the
         // entry was evicted: there is nowhere safe to send it.
         log.fail("refused", "no original destination for this connection");

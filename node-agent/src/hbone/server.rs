@@ -31,9 +31,8 @@ use crate::{
     certs::CertManager,
     identity::SpiffeId,
     proxy::{
-        AcceptBackoff, AccessLog, Direction, INBOUND_SOURCE_V4, INBOUND_SOURCE_V6, Pod, Shared,
-        accept_next, canonical, connect_from, copy::Side, is_reserved_port, listen_any,
-        live::Facts, register, stopped,
+        AccessLog, Direction, INBOUND_SOURCE_V4, INBOUND_SOURCE_V6, Pod, Shared, accept_loop,
+        canonical, connect_from, copy::Side, is_reserved_port, listen_any, live::Facts, stopped,
     },
     stats::{Flags, Peer, Reporter, STATS, TcpLabels},
     tls,
@@ -93,33 +92,35 @@ impl HboneListener {
     }
 
     /// Accepts until `stop`; run it with [`crate::workers::spawn_listener`].
-    pub async fn run(self, mut stop: watch::Receiver<bool>) {
-        let Some(listener) = register(self.listener, &self.pod.workload, Direction::Inbound) else {
-            return;
-        };
-        let mut backoff = AcceptBackoff::default();
-        while let Some((stream, peer)) = accept_next(
-            &listener,
-            &mut stop,
-            &mut backoff,
-            &self.pod.workload,
+    pub async fn run(self, stop: watch::Receiver<bool>) {
+        let HboneListener {
+            pod,
+            listener,
+            acceptor,
+            addresses,
+            shared,
+        } = self;
+        let conns_stop = stop.clone();
+        accept_loop(
+            vec![listener],
+            stop,
+            &pod.workload,
             Direction::Inbound,
+            "HBONE",
+            |stream, peer| {
+                let conn = Conn {
+                    pod: pod.clone(),
+                    addresses: addresses.clone(),
+                    shared: shared.clone(),
+                    peer: canonical(peer),
+                };
+                let (acceptor, stop) = (acceptor.clone(), conns_stop.clone());
+                crate::workers::serve(stream, move |stream| async move {
+                    conn.serve(acceptor, stream, stop).await
+                });
+            },
         )
-        .await
-        {
-            let conn = Conn {
-                pod: self.pod.clone(),
-                addresses: self.addresses.clone(),
-                shared: self.shared.clone(),
-                peer: canonical(peer),
-            };
-            let acceptor = self.acceptor.clone();
-            let stop = stop.clone();
-            crate::workers::serve(stream, move |stream| async move {
-                conn.serve(acceptor, stream, stop).await
-            });
-        }
-        debug!(workload = %self.pod.workload, "HBONE listener stopped");
+        .await;
     }
 }
 

@@ -10,12 +10,11 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use tokio::sync::watch;
-use tracing::debug;
 use weft_common::INBOUND_PLAINTEXT_PORT;
 
 use super::{
-    AcceptBackoff, AccessLog, Direction, INBOUND_SOURCE_V4, INBOUND_SOURCE_V6, Pod, Shared,
-    accept_next, canonical, forward, listen_any, live::Facts, register, reset,
+    AccessLog, Direction, INBOUND_SOURCE_V4, INBOUND_SOURCE_V6, Pod, Shared, accept_loop,
+    canonical, forward, listen_any, live::Facts, reset,
 };
 use crate::stats::{Flags, Peer, Reporter, STATS, TcpLabels};
 
@@ -41,25 +40,24 @@ impl InboundListener {
     }
 
     /// Accepts until `stop`; run it with [`crate::workers::spawn_listener`].
-    pub async fn run(self, mut stop: watch::Receiver<bool>) {
-        let Some(listener) = register(self.listener, &self.pod.workload, Direction::Inbound) else {
-            return;
-        };
-        let mut backoff = AcceptBackoff::default();
-        while let Some((stream, peer)) = accept_next(
-            &listener,
-            &mut stop,
-            &mut backoff,
-            &self.pod.workload,
+    pub async fn run(self, stop: watch::Receiver<bool>) {
+        let InboundListener {
+            pod,
+            listener,
+            shared,
+        } = self;
+        accept_loop(
+            vec![listener],
+            stop,
+            &pod.workload,
             Direction::Inbound,
+            "inbound",
+            |stream, peer| {
+                let (pod, shared) = (pod.clone(), shared.clone());
+                crate::workers::serve(stream, move |stream| handle(pod, shared, stream, peer));
+            },
         )
-        .await
-        {
-            let pod = self.pod.clone();
-            let shared = self.shared.clone();
-            crate::workers::serve(stream, move |stream| handle(pod, shared, stream, peer));
-        }
-        debug!(workload = %self.pod.workload, "inbound listener stopped");
+        .await;
     }
 }
 

@@ -355,43 +355,53 @@ impl AcceptBackoff {
     }
 }
 
-/// Registers a listener made by [`listen`] with the runtime this runs on (a
-/// worker's, for its accept loop); `None`, logged, if the reactor refuses it.
-pub(crate) fn register(
-    listener: std::net::TcpListener,
+/// A pod listener's accept loop, until `stop` says so: registers `listeners`
+/// (made by [`listen`]; one or two) with the runtime this runs on (a worker's,
+/// see [`crate::workers::spawn_listener`]), takes connections from whichever is
+/// ready, paces failures, and gives each connection to `accepted`. `name` says
+/// which listener stopped, in the log.
+pub(crate) async fn accept_loop(
+    listeners: Vec<std::net::TcpListener>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
     workload: &WorkloadKey,
     direction: Direction,
-) -> Option<TcpListener> {
-    match TcpListener::from_std(listener) {
-        Ok(l) => Some(l),
+    name: &'static str,
+    mut accepted: impl FnMut(TcpStream, SocketAddr),
+) {
+    let listeners = match listeners
+        .into_iter()
+        .map(TcpListener::from_std)
+        .collect::<io::Result<Vec<_>>>()
+    {
+        Ok(l) => l,
         Err(e) => {
             tracing::error!(%workload, ?direction, error = %e, "cannot accept on this listener: its connections will wait and time out");
-            None
+            return;
         }
-    }
-}
-
-/// The next connection on a single-listener accept loop, pacing failures; `None`
-/// once `stop` says so.
-pub(crate) async fn accept_next(
-    listener: &TcpListener,
-    stop: &mut tokio::sync::watch::Receiver<bool>,
-    backoff: &mut AcceptBackoff,
-    workload: &WorkloadKey,
-    direction: Direction,
-) -> Option<(TcpStream, SocketAddr)> {
+    };
+    let accept_any = async |ls: &[TcpListener]| match ls {
+        // At most two listeners: poll both, take whichever is ready.
+        [a] => a.accept().await,
+        [a, b, ..] => tokio::select! {
+            r = a.accept() => r,
+            r = b.accept() => r,
+        },
+        [] => std::future::pending().await,
+    };
+    let mut backoff = AcceptBackoff::default();
     loop {
         tokio::select! {
-            _ = stopped(stop) => return None,
-            r = listener.accept() => match r {
-                Ok(c) => {
+            _ = stopped(&mut stop) => break,
+            r = accept_any(&listeners) => match r {
+                Ok((stream, peer)) => {
                     backoff.succeeded();
-                    return Some(c);
+                    accepted(stream, peer);
                 }
                 Err(e) => backoff.failed(workload, direction, e).await,
             },
         }
     }
+    tracing::debug!(%workload, "{name} listener stopped");
 }
 
 /// Waits until `stop` says so (or its sender is gone).

@@ -16,13 +16,13 @@ use std::{
     time::Instant,
 };
 
-use tokio::{io::AsyncWriteExt, net::TcpListener, sync::watch};
+use tokio::{io::AsyncWriteExt, sync::watch};
 use tracing::{debug, warn};
 use weft_common::{AF_INET, ConnKey, OUTBOUND_PORT, OrigDst, v4_mapped};
 
 use super::{
-    AcceptBackoff, AccessLog, Direction, Pod, Shared, canonical, connect_from, copy, copy::Side,
-    forward, is_reserved_port, listen, register, reset, stopped,
+    AccessLog, Direction, Pod, Shared, accept_loop, canonical, connect_from, copy, copy::Side,
+    forward, is_reserved_port, listen, reset,
 };
 use crate::{
     config::{OutsideMesh, WorkloadKey},
@@ -74,54 +74,27 @@ impl OutboundListener {
     }
 
     /// Accepts until `stop`; run it with [`crate::workers::spawn_listener`].
-    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+    pub async fn run(self, stop: watch::Receiver<bool>) {
         let OutboundListener {
             pod,
             listeners,
             orig_dst,
             shared,
         } = self;
-        let Some(listeners) = listeners
-            .into_iter()
-            .map(|l| register(l, &pod.workload, Direction::Outbound))
-            .collect::<Option<Vec<_>>>()
-        else {
-            return;
-        };
-        let accept_any = async |ls: &[TcpListener]| {
-            // At most two listeners: poll both, take whichever is ready.
-            match ls {
-                [a] => a.accept().await,
-                [a, b, ..] => tokio::select! {
-                    r = a.accept() => r,
-                    r = b.accept() => r,
-                },
-                [] => std::future::pending().await,
-            }
-        };
-        let mut backoff = AcceptBackoff::default();
-        loop {
-            let (stream, peer) = tokio::select! {
-                _ = stopped(&mut stop) => break,
-                r = accept_any(&listeners) => match r {
-                    Ok(c) => {
-                        backoff.succeeded();
-                        c
-                    }
-                    Err(e) => {
-                        backoff.failed(&pod.workload, Direction::Outbound, e).await;
-                        continue;
-                    }
-                },
-            };
-            let pod = pod.clone();
-            let orig_dst = orig_dst.clone();
-            let shared = shared.clone();
-            crate::workers::serve(stream, move |stream| {
-                handle(pod, orig_dst, shared, stream, peer)
-            });
-        }
-        debug!(workload = %pod.workload, "outbound listener stopped");
+        accept_loop(
+            listeners,
+            stop,
+            &pod.workload,
+            Direction::Outbound,
+            "outbound",
+            |stream, peer| {
+                let (pod, orig_dst, shared) = (pod.clone(), orig_dst.clone(), shared.clone());
+                crate::workers::serve(stream, move |stream| {
+                    handle(pod, orig_dst, shared, stream, peer)
+                });
+            },
+        )
+        .await;
     }
 }
 

@@ -21,7 +21,7 @@ use crate::{
     hbone::server::HboneListener,
     identity::SpiffeId,
     netns::Netns,
-    proxy::{self, Shared, inbound::InboundListener, outbound::OutboundListener},
+    proxy::{self, Shared, admit::Served, inbound::InboundListener, outbound::OutboundListener},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -159,8 +159,8 @@ impl Agent {
             OutboundListener::new(pod.clone(), self.capture.orig_dst(), self.shared.clone())
                 .map_err(listen_err)?;
         let inbound = InboundListener::new(pod.clone(), self.shared.clone()).map_err(listen_err)?;
-        let hbone =
-            HboneListener::new(pod.clone(), &addresses, self.shared.clone()).map_err(listen_err)?;
+        let served = Arc::new(Served::new(pod.clone(), &addresses));
+        let hbone = HboneListener::new(served.clone(), self.shared.clone()).map_err(listen_err)?;
         self.capture
             .enroll(&pod.netns, &addresses, inbound.socket())?;
 
@@ -169,6 +169,7 @@ impl Agent {
         crate::workers::spawn_listener(outbound.run(stopped.clone()));
         crate::workers::spawn_listener(hbone.run(stopped.clone()));
         crate::workers::spawn_listener(inbound.run(stopped));
+        self.shared.serve(served);
         self.pods.insert(
             key.clone(),
             Enrolled {
@@ -185,6 +186,7 @@ impl Agent {
         let Some(e) = self.pods.remove(key) else {
             return;
         };
+        self.shared.unserve(Some(key));
         if let Err(err) = self.capture.unenroll(e.cookie) {
             error!(workload = %key, error = %err, "cannot unenroll pod in the kernel");
         }
@@ -212,6 +214,7 @@ impl Agent {
     /// Stops every listener. Capture stays attached and pinned: enrolled pods fail
     /// closed until an agent serves them again.
     pub fn shutdown(&mut self) {
+        self.shared.unserve(None);
         for (_, e) in std::mem::take(&mut self.pods) {
             let _ = e.stop.send(true);
         }

@@ -136,6 +136,7 @@ fn agent(args: AgentArgs) -> anyhow::Result<()> {
         let bundle = Arc::new(RwLock::new(bundle));
         let settings = proxy::Settings {
             connect_timeout: Duration::from_millis(args.connect_timeout_ms),
+            same_node: args.same_node,
         };
         let defaults = PoolSettings::default();
         let pool = Pool::new(

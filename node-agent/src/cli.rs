@@ -196,6 +196,13 @@ pub struct AgentArgs {
     #[arg(long, env = "WEFT_WORKERS")]
     pub workers: Option<usize>,
 
+    /// How connections between two pods of this node travel: `in-process` (the
+    /// agent connects them itself, applying the destination's policy to the
+    /// source's identity; no TLS, one TCP hop less) or `hbone` (mutual TLS to
+    /// this agent's own 15008, as between nodes).
+    #[arg(long, env = "WEFT_SAME_NODE", value_enum, default_value_t = crate::proxy::SameNode::InProcess)]
+    pub same_node: crate::proxy::SameNode,
+
     /// HBONE: an unused pooled connection is closed after this long.
     #[arg(long, env = "WEFT_HBONE_IDLE", default_value = "60s", value_parser = parse_duration)]
     pub hbone_idle: std::time::Duration,

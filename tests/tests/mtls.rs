@@ -173,7 +173,13 @@ fn the_server_side_sees_each_source_pods_identity() -> Result<()> {
             )
         })?;
         assert_eq!(line["dst.identity"], identity(dst));
-        assert_eq!(line["security"], "mutual_tls");
+        // Between pods of one node, the agent connects them itself.
+        let security = if src.node == dst.node {
+            "node_local"
+        } else {
+            "mutual_tls"
+        };
+        assert_eq!(line["security"], security);
         assert_eq!(line["end"], "closed", "{line}");
         let outbound = wait_access(&mesh, src.node, 1, |v| {
             v["direction"] == "outbound"
@@ -182,8 +188,35 @@ fn the_server_side_sees_each_source_pods_identity() -> Result<()> {
         });
         let line = outbound.first().context("no outbound log")?;
         assert_eq!(line["dst.identity"], identity(dst));
-        assert_eq!(line["security"], "mutual_tls");
+        assert_eq!(line["security"], security);
     }
+    Ok(())
+}
+
+#[test]
+fn with_same_node_hbone_pods_of_one_node_talk_over_mutual_tls_to_their_own_agent() -> Result<()> {
+    if !require_privileged() {
+        return Ok(());
+    }
+    let c = Cluster::new("mtls_same_hbone", 1, 2)?;
+    let mut mesh = Mesh::new(&c, |_| true)?;
+    mesh.agent_args = ["--same-node", "hbone"].map(String::from).to_vec();
+    mesh.start_all()?;
+    let (src, dst) = (c.pod(0, 0), c.pod(0, 1));
+    let _echo = tk::echo(dst, PORT)?;
+    say_ok(src, &addr(dst.ip), "over HBONE")?;
+    for direction in ["outbound", "inbound"] {
+        let lines = wait_access(&mesh, 0, 1, |v| {
+            v["direction"] == direction && v["end"] == "closed"
+        });
+        let line = lines
+            .first()
+            .with_context(|| format!("no {direction} log"))?;
+        assert_eq!(line["security"], "mutual_tls", "{line}");
+        assert_eq!(line["src.identity"], identity(src), "{line}");
+    }
+    let out = wait_access(&mesh, 0, 1, |v| v["direction"] == "outbound");
+    assert!(out[0]["hbone.connection"].as_u64().is_some(), "{}", out[0]);
     Ok(())
 }
 

@@ -220,6 +220,113 @@ fn a_policy_change_closes_a_live_connection_it_now_denies() -> Result<()> {
     Ok(())
 }
 
+/// Pods of one node are connected by their agent in-process (no TLS): the
+/// destination's policy still decides, on the source's identity, for new and
+/// for live connections, and both ends are logged and counted as over HBONE.
+#[test]
+fn node_local_connections_get_the_destinations_policy_new_and_live() -> Result<()> {
+    if !require_privileged() {
+        return Ok(());
+    }
+    let c = Cluster::new("pol_local", 1, 3)?;
+    let mut mesh = Mesh::new(&c, |_| true)?;
+    let (a, b, s) = (c.pod(0, 0), c.pod(0, 1), c.pod(0, 2));
+    mesh.set_extra(s, "  labels: {app: server}\n")?;
+    mesh.start_all()?;
+    let server = tk::echo(s, PORT)?;
+    assert_eq!(say(a, &to(s))?["ok"], true);
+    fn lines(mesh: &Mesh, direction: &str, end: &str, src: &Pod) -> Vec<Value> {
+        let id = mesh.identity(src);
+        mesh.logs(0, move |v| {
+            v["target"] == "weft::access"
+                && v["direction"] == direction
+                && v["end"] == end
+                && v["src.identity"] == id.as_str()
+        })
+    }
+    // Both ends logged, as node-local, with both identities and no HBONE
+    // connection.
+    assert!(eventually(PATIENCE, || !lines(
+        &mesh, "inbound", "closed", a
+    )
+    .is_empty()));
+    for direction in ["outbound", "inbound"] {
+        let l = &lines(&mesh, direction, "closed", a)[0];
+        assert_eq!(l["security"], "node_local", "{l}");
+        assert_eq!(l["dst.identity"], mesh.identity(s), "{l}");
+        assert_eq!(l["dst.addr"], to(s), "{l}");
+        assert_eq!(l["bytes_sent"], l["bytes_received"], "{l}");
+        assert!(l["hbone.connection"].is_null(), "{l}");
+    }
+
+    // b holds a connection open; then a policy denies b.
+    let mut cmd = b.command(weft_tests::bin_path("weft-tk"));
+    cmd.args([
+        "say",
+        "--connect",
+        &to(s),
+        "--message",
+        "still here",
+        "--repeat",
+        "40",
+        "--interval-ms",
+        "200",
+    ]);
+    let live = b.spawn(&mut cmd)?;
+    std::thread::sleep(Duration::from_secs(1));
+    let before = changes(&mesh, 0);
+    mesh.set_sections(&format!(
+        "authorization_policies:\n- name: deny-b\n  selector: {{app: server}}\n  action: DENY\n  rules: [{{from: [{{source: {{principals: [cluster.local/ns/default/sa/{}]}}}}]}}]\n",
+        b.name
+    ))?;
+    ensure!(applied(&mesh, 0, before), "policy not applied");
+    let r = live.wait_for_json(Duration::from_secs(15), |v| v.get("ok").is_some())?;
+    assert_eq!(r["ok"], false, "the denied live connection lived on: {r}");
+    let killed = lines(&mesh, "inbound", "denied", b);
+    assert_eq!(killed.len(), 1, "{killed:?}");
+    assert!(
+        killed[0]["error"]
+            .as_str()
+            .is_some_and(|m| m.contains("closed by a policy change")),
+        "{killed:?}"
+    );
+    // A new connection from b is refused before the application sees it; a's
+    // still goes through.
+    let seen_before = seen(&server);
+    assert_eq!(say(b, &to(s))?["ok"], false, "b was let through");
+    assert_eq!(say(a, &to(s))?["ok"], true);
+    assert!(eventually(PATIENCE, || seen(&server) > seen_before));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(seen(&server), seen_before + 1, "a denied connection got in");
+    assert!(eventually(PATIENCE, || lines(
+        &mesh, "inbound", "denied", b
+    )
+    .len()
+        == 2));
+    let refused = &lines(&mesh, "inbound", "denied", b)[1];
+    assert!(
+        refused["error"]
+            .as_str()
+            .is_some_and(|m| m.contains("default/deny-b")),
+        "{refused}"
+    );
+    let out = lines(&mesh, "outbound", "denied", b);
+    assert_eq!(out.len(), 1, "{out:?}");
+    let metrics = c
+        .node(0)
+        .exec("curl", ["-sS", "http://127.0.0.1:15020/metrics"])?;
+    let text = String::from_utf8_lossy(&metrics.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("istio_tcp_connections_closed_total{")
+                && l.contains("reporter=\"destination\"")
+                && l.contains("response_flags=\"DENY\"")
+                && l.contains(&format!("source_principal=\"{}\"", mesh.identity(b)))),
+        "{text}"
+    );
+    Ok(())
+}
+
 #[test]
 fn a_broken_config_keeps_the_last_good_one_and_a_change_to_one_service_spares_another() -> Result<()>
 {

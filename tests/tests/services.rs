@@ -85,15 +85,20 @@ fn round_robin_spreads_3000_connections_evenly_over_three_endpoints() -> Result<
     let report = tk::who(c.pod(0, 0), &format!("{VIP}:80"), 3000, 1)?;
     // One client, one agent, strict rotation: exactly a third each (±1%).
     assert_even(&report, &s, 3000, 0.01);
-    // Each went over mutual TLS to the pod's target port, named by its service.
+    // Each went over mutual TLS to the pod's target port, named by its service;
+    // to the backend on the client's node, in-process.
     let logs = s.mesh.access_logs(0);
     let to_web: Vec<&Value> = logs
         .iter()
         .filter(|v| v["service"] == "default/web")
         .collect();
     assert!(to_web.len() >= 3000, "{} access-log lines", to_web.len());
+    let same_node = c.pod(0, 1).ip.to_string();
     assert!(to_web.iter().all(|v| {
-        v["security"] == "mutual_tls"
+        let local = v["dst.addr"]
+            .as_str()
+            .is_some_and(|a| a.starts_with(&format!("{same_node}:")));
+        v["security"] == if local { "node_local" } else { "mutual_tls" }
             && v["dst.addr"]
                 .as_str()
                 .is_some_and(|a| a.ends_with(&format!(":{PORT}")))

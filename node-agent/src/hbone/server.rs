@@ -31,10 +31,12 @@ use crate::{
     certs::CertManager,
     identity::SpiffeId,
     proxy::{
-        AccessLog, Direction, INBOUND_SOURCE_V4, INBOUND_SOURCE_V6, Pod, Shared, accept_loop,
-        canonical, connect_from, copy::Side, is_reserved_port, listen_any, live::Facts, stopped,
+        AccessLog, Direction, Shared, accept_loop,
+        admit::{Refused, Served, admit},
+        canonical,
+        copy::Side,
+        listen_any, stopped,
     },
-    stats::{Flags, Peer, Reporter, STATS, TcpLabels},
     tls,
 };
 
@@ -42,10 +44,9 @@ use crate::{
 const MAX_CONCURRENT_STREAMS: u32 = 1000;
 
 pub struct HboneListener {
-    pod: Arc<Pod>,
+    served: Arc<Served>,
     listener: std::net::TcpListener,
     acceptor: TlsAcceptor,
-    addresses: Arc<[IpAddr]>,
     shared: Arc<Shared>,
 }
 
@@ -74,19 +75,18 @@ impl ResolvesServerCert for PodCert {
 
 impl HboneListener {
     /// Binds 15008 (IPv6 and IPv4) inside the pod's namespace.
-    pub fn new(pod: Arc<Pod>, addresses: &[IpAddr], shared: Arc<Shared>) -> std::io::Result<Self> {
-        let listener = listen_any(&pod.netns, INBOUND_HBONE_PORT)?;
+    pub fn new(served: Arc<Served>, shared: Arc<Shared>) -> std::io::Result<Self> {
+        let listener = listen_any(&served.pod.netns, INBOUND_HBONE_PORT)?;
         let resolver = Arc::new(PodCert {
             certs: shared.certs.clone(),
-            id: pod.identity.clone(),
+            id: served.pod.identity.clone(),
         });
         let config =
             tls::server_config(resolver, &shared.bundle()).map_err(std::io::Error::other)?;
         Ok(HboneListener {
-            pod,
+            served,
             listener,
             acceptor: TlsAcceptor::from(config),
-            addresses: addresses.iter().map(|a| a.to_canonical()).collect(),
             shared,
         })
     }
@@ -94,23 +94,21 @@ impl HboneListener {
     /// Accepts until `stop`; run it with [`crate::workers::spawn_listener`].
     pub async fn run(self, stop: watch::Receiver<bool>) {
         let HboneListener {
-            pod,
+            served,
             listener,
             acceptor,
-            addresses,
             shared,
         } = self;
         let conns_stop = stop.clone();
         accept_loop(
             vec![listener],
             stop,
-            &pod.workload,
+            &served.pod.workload,
             Direction::Inbound,
             "HBONE",
             |stream, peer| {
                 let conn = Conn {
-                    pod: pod.clone(),
-                    addresses: addresses.clone(),
+                    served: served.clone(),
                     shared: shared.clone(),
                     peer: canonical(peer),
                 };
@@ -125,8 +123,7 @@ impl HboneListener {
 }
 
 struct Conn {
-    pod: Arc<Pod>,
-    addresses: Arc<[IpAddr]>,
+    served: Arc<Served>,
     shared: Arc<Shared>,
     peer: SocketAddr,
 }
@@ -139,7 +136,7 @@ impl Conn {
         mut stop: watch::Receiver<bool>,
     ) {
         let _ = tcp.set_nodelay(true);
-        let (workload, peer) = (self.pod.workload.clone(), self.peer);
+        let (workload, peer) = (self.served.pod.workload.clone(), self.peer);
         let refuse = move |reason: &dyn std::fmt::Display| {
             warn!(
                 %workload,
@@ -156,10 +153,10 @@ impl Conn {
         let peer_id = match tls::peer_identity(tls.get_ref().1.peer_certificates()) {
             // A root of the bundle may also sign for other trust domains
             // (federation, a root shared during migration): only ours are peers.
-            Ok(id) if id.trust_domain() != self.pod.identity.trust_domain() => {
+            Ok(id) if id.trust_domain() != self.served.pod.identity.trust_domain() => {
                 return refuse(&format_args!(
                     "peer {id} is not in trust domain {}",
-                    self.pod.identity.trust_domain()
+                    self.served.pod.identity.trust_domain()
                 ));
             }
             Ok(id) => Arc::new(id),
@@ -177,7 +174,7 @@ impl Conn {
             Ok(Err(e)) => return refuse(&format_args!("HTTP/2 handshake failed: {e}")),
             Err(_) => return refuse(&"HTTP/2 handshake timed out"),
         };
-        debug!(workload = %self.pod.workload, peer = %self.peer, peer_identity = %peer_id, "HBONE connection accepted");
+        debug!(workload = %self.served.pod.workload, peer = %self.peer, peer_identity = %peer_id, "HBONE connection accepted");
         let this = Arc::new(self);
         let mut draining = false;
         loop {
@@ -213,9 +210,9 @@ impl Conn {
         req: Request<RecvStream>,
         mut respond: SendResponse<Bytes>,
     ) {
-        let mut log = AccessLog::new(Direction::Inbound, self.pod.clone(), self.peer);
+        let mut log = AccessLog::new(Direction::Inbound, self.served.pod.clone(), self.peer);
         log.src_identity = Some(peer_id.to_string());
-        log.dst_identity = Some(self.pod.identity.to_string());
+        log.dst_identity = Some(self.served.pod.identity.to_string());
         log.security = "mutual_tls";
         // The outer connection comes from the source pod's own address (the agent
         // dials from inside its namespace), so `self.peer` already names it; the
@@ -225,17 +222,10 @@ impl Conn {
         {
             log.src = src;
         }
-        let mut reply = |log: &mut AccessLog, status: StatusCode, why: String| {
-            log.fail(
-                match status {
-                    StatusCode::SERVICE_UNAVAILABLE => "upstream_connect_failed",
-                    StatusCode::UNAUTHORIZED => "denied",
-                    _ => "bad_request",
-                },
-                &why,
-            );
+        let mut reply = |log: &mut AccessLog, refused: Refused| {
+            log.fail(refused.end(), &refused.why);
             let resp = Response::builder()
-                .status(status)
+                .status(refused.status)
                 .body(())
                 .unwrap_or_default();
             let _ = respond.send_response(resp, true);
@@ -243,8 +233,10 @@ impl Conn {
         if req.method() != Method::CONNECT {
             return reply(
                 &mut log,
-                StatusCode::BAD_REQUEST,
-                format!("method {} is not CONNECT", req.method()),
+                Refused::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("method {} is not CONNECT", req.method()),
+                ),
             );
         }
         let Some(dst) = req
@@ -255,90 +247,22 @@ impl Conn {
         else {
             return reply(
                 &mut log,
-                StatusCode::BAD_REQUEST,
-                format!(
-                    "authority {:?} is not ip:port",
-                    req.uri().authority().map(|a| a.as_str())
+                Refused::new(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "authority {:?} is not ip:port",
+                        req.uri().authority().map(|a| a.as_str())
+                    ),
                 ),
             );
         };
-        log.set_dst(dst);
-        if !self.addresses.contains(&dst.ip()) {
-            return reply(
-                &mut log,
-                StatusCode::BAD_REQUEST,
-                format!("{} is not an address of this pod", dst.ip()),
-            );
-        }
-        if is_reserved_port(dst.port()) {
-            return reply(
-                &mut log,
-                StatusCode::BAD_REQUEST,
-                format!("port {} is reserved for the mesh", dst.port()),
-            );
-        }
-        // Policy, on the identity the handshake proved and the address the
-        // connection came from (not on what the peer's headers claim).
-        let view = self.shared.view();
-        let Some(me) = view.workload(&self.pod.workload) else {
-            return reply(
-                &mut log,
-                StatusCode::SERVICE_UNAVAILABLE,
-                "this pod is no longer in the config".into(),
-            );
-        };
-        let by_addr = view
-            .workload_by_address(self.peer.ip())
-            .filter(|w| w.identity(&view.trust_domain).ok().as_ref() == Some(&*peer_id));
-        log.opened(TcpLabels {
-            reporter: Reporter::Destination,
-            source: match by_addr {
-                Some(w) => Peer::of(w, Some(peer_id.to_string())),
-                None => Peer {
-                    namespace: Some(peer_id.namespace().to_owned()),
-                    principal: Some(peer_id.to_string()),
-                    ..Peer::default()
-                },
-            },
-            destination: Peer::of(me, Some(self.pod.identity.to_string())),
-            service: None,
-            mutual_tls: true,
-            flags: Flags::None,
-        });
-        let facts = Facts {
-            workload: self.pod.workload.clone(),
-            src_identity: Some((*peer_id).clone()),
-            src_ip: self.peer.ip(),
-            dst_port: dst.port(),
-        };
-        if let Some((kind, reason)) = facts.denied_by(&view) {
-            STATS.policy_denied(&self.pod.workload.to_string(), kind);
-            return reply(&mut log, StatusCode::UNAUTHORIZED, reason);
-        }
-        drop(view);
-        let kill = self.shared.live.register(facts);
-        let source = if dst.is_ipv4() {
-            INBOUND_SOURCE_V4
-        } else {
-            INBOUND_SOURCE_V6
-        };
-        let mut up = match connect_from(
-            &self.pod.netns,
-            dst,
-            Some(source),
-            self.shared.settings.connect_timeout,
-        )
-        .await
+        let peer = self.peer;
+        let admitted = match admit(&self.shared, &self.served, &peer_id, peer, dst, &mut log).await
         {
-            Ok(up) => up,
-            Err(e) => {
-                return reply(
-                    &mut log,
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("application: {e}"),
-                );
-            }
+            Ok(a) => a,
+            Err(refused) => return reply(&mut log, refused),
         };
+        let (mut up, kill) = (admitted.up, admitted.kill);
         let send = match respond.send_response(Response::new(()), false) {
             Ok(send) => send,
             Err(e) => {

@@ -6,12 +6,14 @@
 //! outbound traffic leaves with the pod's own address and routes, and the inbound
 //! connection to the application stays on the pod's loopback.
 
+pub mod admit;
 pub mod copy;
 pub mod inbound;
 pub mod live;
 pub mod outbound;
 
 use std::{
+    collections::HashMap,
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::{
@@ -26,6 +28,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tracing::{info, warn};
 use weft_common::{AGENT_SOCKET_MARK, INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 
+use self::admit::Served;
 use crate::{
     certs::CertManager,
     config::{MeshConfig, WorkloadKey},
@@ -50,6 +53,18 @@ pub struct Pod {
 #[derive(Debug, Clone, Copy)]
 pub struct Settings {
     pub connect_timeout: Duration,
+    pub same_node: SameNode,
+}
+
+/// How a connection between two pods of this node travels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SameNode {
+    /// The agent connects the two pods itself: the destination's policy is
+    /// applied to the source's identity as for HBONE, without TLS or a TCP hop
+    /// through the node (Istio ztunnel's node-local fast path).
+    InProcess,
+    /// Over HBONE to this agent's own 15008 listener, as between nodes.
+    Hbone,
 }
 
 /// What every listener of this agent shares: settings, the current mesh view,
@@ -64,6 +79,8 @@ pub struct Shared {
     pub bundle: Arc<std::sync::RwLock<TrustBundle>>,
     pub pool: Pool,
     pub live: live::LiveConns,
+    /// The pods this agent serves, for node-local connections.
+    served: std::sync::RwLock<HashMap<WorkloadKey, Arc<Served>>>,
 }
 
 impl Shared {
@@ -85,7 +102,40 @@ impl Shared {
             bundle,
             pool,
             live: live::LiveConns::default(),
+            served: Default::default(),
         }
+    }
+
+    /// Takes node-local connections to `pod` from now on.
+    pub fn serve(&self, pod: Arc<Served>) {
+        self.served
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(pod.pod.workload.clone(), pod);
+    }
+
+    /// No more node-local connections to `workload` (`None`: to any pod).
+    pub fn unserve(&self, workload: Option<&WorkloadKey>) {
+        let mut served = self.served.write().unwrap_or_else(|e| e.into_inner());
+        match workload {
+            Some(w) => {
+                served.remove(w);
+            }
+            None => served.clear(),
+        }
+    }
+
+    /// The pod `w` if this agent serves it and node-local connections go
+    /// in-process.
+    pub fn served(&self, w: &crate::config::Workload) -> Option<Arc<Served>> {
+        if self.settings.same_node != SameNode::InProcess || w.node != self.node {
+            return None;
+        }
+        self.served
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&w.key())
+            .cloned()
     }
 
     /// The mesh as of the last good config (a cheap `Arc` clone).

@@ -21,9 +21,16 @@ use tracing::{debug, warn};
 use weft_common::{AF_INET, ConnKey, OUTBOUND_PORT, OrigDst, v4_mapped};
 
 use super::{
-    AccessLog, Direction, Pod, Shared, accept_loop, canonical, connect_from, copy, copy::Side,
+    AccessLog, Direction, Pod, Shared, accept_loop,
+    admit::{Admitted, Refused, Served, admit},
+    canonical, connect_from, copy,
+    copy::Side,
     forward, is_reserved_port, listen, reset,
 };
+
+/// The access log's `security` for a connection between two pods of this node
+/// that the agent connected in-process (no network, so no TLS).
+const NODE_LOCAL: &str = "node_local";
 use crate::{
     config::{OutsideMesh, WorkloadKey},
     ebpf::OrigDstTable,
@@ -140,7 +147,7 @@ async fn handle(
     let _ = down.set_nodelay(true);
 
     if let Some(w) = view.workload_by_address(dst.ip()).filter(|w| w.enrolled) {
-        let endpoint = Endpoint::of(&view, w, dst);
+        let endpoint = Endpoint::of(&shared, &view, w, dst);
         let Ok(endpoint) = endpoint else {
             log.fail("refused", "the destination has no valid identity");
             reset(down);
@@ -151,8 +158,9 @@ async fn handle(
         let timeout = shared.settings.connect_timeout;
         log.identities(&endpoint);
         let mut early = Early::default();
+        let client = log.src;
         match connect(
-            &shared, &pod, source_ip, &endpoint, timeout, &down, &mut early,
+            &shared, &pod, client, source_ip, &endpoint, timeout, &down, &mut early,
         )
         .await
         {
@@ -213,10 +221,13 @@ struct Endpoint {
     addr: SocketAddr,
     /// Its identity when it is in the mesh (HBONE); `None` for plaintext.
     identity: Option<SpiffeId>,
+    /// The pod, when this agent serves it and connects such pods in-process.
+    local: Option<Arc<Served>>,
 }
 
 impl Endpoint {
     fn of(
+        shared: &Shared,
         view: &crate::view::View,
         w: &crate::config::Workload,
         addr: SocketAddr,
@@ -229,6 +240,7 @@ impl Endpoint {
         Ok(Endpoint {
             workload: Peer::of(w, identity.as_ref().map(ToString::to_string)),
             addr,
+            local: identity.as_ref().and_then(|_| shared.served(w)),
             identity,
         })
     }
@@ -254,16 +266,29 @@ fn labels(source: Peer, ep: &Endpoint, service: Option<ServiceName>) -> TcpLabel
     }
 }
 
-/// An upstream: an HBONE stream, or a plaintext socket.
+/// An upstream: an HBONE stream, a pod of this node's admitted in-process, or a
+/// plaintext socket.
 enum Upstream {
     Hbone(hbone::client::Tunnel),
+    Local(Box<Local>),
     Plain(tokio::net::TcpStream),
+}
+
+/// A node-local connection: the socket to the destination application, and its
+/// destination side (its own access-log line and metrics, and the handle that
+/// closes it when policy changes), as an HBONE stream would have on the
+/// destination's agent.
+struct Local {
+    admitted: Admitted,
+    log: AccessLog,
 }
 
 #[derive(Debug, thiserror::Error)]
 enum ConnectError {
     #[error(transparent)]
     Hbone(#[from] hbone::client::Error),
+    #[error("refused by the destination: {0}")]
+    Local(Refused),
     #[error("connecting to {addr}: {source}")]
     Plain {
         addr: SocketAddr,
@@ -280,6 +305,7 @@ impl ConnectError {
     fn end(&self) -> &'static str {
         match self {
             ConnectError::Hbone(e) => e.end(),
+            ConnectError::Local(r) if r.end() == "denied" => "denied",
             _ => "upstream_connect_failed",
         }
     }
@@ -291,12 +317,15 @@ impl ConnectError {
     }
 }
 
-/// Connects to `ep`. An HBONE stream already carries what the client sent while
-/// it was being opened (kept in `early`); a plaintext connection gets what an
-/// earlier attempt kept before anything else.
+/// Connects `client` (the source pod's address and port, as a peer sees them)
+/// to `ep`. An HBONE stream already carries what the client sent while it was
+/// being opened (kept in `early`); a node-local or plaintext connection gets what
+/// an earlier attempt kept before anything else.
+#[allow(clippy::too_many_arguments)]
 async fn connect(
     shared: &Shared,
     pod: &Pod,
+    client: SocketAddr,
     source_ip: Option<std::net::IpAddr>,
     ep: &Endpoint,
     timeout: std::time::Duration,
@@ -304,8 +333,33 @@ async fn connect(
     early: &mut Early,
 ) -> Result<Upstream, ConnectError> {
     let attempt = async {
-        match &ep.identity {
-            Some(dst_id) => shared
+        match (&ep.identity, &ep.local) {
+            (Some(dst_id), Some(to)) => {
+                // What the destination's agent does with an HBONE stream, here.
+                let mut log = AccessLog::new(Direction::Inbound, to.pod.clone(), client);
+                log.src_identity = Some(pod.identity.to_string());
+                log.dst_identity = Some(dst_id.to_string());
+                log.security = NODE_LOCAL;
+                let mut admitted =
+                    match admit(shared, to, &pod.identity, client, ep.addr, &mut log).await {
+                        Ok(a) => a,
+                        Err(refused) => {
+                            log.fail(refused.end(), &refused.why);
+                            return Err(ConnectError::Local(refused));
+                        }
+                    };
+                for chunk in early.chunks() {
+                    if let Err(e) = admitted.up.write_all(chunk).await {
+                        log.fail("upstream_error", &e);
+                        return Err(ConnectError::Plain {
+                            addr: ep.addr,
+                            source: e,
+                        });
+                    }
+                }
+                Ok(Upstream::Local(Box::new(Local { admitted, log })))
+            }
+            (Some(dst_id), None) => shared
                 .pool
                 .open(
                     Target {
@@ -322,7 +376,7 @@ async fn connect(
                 .await
                 .map(Upstream::Hbone)
                 .map_err(ConnectError::from),
-            None => {
+            (None, _) => {
                 let plain = |source| ConnectError::Plain {
                     addr: ep.addr,
                     source,
@@ -367,6 +421,32 @@ async fn carry(
             log.security = "mutual_tls";
             log.connection = Some(tunnel.connection);
             stream::bidirectional(&mut down, tunnel.send, tunnel.recv, sent_all).await
+        }
+        Upstream::Local(local) => {
+            log.security = NODE_LOCAL;
+            let Local {
+                admitted: Admitted { mut up, kill },
+                log: mut inbound,
+            } = *local;
+            let t = tokio::select! {
+                t = copy::bidirectional(&mut down, &mut up) => t,
+                reason = kill.killed() => {
+                    log.fail("upstream_error", format!("closed by the destination's policy: {reason}"));
+                    inbound.fail("denied", reason);
+                    let _ = up.set_zero_linger();
+                    reset(down);
+                    return;
+                }
+            };
+            inbound.sent = t.sent + early_len;
+            inbound.received = t.received;
+            inbound.end = "closed";
+            match &t.result {
+                Ok(()) => {}
+                Err((Side::Downstream, e)) => inbound.fail("downstream_error", e),
+                Err((Side::Upstream, e)) => inbound.fail("upstream_error", e),
+            }
+            t
         }
         Upstream::Plain(mut up) => {
             if let Ok(local) = up.local_addr() {
@@ -452,10 +532,14 @@ async fn to_service(
             last = Some(format!("{key} is outside the mesh (outside_mesh: refuse)"));
             continue;
         }
-        let Ok(ep) = Endpoint::of(&view, w, SocketAddr::new(ip, port.target())) else {
+        let Ok(ep) = Endpoint::of(shared, &view, w, SocketAddr::new(ip, port.target())) else {
             continue;
         };
-        match connect(shared, pod, source_ip, &ep, timeout, &down, &mut early).await {
+        match connect(
+            shared, pod, log.src, source_ip, &ep, timeout, &down, &mut early,
+        )
+        .await
+        {
             Ok(up) => {
                 balancer.report(&key, true, Instant::now());
                 drop(view);

@@ -289,8 +289,10 @@ fn walkthrough(cluster: &Cluster, once: bool) -> Result<()> {
          inside its pod (getpeername still shows the original destination). Between two\n  \
          enrolled pods the agents carried it as one HTTP/2 CONNECT stream over mutual TLS 1.3\n  \
          (HBONE, port 15008): wire = mTLS, and each side proved the SPIFFE identity shown,\n  \
-         with certificates `weft ca` signed for this node only. A destination outside the\n  \
-         mesh gets plaintext (outside_mesh: passthrough, the default)."
+         with certificates `weft ca` signed for this node only. Between two enrolled pods\n  \
+         of one node the agent connected them itself after the same policy checks\n  \
+         (wire = node: the bytes never left the node, so no TLS). A destination outside\n  \
+         the mesh gets plaintext (outside_mesh: passthrough, the default)."
     );
 
     section("6. A service, load balancing and a policy");
@@ -659,10 +661,10 @@ fn columns(node: &str, v: &Value) -> [String; 9] {
         text(v, "direction"),
         text(v, "workload"),
         format!("{} -> {}", text(v, "src.addr"), text(v, "dst.addr")),
-        if v["security"] == "mutual_tls" {
-            "mTLS".into()
-        } else {
-            "plain".into()
+        match v["security"].as_str() {
+            Some("mutual_tls") => "mTLS".into(),
+            Some("node_local") => "node".into(),
+            _ => "plain".into(),
         },
         format!("{} -> {}", text(v, "src.identity"), text(v, "dst.identity")),
         format!(

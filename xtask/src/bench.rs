@@ -23,7 +23,8 @@
 //!    10,000 idle connections held through it (Weft only).
 //!
 //! The agents' access logs prove the labels: a Weft run leaves a line per
-//! connection on both nodes (cross-node ones `mutual_tls`), a direct run none.
+//! connection on both nodes (cross-node ones `mutual_tls`, same-node ones
+//! `node_local`), a direct run none.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -979,6 +980,19 @@ fn check_labels(
             .is_some_and(|a| a.starts_with(&format!("{cross_ip}:")))
     };
     let cross_out: Vec<&Value> = out.iter().filter(to_cross).collect();
+    let same_ip = Route::Same.server(cluster).ip.to_string();
+    let same: Vec<&Value> = out
+        .iter()
+        .filter(|v| {
+            v["dst.addr"]
+                .as_str()
+                .is_some_and(|a| a.starts_with(&format!("{same_ip}:")))
+        })
+        .collect();
+    let not_local = same
+        .iter()
+        .filter(|v| v["security"] != "node_local")
+        .count();
     let not_mtls = |lines: &[&Value]| {
         lines
             .iter()
@@ -1004,6 +1018,13 @@ fn check_labels(
                 not_mtls(&inb_refs),
                 inb.len()
             );
+            // Both sides of each same-node connection log on node 0.
+            ensure!(
+                !same.is_empty() && not_local == 0,
+                "round {round}: same-node connections not connected in-process: {not_local} of \
+                 {} access-log lines on node 0",
+                same.len()
+            );
         }
         Mode::Direct => ensure!(
             out.is_empty() && inb.is_empty(),
@@ -1020,6 +1041,7 @@ fn check_labels(
         "node0_cross_node_mutual_tls": cross_out.len() - not_mtls(&cross_out),
         "node1_lines": inb.len(),
         "node1_mutual_tls": inb.len() - not_mtls(&inb_refs),
+        "node0_same_node_local": same.len() - not_local,
         "settled_counts_after": [after.0, after.1],
     }))
 }

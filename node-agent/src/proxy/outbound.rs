@@ -335,29 +335,11 @@ async fn connect(
     let attempt = async {
         match (&ep.identity, &ep.local) {
             (Some(dst_id), Some(to)) => {
-                // What the destination's agent does with an HBONE stream, here.
-                let mut log = AccessLog::new(Direction::Inbound, to.pod.clone(), client);
-                log.src_identity = Some(pod.identity.to_string());
-                log.dst_identity = Some(dst_id.to_string());
-                log.security = NODE_LOCAL;
-                let mut admitted =
-                    match admit(shared, to, &pod.identity, client, ep.addr, &mut log).await {
-                        Ok(a) => a,
-                        Err(refused) => {
-                            log.fail(refused.end(), &refused.why);
-                            return Err(ConnectError::Local(refused));
-                        }
-                    };
-                for chunk in early.chunks() {
-                    if let Err(e) = admitted.up.write_all(chunk).await {
-                        log.fail("upstream_error", &e);
-                        return Err(ConnectError::Plain {
-                            addr: ep.addr,
-                            source: e,
-                        });
-                    }
-                }
-                Ok(Upstream::Local(Box::new(Local { admitted, log })))
+                // Boxed, so that its state does not enlarge every connection's task.
+                Box::pin(connect_local(
+                    shared, pod, client, to, dst_id, ep.addr, early,
+                ))
+                .await
             }
             (Some(dst_id), None) => shared
                 .pool
@@ -400,6 +382,41 @@ async fn connect(
     }
 }
 
+/// What the destination's agent does with an HBONE stream, done here for a pod
+/// of this node: admits `client` to `dst` in `to`, then sends what an earlier
+/// attempt kept.
+async fn connect_local(
+    shared: &Shared,
+    pod: &Pod,
+    client: SocketAddr,
+    to: &Served,
+    dst_id: &SpiffeId,
+    dst: SocketAddr,
+    early: &Early,
+) -> Result<Upstream, ConnectError> {
+    let mut log = AccessLog::new(Direction::Inbound, to.pod.clone(), client);
+    log.src_identity = Some(pod.identity.to_string());
+    log.dst_identity = Some(dst_id.to_string());
+    log.security = NODE_LOCAL;
+    let mut admitted = match admit(shared, to, &pod.identity, client, dst, &mut log).await {
+        Ok(a) => a,
+        Err(refused) => {
+            log.fail(refused.end(), &refused.why);
+            return Err(ConnectError::Local(refused));
+        }
+    };
+    for chunk in early.chunks() {
+        if let Err(e) = admitted.up.write_all(chunk).await {
+            log.fail("upstream_error", &e);
+            return Err(ConnectError::Plain {
+                addr: dst,
+                source: e,
+            });
+        }
+    }
+    Ok(Upstream::Local(Box::new(Local { admitted, log })))
+}
+
 /// Copies between the pod's socket and the upstream until both are done.
 async fn carry(
     mut log: AccessLog,
@@ -423,30 +440,11 @@ async fn carry(
             stream::bidirectional(&mut down, tunnel.send, tunnel.recv, sent_all).await
         }
         Upstream::Local(local) => {
-            log.security = NODE_LOCAL;
-            let Local {
-                admitted: Admitted { mut up, kill },
-                log: mut inbound,
-            } = *local;
-            let t = tokio::select! {
-                t = copy::bidirectional(&mut down, &mut up) => t,
-                reason = kill.killed() => {
-                    log.fail("upstream_error", format!("closed by the destination's policy: {reason}"));
-                    inbound.fail("denied", reason);
-                    let _ = up.set_zero_linger();
-                    reset(down);
-                    return;
-                }
-            };
-            inbound.sent = t.sent + early_len;
-            inbound.received = t.received;
-            inbound.end = "closed";
-            match &t.result {
-                Ok(()) => {}
-                Err((Side::Downstream, e)) => inbound.fail("downstream_error", e),
-                Err((Side::Upstream, e)) => inbound.fail("upstream_error", e),
+            // Boxed, so that its state does not enlarge every connection's task.
+            match Box::pin(carry_local(&mut log, &mut down, *local, early_len)).await {
+                Some(t) => t,
+                None => return,
             }
-            t
         }
         Upstream::Plain(mut up) => {
             if let Ok(local) = up.local_addr() {
@@ -462,6 +460,41 @@ async fn carry(
         Err((Side::Downstream, e)) => log.fail("downstream_error", e),
         Err((Side::Upstream, e)) => log.fail("upstream_error", e),
     }
+}
+
+/// Copies between the pod's socket and the destination application's, and
+/// fills in the destination side's access log; `None` when a policy change
+/// closed the connection (both sockets are reset).
+async fn carry_local(
+    log: &mut AccessLog,
+    down: &mut tokio::net::TcpStream,
+    local: Local,
+    early_len: u64,
+) -> Option<copy::Transfer> {
+    log.security = NODE_LOCAL;
+    let Local {
+        admitted: Admitted { mut up, kill },
+        log: mut inbound,
+    } = local;
+    let t = tokio::select! {
+        t = copy::bidirectional(down, &mut up) => t,
+        reason = kill.killed() => {
+            log.fail("upstream_error", format!("closed by the destination's policy: {reason}"));
+            inbound.fail("denied", reason);
+            let _ = up.set_zero_linger();
+            let _ = down.set_zero_linger();
+            return None;
+        }
+    };
+    inbound.sent = t.sent + early_len;
+    inbound.received = t.received;
+    inbound.end = "closed";
+    match &t.result {
+        Ok(()) => {}
+        Err((Side::Downstream, e)) => inbound.fail("downstream_error", e),
+        Err((Side::Upstream, e)) => inbound.fail("upstream_error", e),
+    }
+    Some(t)
 }
 
 /// A connection to a service's virtual IP: picks an endpoint, tries another on

@@ -7,7 +7,9 @@ use clap::Parser;
 fn main() -> ExitCode {
     let cli = weft::cli::Cli::parse();
     weft::telemetry::init_logging();
-    match weft::app::run(cli) {
+    let result = weft::app::run(cli);
+    weft::telemetry::flush();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(error = format!("{error:#}"), "weft failed");

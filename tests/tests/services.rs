@@ -87,7 +87,15 @@ fn round_robin_spreads_3000_connections_evenly_over_three_endpoints() -> Result<
     assert_even(&report, &s, 3000, 0.01);
     // Each went over mutual TLS to the pod's target port, named by its service;
     // to the backend on the client's node, in-process.
-    let logs = s.mesh.access_logs(0);
+    // (An access-log line is written up to 50 ms after its connection closed.)
+    let mut logs = Vec::new();
+    eventually(PATIENCE, || {
+        logs = s.mesh.access_logs(0);
+        logs.iter()
+            .filter(|v| v["service"] == "default/web")
+            .count()
+            >= 3000
+    });
     let to_web: Vec<&Value> = logs
         .iter()
         .filter(|v| v["service"] == "default/web")

@@ -21,6 +21,16 @@ fn say(from: &Pod, to: &str) -> Result<Value> {
     tk::say(from, to, "hello", &["--timeout-secs", "5"])
 }
 
+/// A connection from `from` to `to` held open in the background: `message`
+/// echoed `repeat` times, 200 ms apart. Its report is its last stdout line.
+fn held(from: &Pod, to: &str, message: &str, repeat: u32) -> Result<Proc> {
+    let mut cmd = from.command(weft_tests::bin_path("weft-tk"));
+    cmd.args(["say", "--connect", to, "--message", message, "--repeat"])
+        .arg(repeat.to_string())
+        .args(["--interval-ms", "200"]);
+    from.spawn(&mut cmd)
+}
+
 /// Connections the server's application saw (every agent-proxied connection
 /// comes from 127.0.0.6, so they are told apart by count, not address).
 fn seen(server: &Proc) -> usize {
@@ -183,21 +193,7 @@ fn a_policy_change_closes_a_live_connection_it_now_denies() -> Result<()> {
     mesh.start_all()?;
     let _server = tk::echo(s, PORT)?;
     // Two long-lived connections: an exchange every 200 ms for 8 s.
-    let long = |p: &Pod| -> Result<Proc> {
-        let mut cmd = p.command(weft_tests::bin_path("weft-tk"));
-        cmd.args([
-            "say",
-            "--connect",
-            &to(s),
-            "--message",
-            "still here",
-            "--repeat",
-            "40",
-            "--interval-ms",
-            "200",
-        ]);
-        p.spawn(&mut cmd)
-    };
+    let long = |p: &Pod| held(p, &to(s), "still here", 40);
     let (la, lb) = (long(a)?, long(b)?);
     std::thread::sleep(Duration::from_secs(1));
     let before = changes(&mesh, 1);
@@ -260,19 +256,7 @@ fn node_local_connections_get_the_destinations_policy_new_and_live() -> Result<(
     }
 
     // b holds a connection open; then a policy denies b.
-    let mut cmd = b.command(weft_tests::bin_path("weft-tk"));
-    cmd.args([
-        "say",
-        "--connect",
-        &to(s),
-        "--message",
-        "still here",
-        "--repeat",
-        "40",
-        "--interval-ms",
-        "200",
-    ]);
-    let live = b.spawn(&mut cmd)?;
+    let live = held(b, &to(s), "still here", 40)?;
     std::thread::sleep(Duration::from_secs(1));
     let before = changes(&mesh, 0);
     mesh.set_sections(&format!(
@@ -352,19 +336,7 @@ fn a_broken_config_keeps_the_last_good_one_and_a_change_to_one_service_spares_an
     assert_eq!(say(client, "10.96.1.1:80")?["ok"], true);
 
     // A live connection to x, while y changes.
-    let mut cmd = client.command(weft_tests::bin_path("weft-tk"));
-    cmd.args([
-        "say",
-        "--connect",
-        "10.96.1.1:80",
-        "--message",
-        "x keeps going",
-        "--repeat",
-        "25",
-        "--interval-ms",
-        "200",
-    ]);
-    let live = client.spawn(&mut cmd)?;
+    let live = held(client, "10.96.1.1:80", "x keeps going", 25)?;
     std::thread::sleep(Duration::from_millis(800));
     let before = changes(&mesh, 0);
     mesh.set_sections(&services(81))?;

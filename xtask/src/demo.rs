@@ -405,9 +405,9 @@ fn service_step(from: &Pod, count: usize, allowed: bool) -> Result<()> {
             bail!("a denied client got through: {report}");
         }
         println!(
-            "      all {failures} refused: the destination's agent answered 401 on the HBONE stream;"
+            "      all {failures} refused by the destination's policy (a 401 on the HBONE stream,\n      \
+             or in-process for a replica on the client's own node); the application never saw them"
         );
-        println!("      the application never saw them");
     }
     Ok(())
 }

@@ -16,12 +16,12 @@ use http::StatusCode;
 use tokio::net::TcpStream;
 
 use super::{
-    AccessLog, INBOUND_SOURCE_V4, INBOUND_SOURCE_V6, Pod, Shared, connect_from, is_reserved_port,
+    AccessLog, Pod, Shared, connect_from, inbound_source, is_reserved_port,
     live::{Facts, Kill},
 };
 use crate::{
     identity::SpiffeId,
-    stats::{Flags, Peer, Reporter, STATS, TcpLabels},
+    stats::{Flags, Peer, Reporter, TcpLabels},
 };
 
 /// A pod this agent serves, as its destination side needs it.
@@ -144,21 +144,15 @@ pub(crate) async fn admit(
         src_ip: peer.ip(),
         dst_port: dst.port(),
     };
-    if let Some((kind, reason)) = facts.denied_by(&view) {
-        STATS.policy_denied(&pod.workload.to_string(), kind);
-        return Err(Refused::new(StatusCode::UNAUTHORIZED, reason));
-    }
+    let kill = shared
+        .live
+        .authorize(facts, &view)
+        .map_err(|reason| Refused::new(StatusCode::UNAUTHORIZED, reason))?;
     drop(view);
-    let kill = shared.live.register(facts);
-    let source = if dst.is_ipv4() {
-        INBOUND_SOURCE_V4
-    } else {
-        INBOUND_SOURCE_V6
-    };
     match connect_from(
         &pod.netns,
         dst,
-        Some(source),
+        Some(inbound_source(dst)),
         shared.settings.connect_timeout,
     )
     .await

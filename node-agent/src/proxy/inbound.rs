@@ -13,10 +13,10 @@ use tokio::sync::watch;
 use weft_common::INBOUND_PLAINTEXT_PORT;
 
 use super::{
-    AccessLog, Direction, INBOUND_SOURCE_V4, INBOUND_SOURCE_V6, Pod, Shared, accept_loop,
-    canonical, forward, listen_any, live::Facts, reset,
+    AccessLog, Direction, Pod, Shared, accept_loop, canonical, forward, inbound_source, listen_any,
+    live::Facts, reset,
 };
-use crate::stats::{Flags, Peer, Reporter, STATS, TcpLabels};
+use crate::stats::{Flags, Peer, Reporter, TcpLabels};
 
 pub struct InboundListener {
     pod: Arc<Pod>,
@@ -98,18 +98,15 @@ async fn handle(pod: Arc<Pod>, shared: Arc<Shared>, down: tokio::net::TcpStream,
         src_ip: peer.ip(),
         dst_port: dst.port(),
     };
-    if let Some((kind, reason)) = facts.denied_by(&view) {
-        STATS.policy_denied(&pod.workload.to_string(), kind);
-        log.fail("denied", reason);
-        reset(down);
-        return;
-    }
-    drop(view);
-    let kill = shared.live.register(facts);
-    let source = if dst.is_ipv4() {
-        INBOUND_SOURCE_V4
-    } else {
-        INBOUND_SOURCE_V6
+    let kill = match shared.live.authorize(facts, &view) {
+        Ok(kill) => kill,
+        Err(reason) => {
+            log.fail("denied", reason);
+            reset(down);
+            return;
+        }
     };
+    drop(view);
+    let source = inbound_source(dst);
     forward(log, down, dst, Some(source), shared.settings, Some(kill)).await;
 }

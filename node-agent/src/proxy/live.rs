@@ -126,6 +126,17 @@ impl LiveConns {
         }
     }
 
+    /// Decides a new inbound connection on `facts` under `view`: a denial is
+    /// counted in the metrics and its reason returned; an allowed connection is
+    /// registered (see [`LiveConns::register`]).
+    pub fn authorize(&self, facts: Facts, view: &View) -> Result<Kill, String> {
+        if let Some((kind, reason)) = facts.denied_by(view) {
+            crate::stats::STATS.policy_denied(&facts.workload.to_string(), kind);
+            return Err(reason);
+        }
+        Ok(self.register(facts))
+    }
+
     /// How many inbound connections are registered.
     pub fn len(&self) -> usize {
         self.0.map.lock().unwrap_or_else(|e| e.into_inner()).len()

@@ -192,6 +192,15 @@ pub(crate) fn listen_any(netns: &Netns, port: u16) -> io::Result<std::net::TcpLi
 pub(crate) const INBOUND_SOURCE_V4: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 6));
 pub(crate) const INBOUND_SOURCE_V6: IpAddr = IpAddr::V6(Ipv6Addr::LOCALHOST);
 
+/// The inbound source in `dst`'s family.
+pub(crate) fn inbound_source(dst: SocketAddr) -> IpAddr {
+    if dst.is_ipv4() {
+        INBOUND_SOURCE_V4
+    } else {
+        INBOUND_SOURCE_V6
+    }
+}
+
 /// Connects to `dst` from inside `netns`, with the agent's socket mark, from
 /// `source` if given.
 pub(crate) async fn connect_from(

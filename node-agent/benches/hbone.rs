@@ -18,10 +18,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use h2::client::SendRequest;
 use http::{Request, Response, StatusCode};
 use tokio::runtime::Runtime;
-use weft::hbone::{
-    CONNECTION_WINDOW, MAX_FRAME, MAX_HEADER_LIST, STREAM_WINDOW, client::connect_request,
-    server::forwarded_for,
-};
+use weft::hbone::{client::connect_request, client_builder, server::forwarded_for, server_builder};
 
 fn addr(s: &str) -> SocketAddr {
     s.parse().unwrap()
@@ -78,11 +75,7 @@ fn pair(rt: &Runtime) -> SendRequest<Bytes> {
     rt.block_on(async {
         let (client_io, server_io) = tokio::io::duplex(1 << 20);
         tokio::spawn(async move {
-            let mut conn = h2::server::Builder::new()
-                .initial_window_size(STREAM_WINDOW)
-                .initial_connection_window_size(CONNECTION_WINDOW)
-                .max_frame_size(MAX_FRAME)
-                .max_header_list_size(MAX_HEADER_LIST)
+            let mut conn = server_builder()
                 .handshake::<_, Bytes>(server_io)
                 .await
                 .expect("server handshake");
@@ -96,10 +89,7 @@ fn pair(rt: &Runtime) -> SendRequest<Bytes> {
                 let _ = respond.send_response(resp, true);
             }
         });
-        let (send, connection) = h2::client::Builder::new()
-            .initial_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
-            .max_frame_size(MAX_FRAME)
+        let (send, connection) = client_builder()
             .handshake::<_, Bytes>(client_io)
             .await
             .expect("client handshake");

@@ -615,36 +615,30 @@ fn scenarios(
             f64::from(plan.conns),
         );
     }
-    add(
-        "conn_rate",
-        "new connections (1 KiB exchange each)",
-        "conn/s",
-        num(&conns, "conns_per_s")?,
-    );
-    add(
-        "conn_connect_p50",
-        "connect() p50",
-        "µs",
-        num(&conns, "connect_p50_us")?,
-    );
-    add(
-        "conn_connect_p99",
-        "connect() p99",
-        "µs",
-        num(&conns, "connect_p99_us")?,
-    );
-    add(
-        "conn_exchange_p50",
-        "connect + 1 KiB exchange p50",
-        "µs",
-        num(&conns, "exchange_p50_us")?,
-    );
-    add(
-        "conn_exchange_p99",
-        "connect + 1 KiB exchange p99",
-        "µs",
-        num(&conns, "exchange_p99_us")?,
-    );
+    for (key, name, unit, field) in [
+        (
+            "conn_rate",
+            "new connections (1 KiB exchange each)",
+            "conn/s",
+            "conns_per_s",
+        ),
+        ("conn_connect_p50", "connect() p50", "µs", "connect_p50_us"),
+        ("conn_connect_p99", "connect() p99", "µs", "connect_p99_us"),
+        (
+            "conn_exchange_p50",
+            "connect + 1 KiB exchange p50",
+            "µs",
+            "exchange_p50_us",
+        ),
+        (
+            "conn_exchange_p99",
+            "connect + 1 KiB exchange p99",
+            "µs",
+            "exchange_p99_us",
+        ),
+    ] {
+        add(key, name, unit, num(&conns, field)?);
+    }
 
     // 4. HTTP with wrk against nginx, with the CPU it costs.
     let cpu0 = Cpu::now(mesh)?;

@@ -43,9 +43,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tracing::{debug, info};
 
-use super::{
-    CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME, PoolSettings, STREAM_WINDOW, stream::h2_io,
-};
+use super::{HANDSHAKE_TIMEOUT, PoolSettings, stream::h2_io};
 use crate::{
     certs::{self, CertManager},
     identity::SpiffeId,
@@ -440,11 +438,7 @@ impl Pool {
                 });
             }
         };
-        let handshake = h2::client::Builder::new()
-            .initial_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
-            .max_frame_size(MAX_FRAME)
-            .handshake::<_, Bytes>(tls);
+        let handshake = super::client_builder().handshake::<_, Bytes>(tls);
         let (send, connection) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
             Ok(Ok(x)) => x,
             Ok(Err(e)) => {

@@ -28,6 +28,28 @@ pub const MAX_FRAME: u32 = 256 << 10;
 pub const MAX_HEADER_LIST: u32 = 16 << 10;
 /// How long a peer has to complete the TLS and HTTP/2 handshakes.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Streams one inbound connection may carry at once.
+pub const MAX_CONCURRENT_STREAMS: u32 = 1000;
+
+/// The HTTP/2 client side of an HBONE connection, with the sizes above.
+pub fn client_builder() -> h2::client::Builder {
+    let mut b = h2::client::Builder::new();
+    b.initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME);
+    b
+}
+
+/// The HTTP/2 server side of an HBONE connection (15008), with the sizes above.
+pub fn server_builder() -> h2::server::Builder {
+    let mut b = h2::server::Builder::new();
+    b.initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .max_header_list_size(MAX_HEADER_LIST)
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS);
+    b
+}
 
 /// Pool limits (see `client`).
 #[derive(Debug, Clone, Copy)]

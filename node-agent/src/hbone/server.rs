@@ -24,9 +24,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 use weft_common::INBOUND_HBONE_PORT;
 
-use super::{
-    CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME, MAX_HEADER_LIST, STREAM_WINDOW, stream,
-};
+use super::{HANDSHAKE_TIMEOUT, stream};
 use crate::{
     certs::CertManager,
     identity::SpiffeId,
@@ -39,9 +37,6 @@ use crate::{
     },
     tls,
 };
-
-/// Streams one inbound connection may carry at once.
-const MAX_CONCURRENT_STREAMS: u32 = 1000;
 
 pub struct HboneListener {
     served: Arc<Served>,
@@ -162,13 +157,7 @@ impl Conn {
             Ok(id) => Arc::new(id),
             Err(e) => return refuse(&e),
         };
-        let handshake = h2::server::Builder::new()
-            .initial_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
-            .max_frame_size(MAX_FRAME)
-            .max_header_list_size(MAX_HEADER_LIST)
-            .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-            .handshake::<_, Bytes>(tls);
+        let handshake = super::server_builder().handshake::<_, Bytes>(tls);
         let mut h2 = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
             Ok(Ok(h2)) => h2,
             Ok(Err(e)) => return refuse(&format_args!("HTTP/2 handshake failed: {e}")),

@@ -985,13 +985,7 @@ fn run_client(
 fn connect_time(args: &[String]) -> Result<ExitCode, String> {
     let opts = Opts::parse(args, &["--connect", "--count", "--timeout-secs"], &[])?;
     let addr = resolve(opts.required("--connect")?)?;
-    let count: usize = opts
-        .required("--count")?
-        .parse()
-        .map_err(|e| format!("--count: {e}"))?;
-    if count == 0 {
-        return Err("--count must be at least 1".into());
-    }
+    let count = count_opt(&opts)?;
     let timeout = opts.timeout()?;
 
     let mut micros = Vec::with_capacity(count);
@@ -1008,13 +1002,12 @@ fn connect_time(args: &[String]) -> Result<ExitCode, String> {
         }
     }
     micros.sort_by(f64::total_cmp);
-    let percentile = |p: f64| micros[((micros.len() - 1) as f64 * p).round() as usize];
     emit(&json!({
         "ok": true,
         "count": count,
         "mean_us": micros.iter().sum::<f64>() / count as f64,
-        "p50_us": percentile(0.50),
-        "p99_us": percentile(0.99),
+        "p50_us": quantile(&micros, 0.50),
+        "p99_us": quantile(&micros, 0.99),
         "min_us": micros[0],
         "max_us": micros[micros.len() - 1],
     }));

@@ -1335,13 +1335,14 @@ fn markdown(
     let mut md = String::new();
     let _ = writeln!(
         md,
-        "Run at {when} on commit `{}`: {}, {} CPUs, {} GiB, Linux {}. {} rounds, \
+        "Run at {when} on commit `{}`: {}, {} CPUs, {} GiB, Linux {}, idle: {}. {} rounds, \
          direct and Weft alternating; medians over rounds, spread = (max − min) / median.\n",
         commit.unwrap_or("?"),
         machine["cpu_model"].as_str().unwrap_or("?"),
         machine["cpus"],
         machine["memory_gib"],
         machine["kernel"].as_str().unwrap_or("?"),
+        machine["idle"].as_str().unwrap_or("?"),
         plan.rounds,
     );
     md.push_str("| target (cross-node) | goal | this run | |\n|---|---|---|---|\n");
@@ -1409,7 +1410,32 @@ fn machine() -> Value {
         "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
         "memory_gib": mem_gib,
         "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_owned()).ok(),
+        "idle": idle(),
     })
+}
+
+/// How an idle CPU waits: it sets the price of every wake-up from idle, and a
+/// proxied request has more of them than a direct one. In a VM with the
+/// `haltpoll` driver, `guest_halt_poll_ns` 0 means an idle vCPU halts at once, so
+/// each wake-up is a VM exit and a host reschedule.
+fn idle() -> String {
+    let read = |p: &str| std::fs::read_to_string(p).ok().map(|s| s.trim().to_owned());
+    let driver = read("/sys/devices/system/cpu/cpuidle/current_driver");
+    let governor = read("/sys/devices/system/cpu/cpuidle/current_governor_ro")
+        .or_else(|| read("/sys/devices/system/cpu/cpuidle/current_governor"));
+    let mut out = match (driver, governor) {
+        (Some(d), Some(g)) if d != g => format!("cpuidle {d}/{g}"),
+        (Some(d), _) => format!("cpuidle {d}"),
+        (None, _) => "no cpuidle driver".to_owned(),
+    };
+    if let Some(ns) = read("/sys/module/haltpoll/parameters/guest_halt_poll_ns") {
+        match ns.parse::<u64>() {
+            Ok(0) => out.push_str(", guest halt polling off"),
+            Ok(ns) => out.push_str(&format!(", guest halt polling up to {} µs", ns / 1000)),
+            Err(_) => {}
+        }
+    }
+    out
 }
 
 fn git_head() -> Option<String> {

@@ -1420,15 +1420,25 @@ fn machine() -> Value {
 /// each wake-up is a VM exit and a host reschedule.
 fn idle() -> String {
     let read = |p: &str| std::fs::read_to_string(p).ok().map(|s| s.trim().to_owned());
-    let driver = read("/sys/devices/system/cpu/cpuidle/current_driver");
-    let governor = read("/sys/devices/system/cpu/cpuidle/current_governor_ro")
-        .or_else(|| read("/sys/devices/system/cpu/cpuidle/current_governor"));
+    describe_idle(
+        read("/sys/devices/system/cpu/cpuidle/current_driver"),
+        read("/sys/devices/system/cpu/cpuidle/current_governor_ro")
+            .or_else(|| read("/sys/devices/system/cpu/cpuidle/current_governor")),
+        read("/sys/module/haltpoll/parameters/guest_halt_poll_ns"),
+    )
+}
+
+fn describe_idle(
+    driver: Option<String>,
+    governor: Option<String>,
+    poll_ns: Option<String>,
+) -> String {
     let mut out = match (driver, governor) {
         (Some(d), Some(g)) if d != g => format!("cpuidle {d}/{g}"),
         (Some(d), _) => format!("cpuidle {d}"),
         (None, _) => "no cpuidle driver".to_owned(),
     };
-    if let Some(ns) = read("/sys/module/haltpoll/parameters/guest_halt_poll_ns") {
+    if let Some(ns) = poll_ns {
         match ns.parse::<u64>() {
             Ok(0) => out.push_str(", guest halt polling off"),
             Ok(ns) => out.push_str(&format!(", guest halt polling up to {} µs", ns / 1000)),
@@ -1554,6 +1564,24 @@ Transfer/sec:     23.55MB
         let new = replace_between(&text, "new\n").unwrap();
         assert_eq!(new, format!("# B\n\n{BEGIN}\nnew\n{END}\n\nmore\n"));
         assert!(replace_between("nothing", "x").is_none());
+    }
+
+    #[test]
+    fn idle_is_described() {
+        let s = |v: &str| Some(v.to_owned());
+        assert_eq!(
+            describe_idle(s("haltpoll"), s("haltpoll"), s("0")),
+            "cpuidle haltpoll, guest halt polling off"
+        );
+        assert_eq!(
+            describe_idle(s("haltpoll"), s("haltpoll"), s("200000")),
+            "cpuidle haltpoll, guest halt polling up to 200 µs"
+        );
+        assert_eq!(
+            describe_idle(s("intel_idle"), s("menu"), None),
+            "cpuidle intel_idle/menu"
+        );
+        assert_eq!(describe_idle(None, None, None), "no cpuidle driver");
     }
 
     #[test]

@@ -1409,7 +1409,7 @@ fn machine() -> Value {
         "cpu_model": model,
         "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
         "memory_gib": mem_gib,
-        "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_owned()).ok(),
+        "kernel": read_trimmed("/proc/sys/kernel/osrelease"),
         "idle": idle(),
     })
 }
@@ -1419,13 +1419,19 @@ fn machine() -> Value {
 /// `haltpoll` driver, `guest_halt_poll_ns` 0 means an idle vCPU halts at once, so
 /// each wake-up is a VM exit and a host reschedule.
 fn idle() -> String {
-    let read = |p: &str| std::fs::read_to_string(p).ok().map(|s| s.trim().to_owned());
     describe_idle(
-        read("/sys/devices/system/cpu/cpuidle/current_driver"),
-        read("/sys/devices/system/cpu/cpuidle/current_governor_ro")
-            .or_else(|| read("/sys/devices/system/cpu/cpuidle/current_governor")),
-        read("/sys/module/haltpoll/parameters/guest_halt_poll_ns"),
+        read_trimmed("/sys/devices/system/cpu/cpuidle/current_driver"),
+        read_trimmed("/sys/devices/system/cpu/cpuidle/current_governor_ro")
+            .or_else(|| read_trimmed("/sys/devices/system/cpu/cpuidle/current_governor")),
+        read_trimmed("/sys/module/haltpoll/parameters/guest_halt_poll_ns"),
     )
+}
+
+/// A one-line `/proc` or `/sys` file without its newline; `None` if unreadable.
+fn read_trimmed(path: &str) -> Option<String> {
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|s| s.trim().to_owned())
 }
 
 fn describe_idle(

@@ -550,20 +550,34 @@ fn scenarios(
         ensure!(v["ok"] == true, "weft-tk rr failed: {v}");
         Ok(v)
     };
+    let cpu0 = Cpu::now(mesh)?;
     let perf = profile("rr_fixed")?;
     let fixed = rr(plan.rr_fixed, Some(RR_RATE))?;
     drop(perf);
-    let cpu0 = Cpu::now(mesh)?;
+    let cpu1 = Cpu::now(mesh)?;
     let perf = profile("rr_saturated")?;
     let saturated = rr(plan.rr_saturated, None)?;
     drop(perf);
-    let cpu1 = Cpu::now(mesh)?;
+    let cpu2 = Cpu::now(mesh)?;
+    let fixed_ipis = (cpu1.ipis - cpu0.ipis) / f64::from(plan.rr_fixed);
+    add(
+        "ipis_per_request_fixed",
+        "cross-CPU wake-ups per request at 1,000/s",
+        "IPIs",
+        fixed_ipis,
+    );
+    add(
+        "ipis_per_request_saturated",
+        "cross-CPU wake-ups per request back to back",
+        "IPIs",
+        (cpu2.ipis - cpu1.ipis) / f64::from(plan.rr_saturated),
+    );
     if mode == Mode::Weft {
         per_unit(
             &mut add,
             "request",
             "back to back",
-            (cpu0, cpu1),
+            (cpu1, cpu2),
             f64::from(plan.rr_saturated),
         );
     }
@@ -606,6 +620,12 @@ fn scenarios(
     drop(perf);
     let cpu1 = Cpu::now(mesh)?;
     ensure!(conns["ok"] == true, "weft-tk conn-rate failed: {conns}");
+    add(
+        "ipis_per_connection",
+        "cross-CPU wake-ups per new connection",
+        "IPIs",
+        (cpu1.ipis - cpu0.ipis) / f64::from(plan.conns),
+    );
     if mode == Mode::Weft {
         per_unit(
             &mut add,
@@ -667,11 +687,12 @@ fn scenarios(
     }
 
     Ok(format!(
-        "iperf3 {:>5.2} (1) {:>5.2} (4) Gbit/s  rr p50 {:>5.1}/{:>5.1} µs  {:>6.0} conn/s  http {:>6.0} req/s",
+        "iperf3 {:>5.2} (1) {:>5.2} (4) Gbit/s  rr p50 {:>5.1}/{:>5.1} µs ({:.1} IPIs)  {:>6.0} conn/s  http {:>6.0} req/s",
         one / 1e9,
         four / 1e9,
         num(&fixed, "p50_us")?,
         num(&saturated, "p50_us")?,
+        fixed_ipis,
         num(&conns, "conns_per_s")?,
         http.rps,
     ))
@@ -871,13 +892,17 @@ fn rss_kib(mesh: &Mesh, node: usize) -> Result<f64> {
 }
 
 /// CPU seconds used so far: by the whole machine (busy time of every CPU) and by
-/// the two agents, and the agents' context switches.
+/// the two agents; the agents' context switches; and the machine's cross-CPU
+/// wake-ups.
 #[derive(Debug, Clone, Copy)]
 struct Cpu {
     machine: f64,
     agents: f64,
     /// Context switches of the agents' threads.
     switches: f64,
+    /// Inter-processor interrupts that wake or reschedule another CPU, all
+    /// CPUs together (see [`cross_cpu_wakeups`]).
+    ipis: f64,
 }
 
 impl Cpu {
@@ -896,12 +921,42 @@ impl Cpu {
         for node in 0..2 {
             switches += context_switches(mesh.agent(node).pid())?;
         }
+        let interrupts = std::fs::read_to_string("/proc/interrupts")?;
+        let ipis =
+            cross_cpu_wakeups(&interrupts).context("no RES or CAL line in /proc/interrupts")?;
         Ok(Cpu {
             machine,
             agents,
             switches,
+            ipis,
         })
     }
+}
+
+/// Cross-CPU wake-ups so far, from `/proc/interrupts`: the rescheduling (`RES`)
+/// and function-call (`CAL`) interrupts of every CPU. Waking a task that is to
+/// run on another CPU costs one of them (since Linux 5.x mostly a `CAL`: the
+/// wake-up is queued on the target CPU); on a VM each is an exit to the host,
+/// and wakes a halted vCPU. A thread woken on the CPU that woke it costs none.
+fn cross_cpu_wakeups(interrupts: &str) -> Option<f64> {
+    let mut found = false;
+    let mut total = 0.0;
+    for line in interrupts.lines() {
+        let line = line.trim_start();
+        let Some(counts) = line
+            .strip_prefix("RES:")
+            .or_else(|| line.strip_prefix("CAL:"))
+        else {
+            continue;
+        };
+        found = true;
+        // One count per CPU, then the description.
+        total += counts
+            .split_whitespace()
+            .map_while(|c| c.parse::<f64>().ok())
+            .sum::<f64>();
+    }
+    found.then_some(total)
 }
 
 /// Voluntary and involuntary context switches of all of `pid`'s threads.
@@ -1268,7 +1323,7 @@ fn show(v: f64, unit: &str) -> String {
         return "-".into();
     }
     let digits = match unit {
-        "Gbit/s" | "CPU-s/GiB" | "CPU-s/10k" => 2,
+        "Gbit/s" | "CPU-s/GiB" | "CPU-s/10k" | "IPIs" => 2,
         "req/s" | "conn/s" => 0,
         _ => 1,
     };
@@ -1562,6 +1617,12 @@ Transfer/sec:     23.55MB
         assert_eq!(process_ticks(pid), Some(325.0));
         let status = "Name:\tweft\nvoluntary_ctxt_switches:\t120\nnonvoluntary_ctxt_switches:\t7\n";
         assert_eq!(switches_in_status(status), 127.0);
+        let interrupts = "           CPU0       CPU1\n LOC:   2713   2742   Local timer interrupts\n \
+                          RES:     20     19   Rescheduling interrupts\n \
+                          CAL:    158    151   Function call interrupts\n \
+                          TLB:     28     29   TLB shootdowns\n";
+        assert_eq!(cross_cpu_wakeups(interrupts), Some(348.0));
+        assert_eq!(cross_cpu_wakeups("LOC: 1 2\n"), None);
     }
 
     #[test]

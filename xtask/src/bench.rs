@@ -939,18 +939,22 @@ impl Cpu {
 /// wake-up is queued on the target CPU); on a VM each is an exit to the host,
 /// and wakes a halted vCPU. A thread woken on the CPU that woke it costs none.
 fn cross_cpu_wakeups(interrupts: &str) -> Option<f64> {
+    counts_after(interrupts, &["RES:", "CAL:"])
+}
+
+/// The sum of the numbers that follow any of `labels` at the start of a line
+/// of a `/proc` file (leading blanks ignored; one number per CPU in
+/// `/proc/interrupts`, one in `/proc/PID/status`), up to the first word that
+/// is not a number. `None` if no line has one of the labels.
+fn counts_after(text: &str, labels: &[&str]) -> Option<f64> {
     let mut found = false;
     let mut total = 0.0;
-    for line in interrupts.lines() {
+    for line in text.lines() {
         let line = line.trim_start();
-        let Some(counts) = line
-            .strip_prefix("RES:")
-            .or_else(|| line.strip_prefix("CAL:"))
-        else {
+        let Some(counts) = labels.iter().find_map(|l| line.strip_prefix(l)) else {
             continue;
         };
         found = true;
-        // One count per CPU, then the description.
         total += counts
             .split_whitespace()
             .map_while(|c| c.parse::<f64>().ok())
@@ -973,14 +977,11 @@ fn context_switches(pid: u32) -> Result<f64> {
 }
 
 fn switches_in_status(status: &str) -> f64 {
-    status
-        .lines()
-        .filter_map(|l| {
-            l.strip_prefix("voluntary_ctxt_switches:")
-                .or_else(|| l.strip_prefix("nonvoluntary_ctxt_switches:"))
-        })
-        .filter_map(|v| v.trim().parse::<f64>().ok())
-        .sum()
+    counts_after(
+        status,
+        &["voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:"],
+    )
+    .unwrap_or(0.0)
 }
 
 fn clock_tick() -> f64 {

@@ -193,6 +193,50 @@ fn the_server_side_sees_each_source_pods_identity() -> Result<()> {
     Ok(())
 }
 
+/// Sockets in TIME_WAIT inside `pod` from the agent's inbound source address.
+fn agent_time_waits(pod: &Pod) -> usize {
+    pod.exec("ss", ["-Htn", "state", "time-wait", "src", "127.0.0.6"])
+        .map(|o| String::from_utf8_lossy(&o.stdout).lines().count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn finished_connections_do_not_use_up_the_ports_the_agent_reaches_applications_from() -> Result<()>
+{
+    if !require_privileged() {
+        return Ok(());
+    }
+    let c = Cluster::new("mtls_ports", 2, 2)?;
+    let _mesh = Mesh::start(&c, |_| true)?;
+    let dst = c.pod(1, 0);
+    // Two local ports in the destination pod: what thousands of connections a
+    // second leave behind, made small. The agent closes its side to the
+    // application first, so each finished connection keeps one of them in
+    // TIME_WAIT for a minute.
+    let range = dst.exec("sysctl", ["-w", "net.ipv4.ip_local_port_range=40000 40001"])?;
+    ensure!(range.status.success(), "sysctl: {range:?}");
+    let (_a, _b) = (tk::echo(dst, PORT)?, tk::echo(dst, PORT + 1)?);
+    let to = |port: u16| SocketAddr::new(dst.ip.into(), port).to_string();
+    for i in 0..2 {
+        say_ok(c.pod(0, 0), &to(PORT), &format!("filling port {i}"))?;
+    }
+    ensure!(
+        eventually(PATIENCE, || agent_time_waits(dst) == 2),
+        "expected both ports in TIME_WAIT, found {}",
+        agent_time_waits(dst)
+    );
+    // Another application port, at once: a port in TIME_WAIT is only taken for
+    // the same destination, so both are free for this one. From the other node
+    // over HBONE, and from this node in-process.
+    say_ok(c.pod(0, 0), &to(PORT + 1), "another port, over HBONE")?;
+    say_ok(c.pod(1, 1), &to(PORT + 1), "another port, on this node")?;
+    // The same application port again, once the TIME_WAITs are a second old:
+    // the kernel may reuse them for a loopback source (`tcp_tw_reuse`).
+    std::thread::sleep(Duration::from_millis(1500));
+    say_ok(c.pod(0, 0), &to(PORT), "the same port again")?;
+    Ok(())
+}
+
 #[test]
 fn with_same_node_hbone_pods_of_one_node_talk_over_mutual_tls_to_their_own_agent() -> Result<()> {
     if !require_privileged() {

@@ -219,6 +219,13 @@ pub(crate) async fn connect_from(
     socket.set_mark(AGENT_SOCKET_MARK)?;
     socket.set_tcp_nodelay(true)?;
     if let Some(ip) = source {
+        // The port is left to `connect`, which picks one unique for the whole
+        // 4-tuple (and may take over a port in TIME_WAIT, `tcp_tw_reuse`). A
+        // `bind` to port 0 would pick one free of every other socket on this
+        // address: the agent closes first, so every finished connection leaves
+        // one in TIME_WAIT for a minute, and at a few thousand new connections
+        // a second the search grows slow and then runs out of ports.
+        bind_address_no_port(&socket)?;
         socket.bind(&SocketAddr::new(ip, 0).into())?;
     }
     let socket = TcpSocket::from_std_stream(socket.into());
@@ -226,6 +233,27 @@ pub(crate) async fn connect_from(
         Ok(result) => result,
         Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")),
     }
+}
+
+/// Sets `IP_BIND_ADDRESS_NO_PORT` (IPv4 and IPv6 sockets alike): a later
+/// `bind` to port 0 takes only the address, and `connect` chooses the port.
+fn bind_address_no_port(socket: &Socket) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let on: libc::c_int = 1;
+    // SAFETY: a valid socket descriptor, and a pointer to an int with its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&raw const on).cast(),
+            std::mem::size_of_val(&on) as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Ports of the agent itself: never a destination through the mesh.

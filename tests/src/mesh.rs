@@ -390,6 +390,20 @@ impl<'c> Mesh<'c> {
         self.logs(node, |v| v["target"] == "weft::access")
     }
 
+    /// Access-log lines of node `node`'s agent printed since `cursor` (0 at
+    /// first), moving the cursor past them.
+    pub fn access_logs_after(&self, node: usize, cursor: &mut usize) -> Vec<Value> {
+        let Some(agent) = self.agents[node].as_ref() else {
+            return Vec::new();
+        };
+        let (lines, next) = agent.json_lines_after(*cursor);
+        *cursor = next;
+        lines
+            .into_iter()
+            .filter(|v| v["target"] == "weft::access")
+            .collect()
+    }
+
     /// Runs `weft agent --uninstall` for node `node`.
     pub fn uninstall(&self, node: usize) -> Result<()> {
         let out = self

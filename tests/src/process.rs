@@ -139,13 +139,20 @@ impl Captured {
 impl CapturedState {
     /// Complete lines so far; after EOF also a final unterminated line.
     fn lines(&self) -> Vec<String> {
-        let text = String::from_utf8_lossy(&self.bytes);
-        let complete = if self.eof {
-            &text[..]
+        self.lines_after(0).0
+    }
+
+    /// Complete lines that start at or after byte `from` (after EOF also a
+    /// final unterminated line), and the offset just past them.
+    fn lines_after(&self, from: usize) -> (Vec<String>, usize) {
+        let rest = &self.bytes[from.min(self.bytes.len())..];
+        let end = if self.eof {
+            rest.len()
         } else {
-            text.rfind('\n').map_or("", |i| &text[..i])
+            rest.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1)
         };
-        complete.lines().map(str::to_owned).collect()
+        let text = String::from_utf8_lossy(&rest[..end]);
+        (text.lines().map(str::to_owned).collect(), from + end)
     }
 }
 
@@ -199,6 +206,18 @@ impl Proc {
     /// Complete stdout lines printed so far.
     pub fn stdout_lines(&self) -> Vec<String> {
         self.stdout.lock().lines()
+    }
+
+    /// stdout lines that parse as JSON, printed after byte `from` of stdout (0,
+    /// or what the last call returned), and the offset to pass next time: a
+    /// reader that follows a long-running process reads each line once.
+    pub fn json_lines_after(&self, from: usize) -> (Vec<serde_json::Value>, usize) {
+        let (lines, next) = self.stdout.lock().lines_after(from);
+        let values = lines
+            .iter()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        (values, next)
     }
 
     /// Everything printed to stderr so far.
@@ -371,4 +390,26 @@ pub(crate) fn exec_ok(cmd: &mut Command, label: String) -> Result<String> {
         ));
     }
     String::from_utf8(out.stdout).with_context(|| format!("{label} printed non-UTF-8"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CapturedState;
+
+    #[test]
+    fn lines_after_reads_each_complete_line_once() {
+        let mut s = CapturedState {
+            bytes: b"one\ntwo\nthr".to_vec(),
+            eof: false,
+        };
+        let (lines, at) = s.lines_after(0);
+        assert_eq!((lines, at), (vec!["one".into(), "two".into()], 8));
+        s.bytes.extend_from_slice(b"ee\nfour");
+        let (lines, at) = s.lines_after(at);
+        assert_eq!((lines, at), (vec!["three".to_owned()], 14));
+        assert_eq!(s.lines_after(at), (vec![], 14), "nothing new yet");
+        s.eof = true;
+        assert_eq!(s.lines_after(at), (vec!["four".to_owned()], 18));
+        assert_eq!(s.lines(), ["one", "two", "three", "four"]);
+    }
 }

@@ -347,10 +347,16 @@ fn walkthrough(cluster: &Cluster, once: bool) -> Result<()> {
     section("7. Try it yourself (in another terminal, as root)");
     print_commands(cluster, &mesh, &tk);
     section("Live access logs and per-service traffic (Ctrl-C to stop and tear down)");
+    // Where each agent's log was read up to: every poll parses only the lines
+    // printed since the last (the demo may run for hours under load).
     let mut seen: Vec<usize> = cluster
         .nodes()
         .iter()
-        .map(|n| mesh.access_logs(n.index).len())
+        .map(|n| {
+            let mut cursor = 0;
+            mesh.access_logs_after(n.index, &mut cursor);
+            cursor
+        })
         .collect();
     let mut last = traffic;
     while !STOP.load(Ordering::SeqCst) {
@@ -361,11 +367,9 @@ fn walkthrough(cluster: &Cluster, once: bool) -> Result<()> {
             last = now;
         }
         for node in cluster.nodes() {
-            let lines = mesh.access_logs(node.index);
-            for line in lines.iter().skip(seen[node.index]) {
-                println!("  {}", live_row(&node.name, line));
+            for line in mesh.access_logs_after(node.index, &mut seen[node.index]) {
+                println!("  {}", live_row(&node.name, &line));
             }
-            seen[node.index] = lines.len();
         }
     }
     println!("\n  Ctrl-C received");

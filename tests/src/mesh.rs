@@ -404,6 +404,14 @@ impl<'c> Mesh<'c> {
             .collect()
     }
 
+    /// Frees what node `node`'s agent printed before `cursor` (from
+    /// [`Mesh::access_logs_after`]); [`Mesh::logs`] no longer sees it.
+    pub fn forget_logs_before(&self, node: usize, cursor: usize) {
+        if let Some(agent) = self.agents[node].as_ref() {
+            agent.forget_stdout_before(cursor);
+        }
+    }
+
     /// Runs `weft agent --uninstall` for node `node`.
     pub fn uninstall(&self, node: usize) -> Result<()> {
         let out = self

@@ -107,6 +107,9 @@ struct Captured {
 struct CapturedState {
     bytes: Vec<u8>,
     eof: bool,
+    /// Bytes dropped from the front of `bytes` ([`Proc::forget_stdout_before`]);
+    /// offsets count them.
+    dropped: usize,
 }
 
 impl Captured {
@@ -145,14 +148,23 @@ impl CapturedState {
     /// Complete lines that start at or after byte `from` (after EOF also a
     /// final unterminated line), and the offset just past them.
     fn lines_after(&self, from: usize) -> (Vec<String>, usize) {
-        let rest = &self.bytes[from.min(self.bytes.len())..];
+        let start = from.saturating_sub(self.dropped).min(self.bytes.len());
+        let rest = &self.bytes[start..];
         let end = if self.eof {
             rest.len()
         } else {
             rest.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1)
         };
         let text = String::from_utf8_lossy(&rest[..end]);
-        (text.lines().map(str::to_owned).collect(), from + end)
+        let lines = text.lines().map(str::to_owned).collect();
+        (lines, self.dropped + start + end)
+    }
+
+    /// Drops the bytes before offset `until` from memory.
+    fn forget_before(&mut self, until: usize) {
+        let n = until.saturating_sub(self.dropped).min(self.bytes.len());
+        self.bytes.drain(..n);
+        self.dropped += n;
     }
 }
 
@@ -218,6 +230,14 @@ impl Proc {
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect();
         (values, next)
+    }
+
+    /// Frees the stdout bytes before offset `until` (one that
+    /// [`Proc::json_lines_after`] returned): a reader that follows a
+    /// long-running process keeps its memory flat. What was printed before
+    /// is gone for every later reader.
+    pub fn forget_stdout_before(&self, until: usize) {
+        self.stdout.lock().forget_before(until);
     }
 
     /// Everything printed to stderr so far.
@@ -400,7 +420,7 @@ mod tests {
     fn lines_after_reads_each_complete_line_once() {
         let mut s = CapturedState {
             bytes: b"one\ntwo\nthr".to_vec(),
-            eof: false,
+            ..CapturedState::default()
         };
         let (lines, at) = s.lines_after(0);
         assert_eq!((lines, at), (vec!["one".into(), "two".into()], 8));
@@ -411,5 +431,21 @@ mod tests {
         s.eof = true;
         assert_eq!(s.lines_after(at), (vec!["four".to_owned()], 18));
         assert_eq!(s.lines(), ["one", "two", "three", "four"]);
+    }
+
+    #[test]
+    fn forgotten_bytes_keep_their_offsets() {
+        let mut s = CapturedState {
+            bytes: b"one\ntwo\n".to_vec(),
+            ..CapturedState::default()
+        };
+        let (_, at) = s.lines_after(0);
+        s.forget_before(at);
+        assert!(s.bytes.is_empty());
+        s.bytes.extend_from_slice(b"three\n");
+        assert_eq!(s.lines_after(at), (vec!["three".to_owned()], 14));
+        assert_eq!(s.lines_after(0), (vec!["three".to_owned()], 14), "gone");
+        s.forget_before(3); // already forgotten: nothing happens
+        assert_eq!(s.lines(), ["three"]);
     }
 }

@@ -348,7 +348,8 @@ fn walkthrough(cluster: &Cluster, once: bool) -> Result<()> {
     print_commands(cluster, &mesh, &tk);
     section("Live access logs and per-service traffic (Ctrl-C to stop and tear down)");
     // Where each agent's log was read up to: every poll parses only the lines
-    // printed since the last (the demo may run for hours under load).
+    // printed since the last, and frees them once shown (the demo may run for
+    // hours under load).
     let mut seen: Vec<usize> = cluster
         .nodes()
         .iter()
@@ -370,6 +371,9 @@ fn walkthrough(cluster: &Cluster, once: bool) -> Result<()> {
             for line in mesh.access_logs_after(node.index, &mut seen[node.index]) {
                 println!("  {}", live_row(&node.name, &line));
             }
+            // Shown: nothing needs it again, and memory stays flat however
+            // long the demo runs under load.
+            mesh.forget_logs_before(node.index, seen[node.index]);
         }
     }
     println!("\n  Ctrl-C received");

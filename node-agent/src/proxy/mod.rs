@@ -223,8 +223,9 @@ pub(crate) async fn connect_from(
         // 4-tuple (and may take over a port in TIME_WAIT, `tcp_tw_reuse`). A
         // `bind` to port 0 would pick one free of every other socket on this
         // address: the agent closes first, so every finished connection leaves
-        // one in TIME_WAIT for a minute, and at a few thousand new connections
-        // a second the search grows slow and then runs out of ports.
+        // one in TIME_WAIT for a minute. Past about 200 new connections a
+        // second to one pod that search grew slow, and at about 470 a second
+        // it would run out of ports (see ARCHITECTURE.md).
         bind_address_no_port(&socket)?;
         socket.bind(&SocketAddr::new(ip, 0).into())?;
     }

@@ -23,6 +23,11 @@ use serde_json::Value;
 
 use crate::{Cluster, Pod, Proc, bin_path};
 
+/// Whether an agent's log line is an access-log line (one per connection).
+fn is_access_log(v: &Value) -> bool {
+    v["target"] == weft::telemetry::ACCESS_LOG
+}
+
 /// Where bpffs is mounted.
 pub const BPFFS: &str = "/sys/fs/bpf";
 
@@ -387,7 +392,7 @@ impl<'c> Mesh<'c> {
 
     /// Access-log lines (one per proxied connection) of node `node`'s agent.
     pub fn access_logs(&self, node: usize) -> Vec<Value> {
-        self.logs(node, |v| v["target"] == "weft::access")
+        self.logs(node, is_access_log)
     }
 
     /// Access-log lines of node `node`'s agent printed since `cursor` (0 at
@@ -398,10 +403,7 @@ impl<'c> Mesh<'c> {
         };
         let (lines, next) = agent.json_lines_after(*cursor);
         *cursor = next;
-        lines
-            .into_iter()
-            .filter(|v| v["target"] == "weft::access")
-            .collect()
+        lines.into_iter().filter(is_access_log).collect()
     }
 
     /// Frees what node `node`'s agent printed before `cursor` (from

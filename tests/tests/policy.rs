@@ -240,14 +240,16 @@ fn node_local_connections_get_the_destinations_policy_new_and_live() -> Result<(
                 && v["src.identity"] == id.as_str()
         })
     }
+    // An access-log line is written up to 50 ms after its connection closed,
+    // so each is waited for: the lines once there are `n`.
+    fn wait_lines(mesh: &Mesh, direction: &str, end: &str, src: &Pod, n: usize) -> Vec<Value> {
+        eventually(PATIENCE, || lines(mesh, direction, end, src).len() >= n);
+        lines(mesh, direction, end, src)
+    }
     // Both ends logged, as node-local, with both identities and no HBONE
     // connection.
-    assert!(eventually(PATIENCE, || !lines(
-        &mesh, "inbound", "closed", a
-    )
-    .is_empty()));
     for direction in ["outbound", "inbound"] {
-        let l = &lines(&mesh, direction, "closed", a)[0];
+        let l = &wait_lines(&mesh, direction, "closed", a, 1)[0];
         assert_eq!(l["security"], "node_local", "{l}");
         assert_eq!(l["dst.identity"], mesh.identity(s), "{l}");
         assert_eq!(l["dst.addr"], to(s), "{l}");
@@ -266,7 +268,7 @@ fn node_local_connections_get_the_destinations_policy_new_and_live() -> Result<(
     ensure!(applied(&mesh, 0, before), "policy not applied");
     let r = live.wait_for_json(Duration::from_secs(15), |v| v.get("ok").is_some())?;
     assert_eq!(r["ok"], false, "the denied live connection lived on: {r}");
-    let killed = lines(&mesh, "inbound", "denied", b);
+    let killed = wait_lines(&mesh, "inbound", "denied", b, 1);
     assert_eq!(killed.len(), 1, "{killed:?}");
     assert!(
         killed[0]["error"]
@@ -282,19 +284,14 @@ fn node_local_connections_get_the_destinations_policy_new_and_live() -> Result<(
     assert!(eventually(PATIENCE, || seen(&server) > seen_before));
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(seen(&server), seen_before + 1, "a denied connection got in");
-    assert!(eventually(PATIENCE, || lines(
-        &mesh, "inbound", "denied", b
-    )
-    .len()
-        == 2));
-    let refused = &lines(&mesh, "inbound", "denied", b)[1];
+    let refused = &wait_lines(&mesh, "inbound", "denied", b, 2)[1];
     assert!(
         refused["error"]
             .as_str()
             .is_some_and(|m| m.contains("default/deny-b")),
         "{refused}"
     );
-    let out = lines(&mesh, "outbound", "denied", b);
+    let out = wait_lines(&mesh, "outbound", "denied", b, 1);
     assert_eq!(out.len(), 1, "{out:?}");
     let metrics = c
         .node(0)

@@ -267,6 +267,8 @@ pub fn run(quick: bool, perf: bool) -> Result<()> {
         plan.rounds,
         if quick { " (--quick)" } else { "" }
     ));
+    let machine = machine();
+    println!("  machine: {}", machine_line(&machine));
     let cluster = Cluster::new("bench", 2, 2).context("building the virtual cluster")?;
     let id = cluster.id().to_owned();
     let cgroup = cluster.cgroup().to_path_buf();
@@ -282,7 +284,6 @@ pub fn run(quick: bool, perf: bool) -> Result<()> {
     println!("{}", table(&results));
     println!("{}", targets_table(&targets));
 
-    let machine = machine();
     let commit = git_head();
     let when = cmd::output(cmd::tool("date").args(["-u", "+%Y-%m-%dT%H:%M:%SZ"]))
         .map(|s| s.trim().to_owned())
@@ -1391,14 +1392,10 @@ fn markdown(
     let mut md = String::new();
     let _ = writeln!(
         md,
-        "Run at {when} on commit `{}`: {}, {} CPUs, {} GiB, Linux {}, idle: {}. {} rounds, \
-         direct and Weft alternating; medians over rounds, spread = (max − min) / median.\n",
+        "Run at {when} on commit `{}`: {}. {} rounds, direct and Weft alternating; medians over \
+         rounds, spread = (max − min) / median.\n",
         commit.unwrap_or("?"),
-        machine["cpu_model"].as_str().unwrap_or("?"),
-        machine["cpus"],
-        machine["memory_gib"],
-        machine["kernel"].as_str().unwrap_or("?"),
-        machine["idle"].as_str().unwrap_or("?"),
+        machine_line(machine),
         plan.rounds,
     );
     md.push_str("| target (cross-node) | goal | this run | |\n|---|---|---|---|\n");
@@ -1448,6 +1445,19 @@ fn replace_between(text: &str, md: &str) -> Option<String> {
     Some(format!("{}\n{}{}", &text[..start], md, &text[end..]))
 }
 
+/// The machine in one line: what decides how fast a wake-up and a copy are.
+fn machine_line(machine: &Value) -> String {
+    format!(
+        "{}, {} CPUs, {} GiB, Linux {}, idle: {}, reclaim: {}",
+        machine["cpu_model"].as_str().unwrap_or("?"),
+        machine["cpus"],
+        machine["memory_gib"],
+        machine["kernel"].as_str().unwrap_or("?"),
+        machine["idle"].as_str().unwrap_or("?"),
+        machine["reclaim"].as_str().unwrap_or("?"),
+    )
+}
+
 fn machine() -> Value {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let model = cpuinfo
@@ -1467,7 +1477,69 @@ fn machine() -> Value {
         "memory_gib": mem_gib,
         "kernel": read_trimmed("/proc/sys/kernel/osrelease"),
         "idle": idle(),
+        "reclaim": reclaim(),
     })
+}
+
+/// Kernel threads that wake on their own and hold a CPU for milliseconds set
+/// the tail of every latency: a request that meets one waits. DAMON's
+/// `kdamond` is one: with a `pageout` scheme it samples memory every
+/// `sample_us` and reclaims cold pages, in bursts of 1 to 50 ms on this VM.
+fn reclaim() -> String {
+    const ADMIN: &str = "/sys/kernel/mm/damon/admin/kdamonds";
+    let mut running = Vec::new();
+    let count: usize = read_trimmed(&format!("{ADMIN}/nr_kdamonds"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    for k in 0..count {
+        let dir = format!("{ADMIN}/{k}");
+        if read_trimmed(&format!("{dir}/state")).as_deref() != Some("on") {
+            continue;
+        }
+        let ctx = format!("{dir}/contexts/0");
+        let schemes: usize = read_trimmed(&format!("{ctx}/schemes/nr_schemes"))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        let actions = (0..schemes)
+            .filter_map(|i| read_trimmed(&format!("{ctx}/schemes/{i}/action")))
+            .collect();
+        let sample_us = read_trimmed(&format!("{ctx}/monitoring_attrs/intervals/sample_us"))
+            .and_then(|n| n.parse().ok());
+        running.push(Kdamond { actions, sample_us });
+    }
+    let module = read_trimmed("/sys/module/damon_reclaim/parameters/enabled");
+    describe_reclaim(&running, module.as_deref() == Some("Y"))
+}
+
+/// A running DAMON worker: what its schemes do and how often it samples.
+struct Kdamond {
+    actions: Vec<String>,
+    sample_us: Option<u64>,
+}
+
+fn describe_reclaim(running: &[Kdamond], damon_reclaim: bool) -> String {
+    let mut parts: Vec<String> = running
+        .iter()
+        .map(|k| {
+            let actions = if k.actions.is_empty() {
+                "monitoring only".to_owned()
+            } else {
+                k.actions.join("+")
+            };
+            match k.sample_us {
+                Some(us) => format!("DAMON {actions}, sampling every {} ms", us / 1000),
+                None => format!("DAMON {actions}"),
+            }
+        })
+        .collect();
+    if damon_reclaim {
+        parts.push("DAMON_RECLAIM".to_owned());
+    }
+    if parts.is_empty() {
+        "no DAMON".to_owned()
+    } else {
+        parts.join("; ")
+    }
 }
 
 /// How an idle CPU waits: it sets the price of every wake-up from idle, and a
@@ -1650,6 +1722,27 @@ Transfer/sec:     23.55MB
             "cpuidle intel_idle/menu"
         );
         assert_eq!(describe_idle(None, None, None), "no cpuidle driver");
+    }
+
+    #[test]
+    fn reclaim_is_described() {
+        let k = |actions: &[&str], sample_us| Kdamond {
+            actions: actions.iter().map(|a| (*a).to_owned()).collect(),
+            sample_us,
+        };
+        assert_eq!(describe_reclaim(&[], false), "no DAMON");
+        assert_eq!(
+            describe_reclaim(&[k(&["pageout"], Some(500_000))], false),
+            "DAMON pageout, sampling every 500 ms"
+        );
+        assert_eq!(
+            describe_reclaim(&[k(&[], None)], true),
+            "DAMON monitoring only; DAMON_RECLAIM"
+        );
+        assert_eq!(
+            describe_reclaim(&[k(&["pageout", "lru_deprio"], Some(5_000))], false),
+            "DAMON pageout+lru_deprio, sampling every 5 ms"
+        );
     }
 
     #[test]

@@ -1,11 +1,9 @@
 //! Bytes between a TCP socket and one HTTP/2 stream, both ways, with half-close.
 //!
-//! TCP → stream: once the socket is readable, reads into a buffer (16 KiB from
-//! the worker's pool, growing to 256 KiB while reads fill it). A read of up to
-//! 4 KiB is copied out and the buffer goes back to the pool; a larger one goes to
-//! h2 without a copy (`Bytes`). Either way h2 gets it in pieces no larger than the
-//! flow-control capacity the peer granted. A connection waiting for bytes holds
-//! no buffer. EOF becomes an empty DATA frame with END_STREAM (half-close).
+//! TCP → stream: reads into a buffer that grows (16 KiB to 256 KiB) while reads
+//! fill it, and hands each read to h2 without copying (`Bytes`), in pieces no larger
+//! than the flow-control capacity the peer granted. EOF becomes an empty DATA frame
+//! with END_STREAM (half-close).
 //!
 //! Stream → TCP: writes each DATA frame out and only then returns its bytes to the
 //! flow-control window, so a slow reader behind this socket holds at most one
@@ -19,13 +17,15 @@ use std::{future::poll_fn, io};
 
 use bytes::{Bytes, BytesMut};
 use h2::{Reason, RecvStream, SendStream};
-use tokio::{io::AsyncWriteExt, net::TcpStream};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
 
-use crate::proxy::copy::{MAX_BUF, START_BUF, Side, Transfer, give_buf, read_some, take_buf};
+use crate::proxy::copy::{Side, Transfer};
 
-/// Reads up to this size are copied out of the pooled buffer for h2; larger
-/// ones are handed over whole.
-const COPY_MAX: usize = 4 * 1024;
+const START_BUF: usize = 16 * 1024;
+const MAX_BUF: usize = 256 * 1024;
 
 /// Copies between `tcp` (the downstream side, for the byte counts) and the
 /// stream (`send`, `recv`) until both directions are done or one fails.
@@ -41,61 +41,28 @@ pub async fn bidirectional(
     let mut sent = 0u64;
     let mut received = 0u64;
     let result = {
-        let (rd, mut wr) = tcp.split();
+        let (mut rd, mut wr) = tcp.split();
         let up = async {
             if sent_all {
                 return Ok(());
             }
-            let socket: &TcpStream = rd.as_ref();
             let mut want = START_BUF;
-            // While bulk moves (`want` above START_BUF), each read is split off
-            // one buffer, which gets its space back once h2 has written it out.
-            let mut bulk = BytesMut::new();
+            let mut buf = BytesMut::with_capacity(want);
             loop {
-                let small_mode = want == START_BUF;
-                let mut small = Vec::new();
-                let read = if small_mode {
-                    small = take_buf();
-                    read_some(socket, &mut small)
-                } else {
-                    bulk.reserve(want);
-                    read_some(socket, &mut bulk)
-                };
-                let n = match read {
-                    Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        // No buffer while waiting, unless bulk is moving.
-                        give_buf(small);
-                        poll_fn(|cx| socket.poll_read_ready(cx))
-                            .await
-                            .map_err(|e| (Side::Downstream, e))?;
-                        continue;
-                    }
-                    Err(e) => return Err((Side::Downstream, e)),
-                };
+                buf.reserve(want);
+                let n = rd
+                    .read_buf(&mut buf)
+                    .await
+                    .map_err(|e| (Side::Downstream, e))?;
                 if n == 0 {
-                    give_buf(small);
                     return send
                         .send_data(Bytes::new(), true)
                         .map_err(|e| (Side::Upstream, h2_io(e)));
                 }
-                let mut data = if !small_mode {
-                    bulk.split().freeze()
-                } else if n <= COPY_MAX {
-                    // Copied out, so the pooled buffer serves the next read.
-                    let data = Bytes::copy_from_slice(&small);
-                    give_buf(small);
-                    data
-                } else {
-                    Bytes::from(small)
-                };
                 if n >= want && want < MAX_BUF {
                     want *= 2;
-                } else if n < START_BUF && !small_mode {
-                    // Bulk has stopped: pooled buffers again, none while idle.
-                    want = START_BUF;
-                    bulk = BytesMut::new();
                 }
+                let mut data = buf.split().freeze();
                 while !data.is_empty() {
                     send.reserve_capacity(data.len());
                     let granted = match poll_fn(|cx| send.poll_capacity(cx)).await {

@@ -406,6 +406,12 @@ impl<'c> Mesh<'c> {
         lines.into_iter().filter(is_access_log).collect()
     }
 
+    /// A cursor for [`Mesh::access_logs_after`] past everything node `node`'s
+    /// agent has printed so far.
+    pub fn logs_end(&self, node: usize) -> usize {
+        self.agents[node].as_ref().map_or(0, Proc::stdout_end)
+    }
+
     /// Frees what node `node`'s agent printed before `cursor` (from
     /// [`Mesh::access_logs_after`]); [`Mesh::logs`] no longer sees it.
     pub fn forget_logs_before(&self, node: usize, cursor: usize) {

@@ -150,14 +150,26 @@ impl CapturedState {
     fn lines_after(&self, from: usize) -> (Vec<String>, usize) {
         let start = from.saturating_sub(self.dropped).min(self.bytes.len());
         let rest = &self.bytes[start..];
-        let end = if self.eof {
-            rest.len()
-        } else {
-            rest.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1)
-        };
+        let end = self.complete(rest);
         let text = String::from_utf8_lossy(&rest[..end]);
         let lines = text.lines().map(str::to_owned).collect();
         (lines, self.dropped + start + end)
+    }
+
+    /// The offset just past the complete lines so far: where a reader that
+    /// wants only what comes next starts.
+    fn end(&self) -> usize {
+        self.dropped + self.complete(&self.bytes)
+    }
+
+    /// How much of `rest` (the tail of `bytes`) is complete lines; after EOF,
+    /// all of it.
+    fn complete(&self, rest: &[u8]) -> usize {
+        if self.eof {
+            rest.len()
+        } else {
+            rest.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1)
+        }
     }
 
     /// Drops the bytes before offset `until` from memory.
@@ -230,6 +242,12 @@ impl Proc {
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect();
         (values, next)
+    }
+
+    /// The stdout offset just past the complete lines printed so far, to pass
+    /// to [`Proc::json_lines_after`] for only what comes next.
+    pub fn stdout_end(&self) -> usize {
+        self.stdout.lock().end()
     }
 
     /// Frees the stdout bytes before offset `until` (one that

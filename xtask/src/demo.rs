@@ -353,11 +353,7 @@ fn walkthrough(cluster: &Cluster, once: bool) -> Result<()> {
     let mut seen: Vec<usize> = cluster
         .nodes()
         .iter()
-        .map(|n| {
-            let mut cursor = 0;
-            mesh.access_logs_after(n.index, &mut cursor);
-            cursor
-        })
+        .map(|n| mesh.logs_end(n.index))
         .collect();
     let mut last = traffic;
     while !STOP.load(Ordering::SeqCst) {

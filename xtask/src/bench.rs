@@ -20,7 +20,8 @@
 //!    latency percentiles;
 //! 5. CPU: machine CPU seconds per GiB (iperf3, 1 stream) and per 10,000 HTTP
 //!    requests, and the agents' own share; agent RSS idle and with 1,000 and
-//!    10,000 idle connections held through it (Weft only).
+//!    10,000 idle connections held through it, and with 1,000 node-local ones
+//!    (Weft only).
 //!
 //! The agents' access logs prove the labels: a Weft run leaves a line per
 //! connection on both nodes (cross-node ones `mutual_tls`, same-node ones
@@ -468,9 +469,20 @@ fn bench(cluster: &Cluster, plan: &Plan, scratch: &Path) -> Result<(Results, Vec
     }
     memory(
         &mut mesh,
-        plan,
+        Route::Cross,
+        plan.held,
         client,
-        Route::Cross.server(cluster),
+        cluster,
+        &mut results,
+    )?;
+    // Node-local connections have their own copy path: 1,000 of them show its
+    // cost per connection.
+    memory(
+        &mut mesh,
+        Route::Same,
+        &[1000],
+        client,
+        cluster,
         &mut results,
     )?;
     Ok((results, proof))
@@ -724,17 +736,27 @@ fn per_unit(
 
 /// Agent memory, Weft only: each size is measured on freshly started agents,
 /// idle and then with that many idle connections held from the client through
-/// both agents to the server.
+/// the agents to `route`'s server (cross-node: both agents, as the source and
+/// the destination; same-node: the client's agent, which carries both ends).
 fn memory(
     mesh: &mut Mesh,
-    plan: &Plan,
+    route: Route,
+    sizes: &[usize],
     client: &Pod,
-    server: &Pod,
+    cluster: &Cluster,
     results: &mut Results,
 ) -> Result<()> {
     let tk = bin_path("weft-tk");
-    let target = format!("{}:{HOLD_PORT}", server.ip);
-    for &n in plan.held {
+    let target = format!("{}:{HOLD_PORT}", route.server(cluster).ip);
+    // (key, what the rows call it, node)
+    let sides: &[(&str, &str, usize)] = match route {
+        Route::Cross => &[
+            ("source", "source node", 0),
+            ("destination", "destination node", 1),
+        ],
+        Route::Same => &[("same_node", "node-local, one agent", 0)],
+    };
+    for &n in sizes {
         for node in 0..2 {
             mesh.stop_agent(node, false)?;
         }
@@ -743,7 +765,10 @@ fn memory(
         }
         // Let the first certificates and the startup work settle.
         std::thread::sleep(Duration::from_secs(2));
-        let idle = [rss_kib(mesh, 0)?, rss_kib(mesh, 1)?];
+        let idle = sides
+            .iter()
+            .map(|&(_, _, node)| rss_kib(mesh, node))
+            .collect::<Result<Vec<_>>>()?;
         let mut c = client.command(&tk);
         c.args([
             "hold",
@@ -763,38 +788,45 @@ fn memory(
             bail!("holding {n} connections failed: {v}");
         }
         std::thread::sleep(Duration::from_secs(1));
-        let held = [rss_kib(mesh, 0)?, rss_kib(mesh, 1)?];
+        let held = sides
+            .iter()
+            .map(|&(_, _, node)| rss_kib(mesh, node))
+            .collect::<Result<Vec<_>>>()?;
         holder.kill()?;
-        for (i, side) in ["source", "destination"].into_iter().enumerate() {
+        let mut line = String::new();
+        for (i, &(key, side, _)) in sides.iter().enumerate() {
+            // The cross-node keys and names are the ones earlier runs used.
+            if route == Route::Cross {
+                results.add(
+                    &format!("memory.rss_idle_{key}"),
+                    &format!("agent RSS idle ({side})"),
+                    "MiB",
+                    Mode::Weft,
+                    idle[i] / 1024.0,
+                );
+            }
             results.add(
-                &format!("memory.rss_idle_{side}"),
-                &format!("agent RSS idle ({side} node)"),
-                "MiB",
-                Mode::Weft,
-                idle[i] / 1024.0,
-            );
-            results.add(
-                &format!("memory.rss_{n}_{side}"),
-                &format!("agent RSS, {n} idle connections ({side} node)"),
+                &format!("memory.rss_{n}_{key}"),
+                &format!("agent RSS, {n} idle connections ({side})"),
                 "MiB",
                 Mode::Weft,
                 held[i] / 1024.0,
             );
             results.add(
-                &format!("memory.per_connection_{n}_{side}"),
-                &format!("agent memory per idle connection, {n} held ({side} node)"),
+                &format!("memory.per_connection_{n}_{key}"),
+                &format!("agent memory per idle connection, {n} held ({side})"),
                 "KiB",
                 Mode::Weft,
                 (held[i] - idle[i]) / n as f64,
             );
+            let _ = write!(
+                line,
+                " {side}: {:.1} -> {:.1} MiB;",
+                idle[i] / 1024.0,
+                held[i] / 1024.0
+            );
         }
-        println!(
-            "  memory: idle {:.1}/{:.1} MiB, {n} held {:.1}/{:.1} MiB (source/destination agent)",
-            idle[0] / 1024.0,
-            idle[1] / 1024.0,
-            held[0] / 1024.0,
-            held[1] / 1024.0
-        );
+        println!("  memory, {n} idle {} connections:{line}", route.label());
     }
     Ok(())
 }

@@ -1,9 +1,12 @@
 //! Bytes between a TCP socket and one HTTP/2 stream, both ways, with half-close.
 //!
-//! TCP → stream: reads into a buffer that grows (16 KiB to 256 KiB) while reads
-//! fill it, and hands each read to h2 without copying (`Bytes`), in pieces no larger
-//! than the flow-control capacity the peer granted. EOF becomes an empty DATA frame
-//! with END_STREAM (half-close).
+//! TCP → stream: once the socket is readable, reads into a 16 KiB buffer from the
+//! worker's pool and lends it to h2 without copying (`Bytes`); it goes back to
+//! the pool when h2 has written it out, so a connection waiting for bytes holds
+//! no buffer. While reads keep filling it, bulk moves through one buffer of its
+//! own that grows to 256 KiB, each read split off it. h2 gets every read in pieces
+//! no larger than the flow-control capacity the peer granted. EOF becomes an empty
+//! DATA frame with END_STREAM (half-close).
 //!
 //! Stream → TCP: writes each DATA frame out and only then returns its bytes to the
 //! flow-control window, so a slow reader behind this socket holds at most one
@@ -17,15 +20,25 @@ use std::{future::poll_fn, io};
 
 use bytes::{Bytes, BytesMut};
 use h2::{Reason, RecvStream, SendStream};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-};
+use tokio::{io::AsyncWriteExt, net::TcpStream};
 
-use crate::proxy::copy::{Side, Transfer};
+use crate::proxy::copy::{MAX_BUF, START_BUF, Side, Transfer, give_buf, read_some, take_buf};
 
-const START_BUF: usize = 16 * 1024;
-const MAX_BUF: usize = 256 * 1024;
+/// A pooled buffer lent to h2: back to this thread's pool once every piece of it
+/// has been written out and dropped.
+struct Lent(Vec<u8>);
+
+impl AsRef<[u8]> for Lent {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        give_buf(std::mem::take(&mut self.0));
+    }
+}
 
 /// Copies between `tcp` (the downstream side, for the byte counts) and the
 /// stream (`send`, `recv`) until both directions are done or one fails.
@@ -41,28 +54,51 @@ pub async fn bidirectional(
     let mut sent = 0u64;
     let mut received = 0u64;
     let result = {
-        let (mut rd, mut wr) = tcp.split();
+        let (rd, mut wr) = tcp.split();
         let up = async {
             if sent_all {
                 return Ok(());
             }
+            let socket: &TcpStream = rd.as_ref();
+            // START_BUF: pooled buffers, none held while waiting; above it, bulk
+            // moves through `bulk`.
             let mut want = START_BUF;
-            let mut buf = BytesMut::with_capacity(want);
+            let mut bulk = BytesMut::new();
             loop {
-                buf.reserve(want);
-                let n = rd
-                    .read_buf(&mut buf)
-                    .await
-                    .map_err(|e| (Side::Downstream, e))?;
+                let read = if want == START_BUF {
+                    let mut lent = Lent(take_buf());
+                    read_some(socket, &mut lent.0).map(|n| (n, Some(lent)))
+                } else {
+                    bulk.reserve(want);
+                    read_some(socket, &mut bulk).map(|n| (n, None))
+                };
+                let (n, lent) = match read {
+                    Ok(read) => read,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        // A pooled buffer has gone back already (dropped).
+                        poll_fn(|cx| socket.poll_read_ready(cx))
+                            .await
+                            .map_err(|e| (Side::Downstream, e))?;
+                        continue;
+                    }
+                    Err(e) => return Err((Side::Downstream, e)),
+                };
                 if n == 0 {
                     return send
                         .send_data(Bytes::new(), true)
                         .map_err(|e| (Side::Upstream, h2_io(e)));
                 }
+                let mut data = match lent {
+                    Some(lent) => Bytes::from_owner(lent),
+                    None => bulk.split().freeze(),
+                };
                 if n >= want && want < MAX_BUF {
                     want *= 2;
+                } else if n < START_BUF && want > START_BUF {
+                    // Bulk has stopped: pooled buffers again, none while idle.
+                    want = START_BUF;
+                    bulk = BytesMut::new();
                 }
-                let mut data = buf.split().freeze();
                 while !data.is_empty() {
                     send.reserve_capacity(data.len());
                     let granted = match poll_fn(|cx| send.poll_capacity(cx)).await {
@@ -123,4 +159,137 @@ pub(crate) fn h2_io(e: h2::Error) -> io::Error {
         _ => io::ErrorKind::Other,
     };
     io::Error::new(kind, e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        hbone::{client_builder, server_builder},
+        proxy::copy::{buffers_out, buffers_pooled},
+    };
+    use http::{Method, Request, Response};
+    use std::time::Duration;
+    use tokio::{
+        io::AsyncReadExt,
+        net::TcpListener,
+        task::JoinHandle,
+        time::{sleep, timeout},
+    };
+
+    async fn tcp_pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (a, b) = tokio::join!(TcpStream::connect(addr), l.accept());
+        (a.unwrap(), b.unwrap().0)
+    }
+
+    /// app <-> [socket | bidirectional | h2 stream over a duplex] <-> client's
+    /// stream: the destination agent's side of a tunnel, with the agent's h2
+    /// settings. Returns the application's end, the client's halves of the
+    /// stream and the copy.
+    async fn tunnel() -> (
+        TcpStream,
+        SendStream<Bytes>,
+        RecvStream,
+        JoinHandle<Transfer>,
+    ) {
+        let (client_io, server_io) = tokio::io::duplex(1 << 20);
+        let (app, mut agent_side) = tcp_pair().await;
+        let server = tokio::spawn(async move {
+            let mut conn = server_builder()
+                .handshake::<_, Bytes>(server_io)
+                .await
+                .unwrap();
+            let (req, mut respond) = conn.accept().await.unwrap().unwrap();
+            let send = respond.send_response(Response::new(()), false).unwrap();
+            tokio::spawn(async move { while conn.accept().await.is_some() {} });
+            bidirectional(&mut agent_side, send, req.into_body(), false).await
+        });
+        let (send, connection) = client_builder()
+            .handshake::<_, Bytes>(client_io)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        let mut send = send.ready().await.unwrap();
+        let req = Request::builder()
+            .method(Method::CONNECT)
+            .uri("10.0.0.1:80")
+            .body(())
+            .unwrap();
+        let (response, stream) = send.send_request(req, false).unwrap();
+        let recv = response.await.unwrap().into_body();
+        (app, stream, recv, server)
+    }
+
+    async fn read_stream(recv: &mut RecvStream, len: usize) -> Vec<u8> {
+        let mut got = Vec::new();
+        while got.len() < len {
+            let chunk = recv.data().await.unwrap().unwrap();
+            let _ = recv.flow_control().release_capacity(chunk.len());
+            got.extend_from_slice(&chunk);
+        }
+        got
+    }
+
+    /// Small messages lend pooled buffers to h2 and get them back once written:
+    /// a quiet tunnel holds none. Bulk, a pause and bulk again arrive intact.
+    #[tokio::test]
+    async fn a_quiet_tunnel_holds_no_buffer_and_bulk_arrives_intact() {
+        let (mut app, mut send, mut recv, copy) = tunnel().await;
+        for i in 0..20u8 {
+            let message = vec![i; 1000 + usize::from(i)];
+            app.write_all(&message).await.unwrap();
+            assert_eq!(read_stream(&mut recv, message.len()).await, message);
+        }
+        sleep(Duration::from_millis(20)).await;
+        assert_eq!(buffers_out(), 0, "a quiet tunnel still holds a buffer");
+        assert!(
+            buffers_pooled() >= 1,
+            "the messages did not go through the pool"
+        );
+
+        let bulk = |seed: u8| -> Vec<u8> {
+            (0..3u32 << 20)
+                .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+                .collect()
+        };
+        let mut expected = Vec::new();
+        for (i, part) in [bulk(1), b"quiet".to_vec(), bulk(2)]
+            .into_iter()
+            .enumerate()
+        {
+            app.write_all(&part).await.unwrap();
+            expected.extend_from_slice(&part);
+            if i == 1 {
+                sleep(Duration::from_millis(50)).await;
+            }
+        }
+        let got = timeout(
+            Duration::from_secs(20),
+            read_stream(&mut recv, expected.len()),
+        )
+        .await
+        .expect("bytes stuck in the tunnel");
+        assert!(got == expected, "the bytes came out changed");
+
+        // The other way, and both ends.
+        send.send_data(Bytes::from_static(b"request"), true)
+            .unwrap();
+        let mut request = Vec::new();
+        app.read_to_end(&mut request).await.unwrap();
+        assert_eq!(request, b"request");
+        app.shutdown().await.unwrap();
+        while let Some(chunk) = recv.data().await {
+            assert!(chunk.unwrap().is_empty(), "bytes after the end");
+        }
+        let t = copy.await.unwrap();
+        assert!(t.result.is_ok(), "{:?}", t.result);
+        assert_eq!(
+            (t.sent, t.received),
+            (expected.len() as u64 + 20 * 1000 + 190, 7)
+        );
+        sleep(Duration::from_millis(20)).await;
+        assert_eq!(buffers_out(), 0);
+    }
 }

@@ -37,8 +37,8 @@ use tokio::{
 /// A direction that is not moving bulk holds no buffer while it waits for bytes:
 /// it takes one from its worker's pool when the socket is readable and gives it
 /// back when a read finds the socket empty, so an idle connection costs no buffer.
-const START_BUF: usize = 16 * 1024;
-const MAX_BUF: usize = 256 * 1024;
+pub(crate) const START_BUF: usize = 16 * 1024;
+pub(crate) const MAX_BUF: usize = 256 * 1024;
 
 /// At most this many `START_BUF` buffers wait in a worker thread's pool (256 KiB).
 /// Only directions in the middle of a read and its write hold one, so a worker
@@ -57,7 +57,7 @@ thread_local! {
 }
 
 /// An empty buffer of `START_BUF` capacity, from this thread's pool if it has one.
-fn take_buf() -> Vec<u8> {
+pub(crate) fn take_buf() -> Vec<u8> {
     #[cfg(test)]
     OUT.set(OUT.get() + 1);
     POOL.with_borrow_mut(Vec::pop)
@@ -72,7 +72,7 @@ fn take_buf() -> Vec<u8> {
 /// one seen before the read, so bytes that arrive during it are not missed.
 /// `WouldBlock` when the socket has nothing (without a system call if no event
 /// said otherwise).
-fn read_some(socket: &TcpStream, buf: &mut impl BufMut) -> io::Result<usize> {
+pub(crate) fn read_some(socket: &TcpStream, buf: &mut impl BufMut) -> io::Result<usize> {
     let mut got = 0;
     let read = socket.try_io(Interest::READABLE, || {
         let offered = buf.chunk_mut().len();
@@ -89,9 +89,21 @@ fn read_some(socket: &TcpStream, buf: &mut impl BufMut) -> io::Result<usize> {
     }
 }
 
+/// Tests: pool buffers this thread has taken and not given back.
+#[cfg(test)]
+pub(crate) fn buffers_out() -> isize {
+    OUT.get()
+}
+
+/// Tests: empty buffers in this thread's pool.
+#[cfg(test)]
+pub(crate) fn buffers_pooled() -> usize {
+    POOL.with_borrow(Vec::len)
+}
+
 /// Returns a buffer taken with [`take_buf`] to this thread's pool (or frees it
 /// if the pool is full or it is not a `START_BUF` one).
-fn give_buf(mut buf: Vec<u8>) {
+pub(crate) fn give_buf(mut buf: Vec<u8>) {
     if buf.capacity() != START_BUF {
         return;
     }

@@ -166,7 +166,7 @@ mod tests {
     use super::*;
     use crate::{
         hbone::{client_builder, server_builder},
-        proxy::copy::{buffers_out, buffers_pooled},
+        proxy::copy::{buffers_out, buffers_pooled, write_bulk_quiet_bulk},
     };
     use http::{Method, Request, Response};
     use std::time::Duration;
@@ -249,22 +249,7 @@ mod tests {
             "the messages did not go through the pool"
         );
 
-        let bulk = |seed: u8| -> Vec<u8> {
-            (0..3u32 << 20)
-                .map(|i| (i as u8).wrapping_mul(31) ^ seed)
-                .collect()
-        };
-        let mut expected = Vec::new();
-        for (i, part) in [bulk(1), b"quiet".to_vec(), bulk(2)]
-            .into_iter()
-            .enumerate()
-        {
-            app.write_all(&part).await.unwrap();
-            expected.extend_from_slice(&part);
-            if i == 1 {
-                sleep(Duration::from_millis(50)).await;
-            }
-        }
+        let expected = write_bulk_quiet_bulk(&mut app).await;
         let got = timeout(
             Duration::from_secs(20),
             read_stream(&mut recv, expected.len()),

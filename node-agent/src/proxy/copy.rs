@@ -95,6 +95,30 @@ pub(crate) fn buffers_out() -> isize {
     OUT.get()
 }
 
+/// Tests: writes 3 MiB, a pause with a few bytes, and 3 MiB again into
+/// `socket` (bulk growing the buffer, stopping, and starting over); returns
+/// every byte written, to compare with what comes out.
+#[cfg(test)]
+pub(crate) async fn write_bulk_quiet_bulk(socket: &mut TcpStream) -> Vec<u8> {
+    let bulk = |seed: u8| -> Vec<u8> {
+        (0..3u32 << 20)
+            .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+            .collect()
+    };
+    let mut written = Vec::new();
+    for (i, part) in [bulk(1), b"quiet".to_vec(), bulk(2)]
+        .into_iter()
+        .enumerate()
+    {
+        socket.write_all(&part).await.unwrap();
+        written.extend_from_slice(&part);
+        if i == 1 {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+    written
+}
+
 /// Tests: empty buffers in this thread's pool.
 #[cfg(test)]
 pub(crate) fn buffers_pooled() -> usize {
@@ -318,27 +342,12 @@ mod tests {
         let (mut client, mut down) = pair().await;
         let (mut up, mut server) = pair().await;
         let proxy = tokio::spawn(async move { bidirectional(&mut down, &mut up).await });
-        let bulk = |seed: u8| -> Vec<u8> {
-            (0..3 << 20)
-                .map(|i: u32| (i as u8).wrapping_mul(31) ^ seed)
-                .collect()
-        };
-        let mut sent = Vec::new();
         let reader = tokio::spawn(async move {
             let mut got = Vec::new();
             server.read_to_end(&mut got).await.unwrap();
             got
         });
-        for (i, part) in [bulk(1), b"quiet".to_vec(), bulk(2)]
-            .into_iter()
-            .enumerate()
-        {
-            client.write_all(&part).await.unwrap();
-            sent.extend_from_slice(&part);
-            if i == 1 {
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        }
+        let sent = write_bulk_quiet_bulk(&mut client).await;
         client.shutdown().await.unwrap();
         let got = reader.await.unwrap();
         assert_eq!(got.len(), sent.len());

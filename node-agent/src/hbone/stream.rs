@@ -22,7 +22,10 @@ use bytes::{Bytes, BytesMut};
 use h2::{Reason, RecvStream, SendStream};
 use tokio::{io::AsyncWriteExt, net::TcpStream};
 
-use crate::proxy::copy::{MAX_BUF, START_BUF, Side, Transfer, give_buf, read_some, take_buf};
+use crate::proxy::{
+    buffer::{START_BUF, give_buf, next_size, read_some, take_buf},
+    copy::{Side, Transfer},
+};
 
 /// A pooled buffer lent to h2: back to this thread's pool once every piece of it
 /// has been written out and dropped.
@@ -92,13 +95,12 @@ pub async fn bidirectional(
                     Some(lent) => Bytes::from_owner(lent),
                     None => bulk.split().freeze(),
                 };
-                if n >= want && want < MAX_BUF {
-                    want *= 2;
-                } else if n < START_BUF && want > START_BUF {
+                let next = next_size(want, n);
+                if next < want {
                     // Bulk has stopped: pooled buffers again, none while idle.
-                    want = START_BUF;
                     bulk = BytesMut::new();
                 }
+                want = next;
                 while !data.is_empty() {
                     send.reserve_capacity(data.len());
                     let granted = match poll_fn(|cx| send.poll_capacity(cx)).await {
@@ -166,23 +168,15 @@ mod tests {
     use super::*;
     use crate::{
         hbone::{client_builder, server_builder},
-        proxy::copy::{buffers_out, buffers_pooled, write_bulk_quiet_bulk},
+        proxy::buffer::testing::{buffers_out, buffers_pooled, pair, write_bulk_quiet_bulk},
     };
     use http::{Method, Request, Response};
     use std::time::Duration;
     use tokio::{
         io::AsyncReadExt,
-        net::TcpListener,
         task::JoinHandle,
         time::{sleep, timeout},
     };
-
-    async fn tcp_pair() -> (TcpStream, TcpStream) {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let (a, b) = tokio::join!(TcpStream::connect(addr), l.accept());
-        (a.unwrap(), b.unwrap().0)
-    }
 
     /// app <-> [socket | bidirectional | h2 stream over a duplex] <-> client's
     /// stream: the destination agent's side of a tunnel, with the agent's h2
@@ -195,7 +189,7 @@ mod tests {
         JoinHandle<Transfer>,
     ) {
         let (client_io, server_io) = tokio::io::duplex(1 << 20);
-        let (app, mut agent_side) = tcp_pair().await;
+        let (app, mut agent_side) = pair().await;
         let server = tokio::spawn(async move {
             let mut conn = server_builder()
                 .handshake::<_, Bytes>(server_io)

@@ -7,6 +7,7 @@
 //! connection to the application stays on the pod's loopback.
 
 pub mod admit;
+pub(crate) mod buffer;
 pub mod copy;
 pub mod inbound;
 pub mod live;

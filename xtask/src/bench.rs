@@ -46,6 +46,9 @@ const ECHO_PORT: u16 = 9000;
 const HOLD_PORT: u16 = 9001;
 const IPERF_PORT: u16 = 5201;
 const HTTP_PORT: u16 = 8080;
+/// The minimal relay's ports (the yardstick, cross-node only): a service's port
+/// plus this, on both pods.
+const RELAY_OFFSET: u16 = 20_000;
 /// The request and the response of scenarios 2 and 3.
 const MESSAGE: &str = "1K";
 /// The fixed, moderate request rate of scenario 2.
@@ -122,6 +125,10 @@ impl Plan {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
     Direct,
+    /// No pod enrolled; the client connects to a minimal plaintext relay in its
+    /// own pod, which connects to one in the server's pod: the bench's yardstick
+    /// for what any proxy on each node costs here.
+    Relay,
     Weft,
 }
 
@@ -129,6 +136,7 @@ impl Mode {
     fn name(self) -> &'static str {
         match self {
             Mode::Direct => "direct",
+            Mode::Relay => "relay",
             Mode::Weft => "weft",
         }
     }
@@ -173,12 +181,19 @@ struct Row {
     name: String,
     unit: &'static str,
     direct: Vec<f64>,
+    /// Through the minimal relay; only the cross-node scenarios the targets
+    /// judge have it.
+    relay: Vec<f64>,
     weft: Vec<f64>,
 }
 
 impl Row {
     fn direct_median(&self) -> f64 {
         median(&self.direct)
+    }
+
+    fn relay_median(&self) -> f64 {
+        median(&self.relay)
     }
 
     fn weft_median(&self) -> f64 {
@@ -209,6 +224,16 @@ impl Row {
         if self.is_latency() {
             v["added"] = finite(self.weft_median() - self.direct_median());
         }
+        if !self.relay.is_empty() {
+            v["relay_median"] = finite(self.relay_median());
+            v["relay"] = json!(self.relay);
+            v["relay_spread"] = finite(spread(&self.relay));
+            v["relay_ratio"] = finite(self.relay_median() / self.direct_median());
+            v["weft_to_relay"] = finite(self.weft_median() / self.relay_median());
+            if self.is_latency() {
+                v["relay_added"] = finite(self.relay_median() - self.direct_median());
+            }
+        }
         v
     }
 }
@@ -229,6 +254,7 @@ impl Results {
                     name: name.to_owned(),
                     unit,
                     direct: Vec::new(),
+                    relay: Vec::new(),
                     weft: Vec::new(),
                 });
                 self.rows.len() - 1
@@ -236,6 +262,7 @@ impl Results {
         };
         match mode {
             Mode::Direct => self.rows[i].direct.push(value),
+            Mode::Relay => self.rows[i].relay.push(value),
             Mode::Weft => self.rows[i].weft.push(value),
         }
     }
@@ -253,6 +280,9 @@ struct Target {
     value: Option<f64>,
     shown: String,
     met: Option<bool>,
+    /// What the minimal relay reached on the same measure, where it has one.
+    relay: Option<f64>,
+    relay_shown: String,
 }
 
 pub fn run(quick: bool, perf: bool) -> Result<()> {
@@ -264,7 +294,7 @@ pub fn run(quick: bool, perf: bool) -> Result<()> {
 
     cmd::step(&format!(
         "benchmarking on a 2-node x 2-pod cluster: n0p0 -> n0p1 (same node) and n1p0 (cross node), \
-         {} round(s) of direct/Weft{}",
+         {} round(s) of direct/relay/Weft{}",
         plan.rounds,
         if quick { " (--quick)" } else { "" }
     ));
@@ -283,6 +313,7 @@ pub fn run(quick: bool, perf: bool) -> Result<()> {
     let targets = targets(&results, &plan);
     cmd::step("results (medians over rounds; spread = (max - min) / median)");
     println!("{}", table(&results));
+    println!("{}", relay_table(&results));
     println!("{}", targets_table(&targets));
 
     let commit = git_head();
@@ -291,7 +322,8 @@ pub fn run(quick: bool, perf: bool) -> Result<()> {
         .unwrap_or_default();
     let report = json!({
         "what": "Weft vs direct TCP: client n0p0, servers n0p1 (same node) and n1p0 (cross node); \
-                 Weft = all three enrolled (HBONE, HTTP/2 CONNECT over mutual TLS 1.3), direct = none enrolled",
+                 Weft = all three enrolled (HBONE, HTTP/2 CONNECT over mutual TLS 1.3), direct = none enrolled; \
+                 relay (cross node only) = none enrolled, through a minimal plaintext relay in each of the two pods",
         "when": when,
         "commit": commit,
         "machine": machine,
@@ -299,6 +331,7 @@ pub fn run(quick: bool, perf: bool) -> Result<()> {
         "scenarios": results.rows.iter().map(Row::json).collect::<Vec<_>>(),
         "targets": targets.iter().map(|t| json!({
             "what": t.what, "goal": t.goal, "value": t.value.and_then(finite_opt), "met": t.met,
+            "relay": t.relay.and_then(finite_opt),
         })).collect::<Vec<_>>(),
         "access_log_proof": proof,
     });
@@ -383,6 +416,36 @@ fn start_servers(pod: &Pod, scratch: &Path) -> Result<Servers> {
     Ok(Servers { _procs: procs })
 }
 
+/// The minimal relays of the yardstick, stopped when dropped: for the echo and
+/// iperf3 servers of `server`, one in the client's pod listening on loopback
+/// and one in `server`'s pod, both on the service's port + `RELAY_OFFSET`.
+fn start_relays(client: &Pod, server: &Pod) -> Result<Vec<Proc>> {
+    let tk = bin_path("weft-tk");
+    let mut procs = Vec::new();
+    for port in [ECHO_PORT, IPERF_PORT] {
+        let relay = port + RELAY_OFFSET;
+        for (pod, listen, to) in [
+            (
+                server,
+                format!("0.0.0.0:{relay}"),
+                format!("127.0.0.1:{port}"),
+            ),
+            (
+                client,
+                format!("127.0.0.1:{relay}"),
+                format!("{}:{relay}", server.ip),
+            ),
+        ] {
+            let mut c = pod.command(&tk);
+            c.args(["relay", "--listen", &listen, "--connect", &to]);
+            let p = pod.spawn(&mut c)?;
+            p.wait_for_json(Duration::from_secs(20), |v| v.get("listening").is_some())?;
+            procs.push(p);
+        }
+    }
+    Ok(procs)
+}
+
 /// nginx in `pod`, one worker, answering every request with a 1 KiB body.
 fn start_nginx(pod: &Pod, scratch: &Path) -> Result<Proc> {
     let dir = scratch.join(format!("nginx-{}", pod.name));
@@ -437,21 +500,27 @@ fn bench(cluster: &Cluster, plan: &Plan, scratch: &Path) -> Result<(Results, Vec
         .iter()
         .map(|r| start_servers(r.server(cluster), scratch))
         .collect::<Result<Vec<_>>>()?;
+    let _relays = start_relays(client, Route::Cross.server(cluster))?;
 
     let mut results = Results::default();
     let mut proof = Vec::new();
     for round in 1..=plan.rounds {
         let order = if round % 2 == 1 {
-            [Mode::Direct, Mode::Weft]
+            [Mode::Direct, Mode::Relay, Mode::Weft]
         } else {
-            [Mode::Weft, Mode::Direct]
+            [Mode::Weft, Mode::Relay, Mode::Direct]
         };
         for mode in order {
             for pod in pods {
                 mesh.set_enrolled(pod, mode == Mode::Weft)?;
             }
             let before = settled_log_counts(&mesh);
-            for route in Route::ALL {
+            // The relay is the yardstick for the targets, which are cross-node.
+            let routes: &[Route] = match mode {
+                Mode::Relay => &[Route::Cross],
+                Mode::Direct | Mode::Weft => &Route::ALL,
+            };
+            for &route in routes {
                 let server = route.server(cluster);
                 let line = scenarios(&mesh, plan, mode, route, client, server, &mut results)
                     .with_context(|| format!("round {round}, {} {}", mode.name(), route.label()))?;
@@ -499,6 +568,15 @@ fn scenarios(
     results: &mut Results,
 ) -> Result<String> {
     let tk = bin_path("weft-tk");
+    // Where the client connects: the server, or the relay in its own pod.
+    let (host, iperf_port, echo_port) = match mode {
+        Mode::Relay => (
+            "127.0.0.1".to_owned(),
+            IPERF_PORT + RELAY_OFFSET,
+            ECHO_PORT + RELAY_OFFSET,
+        ),
+        Mode::Direct | Mode::Weft => (server.ip.to_string(), IPERF_PORT, ECHO_PORT),
+    };
     let r = route.key();
     let l = route.label();
     let mut add = |key: &str, name: &str, unit: &'static str, value: f64| {
@@ -522,7 +600,7 @@ fn scenarios(
     // 1. Throughput, with the CPU it costs.
     let cpu0 = Cpu::now(mesh)?;
     let perf = profile("iperf3_1_stream")?;
-    let (one, bytes) = iperf3(client, server, 1, plan.iperf_secs)?;
+    let (one, bytes) = iperf3(client, &host, iperf_port, 1, plan.iperf_secs)?;
     drop(perf);
     let cpu1 = Cpu::now(mesh)?;
     let gib = bytes / GIB;
@@ -541,11 +619,11 @@ fn scenarios(
             (cpu1.agents - cpu0.agents) / gib,
         );
     }
-    let (four, _) = iperf3(client, server, 4, plan.iperf_secs)?;
+    let (four, _) = iperf3(client, &host, iperf_port, 4, plan.iperf_secs)?;
     add("iperf3_4_streams", "iperf3 4 streams", "Gbit/s", four / 1e9);
 
     // 2. Request/response on one connection, paced and back to back.
-    let target = format!("{}:{ECHO_PORT}", server.ip);
+    let target = format!("{host}:{echo_port}");
     let rr = |count: u32, rate: Option<u32>| -> Result<Value> {
         let mut args = vec![
             "rr".to_owned(),
@@ -673,6 +751,20 @@ fn scenarios(
         add(key, name, unit, num(&conns, field)?);
     }
 
+    let summary = format!(
+        "iperf3 {:>5.2} (1) {:>5.2} (4) Gbit/s  rr p50 {:>5.1}/{:>5.1} µs ({:.1} IPIs)  {:>6.0} conn/s",
+        one / 1e9,
+        four / 1e9,
+        num(&fixed, "p50_us")?,
+        num(&saturated, "p50_us")?,
+        fixed_ipis,
+        num(&conns, "conns_per_s")?,
+    );
+    if mode == Mode::Relay {
+        // The relay stands in for the targets' scenarios; HTTP is not one.
+        return Ok(summary);
+    }
+
     // 4. HTTP with wrk against nginx, with the CPU it costs.
     let cpu0 = Cpu::now(mesh)?;
     let perf = profile("http")?;
@@ -699,16 +791,7 @@ fn scenarios(
         );
     }
 
-    Ok(format!(
-        "iperf3 {:>5.2} (1) {:>5.2} (4) Gbit/s  rr p50 {:>5.1}/{:>5.1} µs ({:.1} IPIs)  {:>6.0} conn/s  http {:>6.0} req/s",
-        one / 1e9,
-        four / 1e9,
-        num(&fixed, "p50_us")?,
-        num(&saturated, "p50_us")?,
-        fixed_ipis,
-        num(&conns, "conns_per_s")?,
-        http.rps,
-    ))
+    Ok(format!("{summary}  http {:>6.0} req/s", http.rps))
 }
 
 /// The agents' CPU time and context switches per `unit` (a request, a
@@ -1109,10 +1192,11 @@ fn check_labels(
                 same.len()
             );
         }
-        Mode::Direct => ensure!(
+        Mode::Direct | Mode::Relay => ensure!(
             out.is_empty() && inb.is_empty(),
-            "round {round}: the direct run went through the agents ({} access-log lines on node 0, \
+            "round {round}: the {} run went through the agents ({} access-log lines on node 0, \
              {} on node 1)",
+            mode.name(),
             out.len(),
             inb.len()
         ),
@@ -1148,14 +1232,14 @@ fn settled_log_counts(mesh: &Mesh) -> (usize, usize) {
 }
 
 /// Bits per second and bytes received in an iperf3 run of `streams` streams.
-fn iperf3(client: &Pod, server: &Pod, streams: u32, secs: u32) -> Result<(f64, f64)> {
+fn iperf3(client: &Pod, host: &str, port: u16, streams: u32, secs: u32) -> Result<(f64, f64)> {
     let out = client.exec(
         "iperf3",
         [
             "-c",
-            &server.ip.to_string(),
+            host,
             "-p",
-            &IPERF_PORT.to_string(),
+            &port.to_string(),
             "-t",
             &secs.to_string(),
             "-P",
@@ -1258,6 +1342,9 @@ fn targets(results: &Results, plan: &Plan) -> Vec<Target> {
             .get(key)
             .map(|r| r.weft_median() - r.direct_median())
     };
+    let relayed = |key: &str| results.get(key).filter(|r| !r.relay.is_empty());
+    let relay_ratio = |key: &str| relayed(key).map(|r| r.relay_median() / r.direct_median());
+    let relay_added = |key: &str| relayed(key).map(|r| r.relay_median() - r.direct_median());
     let weft = |key: &str| results.get(key).map(Row::weft_median);
     let max_of = |a: Option<f64>, b: Option<f64>| match (a, b) {
         (Some(a), Some(b)) => Some(a.max(b)),
@@ -1273,61 +1360,75 @@ fn targets(results: &Results, plan: &Plan) -> Vec<Target> {
         (Some(a), Some(d)) => Some(a / d),
         _ => None,
     };
-    let t = |what, goal, value: Option<f64>, unit: &str, ok: fn(f64) -> bool| Target {
-        what,
-        goal,
-        value,
-        shown: value.map_or("-".into(), |v| {
+    let shown = |value: Option<f64>, unit: &str| {
+        value.filter(|v| v.is_finite()).map_or("-".into(), |v| {
             if unit == "x" {
                 format!("{v:.2}x")
             } else {
                 format!("{v:.1} {unit}")
             }
-        }),
-        met: value.filter(|v| v.is_finite()).map(ok),
+        })
     };
+    let t = |what,
+             goal,
+             (value, relay): (Option<f64>, Option<f64>),
+             unit: &str,
+             ok: fn(f64) -> bool| Target {
+        what,
+        goal,
+        value,
+        shown: shown(value, unit),
+        met: value.filter(|v| v.is_finite()).map(ok),
+        relay,
+        relay_shown: shown(relay, unit),
+    };
+    let both_ratio = |key: &str| (ratio(key), relay_ratio(key));
+    let both_added = |key: &str| (added(key), relay_added(key));
     vec![
         t(
             "single-stream throughput, Weft/direct",
             ">= 0.55x",
-            ratio("cross_node.iperf3_1_stream"),
+            both_ratio("cross_node.iperf3_1_stream"),
             "x",
             |v| v >= 0.55,
         ),
         t(
             "4-stream throughput, Weft/direct",
             ">= 0.60x",
-            ratio("cross_node.iperf3_4_streams"),
+            both_ratio("cross_node.iperf3_4_streams"),
             "x",
             |v| v >= 0.60,
         ),
         t(
             "latency added at p50 (1 KiB at 1,000/s)",
             "<= 60 µs",
-            added("cross_node.rr_fixed_p50"),
+            both_added("cross_node.rr_fixed_p50"),
             "µs",
             |v| v <= 60.0,
         ),
         t(
             "latency added at p99 (1 KiB at 1,000/s)",
             "<= 300 µs",
-            added("cross_node.rr_fixed_p99"),
+            both_added("cross_node.rr_fixed_p99"),
             "µs",
             |v| v <= 300.0,
         ),
         t(
             "new-connection rate, Weft/direct",
             ">= 0.50x",
-            ratio("cross_node.conn_rate"),
+            both_ratio("cross_node.conn_rate"),
             "x",
             |v| v >= 0.50,
         ),
         t(
             "agent RSS idle (larger of the two)",
             "<= 16 MiB",
-            max_of(
-                weft("memory.rss_idle_source"),
-                weft("memory.rss_idle_destination"),
+            (
+                max_of(
+                    weft("memory.rss_idle_source"),
+                    weft("memory.rss_idle_destination"),
+                ),
+                None,
             ),
             "MiB",
             |v| v <= 16.0,
@@ -1335,9 +1436,12 @@ fn targets(results: &Results, plan: &Plan) -> Vec<Target> {
         t(
             "agent memory per idle connection (larger side, most held)",
             "<= 16 KiB",
-            max_of(
-                weft(&format!("memory.per_connection_{most_held}_source")),
-                weft(&format!("memory.per_connection_{most_held}_destination")),
+            (
+                max_of(
+                    weft(&format!("memory.per_connection_{most_held}_source")),
+                    weft(&format!("memory.per_connection_{most_held}_destination")),
+                ),
+                None,
             ),
             "KiB",
             |v| v <= 16.0,
@@ -1345,7 +1449,7 @@ fn targets(results: &Results, plan: &Plan) -> Vec<Target> {
         t(
             "agents' CPU per GiB / machine CPU per GiB direct",
             "<= 2.0x",
-            cpu,
+            (cpu, None),
             "x",
             |v| v <= 2.0,
         ),
@@ -1388,6 +1492,44 @@ fn table(results: &Results) -> String {
     out
 }
 
+/// The scenarios measured through the minimal relay too: direct, relay and
+/// Weft side by side.
+fn relay_table(results: &Results) -> String {
+    let mut out = format!(
+        "  {:<50} {:>16} {:>16} {:>16} {:>12} {:>11} {:>10}\n",
+        "yardstick (cross-node)",
+        "direct",
+        "minimal relay",
+        "Weft",
+        "relay/direct",
+        "Weft/direct",
+        "Weft/relay"
+    );
+    for r in results.rows.iter().filter(|r| !r.relay.is_empty()) {
+        let _ = writeln!(
+            out,
+            "  {:<50} {:>16} {:>16} {:>16} {:>12} {:>11} {:>10}",
+            r.name,
+            show(r.direct_median(), r.unit),
+            show(r.relay_median(), r.unit),
+            show(r.weft_median(), r.unit),
+            times(r.relay_median() / r.direct_median(), "x"),
+            times(r.ratio(), "x"),
+            times(r.weft_median() / r.relay_median(), "x"),
+        );
+    }
+    out
+}
+
+/// `v` as a ratio with two decimals and `sign`, or "-".
+fn times(v: f64, sign: &str) -> String {
+    if v.is_finite() {
+        format!("{v:.2}{sign}")
+    } else {
+        "-".into()
+    }
+}
+
 fn targets_table(targets: &[Target]) -> String {
     let mut out = String::from("  targets (cross-node):\n");
     for t in targets {
@@ -1398,8 +1540,8 @@ fn targets_table(targets: &[Target]) -> String {
         };
         let _ = writeln!(
             out,
-            "    {:<60} {:>10}  goal {:<10} {verdict}",
-            t.what, t.shown, t.goal
+            "    {:<60} {:>10}  goal {:<10} {verdict:<8} minimal relay {}",
+            t.what, t.shown, t.goal, t.relay_shown
         );
     }
     out
@@ -1424,20 +1566,47 @@ fn markdown(
     let mut md = String::new();
     let _ = writeln!(
         md,
-        "Run at {when} on commit `{}`: {}. {} rounds, direct and Weft alternating; medians over \
+        "Run at {when} on commit `{}`: {}. {} rounds, direct, the minimal relay and Weft alternating; medians over \
          rounds, spread = (max − min) / median.\n",
         commit.unwrap_or("?"),
         machine_line(machine),
         plan.rounds,
     );
-    md.push_str("| target (cross-node) | goal | this run | |\n|---|---|---|---|\n");
+    md.push_str(
+        "| target (cross-node) | goal | this run | | a minimal relay on each node |\n\
+         |---|---|---|---|---|\n",
+    );
     for t in targets {
         let verdict = match t.met {
             Some(true) => "met",
             Some(false) => "**missed**",
             None => "not measured",
         };
-        let _ = writeln!(md, "| {} | {} | {} | {verdict} |", t.what, t.goal, t.shown);
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {verdict} | {} |",
+            t.what, t.goal, t.shown, t.relay_shown
+        );
+    }
+    md.push_str(
+        "\nThe yardstick: the same cross-node scenarios through a minimal plaintext relay in \
+         the client's pod and one in the server's pod (`weft-tk relay`: no TLS, HTTP/2, policy \
+         or eBPF), no pod enrolled.\n\n\
+         | scenario | direct | minimal relay | Weft | relay/direct | Weft/direct | Weft/relay |\n\
+         |---|---|---|---|---|---|---|\n",
+    );
+    for r in results.rows.iter().filter(|r| !r.relay.is_empty()) {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            r.name,
+            show(r.direct_median(), r.unit),
+            show(r.relay_median(), r.unit),
+            show(r.weft_median(), r.unit),
+            times(r.relay_median() / r.direct_median(), "×"),
+            times(r.ratio(), "×"),
+            times(r.weft_median() / r.relay_median(), "×"),
+        );
     }
     md.push_str("\n| scenario | direct | spread | Weft | spread | Weft/direct |\n|---|---|---|---|---|---|\n");
     for r in &results.rows {
@@ -1788,5 +1957,67 @@ Transfer/sec:     23.55MB
         assert_eq!(j["added"], 58.0);
         assert_eq!(j["direct_median"], 22.0);
         assert!(table(&r).contains("3.64x"), "{}", table(&r));
+    }
+
+    #[test]
+    fn the_relay_is_reported_beside_the_targets() {
+        let mut r = Results::default();
+        for (mode, rate, p50) in [
+            (Mode::Direct, 10_000.0, 25.0),
+            (Mode::Relay, 4_000.0, 125.0),
+            (Mode::Weft, 3_000.0, 150.0),
+        ] {
+            r.add(
+                "cross_node.conn_rate",
+                "new connections",
+                "conn/s",
+                mode,
+                rate,
+            );
+            r.add("cross_node.rr_fixed_p50", "p50", "µs", mode, p50);
+        }
+        // A scenario the relay does not run has no relay fields.
+        r.add("cross_node.http_rps", "HTTP", "req/s", Mode::Direct, 9.0);
+        r.add("cross_node.http_rps", "HTTP", "req/s", Mode::Weft, 3.0);
+
+        let j = r.get("cross_node.conn_rate").unwrap().json();
+        assert_eq!(j["relay_median"], 4_000.0);
+        assert_eq!(j["relay_ratio"], 0.4);
+        assert_eq!(j["weft_to_relay"], 0.75);
+        assert_eq!(
+            r.get("cross_node.rr_fixed_p50").unwrap().json()["relay_added"],
+            100.0
+        );
+        assert!(
+            r.get("cross_node.http_rps")
+                .unwrap()
+                .json()
+                .get("relay")
+                .is_none()
+        );
+
+        let plan = Plan::quick();
+        let t = targets(&r, &plan);
+        let rate = t
+            .iter()
+            .find(|t| t.what.starts_with("new-connection"))
+            .unwrap();
+        assert_eq!((rate.value, rate.relay), (Some(0.3), Some(0.4)));
+        assert_eq!(rate.met, Some(false));
+        let p50 = t.iter().find(|t| t.what.contains("p50")).unwrap();
+        assert_eq!((p50.value, p50.relay), (Some(125.0), Some(100.0)));
+        // Where the relay has no measure of its own, it shows none.
+        assert!(t.iter().any(|t| t.relay.is_none() && t.relay_shown == "-"));
+
+        let md = markdown(&r, &t, &json!({}), Some("abc"), "now", &plan);
+        assert!(
+            md.contains(
+                "| new-connection rate, Weft/direct | >= 0.50x | 0.30x | **missed** | 0.40x |"
+            ),
+            "{md}"
+        );
+        assert!(md.contains("| new connections | 10000 conn/s | 4000 conn/s | 3000 conn/s | 0.40× | 0.30× | 0.75× |"), "{md}");
+        assert!(!md.contains("| HTTP | 9 req/s | -"), "{md}");
+        assert!(relay_table(&r).contains("0.75x"), "{}", relay_table(&r));
     }
 }

@@ -13,6 +13,7 @@
 //! weft-tk rr --connect <addr:port> --count N [--size B] [--warmup N] [--rate R]
 //! weft-tk conn-rate --connect <addr:port> --count N [--size B]
 //! weft-tk hold --connect <addr:port> --count N [--hold-secs S]
+//! weft-tk relay --listen <addr:port> --connect <addr:port> [--workers N]
 //! ```
 //!
 //! The last three are benchmark clients for an `echo` server (`cargo xtask
@@ -41,6 +42,12 @@
 //! 2, concurrently with reading unless asked to wait for the client's EOF.
 //! Both sides print one JSON line per connection on stdout. A server that
 //! detects corruption resets the connection (RST) so the client notices too.
+//!
+//! `relay` is the bench's yardstick for a proxy on each node: a minimal plaintext
+//! TCP relay (no TLS, no HTTP/2, no policy), `--workers` threads (default 8)
+//! each accepting a connection, connecting on, and copying both ways with
+//! `poll`, blocking `read` and `write` of up to 64 KiB, and passing a half-close
+//! on, until both directions have ended.
 //!
 //! Sizes accept binary suffixes: `1K` = 1024, `64M`, `1G`.
 
@@ -77,6 +84,7 @@ const USAGE: &str = "usage:
   weft-tk conn-rate --connect <addr:port> --count N [--size B] [--timeout-secs S]
   weft-tk hold --connect <addr:port> --count N [--hold-secs S] [--timeout-secs S]
   weft-tk echo --listen <addr:port> [--workers N] [--quiet]
+  weft-tk relay --listen <addr:port> --connect <addr:port> [--workers N]
 sizes accept K/M/G suffixes (binary)";
 
 fn main() -> ExitCode {
@@ -92,6 +100,7 @@ fn main() -> ExitCode {
         Some("rr") => rr(&args[1..]),
         Some("conn-rate") => conn_rate(&args[1..]),
         Some("hold") => hold(&args[1..]),
+        Some("relay") => relay(&args[1..]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;
@@ -462,6 +471,90 @@ fn echo_connection(mut stream: TcpStream, peer: SocketAddr, quiet: bool) {
             "error": result.err().map(|e| e.to_string()),
         }));
     }
+}
+
+/// A minimal plaintext relay: the floor the bench compares a proxy hop with.
+fn relay(args: &[String]) -> Result<ExitCode, String> {
+    let opts = Opts::parse(args, &["--listen", "--connect", "--workers"], &[])?;
+    let addr = resolve(opts.required("--listen")?)?;
+    let to = resolve(opts.required("--connect")?)?;
+    let workers: usize = opts
+        .get("--workers")
+        .unwrap_or("8")
+        .parse()
+        .map_err(|e| format!("--workers: {e}"))?;
+    if workers == 0 {
+        return Err("--workers: at least 1".into());
+    }
+    let listener = Arc::new(listen(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?);
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    emit(&json!({ "listening": local.to_string(), "relaying_to": to.to_string() }));
+    let pool: Vec<_> = (0..workers)
+        .map(|_| {
+            let listener = Arc::clone(&listener);
+            thread::spawn(move || {
+                let mut buf = vec![0u8; CHUNK];
+                loop {
+                    match listener.accept() {
+                        Ok((from, _)) => {
+                            if let Err(e) = relay_connection(from, to, &mut buf) {
+                                eprintln!("weft-tk relay: {e}");
+                            }
+                        }
+                        Err(e) => {
+                            eprintln!("weft-tk relay: accept failed: {e}");
+                            thread::sleep(Duration::from_millis(50));
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for worker in pool {
+        let _ = worker.join();
+    }
+    Ok(ExitCode::FAILURE)
+}
+
+/// Connects to `to` and copies between it and `from` until both directions
+/// have ended, passing each EOF on as a half-close.
+fn relay_connection(from: TcpStream, to: SocketAddr, buf: &mut [u8]) -> io::Result<()> {
+    let onward = TcpStream::connect(to)?;
+    from.set_nodelay(true)?;
+    onward.set_nodelay(true)?;
+    let socks = [&from, &onward];
+    let mut open = [true, true];
+    while open[0] || open[1] {
+        let mut fds: Vec<libc::pollfd> = (0..2)
+            .filter(|&i| open[i])
+            .map(|i| libc::pollfd {
+                fd: socks[i].as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        // SAFETY: `fds` is a valid array of `fds.len()` pollfds for the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        for p in fds.iter().filter(|p| p.revents != 0) {
+            let i = usize::from(p.fd != from.as_raw_fd());
+            let (mut src, mut dst) = (socks[i], socks[1 - i]);
+            match src.read(buf)? {
+                0 => {
+                    open[i] = false;
+                    let _ = dst.shutdown(Shutdown::Write);
+                }
+                n => dst.write_all(&buf[..n])?,
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Answers every connection with `--name` and a newline, then closes it.
@@ -1325,6 +1418,45 @@ impl Opts {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The relay carries bytes both ways, more than one buffer of them, and
+    /// passes each half-close on without cutting the other direction short.
+    #[test]
+    fn relay_copies_both_ways_and_passes_half_close() {
+        let server = TcpListener::bind("127.0.0.1:0").unwrap();
+        let server_addr = server.local_addr().unwrap();
+        let front = TcpListener::bind("127.0.0.1:0").unwrap();
+        let front_addr = front.local_addr().unwrap();
+        let upload: Vec<u8> = (0..3 * CHUNK + 17).map(|i| (i % 251) as u8).collect();
+        let expected = upload.clone();
+        // The server reads everything up to the client's EOF, then answers
+        // with the bytes reversed: the answer can only come after the
+        // half-close went through, on a connection still open the other way.
+        let served = thread::spawn(move || {
+            let (mut s, _) = server.accept().unwrap();
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).unwrap();
+            assert_eq!(got, expected);
+            got.reverse();
+            s.write_all(&got).unwrap();
+        });
+        let relayed = thread::spawn(move || {
+            let (from, _) = front.accept().unwrap();
+            let mut buf = vec![0u8; CHUNK];
+            relay_connection(from, server_addr, &mut buf)
+        });
+        let mut c = TcpStream::connect(front_addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        c.write_all(&upload).unwrap();
+        c.shutdown(Shutdown::Write).unwrap();
+        let mut answer = Vec::new();
+        c.read_to_end(&mut answer).unwrap();
+        let mut reversed = upload;
+        reversed.reverse();
+        assert_eq!(answer, reversed);
+        served.join().unwrap();
+        relayed.join().unwrap().unwrap();
+    }
 
     #[test]
     fn sizes() {

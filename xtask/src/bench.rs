@@ -1517,19 +1517,27 @@ fn relay_table(results: &Results) -> String {
         "Weft/relay"
     );
     for r in results.rows.iter().filter(|r| !r.relay.is_empty()) {
+        let [d, rl, w, rd, wd, wr] = relay_cells(r, "x");
         let _ = writeln!(
             out,
-            "  {:<50} {:>16} {:>16} {:>16} {:>12} {:>11} {:>10}",
-            r.name,
-            show(r.direct_median(), r.unit),
-            show(r.relay_median(), r.unit),
-            show(r.weft_median(), r.unit),
-            times(r.relay_median() / r.direct_median(), "x"),
-            times(r.ratio(), "x"),
-            times(r.weft_median() / r.relay_median(), "x"),
+            "  {:<50} {d:>16} {rl:>16} {w:>16} {rd:>12} {wd:>11} {wr:>10}",
+            r.name
         );
     }
     out
+}
+
+/// A yardstick row's cells: direct, relay and Weft, then relay/direct,
+/// Weft/direct and Weft/relay with `sign`.
+fn relay_cells(r: &Row, sign: &str) -> [String; 6] {
+    [
+        show(r.direct_median(), r.unit),
+        show(r.relay_median(), r.unit),
+        show(r.weft_median(), r.unit),
+        times(r.relay_median() / r.direct_median(), sign),
+        times(r.ratio(), sign),
+        times(r.weft_median() / r.relay_median(), sign),
+    ]
 }
 
 /// `v` as a ratio with two decimals and `sign`, or "-".
@@ -1608,17 +1616,7 @@ fn markdown(
          |---|---|---|---|---|---|---|\n",
     );
     for r in results.rows.iter().filter(|r| !r.relay.is_empty()) {
-        let _ = writeln!(
-            md,
-            "| {} | {} | {} | {} | {} | {} | {} |",
-            r.name,
-            show(r.direct_median(), r.unit),
-            show(r.relay_median(), r.unit),
-            show(r.weft_median(), r.unit),
-            times(r.relay_median() / r.direct_median(), "×"),
-            times(r.ratio(), "×"),
-            times(r.weft_median() / r.relay_median(), "×"),
-        );
+        let _ = writeln!(md, "| {} | {} |", r.name, relay_cells(r, "×").join(" | "));
     }
     md.push_str("\n| scenario | direct | spread | Weft | spread | Weft/direct |\n|---|---|---|---|---|---|\n");
     for r in &results.rows {

@@ -412,15 +412,7 @@ fn echo(args: &[String]) -> Result<ExitCode, String> {
     let listener = listen(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     emit(&json!({ "listening": local.to_string() }));
-    let accept = |listener: &TcpListener| loop {
-        match listener.accept() {
-            Ok(conn) => return conn,
-            Err(e) => {
-                eprintln!("weft-tk echo: accept failed: {e}");
-                thread::sleep(Duration::from_millis(50));
-            }
-        }
-    };
+    let accept = |listener: &TcpListener| accept_retrying(listener, "echo");
     if workers == 0 {
         loop {
             let (stream, peer) = accept(&listener);
@@ -443,6 +435,20 @@ fn echo(args: &[String]) -> Result<ExitCode, String> {
         let _ = worker.join();
     }
     Ok(ExitCode::FAILURE)
+}
+
+/// The next connection on `listener`; a failed `accept` (out of file
+/// descriptors, say) is reported and retried after a pause.
+fn accept_retrying(listener: &TcpListener, who: &str) -> (TcpStream, SocketAddr) {
+    loop {
+        match listener.accept() {
+            Ok(conn) => return conn,
+            Err(e) => {
+                eprintln!("weft-tk {who}: accept failed: {e}");
+                thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
 }
 
 /// Echoes one connection until EOF, then half-closes it.
@@ -495,16 +501,9 @@ fn relay(args: &[String]) -> Result<ExitCode, String> {
             thread::spawn(move || {
                 let mut buf = vec![0u8; CHUNK];
                 loop {
-                    match listener.accept() {
-                        Ok((from, _)) => {
-                            if let Err(e) = relay_connection(from, to, &mut buf) {
-                                eprintln!("weft-tk relay: {e}");
-                            }
-                        }
-                        Err(e) => {
-                            eprintln!("weft-tk relay: accept failed: {e}");
-                            thread::sleep(Duration::from_millis(50));
-                        }
+                    let (from, _) = accept_retrying(&listener, "relay");
+                    if let Err(e) = relay_connection(from, to, &mut buf) {
+                        eprintln!("weft-tk relay: {e}");
                     }
                 }
             })

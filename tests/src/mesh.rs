@@ -54,6 +54,10 @@ pub struct Mesh<'c> {
     pub agent_env: Vec<(String, String)>,
     /// Extra arguments for the CA.
     pub ca_args: Vec<String>,
+    /// `--config-poll-ms` of the CA and the agents, when they start: 100 ms,
+    /// so tests see config changes quickly; `None` leaves their default (the
+    /// bench measures the agents as deployed).
+    pub config_poll_ms: Option<u64>,
     /// Run the CA inside node 0's agent (`--embedded-ca-dir`) instead of as its
     /// own `weft ca` process. Set before `start_all`.
     pub embedded_ca: bool,
@@ -109,6 +113,7 @@ impl<'c> Mesh<'c> {
             agent_args: Vec::new(),
             agent_env: Vec::new(),
             ca_args: Vec::new(),
+            config_poll_ms: Some(100),
             embedded_ca: false,
         };
         mesh.write_config()?;
@@ -196,8 +201,12 @@ impl<'c> Mesh<'c> {
             .arg(self.ca_addr())
             .arg("--metrics-addr")
             .arg("127.0.0.1:15014")
-            .arg("--config-poll-ms")
-            .arg("100")
+            .args(
+                self.config_poll_ms
+                    .map(|ms| ["--config-poll-ms".to_owned(), ms.to_string()])
+                    .into_iter()
+                    .flatten(),
+            )
             .args(&self.ca_args);
         let proc = Proc::spawn(&mut cmd, "weft ca")?;
         let ready = proc.wait_for_json(AGENT_START, |v| v["message"] == "ca ready");
@@ -285,6 +294,15 @@ impl<'c> Mesh<'c> {
             "pod unenrolled"
         };
         let before = self.count_logs(pod.node, |v| is_pod_event(v, message, &pod.name));
+        // Every running agent applies the new config: a connection to the pod
+        // from another node is only captured once that node's agent knows it.
+        let running: Vec<usize> = (0..self.agents.len())
+            .filter(|&n| self.agents[n].is_some())
+            .collect();
+        let applied_before: Vec<usize> = running
+            .iter()
+            .map(|&n| self.count_logs(n, is_config_applied))
+            .collect();
         self.write_config()?;
         let node = pod.node;
         let ok = crate::eventually(crate::PATIENCE, || {
@@ -295,6 +313,17 @@ impl<'c> Mesh<'c> {
                 "agent of node {node} did not log {message:?} for {}",
                 pod.name
             );
+        }
+        for (&n, &was) in running.iter().zip(&applied_before) {
+            let ok = crate::eventually(crate::PATIENCE, || {
+                self.count_logs(n, is_config_applied) > was
+            });
+            if !ok {
+                bail!(
+                    "agent of node {n} did not apply the config that {message} {}",
+                    pod.name
+                );
+            }
         }
         Ok(())
     }
@@ -319,8 +348,12 @@ impl<'c> Mesh<'c> {
             .arg(&n.cgroup)
             .arg("--bpf-pin-dir")
             .arg(self.pin_dir(node))
-            .arg("--config-poll-ms")
-            .arg("100")
+            .args(
+                self.config_poll_ms
+                    .map(|ms| ["--config-poll-ms".to_owned(), ms.to_string()])
+                    .into_iter()
+                    .flatten(),
+            )
             .arg("--ca-addr")
             .arg(self.ca_addr());
         if self.embedded_ca && node == 0 {
@@ -437,6 +470,11 @@ impl<'c> Mesh<'c> {
         }
         Ok(())
     }
+}
+
+/// An agent's log line for a changed config file it has taken in.
+fn is_config_applied(v: &Value) -> bool {
+    v["message"] == "config changed, applying"
 }
 
 fn is_pod_event(v: &Value, message: &str, pod: &str) -> bool {

@@ -495,7 +495,11 @@ fn bench(cluster: &Cluster, plan: &Plan, scratch: &Path) -> Result<(Results, Vec
         Route::Same.server(cluster),
         Route::Cross.server(cluster),
     ];
-    let mut mesh = Mesh::start(cluster, |_| false).context("starting the CA and agents")?;
+    let mut mesh = Mesh::new(cluster, |_| false)?;
+    // The agents and the CA as deployed: their own config-poll interval, not
+    // the tests' 100 ms (which wakes each agent about 40 times a second).
+    mesh.config_poll_ms = None;
+    mesh.start_all().context("starting the CA and agents")?;
     let _servers = Route::ALL
         .iter()
         .map(|r| start_servers(r.server(cluster), scratch))

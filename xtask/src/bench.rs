@@ -569,7 +569,8 @@ fn bench(cluster: &Cluster, plan: &Plan, scratch: &Path) -> Result<(Results, Vec
     Ok((results, proof))
 }
 
-/// Runs every scenario once for `mode` over `route`; returns a one-line summary.
+/// Runs every scenario once for `mode` over `route` (through the relay: all
+/// but HTTP, which no target judges); returns a one-line summary.
 fn scenarios(
     mesh: &Mesh,
     relays: &[u32],

@@ -201,12 +201,7 @@ impl<'c> Mesh<'c> {
             .arg(self.ca_addr())
             .arg("--metrics-addr")
             .arg("127.0.0.1:15014")
-            .args(
-                self.config_poll_ms
-                    .map(|ms| ["--config-poll-ms".to_owned(), ms.to_string()])
-                    .into_iter()
-                    .flatten(),
-            )
+            .args(self.config_poll_args())
             .args(&self.ca_args);
         let proc = Proc::spawn(&mut cmd, "weft ca")?;
         let ready = proc.wait_for_json(AGENT_START, |v| v["message"] == "ca ready");
@@ -279,6 +274,14 @@ impl<'c> Mesh<'c> {
 
     /// Changes one pod's enrollment in the config and waits until its agent has
     /// applied it.
+    /// `--config-poll-ms` for the CA and the agents, unless left to their
+    /// default.
+    fn config_poll_args(&self) -> Vec<String> {
+        self.config_poll_ms
+            .map(|ms| vec!["--config-poll-ms".to_owned(), ms.to_string()])
+            .unwrap_or_default()
+    }
+
     pub fn set_enrolled(&mut self, pod: &Pod, enrolled: bool) -> Result<()> {
         let changed = if enrolled {
             self.enrolled.insert(pod.name.clone())
@@ -348,12 +351,7 @@ impl<'c> Mesh<'c> {
             .arg(&n.cgroup)
             .arg("--bpf-pin-dir")
             .arg(self.pin_dir(node))
-            .args(
-                self.config_poll_ms
-                    .map(|ms| ["--config-poll-ms".to_owned(), ms.to_string()])
-                    .into_iter()
-                    .flatten(),
-            )
+            .args(self.config_poll_args())
             .arg("--ca-addr")
             .arg(self.ca_addr());
         if self.embedded_ca && node == 0 {

@@ -1498,11 +1498,7 @@ fn table(results: &Results) -> String {
             pct(spread(&r.direct)),
             show(r.weft_median(), r.unit),
             pct(spread(&r.weft)),
-            if r.ratio().is_finite() {
-                format!("{:.2}x", r.ratio())
-            } else {
-                "-".into()
-            },
+            times(r.ratio(), "x"),
         );
     }
     out

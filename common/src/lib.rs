@@ -49,6 +49,15 @@ pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
 /// Inbound HBONE (mTLS) port.
 pub const INBOUND_HBONE_PORT: u16 = 15008;
 
+/// Ports of the agent itself inside a pod: never a destination through the mesh
+/// (a peer must not reach the agent's listeners by naming them).
+pub const fn is_mesh_port(port: u16) -> bool {
+    matches!(
+        port,
+        OUTBOUND_PORT | INBOUND_PLAINTEXT_PORT | INBOUND_HBONE_PORT
+    )
+}
+
 /// `SO_MARK` set on every socket the agent opens. The capture programs skip marked
 /// sockets, a second guard beside the agent running outside the pod cgroups.
 pub const AGENT_SOCKET_MARK: u32 = 0x0000_0539;

@@ -22,11 +22,11 @@ use std::{
 use criterion::{BenchmarkId, Criterion};
 use weft::{
     authz::{Authorizer, Conn},
-    config::{
-        Action, AuthorizationPolicy, FromSource, Labels, MeshConfig, Operation, PeerAuthentication,
-        PeerMode, Rule, Source, ToOperation, Workload,
-    },
     identity::SpiffeId,
+    model::{
+        Action, AuthorizationPolicy, Labels, Mesh, Operation, PeerAuthentication, PeerMode, Rule,
+        Source, Workload,
+    },
 };
 
 const NAMESPACES: usize = 200;
@@ -69,7 +69,6 @@ fn workload(namespace: &str, name: &str, app: &str) -> Workload {
         namespace: namespace.to_owned(),
         service_account: name.to_owned(),
         node: "n0".to_owned(),
-        netns: None,
         addresses: Vec::new(),
         enrolled: false,
         outside_mesh: Default::default(),
@@ -77,16 +76,14 @@ fn workload(namespace: &str, name: &str, app: &str) -> Workload {
     }
 }
 
-fn from(source: Source) -> Vec<FromSource> {
-    vec![FromSource { source }]
+fn from(source: Source) -> Vec<Source> {
+    vec![source]
 }
 
-fn ports(ports: &[u16]) -> Vec<ToOperation> {
-    vec![ToOperation {
-        operation: Operation {
-            ports: ports.to_vec(),
-            not_ports: Vec::new(),
-        },
+fn ports(ports: &[u16]) -> Vec<Operation> {
+    vec![Operation {
+        ports: ports.to_vec(),
+        not_ports: Vec::new(),
     }]
 }
 
@@ -118,8 +115,8 @@ fn allow_rule(ns: usize, sa: usize, to: &[u16]) -> Rule {
     }
 }
 
-fn config() -> MeshConfig {
-    let mut config = MeshConfig::default();
+fn config() -> Mesh {
+    let mut config = Mesh::default();
     let mut policies = Vec::new();
     for n in 0..NAMESPACES {
         let ns = format!("ns-{n}");

@@ -12,8 +12,8 @@ use std::{
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use weft::{
-    config::{LbPolicy, OutlierDetection, WorkloadKey},
     lb::{Balancer, EndpointSpec},
+    model::{LbPolicy, OutlierDetection, WorkloadKey},
 };
 
 const POLICIES: [(&str, LbPolicy); 3] = [

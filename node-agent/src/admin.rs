@@ -22,9 +22,9 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    config::WorkloadKey,
     metrics::{Handler, Reply, query_param},
-    proxy::Shared,
+    model::WorkloadKey,
+    node::Shared,
     telemetry,
 };
 
@@ -87,12 +87,20 @@ impl Admin {
         self.ready.store(true, Relaxed);
     }
 
-    pub fn config_applied(&self) {
+    /// The first config is in force (the agent would not have started without).
+    pub fn config_loaded(&self, allow_shrink: bool) {
+        crate::stats::STATS.config_loaded();
+        warn_allow_shrink(allow_shrink);
+    }
+
+    /// A changed config file was taken (applied, or equal to the one in force).
+    pub fn config_applied(&self, allow_shrink: bool) {
         let mut c = self.config.lock().unwrap_or_else(|e| e.into_inner());
         c.loaded_at = unix(SystemTime::now());
         c.last_error = None;
         c.accepted += 1;
         crate::stats::STATS.config_reload(true);
+        warn_allow_shrink(allow_shrink);
     }
 
     pub fn config_rejected(&self, error: String) {
@@ -174,7 +182,7 @@ impl Admin {
             "node": self.node,
             "file": self.config_path.display().to_string(),
             "status": status,
-            "config": view.config(),
+            "config": view.mesh(),
         })
     }
 
@@ -211,12 +219,12 @@ impl Admin {
             .filter_map(|(id, s)| Some((id.to_string(), unix(s.svid?.not_after))))
             .collect();
         let pods = view
-            .workloads
+            .workloads()
             .iter()
             .filter(|w| w.node == self.node)
             .map(|w| {
                 let identity = w
-                    .identity(&view.trust_domain)
+                    .identity(view.trust_domain())
                     .map(|i| i.to_string())
                     .unwrap_or_default();
                 PodStatus {
@@ -232,7 +240,7 @@ impl Admin {
         let now = Instant::now();
         let balancers: BTreeMap<_, _> = self.shared.balancers.all().into_iter().collect();
         let services = view
-            .services
+            .services()
             .iter()
             .map(|svc| {
                 let key = (svc.namespace.clone(), svc.name.clone());
@@ -258,7 +266,7 @@ impl Admin {
                     ports: svc
                         .ports
                         .iter()
-                        .map(|p| format!("{}->{}", p.port, p.target()))
+                        .map(|p| format!("{}->{}", p.port, p.target_port))
                         .collect(),
                     policy: format!("{:?}", svc.load_balancing.policy),
                     endpoints,
@@ -278,7 +286,7 @@ impl Admin {
             pods,
             services,
             connections: Connections {
-                in_flight: crate::proxy::in_flight(),
+                in_flight: crate::node::access::in_flight(),
                 inbound_policy_checked: self.shared.live.len(),
                 per_worker: crate::workers::loads(),
             },
@@ -335,6 +343,16 @@ pub struct Connections {
     /// agents) each data-path worker carries now.
     #[serde(default)]
     pub per_worker: Vec<usize>,
+}
+
+/// While the file says `allow_shrink: true`, the guard against a change that
+/// takes most of the mesh away is off: say so at every load.
+fn warn_allow_shrink(allow_shrink: bool) {
+    if allow_shrink {
+        tracing::warn!(
+            "the mesh file says `allow_shrink: true`: a change that unenrolls most of the mesh or removes every policy is applied; remove it once the change is done"
+        );
+    }
 }
 
 /// `weft status`: the node's view, as a person reads it.

@@ -39,8 +39,8 @@ use std::{
 };
 
 use crate::{
-    config::{self, Action, IpNet, Labels, MeshConfig, PeerMode, Workload},
     identity::SpiffeId,
+    model::{self, Action, IpNet, Labels, Mesh, PeerMode, Workload},
 };
 
 /// What the destination's agent knows about a connection.
@@ -88,7 +88,7 @@ pub struct Authorizer {
 }
 
 impl Authorizer {
-    pub fn new(config: &MeshConfig) -> Authorizer {
+    pub fn new(config: &Mesh) -> Authorizer {
         let mut by_namespace: NameMap<Vec<usize>> = NameMap::default();
         let policies: Vec<Policy> = config
             .authorization_policies
@@ -174,7 +174,7 @@ impl Authorizer {
             if let Some((_, mode)) = ns
                 .selected
                 .iter()
-                .find(|(selector, _)| config::selects(selector, &dst.labels))
+                .find(|(selector, _)| model::selects(selector, &dst.labels))
             {
                 return *mode;
             }
@@ -402,7 +402,7 @@ struct Policy {
 }
 
 impl Policy {
-    fn compile(p: &config::AuthorizationPolicy) -> Policy {
+    fn compile(p: &model::AuthorizationPolicy) -> Policy {
         Policy {
             id: format!("{}/{}", p.namespace, p.name),
             selector: p.selector.clone(),
@@ -411,13 +411,13 @@ impl Policy {
                 .rules
                 .iter()
                 .map(|r| Rule {
-                    from: r.from.iter().map(|f| Source::compile(&f.source)).collect(),
+                    from: r.from.iter().map(Source::compile).collect(),
                     to: r
                         .to
                         .iter()
                         .map(|t| Operation {
-                            ports: t.operation.ports.clone(),
-                            not_ports: t.operation.not_ports.clone(),
+                            ports: t.ports.clone(),
+                            not_ports: t.not_ports.clone(),
                         })
                         .collect(),
                 })
@@ -428,7 +428,7 @@ impl Policy {
     fn selects(&self, labels: &Labels) -> bool {
         self.selector
             .as_ref()
-            .is_none_or(|s| config::selects(s, labels))
+            .is_none_or(|s| model::selects(s, labels))
     }
 
     fn matches(&self, peer: &Peer) -> bool {
@@ -463,7 +463,7 @@ struct Source {
 }
 
 impl Source {
-    fn compile(s: &config::Source) -> Source {
+    fn compile(s: &model::Source) -> Source {
         let patterns = |v: &[String]| v.iter().map(|p| Pattern::parse(p)).collect();
         // Validation guarantees `ns/sa`; an unvalidated entry without a slash
         // keeps an empty service account, which no identity has.
@@ -538,12 +538,14 @@ mod tests {
 
     /// A parsed config and its authorizer.
     struct Mesh {
-        config: MeshConfig,
+        config: model::Mesh,
         authz: Authorizer,
     }
 
     fn mesh(yaml: &str) -> Mesh {
-        let config = MeshConfig::parse(Path::new("t.yaml"), yaml).unwrap();
+        let config = crate::discovery::file::parse(Path::new("t.yaml"), yaml)
+            .unwrap()
+            .mesh;
         let authz = Authorizer::new(&config);
         Mesh { config, authz }
     }

@@ -68,6 +68,12 @@ pub struct CertManager {
     inner: Arc<Inner>,
 }
 
+impl std::fmt::Debug for CertManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CertManager")
+    }
+}
+
 struct Inner {
     signer: Arc<dyn Signer>,
     ttl: Duration,
@@ -324,7 +330,7 @@ async fn maintain(signer: Arc<dyn Signer>, id: SpiffeId, ttl: Duration, tx: watc
 }
 
 async fn fetch(signer: &dyn Signer, id: &SpiffeId, ttl: Duration) -> Result<Svid, String> {
-    let (key_pem, csr_pem) = crate::ca::client::new_key_and_csr(id).map_err(|e| e.to_string())?;
+    let (key_pem, csr_pem) = crate::ca::new_key_and_csr(id).map_err(|e| e.to_string())?;
     let chain = signer.sign(csr_pem, id.clone(), ttl).await?;
     let svid = Svid::from_pem(&chain, &key_pem).map_err(|e| format!("bad certificate: {e}"))?;
     if &svid.id != id {

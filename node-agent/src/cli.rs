@@ -4,6 +4,8 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::units::parse_duration;
+
 #[derive(Debug, Parser)]
 #[command(name = "weft", version, about = "Weft: a sidecarless service mesh")]
 pub struct Cli {
@@ -74,9 +76,9 @@ pub struct CaArgs {
     #[arg(long, env = "WEFT_CA_CERT_TTL", default_value = "24h", value_parser = parse_duration)]
     pub cert_ttl: Duration,
 
-    /// How often the mesh config and token files are checked, in milliseconds.
-    #[arg(long, env = "WEFT_CA_CONFIG_POLL_MS", default_value_t = 500)]
-    pub config_poll_ms: u64,
+    /// The largest mesh file read, in bytes; a larger one is refused unread.
+    #[arg(long, env = "WEFT_CA_CONFIG_MAX_BYTES", default_value_t = crate::discovery::file::DEFAULT_MAX_BYTES)]
+    pub config_max_bytes: u64,
 }
 
 #[derive(Debug, Args)]
@@ -98,9 +100,10 @@ pub struct AgentArgs {
     #[arg(long, env = "WEFT_BPF_PIN_DIR", default_value = "/sys/fs/bpf/weft")]
     pub bpf_pin_dir: PathBuf,
 
-    /// How often the config file is checked for changes, in milliseconds.
-    #[arg(long, env = "WEFT_CONFIG_POLL_MS", default_value_t = 500)]
-    pub config_poll_ms: u64,
+    /// The largest mesh file read, in bytes; a larger one is refused unread
+    /// (and the last good one keeps serving).
+    #[arg(long, env = "WEFT_CONFIG_MAX_BYTES", default_value_t = crate::discovery::file::DEFAULT_MAX_BYTES)]
+    pub config_max_bytes: u64,
 
     /// Timeout for connecting to an upstream, in milliseconds.
     #[arg(long, env = "WEFT_CONNECT_TIMEOUT_MS", default_value_t = 10_000)]
@@ -200,33 +203,10 @@ pub struct AgentArgs {
     /// agent connects them itself, applying the destination's policy to the
     /// source's identity; no TLS, one TCP hop less) or `hbone` (mutual TLS to
     /// this agent's own 15008, as between nodes).
-    #[arg(long, env = "WEFT_SAME_NODE", value_enum, default_value_t = crate::proxy::SameNode::InProcess)]
-    pub same_node: crate::proxy::SameNode,
+    #[arg(long, env = "WEFT_SAME_NODE", value_enum, default_value_t = crate::node::SameNode::InProcess)]
+    pub same_node: crate::node::SameNode,
 
     /// HBONE: an unused pooled connection is closed after this long.
     #[arg(long, env = "WEFT_HBONE_IDLE", default_value = "60s", value_parser = parse_duration)]
     pub hbone_idle: std::time::Duration,
-}
-
-/// `90s`, `30m`, `24h`, `500ms`, or plain seconds.
-pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 90s, 30m or 24h"))?;
-    let secs = |k: u64| std::time::Duration::from_secs(n.saturating_mul(k));
-    Ok(match unit {
-        "" | "s" => secs(1),
-        "ms" => std::time::Duration::from_millis(n),
-        "m" => secs(60),
-        "h" => secs(3600),
-        "d" => secs(86_400),
-        _ => {
-            return Err(format!(
-                "{s:?}: unknown unit {unit:?} (use ms, s, m, h or d)"
-            ));
-        }
-    })
 }

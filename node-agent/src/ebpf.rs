@@ -31,7 +31,7 @@ use weft_common::{
     PROG_SOCK_OPS, PodInfo, v4_mapped,
 };
 
-use crate::netns::Netns;
+use crate::net::Netns;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -33,7 +33,7 @@ use std::{
 
 use ring::rand::{SecureRandom, SystemRandom};
 
-use crate::config::{LbPolicy, OutlierDetection, WorkloadKey};
+use crate::model::{LbPolicy, OutlierDetection, WorkloadKey};
 
 /// Hash-ring points per unit of weight. An endpoint's share of the ring is the sum of
 /// the arcs ending at its points; with `p` points it deviates from its due by about

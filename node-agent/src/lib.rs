@@ -1,30 +1,38 @@
-//! Weft: a sidecarless service mesh. This crate is the `weft` binary's library: the
-//! node agent (eBPF capture, per-pod listeners, the proxy), and the roles to come
-//! (CA, waypoint, gateway).
+//! Weft: a sidecarless service mesh. This crate is the `weft` binary's library:
+//! every role (node agent, CA; waypoint and gateway to come) and what they share.
+//! ARCHITECTURE.md has the map: each folder, what lives there, and what it may
+//! import (a test in `xtask` holds the code to it).
 //!
-//! Layout: `cli` (flags), `app` (wires a role together), `config` (the mesh model
-//! and its file), `ebpf` (loading, pinning, typed maps: nobody else sees map names),
-//! `netns` (entering pod namespaces), `identity` (SPIFFE IDs), `ca` (signing
-//! workload certificates on CSR), `agent` (the set of enrolled pods), `proxy`
-//! (listeners and the byte copy), `telemetry` (logs).
+//! - `app/`: one wiring file per role; `cli`: flags.
+//! - `model/`: the mesh model, whatever its source; `discovery/`: its sources
+//!   (the local file, watched).
+//! - `view`, `authz`, `lb`: the model compiled for the data path.
+//! - `node/`: the agent's pods and their listeners; `ebpf`: the kernel capture.
+//! - `hbone/`: the HBONE protocol (client pool, server, headers, stream copy).
+//! - `net/`: sockets in pod namespaces, byte copies, buffers.
+//! - `ca/`: the CA; `certs`, `tls`, `identity`: certificates and identities.
+//! - `admin`, `metrics`, `stats`, `telemetry`: operators' endpoints, metrics, logs.
+//! - `workers`: the data-path threads.
 
 pub mod admin;
-pub mod agent;
 pub mod app;
 pub mod authz;
 pub mod ca;
 pub mod certs;
 pub mod cli;
-pub mod config;
+pub mod discovery;
 pub mod ebpf;
 pub mod hbone;
 pub mod identity;
 pub mod lb;
 pub mod metrics;
-pub mod netns;
-pub mod proxy;
+pub mod model;
+pub mod net;
+pub mod node;
 pub mod stats;
 pub mod telemetry;
 pub mod tls;
+pub mod units;
 pub mod view;
 pub mod workers;
+pub mod yaml;

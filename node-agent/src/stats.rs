@@ -20,8 +20,8 @@ use std::{
 };
 
 use crate::{
-    config::{Labels, Workload},
     metrics::label,
+    model::{Labels, Workload},
 };
 
 /// The agent's counters (one per process).
@@ -209,6 +209,11 @@ impl Stats {
         c.closed.fetch_add(1, Relaxed);
         c.received.fetch_add(request, Relaxed);
         c.sent.fetch_add(response, Relaxed);
+    }
+
+    /// The first config is in force.
+    pub fn config_loaded(&self) {
+        self.config_last_ok.store(1, Relaxed);
     }
 
     pub fn config_reload(&self, ok: bool) {

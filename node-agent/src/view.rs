@@ -11,26 +11,22 @@
 use std::{
     collections::HashMap,
     net::IpAddr,
-    ops::Deref,
     sync::{Arc, Mutex},
 };
 
 use crate::{
     authz::Authorizer,
-    config::{MeshConfig, Service, Workload, WorkloadKey, selects},
     lb::{Balancer, EndpointSpec},
+    model::{Endpoints, Mesh, Service, ServiceKey, Workload, WorkloadKey, selects},
     stats::ServiceName,
 };
-
-/// A service's key: namespace and name.
-pub type ServiceKey = (String, String);
 
 /// Every service's balancer, kept across reloads.
 #[derive(Default)]
 pub struct Balancers(Mutex<HashMap<ServiceKey, Arc<Balancer>>>);
 
 pub struct View {
-    config: MeshConfig,
+    mesh: Mesh,
     /// This agent's node.
     pub node: String,
     by_addr: HashMap<IpAddr, usize>,
@@ -42,20 +38,13 @@ pub struct View {
     pub authz: Authorizer,
 }
 
-impl Deref for View {
-    type Target = MeshConfig;
-    fn deref(&self) -> &MeshConfig {
-        &self.config
-    }
-}
-
 impl View {
     /// Compiles `config` for the agent of `node`, updating (or making) each
     /// service's balancer in `balancers` and forgetting those of removed services.
-    pub fn new(config: MeshConfig, node: &str, balancers: &Balancers) -> View {
+    pub fn new(mesh: Mesh, node: &str, balancers: &Balancers) -> View {
         let mut by_addr = HashMap::new();
         let mut by_key = HashMap::new();
-        for (i, w) in config.workloads.iter().enumerate() {
+        for (i, w) in mesh.workloads.iter().enumerate() {
             by_key.insert(w.key(), i);
             for a in &w.addresses {
                 by_addr.insert(a.to_canonical(), i);
@@ -63,15 +52,15 @@ impl View {
         }
         let mut vips = HashMap::new();
         let mut kept = HashMap::new();
-        let mut list = Vec::with_capacity(config.services.len());
+        let mut list = Vec::with_capacity(mesh.services.len());
         {
             let mut all = balancers.0.lock().unwrap_or_else(|e| e.into_inner());
-            for (i, svc) in config.services.iter().enumerate() {
+            for (i, svc) in mesh.services.iter().enumerate() {
                 for a in &svc.addresses {
                     vips.insert(a.to_canonical(), i);
                 }
-                let key = (svc.namespace.clone(), svc.name.clone());
-                let endpoints = endpoints(&config, svc, node);
+                let key = svc.key();
+                let endpoints = endpoints(&mesh, svc, node);
                 let lb = &svc.load_balancing;
                 let b = match all.get(&key) {
                     Some(b) => {
@@ -96,8 +85,8 @@ impl View {
             *all = kept;
         }
         View {
-            authz: Authorizer::new(&config),
-            config,
+            authz: Authorizer::new(&mesh),
+            mesh,
             node: node.to_owned(),
             by_addr,
             by_key,
@@ -110,11 +99,11 @@ impl View {
     pub fn workload_by_address(&self, ip: IpAddr) -> Option<&Workload> {
         self.by_addr
             .get(&ip.to_canonical())
-            .map(|&i| &self.config.workloads[i])
+            .map(|&i| &self.mesh.workloads[i])
     }
 
     pub fn workload(&self, key: &WorkloadKey) -> Option<&Workload> {
-        self.by_key.get(key).map(|&i| &self.config.workloads[i])
+        self.by_key.get(key).map(|&i| &self.mesh.workloads[i])
     }
 
     /// The service whose virtual IP is `ip`, and its balancer.
@@ -124,9 +113,21 @@ impl View {
             .map(|&i| &self.services[i])
     }
 
-    /// The config this view was made from.
-    pub fn config(&self) -> &MeshConfig {
-        &self.config
+    /// The mesh this view was made from.
+    pub fn mesh(&self) -> &Mesh {
+        &self.mesh
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.mesh.trust_domain
+    }
+
+    pub fn workloads(&self) -> &[Workload] {
+        &self.mesh.workloads
+    }
+
+    pub fn services(&self) -> &[Service] {
+        &self.mesh.services
     }
 }
 
@@ -150,14 +151,14 @@ pub fn service_name(svc: &Service) -> ServiceName {
 
 /// A service's endpoints: its listed workloads, or those of its namespace its
 /// selector picks; only workloads with an address can be one.
-pub fn endpoints(config: &MeshConfig, svc: &Service, node: &str) -> Vec<EndpointSpec> {
+pub fn endpoints(mesh: &Mesh, svc: &Service, node: &str) -> Vec<EndpointSpec> {
     let spec = |w: &Workload, weight: u32| EndpointSpec {
         key: w.key(),
         weight,
         same_node: w.node == node,
     };
-    match (&svc.selector, &svc.endpoints) {
-        (Some(sel), _) => config
+    match &svc.endpoints {
+        Endpoints::Selector(sel) => mesh
             .workloads
             .iter()
             .filter(|w| {
@@ -165,11 +166,10 @@ pub fn endpoints(config: &MeshConfig, svc: &Service, node: &str) -> Vec<Endpoint
             })
             .map(|w| spec(w, 1))
             .collect(),
-        (None, Some(list)) => list
+        Endpoints::Listed(list) => list
             .iter()
             .filter_map(|ep| {
-                config
-                    .workloads
+                mesh.workloads
                     .iter()
                     .find(|w| {
                         w.namespace == svc.namespace
@@ -179,6 +179,5 @@ pub fn endpoints(config: &MeshConfig, svc: &Service, node: &str) -> Vec<Endpoint
                     .map(|w| spec(w, ep.weight))
             })
             .collect(),
-        (None, None) => Vec::new(),
     }
 }

@@ -54,10 +54,6 @@ pub struct Mesh<'c> {
     pub agent_env: Vec<(String, String)>,
     /// Extra arguments for the CA.
     pub ca_args: Vec<String>,
-    /// `--config-poll-ms` of the CA and the agents, when they start: 100 ms,
-    /// so tests see config changes quickly; `None` leaves their default (the
-    /// bench measures the agents as deployed).
-    pub config_poll_ms: Option<u64>,
     /// Run the CA inside node 0's agent (`--embedded-ca-dir`) instead of as its
     /// own `weft ca` process. Set before `start_all`.
     pub embedded_ca: bool,
@@ -113,7 +109,6 @@ impl<'c> Mesh<'c> {
             agent_args: Vec::new(),
             agent_env: Vec::new(),
             ca_args: Vec::new(),
-            config_poll_ms: Some(100),
             embedded_ca: false,
         };
         mesh.write_config()?;
@@ -201,7 +196,6 @@ impl<'c> Mesh<'c> {
             .arg(self.ca_addr())
             .arg("--metrics-addr")
             .arg("127.0.0.1:15014")
-            .args(self.config_poll_args())
             .args(&self.ca_args);
         let proc = Proc::spawn(&mut cmd, "weft ca")?;
         let ready = proc.wait_for_json(AGENT_START, |v| v["message"] == "ca ready");
@@ -274,14 +268,6 @@ impl<'c> Mesh<'c> {
 
     /// Changes one pod's enrollment in the config and waits until its agent has
     /// applied it.
-    /// `--config-poll-ms` for the CA and the agents, unless left to their
-    /// default.
-    fn config_poll_args(&self) -> Vec<String> {
-        self.config_poll_ms
-            .map(|ms| vec!["--config-poll-ms".to_owned(), ms.to_string()])
-            .unwrap_or_default()
-    }
-
     pub fn set_enrolled(&mut self, pod: &Pod, enrolled: bool) -> Result<()> {
         let changed = if enrolled {
             self.enrolled.insert(pod.name.clone())
@@ -351,7 +337,6 @@ impl<'c> Mesh<'c> {
             .arg(&n.cgroup)
             .arg("--bpf-pin-dir")
             .arg(self.pin_dir(node))
-            .args(self.config_poll_args())
             .arg("--ca-addr")
             .arg(self.ca_addr());
         if self.embedded_ca && node == 0 {

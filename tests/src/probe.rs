@@ -125,7 +125,7 @@ impl CertKey {
         let id: SpiffeId = id
             .parse()
             .with_context(|| format!("bad SPIFFE ID {id:?}"))?;
-        let (key_pem, csr) = weft::ca::client::new_key_and_csr(&id)?;
+        let (key_pem, csr) = weft::ca::new_key_and_csr(&id)?;
         let chain = ca.sign(&csr, &id, ttl)?;
         Ok(CertKey {
             chain_pem: chain.concat(),

@@ -191,7 +191,7 @@ fn a_killed_backend_is_ejected_no_client_fails_and_it_is_readmitted() -> Result<
     let od = "  outlier_detection: {consecutive_failures: 2, base_ejection_time: 3s, max_ejection_time: 3s}\n";
     let mut s = setup(&c, &web_service("round_robin", od), &[])?;
     s.mesh.stop_agent(0, false)?;
-    s.mesh.agent_env = vec![("RUST_LOG".into(), "info,weft::proxy=debug".into())];
+    s.mesh.agent_env = vec![("RUST_LOG".into(), "info,weft::node=debug".into())];
     s.mesh.start_agent(0)?;
     let client = c.pod(0, 0);
     let to = format!("{VIP}:80");
@@ -268,7 +268,7 @@ fn a_retry_on_another_endpoint_resends_what_the_client_sent_early() -> Result<()
         "round_robin",
         "  outlier_detection: {consecutive_failures: 1000}\n",
     ))?;
-    mesh.agent_env = vec![("RUST_LOG".into(), "info,weft::proxy=debug".into())];
+    mesh.agent_env = vec![("RUST_LOG".into(), "info,weft::node=debug".into())];
     mesh.start_all()?;
     let _live = [tk::echo(backends[0], PORT)?, tk::echo(backends[2], PORT)?];
     let client = c.pod(0, 0);

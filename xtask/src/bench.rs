@@ -496,9 +496,6 @@ fn bench(cluster: &Cluster, plan: &Plan, scratch: &Path) -> Result<(Results, Vec
         Route::Cross.server(cluster),
     ];
     let mut mesh = Mesh::new(cluster, |_| false)?;
-    // The agents and the CA as deployed: their own config-poll interval, not
-    // the tests' 100 ms (which wakes each agent about 40 times a second).
-    mesh.config_poll_ms = None;
     mesh.start_all().context("starting the CA and agents")?;
     let _servers = Route::ALL
         .iter()

@@ -14,14 +14,13 @@ use std::{net::SocketAddr, time::Duration};
 use bytes::Bytes;
 use h2::client::SendRequest;
 use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, header};
-use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256, SanType};
 use rustls::pki_types::ServerName;
 use tokio::{net::TcpStream, task::JoinHandle};
 use tokio_rustls::TlsConnector;
 
 use super::{
+    ca_identity,
     proto::{self, CertificateRequest, CertificateResponse, Code},
-    server::ca_identity,
 };
 use crate::{
     identity::SpiffeId,
@@ -318,14 +317,4 @@ fn refusal(code: Code, headers: &HeaderMap) -> Option<Error> {
             .map(|v| proto::decode_message(v.as_bytes()))
             .unwrap_or_default(),
     })
-}
-
-/// A fresh P-256 key and a CSR for `id` (one URI SAN, nothing else), both PEM: the
-/// key is PKCS#8, as [`tls::Svid::from_pem`] takes it.
-pub fn new_key_and_csr(id: &SpiffeId) -> Result<(String, String), rcgen::Error> {
-    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-    let mut params = CertificateParams::default();
-    params.subject_alt_names = vec![SanType::URI(id.to_string().try_into()?)];
-    let csr = params.serialize_request(&key)?.pem()?;
-    Ok((key.serialize_pem(), csr))
 }

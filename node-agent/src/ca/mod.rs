@@ -46,6 +46,26 @@ pub enum Error {
     Material(rcgen::Error),
 }
 
+/// The namespace and service account of the CA's own identity.
+pub const CA_NAMESPACE: &str = "weft-system";
+pub const CA_SERVICE_ACCOUNT: &str = "weft-ca";
+
+/// The identity the CA serves under, and agents check it against.
+pub fn ca_identity(trust_domain: &str) -> Result<SpiffeId, crate::identity::Error> {
+    SpiffeId::new(trust_domain, CA_NAMESPACE, CA_SERVICE_ACCOUNT)
+}
+
+/// A fresh P-256 key and a CSR for `id` (one URI SAN, nothing else), both PEM:
+/// what a requester makes and sends (the key stays with it). The key is PKCS#8,
+/// as [`crate::tls::Svid::from_pem`] takes it.
+pub fn new_key_and_csr(id: &SpiffeId) -> Result<(String, String), rcgen::Error> {
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let mut params = CertificateParams::default();
+    params.subject_alt_names = vec![SanType::URI(id.to_string().try_into()?)];
+    let csr = params.serialize_request(&key)?.pem()?;
+    Ok((key.serialize_pem(), csr))
+}
+
 /// How far back `not_before` is set, to tolerate clock skew between nodes.
 const BACKDATE: Duration = Duration::from_secs(60);
 

@@ -18,13 +18,12 @@ use std::{
     future::Future,
     io,
     net::SocketAddr,
-    os::unix::fs::MetadataExt,
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::{
         Arc, RwLock,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
 use bytes::Bytes;
@@ -42,22 +41,19 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{Instrument as _, debug, error, info, info_span, warn};
 
 use super::{
-    Authority,
-    client::new_key_and_csr,
+    Authority, new_key_and_csr,
     proto::{self, CertificateRequest, CertificateResponse, Code},
     store,
     tokens::{self, NodeTokens},
 };
-use crate::{config::MeshConfig, identity::SpiffeId, tls};
+use crate::{
+    discovery::{self, file, watch::Watch},
+    identity::SpiffeId,
+    model::Mesh,
+    tls,
+};
 
-/// The namespace and service account of the CA's own identity.
-pub const CA_NAMESPACE: &str = "weft-system";
-pub const CA_SERVICE_ACCOUNT: &str = "weft-ca";
-
-/// The identity the CA serves under, and agents check it against.
-pub fn ca_identity(trust_domain: &str) -> Result<SpiffeId, crate::identity::Error> {
-    SpiffeId::new(trust_domain, CA_NAMESPACE, CA_SERVICE_ACCOUNT)
-}
+pub use super::ca_identity;
 
 /// Lifetime of the CA's serving certificate (re-issued at every start).
 const SERVING_TTL: Duration = Duration::from_secs(30 * 86_400);
@@ -81,7 +77,7 @@ pub enum Error {
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: io::Error },
     #[error(transparent)]
-    Config(#[from] crate::config::Error),
+    Config(#[from] file::Error),
     #[error(transparent)]
     Tokens(#[from] tokens::Error),
     #[error("CA state: {0}")]
@@ -107,8 +103,8 @@ pub struct CaOptions {
     /// The longest certificate lifetime handed out, and the one given when the
     /// request names none.
     pub max_ttl: Duration,
-    /// How often the config and token files are checked for changes.
-    pub config_poll: Duration,
+    /// The largest mesh file read.
+    pub config_max_bytes: u64,
 }
 
 /// A bound CA: [`CaServer::bind`] loads everything and opens the ports (so every
@@ -119,7 +115,7 @@ pub struct CaServer {
     acceptor: TlsAcceptor,
     shared: Arc<Shared>,
     opts: CaOptions,
-    stamps: (Option<Stamp>, Option<Stamp>),
+    watch: Watch,
 }
 
 /// What every connection reads.
@@ -127,7 +123,7 @@ struct Shared {
     authority: Authority,
     trust_domain: String,
     max_ttl: Duration,
-    mesh: RwLock<Arc<MeshConfig>>,
+    mesh: RwLock<Arc<Mesh>>,
     tokens: RwLock<Arc<NodeTokens>>,
     counters: Counters,
 }
@@ -142,14 +138,9 @@ impl CaServer {
                 MAX_CERT_TTL.as_secs() / 86_400
             )));
         }
-        if opts.config_poll.is_zero() {
-            return Err(Error::Options(
-                "the config poll interval must not be 0".into(),
-            ));
-        }
-        // Stamp before reading: a change in between is then seen on the next poll.
-        let stamps = (stamp(&opts.config), stamp(&opts.node_tokens));
-        let mesh = MeshConfig::load(&opts.config)?;
+        // Watch before reading: a change in between is then seen.
+        let watch = Watch::new(&[&opts.config, &opts.node_tokens]);
+        let mesh = file::load(&opts.config, opts.config_max_bytes)?.mesh;
         let tokens = NodeTokens::load(&opts.node_tokens)?;
         let trust_domain = mesh.trust_domain.clone();
 
@@ -184,7 +175,7 @@ impl CaServer {
                 counters: Counters::default(),
             }),
             opts,
-            stamps,
+            watch,
         })
     }
 
@@ -216,7 +207,7 @@ impl CaServer {
             acceptor,
             shared,
             opts,
-            stamps,
+            watch,
         } = self;
         let addr = listener.local_addr().map_err(|source| Error::Bind {
             addr: opts.listen,
@@ -225,7 +216,7 @@ impl CaServer {
         store::write_addr(&opts.dir, addr)?;
 
         let mut background = JoinSet::new();
-        background.spawn(watch_files(opts.clone(), shared.clone(), stamps));
+        background.spawn(watch_files(opts.clone(), shared.clone(), watch));
         let metrics_addr = metrics
             .as_ref()
             .and_then(|l| l.local_addr().ok())
@@ -677,51 +668,44 @@ fn send_http_status(respond: &mut SendResponse<Bytes>, status: StatusCode) {
 
 // ---- files ---------------------------------------------------------------------
 
-/// What identifies a version of a file cheaply.
-type Stamp = (SystemTime, u64, u64);
-
-fn stamp(path: &Path) -> Option<Stamp> {
-    let m = std::fs::metadata(path).ok()?;
-    Some((m.modified().ok()?, m.len(), m.ino()))
-}
-
-/// Polls the mesh config and the node tokens; a file that fails to load is
-/// reported and the last good version keeps serving.
-async fn watch_files(opts: CaOptions, shared: Arc<Shared>, stamps: (Option<Stamp>, Option<Stamp>)) {
-    let (mut config_stamp, mut tokens_stamp) = stamps;
-    let mut tick = tokio::time::interval(opts.config_poll);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+/// Follows the mesh config and the node tokens; a file that fails to load (or
+/// a mesh change the guard refuses) is reported and the last good version keeps
+/// serving.
+async fn watch_files(opts: CaOptions, shared: Arc<Shared>, mut watch: Watch) {
     loop {
-        tick.tick().await;
-        let now = stamp(&opts.config);
-        if now != config_stamp {
-            config_stamp = now;
-            match MeshConfig::load(&opts.config) {
-                Ok(c) if c.trust_domain != shared.trust_domain => error!(
+        let changed = watch.changed().await;
+        if changed.contains(&0) {
+            let current = read_lock(&shared.mesh);
+            match file::load(&opts.config, opts.config_max_bytes) {
+                Ok(c) if c.mesh.trust_domain != shared.trust_domain => error!(
                     path = %opts.config.display(),
                     from = %shared.trust_domain,
-                    to = %c.trust_domain,
+                    to = %c.mesh.trust_domain,
                     "mesh config rejected: the trust domain changed; restart the CA to change it \
                      (its identity is in the old one); the last good config keeps serving"
                 ),
-                Ok(c) => {
-                    if *read_lock(&shared.mesh) != c {
+                Ok(c) => match discovery::guard(&current, &c.mesh, c.allow_shrink) {
+                    Err(e) => error!(
+                        path = %opts.config.display(),
+                        error = %e,
+                        "mesh config rejected; the last good config keeps serving (put `allow_shrink: true` in the file if the change is meant)"
+                    ),
+                    Ok(()) if *current != c.mesh => {
                         info!(
                             path = %opts.config.display(),
-                            workloads = c.workloads.len(),
+                            workloads = c.mesh.workloads.len(),
                             "mesh config reloaded"
                         );
-                        write_lock(&shared.mesh, Arc::new(c));
+                        write_lock(&shared.mesh, Arc::new(c.mesh));
                     }
-                }
+                    Ok(()) => {}
+                },
                 Err(e) => {
                     error!(error = %e, "mesh config rejected; the last good config keeps serving")
                 }
             }
         }
-        let now = stamp(&opts.node_tokens);
-        if now != tokens_stamp {
-            tokens_stamp = now;
+        if changed.contains(&1) {
             match NodeTokens::load(&opts.node_tokens) {
                 Ok(t) => {
                     info!(
@@ -852,7 +836,7 @@ mod tests {
             listen: "127.0.0.1:0".parse().unwrap(),
             metrics_addr: Some("127.0.0.1:0".parse().unwrap()),
             max_ttl: HOUR,
-            config_poll: Duration::from_millis(20),
+            config_max_bytes: file::DEFAULT_MAX_BYTES,
         }
     }
 
@@ -896,7 +880,7 @@ mod tests {
 
     /// Asks for `id` with a fresh key; the SVID it makes.
     async fn sign(client: &CaClient, id: &SpiffeId, ttl: Duration) -> Result<Svid, client::Error> {
-        let (key, csr) = client::new_key_and_csr(id).unwrap();
+        let (key, csr) = super::new_key_and_csr(id).unwrap();
         let chain = client.sign(&csr, id, ttl).await?;
         Ok(Svid::from_pem(&chain, &key).unwrap())
     }
@@ -943,7 +927,7 @@ mod tests {
         assert_eq!(lifetime(&svid), HOUR + BACKDATE, "none asked: --cert-ttl");
 
         // The chain ends with the signing root, which heads the bundle.
-        let (_, csr) = client::new_key_and_csr(&id("db")).unwrap();
+        let (_, csr) = super::new_key_and_csr(&id("db")).unwrap();
         let chain = ca.client(N2).sign(&csr, &id("db"), HOUR).await.unwrap();
         assert_eq!(chain.len(), 2);
         assert!(ca.bundle.starts_with(&chain[1]));
@@ -976,7 +960,7 @@ mod tests {
         );
 
         // The CSR asks for web, the metadata for db.
-        let (_, csr) = client::new_key_and_csr(&id("web")).unwrap();
+        let (_, csr) = super::new_key_and_csr(&id("web")).unwrap();
         match n1.sign(&csr, &id("db"), HOUR).await {
             Err(
                 e @ client::Error::Refused {

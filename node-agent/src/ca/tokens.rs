@@ -54,7 +54,7 @@ impl NodeTokens {
             path: path.to_owned(),
             message,
         };
-        let Entries(map) = serde_yaml::from_str(text)
+        let Entries(map) = crate::yaml::from_str(text)
             .map_err(|e| bad(format!("{e} (expected a map of `node-name: token`)")))?;
         if map.is_empty() {
             return Err(bad(
@@ -124,7 +124,7 @@ pub fn token_of(path: &Path, node: &str) -> Result<String, Error> {
         message,
     };
     let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
-    let Entries(map) = serde_yaml::from_str(&text)
+    let Entries(map) = crate::yaml::from_str(&text)
         .map_err(|e| bad(format!("{e} (expected a map of `node-name: token`)")))?;
     map.into_iter()
         .find(|(n, _)| n == node)

@@ -24,7 +24,6 @@
 //! are closed after `idle_timeout`.
 
 use std::{
-    cell::Cell,
     collections::HashMap,
     io,
     net::{IpAddr, SocketAddr},
@@ -37,18 +36,17 @@ use std::{
 
 use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream, client::SendRequest};
-use http::{Method, Request, StatusCode};
+use http::{HeaderValue, StatusCode};
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tracing::{debug, info};
 
-use super::{HANDSHAKE_TIMEOUT, PoolSettings, stream::h2_io};
+use super::{HANDSHAKE_TIMEOUT, PoolSettings, headers::connect_request, stream::h2_io};
 use crate::{
     certs::{self, CertManager},
     identity::SpiffeId,
-    netns::Netns,
-    proxy::connect_from,
+    net::{Netns, socket::connect_from},
     tls::{self, TrustBundle},
 };
 
@@ -71,17 +69,16 @@ pub enum Error {
 }
 
 impl Error {
-    /// The access-log `end` for this failure.
-    pub fn end(&self) -> &'static str {
-        match self {
-            Error::Certificate(_) | Error::Setup(_) => "no_certificate",
-            Error::Tls { .. } => "tls_error",
-            Error::Status(s) if *s == StatusCode::UNAUTHORIZED || *s == StatusCode::FORBIDDEN => {
-                "denied"
-            }
-            Error::Downstream(_) => "downstream_error",
-            _ => "upstream_connect_failed",
-        }
+    /// Whether the failure is this side's own (no certificate of the source's
+    /// yet, a broken trust setup): no fault of the destination, and nothing
+    /// another destination would do better.
+    pub fn is_local(&self) -> bool {
+        matches!(self, Error::Certificate(_) | Error::Setup(_))
+    }
+
+    /// Whether the destination refused on policy (a final answer).
+    pub fn is_denied(&self) -> bool {
+        matches!(self, Error::Status(s) if *s == StatusCode::UNAUTHORIZED || *s == StatusCode::FORBIDDEN)
     }
 }
 
@@ -97,6 +94,8 @@ pub struct Target<'a> {
     pub authority: SocketAddr,
     /// The original source, for the `forwarded` header.
     pub source_ip: Option<IpAddr>,
+    /// The source workload, for the `baggage` header.
+    pub baggage: Option<HeaderValue>,
 }
 
 /// One open stream, with the bookkeeping that frees its slot when dropped.
@@ -360,7 +359,7 @@ impl Pool {
             source: h2_io(source),
         };
         let mut send = conn.send.clone().ready().await.map_err(h2_err)?;
-        let req = connect_request(t.authority, t.source_ip);
+        let req = connect_request(t.authority, t.source_ip, t.baggage.clone());
         // Take what the client has already sent before the request goes out, so
         // the connection's task writes both in one go.
         early.read_ready(down).map_err(Error::Downstream)?;
@@ -541,73 +540,9 @@ async fn reap(pool: std::sync::Weak<Inner>) {
     }
 }
 
-/// `CONNECT ip:port` with the original source and a fresh trace context.
-pub fn connect_request(authority: SocketAddr, source: Option<IpAddr>) -> Request<()> {
-    let mut req = Request::builder()
-        .method(Method::CONNECT)
-        .uri(authority.to_string())
-        .header("traceparent", traceparent());
-    if let Some(ip) = source {
-        let value = match ip {
-            IpAddr::V4(ip) => format!("for={ip}"),
-            IpAddr::V6(ip) => format!("for=\"[{ip}]\""),
-        };
-        req = req.header("forwarded", value);
-    }
-    // Only a malformed header value could fail here, and ours are all well formed.
-    req.body(()).unwrap_or_default()
-}
-
-/// A W3C `traceparent` for a new trace: version 00, random trace and span ids,
-/// sampled flag off. Not security sensitive: a per-thread xorshift seeded from the
-/// kernel's random source once.
-fn traceparent() -> String {
-    thread_local! {
-        static STATE: Cell<u64> = Cell::new({
-            let mut b = [0u8; 8];
-            // SAFETY: getrandom writes at most 8 bytes into `b`.
-            unsafe { libc::getrandom(b.as_mut_ptr().cast(), 8, 0) };
-            u64::from_ne_bytes(b) | 1
-        });
-    }
-    let next = || {
-        STATE.with(|s| {
-            let mut x = s.get();
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            s.set(x);
-            x
-        })
-    };
-    format!("00-{:016x}{:016x}-{:016x}-00", next(), next(), next())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn connect_request_is_hbone_shaped() {
-        let r = connect_request(
-            "10.2.1.2:8080".parse().unwrap(),
-            Some("10.1.1.2".parse().unwrap()),
-        );
-        assert_eq!(r.method(), Method::CONNECT);
-        assert_eq!(r.uri().authority().unwrap().as_str(), "10.2.1.2:8080");
-        assert!(r.uri().scheme().is_none());
-        assert_eq!(r.headers()["forwarded"], "for=10.1.1.2");
-        let tp = r.headers()["traceparent"].to_str().unwrap();
-        assert_eq!(tp.len(), 55);
-        assert!(tp.starts_with("00-") && tp.ends_with("-00"));
-        let r = connect_request(
-            "[fd00::2]:80".parse().unwrap(),
-            Some("fd00::1".parse().unwrap()),
-        );
-        assert_eq!(r.uri().authority().unwrap().as_str(), "[fd00::2]:80");
-        assert_eq!(r.headers()["forwarded"], "for=\"[fd00::1]\"");
-        assert_ne!(traceparent(), traceparent());
-    }
 
     /// A pooled connection over an in-memory pipe, carrying `active` streams.
     async fn conn(serial: &str, active: usize) -> Arc<Conn> {

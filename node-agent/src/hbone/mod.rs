@@ -4,11 +4,15 @@
 //! SANs, `:authority` = destination `ip:port`, `forwarded` and `traceparent`
 //! headers, 200 on success).
 //!
-//! `client` is the outbound side (a pool of connections per source pod, source and
-//! destination identity, and destination), `server` the inbound listener on 15008,
-//! `stream` the byte copy between a socket and a stream.
+//! A protocol module, reused by every role that speaks HBONE: `client` is the
+//! outbound side (a pool of connections keyed by local identity, peer identity and
+//! address), `server` takes a connection through TLS and HTTP/2 and hands each
+//! stream to a handler, `headers` reads and writes the CONNECT's headers, and
+//! `stream` copies bytes between a socket and a stream. Nothing here knows pods,
+//! policy or services: those are the handler's and the caller's.
 
 pub mod client;
+pub mod headers;
 pub mod server;
 pub mod stream;
 

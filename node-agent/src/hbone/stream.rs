@@ -22,7 +22,7 @@ use bytes::{Bytes, BytesMut};
 use h2::{Reason, RecvStream, SendStream};
 use tokio::{io::AsyncWriteExt, net::TcpStream};
 
-use crate::proxy::{
+use crate::net::{
     buffer::{START_BUF, give_buf, next_size, read_some, take_buf},
     copy::{Side, Transfer},
 };
@@ -168,7 +168,7 @@ mod tests {
     use super::*;
     use crate::{
         hbone::{client_builder, server_builder},
-        proxy::buffer::testing::{buffers_out, buffers_pooled, pair, write_bulk_quiet_bulk},
+        net::buffer::testing::{buffers_out, buffers_pooled, pair, write_bulk_quiet_bulk},
     };
     use http::{Method, Request, Response};
     use std::time::Duration;

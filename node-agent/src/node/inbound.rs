@@ -9,14 +9,19 @@
 
 use std::{net::SocketAddr, sync::Arc};
 
-use tokio::sync::watch;
 use weft_common::INBOUND_PLAINTEXT_PORT;
 
 use super::{
-    AccessLog, Direction, Pod, Shared, accept_loop, canonical, forward, inbound_source, listen_any,
-    live::Facts, reset,
+    Pod, Shared,
+    access::{AccessLog, Direction, End},
+    forward, inbound_source,
+    listener::accept_loop,
+    live::Facts,
 };
-use crate::stats::{Flags, Peer, Reporter, TcpLabels};
+use crate::{
+    net::socket::{canonical, listen_any, reset},
+    stats::{Flags, Peer, Reporter, TcpLabels},
+};
 
 pub struct InboundListener {
     pod: Arc<Pod>,
@@ -39,8 +44,8 @@ impl InboundListener {
         &self.listener
     }
 
-    /// Accepts until `stop`; run it with [`crate::workers::spawn_listener`].
-    pub async fn run(self, stop: watch::Receiver<bool>) {
+    /// Accepts until the pod stops; run it with [`crate::workers::spawn_listener`].
+    pub async fn run(self) {
         let InboundListener {
             pod,
             listener,
@@ -48,8 +53,8 @@ impl InboundListener {
         } = self;
         accept_loop(
             vec![listener],
-            stop,
-            &pod.workload,
+            pod.stopped(),
+            &pod.key,
             Direction::Inbound,
             "inbound",
             |stream, peer| {
@@ -67,15 +72,15 @@ async fn handle(pod: Arc<Pod>, shared: Arc<Shared>, down: tokio::net::TcpStream,
     let dst = match down.local_addr() {
         Ok(a) => canonical(a),
         Err(e) => {
-            log.fail("refused", e);
+            log.fail(End::Refused, e);
             reset(down);
             return;
         }
     };
     log.set_dst(dst);
     let view = shared.view();
-    let Some(me) = view.workload(&pod.workload) else {
-        log.fail("refused", "this pod is no longer in the config");
+    let Some(me) = view.workload(&pod.key) else {
+        log.fail(End::Refused, "this pod is no longer in the config");
         reset(down);
         return;
     };
@@ -93,20 +98,20 @@ async fn handle(pod: Arc<Pod>, shared: Arc<Shared>, down: tokio::net::TcpStream,
     // Plaintext has no identity: peer authentication and policy decide on the
     // source address and the port alone.
     let facts = Facts {
-        workload: pod.workload.clone(),
+        workload: pod.key.clone(),
         src_identity: None,
         src_ip: peer.ip(),
         dst_port: dst.port(),
     };
-    let kill = match shared.live.authorize(facts, &view) {
+    drop(view);
+    let kill = match shared.authorize(facts) {
         Ok(kill) => kill,
         Err(reason) => {
-            log.fail("denied", reason);
+            log.fail(End::Denied, reason);
             reset(down);
             return;
         }
     };
-    drop(view);
     let source = inbound_source(dst);
     forward(log, down, dst, Some(source), shared.settings, Some(kill)).await;
 }

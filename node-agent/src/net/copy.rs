@@ -129,7 +129,7 @@ async fn one_way(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::buffer::testing::{buffers_out, buffers_pooled, pair, write_bulk_quiet_bulk};
+    use crate::net::buffer::testing::{buffers_out, buffers_pooled, pair, write_bulk_quiet_bulk};
     use std::time::Duration;
     use tokio::{io::AsyncReadExt, time::timeout};
 

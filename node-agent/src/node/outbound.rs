@@ -16,30 +16,31 @@ use std::{
     time::Instant,
 };
 
-use tokio::{io::AsyncWriteExt, sync::watch};
+use tokio::io::AsyncWriteExt;
 use tracing::{debug, warn};
 use weft_common::{AF_INET, ConnKey, OUTBOUND_PORT, OrigDst, v4_mapped};
 
 use super::{
-    AccessLog, Direction, Pod, Shared, accept_loop,
-    admit::{Admitted, Refused, Served, admit},
-    canonical, connect_from, copy,
-    copy::Side,
-    forward, is_reserved_port, listen, reset,
+    Pod, Shared,
+    access::{AccessLog, Direction, End, MUTUAL_TLS, NODE_LOCAL},
+    admit::{Admitted, admit},
+    forward,
+    listener::accept_loop,
 };
-
-/// The access log's `security` for a connection between two pods of this node
-/// that the agent connected in-process (no network, so no TLS).
-const NODE_LOCAL: &str = "node_local";
 use crate::{
-    config::{OutsideMesh, WorkloadKey},
     ebpf::OrigDstTable,
     hbone::{
         self,
         client::{Early, Target},
+        server::Refusal,
         stream,
     },
     identity::SpiffeId,
+    model::{OutsideMesh, WorkloadKey},
+    net::{
+        copy,
+        socket::{canonical, connect_from, listen, reset},
+    },
     stats::{Flags, Peer, Reporter, STATS, ServiceName, TcpLabels},
 };
 
@@ -69,7 +70,7 @@ impl OutboundListener {
         ) {
             Ok(v6) => listeners.push(v6),
             Err(e) => {
-                warn!(workload = %pod.workload, error = %e, "no IPv6 outbound listener; IPv6 connects from this pod will be refused")
+                warn!(workload = %pod.key, error = %e, "no IPv6 outbound listener; IPv6 connects from this pod will be refused")
             }
         }
         Ok(OutboundListener {
@@ -80,8 +81,8 @@ impl OutboundListener {
         })
     }
 
-    /// Accepts until `stop`; run it with [`crate::workers::spawn_listener`].
-    pub async fn run(self, stop: watch::Receiver<bool>) {
+    /// Accepts until the pod stops; run it with [`crate::workers::spawn_listener`].
+    pub async fn run(self) {
         let OutboundListener {
             pod,
             listeners,
@@ -90,8 +91,8 @@ impl OutboundListener {
         } = self;
         accept_loop(
             listeners,
-            stop,
-            &pod.workload,
+            pod.stopped(),
+            &pod.key,
             Direction::Outbound,
             "outbound",
             |stream, peer| {
@@ -117,14 +118,14 @@ async fn handle(
     let Some(dst) = orig_dst.take(&key).map(|d| to_socket_addr(&d)) else {
         // Not captured by our programs (someone dialed 15001 directly), or the
         // entry was evicted: there is nowhere safe to send it.
-        log.fail("refused", "no original destination for this connection");
+        log.fail(End::Refused, "no original destination for this connection");
         reset(down);
         return;
     };
     log.set_dst(dst);
     let view = shared.view();
-    let Some(me) = view.workload(&pod.workload) else {
-        log.fail("refused", "this pod is no longer in the config");
+    let Some(me) = view.workload(&pod.key) else {
+        log.fail(End::Refused, "this pod is no longer in the config");
         reset(down);
         return;
     };
@@ -139,8 +140,18 @@ async fn handle(
     }
     let source = Peer::of(me, Some(pod.identity.to_string()));
     let outside = me.outside_mesh;
-    if is_reserved_port(dst.port()) {
-        log.fail("refused", "destination port is reserved for the mesh");
+    let from = Source {
+        client: log.src,
+        ip: source_ip,
+        baggage: hbone::headers::baggage(
+            &me.namespace,
+            &me.name,
+            source.app.as_deref().unwrap_or_default(),
+            source.version.as_deref().unwrap_or_default(),
+        ),
+    };
+    if weft_common::is_mesh_port(dst.port()) {
+        log.fail(End::Refused, "destination port is reserved for the mesh");
         reset(down);
         return;
     }
@@ -149,7 +160,7 @@ async fn handle(
     if let Some(w) = view.workload_by_address(dst.ip()).filter(|w| w.enrolled) {
         let endpoint = Endpoint::of(&shared, &view, w, dst);
         let Ok(endpoint) = endpoint else {
-            log.fail("refused", "the destination has no valid identity");
+            log.fail(End::Refused, "the destination has no valid identity");
             reset(down);
             return;
         };
@@ -158,12 +169,7 @@ async fn handle(
         let timeout = shared.settings.connect_timeout;
         log.identities(&endpoint);
         let mut early = Early::default();
-        let client = log.src;
-        match connect(
-            &shared, &pod, client, source_ip, &endpoint, timeout, &down, &mut early,
-        )
-        .await
-        {
+        match connect(&shared, &pod, &from, &endpoint, timeout, &down, &mut early).await {
             Ok(up) => carry(log, down, up, early, labels, &endpoint).await,
             Err(e) => {
                 log.opened(labels);
@@ -181,7 +187,7 @@ async fn handle(
             down,
             (&pod, &shared, view),
             (&svc, balancer),
-            (source, source_ip, dst),
+            (source, from, dst),
             outside,
         )
         .await;
@@ -207,7 +213,7 @@ async fn handle(
         }
         OutsideMesh::Refuse => {
             log.fail(
-                "refused",
+                End::Refused,
                 "destination is outside the mesh (outside_mesh: refuse)",
             );
             reset(down);
@@ -222,18 +228,18 @@ struct Endpoint {
     /// Its identity when it is in the mesh (HBONE); `None` for plaintext.
     identity: Option<SpiffeId>,
     /// The pod, when this agent serves it and connects such pods in-process.
-    local: Option<Arc<Served>>,
+    local: Option<Arc<Pod>>,
 }
 
 impl Endpoint {
     fn of(
         shared: &Shared,
         view: &crate::view::View,
-        w: &crate::config::Workload,
+        w: &crate::model::Workload,
         addr: SocketAddr,
     ) -> Result<Endpoint, crate::identity::Error> {
         let identity = if w.enrolled {
-            Some(w.identity(&view.trust_domain)?)
+            Some(w.identity(view.trust_domain())?)
         } else {
             None
         };
@@ -247,11 +253,18 @@ impl Endpoint {
 }
 
 impl AccessLog {
-    /// Both identities, when the endpoint is in the mesh (also for failed
-    /// attempts: the log then says who was expected).
+    /// Both identities and how the connection is secured, when the endpoint
+    /// is in the mesh (also for failed attempts and refusals: the log then says
+    /// who was expected, and that the peer that refused was reached over mutual
+    /// TLS).
     fn identities(&mut self, ep: &Endpoint) {
         self.src_identity = ep.identity.as_ref().map(|_| self.pod.identity.to_string());
         self.dst_identity = ep.identity.as_ref().map(ToString::to_string);
+        self.security = match (&ep.identity, &ep.local) {
+            (Some(_), Some(_)) => NODE_LOCAL,
+            (Some(_), None) => MUTUAL_TLS,
+            (None, _) => "none",
+        };
     }
 }
 
@@ -288,7 +301,7 @@ enum ConnectError {
     #[error(transparent)]
     Hbone(#[from] hbone::client::Error),
     #[error("refused by the destination: {0}")]
-    Local(Refused),
+    Local(Refusal),
     #[error("connecting to {addr}: {source}")]
     Plain {
         addr: SocketAddr,
@@ -302,42 +315,79 @@ enum ConnectError {
 }
 
 impl ConnectError {
-    fn end(&self) -> &'static str {
+    fn end(&self) -> End {
+        use hbone::client::Error as H;
         match self {
-            ConnectError::Hbone(e) => e.end(),
-            ConnectError::Local(r) if r.end() == "denied" => "denied",
-            _ => "upstream_connect_failed",
+            ConnectError::Hbone(H::Certificate(_) | H::Setup(_)) => End::NoCertificate,
+            ConnectError::Hbone(H::Tls { .. }) => End::TlsError,
+            ConnectError::Hbone(H::Downstream(_)) => End::DownstreamError,
+            ConnectError::Hbone(e) if e.is_denied() => End::Denied,
+            ConnectError::Local(r) if End::of_status(r.status) == End::Denied => End::Denied,
+            _ => End::UpstreamConnectFailed,
         }
     }
 
-    /// Whether another endpoint might do better (policy refusals are final, and
-    /// so is a client that went away).
+    /// Whether the failure is the destination's: what outlier detection may
+    /// count against it. The source's own trouble (no certificate of its own
+    /// yet, its CA unreachable), a client that went away and a policy refusal
+    /// are not.
+    fn blames_destination(&self) -> bool {
+        match self {
+            ConnectError::Hbone(e) if e.is_local() => false,
+            _ => !matches!(self.end(), End::Denied | End::DownstreamError),
+        }
+    }
+
+    /// Whether another endpoint might do better: only when this one was to
+    /// blame.
     fn retryable(&self) -> bool {
-        !matches!(self.end(), "denied" | "downstream_error")
+        self.blames_destination()
     }
 }
 
-/// Connects `client` (the source pod's address and port, as a peer sees them)
-/// to `ep`. An HBONE stream already carries what the client sent while it was
-/// being opened (kept in `early`); a node-local or plaintext connection gets what
-/// an earlier attempt kept before anything else.
-#[allow(clippy::too_many_arguments)]
+/// Who a connection comes from, as its destination is told.
+struct Source {
+    /// The source pod's address and port, as a peer sees them.
+    client: SocketAddr,
+    /// The pod's own address in the destination's family (`forwarded`).
+    ip: Option<std::net::IpAddr>,
+    /// The source workload, as ztunnel names it (`baggage`).
+    baggage: Option<http::HeaderValue>,
+}
+
+/// Connects `from` to `ep`. An HBONE stream already carries what the client
+/// sent while it was being opened (kept in `early`); a node-local or plaintext
+/// connection gets what an earlier attempt kept before anything else.
 async fn connect(
     shared: &Shared,
     pod: &Pod,
-    client: SocketAddr,
-    source_ip: Option<std::net::IpAddr>,
+    from: &Source,
     ep: &Endpoint,
     timeout: std::time::Duration,
     down: &tokio::net::TcpStream,
     early: &mut Early,
 ) -> Result<Upstream, ConnectError> {
+    if ep.identity.is_some() && ep.local.is_none() {
+        // The source's own certificate first, outside the attempt's deadline:
+        // waiting for the CA is this side's trouble, never the endpoint's.
+        shared
+            .certs
+            .get(&pod.identity, timeout)
+            .await
+            .map_err(|e| ConnectError::Hbone(e.into()))?;
+    }
     let attempt = async {
         match (&ep.identity, &ep.local) {
             (Some(dst_id), Some(to)) => {
                 // Boxed, so that its state does not enlarge every connection's task.
                 Box::pin(connect_local(
-                    shared, pod, client, to, dst_id, ep.addr, early,
+                    shared,
+                    pod,
+                    from.client,
+                    to,
+                    dst_id,
+                    ep.addr,
+                    early,
                 ))
                 .await
             }
@@ -350,7 +400,8 @@ async fn connect(
                         dst: dst_id,
                         hbone: SocketAddr::new(ep.addr.ip(), weft_common::INBOUND_HBONE_PORT),
                         authority: ep.addr,
-                        source_ip,
+                        source_ip: from.ip,
+                        baggage: from.baggage.clone(),
                     },
                     down,
                     early,
@@ -389,25 +440,25 @@ async fn connect_local(
     shared: &Shared,
     pod: &Pod,
     client: SocketAddr,
-    to: &Served,
+    to: &Arc<Pod>,
     dst_id: &SpiffeId,
     dst: SocketAddr,
     early: &Early,
 ) -> Result<Upstream, ConnectError> {
-    let mut log = AccessLog::new(Direction::Inbound, to.pod.clone(), client);
+    let mut log = AccessLog::new(Direction::Inbound, to.clone(), client);
     log.src_identity = Some(pod.identity.to_string());
     log.dst_identity = Some(dst_id.to_string());
     log.security = NODE_LOCAL;
     let mut admitted = match admit(shared, to, &pod.identity, client, dst, &mut log).await {
         Ok(a) => a,
         Err(refused) => {
-            log.fail(refused.end(), &refused.why);
+            log.fail(End::of_status(refused.status), &refused.why);
             return Err(ConnectError::Local(refused));
         }
     };
     for chunk in early.chunks() {
         if let Err(e) = admitted.up.write_all(chunk).await {
-            log.fail("upstream_error", &e);
+            log.fail(End::UpstreamError, &e);
             return Err(ConnectError::Plain {
                 addr: dst,
                 source: e,
@@ -435,7 +486,6 @@ async fn carry(
     drop(early);
     let t = match up {
         Upstream::Hbone(tunnel) => {
-            log.security = "mutual_tls";
             log.connection = Some(tunnel.connection);
             stream::bidirectional(&mut down, tunnel.send, tunnel.recv, sent_all).await
         }
@@ -453,13 +503,8 @@ async fn carry(
             copy::bidirectional(&mut down, &mut up).await
         }
     };
-    log.sent = t.sent + early_len;
-    log.received = t.received;
-    match t.result {
-        Ok(()) => log.end = "closed",
-        Err((Side::Downstream, e)) => log.fail("downstream_error", e),
-        Err((Side::Upstream, e)) => log.fail("upstream_error", e),
-    }
+    log.sent = early_len;
+    log.finish(&t, false);
 }
 
 /// Copies between the pod's socket and the destination application's, and
@@ -471,7 +516,6 @@ async fn carry_local(
     local: Local,
     early_len: u64,
 ) -> Option<copy::Transfer> {
-    log.security = NODE_LOCAL;
     let Local {
         admitted: Admitted { mut up, kill },
         log: mut inbound,
@@ -479,21 +523,15 @@ async fn carry_local(
     let t = tokio::select! {
         t = copy::bidirectional(down, &mut up) => t,
         reason = kill.killed() => {
-            log.fail("upstream_error", format!("closed by the destination's policy: {reason}"));
-            inbound.fail("denied", reason);
+            log.fail(End::UpstreamError, format!("closed by the destination's policy: {reason}"));
+            inbound.fail(End::Denied, reason);
             let _ = up.set_zero_linger();
             let _ = down.set_zero_linger();
             return None;
         }
     };
-    inbound.sent = t.sent + early_len;
-    inbound.received = t.received;
-    inbound.end = "closed";
-    match &t.result {
-        Ok(()) => {}
-        Err((Side::Downstream, e)) => inbound.fail("downstream_error", e),
-        Err((Side::Upstream, e)) => inbound.fail("upstream_error", e),
-    }
+    inbound.sent = early_len;
+    inbound.finish(&t, false);
     Some(t)
 }
 
@@ -504,8 +542,8 @@ async fn to_service(
     mut log: AccessLog,
     down: tokio::net::TcpStream,
     (pod, shared, view): (&Pod, &Shared, Arc<crate::view::View>),
-    (svc, balancer): (&crate::config::Service, Arc<crate::lb::Balancer>),
-    (source, source_ip, dst): (Peer, Option<std::net::IpAddr>, SocketAddr),
+    (svc, balancer): (&crate::model::Service, Arc<crate::lb::Balancer>),
+    (source, from, dst): (Peer, Source, SocketAddr),
     outside: OutsideMesh,
 ) {
     let name = format!("{}/{}", svc.namespace, svc.name);
@@ -513,7 +551,7 @@ async fn to_service(
     let service = crate::view::service_name(svc);
     let Some(port) = svc.ports.iter().find(|p| p.port == dst.port()) else {
         log.fail(
-            "refused",
+            End::Refused,
             format!("port {} is not a port of service {name}", dst.port()),
         );
         reset(down);
@@ -524,7 +562,7 @@ async fn to_service(
         .connect_timeout
         .unwrap_or(shared.settings.connect_timeout);
     let attempts = 1 + svc.load_balancing.retries as usize;
-    let client = source_ip.unwrap_or(dst.ip());
+    let client = from.ip.unwrap_or(dst.ip());
     let mut tried: Vec<WorkloadKey> = Vec::new();
     let mut last: Option<String> = None;
     let mut early = Early::default();
@@ -543,7 +581,7 @@ async fn to_service(
                 Some(e) => format!("no endpoint of {name} left to try; last: {e}"),
                 None => format!("service {name} has no endpoint that can take it"),
             };
-            log.fail("no_healthy_endpoint", why);
+            log.fail(End::NoHealthyEndpoint, why);
             reset(down);
             return;
         };
@@ -565,14 +603,10 @@ async fn to_service(
             last = Some(format!("{key} is outside the mesh (outside_mesh: refuse)"));
             continue;
         }
-        let Ok(ep) = Endpoint::of(shared, &view, w, SocketAddr::new(ip, port.target())) else {
+        let Ok(ep) = Endpoint::of(shared, &view, w, SocketAddr::new(ip, port.target_port)) else {
             continue;
         };
-        match connect(
-            shared, pod, log.src, source_ip, &ep, timeout, &down, &mut early,
-        )
-        .await
-        {
+        match connect(shared, pod, &from, &ep, timeout, &down, &mut early).await {
             Ok(up) => {
                 balancer.report(&key, true, Instant::now());
                 drop(view);

@@ -1,6 +1,13 @@
 //! Inbound connections in flight, with what policy decided them on: when a new
 //! config arrives, each is checked again, and those the new policy denies are
 //! closed (Istio's semantics: a policy change applies to live connections too).
+//!
+//! No connection slips between a decision and a change: [`LiveConns::authorize`]
+//! reads the view in force *under the registry's lock* and registers the
+//! connection before letting go of it, and a new view is installed before the
+//! re-check takes that lock. So a connection decided on the old view is in the
+//! registry when the re-check walks it, and one decided after the swap was
+//! decided on the new view.
 
 use std::{
     collections::HashMap,
@@ -16,8 +23,8 @@ use tracing::info;
 
 use crate::{
     authz::{Conn, Decision},
-    config::{PeerMode, WorkloadKey},
     identity::SpiffeId,
+    model::{PeerMode, WorkloadKey},
     view::View,
 };
 
@@ -108,33 +115,36 @@ struct Inner {
 pub struct LiveConns(Arc<Inner>);
 
 impl LiveConns {
-    /// Registers an authorized connection until the returned handle drops.
-    pub fn register(&self, facts: Facts) -> Kill {
+    /// Decides a new inbound connection on `facts` under the view `current`
+    /// returns (read while the registry is locked, see the module's doc): a
+    /// denial is counted in the metrics and its reason returned; an allowed
+    /// connection is registered until the returned handle drops.
+    pub fn authorize(
+        &self,
+        facts: Facts,
+        current: impl FnOnce() -> Arc<View>,
+    ) -> Result<Kill, String> {
+        let mut map = self.0.map.lock().unwrap_or_else(|e| e.into_inner());
+        let view = current();
+        if let Some((kind, reason)) = facts.denied_by(&view) {
+            drop(map);
+            crate::stats::STATS.policy_denied(&facts.workload.to_string(), kind);
+            return Err(reason);
+        }
         let id = self.0.next.fetch_add(1, Relaxed);
         let signal = Arc::new(Signal::default());
-        self.0.map.lock().unwrap_or_else(|e| e.into_inner()).insert(
+        map.insert(
             id,
             Entry {
                 facts,
                 kill: signal.clone(),
             },
         );
-        Kill {
+        Ok(Kill {
             id,
             signal,
             conns: self.0.clone(),
-        }
-    }
-
-    /// Decides a new inbound connection on `facts` under `view`: a denial is
-    /// counted in the metrics and its reason returned; an allowed connection is
-    /// registered (see [`LiveConns::register`]).
-    pub fn authorize(&self, facts: Facts, view: &View) -> Result<Kill, String> {
-        if let Some((kind, reason)) = facts.denied_by(view) {
-            crate::stats::STATS.policy_denied(&facts.workload.to_string(), kind);
-            return Err(reason);
-        }
-        Ok(self.register(facts))
+        })
     }
 
     /// How many inbound connections are registered.
@@ -166,5 +176,81 @@ impl LiveConns {
                 "policy change: closed connections it denies"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        path::Path,
+        sync::{Barrier, RwLock},
+        time::Duration,
+    };
+
+    use super::*;
+    use crate::view::{Balancers, View};
+
+    fn view(policies: &str) -> Arc<View> {
+        let mesh = crate::discovery::file::parse(
+            Path::new("t.yaml"),
+            &format!("workloads:\n- {{name: web, node: n0, addresses: [10.0.0.2]}}\n{policies}"),
+        )
+        .unwrap()
+        .mesh;
+        Arc::new(View::new(mesh, "n0", &Balancers::default()))
+    }
+
+    /// The race a policy change must not lose: a connection is decided on the
+    /// view in force, and a new view (that denies it) is installed and
+    /// re-checked between that decision and the connection's registration. The
+    /// re-check must still close it.
+    #[test]
+    fn a_connection_decided_just_before_a_policy_change_is_rechecked_against_it() {
+        let live = Arc::new(LiveConns::default());
+        let old = view("");
+        let denying =
+            view("authorization_policies:\n- {name: deny-all, action: DENY, rules: [{}]}\n");
+        let current = Arc::new(RwLock::new(old.clone()));
+        let swap = Arc::new(Barrier::new(2));
+        let changer = {
+            let (live, current, swap, denying) =
+                (live.clone(), current.clone(), swap.clone(), denying.clone());
+            std::thread::spawn(move || {
+                swap.wait();
+                // The agent's `set_view`: install, then re-check.
+                *current.write().unwrap() = denying.clone();
+                live.recheck(&denying);
+            })
+        };
+        let facts = Facts {
+            workload: WorkloadKey {
+                namespace: "default".into(),
+                name: "web".into(),
+            },
+            src_identity: None,
+            src_ip: "10.9.9.9".parse().unwrap(),
+            dst_port: 80,
+        };
+        let kill = live
+            .authorize(facts, || {
+                // The view is read; the change happens right after, before the
+                // registration.
+                let read = current.read().unwrap().clone();
+                swap.wait();
+                std::thread::sleep(Duration::from_millis(50));
+                read
+            })
+            .expect("allowed by the view it was decided on");
+        changer.join().unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let reason = runtime
+            .block_on(async { tokio::time::timeout(Duration::from_secs(5), kill.killed()).await });
+        assert!(
+            reason.as_deref().is_ok_and(|r| r.contains("deny-all")),
+            "the new policy never closed it: {reason:?}"
+        );
     }
 }

@@ -1,69 +1,43 @@
-//! Wires a role together from the command line.
+//! `weft agent`: the node agent, wired together.
+//!
+//! Order matters: an embedded CA binds first (it writes the bundle this agent
+//! reads); the mesh file is read and must be good (there is no last good one to
+//! fall back on); the workers start; the kernel capture is installed; the pods
+//! are enrolled; the first certificates settle; then the agent reports ready and
+//! follows its files by event until a signal.
 
 use std::{
+    collections::BTreeMap,
     path::{Path, PathBuf},
-    time::{Duration, SystemTime},
+    sync::{Arc, RwLock},
+    time::Duration,
 };
 
 use anyhow::Context as _;
 use tracing::{error, info, warn};
 
-use std::sync::{Arc, RwLock};
-
 use crate::{
     admin::Admin,
-    agent::Agent,
-    ca::client::CaClient,
-    ca::server::{CaOptions, CaServer},
+    ca::{
+        client::CaClient,
+        server::{CaOptions, CaServer},
+    },
     certs::CertManager,
-    cli::{AgentArgs, CaArgs, Cli, Command, ConfigCommand},
-    config::MeshConfig,
+    cli::AgentArgs,
+    discovery::{self, file, watch::Watch},
     ebpf::{self, Capture},
     hbone::{PoolSettings, client::Pool},
-    proxy,
+    model::WorkloadKey,
+    node::{self, Shared, pods::Pods, registry::Registry},
     tls::TrustBundle,
 };
 
-pub fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
-        Command::Agent(args) => agent(*args),
-        Command::Ca(args) => ca(args),
-        Command::Status(args) => {
-            let (code, body) =
-                crate::metrics::get(args.admin_addr, "/status").with_context(|| {
-                    format!(
-                        "asking the agent's admin endpoint {} (is the agent running on this node?)",
-                        args.admin_addr
-                    )
-                })?;
-            anyhow::ensure!(code == 200, "the agent answered {code}: {body}");
-            if args.json {
-                print!("{body}");
-            } else {
-                let status: crate::admin::Status =
-                    serde_json::from_str(&body).context("reading the agent's status")?;
-                print!("{}", crate::admin::print_status(&status));
-            }
-            Ok(())
-        }
-        Command::Config {
-            command: ConfigCommand::Validate { file },
-        } => {
-            let config = MeshConfig::load(&file)?;
-            println!(
-                "{}: ok ({} workloads, {} services, {} authorization policies, {} peer authentications)",
-                file.display(),
-                config.workloads.len(),
-                config.services.len(),
-                config.authorization_policies.len(),
-                config.peer_authentications.len(),
-            );
-            Ok(())
-        }
-    }
-}
+/// eBPF map sizes for the metrics are counted this often (a walk of each map).
+const MAP_COUNT_EVERY: Duration = Duration::from_secs(5);
+/// Pending enrollments are retried, and orphaned pods looked at, this often.
+const REVISIT_EVERY: Duration = Duration::from_secs(1);
 
-fn agent(args: AgentArgs) -> anyhow::Result<()> {
+pub fn run(args: AgentArgs) -> anyhow::Result<()> {
     if args.uninstall {
         let removed = ebpf::uninstall(&args.bpf_pin_dir)?;
         info!(pin_dir = %args.bpf_pin_dir.display(), removed, "uninstalled");
@@ -83,11 +57,8 @@ fn agent(args: AgentArgs) -> anyhow::Result<()> {
         None => cgroup2_root().context("--cgroup not given and no cgroup2 mount found")?,
     };
     raise_fd_limit();
-    // The first config must be good: there is no last good one to fall back on.
-    let config = MeshConfig::load(&config_path)?;
 
-    // The data path runs on the workers; this runtime has the control plane and
-    // the accept loops.
+    // The data path runs on the workers; this runtime has the control plane.
     let workers = args
         .workers
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
@@ -114,6 +85,10 @@ fn agent(args: AgentArgs) -> anyhow::Result<()> {
                 "--trust-bundle is required (the CA writes it as bundle.pem)"
             ),
         };
+        // Watch before reading: a change in between is then seen.
+        let mut watch = Watch::new(&[&config_path, &bundle_path]);
+        // The first config must be good: there is no last good one to fall back on.
+        let loaded = file::load(&config_path, args.config_max_bytes)?;
         let bundle = load_bundle(&bundle_path)?;
         let token = match (&args.ca_token_file, &args.embedded_ca_node_tokens) {
             (Some(path), _) => std::fs::read_to_string(path)
@@ -131,10 +106,10 @@ fn agent(args: AgentArgs) -> anyhow::Result<()> {
                 let _ = ca_stopping.await;
             }))
         });
-        let ca = CaClient::new(ca_addr, token, bundle.clone(), &config.trust_domain)?;
+        let ca = CaClient::new(ca_addr, token, bundle.clone(), &loaded.mesh.trust_domain)?;
         let certs = CertManager::new(Arc::new(ca), args.cert_ttl);
         let bundle = Arc::new(RwLock::new(bundle));
-        let settings = proxy::Settings {
+        let settings = node::Settings {
             connect_timeout: Duration::from_millis(args.connect_timeout_ms),
             same_node: args.same_node,
         };
@@ -149,14 +124,7 @@ fn agent(args: AgentArgs) -> anyhow::Result<()> {
                 connect_timeout: settings.connect_timeout,
             },
         );
-        let shared = Arc::new(proxy::Shared::new(
-            settings,
-            &node,
-            certs,
-            bundle.clone(),
-            pool,
-        ));
-        let shared_for_agent = shared.clone();
+        let shared = Arc::new(Shared::new(settings, &node, certs, bundle.clone(), pool));
         let bind = async |addr: std::net::SocketAddr, what: &str| {
             tokio::net::TcpListener::bind(addr)
                 .await
@@ -180,14 +148,19 @@ fn agent(args: AgentArgs) -> anyhow::Result<()> {
         tokio::spawn(crate::metrics::serve(metrics, render));
         tokio::spawn(crate::metrics::serve_http(readiness, admin.readiness()));
         tokio::spawn(crate::metrics::serve_http(admin_listener, admin.handler()));
-        tokio::spawn(watch_bundle(
-            bundle_path,
-            bundle,
-            Duration::from_millis(args.config_poll_ms),
-        ));
-        let mut agent = Agent::new(node.clone(), capture_install(&args, &cgroup)?, shared_for_agent);
-        agent.apply(&config);
-        admin.set_enrolled(agent.enrolled_pods());
+
+        let mut pods = Pods::new(
+            node.clone(),
+            Capture::install(&args.bpf_pin_dir, &cgroup)?,
+            shared.clone(),
+        );
+        let mut registry = Registry::default();
+        registry.replace(node_netns(&loaded, &node));
+        let allowed_shrink = loaded.allow_shrink;
+        let view = shared.set_view(loaded.mesh);
+        pods.apply(&view, &registry);
+        admin.config_loaded(allowed_shrink);
+        admin.set_enrolled(pods.enrolled_pods());
         // Ready means able to serve: the enrolled pods' certificates are here (or
         // the CA has answered, and the log says why not).
         let missing = shared.certs.settle(Duration::from_secs(15)).await;
@@ -199,20 +172,22 @@ fn agent(args: AgentArgs) -> anyhow::Result<()> {
             node = %node,
             cgroup = %cgroup.display(),
             pin_dir = %args.bpf_pin_dir.display(),
-            enrolled = agent.enrolled().count(),
+            enrolled = pods.enrolled().count(),
             workers,
             "agent ready"
         );
         admin.set_ready();
-        watch_config(
-            &mut agent,
-            &admin,
-            config,
-            Duration::from_millis(args.config_poll_ms),
-        )
-        .await?;
-        agent.shutdown();
-        let left = proxy::drain(Duration::from_millis(args.drain_ms)).await;
+        let follow = Follow {
+            config: &config_path,
+            bundle: &bundle_path,
+            node: &node,
+            max_bytes: args.config_max_bytes,
+        };
+        follow
+            .run(&mut watch, &mut pods, &mut registry, &shared, &admin, &bundle)
+            .await?;
+        pods.shutdown();
+        let left = node::access::drain(Duration::from_millis(args.drain_ms)).await;
         let _ = ca_stop.send(());
         if let Some(task) = ca_task {
             match task.await {
@@ -229,6 +204,118 @@ fn agent(args: AgentArgs) -> anyhow::Result<()> {
     })
 }
 
+/// The network namespaces of this node's workloads, from the file.
+fn node_netns(loaded: &file::Loaded, node: &str) -> BTreeMap<WorkloadKey, PathBuf> {
+    loaded
+        .netns
+        .iter()
+        .filter(|(key, _)| {
+            loaded
+                .mesh
+                .workloads
+                .iter()
+                .any(|w| w.node == node && &w.key() == *key)
+        })
+        .map(|(k, p)| (k.clone(), p.clone()))
+        .collect()
+}
+
+/// What the agent follows after start: its files, by event.
+struct Follow<'a> {
+    config: &'a Path,
+    bundle: &'a Path,
+    node: &'a str,
+    max_bytes: u64,
+}
+
+impl Follow<'_> {
+    /// Applies changes of the mesh file and the trust bundle until a shutdown
+    /// signal. A bad file, or a change the guard refuses, is reported and the
+    /// last good one keeps serving. Nothing is rebuilt while nothing changed.
+    async fn run(
+        &self,
+        watch: &mut Watch,
+        pods: &mut Pods,
+        registry: &mut Registry,
+        shared: &Shared,
+        admin: &Admin,
+        bundle: &RwLock<TrustBundle>,
+    ) -> anyhow::Result<()> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut count = tokio::time::interval(MAP_COUNT_EVERY);
+        count.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut revisit = tokio::time::interval(REVISIT_EVERY);
+        revisit.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let changed = tokio::select! {
+                _ = term.recv() => return Ok(()),
+                _ = int.recv() => return Ok(()),
+                _ = count.tick() => {
+                    pods.count_map_entries();
+                    continue;
+                }
+                _ = revisit.tick(), if pods.needs_revisit() => {
+                    pods.revisit(&shared.view(), registry);
+                    admin.set_enrolled(pods.enrolled_pods());
+                    continue;
+                }
+                changed = watch.changed() => changed,
+            };
+            if changed.contains(&0) {
+                self.reload(pods, registry, shared, admin);
+            }
+            if changed.contains(&1) {
+                match load_bundle(self.bundle) {
+                    Ok(b) => {
+                        info!(path = %self.bundle.display(), roots = b.len(), "trust bundle reloaded");
+                        *bundle.write().unwrap_or_else(|e| e.into_inner()) = b;
+                    }
+                    Err(e) => {
+                        error!(error = %format!("{e:#}"), "trust bundle rejected; keeping the last good one")
+                    }
+                }
+            }
+        }
+    }
+
+    fn reload(&self, pods: &mut Pods, registry: &mut Registry, shared: &Shared, admin: &Admin) {
+        let current = shared.view();
+        let loaded = match file::load(self.config, self.max_bytes) {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                error!(error = %e, "config rejected; the last good config keeps serving");
+                admin.config_rejected(e.to_string());
+                return;
+            }
+        };
+        if let Err(e) = discovery::guard(current.mesh(), &loaded.mesh, loaded.allow_shrink) {
+            let e = format!(
+                "{}: {e}; put `allow_shrink: true` in the file if the change is meant",
+                self.config.display()
+            );
+            error!(error = %e, "config rejected; the last good config keeps serving");
+            admin.config_rejected(e);
+            return;
+        }
+        let netns = node_netns(&loaded, self.node);
+        let new_registry = {
+            let mut r = registry.clone();
+            r.replace(netns);
+            r
+        };
+        if loaded.mesh != *current.mesh() || new_registry != *registry {
+            info!(path = %self.config.display(), "config changed, applying");
+            *registry = new_registry;
+            let view = shared.set_view(loaded.mesh);
+            pods.apply(&view, registry);
+        }
+        admin.config_applied(loaded.allow_shrink);
+        admin.set_enrolled(pods.enrolled_pods());
+    }
+}
+
 /// Binds the CA that runs inside this agent (`--embedded-ca-dir`).
 async fn embedded_ca(args: &AgentArgs, dir: &Path, config: &Path) -> anyhow::Result<CaServer> {
     let node_tokens = args
@@ -242,7 +329,7 @@ async fn embedded_ca(args: &AgentArgs, dir: &Path, config: &Path) -> anyhow::Res
         listen: args.ca_addr,
         metrics_addr: Some(args.embedded_ca_metrics_addr),
         max_ttl: args.embedded_ca_cert_ttl,
-        config_poll: Duration::from_millis(args.config_poll_ms),
+        config_max_bytes: args.config_max_bytes,
     };
     CaServer::bind(opts)
         .await
@@ -264,129 +351,10 @@ fn connectable(addr: std::net::SocketAddr) -> std::net::SocketAddr {
     }
 }
 
-/// What identifies a version of the config file cheaply.
-fn stamp(path: &Path) -> Option<(SystemTime, u64, u64)> {
-    use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(path).ok()?;
-    Some((m.modified().ok()?, m.len(), m.ino()))
-}
-
-const MAP_COUNT_EVERY: Duration = Duration::from_secs(5);
-
-/// Polls the config file until a shutdown signal. A bad file is reported and the
-/// last good config keeps serving.
-async fn watch_config(
-    agent: &mut Agent,
-    admin: &Admin,
-    mut good: MeshConfig,
-    every: Duration,
-) -> anyhow::Result<()> {
-    let path = admin.config_path.as_path();
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut last_stamp = stamp(path);
-    let mut tick = tokio::time::interval(every);
-    // eBPF map sizes for the metrics, every few seconds (a walk of each map).
-    let mut last_count = std::time::Instant::now() - MAP_COUNT_EVERY;
-    loop {
-        if last_count.elapsed() >= MAP_COUNT_EVERY {
-            agent.count_map_entries();
-            last_count = std::time::Instant::now();
-        }
-        tokio::select! {
-            _ = term.recv() => return Ok(()),
-            _ = int.recv() => return Ok(()),
-            _ = tick.tick() => {}
-        }
-        let now = stamp(path);
-        if now != last_stamp {
-            last_stamp = now;
-            match MeshConfig::load(path) {
-                Ok(config) => {
-                    if config != good {
-                        info!(path = %path.display(), "config changed, applying");
-                        agent.apply(&config);
-                        good = config;
-                    }
-                    admin.config_applied();
-                }
-                Err(e) => {
-                    error!(error = %e, "config rejected; the last good config keeps serving");
-                    admin.config_rejected(e.to_string());
-                }
-            }
-            admin.set_enrolled(agent.enrolled_pods());
-        } else if agent.has_pending() {
-            agent.apply(&good);
-            admin.set_enrolled(agent.enrolled_pods());
-        }
-    }
-}
-
-fn capture_install(args: &AgentArgs, cgroup: &Path) -> anyhow::Result<Capture> {
-    Ok(Capture::install(&args.bpf_pin_dir, cgroup)?)
-}
-
 fn load_bundle(path: &Path) -> anyhow::Result<TrustBundle> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading the trust bundle {}", path.display()))?;
     TrustBundle::from_pem(&text).with_context(|| format!("trust bundle {}", path.display()))
-}
-
-/// Re-reads the trust bundle when the file changes (a root rotation adds a root
-/// there); a bad file is reported and the last good bundle kept. New connections
-/// use the new bundle.
-async fn watch_bundle(path: PathBuf, bundle: Arc<RwLock<TrustBundle>>, every: Duration) {
-    let mut last = stamp(&path);
-    loop {
-        tokio::time::sleep(every).await;
-        let now = stamp(&path);
-        if now == last {
-            continue;
-        }
-        last = now;
-        match load_bundle(&path) {
-            Ok(b) => {
-                info!(path = %path.display(), roots = b.len(), "trust bundle reloaded");
-                *bundle.write().unwrap_or_else(|e| e.into_inner()) = b;
-            }
-            Err(e) => {
-                error!(error = %format!("{e:#}"), "trust bundle rejected; keeping the last good one")
-            }
-        }
-    }
-}
-
-fn ca(args: CaArgs) -> anyhow::Result<()> {
-    let opts = CaOptions {
-        dir: args.dir,
-        config: args.config,
-        node_tokens: args.node_tokens,
-        listen: args.listen,
-        metrics_addr: Some(args.metrics_addr),
-        max_ttl: args.cert_ttl,
-        config_poll: Duration::from_millis(args.config_poll_ms),
-    };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("weft-ca")
-        .build()?;
-    runtime.block_on(async move {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        let server = CaServer::bind(opts).await?;
-        server
-            .run(async move {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = int.recv() => {}
-                }
-            })
-            .await?;
-        anyhow::Ok(())
-    })
 }
 
 fn hostname() -> Option<String> {

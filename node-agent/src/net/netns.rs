@@ -61,6 +61,18 @@ impl Netns {
         self.cookie
     }
 
+    /// Whether the path it was opened from still names this namespace. When it
+    /// does not (`ip netns del`, the pod's process gone), the pod is gone: the
+    /// handle the agent holds keeps the namespace itself alive, so its path is
+    /// the only sign.
+    pub fn still_at_path(&self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let (Ok(held), Ok(now)) = (self.file.metadata(), std::fs::metadata(&self.path)) else {
+            return false;
+        };
+        (held.dev(), held.ino()) == (now.dev(), now.ino())
+    }
+
     /// Runs `f` with the current thread inside this namespace, then returns the
     /// thread home. Keep `f` to socket creation: it must not block or yield.
     pub fn run<T>(&self, f: impl FnOnce() -> T) -> io::Result<T> {

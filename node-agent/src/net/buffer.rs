@@ -1,6 +1,6 @@
 //! Copy buffers, held only while bytes move.
 //!
-//! Both copies of a proxied connection (socket to socket, `proxy::copy`, and
+//! Both copies of a proxied connection (socket to socket, `net::copy`, and
 //! socket to HTTP/2 stream, `hbone::stream`) read into buffers from here. A
 //! direction takes a [`START_BUF`] buffer from its worker's pool when its socket
 //! is readable and gives it back once the bytes are out, so a connection waiting

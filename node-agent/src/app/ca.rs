@@ -1,0 +1,37 @@
+//! `weft ca`: the certificate authority as its own process.
+
+use crate::{
+    ca::server::{CaOptions, CaServer},
+    cli::CaArgs,
+};
+
+pub fn run(args: CaArgs) -> anyhow::Result<()> {
+    let opts = CaOptions {
+        dir: args.dir,
+        config: args.config,
+        node_tokens: args.node_tokens,
+        listen: args.listen,
+        metrics_addr: Some(args.metrics_addr),
+        max_ttl: args.cert_ttl,
+        config_max_bytes: args.config_max_bytes,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("weft-ca")
+        .build()?;
+    runtime.block_on(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let server = CaServer::bind(opts).await?;
+        server
+            .run(async move {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            })
+            .await?;
+        anyhow::Ok(())
+    })
+}

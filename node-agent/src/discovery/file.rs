@@ -1,0 +1,752 @@
+//! The local mesh file: one YAML file describes the whole mesh (local mode, the
+//! demo and the tests). Its format is this module's: strict (unknown fields are
+//! errors, so a typo is never silently ignored), with Istio's camelCase names
+//! accepted beside ours, and every error naming where it is.
+//!
+//! Reading it yields the mesh model and, beside it, each workload's network
+//! namespace: the one node-local fact the file carries for lack of a CNI plugin
+//! to report it (an agent keeps only its own node's, in its registry).
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    io::Read as _,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::Deserialize;
+
+use crate::model::{self, Labels, Mesh, WorkloadKey};
+
+/// The largest mesh file read, by default. A file that is larger is refused
+/// before it is parsed: parsing 50 MiB took each agent and the CA past 100 MB.
+/// 16 MiB is tens of thousands of workloads.
+pub const DEFAULT_MAX_BYTES: u64 = 16 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "{path}: {size} bytes is over the {max}-byte limit (raise --config-max-bytes if the mesh really is that large)"
+    )]
+    TooLarge { path: PathBuf, size: u64, max: u64 },
+    #[error(
+        "{path}: the file is empty; an empty mesh file is never applied (it would unenroll every pod). To empty the mesh on purpose, write `workloads: []` and `allow_shrink: true`"
+    )]
+    Empty { path: PathBuf },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: {}", .problems.join("; "))]
+    Invalid {
+        path: PathBuf,
+        problems: Vec<String>,
+    },
+}
+
+/// A mesh file, read and checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Loaded {
+    pub mesh: Mesh,
+    /// Each workload's network namespace, where the file names one.
+    pub netns: BTreeMap<WorkloadKey, PathBuf>,
+    /// The file says that a change shrinking the mesh sharply is meant
+    /// (`allow_shrink: true`): see [`super::guard`].
+    pub allow_shrink: bool,
+}
+
+/// Reads, parses and validates the mesh file at `path`, refusing one larger than
+/// `max_bytes` before reading it whole.
+pub fn load(path: &Path, max_bytes: u64) -> Result<Loaded, Error> {
+    let read = |source| Error::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(read)?;
+    // Read one byte past the limit: a file that grows while read is caught too.
+    let mut text = String::new();
+    file.take(max_bytes.saturating_add(1))
+        .read_to_string(&mut text)
+        .map_err(read)?;
+    if text.len() as u64 > max_bytes {
+        let size = std::fs::metadata(path).map_or(text.len() as u64, |m| m.len());
+        return Err(Error::TooLarge {
+            path: path.to_owned(),
+            size,
+            max: max_bytes,
+        });
+    }
+    parse(path, &text)
+}
+
+/// Parses and validates mesh file text; `path` only names it in errors.
+pub fn parse(path: &Path, text: &str) -> Result<Loaded, Error> {
+    if text.trim().is_empty() {
+        return Err(Error::Empty {
+            path: path.to_owned(),
+        });
+    }
+    let file: File = crate::yaml::from_str(text).map_err(|message| Error::Parse {
+        path: path.to_owned(),
+        message,
+    })?;
+    let mut problems = file.problems();
+    let loaded = file.into_model();
+    problems.extend(model::validate::problems(&loaded.mesh));
+    if problems.is_empty() {
+        Ok(loaded)
+    } else {
+        Err(Error::Invalid {
+            path: path.to_owned(),
+            problems,
+        })
+    }
+}
+
+// ---- the file format ----------------------------------------------------------
+
+/// The whole mesh, as the file writes it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    #[serde(default)]
+    trust_domain: Option<String>,
+    #[serde(default)]
+    root_namespace: Option<String>,
+    /// A change that unenrolls most of the mesh or drops every policy is meant.
+    #[serde(default)]
+    allow_shrink: bool,
+    #[serde(default)]
+    workloads: Vec<Workload>,
+    #[serde(default)]
+    services: Vec<Service>,
+    #[serde(default)]
+    authorization_policies: Vec<AuthorizationPolicy>,
+    #[serde(default)]
+    peer_authentications: Vec<PeerAuthentication>,
+}
+
+fn default_namespace() -> String {
+    "default".to_owned()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Workload {
+    name: String,
+    #[serde(default = "default_namespace")]
+    namespace: String,
+    #[serde(default = "default_namespace")]
+    service_account: String,
+    node: String,
+    /// A path such as `/var/run/netns/<name>` or `/proc/<pid>/ns/net`.
+    #[serde(default)]
+    netns: Option<PathBuf>,
+    #[serde(default)]
+    addresses: Vec<IpAddr>,
+    #[serde(default)]
+    enrolled: bool,
+    #[serde(default)]
+    outside_mesh: OutsideMesh,
+    #[serde(default)]
+    labels: Labels,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum OutsideMesh {
+    #[default]
+    Passthrough,
+    Refuse,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Service {
+    name: String,
+    #[serde(default = "default_namespace")]
+    namespace: String,
+    addresses: Vec<IpAddr>,
+    ports: Vec<ServicePort>,
+    #[serde(default)]
+    selector: Option<Labels>,
+    #[serde(default)]
+    endpoints: Option<Vec<Endpoint>>,
+    #[serde(default)]
+    load_balancing: LoadBalancing,
+    #[serde(default)]
+    outlier_detection: OutlierDetection,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServicePort {
+    port: u16,
+    #[serde(default)]
+    target_port: Option<u16>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Endpoint {
+    workload: String,
+    #[serde(default = "default_weight")]
+    weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum LbPolicy {
+    #[default]
+    RoundRobin,
+    LeastRequest,
+    ConsistentHash,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoadBalancing {
+    #[serde(default)]
+    policy: LbPolicy,
+    #[serde(default)]
+    prefer_same_node: bool,
+    #[serde(default, deserialize_with = "opt_duration")]
+    connect_timeout: Option<Duration>,
+    #[serde(default)]
+    retries: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OutlierDetection {
+    #[serde(default)]
+    consecutive_failures: Option<u32>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    base_ejection_time: Option<Duration>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    max_ejection_time: Option<Duration>,
+    #[serde(default)]
+    max_ejection_percent: Option<u8>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuthorizationPolicy {
+    name: String,
+    #[serde(default = "default_namespace")]
+    namespace: String,
+    #[serde(default)]
+    selector: Option<Labels>,
+    #[serde(default)]
+    action: Action,
+    #[serde(default)]
+    rules: Vec<Rule>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+enum Action {
+    #[default]
+    #[serde(rename = "ALLOW")]
+    Allow,
+    #[serde(rename = "DENY")]
+    Deny,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Rule {
+    #[serde(default)]
+    from: Vec<FromSource>,
+    #[serde(default)]
+    to: Vec<ToOperation>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FromSource {
+    source: Source,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Source {
+    #[serde(default)]
+    principals: Vec<String>,
+    #[serde(default, alias = "notPrincipals")]
+    not_principals: Vec<String>,
+    #[serde(default)]
+    namespaces: Vec<String>,
+    #[serde(default, alias = "notNamespaces")]
+    not_namespaces: Vec<String>,
+    #[serde(default, alias = "serviceAccounts")]
+    service_accounts: Vec<String>,
+    #[serde(default, alias = "notServiceAccounts")]
+    not_service_accounts: Vec<String>,
+    #[serde(default, alias = "ipBlocks", deserialize_with = "ip_nets")]
+    ip_blocks: Vec<model::IpNet>,
+    #[serde(default, alias = "notIpBlocks", deserialize_with = "ip_nets")]
+    not_ip_blocks: Vec<model::IpNet>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ToOperation {
+    operation: Operation,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Operation {
+    #[serde(default)]
+    ports: Vec<u16>,
+    #[serde(default, alias = "notPorts")]
+    not_ports: Vec<u16>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PeerAuthentication {
+    name: String,
+    #[serde(default = "default_namespace")]
+    namespace: String,
+    #[serde(default)]
+    selector: Option<Labels>,
+    mode: PeerMode,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+enum PeerMode {
+    #[serde(rename = "STRICT")]
+    Strict,
+    #[serde(rename = "PERMISSIVE")]
+    Permissive,
+}
+
+fn opt_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let s = String::deserialize(d)?;
+    crate::units::parse_duration(&s)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
+fn ip_nets<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<model::IpNet>, D::Error> {
+    Vec::<String>::deserialize(d)?
+        .iter()
+        .map(|s| s.parse().map_err(serde::de::Error::custom))
+        .collect()
+}
+
+impl File {
+    /// What the model cannot say: only the file can be half-filled this way.
+    fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        for (i, w) in self.workloads.iter().enumerate() {
+            if w.enrolled && w.netns.is_none() {
+                let at = format!("workloads[{i}] ({}/{})", w.namespace, w.name);
+                problems.push(format!("{at}: an enrolled workload needs `netns`"));
+            }
+        }
+        for (i, svc) in self.services.iter().enumerate() {
+            if svc.selector.is_some() == svc.endpoints.is_some() {
+                let at = format!("services[{i}] ({}/{})", svc.namespace, svc.name);
+                problems.push(format!(
+                    "{at}: give exactly one of `selector` and `endpoints`"
+                ));
+            }
+        }
+        problems
+    }
+
+    fn into_model(self) -> Loaded {
+        let defaults = Mesh::default();
+        let mut netns = BTreeMap::new();
+        let mut seen = HashSet::new();
+        let workloads = self
+            .workloads
+            .into_iter()
+            .map(|w| {
+                let w_model = model::Workload {
+                    name: w.name,
+                    namespace: w.namespace,
+                    service_account: w.service_account,
+                    node: w.node,
+                    addresses: w.addresses.iter().map(|a| a.to_canonical()).collect(),
+                    enrolled: w.enrolled,
+                    outside_mesh: match w.outside_mesh {
+                        OutsideMesh::Passthrough => model::OutsideMesh::Passthrough,
+                        OutsideMesh::Refuse => model::OutsideMesh::Refuse,
+                    },
+                    labels: w.labels,
+                };
+                if let Some(path) = w.netns
+                    && seen.insert(w_model.key())
+                {
+                    netns.insert(w_model.key(), path);
+                }
+                w_model
+            })
+            .collect();
+        let lb_defaults = model::LoadBalancing::default();
+        let od_defaults = model::OutlierDetection::default();
+        let services = self
+            .services
+            .into_iter()
+            .map(|s| model::Service {
+                name: s.name,
+                namespace: s.namespace,
+                addresses: s.addresses.iter().map(|a| a.to_canonical()).collect(),
+                ports: s
+                    .ports
+                    .iter()
+                    .map(|p| model::ServicePort {
+                        port: p.port,
+                        target_port: p.target_port.unwrap_or(p.port),
+                    })
+                    .collect(),
+                // Both or neither given is a problem reported above; the model
+                // then takes what there is.
+                endpoints: match (s.selector, s.endpoints) {
+                    (Some(sel), _) => model::Endpoints::Selector(sel),
+                    (None, Some(list)) => model::Endpoints::Listed(
+                        list.into_iter()
+                            .map(|e| model::Endpoint {
+                                workload: e.workload,
+                                weight: e.weight,
+                            })
+                            .collect(),
+                    ),
+                    (None, None) => model::Endpoints::Listed(Vec::new()),
+                },
+                load_balancing: model::LoadBalancing {
+                    policy: match s.load_balancing.policy {
+                        LbPolicy::RoundRobin => model::LbPolicy::RoundRobin,
+                        LbPolicy::LeastRequest => model::LbPolicy::LeastRequest,
+                        LbPolicy::ConsistentHash => model::LbPolicy::ConsistentHash,
+                    },
+                    prefer_same_node: s.load_balancing.prefer_same_node,
+                    connect_timeout: s.load_balancing.connect_timeout,
+                    retries: s.load_balancing.retries.unwrap_or(lb_defaults.retries),
+                },
+                outlier_detection: model::OutlierDetection {
+                    consecutive_failures: s
+                        .outlier_detection
+                        .consecutive_failures
+                        .unwrap_or(od_defaults.consecutive_failures),
+                    base_ejection_time: s
+                        .outlier_detection
+                        .base_ejection_time
+                        .unwrap_or(od_defaults.base_ejection_time),
+                    max_ejection_time: s
+                        .outlier_detection
+                        .max_ejection_time
+                        .unwrap_or(od_defaults.max_ejection_time),
+                    max_ejection_percent: s
+                        .outlier_detection
+                        .max_ejection_percent
+                        .unwrap_or(od_defaults.max_ejection_percent),
+                },
+            })
+            .collect();
+        let authorization_policies = self
+            .authorization_policies
+            .into_iter()
+            .map(|p| model::AuthorizationPolicy {
+                name: p.name,
+                namespace: p.namespace,
+                selector: p.selector,
+                action: match p.action {
+                    Action::Allow => model::Action::Allow,
+                    Action::Deny => model::Action::Deny,
+                },
+                rules: p
+                    .rules
+                    .into_iter()
+                    .map(|r| model::Rule {
+                        from: r
+                            .from
+                            .into_iter()
+                            .map(|f| {
+                                let s = f.source;
+                                model::Source {
+                                    principals: s.principals,
+                                    not_principals: s.not_principals,
+                                    namespaces: s.namespaces,
+                                    not_namespaces: s.not_namespaces,
+                                    service_accounts: s.service_accounts,
+                                    not_service_accounts: s.not_service_accounts,
+                                    ip_blocks: s.ip_blocks,
+                                    not_ip_blocks: s.not_ip_blocks,
+                                }
+                            })
+                            .collect(),
+                        to: r
+                            .to
+                            .into_iter()
+                            .map(|t| model::Operation {
+                                ports: t.operation.ports,
+                                not_ports: t.operation.not_ports,
+                            })
+                            .collect(),
+                    })
+                    .collect(),
+            })
+            .collect();
+        let peer_authentications = self
+            .peer_authentications
+            .into_iter()
+            .map(|p| model::PeerAuthentication {
+                name: p.name,
+                namespace: p.namespace,
+                selector: p.selector,
+                mode: match p.mode {
+                    PeerMode::Strict => model::PeerMode::Strict,
+                    PeerMode::Permissive => model::PeerMode::Permissive,
+                },
+            })
+            .collect();
+        Loaded {
+            mesh: Mesh {
+                trust_domain: self.trust_domain.unwrap_or(defaults.trust_domain),
+                root_namespace: self.root_namespace.unwrap_or(defaults.root_namespace),
+                workloads,
+                services,
+                authorization_policies,
+                peer_authentications,
+            },
+            netns,
+            allow_shrink: self.allow_shrink,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{LbPolicy, PeerMode};
+
+    fn parse(text: &str) -> Result<Loaded, Error> {
+        super::parse(Path::new("mesh.yaml"), text)
+    }
+
+    #[test]
+    fn parses_a_workload_with_defaults() {
+        let c = parse(
+            "workloads:\n- name: a\n  node: n0\n  netns: /var/run/netns/a\n  enrolled: true\n",
+        )
+        .unwrap();
+        let w = &c.mesh.workloads[0];
+        assert_eq!(w.namespace, "default");
+        assert_eq!(w.service_account, "default");
+        assert_eq!(c.mesh.enrolled_on("n0").count(), 1);
+        assert_eq!(c.mesh.enrolled_on("n1").count(), 0);
+        assert_eq!(
+            c.netns[&w.key()],
+            PathBuf::from("/var/run/netns/a"),
+            "the namespace is beside the model, not in it"
+        );
+        assert_eq!(c.mesh.trust_domain, "cluster.local");
+        assert!(!c.allow_shrink);
+    }
+
+    #[test]
+    fn an_empty_or_blank_file_is_refused() {
+        for text in ["", "   \n", "\n\n\t\n"] {
+            assert!(
+                matches!(parse(text), Err(Error::Empty { .. })),
+                "{text:?} was accepted"
+            );
+        }
+        // A mesh emptied on purpose says so.
+        let c = parse("workloads: []\nallow_shrink: true\n").unwrap();
+        assert!(c.mesh.workloads.is_empty() && c.allow_shrink);
+    }
+
+    #[test]
+    fn a_file_over_the_size_limit_is_refused_before_it_is_parsed() {
+        let dir = std::env::temp_dir().join(format!("weft-file-limit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("mesh.yaml");
+        // Valid YAML, a comment line repeated past the limit.
+        let text = "# padding padding padding padding padding padding padding\n".repeat(200)
+            + "workloads: []\nallow_shrink: true\n";
+        std::fs::write(&path, &text).unwrap();
+        let small = load(&path, 1024);
+        let big = load(&path, text.len() as u64);
+        let _ = std::fs::remove_dir_all(&dir);
+        match small {
+            Err(Error::TooLarge { size, max, .. }) => {
+                assert_eq!((size, max), (text.len() as u64, 1024));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(big.is_ok(), "{big:?}");
+    }
+
+    #[test]
+    fn unknown_field_is_an_error_with_a_location() {
+        let e = parse("workloads:\n- name: a\n  node: n0\n  enroled: true\n").unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("enroled"), "{msg}");
+        assert!(msg.contains("line 4"), "{msg}");
+        assert!(!msg.contains('\n'), "one line: {msg}");
+    }
+
+    #[test]
+    fn yaml_booleans_are_true_or_false_and_keys_are_given_once() {
+        for text in [
+            "workloads:\n- {name: a, node: n0, enrolled: yes}\n",
+            "workloads:\n- {name: a, node: n0, enrolled: off}\n",
+            "workloads: []\nworkloads: []\n",
+        ] {
+            let e = parse(text).unwrap_err();
+            assert!(matches!(e, Error::Parse { .. }), "{text:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn an_alias_bomb_is_refused_not_expanded() {
+        let mut text = String::from("x0: &x0 [a, a, a, a, a, a, a, a, a, a]\n");
+        for i in 1..12 {
+            let prev = format!("*x{}", i - 1);
+            let list = [prev.as_str(); 10].join(", ");
+            text.push_str(&format!("x{i}: &x{i} [{list}]\n"));
+        }
+        let labels = format!("{text}workloads:\n- name: a\n  node: n0\n  labels: {{k: v}}\n");
+        // 10^12 strings if expanded: the parser's budget stops it.
+        let e = parse(&labels).unwrap_err();
+        assert!(matches!(e, Error::Parse { .. }), "{e}");
+    }
+
+    #[test]
+    fn services_policies_and_peer_authentication_parse() {
+        let c = parse(
+            r#"
+workloads:
+- {name: web-0, node: n0, addresses: [10.1.0.2], labels: {app: web}}
+- {name: web-1, node: n1, addresses: [10.1.0.3], labels: {app: web}}
+services:
+- name: web
+  addresses: [10.96.0.10]
+  ports: [{port: 80, target_port: 8080}]
+  selector: {app: web}
+  load_balancing: {policy: least_request, prefer_same_node: true, connect_timeout: 2s}
+  outlier_detection: {consecutive_failures: 3, base_ejection_time: 5s}
+- name: listed
+  addresses: [10.96.0.11]
+  ports: [{port: 9000}]
+  endpoints: [{workload: web-0, weight: 3}, {workload: web-1}]
+authorization_policies:
+- name: deny-bad
+  action: DENY
+  selector: {app: web}
+  rules:
+  - from: [{source: {principals: ["cluster.local/ns/bad/*"], ipBlocks: ["10.9.0.0/16"]}}]
+    to: [{operation: {ports: [8080]}}]
+peer_authentications:
+- {name: strict, namespace: default, mode: STRICT}
+"#,
+        )
+        .unwrap()
+        .mesh;
+        assert_eq!(c.services[0].ports[0].target_port, 8080);
+        assert_eq!(c.services[1].ports[0].target_port, 9000);
+        assert_eq!(c.services[0].load_balancing.policy, LbPolicy::LeastRequest);
+        assert_eq!(
+            c.services[0].load_balancing.connect_timeout,
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(c.services[0].outlier_detection.consecutive_failures, 3);
+        assert_eq!(
+            c.services[0].outlier_detection.max_ejection_time,
+            Duration::from_secs(300),
+            "a default for what the file leaves out"
+        );
+        let model::Endpoints::Listed(listed) = &c.services[1].endpoints else {
+            panic!("listed endpoints");
+        };
+        assert_eq!(listed[1].weight, 1);
+        let src = &c.authorization_policies[0].rules[0].from[0];
+        assert!(src.ip_blocks[0].contains("10.9.3.4".parse().unwrap()));
+        assert!(!src.ip_blocks[0].contains("10.8.3.4".parse().unwrap()));
+        assert_eq!(c.peer_authentications[0].mode, PeerMode::Strict);
+    }
+
+    #[test]
+    fn service_and_policy_problems_name_their_entry() {
+        let e = parse(
+            r#"
+workloads:
+- {name: a, node: n0, addresses: [10.1.0.2]}
+services:
+- {name: s, addresses: [10.1.0.2], ports: [{port: 80, target_port: 15008}], selector: {app: a}, endpoints: []}
+- {name: t, addresses: [10.96.0.1], ports: [], endpoints: [{workload: nope, weight: 0}]}
+authorization_policies:
+- name: p
+  rules: [{from: [{source: {principals: ["a*b"], service_accounts: ["x"]}}]}]
+peer_authentications:
+- {name: one, mode: STRICT}
+- {name: two, mode: PERMISSIVE}
+"#,
+        )
+        .unwrap_err()
+        .to_string();
+        for want in [
+            "services[0] (default/s): address 10.1.0.2 is also default/a's",
+            "services[0] (default/s): ports[0]: target port 15008 is reserved",
+            "services[0] (default/s): give exactly one of `selector` and `endpoints`",
+            "services[1] (default/t): needs at least one port",
+            "services[1] (default/t): endpoints[0]: no workload default/nope",
+            "services[1] (default/t): endpoints[0]: weight must be 1 to 1000",
+            "authorization_policies[0] (default/p): rules[0].from[0].source.principals: \"a*b\"",
+            "service_accounts: \"x\" is not",
+            "peer_authentications[1] (default/two): a second namespace-wide",
+        ] {
+            assert!(e.contains(want), "missing {want:?} in {e}");
+        }
+        let e = parse("authorization_policies:\n- {name: p, rules: [{from: [{source: {ip_blocks: [10.0.0.0/33]}}]}]}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("prefix length") && e.contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn the_documented_example_is_valid() {
+        let doc = include_str!("../../../docs/config.md");
+        let start = doc
+            .find("```yaml\n# A complete example")
+            .expect("the example")
+            + 8;
+        let end = start + doc[start..].find("```").expect("its end");
+        let c = parse(&doc[start..end]).unwrap().mesh;
+        assert_eq!(c.workloads.len(), 3);
+        assert_eq!(c.services.len(), 2);
+        assert_eq!(c.authorization_policies.len(), 2);
+        assert_eq!(c.peer_authentications.len(), 2);
+    }
+
+    #[test]
+    fn every_problem_is_reported() {
+        let e = parse(
+            "workloads:\n- name: A\n  node: n0\n  enrolled: true\n- name: b\n  node: n0\n- name: b\n  node: n0\n",
+        )
+        .unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("workloads[0] (default/A): name must be a DNS label"),
+            "{msg}"
+        );
+        assert!(msg.contains("needs `netns`"), "{msg}");
+        assert!(
+            msg.contains("workloads[2] (default/b): duplicate workload"),
+            "{msg}"
+        );
+    }
+}

@@ -1,0 +1,412 @@
+//! The mesh model: what every role knows about the cluster, whatever told it.
+//!
+//! Workloads, services, authorization policies and peer authentications, in
+//! shapes of their own: no file format and no API object lives here. Sources
+//! translate into it (`discovery::file` from the local YAML file; Kubernetes
+//! discovery later), [`validate`] checks what must hold whatever the source, and
+//! the data path compiles it (`view`, `authz`, `lb`). Facts that only one node
+//! knows (a pod's network namespace) are not part of it: they live in the node's
+//! registry (`node::registry`).
+//!
+//! Entries keep the order their source gave them; problems name entries by
+//! that order (`workloads[2] (shop/web-0)`), which for the file is its order.
+
+pub mod validate;
+
+use std::{collections::BTreeMap, fmt, net::IpAddr, time::Duration};
+
+use serde::Serialize;
+
+use crate::identity::SpiffeId;
+
+/// The whole mesh.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Mesh {
+    /// The trust domain of every identity in this mesh.
+    pub trust_domain: String,
+    /// Policies in this namespace apply to every workload (Istio's root namespace).
+    pub root_namespace: String,
+    pub workloads: Vec<Workload>,
+    pub services: Vec<Service>,
+    pub authorization_policies: Vec<AuthorizationPolicy>,
+    pub peer_authentications: Vec<PeerAuthentication>,
+}
+
+/// The root namespace when a source names none.
+pub const DEFAULT_ROOT_NAMESPACE: &str = "weft-system";
+
+impl Default for Mesh {
+    fn default() -> Self {
+        Mesh {
+            trust_domain: crate::identity::DEFAULT_TRUST_DOMAIN.to_owned(),
+            root_namespace: DEFAULT_ROOT_NAMESPACE.to_owned(),
+            workloads: Vec::new(),
+            services: Vec::new(),
+            authorization_policies: Vec::new(),
+            peer_authentications: Vec::new(),
+        }
+    }
+}
+
+/// Labels of a workload, and label selectors (every listed label must match).
+pub type Labels = BTreeMap<String, String>;
+
+/// Whether `labels` carry every key and value of `selector`.
+pub fn selects(selector: &Labels, labels: &Labels) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// A workload (a pod, in Kubernetes terms): one identity, addresses, labels, and
+/// the node whose agent serves it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Workload {
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+    /// The node the workload runs on.
+    pub node: String,
+    /// How other pods reach it; unique across the mesh.
+    pub addresses: Vec<IpAddr>,
+    /// Whether the mesh captures its traffic.
+    pub enrolled: bool,
+    /// What its connections to destinations outside the mesh do.
+    pub outside_mesh: OutsideMesh,
+    /// What service selectors and policy selectors match.
+    pub labels: Labels,
+}
+
+/// A workload's key: namespace and name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct WorkloadKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for WorkloadKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+impl Workload {
+    pub fn key(&self) -> WorkloadKey {
+        WorkloadKey {
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+        }
+    }
+
+    /// Its SPIFFE identity in `trust_domain`. Validation makes this infallible for
+    /// a valid mesh.
+    pub fn identity(&self, trust_domain: &str) -> Result<SpiffeId, crate::identity::Error> {
+        SpiffeId::new(trust_domain, &self.namespace, &self.service_account)
+    }
+}
+
+/// Where an enrolled workload's connections go when their destination is not in
+/// the mesh (not an enrolled workload, or unknown).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutsideMesh {
+    /// Connect directly, in plaintext, as the pod would without the mesh. The
+    /// default: enrolling a pod must not cut it off from DNS, package mirrors or
+    /// databases outside the cluster; there is no identity there to check.
+    #[default]
+    Passthrough,
+    /// Refuse (reset) the connection: for pods that must only talk inside the mesh.
+    Refuse,
+}
+
+/// A service's key: namespace and name.
+pub type ServiceKey = (String, String);
+
+/// A service: virtual IPs whose connections go to one of its endpoints.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Service {
+    pub name: String,
+    pub namespace: String,
+    /// Its virtual IPs: a connection to one of them, on one of `ports`, is sent
+    /// to an endpoint. Unique across services and workloads.
+    pub addresses: Vec<IpAddr>,
+    pub ports: Vec<ServicePort>,
+    pub endpoints: Endpoints,
+    pub load_balancing: LoadBalancing,
+    pub outlier_detection: OutlierDetection,
+}
+
+impl Service {
+    pub fn key(&self) -> ServiceKey {
+        (self.namespace.clone(), self.name.clone())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ServicePort {
+    pub port: u16,
+    /// The port on the endpoint.
+    pub target_port: u16,
+}
+
+/// Which workloads serve a service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Endpoints {
+    /// The workloads of the service's namespace with these labels.
+    Selector(Labels),
+    /// These workloads of the service's namespace, with weights.
+    Listed(Vec<Endpoint>),
+}
+
+/// A listed endpoint: a workload of the service's namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Endpoint {
+    pub workload: String,
+    /// Relative share of connections (1 to 1000).
+    pub weight: u32,
+}
+
+/// How a service picks an endpoint for a connection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LbPolicy {
+    /// In turn, in proportion to the weights (smooth weighted round robin).
+    #[default]
+    RoundRobin,
+    /// The less busy of two endpoints picked at random (weighted).
+    LeastRequest,
+    /// By the client's IP address: a client keeps its endpoint, and a change to
+    /// the endpoints moves only the clients it must.
+    ConsistentHash,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct LoadBalancing {
+    pub policy: LbPolicy,
+    /// Pick among endpoints on the client's node while any of them is healthy.
+    pub prefer_same_node: bool,
+    /// Connect timeout per attempt; `None`: the agent's default.
+    #[serde(serialize_with = "ser_opt_duration")]
+    pub connect_timeout: Option<Duration>,
+    /// Other endpoints tried after a refused or timed-out connect.
+    pub retries: u32,
+}
+
+impl Default for LoadBalancing {
+    fn default() -> Self {
+        LoadBalancing {
+            policy: LbPolicy::default(),
+            prefer_same_node: false,
+            connect_timeout: None,
+            retries: 2,
+        }
+    }
+}
+
+/// Ejects an endpoint after consecutive connect failures, for a time that doubles
+/// with every ejection (up to a cap); it is re-admitted when the time is up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct OutlierDetection {
+    pub consecutive_failures: u32,
+    #[serde(serialize_with = "ser_duration")]
+    pub base_ejection_time: Duration,
+    #[serde(serialize_with = "ser_duration")]
+    pub max_ejection_time: Duration,
+    /// At most this share of endpoints is ejected at once (at least one may be).
+    pub max_ejection_percent: u8,
+}
+
+impl Default for OutlierDetection {
+    fn default() -> Self {
+        OutlierDetection {
+            consecutive_failures: 5,
+            base_ejection_time: Duration::from_secs(30),
+            max_ejection_time: Duration::from_secs(300),
+            max_ejection_percent: 50,
+        }
+    }
+}
+
+/// Istio's AuthorizationPolicy, L4 part: evaluated by the destination's agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AuthorizationPolicy {
+    pub name: String,
+    /// The root namespace makes it mesh-wide.
+    pub namespace: String,
+    /// Workloads of `namespace` it applies to; `None`: all of them.
+    pub selector: Option<Labels>,
+    pub action: Action,
+    /// A connection matches the policy if it matches any rule. No rules: an ALLOW
+    /// policy matches nothing (denies all), a DENY policy matches nothing.
+    pub rules: Vec<Rule>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize)]
+pub enum Action {
+    #[default]
+    #[serde(rename = "ALLOW")]
+    Allow,
+    #[serde(rename = "DENY")]
+    Deny,
+}
+
+/// Matches if some source in `from` matches (or there is none) and some
+/// operation in `to` matches (or there is none).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Rule {
+    pub from: Vec<Source>,
+    pub to: Vec<Operation>,
+}
+
+/// Every field given must match. Principals (`<trust-domain>/ns/<ns>/sa/<sa>`) and
+/// namespaces may start or end with `*`; `*` alone matches any present value.
+/// Plaintext connections have no principal, namespace or service account: those
+/// fields never match them, and their `not_` forms always do.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Source {
+    pub principals: Vec<String>,
+    pub not_principals: Vec<String>,
+    pub namespaces: Vec<String>,
+    pub not_namespaces: Vec<String>,
+    /// `<namespace>/<service account>`.
+    pub service_accounts: Vec<String>,
+    pub not_service_accounts: Vec<String>,
+    /// Source addresses.
+    pub ip_blocks: Vec<IpNet>,
+    pub not_ip_blocks: Vec<IpNet>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Operation {
+    /// Destination ports (the application's port in the pod).
+    pub ports: Vec<u16>,
+    pub not_ports: Vec<u16>,
+}
+
+/// Whether a workload accepts plaintext (Istio's PeerAuthentication). The most
+/// specific applies: a selector over the namespace-wide one over the root
+/// namespace's; default `PERMISSIVE`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PeerAuthentication {
+    pub name: String,
+    pub namespace: String,
+    pub selector: Option<Labels>,
+    pub mode: PeerMode,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize)]
+pub enum PeerMode {
+    /// Mutual TLS only: plaintext inbound connections are refused.
+    #[serde(rename = "STRICT")]
+    Strict,
+    /// Mutual TLS and plaintext both accepted.
+    #[default]
+    #[serde(rename = "PERMISSIVE")]
+    Permissive,
+}
+
+/// An address block: an address and a prefix length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct IpNet {
+    pub addr: IpAddr,
+    pub prefix: u8,
+}
+
+impl IpNet {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip.to_canonical()) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::str::FromStr for IpNet {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("{s:?} is not an address or a block like 10.0.0.0/8"))?;
+        let addr = addr.to_canonical();
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("{s:?}: the prefix length must be 0 to {max}"))?,
+        };
+        Ok(IpNet { addr, prefix })
+    }
+}
+
+impl fmt::Display for IpNet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl Serialize for IpNet {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// Durations in dumps: `30000ms`.
+fn ser_duration<S: serde::Serializer>(v: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&format_args!("{}ms", v.as_millis()))
+}
+
+fn ser_opt_duration<S: serde::Serializer>(v: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(v) => ser_duration(v, s),
+        None => s.serialize_none(),
+    }
+}
+
+impl Mesh {
+    /// The workload that owns `ip`, if any (a scan: the data path asks
+    /// `view::View`, which indexes them).
+    pub fn workload_by_address(&self, ip: IpAddr) -> Option<&Workload> {
+        let ip = ip.to_canonical();
+        self.workloads.iter().find(|w| w.addresses.contains(&ip))
+    }
+
+    /// Whether some workload on `node` has identity `id` (what the CA signs for
+    /// that node's agent).
+    pub fn identity_on_node(&self, id: &SpiffeId, node: &str) -> bool {
+        id.trust_domain() == self.trust_domain
+            && self.workloads.iter().any(|w| {
+                w.node == node
+                    && w.namespace == id.namespace()
+                    && w.service_account == id.service_account()
+            })
+    }
+
+    /// The enrolled workloads placed on `node`.
+    pub fn enrolled_on<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Workload> + 'a {
+        self.workloads
+            .iter()
+            .filter(move |w| w.enrolled && w.node == node)
+    }
+
+    /// How many workloads are enrolled, mesh-wide.
+    pub fn enrolled_count(&self) -> usize {
+        self.workloads.iter().filter(|w| w.enrolled).count()
+    }
+}

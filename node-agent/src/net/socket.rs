@@ -1,0 +1,113 @@
+//! Listening and connecting sockets, inside a network namespace when asked.
+//!
+//! A socket belongs to the namespace of the thread that made it, for its whole
+//! life: each helper here enters the namespace for the `socket()` call only (see
+//! [`Netns::run`]) and then uses the socket from any thread. Every socket the
+//! agent connects carries [`AGENT_SOCKET_MARK`], which the kernel capture skips.
+
+use std::{
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    time::Duration,
+};
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::{TcpSocket, TcpStream};
+use weft_common::AGENT_SOCKET_MARK;
+
+use super::Netns;
+
+/// Opens a listening socket inside `netns` (non-blocking; whoever accepts on it
+/// registers it with the runtime it runs on).
+pub fn listen(netns: &Netns, addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let socket = netns.run(|| {
+        Socket::new(
+            Domain::for_address(addr),
+            Type::STREAM.nonblocking().cloexec(),
+            Some(Protocol::TCP),
+        )
+    })??;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        // [::1] is IPv6 only; [::] takes IPv4 too (one socket for sk_lookup).
+        socket.set_only_v6(!addr.ip().is_unspecified())?;
+    }
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    Ok(socket.into())
+}
+
+/// Listens on `port` of every address inside `netns`: `[::]` (IPv4 too), or
+/// `0.0.0.0` for a namespace without IPv6.
+pub fn listen_any(netns: &Netns, port: u16) -> io::Result<std::net::TcpListener> {
+    listen(netns, SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port))
+        .or_else(|_| listen(netns, SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port)))
+}
+
+/// Connects to `dst` from inside `netns`, with the agent's socket mark, from
+/// `source` if given.
+pub async fn connect_from(
+    netns: &Netns,
+    dst: SocketAddr,
+    source: Option<IpAddr>,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    let socket = netns.run(|| {
+        Socket::new(
+            Domain::for_address(dst),
+            Type::STREAM.nonblocking().cloexec(),
+            Some(Protocol::TCP),
+        )
+    })??;
+    socket.set_mark(AGENT_SOCKET_MARK)?;
+    socket.set_tcp_nodelay(true)?;
+    if let Some(ip) = source {
+        // The port is left to `connect`, which picks one unique for the whole
+        // 4-tuple (and may take over a port in TIME_WAIT, `tcp_tw_reuse`). A
+        // `bind` to port 0 would pick one free of every other socket on this
+        // address: the agent closes first, so every finished connection leaves
+        // one in TIME_WAIT for a minute. Past about 200 new connections a
+        // second to one pod that search grew slow, and at about 470 a second
+        // it would run out of ports (see ARCHITECTURE.md).
+        bind_address_no_port(&socket)?;
+        socket.bind(&SocketAddr::new(ip, 0).into())?;
+    }
+    let socket = TcpSocket::from_std_stream(socket.into());
+    match tokio::time::timeout(timeout, socket.connect(dst)).await {
+        Ok(result) => result,
+        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")),
+    }
+}
+
+/// Sets `IP_BIND_ADDRESS_NO_PORT` (IPv4 and IPv6 sockets alike): a later
+/// `bind` to port 0 takes only the address, and `connect` chooses the port.
+fn bind_address_no_port(socket: &Socket) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let on: libc::c_int = 1;
+    // SAFETY: a valid socket descriptor, and a pointer to an int with its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&raw const on).cast(),
+            std::mem::size_of_val(&on) as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// IPv4-mapped IPv6 addresses as plain IPv4.
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+/// Aborts the connection with a reset rather than a clean close, so the peer knows
+/// it did not complete.
+pub fn reset(stream: TcpStream) {
+    let _ = stream.set_zero_linger();
+    drop(stream);
+}

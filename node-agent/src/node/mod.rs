@@ -1,0 +1,236 @@
+//! The node agent's data path: the pods it serves and their listeners.
+//!
+//! `pods` reconciles the enrolled pods with the model and the node's `registry`
+//! (where each pod's network namespace is); each enrolled [`Pod`] gets three
+//! listeners inside its namespace: `outbound` (15001, the pod's captured
+//! connects), `inbound` (15006, plaintext steered in by `sk_lookup`) and
+//! `hbone_in` (15008, HBONE from other agents, through [`crate::hbone::server`]).
+//! `admit` is what the destination side checks before it connects a peer to an
+//! application, `live` the inbound connections policy may have to close, and
+//! `access` the one access-log line each connection writes.
+//!
+//! Every socket here is made inside a pod's network namespace
+//! ([`crate::net::socket`]), so outbound traffic leaves with the pod's own address
+//! and routes, and the inbound connection to the application stays in the pod.
+
+pub mod access;
+pub mod admit;
+pub mod hbone_in;
+pub mod inbound;
+pub(crate) mod listener;
+pub mod live;
+pub mod outbound;
+pub mod pod;
+pub mod pods;
+pub mod registry;
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use tokio::net::TcpStream;
+
+use self::access::{AccessLog, Direction, End};
+pub use self::pod::Pod;
+use crate::{
+    certs::CertManager,
+    hbone::client::Pool,
+    model::{Mesh, Workload, WorkloadKey},
+    net::{
+        copy,
+        socket::{canonical, connect_from, reset},
+    },
+    tls::TrustBundle,
+    view::{Balancers, View},
+};
+
+/// Proxy settings shared by every listener.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    pub connect_timeout: Duration,
+    pub same_node: SameNode,
+}
+
+/// How a connection between two pods of this node travels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SameNode {
+    /// The agent connects the two pods itself: the destination's policy is
+    /// applied to the source's identity as for HBONE, without TLS or a TCP hop
+    /// through the node (Istio ztunnel's node-local fast path).
+    InProcess,
+    /// Over HBONE to this agent's own 15008 listener, as between nodes.
+    Hbone,
+}
+
+/// What every listener of this agent shares: settings, the current mesh view,
+/// certificates, the trust bundle, the HBONE pool, the services' balancers and
+/// the inbound connections policy may have to close.
+pub struct Shared {
+    pub settings: Settings,
+    node: String,
+    view: RwLock<Arc<View>>,
+    pub balancers: Balancers,
+    pub certs: CertManager,
+    pub bundle: Arc<RwLock<TrustBundle>>,
+    pub pool: Pool,
+    pub live: live::LiveConns,
+    /// The pods this agent serves, for node-local connections.
+    served: RwLock<HashMap<WorkloadKey, Arc<Pod>>>,
+}
+
+impl Shared {
+    pub fn new(
+        settings: Settings,
+        node: &str,
+        certs: CertManager,
+        bundle: Arc<RwLock<TrustBundle>>,
+        pool: Pool,
+    ) -> Self {
+        let balancers = Balancers::default();
+        let view = View::new(Mesh::default(), node, &balancers);
+        Shared {
+            settings,
+            node: node.to_owned(),
+            view: RwLock::new(Arc::new(view)),
+            balancers,
+            certs,
+            bundle,
+            pool,
+            live: live::LiveConns::default(),
+            served: Default::default(),
+        }
+    }
+
+    /// This agent's node.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Takes node-local connections to `pod` from now on.
+    pub fn serve(&self, pod: Arc<Pod>) {
+        self.served
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(pod.key.clone(), pod);
+    }
+
+    /// No more node-local connections to `workload` (`None`: to any pod).
+    pub fn unserve(&self, workload: Option<&WorkloadKey>) {
+        let mut served = self.served.write().unwrap_or_else(|e| e.into_inner());
+        match workload {
+            Some(w) => {
+                served.remove(w);
+            }
+            None => served.clear(),
+        }
+    }
+
+    /// The pod of `w` if this agent serves it and node-local connections go
+    /// in-process.
+    pub fn served(&self, w: &Workload) -> Option<Arc<Pod>> {
+        if self.settings.same_node != SameNode::InProcess || w.node != self.node {
+            return None;
+        }
+        self.served
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&w.key())
+            .cloned()
+    }
+
+    /// The mesh as of the last good config (a cheap `Arc` clone).
+    pub fn view(&self) -> Arc<View> {
+        self.view.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Compiles and installs `mesh`, then closes inbound connections it now
+    /// denies.
+    pub fn set_view(&self, mesh: Mesh) -> Arc<View> {
+        let view = Arc::new(View::new(mesh, &self.node, &self.balancers));
+        *self.view.write().unwrap_or_else(|e| e.into_inner()) = view.clone();
+        // After the swap: a connection decided on the old view either is
+        // registered by now (and is checked here) or decides on this view
+        // (`authorize` reads the view under the same lock).
+        self.live.recheck(&view);
+        view
+    }
+
+    /// Decides a new inbound connection on the view in force, and registers it
+    /// for re-checks if allowed (see [`live::LiveConns::authorize`]).
+    pub fn authorize(&self, facts: live::Facts) -> Result<live::Kill, String> {
+        self.live.authorize(facts, || self.view())
+    }
+
+    pub fn bundle(&self) -> TrustBundle {
+        self.bundle
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// Source the agent binds for its connection to the application inside a pod:
+/// `sk_lookup` leaves loopback sources alone, so this connection is not steered
+/// back to the agent (the same address Istio uses for inbound passthrough).
+pub(crate) const INBOUND_SOURCE_V4: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 6));
+pub(crate) const INBOUND_SOURCE_V6: IpAddr = IpAddr::V6(Ipv6Addr::LOCALHOST);
+
+/// The inbound source in `dst`'s family.
+pub(crate) fn inbound_source(dst: SocketAddr) -> IpAddr {
+    if dst.is_ipv4() {
+        INBOUND_SOURCE_V4
+    } else {
+        INBOUND_SOURCE_V6
+    }
+}
+
+/// Connects to `dst` from the pod's namespace and copies bytes both ways until
+/// both sides are done; the access log records how it went.
+pub(crate) async fn forward(
+    mut log: AccessLog,
+    mut down: TcpStream,
+    dst: SocketAddr,
+    source: Option<IpAddr>,
+    settings: Settings,
+    kill: Option<live::Kill>,
+) {
+    log.set_dst(dst);
+    if weft_common::is_mesh_port(dst.port()) {
+        log.fail(End::Refused, "destination port is reserved for the mesh");
+        reset(down);
+        return;
+    }
+    let _ = down.set_nodelay(true);
+    let mut up = match connect_from(&log.pod.netns, dst, source, settings.connect_timeout).await {
+        Ok(up) => up,
+        Err(e) => {
+            log.fail(End::UpstreamConnectFailed, e);
+            reset(down);
+            return;
+        }
+    };
+    if log.direction == Direction::Outbound {
+        // The pod's own address and port, as the destination sees them; the
+        // accepted socket only shows the loopback hop inside the pod.
+        if let Ok(local) = up.local_addr() {
+            log.src = canonical(local);
+        }
+    }
+    let t = match &kill {
+        Some(kill) => {
+            tokio::select! {
+                t = copy::bidirectional(&mut down, &mut up) => t,
+                reason = kill.killed() => {
+                    log.fail(End::Denied, reason);
+                    reset(down);
+                    return;
+                }
+            }
+        }
+        None => copy::bidirectional(&mut down, &mut up).await,
+    };
+    log.finish(&t, false);
+}

@@ -1,0 +1,265 @@
+//! The pods this agent serves, reconciled with the model and the node's registry.
+//!
+//! Enrolling opens the pod's listeners first and only then switches capture on, so
+//! a captured connect never finds no listener. Unenrolling switches capture off
+//! first, then closes the listeners; connections already proxied run to their end.
+//! A pod that cannot be enrolled (its namespace not there yet, say) is logged and
+//! retried, without holding up the others.
+//!
+//! Unenrolling is an explicit act: the model must say the workload is not
+//! enrolled (`enrolled: false`), or place it on another node. A pod whose
+//! workload merely *vanishes* from the model while its network namespace lives
+//! on is not let go: dropping its capture would send its traffic around the mesh
+//! in plaintext. It stays captured, and every connection to or from it is
+//! refused ("no longer in the config"), until the model speaks of it again or
+//! its namespace is gone. Either way it is logged.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use tracing::{error, info, warn};
+
+use super::{
+    Pod, Shared, hbone_in::HboneListener, inbound::InboundListener, outbound::OutboundListener,
+    registry::Registry,
+};
+use crate::{ebpf::Capture, identity::SpiffeId, model::WorkloadKey, net::Netns, view::View};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot open network namespace {path}: {source}")]
+    Netns {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot open listeners in {path}: {source}")]
+    Listen {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Ebpf(#[from] crate::ebpf::Error),
+}
+
+pub struct Pods {
+    node: String,
+    capture: Capture,
+    shared: Arc<Shared>,
+    pods: BTreeMap<WorkloadKey, Arc<Pod>>,
+    /// Enrolled pods whose workload left the model while their namespace lives
+    /// on: kept captured, their connections refused (see the module's doc).
+    orphans: BTreeSet<WorkloadKey>,
+    /// Workloads that should be enrolled but are not yet (last attempt failed,
+    /// or their namespace is not known yet).
+    pending: BTreeSet<WorkloadKey>,
+}
+
+impl Pods {
+    pub fn new(node: String, capture: Capture, shared: Arc<Shared>) -> Self {
+        Pods {
+            node,
+            capture,
+            shared,
+            pods: BTreeMap::new(),
+            orphans: BTreeSet::new(),
+            pending: BTreeSet::new(),
+        }
+    }
+
+    /// Whether something waits for a later look: an enrollment to retry, or an
+    /// orphan whose namespace may go ([`Pods::revisit`]).
+    pub fn needs_revisit(&self) -> bool {
+        !self.pending.is_empty() || !self.orphans.is_empty()
+    }
+
+    pub fn enrolled(&self) -> impl Iterator<Item = &WorkloadKey> {
+        self.pods.keys()
+    }
+
+    /// Entries per eBPF map, into the metrics.
+    pub fn count_map_entries(&self) {
+        crate::stats::STATS.set_map_entries(&self.capture.map_entries());
+    }
+
+    /// The enrolled pods and their namespace cookies.
+    pub fn enrolled_pods(&self) -> BTreeMap<WorkloadKey, u64> {
+        self.pods
+            .iter()
+            .map(|(k, p)| (k.clone(), p.netns.cookie()))
+            .collect()
+    }
+
+    /// Brings the enrolled set in line with `view` (already in force) and
+    /// `registry`.
+    pub fn apply(&mut self, view: &View, registry: &Registry) {
+        let mesh = view.mesh();
+        let mut desired: BTreeMap<WorkloadKey, (PathBuf, SpiffeId)> = BTreeMap::new();
+        self.pending.clear();
+        for w in mesh.enrolled_on(&self.node) {
+            let Ok(id) = w.identity(&mesh.trust_domain) else {
+                continue;
+            };
+            match registry.netns(&w.key()) {
+                Some(path) => {
+                    desired.insert(w.key(), (path.to_owned(), id));
+                }
+                None => {
+                    warn!(workload = %w.key(), "cannot enroll pod: its network namespace is not known yet; will retry");
+                    self.pending.insert(w.key());
+                }
+            }
+        }
+        // Certificates: exactly the identities of this node's enrolled pods, fetched
+        // ahead of their first connection.
+        let mut ids: Vec<SpiffeId> = desired.values().map(|(_, id)| id.clone()).collect();
+        ids.sort();
+        ids.dedup();
+        self.shared.certs.retain(&ids);
+
+        let current: Vec<WorkloadKey> = self.pods.keys().cloned().collect();
+        for key in current {
+            let pod = &self.pods[&key];
+            if let Some((path, id)) = desired.get(&key) {
+                if pod.netns.path() == path && pod.identity == *id {
+                    if self.orphans.remove(&key) {
+                        info!(workload = %key, "pod is back in the config; serving it again");
+                    }
+                    continue;
+                }
+                self.remove(
+                    &key,
+                    "its namespace or identity changed; enrolling it again",
+                );
+                continue;
+            }
+            match mesh.workloads.iter().find(|w| w.key() == key) {
+                Some(w) if !w.enrolled => {
+                    self.remove(&key, "the config says `enrolled: false`");
+                }
+                Some(w) if w.node != self.node => {
+                    let why = format!("the config places it on node {}", w.node);
+                    self.remove(&key, &why);
+                }
+                _ if !pod.netns.still_at_path() => {
+                    self.remove(&key, "its network namespace is gone");
+                }
+                _ => {
+                    if self.orphans.insert(key.clone()) {
+                        warn!(
+                            workload = %key,
+                            netns = %pod.netns.path().display(),
+                            "an enrolled pod left the config while its network namespace lives on: it stays captured and its connections are refused until the config says `enrolled: false` or the pod is gone"
+                        );
+                    }
+                }
+            }
+        }
+
+        for (key, (path, identity)) in desired {
+            if self.pods.contains_key(&key) {
+                continue;
+            }
+            match self.add(&key, &path, identity) {
+                Ok(cookie) => {
+                    info!(workload = %key, netns = %path.display(), netns_cookie = cookie, "pod enrolled")
+                }
+                Err(e) => {
+                    error!(workload = %key, error = %e, "cannot enroll pod; will retry");
+                    self.pending.insert(key);
+                }
+            }
+        }
+        self.forget_stale();
+    }
+
+    /// Looks again at what [`Pods::needs_revisit`] waits for: retries pending
+    /// enrollments, lets go of orphans whose namespace is gone.
+    pub fn revisit(&mut self, view: &View, registry: &Registry) {
+        let gone: Vec<WorkloadKey> = self
+            .orphans
+            .iter()
+            .filter(|k| self.pods.get(*k).is_none_or(|p| !p.netns.still_at_path()))
+            .cloned()
+            .collect();
+        for key in gone {
+            self.remove(&key, "its network namespace is gone");
+        }
+        if !self.pending.is_empty() {
+            self.apply(view, registry);
+        }
+    }
+
+    fn add(&mut self, key: &WorkloadKey, path: &Path, identity: SpiffeId) -> Result<u64, Error> {
+        let netns = Netns::open(path).map_err(|source| Error::Netns {
+            path: path.to_owned(),
+            source,
+        })?;
+        let cookie = netns.cookie();
+        let addresses = netns.addresses().map_err(|source| Error::Netns {
+            path: path.to_owned(),
+            source,
+        })?;
+        let pod = Arc::new(Pod::new(key.clone(), identity, netns, &addresses));
+        let listen_err = |source| Error::Listen {
+            path: path.to_owned(),
+            source,
+        };
+        let outbound =
+            OutboundListener::new(pod.clone(), self.capture.orig_dst(), self.shared.clone())
+                .map_err(listen_err)?;
+        let inbound = InboundListener::new(pod.clone(), self.shared.clone()).map_err(listen_err)?;
+        let hbone = HboneListener::new(pod.clone(), self.shared.clone()).map_err(listen_err)?;
+        self.capture
+            .enroll(&pod.netns, &addresses, inbound.socket())?;
+
+        // The accept loops run on the workers, which serve what they accept.
+        crate::workers::spawn_listener(outbound.run());
+        crate::workers::spawn_listener(hbone.run());
+        crate::workers::spawn_listener(inbound.run());
+        self.shared.serve(pod.clone());
+        self.pods.insert(key.clone(), pod);
+        Ok(cookie)
+    }
+
+    fn remove(&mut self, key: &WorkloadKey, why: &str) {
+        self.orphans.remove(key);
+        let Some(pod) = self.pods.remove(key) else {
+            return;
+        };
+        self.shared.unserve(Some(key));
+        if let Err(err) = self.capture.unenroll(pod.netns.cookie()) {
+            error!(workload = %key, error = %err, "cannot unenroll pod in the kernel");
+        }
+        pod.stop();
+        warn!(workload = %key, reason = why, "pod unenrolled");
+    }
+
+    /// Drops kernel state for namespaces this agent no longer serves: what a
+    /// previous run enrolled for pods that have since left the config.
+    fn forget_stale(&mut self) {
+        let ours: BTreeSet<u64> = self.pods.values().map(|p| p.netns.cookie()).collect();
+        let mut stale: BTreeSet<u64> = self.capture.enrolled_cookies().into_iter().collect();
+        stale.extend(self.capture.pinned_lookup_cookies());
+        for cookie in stale.difference(&ours) {
+            match self.capture.unenroll(*cookie) {
+                Ok(()) => info!(
+                    netns_cookie = cookie,
+                    "removed capture of a namespace no longer enrolled"
+                ),
+                Err(e) => warn!(netns_cookie = cookie, error = %e, "cannot remove stale capture"),
+            }
+        }
+    }
+
+    /// Stops every listener. Capture stays attached and pinned: enrolled pods fail
+    /// closed until an agent serves them again.
+    pub fn shutdown(&mut self) {
+        self.shared.unserve(None);
+        for (_, pod) in std::mem::take(&mut self.pods) {
+            pod.stop();
+        }
+    }
+}

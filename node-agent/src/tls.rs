@@ -396,6 +396,7 @@ pub fn server_config(
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(certs);
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    no_resumption(&mut config);
     Ok(Arc::new(config))
 }
 
@@ -407,7 +408,17 @@ pub fn server_config_no_client_auth(svid: &Svid) -> Result<Arc<ServerConfig>, Er
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(FixedServerCert(svid.certified_key())));
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    no_resumption(&mut config);
     Ok(Arc::new(config))
+}
+
+/// Every handshake is a full one: a resumed session would skip the certificate
+/// checks and so outlive the peer's certificate (or its root leaving the bundle).
+/// No session cache, no tickets sent (rustls has no stateless ticketer unless one is
+/// set; `Ticketer` is left at its default, none).
+fn no_resumption(config: &mut ServerConfig) {
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
 }
 
 #[derive(Debug)]
@@ -453,6 +464,49 @@ pub(crate) mod tests {
         assert!(
             renew > DAY / 2 - Duration::from_secs(5) && renew <= DAY / 2,
             "{renew:?}"
+        );
+    }
+
+    /// A full handshake between `client` and `server` in memory; how it went.
+    fn handshake(client: &Arc<ClientConfig>, server: &Arc<ServerConfig>) -> rustls::HandshakeKind {
+        let name = rustls::pki_types::ServerName::try_from("weft").unwrap();
+        let mut c = rustls::ClientConnection::new(client.clone(), name).unwrap();
+        let mut s = rustls::ServerConnection::new(server.clone()).unwrap();
+        for _ in 0..10 {
+            let mut buf = Vec::new();
+            c.write_tls(&mut buf).unwrap();
+            s.read_tls(&mut &buf[..]).unwrap();
+            s.process_new_packets().unwrap();
+            buf.clear();
+            s.write_tls(&mut buf).unwrap();
+            c.read_tls(&mut &buf[..]).unwrap();
+            c.process_new_packets().unwrap();
+        }
+        assert!(!c.is_handshaking() && !s.is_handshaking());
+        c.handshake_kind().unwrap()
+    }
+
+    #[test]
+    fn the_mesh_port_never_resumes_a_session() {
+        let ca = Authority::generate("cluster.local", DAY).unwrap();
+        let bundle = TrustBundle::from_pem(ca.root_pem()).unwrap();
+        let (a, b) = (issue(&ca, &id("a"), DAY), issue(&ca, &id("b"), DAY));
+        let server = server_config(Arc::new(FixedServerCert(b.certified_key())), &bundle).unwrap();
+        // A client that would resume if it could (our own never tries).
+        let mut client = (*client_config(&a, &bundle, id("b")).unwrap()).clone();
+        client.resumption = rustls::client::Resumption::in_memory_sessions(16);
+        let client = Arc::new(client);
+        assert_eq!(handshake(&client, &server), rustls::HandshakeKind::Full);
+        assert_eq!(handshake(&client, &server), rustls::HandshakeKind::Full);
+        // The same check, proven able to fail: a server that sends tickets resumes.
+        let mut resuming = (*server).clone();
+        resuming.send_tls13_tickets = 2;
+        resuming.session_storage = rustls::server::ServerSessionMemoryCache::new(16);
+        let resuming = Arc::new(resuming);
+        handshake(&client, &resuming);
+        assert_eq!(
+            handshake(&client, &resuming),
+            rustls::HandshakeKind::Resumed
         );
     }
 

@@ -26,16 +26,26 @@ const SK_PASS: u32 = 1;
 /// `sock_ops`: the return value is ignored for the ops we handle.
 const SOCK_OPS_OK: u32 = 1;
 
+/// `cgroup/*` sock_addr programs: 0 fails the call with `EPERM`.
+const SOCK_ADDR_REFUSE: i32 = 0;
+
+/// Fail closed: a capturable connect whose original destination could not be
+/// recorded fails (`EPERM`) rather than leave the pod directly, in plaintext,
+/// past the mesh and its policy.
 #[cgroup_sock_addr(connect4)]
 pub fn weft_connect4(ctx: SockAddrContext) -> i32 {
-    let _ = connect::connect4(&ctx);
-    SOCK_ADDR_PROCEED
+    match connect::connect4(&ctx) {
+        Ok(()) => SOCK_ADDR_PROCEED,
+        Err(_) => SOCK_ADDR_REFUSE,
+    }
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn weft_connect6(ctx: SockAddrContext) -> i32 {
-    let _ = connect::connect6(&ctx);
-    SOCK_ADDR_PROCEED
+    match connect::connect6(&ctx) {
+        Ok(()) => SOCK_ADDR_PROCEED,
+        Err(_) => SOCK_ADDR_REFUSE,
+    }
 }
 
 #[cgroup_sock_addr(getpeername4)]

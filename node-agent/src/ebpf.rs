@@ -41,9 +41,13 @@ pub enum Error {
     NoObject,
     #[error("bpffs is not mounted at /sys/fs/bpf and mounting it failed: {0}")]
     Bpffs(io::Error),
-    #[error("cannot create pin directory {path}: {source}")]
+    #[error(
+        "cannot create pin directory {path}: {source} (under `ip netns exec`, which mounts a fresh /sys without the cgroup2 and bpffs mounts, run the agent with `nsenter --net=/var/run/netns/NAME` instead)"
+    )]
     PinDir { path: PathBuf, source: io::Error },
-    #[error("cannot open cgroup {path} (is cgroup v2 mounted there?): {source}")]
+    #[error(
+        "cannot open cgroup {path} (is cgroup v2 mounted there?): {source} (under `ip netns exec`, which mounts a fresh /sys without the cgroup2 and bpffs mounts, run the agent with `nsenter --net=/var/run/netns/NAME` instead)"
+    )]
     Cgroup { path: PathBuf, source: io::Error },
     #[error("loading the eBPF object failed: {0}")]
     Load(#[from] aya::EbpfError),

@@ -14,7 +14,7 @@ use std::{
     collections::BTreeSet,
     fmt::Write as _,
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, ExitStatus},
     time::Duration,
 };
 
@@ -388,6 +388,24 @@ impl<'c> Mesh<'c> {
             p.wait_timeout(Duration::from_secs(10))?;
         }
         Ok(())
+    }
+
+    /// The agents that have exited since the last call, each with its exit
+    /// status and the last lines it wrote to stderr. They are forgotten here, so
+    /// each death is reported once.
+    pub fn exited_agents(&mut self) -> Vec<(usize, ExitStatus, String)> {
+        let mut dead = Vec::new();
+        for (node, slot) in self.agents.iter_mut().enumerate() {
+            let Some(p) = slot.as_mut() else { continue };
+            if let Ok(Some(status)) = p.try_wait() {
+                let stderr = p.stderr();
+                let tail: Vec<&str> = stderr.lines().rev().take(3).collect();
+                let tail = tail.into_iter().rev().collect::<Vec<_>>().join("\n");
+                dead.push((node, status, tail));
+                *slot = None;
+            }
+        }
+        dead
     }
 
     pub fn agent(&self, node: usize) -> &Proc {

@@ -363,6 +363,15 @@ fn walkthrough(cluster: &Cluster, once: bool) -> Result<()> {
             print_traffic(&now);
             last = now;
         }
+        for (index, status, tail) in mesh.exited_agents() {
+            let name = &cluster.nodes()[index].name;
+            println!(
+                "\n  !! the agent of {name} died ({status}); its pods' traffic through the mesh fails closed until it is back"
+            );
+            for line in tail.lines() {
+                println!("     {line}");
+            }
+        }
         for node in cluster.nodes() {
             for line in mesh.access_logs_after(node.index, &mut seen[node.index]) {
                 println!("  {}", live_row(&node.name, &line));

@@ -14,7 +14,9 @@ use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 use weft_tests::tk;
 use weft_tests::{
-    Cluster, Mesh, PATIENCE, Pod, Proc, eventually, require_privileged,
+    Cluster, Mesh, PATIENCE, Pod, Proc,
+    cluster::Host as _,
+    eventually, require_privileged,
     tk::{accepted, client, wait_accepted},
 };
 
@@ -246,6 +248,96 @@ fn enroll_and_unenroll_at_runtime_and_a_bad_config_keeps_the_last_good_one() -> 
     assert_eq!(outbound(&mesh), 2, "capture must stop after unenroll");
     let seen = wait_accepted(&srv, 4);
     assert_eq!(peer_ip(seen.last().unwrap()), IpAddr::from(a.ip));
+    Ok(())
+}
+
+/// Issue 19 item 1: a file that would empty the mesh (0 bytes, whitespace, a
+/// valid file without the enrolled workloads) is refused while the enrolled pods
+/// keep talking over mutual TLS; one that says `allow_shrink: true` is applied,
+/// and the pods whose entries vanished are kept captured, failing closed, never
+/// falling back to plaintext.
+#[test]
+fn a_config_that_empties_the_mesh_is_refused_and_pods_never_fall_back_to_plaintext() -> Result<()> {
+    if !require_privileged() {
+        return Ok(());
+    }
+    let c = Cluster::new("capture_empty", 2, 1)?;
+    let mesh = Mesh::start(&c, |_| true)?;
+    let (a, b) = (c.pod(0, 0), c.pod(1, 0));
+    let srv = server(b)?;
+    let to = addr(b.ip);
+    let mtls_in = |mesh: &Mesh| {
+        mesh.access_logs(1)
+            .iter()
+            .filter(|v| v["direction"] == "inbound" && v["security"] == "mutual_tls")
+            .count()
+    };
+    let rejected = |mesh: &Mesh| {
+        mesh.logs(0, |v| {
+            v["message"] == "config rejected; the last good config keeps serving"
+        })
+        .len()
+    };
+    let reload_ok = |node: usize| -> Result<String> {
+        let out = c
+            .node(node)
+            .exec("curl", ["-sS", "http://127.0.0.1:15020/metrics"])?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find(|l| l.starts_with("weft_config_last_reload_successful "))
+            .unwrap_or_default()
+            .to_string())
+    };
+    assert_eq!(reload_ok(0)?, "weft_config_last_reload_successful 1");
+
+    client_ok(a, &to, MIB, MIB, &[])?;
+    assert!(eventually(PATIENCE, || mtls_in(&mesh) == 1));
+
+    let good = mesh.config_text();
+    let emptying = [
+        "",
+        "  \n\n\t\n",
+        "# truncated by a careless rewrite\n",
+        "workloads: []\n",
+    ];
+    for (round, text) in (1..).zip(emptying) {
+        mesh.write_raw_config(text)?;
+        assert!(
+            eventually(PATIENCE, || rejected(&mesh) >= round),
+            "the agent did not refuse {text:?}"
+        );
+        assert_eq!(reload_ok(0)?, "weft_config_last_reload_successful 0");
+        client_ok(a, &to, MIB, MIB, &[])?;
+        assert!(
+            eventually(PATIENCE, || mtls_in(&mesh) == round + 1),
+            "after {text:?} the connection did not go over mutual TLS"
+        );
+    }
+    let served = accepted(&srv).len();
+
+    // Said on purpose: applied, yet the vanished pods stay captured and refuse
+    // rather than send in plaintext.
+    mesh.write_raw_config("allow_shrink: true\nworkloads: []\n")?;
+    assert!(eventually(PATIENCE, || {
+        reload_ok(0).is_ok_and(|l| l == "weft_config_last_reload_successful 1")
+    }));
+    let r = client(a, &to, MIB, MIB, &["--timeout-secs", "5"])?;
+    assert_eq!(
+        r["ok"], false,
+        "a vanished enrolled pod sent in plaintext: {r}"
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        accepted(&srv).len(),
+        served,
+        "the server saw a plaintext connection"
+    );
+
+    mesh.write_raw_config(&good)?;
+    assert!(eventually(PATIENCE, || {
+        client(a, &to, MIB, MIB, &["--timeout-secs", "5"]).is_ok_and(|r| r["ok"] == true)
+    }));
+    assert!(eventually(PATIENCE, || mtls_in(&mesh) > emptying.len() + 1));
     Ok(())
 }
 

@@ -235,6 +235,8 @@ pub struct Probe {
     pub authority: String,
     /// Sent on the tunnel after a 200; the probe expects it echoed.
     pub message: Vec<u8>,
+    /// Extra request headers (name, value).
+    pub headers: Vec<(String, String)>,
 }
 
 /// What became of a probe.
@@ -282,7 +284,14 @@ impl Probe {
             method: Method::CONNECT,
             authority: authority.to_owned(),
             message: b"hello through the tunnel".to_vec(),
+            headers: Vec::new(),
         }
+    }
+
+    /// Adds a request header (as a peer could: a `forwarded` claim, say).
+    pub fn header(mut self, name: &str, value: &str) -> Probe {
+        self.headers.push((name.to_owned(), value.to_owned()));
+        self
     }
 
     pub fn cert(mut self, cert: CertKey) -> Probe {
@@ -404,11 +413,11 @@ impl Probe {
         } else {
             format!("https://{}/", self.authority)
         };
-        let req = Request::builder()
-            .method(self.method.clone())
-            .uri(uri)
-            .body(())
-            .expect("a valid request");
+        let mut req = Request::builder().method(self.method.clone()).uri(uri);
+        for (name, value) in &self.headers {
+            req = req.header(name.as_str(), value.as_str());
+        }
+        let req = req.body(()).expect("a valid request");
         let (response, mut body_tx) = send.send_request(req, false)?;
         let response = response.await?;
         let status = response.status();

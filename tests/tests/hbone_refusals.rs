@@ -484,3 +484,37 @@ fn malformed_hbone_input_is_refused_and_the_agent_keeps_serving() -> Result<()> 
     );
     Ok(())
 }
+
+/// Issue 19 item 11: what a peer claims in `forwarded` (here in RFC 7239's quoted
+/// form, as ztunnel sends it) is logged as `src.forwarded`, beside the address the
+/// connection really came from, never in its place.
+#[test]
+fn a_forwarded_claim_is_logged_beside_the_real_source_never_instead() -> Result<()> {
+    if !require_privileged() {
+        return Ok(());
+    }
+    let c = Cluster::new("hbone_forwarded", 2, 1)?;
+    let mesh = Mesh::start(&c, |_| true)?;
+    let (src, dst) = (c.pod(0, 0), c.pod(1, 0));
+    let _echo = tk::echo(dst, PORT)?;
+    let target = addr(dst.ip, PORT);
+    // A compromised workload: a certificate the mesh issued, and a lie.
+    let cert = CertKey::issue(&mesh_authority(&mesh)?, &identity(src), HOUR)?;
+    let report = Probe::connect(dst.ip, HBONE_PORT, &target)
+        .cert(cert)
+        .header("forwarded", "for=\"6.6.6.6:1234\";proto=https")
+        .run(&src.netns_path)?;
+    assert!(
+        matches!(report.outcome, Outcome::Connected { .. }),
+        "{:?}",
+        report.outcome
+    );
+    let local = report.local.context("never connected")?;
+    // `wait_log_for` matches `src.addr` against the probe's real address.
+    let line = wait_log_for(&mesh, 1, local, "a forwarded claim", |v| {
+        v["security"] == "mutual_tls"
+    })?;
+    assert_eq!(line["src.addr"], local.to_string(), "{line}");
+    assert_eq!(line["src.forwarded"], "6.6.6.6:1234", "{line}");
+    Ok(())
+}

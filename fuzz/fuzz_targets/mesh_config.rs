@@ -6,6 +6,6 @@ use std::path::Path;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(text) = std::str::from_utf8(data) {
-        let _ = weft::config::MeshConfig::parse(Path::new("fuzz.yaml"), text);
+        let _ = weft::discovery::file::parse(Path::new("fuzz.yaml"), text);
     }
 });

@@ -406,37 +406,37 @@ fn malformed_hbone_input_is_refused_and_the_agent_keeps_serving() -> Result<()> 
             what: "GET instead of CONNECT",
             probe: connect(&target).method(Method::GET),
             outcome: |o| *o == Outcome::Status(400),
-            log: |v| v["end"] == "bad_request",
+            log: |v| v["end"] == "bad_request" && v["security"] == "mutual_tls",
         },
         Bad {
             what: "CONNECT to the HBONE port itself",
             probe: connect(&addr(dst.ip, HBONE_PORT)),
             outcome: |o| *o == Outcome::Status(400),
-            log: |v| v["end"] == "bad_request",
+            log: |v| v["end"] == "bad_request" && v["security"] == "mutual_tls",
         },
         Bad {
             what: "CONNECT to the outbound capture port",
             probe: connect(&addr(dst.ip, 15001)),
             outcome: |o| *o == Outcome::Status(400),
-            log: |v| v["end"] == "bad_request",
+            log: |v| v["end"] == "bad_request" && v["security"] == "mutual_tls",
         },
         Bad {
             what: "CONNECT to another pod's address (on the same node)",
             probe: connect(&addr(neighbour.ip, PORT)),
             outcome: |o| *o == Outcome::Status(400),
-            log: |v| v["end"] == "bad_request",
+            log: |v| v["end"] == "bad_request" && v["security"] == "mutual_tls",
         },
         Bad {
             what: "CONNECT to a host name",
             probe: connect(&format!("localhost:{PORT}")),
             outcome: |o| *o == Outcome::Status(400),
-            log: |v| v["end"] == "bad_request",
+            log: |v| v["end"] == "bad_request" && v["security"] == "mutual_tls",
         },
         Bad {
             what: "CONNECT to a port where nothing listens",
             probe: connect(&addr(dst.ip, CLOSED_PORT)),
             outcome: |o| *o == Outcome::Status(503),
-            log: |v| v["end"] == "upstream_connect_failed",
+            log: |v| v["end"] == "upstream_connect_failed" && v["security"] == "mutual_tls",
         },
     ];
 

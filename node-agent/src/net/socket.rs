@@ -17,16 +17,22 @@ use weft_common::AGENT_SOCKET_MARK;
 
 use super::Netns;
 
-/// Opens a listening socket inside `netns` (non-blocking; whoever accepts on it
-/// registers it with the runtime it runs on).
-pub fn listen(netns: &Netns, addr: SocketAddr) -> io::Result<std::net::TcpListener> {
-    let socket = netns.run(|| {
+/// A non-blocking TCP socket of `addr`'s family, made inside `netns` (the
+/// namespace is entered for the `socket()` call only).
+fn tcp_socket(netns: &Netns, addr: SocketAddr) -> io::Result<Socket> {
+    netns.run(|| {
         Socket::new(
             Domain::for_address(addr),
             Type::STREAM.nonblocking().cloexec(),
             Some(Protocol::TCP),
         )
-    })??;
+    })?
+}
+
+/// Opens a listening socket inside `netns` (non-blocking; whoever accepts on it
+/// registers it with the runtime it runs on).
+pub fn listen(netns: &Netns, addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let socket = tcp_socket(netns, addr)?;
     socket.set_reuse_address(true)?;
     if addr.is_ipv6() {
         // [::1] is IPv6 only; [::] takes IPv4 too (one socket for sk_lookup).
@@ -52,13 +58,7 @@ pub async fn connect_from(
     source: Option<IpAddr>,
     timeout: Duration,
 ) -> io::Result<TcpStream> {
-    let socket = netns.run(|| {
-        Socket::new(
-            Domain::for_address(dst),
-            Type::STREAM.nonblocking().cloexec(),
-            Some(Protocol::TCP),
-        )
-    })??;
+    let socket = tcp_socket(netns, dst)?;
     socket.set_mark(AGENT_SOCKET_MARK)?;
     socket.set_tcp_nodelay(true)?;
     if let Some(ip) = source {

@@ -209,4 +209,40 @@ pub struct AgentArgs {
     /// HBONE: an unused pooled connection is closed after this long.
     #[arg(long, env = "WEFT_HBONE_IDLE", default_value = "60s", value_parser = parse_duration)]
     pub hbone_idle: std::time::Duration,
+
+    /// Connections (and inbound HBONE streams) all listeners of this agent hold
+    /// at once. Default: half the open-file limit, less 1024 kept for
+    /// everything else, so a flood can never take the agent to its fd limit.
+    #[arg(long, env = "WEFT_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+
+    /// Connections one pod listener (15001, 15006, 15008) holds at once; on
+    /// 15008 the same number of streams.
+    #[arg(long, env = "WEFT_MAX_CONNECTIONS_PER_LISTENER", default_value_t = crate::node::Caps::default().per_listener)]
+    pub max_connections_per_listener: usize,
+
+    /// Connections (and, on 15008, streams) one peer address holds at once on
+    /// one pod listener (15006, 15008).
+    #[arg(long, env = "WEFT_MAX_CONNECTIONS_PER_PEER", default_value_t = crate::node::Caps::default().per_peer)]
+    pub max_connections_per_peer: usize,
+
+    /// HBONE: TLS handshakes in progress at once on one pod's 15008.
+    #[arg(long, env = "WEFT_HBONE_MAX_HANDSHAKES", default_value_t = crate::node::Caps::default().handshakes)]
+    pub hbone_max_handshakes: usize,
+
+    /// HBONE: TLS handshakes in progress at once from one peer address, on one
+    /// pod's 15008: what a peer holds before it has proved anything.
+    #[arg(long, env = "WEFT_HBONE_MAX_HANDSHAKES_PER_PEER", default_value_t = crate::node::Caps::default().handshakes_per_peer)]
+    pub hbone_max_handshakes_per_peer: usize,
+
+    /// HBONE: the TLS and HTTP/2 handshakes of an inbound connection must both
+    /// finish within this (one deadline, however slowly bytes trickle in).
+    #[arg(long, env = "WEFT_HBONE_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub hbone_handshake_timeout: std::time::Duration,
+
+    /// HBONE: an inbound connection that carries no stream for this long is
+    /// closed (GOAWAY, then dropped 2 s later whatever the peer does). Keep it
+    /// above the peers' `--hbone-idle`, so they close first.
+    #[arg(long, env = "WEFT_HBONE_SERVER_IDLE", default_value = "120s", value_parser = parse_duration)]
+    pub hbone_server_idle: std::time::Duration,
 }

@@ -13,6 +13,10 @@ use tracing::warn;
 
 pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
 
+/// Connections these endpoints refused because 64 were already being served
+/// (the agent reports it as `weft_listener_refusals_total{listener="endpoints"}`).
+pub static REFUSED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// What a small HTTP endpoint answers.
 pub struct Reply {
     pub status: u16,
@@ -79,6 +83,8 @@ pub async fn serve_http(listener: TcpListener, handler: Handler) {
             }
         };
         let Ok(permit) = limit.clone().try_acquire_owned() else {
+            // Closed at once: a peer holding the slots slows no one else's accept.
+            REFUSED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             continue;
         };
         let handler = handler.clone();

@@ -22,6 +22,7 @@ use std::{
 use crate::{
     metrics::label,
     model::{Labels, Workload},
+    net::limit::Refused,
 };
 
 /// The agent's counters (one per process).
@@ -184,6 +185,40 @@ pub struct Stats {
     no_endpoint: Family,
     denied: Family,
     map_entries: Family,
+    /// Connections and streams a listener's limits refused, by listener and reason.
+    refused: [[AtomicU64; Refused::ALL.len()]; Listener::ALL.len()],
+    idle_closed: AtomicU64,
+}
+
+/// A kind of listener, as `weft_listener_refusals_total` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    /// 15008, inbound HBONE.
+    Hbone,
+    /// 15006, inbound plaintext.
+    Inbound,
+    /// 15001, the pod's captured connects.
+    Outbound,
+    /// The agent's own HTTP endpoints (15020, 15021, 15000).
+    Endpoints,
+}
+
+impl Listener {
+    const ALL: [Listener; 4] = [
+        Listener::Hbone,
+        Listener::Inbound,
+        Listener::Outbound,
+        Listener::Endpoints,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Listener::Hbone => "hbone",
+            Listener::Inbound => "inbound",
+            Listener::Outbound => "outbound",
+            Listener::Endpoints => "endpoints",
+        }
+    }
 }
 
 impl Stats {
@@ -246,6 +281,18 @@ impl Stats {
             ],
             1,
         );
+    }
+
+    /// A listener refused a connection or stream (one atomic add: this runs
+    /// once per refusal of a flood).
+    pub fn refused(&self, listener: Listener, why: Refused) {
+        self.refused[listener as usize][why as usize].fetch_add(1, Relaxed);
+    }
+
+    /// An HBONE connection that carried no stream for the idle timeout was
+    /// closed by this side.
+    pub fn idle_closed(&self) {
+        self.idle_closed.fetch_add(1, Relaxed);
     }
 
     /// The current entry count of each eBPF map.
@@ -333,6 +380,32 @@ impl Stats {
             "weft_ebpf_map_entries",
             "Entries in each eBPF map.",
             "gauge",
+        );
+        let name = "weft_listener_refusals_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Connections (and HBONE streams) refused by a listener's limits before they were served.\n# TYPE {name} counter"
+        );
+        for listener in Listener::ALL {
+            for why in Refused::ALL {
+                let mut n = self.refused[listener as usize][why as usize].load(Relaxed);
+                if (listener, why) == (Listener::Endpoints, Refused::ListenerLimit) {
+                    n += crate::metrics::REFUSED.load(Relaxed);
+                }
+                let _ = writeln!(
+                    out,
+                    "{name}{{listener=\"{}\",reason=\"{}\"}} {n}",
+                    listener.as_str(),
+                    why.as_str()
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP weft_hbone_idle_closed_total Inbound HBONE connections closed after carrying no stream for the idle timeout.\n\
+             # TYPE weft_hbone_idle_closed_total counter\n\
+             weft_hbone_idle_closed_total {}",
+            self.idle_closed.load(Relaxed)
         );
         out
     }

@@ -23,7 +23,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("discovery", &["model", "units", "yaml"]),
     ("authz", &["identity", "model"]),
     ("lb", &["model"]),
-    ("stats", &["metrics", "model"]),
+    ("stats", &["metrics", "model", "net"]),
     ("view", &["authz", "lb", "model", "stats"]),
     ("ebpf", &["net"]),
     (

@@ -133,6 +133,20 @@ impl<'c> Mesh<'c> {
     }
 
     /// The trust bundle the CA writes and the agents read.
+    /// The mesh's own signing authority (its root certificate and key, as `weft
+    /// ca` saved them), to issue the certificates it would issue: what a
+    /// compromised workload holds.
+    pub fn authority(&self) -> Result<weft::ca::Authority> {
+        let dir = self.ca_dir();
+        let read = |f: &str| {
+            std::fs::read_to_string(dir.join(f)).with_context(|| format!("reading {f} in {dir:?}"))
+        };
+        Ok(weft::ca::Authority::from_pem(
+            &read("root.pem")?,
+            &read("root-key.pem")?,
+        )?)
+    }
+
     pub fn bundle_path(&self) -> PathBuf {
         self.ca_dir().join("bundle.pem")
     }

@@ -466,21 +466,27 @@ impl Probe {
     }
 
     fn client_config(&self) -> Result<Arc<ClientConfig>> {
-        let builder = ClientConfig::builder_with_provider(tls::provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AnyServer));
-        let mut config = match &self.cert {
-            Some(c) => builder.with_client_auth_cert(c.certs()?, c.key()?)?,
-            None => builder.with_no_client_auth(),
-        };
-        config.alpn_protocols = vec![tls::ALPN_H2.to_vec()];
-        config.resumption = rustls::client::Resumption::disabled();
-        Ok(Arc::new(config))
+        client_config(self.cert.as_ref())
     }
 }
 
 /// Reads until the peer closes or fails; says how it ended.
+/// A TLS 1.3 client config as an HBONE peer's (ALPN h2, no resumption) that
+/// accepts any server certificate, presenting `cert` if given.
+pub fn client_config(cert: Option<&CertKey>) -> Result<Arc<ClientConfig>> {
+    let builder = ClientConfig::builder_with_provider(tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyServer));
+    let mut config = match cert {
+        Some(c) => builder.with_client_auth_cert(c.certs()?, c.key()?)?,
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![tls::ALPN_H2.to_vec()];
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(Arc::new(config))
+}
+
 async fn read_to_close(s: &mut (impl AsyncRead + Unpin)) -> String {
     let mut buf = [0u8; 4096];
     let mut got = 0;

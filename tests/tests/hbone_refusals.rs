@@ -51,8 +51,7 @@ fn mesh_root(mesh: &Mesh) -> Result<(String, String)> {
 
 /// The mesh's own signing authority, to issue certificates it would issue.
 fn mesh_authority(mesh: &Mesh) -> Result<Authority> {
-    let (cert, key) = mesh_root(mesh)?;
-    Ok(Authority::from_pem(&cert, &key)?)
+    mesh.authority()
 }
 
 /// Whether node `node`'s agent process is still running (not exited, not a

@@ -112,6 +112,14 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         let settings = node::Settings {
             connect_timeout: Duration::from_millis(args.connect_timeout_ms),
             same_node: args.same_node,
+            caps: node::Caps {
+                per_listener: args.max_connections_per_listener.max(1),
+                per_peer: args.max_connections_per_peer.max(1),
+                handshakes: args.hbone_max_handshakes.max(1),
+                handshakes_per_peer: args.hbone_max_handshakes_per_peer.max(1),
+                handshake_timeout: args.hbone_handshake_timeout,
+                hbone_idle: args.hbone_server_idle,
+            },
         };
         let defaults = PoolSettings::default();
         let pool = Pool::new(
@@ -124,7 +132,16 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
                 connect_timeout: settings.connect_timeout,
             },
         );
-        let shared = Arc::new(Shared::new(settings, &node, certs, bundle.clone(), pool));
+        let budget = args.max_connections.unwrap_or_else(connection_budget).max(1);
+        info!(connections = budget, "the node's connection budget");
+        let shared = Arc::new(Shared::new(
+            settings,
+            &node,
+            certs,
+            bundle.clone(),
+            pool,
+            budget,
+        ));
         let bind = async |addr: std::net::SocketAddr, what: &str| {
             tokio::net::TcpListener::bind(addr)
                 .await
@@ -377,6 +394,23 @@ fn cgroup2_root() -> Option<PathBuf> {
             warn!("no cgroup2 mount in mountinfo");
             None
         })
+}
+
+/// The node's connection budget by default: every proxied connection holds two
+/// sockets, and 1024 descriptors stay free for everything else (the pool's
+/// outbound connections, listeners, files, the CA, eBPF).
+fn connection_budget() -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct given.
+    let nofile = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+        usize::try_from(lim.rlim_cur).unwrap_or(usize::MAX)
+    } else {
+        4096
+    };
+    (nofile.saturating_sub(1024) / 2).max(64)
 }
 
 /// Every proxied connection holds two sockets: lift the soft open-file limit to the

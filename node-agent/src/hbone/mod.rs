@@ -30,10 +30,26 @@ pub const CONNECTION_WINDOW: u32 = 8 << 20;
 pub const MAX_FRAME: u32 = 256 << 10;
 /// Headers of a CONNECT are small; anything bigger is not HBONE.
 pub const MAX_HEADER_LIST: u32 = 16 << 10;
-/// How long a peer has to complete the TLS and HTTP/2 handshakes.
+/// How long a peer has to complete the TLS and HTTP/2 handshakes, together.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Streams one inbound connection may carry at once.
+/// Streams one inbound connection may carry at once; h2 refuses the next with
+/// `REFUSED_STREAM`.
 pub const MAX_CONCURRENT_STREAMS: u32 = 1000;
+/// An inbound connection with no stream is closed after this long: twice the
+/// pool's idle timeout, so a well-behaved client closes first and never loses a
+/// stream to the race.
+pub const SERVER_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+/// After a GOAWAY of ours for idleness, how long the peer has before the
+/// connection is dropped whatever it does.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// Rapid reset (CVE-2023-44487): streams a peer may open and reset before the
+/// server has even taken them; one more and the connection gets GOAWAY
+/// `ENHANCE_YOUR_CALM`. Streams the server has taken count in the listener's
+/// stream cap however briefly they live.
+pub const MAX_PENDING_RESETS: usize = 20;
+/// Streams this side may reset for protocol errors before it gives up on the
+/// connection (a peer that provokes errors on purpose).
+pub const MAX_LOCAL_ERROR_RESETS: usize = 256;
 
 /// The HTTP/2 client side of an HBONE connection, with the sizes above.
 pub fn client_builder() -> h2::client::Builder {
@@ -51,7 +67,13 @@ pub fn server_builder() -> h2::server::Builder {
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
         .max_header_list_size(MAX_HEADER_LIST)
-        .max_concurrent_streams(MAX_CONCURRENT_STREAMS);
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        // CONTINUATION floods are bounded by the header list size: h2 (since
+        // 0.4.4) stops decoding a header block past it and answers GOAWAY. What
+        // a stream may buffer is bounded by the windows above (receiving) and
+        // h2's send buffer (400 KiB, sending).
+        .max_pending_accept_reset_streams(MAX_PENDING_RESETS)
+        .max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS));
     b
 }
 

@@ -13,17 +13,32 @@
 //! The node agent's pod listeners are one handler (admit, connect to the
 //! application, copy); the waypoint will be another (read HTTP from the stream).
 
-use std::{future::Future, net::SocketAddr, sync::Arc};
+use std::{
+    future::Future,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use bytes::Bytes;
-use h2::{RecvStream, SendStream, server::SendResponse};
+use h2::{Reason, RecvStream, SendStream, server::SendResponse};
 use http::{Method, Response, StatusCode, request::Parts};
-use tokio::sync::watch;
+use tokio::{sync::watch, time::Instant};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 
-use super::HANDSHAKE_TIMEOUT;
-use crate::{identity::SpiffeId, net::socket::canonical, tls};
+use super::{CLOSE_GRACE, HANDSHAKE_TIMEOUT};
+use crate::{
+    identity::SpiffeId,
+    net::{
+        limit::{Limit, Permit, Refused},
+        socket::canonical,
+    },
+    tls,
+};
 
 /// Why a stream is refused: the status the peer gets, and the reason kept for
 /// logs (never sent).
@@ -115,25 +130,79 @@ impl Request {
 /// What a listener does with each stream.
 pub trait Handler: Send + Sync + 'static {
     fn handle(self: Arc<Self>, request: Request) -> impl Future<Output = ()> + Send;
+
+    /// A connection or stream was refused by the listener's [`Limits`] (for
+    /// metrics; the server has already logged it, at a bounded rate).
+    fn refused(&self, _why: Refused) {}
+
+    /// A connection was closed for carrying no stream for the idle timeout.
+    fn idle_closed(&self) {}
+}
+
+/// What one listener lets its peers hold. Every cap is on things held at once,
+/// in total and per peer address (see [`crate::net::limit`]); the timeouts are
+/// fixed deadlines that no amount of trickled bytes extends.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Connections still in their TLS or HTTP/2 handshake: what a peer holds
+    /// before it has proved anything.
+    pub handshakes: Limit,
+    /// Streams being served (each holds a connection to the application).
+    pub streams: Limit,
+    /// The TLS handshake, the client's certificate check and the HTTP/2
+    /// preface, all together.
+    pub handshake_timeout: Duration,
+    /// A connection that carries no stream for this long is closed (GOAWAY).
+    pub idle_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            handshakes: Limit::new(256, 32),
+            streams: Limit::new(4096, 1024),
+            handshake_timeout: HANDSHAKE_TIMEOUT,
+            idle_timeout: super::SERVER_IDLE_TIMEOUT,
+        }
+    }
 }
 
 /// The HBONE protocol for one listener: its TLS acceptor (our certificate,
-/// client certificates checked against the bundle) and the trust domain peers
-/// must belong to.
+/// client certificates checked against the bundle), the trust domain peers
+/// must belong to, and its limits.
 #[derive(Clone)]
 pub struct Server {
     acceptor: TlsAcceptor,
     trust_domain: Arc<str>,
     /// Names the listener in logs (a workload, a waypoint).
     name: Arc<str>,
+    limits: Limits,
+    /// Refusals by a listener's limits are logged at most once per second;
+    /// metrics count every one.
+    throttle: Arc<crate::net::limit::Throttle>,
 }
 
 impl Server {
-    pub fn new(acceptor: TlsAcceptor, trust_domain: &str, name: &str) -> Self {
+    pub fn new(acceptor: TlsAcceptor, trust_domain: &str, name: &str, limits: Limits) -> Self {
         Server {
             acceptor,
             trust_domain: trust_domain.into(),
             name: name.into(),
+            limits,
+            throttle: Default::default(),
+        }
+    }
+
+    fn over_limit<H: Handler>(&self, handler: &H, peer: SocketAddr, why: Refused, what: &str) {
+        handler.refused(why);
+        if let Some(suppressed) = self.throttle.allow() {
+            warn!(
+                workload = %self.name,
+                %peer,
+                reason = why.as_str(),
+                suppressed,
+                "HBONE {what} refused: over the listener's limit"
+            );
         }
     }
 
@@ -156,10 +225,23 @@ impl Server {
                 "HBONE connection refused"
             );
         };
-        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.acceptor.accept(tcp)).await {
+        let handshake = match self.limits.handshakes.admit(peer.ip()) {
+            Ok(permit) => permit,
+            Err(_) => {
+                self.over_limit(&*handler, peer, Refused::HandshakeLimit, "connection");
+                return crate::net::socket::reset(tcp);
+            }
+        };
+        // One deadline for everything a peer does before it has proved who it
+        // is: trickling bytes into the handshake does not extend it.
+        let deadline = Instant::now() + self.limits.handshake_timeout;
+        let tls = match tokio::time::timeout_at(deadline, self.acceptor.accept(tcp)).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => return refuse(&format_args!("TLS handshake failed: {e}")),
-            Err(_) => return refuse(&"TLS handshake timed out"),
+            Err(_) => {
+                handler.refused(Refused::HandshakeTimeout);
+                return refuse(&"TLS handshake timed out");
+            }
         };
         let identity = match tls::peer_identity(tls.get_ref().1.peer_certificates()) {
             // A root of the bundle may also sign for other trust domains
@@ -173,18 +255,28 @@ impl Server {
             Ok(id) => id,
             Err(e) => return refuse(&e),
         };
-        let handshake = super::server_builder().handshake::<_, Bytes>(tls);
-        let mut h2 = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        let h2_handshake = super::server_builder().handshake::<_, Bytes>(tls);
+        let mut h2 = match tokio::time::timeout_at(deadline, h2_handshake).await {
             Ok(Ok(h2)) => h2,
             Ok(Err(e)) => return refuse(&format_args!("HTTP/2 handshake failed: {e}")),
-            Err(_) => return refuse(&"HTTP/2 handshake timed out"),
+            Err(_) => {
+                handler.refused(Refused::HandshakeTimeout);
+                return refuse(&"HTTP/2 handshake timed out");
+            }
         };
+        drop(handshake);
         debug!(workload = %self.name, %peer, peer_identity = %identity, "HBONE connection accepted");
         let peer = Arc::new(Peer {
             identity,
             addr: peer,
         });
+        let streams = Arc::new(Streams::default());
+        let idle = self.limits.idle_timeout;
+        let mut idle_check = Instant::now() + idle;
         let mut draining = false;
+        // Once closed for idleness, the connection gets `CLOSE_GRACE` to say
+        // goodbye; a peer that never answers the GOAWAY cannot stretch it.
+        let mut closing: Option<Instant> = None;
         loop {
             let next = tokio::select! {
                 _ = stop.wait_for(|s| *s), if !draining => {
@@ -193,10 +285,36 @@ impl Server {
                     draining = true;
                     continue;
                 }
+                () = tokio::time::sleep_until(idle_check), if closing.is_none() && !draining => {
+                    match streams.idle_since() {
+                        Some(since) if since.elapsed() >= idle => {
+                            debug!(workload = %self.name, peer = %peer.addr, "HBONE connection idle: closing");
+                            handler.idle_closed();
+                            h2.graceful_shutdown();
+                            closing = Some(Instant::now() + CLOSE_GRACE);
+                        }
+                        Some(since) => idle_check = since + idle,
+                        None => idle_check = Instant::now() + idle,
+                    }
+                    continue;
+                }
+                () = async { tokio::time::sleep_until(closing.unwrap_or_else(Instant::now)).await }, if closing.is_some() => {
+                    debug!(workload = %self.name, peer = %peer.addr, "HBONE connection closed without waiting for the peer");
+                    break;
+                }
                 next = h2.accept() => next,
             };
             match next {
-                Some(Ok((req, respond))) => {
+                Some(Ok((req, mut respond))) => {
+                    let permit = match self.limits.streams.admit(peer.addr.ip()) {
+                        Ok(p) => p,
+                        Err(_) => {
+                            self.over_limit(&*handler, peer.addr, Refused::StreamLimit, "stream");
+                            // Not processed: the peer may retry it elsewhere.
+                            respond.send_reset(Reason::REFUSED_STREAM);
+                            continue;
+                        }
+                    };
                     let (head, body) = req.into_parts();
                     let request = Request {
                         peer: peer.clone(),
@@ -204,7 +322,12 @@ impl Server {
                         body,
                         respond,
                     };
-                    tokio::spawn(handler.clone().handle(request));
+                    let active = streams.start(permit);
+                    let handler = handler.clone();
+                    tokio::spawn(async move {
+                        handler.handle(request).await;
+                        drop(active);
+                    });
                 }
                 Some(Err(e)) => {
                     if !e.is_go_away() && !e.is_io() {
@@ -214,6 +337,60 @@ impl Server {
                 }
                 None => break,
             }
+        }
+    }
+}
+
+/// The streams of one connection being served, and since when it has had none.
+struct Streams {
+    active: AtomicUsize,
+    /// When the connection last went from some streams to none (or was made).
+    idle_from: std::sync::Mutex<Instant>,
+}
+
+impl Default for Streams {
+    fn default() -> Self {
+        Streams {
+            active: AtomicUsize::new(0),
+            idle_from: std::sync::Mutex::new(Instant::now()),
+        }
+    }
+}
+
+/// One stream being served: holds its slot in the listener's [`Limits`] and
+/// marks the connection busy until dropped.
+struct Active {
+    streams: Arc<Streams>,
+    _permit: Permit,
+}
+
+impl Streams {
+    fn start(self: &Arc<Self>, permit: Permit) -> Active {
+        self.active.fetch_add(1, Ordering::AcqRel);
+        Active {
+            streams: self.clone(),
+            _permit: permit,
+        }
+    }
+
+    /// Since when no stream has run, or `None` while one does.
+    fn idle_since(&self) -> Option<Instant> {
+        (self.active.load(Ordering::Acquire) == 0)
+            .then(|| *self.idle_from.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        // The lock is taken before the count drops, so `idle_since` never sees
+        // zero streams with the previous idle start.
+        let mut from = self
+            .streams
+            .idle_from
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if self.streams.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *from = Instant::now();
         }
     }
 }

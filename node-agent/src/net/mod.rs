@@ -6,6 +6,7 @@
 
 pub(crate) mod buffer;
 pub mod copy;
+pub mod limit;
 pub mod netns;
 pub mod socket;
 

@@ -12,6 +12,7 @@
 
 use std::sync::Arc;
 
+use http::StatusCode;
 use rustls::{server::ResolvesServerCert, sign::CertifiedKey};
 use tokio_rustls::TlsAcceptor;
 use tracing::warn;
@@ -21,17 +22,21 @@ use super::{
     Pod, Shared,
     access::{AccessLog, Direction, End, MUTUAL_TLS},
     admit::admit,
-    listener::accept_loop,
+    listener::{Gate, accept_loop},
 };
 use crate::{
     certs::CertManager,
     hbone::{
         headers::forwarded_for,
-        server::{Handler, Request, Server},
+        server::{Handler, Limits, Refusal, Request, Server},
         stream,
     },
     identity::SpiffeId,
-    net::socket::listen_any,
+    net::{
+        limit::{Limit, Refused, Throttle},
+        socket::listen_any,
+    },
+    stats::{self, STATS},
     tls,
 };
 
@@ -69,10 +74,17 @@ impl HboneListener {
         });
         let config =
             tls::server_config(resolver, &shared.bundle()).map_err(std::io::Error::other)?;
+        let caps = shared.settings.caps;
         let server = Server::new(
             TlsAcceptor::from(config),
             pod.identity.trust_domain(),
             &pod.key.to_string(),
+            Limits {
+                handshakes: Limit::new(caps.handshakes, caps.handshakes_per_peer),
+                streams: Limit::new(caps.per_listener, caps.per_peer),
+                handshake_timeout: caps.handshake_timeout,
+                idle_timeout: caps.hbone_idle,
+            },
         );
         Ok(HboneListener {
             pod,
@@ -92,18 +104,26 @@ impl HboneListener {
         } = self;
         let handler = Arc::new(Inbound {
             pod: pod.clone(),
-            shared,
+            shared: shared.clone(),
+            throttle: Throttle::default(),
         });
+        let caps = shared.settings.caps;
         accept_loop(
             vec![listener],
             pod.stopped(),
             &pod.key,
             Direction::Inbound,
             "HBONE",
-            |tcp, peer| {
+            Gate {
+                node: &shared.budget,
+                listener: Limit::new(caps.per_listener, caps.per_peer),
+                kind: stats::Listener::Hbone,
+            },
+            |tcp, peer, admission| {
                 let (server, handler, stop) = (server.clone(), handler.clone(), pod.stopped());
                 crate::workers::serve(tcp, move |tcp| async move {
-                    server.serve(tcp, peer, handler, stop).await
+                    server.serve(tcp, peer, handler, stop).await;
+                    drop(admission);
                 });
             },
         )
@@ -115,11 +135,32 @@ impl HboneListener {
 struct Inbound {
     pod: Arc<Pod>,
     shared: Arc<Shared>,
+    throttle: Throttle,
 }
 
 impl Handler for Inbound {
+    fn refused(&self, why: Refused) {
+        STATS.refused(stats::Listener::Hbone, why);
+    }
+
+    fn idle_closed(&self) {
+        STATS.idle_closed();
+    }
+
     async fn handle(self: Arc<Self>, request: Request) {
         let peer = request.peer.clone();
+        // Each stream holds a connection to the application: it spends the
+        // node's budget like a connection does.
+        let Ok(_budget) = self.shared.budget.admit(peer.addr.ip()) else {
+            self.refused(Refused::NodeLimit);
+            if let Some(suppressed) = self.throttle.allow() {
+                warn!(workload = %self.pod.key, peer = %peer.addr, suppressed, "HBONE stream refused: the node's connection budget is spent");
+            }
+            return request.refuse(&Refusal::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the node's connection budget is spent",
+            ));
+        };
         let mut log = AccessLog::new(Direction::Inbound, self.pod.clone(), peer.addr);
         log.src_identity = Some(peer.identity.to_string());
         log.dst_identity = Some(self.pod.identity.to_string());

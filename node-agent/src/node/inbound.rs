@@ -15,12 +15,15 @@ use super::{
     Pod, Shared,
     access::{AccessLog, Direction, End},
     forward, inbound_source,
-    listener::accept_loop,
+    listener::{Gate, accept_loop},
     live::Facts,
 };
 use crate::{
-    net::socket::{canonical, listen_any, reset},
-    stats::{Flags, Peer, Reporter, TcpLabels},
+    net::{
+        limit::Limit,
+        socket::{canonical, listen_any, reset},
+    },
+    stats::{self, Flags, Peer, Reporter, TcpLabels},
 };
 
 pub struct InboundListener {
@@ -51,15 +54,24 @@ impl InboundListener {
             listener,
             shared,
         } = self;
+        let caps = shared.settings.caps;
         accept_loop(
             vec![listener],
             pod.stopped(),
             &pod.key,
             Direction::Inbound,
             "inbound",
-            |stream, peer| {
+            Gate {
+                node: &shared.budget,
+                listener: Limit::new(caps.per_listener, caps.per_peer),
+                kind: stats::Listener::Inbound,
+            },
+            |stream, peer, admission| {
                 let (pod, shared) = (pod.clone(), shared.clone());
-                crate::workers::serve(stream, move |stream| handle(pod, shared, stream, peer));
+                crate::workers::serve(stream, move |stream| async move {
+                    handle(pod, shared, stream, peer).await;
+                    drop(admission);
+                });
             },
         )
         .await;

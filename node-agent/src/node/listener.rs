@@ -1,4 +1,4 @@
-//! The accept loop every pod listener runs on a worker.
+//! The accept loop every pod listener runs on a worker, and the caps it applies.
 
 use std::{io, net::SocketAddr, time::Duration};
 
@@ -6,7 +6,59 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::warn;
 
 use super::access::Direction;
-use crate::model::WorkloadKey;
+use crate::{
+    model::WorkloadKey,
+    net::{
+        limit::{Full, Limit, Permit, Refused, Throttle},
+        socket::{canonical, reset},
+    },
+    stats::{self, STATS},
+};
+
+/// The slots an accepted connection holds (the node's budget, its listener's
+/// cap); dropping it gives them back.
+#[derive(Debug)]
+pub(crate) struct Admission {
+    _node: Permit,
+    _listener: Permit,
+}
+
+/// Where an accept loop checks its caps: the node's budget, then the listener's
+/// own (total and per peer), counted as `kind` in metrics.
+pub(crate) struct Gate<'a> {
+    pub node: &'a Limit,
+    pub listener: Limit,
+    pub kind: stats::Listener,
+}
+
+impl Gate<'_> {
+    fn admit(
+        &self,
+        peer: SocketAddr,
+        throttle: &Throttle,
+        workload: &WorkloadKey,
+    ) -> Option<Admission> {
+        let ip = canonical(peer).ip();
+        let refused = match self.node.admit(ip) {
+            Ok(node) => match self.listener.admit(ip) {
+                Ok(listener) => {
+                    return Some(Admission {
+                        _node: node,
+                        _listener: listener,
+                    });
+                }
+                Err(Full::Total) => Refused::ListenerLimit,
+                Err(Full::Peer) => Refused::PeerLimit,
+            },
+            Err(_) => Refused::NodeLimit,
+        };
+        STATS.refused(self.kind, refused);
+        if let Some(suppressed) = throttle.allow() {
+            warn!(%workload, listener = self.kind.as_str(), %peer, reason = refused.as_str(), suppressed, "connection refused: over a limit");
+        }
+        None
+    }
+}
 
 /// Pacing for an accept loop whose `accept` fails (typically out of file
 /// descriptors): waits 10 ms, doubling up to 1 s while failures continue, and warns
@@ -43,7 +95,8 @@ pub(crate) async fn accept_loop(
     workload: &WorkloadKey,
     direction: Direction,
     name: &'static str,
-    mut accepted: impl FnMut(TcpStream, SocketAddr),
+    gate: Gate<'_>,
+    mut accepted: impl FnMut(TcpStream, SocketAddr, Admission),
 ) {
     let listeners = match listeners
         .into_iter()
@@ -66,13 +119,18 @@ pub(crate) async fn accept_loop(
         [] => std::future::pending().await,
     };
     let mut backoff = AcceptBackoff::default();
+    let throttle = Throttle::default();
     loop {
         tokio::select! {
             () = stopped(&mut stop) => break,
             r = accept_any(&listeners) => match r {
                 Ok((stream, peer)) => {
                     backoff.succeeded();
-                    accepted(stream, peer);
+                    match gate.admit(peer, &throttle, workload) {
+                        Some(admission) => accepted(stream, peer, admission),
+                        // Reset at once: the peer learns now, and no state is kept.
+                        None => reset(stream),
+                    }
                 }
                 Err(e) => backoff.failed(workload, direction, e).await,
             },

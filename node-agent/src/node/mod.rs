@@ -41,6 +41,7 @@ use crate::{
     model::{Mesh, Workload, WorkloadKey},
     net::{
         copy,
+        limit::Limit,
         socket::{canonical, connect_from, reset},
     },
     tls::TrustBundle,
@@ -52,6 +53,41 @@ use crate::{
 pub struct Settings {
     pub connect_timeout: Duration,
     pub same_node: SameNode,
+    pub caps: Caps,
+}
+
+/// What each pod listener lets its peers hold at once (see
+/// [`crate::net::limit`]): past a cap a connection is reset at accept and an
+/// HBONE stream refused (`REFUSED_STREAM`), counted in
+/// `weft_listener_refusals_total`. Above them all, the node's budget
+/// ([`Shared::budget`]) keeps the agent within its open-file limit.
+#[derive(Debug, Clone, Copy)]
+pub struct Caps {
+    /// Connections one listener holds (on 15008: also streams).
+    pub per_listener: usize,
+    /// Connections (on 15008: also streams) from one peer address.
+    pub per_peer: usize,
+    /// TLS handshakes in progress on one 15008 listener.
+    pub handshakes: usize,
+    /// TLS handshakes in progress from one peer address.
+    pub handshakes_per_peer: usize,
+    /// The TLS and HTTP/2 handshakes of 15008, together.
+    pub handshake_timeout: Duration,
+    /// An inbound HBONE connection with no stream is closed after this long.
+    pub hbone_idle: Duration,
+}
+
+impl Default for Caps {
+    fn default() -> Self {
+        Caps {
+            per_listener: 4096,
+            per_peer: 1024,
+            handshakes: 256,
+            handshakes_per_peer: 32,
+            handshake_timeout: crate::hbone::HANDSHAKE_TIMEOUT,
+            hbone_idle: crate::hbone::SERVER_IDLE_TIMEOUT,
+        }
+    }
 }
 
 /// How a connection between two pods of this node travels.
@@ -77,6 +113,10 @@ pub struct Shared {
     pub bundle: Arc<RwLock<TrustBundle>>,
     pub pool: Pool,
     pub live: live::LiveConns,
+    /// Connections (and HBONE streams) every listener of this agent holds, in
+    /// all: each holds a socket or two, so this keeps the agent within its
+    /// open-file limit whatever a flood spread over many pods does.
+    pub budget: Limit,
     /// The pods this agent serves, for node-local connections.
     served: RwLock<HashMap<WorkloadKey, Arc<Pod>>>,
 }
@@ -88,6 +128,7 @@ impl Shared {
         certs: CertManager,
         bundle: Arc<RwLock<TrustBundle>>,
         pool: Pool,
+        budget: usize,
     ) -> Self {
         let balancers = Balancers::default();
         let view = View::new(Mesh::default(), node, &balancers);
@@ -100,6 +141,7 @@ impl Shared {
             bundle,
             pool,
             live: live::LiveConns::default(),
+            budget: Limit::total(budget),
             served: Default::default(),
         }
     }

@@ -25,7 +25,7 @@ use super::{
     access::{AccessLog, Direction, End, MUTUAL_TLS, NODE_LOCAL},
     admit::{Admitted, admit},
     forward,
-    listener::accept_loop,
+    listener::{Gate, accept_loop},
 };
 use crate::{
     ebpf::OrigDstTable,
@@ -39,9 +39,10 @@ use crate::{
     model::{OutsideMesh, WorkloadKey},
     net::{
         copy,
+        limit::Limit,
         socket::{canonical, connect_from, listen, reset},
     },
-    stats::{Flags, Peer, Reporter, STATS, ServiceName, TcpLabels},
+    stats::{self, Flags, Peer, Reporter, STATS, ServiceName, TcpLabels},
 };
 
 pub struct OutboundListener {
@@ -95,10 +96,17 @@ impl OutboundListener {
             &pod.key,
             Direction::Outbound,
             "outbound",
-            |stream, peer| {
+            Gate {
+                node: &shared.budget,
+                // Every peer is the pod itself, on loopback: a total cap only.
+                listener: Limit::total(shared.settings.caps.per_listener),
+                kind: stats::Listener::Outbound,
+            },
+            |stream, peer, admission| {
                 let (pod, orig_dst, shared) = (pod.clone(), orig_dst.clone(), shared.clone());
-                crate::workers::serve(stream, move |stream| {
-                    handle(pod, orig_dst, shared, stream, peer)
+                crate::workers::serve(stream, move |stream| async move {
+                    handle(pod, orig_dst, shared, stream, peer).await;
+                    drop(admission);
                 });
             },
         )

@@ -346,3 +346,89 @@ fn a_compromised_workload_cannot_hold_idle_connections_or_more_than_its_share_of
     say_ok(a, app, "after the floods")?;
     Ok(())
 }
+
+/// The resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("VmRSS:")?
+                .trim()
+                .strip_suffix("kB")?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .context("no VmRSS")
+}
+
+#[test]
+fn memory_a_flood_of_hbone_connections_took_goes_back_after_it() -> Result<()> {
+    if !require_privileged() {
+        return Ok(());
+    }
+    const FLOOD: usize = 1000;
+    let c = Cluster::new("limits_memory", 2, 2)?;
+    let (a, b, attacker) = (c.pod(0, 0), c.pod(1, 0), c.pod(1, 1));
+    let mesh = Mesh::start(&c, |_| true)?;
+    let _echo = tk::echo(b, PORT)?;
+    let app = SocketAddr::new(b.ip.into(), PORT);
+    say_ok(a, app, "before")?;
+    let cert = CertKey::issue(&mesh.authority()?, &identity(attacker), HOUR)?;
+    let dst: IpAddr = b.ip.into();
+    let pid = mesh.agent(1).pid();
+    let before = rss_kib(pid)?;
+
+    // A thousand HBONE connections with a stream each (every stream a
+    // connection to the application), held together, then all closed.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
+    let authority = app.to_string();
+    let netns = attacker.netns_path.clone();
+    let flood = std::thread::spawn(move || {
+        run_in_netns(&netns, move || async move {
+            let mut held = Vec::new();
+            for _ in 0..FLOOD {
+                let (send, driver) = hbone_connection(&cert, dst).await?;
+                let req = Request::builder()
+                    .method(Method::CONNECT)
+                    .uri(authority.as_str())
+                    .body(())?;
+                let (resp, body) = send.clone().ready().await?.send_request(req, false)?;
+                let resp = resp.await?;
+                ensure!(resp.status() == StatusCode::OK, "{}", resp.status());
+                held.push((send, driver, resp, body));
+            }
+            let _ = tx.send(());
+            let _ = release_rx.await;
+            drop(held);
+            Ok(())
+        })
+    });
+    rx.recv_timeout(Duration::from_secs(120))
+        .context("the flood never got all its connections")?;
+    let peak = rss_kib(pid)?;
+    let _ = release_tx.send(());
+    flood.join().expect("the flood thread")?;
+    let took = peak.saturating_sub(before);
+    ensure!(
+        took >= 8 * 1024,
+        "{FLOOD} held connections took only {took} KiB (from {before} KiB): too little to tell"
+    );
+    // Back within a quarter of what the flood took, once it is over.
+    let mut after = peak;
+    let back = eventually(Duration::from_secs(15), || {
+        after = rss_kib(pid).unwrap_or(u64::MAX);
+        after <= before + took / 4
+    });
+    eprintln!(
+        "agent RSS: {before} KiB before, {peak} KiB with {FLOOD} connections, {after} KiB after"
+    );
+    ensure!(
+        back,
+        "the agent kept the flood's memory: {before} KiB before, {peak} KiB during, {after} KiB after"
+    );
+    say_ok(a, app, "after the flood")?;
+    Ok(())
+}

@@ -162,6 +162,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
             config_path.clone(),
             render.clone(),
         ));
+        tokio::spawn(return_memory_after_floods(shared.clone()));
         tokio::spawn(crate::metrics::serve(metrics, render));
         tokio::spawn(crate::metrics::serve_http(readiness, admin.readiness()));
         tokio::spawn(crate::metrics::serve_http(admin_listener, admin.handler()));
@@ -395,6 +396,43 @@ fn cgroup2_root() -> Option<PathBuf> {
             None
         })
 }
+
+/// After a flood (the connections held fell by at least `FLOOD` since the
+/// last look), hands the memory it took back to the system. glibc's malloc keeps
+/// freed memory in its per-thread arenas, and trims only the top of each heap:
+/// what thousands of short-lived TLS connections spread over the arenas would
+/// otherwise stay with the agent for good. `malloc_trim` walks the arenas and
+/// returns every free page (`madvise`); it costs a few milliseconds, off the
+/// data path, and runs at most once per look.
+async fn return_memory_after_floods(shared: Arc<Shared>) {
+    const FLOOD: usize = 256;
+    const LOOK_EVERY: Duration = Duration::from_secs(2);
+    let mut tick = tokio::time::interval(LOOK_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let peak = shared.budget.take_peak();
+        let held = shared.budget.held();
+        if peak >= held + FLOOD {
+            trim(peak, held);
+        }
+    }
+}
+
+#[cfg(target_env = "gnu")]
+fn trim(peak: usize, held: usize) {
+    // SAFETY: malloc_trim only walks and releases the allocator's free memory.
+    let released = unsafe { libc::malloc_trim(0) };
+    tracing::debug!(
+        peak,
+        held,
+        released,
+        "connections fell from a peak: memory handed back"
+    );
+}
+
+#[cfg(not(target_env = "gnu"))]
+fn trim(_peak: usize, _held: usize) {}
 
 /// The node's connection budget by default: every proxied connection holds two
 /// sockets, and 1024 descriptors stay free for everything else (the pool's

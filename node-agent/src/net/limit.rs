@@ -80,6 +80,8 @@ struct Inner {
     /// `None`: no per-peer cap (or one no lower than `max`).
     per_peer: Option<usize>,
     held: AtomicUsize,
+    /// The most held at once since [`Limit::take_peak`] last read it.
+    peak: AtomicUsize,
     peers: Mutex<HashMap<IpAddr, usize>>,
 }
 
@@ -98,6 +100,7 @@ impl Limit {
                 max,
                 per_peer: (per_peer < max).then_some(per_peer),
                 held: AtomicUsize::new(0),
+                peak: AtomicUsize::new(0),
                 peers: Mutex::default(),
             }),
         }
@@ -113,14 +116,23 @@ impl Limit {
         self.inner.held.load(Ordering::Relaxed)
     }
 
+    /// The most held at once since the last call (or since made); from now on
+    /// the peak counts from what is held now.
+    pub fn take_peak(&self) -> usize {
+        let now = self.held();
+        self.inner.peak.swap(now, Ordering::Relaxed).max(now)
+    }
+
     /// A slot for something from `peer`, or which cap is full.
     pub fn admit(&self, peer: IpAddr) -> Result<Permit, Full> {
         let inner = &self.inner;
         // Optimistic add, undone if over: no lock on the common path.
-        if inner.held.fetch_add(1, Ordering::AcqRel) >= inner.max {
+        let before = inner.held.fetch_add(1, Ordering::AcqRel);
+        if before >= inner.max {
             inner.held.fetch_sub(1, Ordering::AcqRel);
             return Err(Full::Total);
         }
+        inner.peak.fetch_max(before + 1, Ordering::Relaxed);
         let Some(per_peer) = inner.per_peer else {
             return Ok(Permit {
                 inner: inner.clone(),
@@ -214,6 +226,16 @@ mod tests {
         // The freed slot is a's again, and anyone's in the total.
         let _a3 = limit.admit(ip(1)).unwrap();
         assert_eq!(limit.admit(ip(1)).unwrap_err(), Full::Total);
+    }
+
+    #[test]
+    fn the_peak_is_the_most_held_since_it_was_last_taken() {
+        let limit = Limit::total(10);
+        let held: Vec<_> = (0..5).map(|_| limit.admit(ip(1)).unwrap()).collect();
+        drop(held);
+        let _one = limit.admit(ip(1)).unwrap();
+        assert_eq!(limit.take_peak(), 5);
+        assert_eq!(limit.take_peak(), 1);
     }
 
     #[test]

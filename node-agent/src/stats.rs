@@ -402,6 +402,13 @@ impl Stats {
         }
         let _ = writeln!(
             out,
+            "# HELP weft_log_lines_dropped_total Log lines dropped because stdout did not take them (8 MiB were waiting).\n\
+             # TYPE weft_log_lines_dropped_total counter\n\
+             weft_log_lines_dropped_total {}",
+            crate::telemetry::dropped_lines()
+        );
+        let _ = writeln!(
+            out,
             "# HELP weft_hbone_idle_closed_total Inbound HBONE connections closed after carrying no stream for the idle timeout.\n\
              # TYPE weft_hbone_idle_closed_total counter\n\
              weft_hbone_idle_closed_total {}",

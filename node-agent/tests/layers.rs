@@ -23,7 +23,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("discovery", &["model", "units", "yaml"]),
     ("authz", &["identity", "model"]),
     ("lb", &["model"]),
-    ("stats", &["metrics", "model", "net"]),
+    ("stats", &["metrics", "model", "net", "telemetry"]),
     ("view", &["authz", "lb", "model", "stats"]),
     ("ebpf", &["net"]),
     (

@@ -110,6 +110,9 @@ struct CapturedState {
     /// Bytes dropped from the front of `bytes` ([`Proc::forget_stdout_before`]);
     /// offsets count them.
     dropped: usize,
+    /// The reader stops reading while set ([`Proc::pause_stdout`]): the pipe
+    /// fills and the child's writes block, as with a stuck log collector.
+    paused: bool,
 }
 
 impl Captured {
@@ -123,6 +126,12 @@ impl Captured {
         thread::spawn(move || {
             let mut buf = [0u8; 8192];
             loop {
+                {
+                    let mut state = self.lock();
+                    while state.paused {
+                        state = self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
+                    }
+                }
                 match from.read(&mut buf) {
                     Ok(0) => break,
                     Ok(n) => {
@@ -256,6 +265,13 @@ impl Proc {
     /// is gone for every later reader.
     pub fn forget_stdout_before(&self, until: usize) {
         self.stdout.lock().forget_before(until);
+    }
+
+    /// Stops reading the child's stdout (`true`) or reads it again (`false`):
+    /// once the pipe is full, the child's writes to stdout block.
+    pub fn pause_stdout(&self, paused: bool) {
+        self.stdout.lock().paused = paused;
+        self.stdout.changed.notify_all();
     }
 
     /// Everything printed to stderr so far.

@@ -19,7 +19,11 @@ use std::{
 use anyhow::{Context, Result, ensure};
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
-use tokio::{io::AsyncReadExt, net::TcpStream, task::JoinSet};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    task::JoinSet,
+};
 use tokio_rustls::TlsConnector;
 use weft_tests::{
     Cluster, Host as _, Mesh, PATIENCE, Pod, eventually,
@@ -60,6 +64,12 @@ fn refusals(c: &Cluster, node: usize, listener: &str, reason: &str) -> Result<f6
         node,
         &format!("weft_listener_refusals_total{{listener=\"{listener}\",reason=\"{reason}\"}}"),
     )
+}
+
+/// "HBONE connection refused" lines node 1's agent has logged.
+fn refused_lines(mesh: &Mesh) -> usize {
+    mesh.logs(1, |v| v["message"] == "HBONE connection refused")
+        .len()
 }
 
 /// When each of a set of held connections was closed by the other side.
@@ -213,6 +223,34 @@ fn an_outside_pod_cannot_hold_more_than_its_share_of_handshakes_or_connections()
         held.opened - 32
     );
     ensure!(refusals(&c, 1, "inbound", "peer_limit")? >= (held.opened - 32) as f64);
+    // 300 connections that send garbage instead of a TLS ClientHello: each is
+    // refused and counted, but the log gets at most 20 lines a second.
+    const GARBAGE: usize = 300;
+    let failed_before = refusals(&c, 1, "hbone", "handshake_failed")?;
+    let logged_before = refused_lines(&mesh);
+    let hbone_addr = SocketAddr::new(b.ip.into(), HBONE_PORT);
+    let sent = run_in_netns(&outsider.netns_path, move || async move {
+        let started = Instant::now();
+        for _ in 0..GARBAGE {
+            let mut s = TcpStream::connect(hbone_addr).await?;
+            s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await?;
+            let mut buf = [0u8; 256];
+            while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+        }
+        Ok(started.elapsed())
+    })?;
+    ensure!(
+        eventually(PATIENCE, || refusals(&c, 1, "hbone", "handshake_failed")
+            .is_ok_and(|n| n - failed_before >= GARBAGE as f64)),
+        "not every garbage connection was counted"
+    );
+    let logged = refused_lines(&mesh) - logged_before;
+    let allowed = 20 * (sent.as_secs() as usize + 2);
+    ensure!(
+        logged <= allowed,
+        "{logged} log lines for {GARBAGE} refusals in {sent:?}: more than 20 a second"
+    );
+
     // The slots come back with the connections: the outsider is served again.
     ensure!(
         eventually(PATIENCE, || say_ok(outsider, app, "after the floods")
@@ -430,5 +468,60 @@ fn memory_a_flood_of_hbone_connections_took_goes_back_after_it() -> Result<()> {
         "the agent kept the flood's memory: {before} KiB before, {peak} KiB during, {after} KiB after"
     );
     say_ok(a, app, "after the flood")?;
+    Ok(())
+}
+
+#[test]
+fn a_stdout_that_stops_draining_never_stalls_traffic() -> Result<()> {
+    if !require_privileged() {
+        return Ok(());
+    }
+    const CONNECTIONS: usize = 2000;
+    let c = Cluster::new("limits_stuck_stdout", 2, 1)?;
+    let (a, b) = (c.pod(0, 0), c.pod(1, 0));
+    let mesh = Mesh::start(&c, |_| true)?;
+    let _echo = tk::echo(b, PORT)?;
+    let app = SocketAddr::new(b.ip.into(), PORT);
+    say_ok(a, app, "before")?;
+    // The destination's agent writes an access-log line per connection (about
+    // 1 KiB of JSON): 2000 of them fill its stdout pipe (64 KiB) many times
+    // over while nobody reads it.
+    let agent = mesh.agent(1);
+    let cursor = mesh.logs_end(1);
+    agent.pause_stdout(true);
+    let out = a.exec(
+        weft_tests::bin_path("weft-tk"),
+        [
+            "conn-rate",
+            "--connect",
+            &app.to_string(),
+            "--count",
+            &CONNECTIONS.to_string(),
+            "--timeout-secs",
+            "10",
+        ],
+    )?;
+    agent.pause_stdout(false);
+    let report = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "traffic stalled while the agent's stdout was not read: {report} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Once read again, the lines that waited come out.
+    let mut inbound = 0;
+    eventually(PATIENCE, || {
+        let mut at = cursor;
+        inbound = mesh
+            .access_logs_after(1, &mut at)
+            .iter()
+            .filter(|v| v["direction"] == "inbound")
+            .count();
+        inbound >= CONNECTIONS
+    });
+    ensure!(
+        inbound >= CONNECTIONS,
+        "only {inbound} of {CONNECTIONS} access-log lines came out after stdout drained again"
+    );
     Ok(())
 }

@@ -34,7 +34,7 @@ use super::{CLOSE_GRACE, HANDSHAKE_TIMEOUT};
 use crate::{
     identity::SpiffeId,
     net::{
-        limit::{Limit, Permit, Refused},
+        limit::{Limit, Permit, Refused, Throttle},
         socket::canonical,
     },
     tls,
@@ -179,7 +179,9 @@ pub struct Server {
     limits: Limits,
     /// Refusals by a listener's limits are logged at most once per second;
     /// metrics count every one.
-    throttle: Arc<crate::net::limit::Throttle>,
+    throttle: Arc<Throttle>,
+    /// Connections refused for what they sent: up to 20 lines a second.
+    refusals: Arc<Throttle>,
 }
 
 impl Server {
@@ -190,6 +192,7 @@ impl Server {
             name: name.into(),
             limits,
             throttle: Default::default(),
+            refusals: Arc::new(Throttle::new(20)),
         }
     }
 
@@ -217,13 +220,19 @@ impl Server {
     ) {
         let _ = tcp.set_nodelay(true);
         let peer = canonical(peer);
-        let refuse = |reason: &dyn std::fmt::Display| {
-            warn!(
-                workload = %self.name,
-                %peer,
-                reason = %reason,
-                "HBONE connection refused"
-            );
+        // Counted every time; logged up to 20 times a second per listener, so
+        // a flood of garbage costs a line a refusal only while it is small.
+        let refuse = |why: Refused, reason: &dyn std::fmt::Display| {
+            handler.refused(why);
+            if let Some(suppressed) = self.refusals.allow() {
+                warn!(
+                    workload = %self.name,
+                    %peer,
+                    reason = %reason,
+                    suppressed,
+                    "HBONE connection refused"
+                );
+            }
         };
         let handshake = match self.limits.handshakes.admit(peer.ip()) {
             Ok(permit) => permit,
@@ -237,32 +246,36 @@ impl Server {
         let deadline = Instant::now() + self.limits.handshake_timeout;
         let tls = match tokio::time::timeout_at(deadline, self.acceptor.accept(tcp)).await {
             Ok(Ok(tls)) => tls,
-            Ok(Err(e)) => return refuse(&format_args!("TLS handshake failed: {e}")),
-            Err(_) => {
-                handler.refused(Refused::HandshakeTimeout);
-                return refuse(&"TLS handshake timed out");
+            Ok(Err(e)) => {
+                return refuse(
+                    Refused::HandshakeFailed,
+                    &format_args!("TLS handshake failed: {e}"),
+                );
             }
+            Err(_) => return refuse(Refused::HandshakeTimeout, &"TLS handshake timed out"),
         };
         let identity = match tls::peer_identity(tls.get_ref().1.peer_certificates()) {
             // A root of the bundle may also sign for other trust domains
             // (federation, a root shared during migration): only ours are peers.
             Ok(id) if id.trust_domain() != &*self.trust_domain => {
-                return refuse(&format_args!(
-                    "peer {id} is not in trust domain {}",
-                    self.trust_domain
-                ));
+                return refuse(
+                    Refused::HandshakeFailed,
+                    &format_args!("peer {id} is not in trust domain {}", self.trust_domain),
+                );
             }
             Ok(id) => id,
-            Err(e) => return refuse(&e),
+            Err(e) => return refuse(Refused::HandshakeFailed, &e),
         };
         let h2_handshake = super::server_builder().handshake::<_, Bytes>(tls);
         let mut h2 = match tokio::time::timeout_at(deadline, h2_handshake).await {
             Ok(Ok(h2)) => h2,
-            Ok(Err(e)) => return refuse(&format_args!("HTTP/2 handshake failed: {e}")),
-            Err(_) => {
-                handler.refused(Refused::HandshakeTimeout);
-                return refuse(&"HTTP/2 handshake timed out");
+            Ok(Err(e)) => {
+                return refuse(
+                    Refused::HandshakeFailed,
+                    &format_args!("HTTP/2 handshake failed: {e}"),
+                );
             }
+            Err(_) => return refuse(Refused::HandshakeTimeout, &"HTTP/2 handshake timed out"),
         };
         drop(handshake);
         debug!(workload = %self.name, %peer, peer_identity = %identity, "HBONE connection accepted");
@@ -331,7 +344,7 @@ impl Server {
                 }
                 Some(Err(e)) => {
                     if !e.is_go_away() && !e.is_io() {
-                        refuse(&format_args!("HTTP/2 error: {e}"));
+                        refuse(Refused::ProtocolError, &format_args!("HTTP/2 error: {e}"));
                     }
                     break;
                 }

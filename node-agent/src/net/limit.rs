@@ -15,7 +15,7 @@ use std::{
     net::IpAddr,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicUsize, Ordering},
     },
     time::Instant,
 };
@@ -44,16 +44,23 @@ pub enum Refused {
     HandshakeTimeout,
     /// Too many streams at once on the listener or from the peer.
     StreamLimit,
+    /// The TLS or HTTP/2 handshake failed, or the peer's certificate was not
+    /// one of the mesh's.
+    HandshakeFailed,
+    /// An HTTP/2 protocol error after the handshake.
+    ProtocolError,
 }
 
 impl Refused {
-    pub const ALL: [Refused; 6] = [
+    pub const ALL: [Refused; 8] = [
         Refused::NodeLimit,
         Refused::ListenerLimit,
         Refused::PeerLimit,
         Refused::HandshakeLimit,
         Refused::HandshakeTimeout,
         Refused::StreamLimit,
+        Refused::HandshakeFailed,
+        Refused::ProtocolError,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -64,6 +71,8 @@ impl Refused {
             Refused::HandshakeLimit => "handshake_limit",
             Refused::HandshakeTimeout => "handshake_timeout",
             Refused::StreamLimit => "stream_limit",
+            Refused::HandshakeFailed => "handshake_failed",
+            Refused::ProtocolError => "protocol_error",
         }
     }
 }
@@ -169,38 +178,61 @@ impl Drop for Permit {
     }
 }
 
-/// At most one log line per second for a kind of event that may come as a
-/// flood: [`Throttle::allow`] says whether to log now, and how many were
-/// suppressed since the last line. Metrics count every event; logs sample them.
-#[derive(Debug, Default)]
+/// At most so many log lines per second for a kind of event that may come as
+/// a flood: [`Throttle::allow`] says whether to log now, and how many were
+/// suppressed before this line. Metrics count every event; logs sample them.
+/// A lock, not atomics: it is taken only on refusal paths.
+#[derive(Debug)]
 pub struct Throttle {
-    /// Milliseconds since `EPOCH` of the last line; 0: never.
-    last: AtomicU64,
-    suppressed: AtomicU64,
+    per_second: u32,
+    window: Mutex<Window>,
 }
 
-static EPOCH: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
+#[derive(Debug)]
+struct Window {
+    start: Option<Instant>,
+    lines: u32,
+    suppressed: u64,
+}
+
+impl Default for Throttle {
+    /// One line per second.
+    fn default() -> Self {
+        Throttle::new(1)
+    }
+}
 
 impl Throttle {
-    const EVERY_MS: u64 = 1000;
+    pub fn new(per_second: u32) -> Self {
+        Throttle {
+            per_second,
+            window: Mutex::new(Window {
+                start: None,
+                lines: 0,
+                suppressed: 0,
+            }),
+        }
+    }
 
     /// `Some(suppressed)` if a line may be written now.
     pub fn allow(&self) -> Option<u64> {
-        // Offset so that a stored time is never 0 (never) and a second back from
-        // it is still positive.
-        let now =
-            u64::try_from(EPOCH.elapsed().as_millis()).unwrap_or(u64::MAX / 2) + Self::EVERY_MS + 1;
-        let last = self.last.load(Ordering::Relaxed);
-        if last != 0 && now < last + Self::EVERY_MS
-            || self
-                .last
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_err()
+        self.allow_at(Instant::now())
+    }
+
+    fn allow_at(&self, now: Instant) -> Option<u64> {
+        let mut w = self.window.lock().unwrap_or_else(|e| e.into_inner());
+        if w.start
+            .is_none_or(|s| now.duration_since(s) >= std::time::Duration::from_secs(1))
         {
-            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            w.start = Some(now);
+            w.lines = 0;
+        }
+        if w.lines >= self.per_second {
+            w.suppressed += 1;
             return None;
         }
-        Some(self.suppressed.swap(0, Ordering::Relaxed))
+        w.lines += 1;
+        Some(std::mem::take(&mut w.suppressed))
     }
 }
 
@@ -249,15 +281,19 @@ mod tests {
     }
 
     #[test]
-    fn a_throttle_lets_one_line_through_and_counts_the_rest() {
-        let t = Throttle::default();
-        assert_eq!(t.allow(), Some(0));
+    fn a_throttle_lets_its_lines_through_each_second_and_counts_the_rest() {
+        let t = Throttle::new(2);
+        let t0 = Instant::now();
+        assert_eq!(t.allow_at(t0), Some(0));
+        assert_eq!(t.allow_at(t0), Some(0));
         for _ in 0..5 {
-            assert_eq!(t.allow(), None);
+            assert_eq!(t.allow_at(t0), None);
         }
         // A second later the next line says how many it stands for.
-        t.last.fetch_sub(Throttle::EVERY_MS, Ordering::Relaxed);
-        assert_eq!(t.allow(), Some(5));
+        let t1 = t0 + std::time::Duration::from_secs(1);
+        assert_eq!(t.allow_at(t1), Some(5));
+        assert_eq!(t.allow_at(t1), Some(0));
+        assert_eq!(t.allow_at(t1), None);
     }
 
     #[test]

@@ -130,7 +130,18 @@ struct TcpCounters {
     closed: AtomicU64,
     sent: AtomicU64,
     received: AtomicU64,
+    /// When a connection last opened or closed, in seconds of [`clock`].
+    touched: AtomicU64,
 }
+
+/// Seconds since the first call: the time `prune` compares.
+fn clock() -> u64 {
+    static START: LazyLock<std::time::Instant> = LazyLock::new(std::time::Instant::now);
+    START.elapsed().as_secs()
+}
+
+/// Whether a workload (namespace, name) is still in the model.
+pub type Present<'a> = &'a dyn Fn(&str, &str) -> bool;
 
 /// Labelled counters of Weft's own.
 #[derive(Debug, Default)]
@@ -234,7 +245,9 @@ impl Stats {
 
     /// A connection is open between known ends.
     pub fn opened(&self, labels: &TcpLabels) {
-        self.counters(labels).opened.fetch_add(1, Relaxed);
+        let c = self.counters(labels);
+        c.opened.fetch_add(1, Relaxed);
+        c.touched.store(clock(), Relaxed);
     }
 
     /// A connection has ended. `request` bytes went from source to destination
@@ -244,6 +257,49 @@ impl Stats {
         c.closed.fetch_add(1, Relaxed);
         c.received.fetch_add(request, Relaxed);
         c.sent.fetch_add(response, Relaxed);
+        c.touched.store(clock(), Relaxed);
+    }
+
+    /// Drops the series of workloads that have left the model, once they have
+    /// had no connection open and none opened or closed for `quiet` seconds (so
+    /// scrapes saw their last values): without it, every pod that ever came and
+    /// went would keep its series, and churn would grow the agent's memory
+    /// without bound. Returns how many series went.
+    pub fn prune(&self, present: Present<'_>, quiet: u64) -> usize {
+        self.prune_at(present, quiet, clock())
+    }
+
+    fn prune_at(&self, present: Present<'_>, quiet: u64, now: u64) -> usize {
+        let departed = |p: &Peer| match (&p.namespace, &p.workload) {
+            (Some(ns), Some(name)) => !present(ns, name),
+            _ => false,
+        };
+        let mut pruned = 0;
+        self.tcp
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|labels, c| {
+                let idle = c.opened.load(Relaxed) == c.closed.load(Relaxed)
+                    && c.touched.load(Relaxed) + quiet <= now;
+                let keep =
+                    !(idle && (departed(&labels.source) || departed(&labels.destination)));
+                pruned += usize::from(!keep);
+                keep
+            });
+        // `weft_connections_denied_total{workload="ns/name"}`.
+        self.denied
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|labels, _| {
+                let keep = labels.iter().all(|(k, v)| {
+                    *k != "workload"
+                        || v.split_once('/').is_none_or(|(ns, name)| present(ns, name))
+                });
+                pruned += usize::from(!keep);
+                keep
+            });
+        pruned
     }
 
     /// The first config is in force.
@@ -495,6 +551,37 @@ mod tests {
             mutual_tls: true,
             flags,
         }
+    }
+
+    #[test]
+    fn the_series_of_departed_workloads_go_once_quiet_and_no_others() {
+        let stats = Stats::default();
+        let gone = labels(Flags::None); // source "default/client"
+        let mut stays = labels(Flags::None);
+        stays.source.workload = Some("server".into());
+        let mut open = labels(Flags::Deny);
+        open.source.workload = Some("leaving".into());
+        stats.opened(&gone);
+        stats.closed(&gone, 1, 2);
+        stats.opened(&stays);
+        stats.closed(&stays, 1, 2);
+        stats.opened(&open); // still open
+        stats.policy_denied("default/client", "policy");
+        stats.policy_denied("default/server", "policy");
+        let present = |ns: &str, name: &str| ns == "default" && name == "server";
+        let now = clock();
+        // Not quiet long enough yet: everything stays.
+        assert_eq!(stats.prune_at(&present, 300, now), 1, "only the denial counter goes at once");
+        assert_eq!(stats.tcp.lock().unwrap().len(), 3);
+        // Five minutes later the departed, idle series goes; the one with a
+        // connection still open stays until it closes.
+        assert_eq!(stats.prune_at(&present, 300, now + 300), 1);
+        let left = stats.tcp.lock().unwrap();
+        assert!(left.contains_key(&stays) && left.contains_key(&open) && !left.contains_key(&gone));
+        drop(left);
+        let page = stats.render();
+        assert!(page.contains("workload=\"default/server\""));
+        assert!(!page.contains("workload=\"default/client\""));
     }
 
     #[test]

@@ -163,6 +163,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
             render.clone(),
         ));
         tokio::spawn(return_memory_after_floods(shared.clone()));
+        tokio::spawn(prune_departed_series(shared.clone()));
         tokio::spawn(crate::metrics::serve(metrics, render));
         tokio::spawn(crate::metrics::serve_http(readiness, admin.readiness()));
         tokio::spawn(crate::metrics::serve_http(admin_listener, admin.handler()));
@@ -395,6 +396,29 @@ fn cgroup2_root() -> Option<PathBuf> {
             warn!("no cgroup2 mount in mountinfo");
             None
         })
+}
+
+/// Once a minute, drops the metric series of workloads no longer in the model
+/// that have been quiet for five minutes (see [`crate::stats::Stats::prune`]).
+async fn prune_departed_series(shared: Arc<Shared>) {
+    const QUIET_SECS: u64 = 300;
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let view = shared.view();
+        let present = |namespace: &str, name: &str| {
+            view.workload(&crate::model::WorkloadKey {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+            })
+            .is_some()
+        };
+        let pruned = crate::stats::STATS.prune(&present, QUIET_SECS);
+        if pruned > 0 {
+            tracing::debug!(pruned, "metric series of departed workloads dropped");
+        }
+    }
 }
 
 /// After a flood (the connections held fell by at least `FLOOD` since the

@@ -281,8 +281,7 @@ impl Stats {
             .retain(|labels, c| {
                 let idle = c.opened.load(Relaxed) == c.closed.load(Relaxed)
                     && c.touched.load(Relaxed) + quiet <= now;
-                let keep =
-                    !(idle && (departed(&labels.source) || departed(&labels.destination)));
+                let keep = !(idle && (departed(&labels.source) || departed(&labels.destination)));
                 pruned += usize::from(!keep);
                 keep
             });
@@ -293,8 +292,7 @@ impl Stats {
             .unwrap_or_else(|e| e.into_inner())
             .retain(|labels, _| {
                 let keep = labels.iter().all(|(k, v)| {
-                    *k != "workload"
-                        || v.split_once('/').is_none_or(|(ns, name)| present(ns, name))
+                    *k != "workload" || v.split_once('/').is_none_or(|(ns, name)| present(ns, name))
                 });
                 pruned += usize::from(!keep);
                 keep
@@ -571,7 +569,11 @@ mod tests {
         let present = |ns: &str, name: &str| ns == "default" && name == "server";
         let now = clock();
         // Not quiet long enough yet: everything stays.
-        assert_eq!(stats.prune_at(&present, 300, now), 1, "only the denial counter goes at once");
+        assert_eq!(
+            stats.prune_at(&present, 300, now),
+            1,
+            "only the denial counter goes at once"
+        );
         assert_eq!(stats.tcp.lock().unwrap().len(), 3);
         // Five minutes later the departed, idle series goes; the one with a
         // connection still open stays until it closes.

@@ -10,16 +10,20 @@
 
 use std::{
     fmt,
-    sync::{Arc, OnceLock},
+    sync::{Arc, OnceLock, RwLock},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, ServerConfig, SignatureScheme,
+    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, ServerConfig,
+    SignatureScheme,
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
     crypto::{CryptoProvider, WebPkiSupportedAlgorithms, ring},
     pki_types::{CertificateDer, PrivateKeyDer, ServerName, TrustAnchor, UnixTime},
-    server::{ResolvesServerCert, WebPkiClientVerifier},
+    server::{
+        ResolvesServerCert, WebPkiClientVerifier,
+        danger::{ClientCertVerified, ClientCertVerifier},
+    },
     sign::CertifiedKey,
 };
 
@@ -193,7 +197,19 @@ impl Svid {
 #[derive(Clone)]
 pub struct TrustBundle {
     anchors: Arc<Vec<TrustAnchor<'static>>>,
-    roots: Arc<rustls::RootCertStore>,
+    /// Client certificates checked against these roots, built once per bundle.
+    client_verifier: Arc<dyn ClientCertVerifier>,
+}
+
+/// The trust bundle in force, shared: every verifier reads it at handshake time
+/// (a cheap clone of two `Arc`s under a read lock), so a root added to or
+/// removed from the bundle counts from the next handshake on, on every
+/// listener and client, without rebuilding any config.
+pub type LiveBundle = Arc<RwLock<TrustBundle>>;
+
+/// The bundle in force now.
+pub fn current(bundle: &LiveBundle) -> TrustBundle {
+    bundle.read().unwrap_or_else(|e| e.into_inner()).clone()
 }
 
 impl fmt::Debug for TrustBundle {
@@ -217,9 +233,13 @@ impl TrustBundle {
         if anchors.is_empty() {
             return Err(Error::EmptyBundle);
         }
+        let client_verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+                .build()
+                .map_err(|e| Error::Certificate(e.to_string()))?;
         Ok(TrustBundle {
             anchors: Arc::new(anchors),
-            roots: Arc::new(roots),
+            client_verifier,
         })
     }
 
@@ -381,16 +401,65 @@ impl rustls::client::ResolvesClientCert for FixedClientCert {
     }
 }
 
-/// A server config that requires a client certificate chaining to `bundle`
-/// (`clientAuth`), and presents whatever `certs` resolves at handshake time (so a
-/// renewed certificate is used without rebuilding the config). ALPN `h2`.
+/// Checks a client's chain (`clientAuth`) against the bundle in force at the
+/// handshake.
+#[derive(Debug)]
+struct LiveClientVerifier {
+    bundle: LiveBundle,
+}
+
+impl ClientCertVerifier for LiveClientVerifier {
+    /// No hints: the bundle may change under a borrowed slice, and our peers
+    /// (and ztunnel) present their one certificate whatever the hints say.
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        current(&self.bundle)
+            .client_verifier
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &sig_algs())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &sig_algs())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        sig_algs().supported_schemes()
+    }
+}
+
+/// A server config that requires a client certificate chaining to the bundle in
+/// force at each handshake (`clientAuth`), and presents whatever `certs`
+/// resolves at handshake time (so a renewed certificate is used without
+/// rebuilding the config). ALPN `h2`.
 pub fn server_config(
     certs: Arc<dyn ResolvesServerCert>,
-    bundle: &TrustBundle,
+    bundle: &LiveBundle,
 ) -> Result<Arc<ServerConfig>, Error> {
-    let verifier = WebPkiClientVerifier::builder_with_provider(bundle.roots.clone(), provider())
-        .build()
-        .map_err(|e| Error::Certificate(e.to_string()))?;
+    let verifier = Arc::new(LiveClientVerifier {
+        bundle: bundle.clone(),
+    });
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -469,6 +538,14 @@ pub(crate) mod tests {
 
     /// A full handshake between `client` and `server` in memory; how it went.
     fn handshake(client: &Arc<ClientConfig>, server: &Arc<ServerConfig>) -> rustls::HandshakeKind {
+        try_handshake(client, server).unwrap()
+    }
+
+    /// The same, or the error either side met.
+    fn try_handshake(
+        client: &Arc<ClientConfig>,
+        server: &Arc<ServerConfig>,
+    ) -> Result<rustls::HandshakeKind, rustls::Error> {
         let name = rustls::pki_types::ServerName::try_from("weft").unwrap();
         let mut c = rustls::ClientConnection::new(client.clone(), name).unwrap();
         let mut s = rustls::ServerConnection::new(server.clone()).unwrap();
@@ -476,14 +553,46 @@ pub(crate) mod tests {
             let mut buf = Vec::new();
             c.write_tls(&mut buf).unwrap();
             s.read_tls(&mut &buf[..]).unwrap();
-            s.process_new_packets().unwrap();
+            s.process_new_packets()?;
             buf.clear();
             s.write_tls(&mut buf).unwrap();
             c.read_tls(&mut &buf[..]).unwrap();
-            c.process_new_packets().unwrap();
+            c.process_new_packets()?;
         }
         assert!(!c.is_handshaking() && !s.is_handshaking());
-        c.handshake_kind().unwrap()
+        Ok(c.handshake_kind().unwrap())
+    }
+
+    #[test]
+    fn a_listener_follows_the_bundle_from_one_handshake_to_the_next() {
+        let (old, new) = (
+            Authority::generate("cluster.local", DAY).unwrap(),
+            Authority::generate("cluster.local", DAY).unwrap(),
+        );
+        let both = format!("{}{}", old.root_pem(), new.root_pem());
+        let live: LiveBundle =
+            Arc::new(RwLock::new(TrustBundle::from_pem(old.root_pem()).unwrap()));
+        let b = issue(&old, &id("b"), DAY);
+        // One server config for the whole rotation, as a pod's 15008 keeps.
+        let server = server_config(Arc::new(FixedServerCert(b.certified_key())), &live).unwrap();
+        let client_of = |ca: &Authority| {
+            let bundle = TrustBundle::from_pem(&both).unwrap();
+            client_config(&issue(ca, &id("a"), DAY), &bundle, id("b")).unwrap()
+        };
+        assert!(try_handshake(&client_of(&old), &server).is_ok());
+        assert!(
+            try_handshake(&client_of(&new), &server).is_err(),
+            "a root not yet trusted"
+        );
+        // The new root joins the bundle: its certificates are accepted at once.
+        *live.write().unwrap() = TrustBundle::from_pem(&both).unwrap();
+        assert!(try_handshake(&client_of(&new), &server).is_ok());
+        assert!(try_handshake(&client_of(&old), &server).is_ok());
+        // The old root leaves: its certificates are refused from the next handshake.
+        *live.write().unwrap() = TrustBundle::from_pem(new.root_pem()).unwrap();
+        let e = try_handshake(&client_of(&old), &server).unwrap_err();
+        assert!(matches!(e, rustls::Error::InvalidCertificate(_)), "{e}");
+        assert!(try_handshake(&client_of(&new), &server).is_ok());
     }
 
     #[test]
@@ -491,7 +600,8 @@ pub(crate) mod tests {
         let ca = Authority::generate("cluster.local", DAY).unwrap();
         let bundle = TrustBundle::from_pem(ca.root_pem()).unwrap();
         let (a, b) = (issue(&ca, &id("a"), DAY), issue(&ca, &id("b"), DAY));
-        let server = server_config(Arc::new(FixedServerCert(b.certified_key())), &bundle).unwrap();
+        let live = Arc::new(RwLock::new(bundle.clone()));
+        let server = server_config(Arc::new(FixedServerCert(b.certified_key())), &live).unwrap();
         // A client that would resume if it could (our own never tries).
         let mut client = (*client_config(&a, &bundle, id("b")).unwrap()).clone();
         client.resumption = rustls::client::Resumption::in_memory_sessions(16);

@@ -72,8 +72,7 @@ impl HboneListener {
             certs: shared.certs.clone(),
             id: pod.identity.clone(),
         });
-        let config =
-            tls::server_config(resolver, &shared.bundle()).map_err(std::io::Error::other)?;
+        let config = tls::server_config(resolver, &shared.bundle).map_err(std::io::Error::other)?;
         let caps = shared.settings.caps;
         let server = Server::new(
             TlsAcceptor::from(config),

@@ -245,4 +245,14 @@ pub struct AgentArgs {
     /// above the peers' `--hbone-idle`, so they close first.
     #[arg(long, env = "WEFT_HBONE_SERVER_IDLE", default_value = "120s", value_parser = parse_duration)]
     pub hbone_server_idle: std::time::Duration,
+
+    /// HBONE: every pooled connection sends an HTTP/2 PING this often (`0s`:
+    /// never), so a dead peer or a black-holed path is noticed.
+    #[arg(long, env = "WEFT_HBONE_PING_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub hbone_ping_interval: std::time::Duration,
+
+    /// HBONE: a connection whose PING is not answered within this is closed
+    /// (its streams fail) and the next stream to that peer opens a fresh one.
+    #[arg(long, env = "WEFT_HBONE_PING_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub hbone_ping_timeout: std::time::Duration,
 }

@@ -121,6 +121,10 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
                 hbone_idle: args.hbone_server_idle,
             },
         };
+        anyhow::ensure!(
+            !args.hbone_ping_timeout.is_zero(),
+            "--hbone-ping-timeout must be more than 0 (to stop PINGs, set --hbone-ping-interval 0s)"
+        );
         let defaults = PoolSettings::default();
         let pool = Pool::new(
             certs.clone(),
@@ -130,6 +134,8 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
                 spread: args.hbone_spread.unwrap_or(defaults.spread).max(1),
                 idle_timeout: args.hbone_idle,
                 connect_timeout: settings.connect_timeout,
+                ping_interval: args.hbone_ping_interval,
+                ping_timeout: args.hbone_ping_timeout,
             },
         );
         let budget = args.max_connections.unwrap_or_else(connection_budget).max(1);
@@ -151,9 +157,11 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         let readiness = bind(args.readiness_addr, "readiness").await?;
         let admin_listener = bind(args.admin_addr, "admin").await?;
         let certs_view = shared.certs.clone();
+        let pool_view = shared.pool.clone();
         let render: crate::metrics::Render = Arc::new(move || {
             let mut page = crate::stats::STATS.render();
             page.push_str(&certs_view.render_metrics());
+            page.push_str(&pool_view.render_metrics());
             page
         });
         let admin = Arc::new(Admin::new(

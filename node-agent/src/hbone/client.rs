@@ -22,6 +22,17 @@
 //! A connection made with a certificate that has since been renewed takes no new
 //! streams; it finishes the ones it has and is closed when idle. Unused connections
 //! are closed after `idle_timeout`.
+//!
+//! Dead peers: every connection sends an HTTP/2 PING each `ping_interval`, and
+//! one not answered within `ping_timeout` closes it (counted, and logged as
+//! `HBONE connection closed: no answer to PING`): it leaves the pool at once, the
+//! streams it carries fail, and the next stream to that peer makes a fresh
+//! connection. Without this a silently black-holed connection kept taking new
+//! streams, each failing after the connect timeout, until TCP's retransmissions
+//! got through or gave up (minutes). Idle pooled connections are pinged too:
+//! that is where the next stream would go, and a dead one should be gone before
+//! a client waits on it. The sockets also carry TCP keepalive and
+//! `TCP_USER_TIMEOUT` (`net::socket::keepalive`), a floor for both ends.
 
 use std::{
     collections::HashMap,
@@ -35,18 +46,21 @@ use std::{
 };
 
 use bytes::{Bytes, BytesMut};
-use h2::{RecvStream, SendStream, client::SendRequest};
+use h2::{Ping, PingPong, RecvStream, SendStream, client::SendRequest};
 use http::{HeaderValue, StatusCode};
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::{HANDSHAKE_TIMEOUT, PoolSettings, headers::connect_request, stream::h2_io};
 use crate::{
     certs::{self, CertManager},
     identity::SpiffeId,
-    net::{Netns, socket::connect_from},
+    net::{
+        Netns,
+        socket::{connect_from, keepalive},
+    },
     tls::{self, TrustBundle},
 };
 
@@ -273,6 +287,8 @@ struct Inner {
     settings: PoolSettings,
     keys: Mutex<HashMap<Key, Conns>>,
     next_id: AtomicU64,
+    /// Connections closed because a PING went unanswered.
+    unanswered: Arc<AtomicU64>,
 }
 
 impl Pool {
@@ -289,9 +305,20 @@ impl Pool {
             settings,
             keys: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
+            unanswered: Arc::default(),
         });
         tokio::spawn(reap(Arc::downgrade(&inner)));
         Pool { inner }
+    }
+
+    /// The pool's counters, in Prometheus text.
+    pub fn render_metrics(&self) -> String {
+        format!(
+            "# HELP weft_hbone_ping_timeouts_total Pooled HBONE connections closed because the peer did not answer a PING in time.\n\
+             # TYPE weft_hbone_ping_timeouts_total counter\n\
+             weft_hbone_ping_timeouts_total {}\n",
+            self.inner.unanswered.load(Relaxed)
+        )
     }
 
     /// Opens a stream to `t`, over a pooled connection or a new one, and waits
@@ -416,6 +443,9 @@ impl Pool {
                 addr: t.hbone,
                 source,
             })?;
+        // Best effort: a socket without it is still served, and PINGs notice a
+        // dead peer anyway.
+        let _ = keepalive(&tcp);
         let name = ServerName::IpAddress(t.hbone.ip().into());
         let tls = match tokio::time::timeout(
             HANDSHAKE_TIMEOUT,
@@ -458,10 +488,22 @@ impl Pool {
         let flag = closed.clone();
         let (src, dst, addr) = (t.src.to_string(), t.dst.to_string(), t.hbone);
         info!(connection = id, src.identity = %src, dst.identity = %dst, dst.addr = %addr, serial = %svid.serial, "HBONE connection opened");
+        let (interval, timeout) = (s.ping_interval, s.ping_timeout);
+        let unanswered = self.inner.unanswered.clone();
         tokio::spawn(async move {
-            let result = connection.await;
+            // The streams' tasks run on this worker too, so none sees the
+            // connection gone before `closed` says so.
+            let ended = drive(connection, interval, timeout).await;
             flag.store(true, Relaxed);
-            debug!(connection = id, dst.addr = %addr, result = ?result.err(), "HBONE connection closed");
+            match ended {
+                Ended::Closed(result) => {
+                    debug!(connection = id, dst.addr = %addr, result = ?result.err(), "HBONE connection closed");
+                }
+                Ended::Silent => {
+                    unanswered.fetch_add(1, Relaxed);
+                    warn!(connection = id, dst.addr = %addr, timeout = ?timeout, "HBONE connection closed: no answer to PING");
+                }
+            }
         });
         Ok(Conn {
             id,
@@ -471,6 +513,53 @@ impl Pool {
             closed,
             idle_since: Mutex::new(Instant::now()),
         })
+    }
+}
+
+/// How a pooled connection's task ended.
+#[derive(Debug)]
+enum Ended {
+    /// The connection ended by itself: closed by either side, or failed.
+    Closed(Result<(), h2::Error>),
+    /// A PING went unanswered for the timeout: the connection was dropped,
+    /// which fails the streams it carried and closes the socket.
+    Silent,
+}
+
+/// Runs a pooled connection until it ends or its peer falls silent.
+async fn drive<T>(
+    mut connection: h2::client::Connection<T, Bytes>,
+    interval: Duration,
+    timeout: Duration,
+) -> Ended
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let pings = connection.ping_pong();
+    tokio::select! {
+        result = &mut connection => Ended::Closed(result),
+        () = silence(pings, interval, timeout) => Ended::Silent,
+    }
+}
+
+/// Sends a PING every `interval` (none when it is zero) and returns when one has
+/// waited `timeout` for its answer. Pending forever while the peer answers, and
+/// once the connection has failed on its own (its future then says how).
+///
+/// One PING at a time, whether or not streams are in flight: a busy
+/// connection's answer may queue behind data, which `timeout` allows for (see
+/// `PING_TIMEOUT`), and an idle one is where the next stream would go.
+async fn silence(pings: Option<PingPong>, interval: Duration, timeout: Duration) {
+    let Some(mut pings) = pings.filter(|_| !interval.is_zero()) else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(interval).await;
+        match tokio::time::timeout(timeout, pings.ping(Ping::opaque())).await {
+            Ok(Ok(_pong)) => {}
+            Ok(Err(_)) => return std::future::pending().await,
+            Err(_) => return,
+        }
     }
 }
 
@@ -575,6 +664,58 @@ mod tests {
             Choice::Connect => "connect",
             Choice::Wait => "wait",
         }
+    }
+
+    #[tokio::test]
+    async fn a_connection_whose_peer_answers_pings_lives_and_a_silent_one_is_dropped() {
+        let (interval, timeout) = (Duration::from_millis(20), Duration::from_millis(200));
+
+        // A live peer: an h2 server that answers PINGs (h2 does so by itself
+        // while its connection is polled).
+        let (io, peer) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(async move {
+            let mut server = h2::server::handshake(peer).await.unwrap();
+            while server.accept().await.is_some() {}
+        });
+        let (_send, connection) = h2::client::handshake(io).await.unwrap();
+        let lived =
+            tokio::time::timeout(Duration::from_secs(1), drive(connection, interval, timeout));
+        assert!(lived.await.is_err(), "50 PINGs answered: still running");
+
+        // A silent peer (nothing reads the other end, as over a black-holed
+        // path), with a stream in flight.
+        let (io, _peer) = tokio::io::duplex(64 * 1024);
+        let (send, connection) = h2::client::handshake(io).await.unwrap();
+        let request = http::Request::connect("10.0.0.1:80").body(()).unwrap();
+        let (response, _stream) = send
+            .ready()
+            .await
+            .unwrap()
+            .send_request(request, false)
+            .unwrap();
+        let started = Instant::now();
+        let ended =
+            tokio::time::timeout(Duration::from_secs(5), drive(connection, interval, timeout))
+                .await
+                .expect("a silent peer's connection is dropped");
+        assert!(matches!(ended, Ended::Silent), "{ended:?}");
+        let took = started.elapsed();
+        assert!(
+            took >= timeout && took < interval + timeout + Duration::from_secs(1),
+            "dropped after {took:?}"
+        );
+        // The connection is gone with `drive`: the stream learns it.
+        let answer = tokio::time::timeout(Duration::from_secs(1), response).await;
+        assert!(matches!(answer, Ok(Err(_))), "{answer:?}");
+
+        // Pings off: a silent peer is left to TCP.
+        let (io, _peer) = tokio::io::duplex(64 * 1024);
+        let (_send, connection) = h2::client::handshake(io).await.unwrap();
+        let off = tokio::time::timeout(
+            Duration::from_millis(500),
+            drive(connection, Duration::ZERO, timeout),
+        );
+        assert!(off.await.is_err());
     }
 
     #[tokio::test]

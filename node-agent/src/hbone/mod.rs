@@ -77,6 +77,17 @@ pub fn server_builder() -> h2::server::Builder {
     b
 }
 
+/// A pooled connection's PING period (see `client`): one 17-byte frame (in one
+/// TLS record) each way per connection every 10 s costs nothing measurable, and
+/// bounds how long a dead peer keeps taking streams to `PING_INTERVAL +
+/// PING_TIMEOUT`.
+pub const PING_INTERVAL: Duration = Duration::from_secs(10);
+/// How long a PING may wait for its answer. The answer queues behind what the
+/// peer is already sending on that connection (at most its 8 MiB window plus
+/// the socket buffers): 5 s covers that down to a few tens of Mbit/s, far below
+/// any link between nodes, so a busy live connection is not taken for dead.
+pub const PING_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Pool limits (see `client`).
 #[derive(Debug, Clone, Copy)]
 pub struct PoolSettings {
@@ -89,6 +100,11 @@ pub struct PoolSettings {
     /// An unused connection is closed after this long.
     pub idle_timeout: Duration,
     pub connect_timeout: Duration,
+    /// Every connection sends an HTTP/2 PING this often (zero: never)...
+    pub ping_interval: Duration,
+    /// ...and is closed, failing the streams it carries, when the answer takes
+    /// longer than this: the peer is gone or the path to it is black-holed.
+    pub ping_timeout: Duration,
 }
 
 impl Default for PoolSettings {
@@ -98,6 +114,8 @@ impl Default for PoolSettings {
             spread: 2,
             idle_timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(10),
+            ping_interval: PING_INTERVAL,
+            ping_timeout: PING_TIMEOUT,
         }
     }
 }

@@ -219,6 +219,7 @@ impl Server {
         mut stop: watch::Receiver<bool>,
     ) {
         let _ = tcp.set_nodelay(true);
+        let _ = crate::net::socket::keepalive(&tcp);
         let peer = canonical(peer);
         // Counted every time; logged up to 20 times a second per listener, so
         // a flood of garbage costs a line a refusal only while it is small.

@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
 use tokio::net::{TcpSocket, TcpStream};
 use weft_common::AGENT_SOCKET_MARK;
 
@@ -98,6 +98,34 @@ fn bind_address_no_port(socket: &Socket) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// A connection whose peer has not been heard from for this long is given up
+/// by the kernel: [`keepalive`].
+pub const SILENCE_LIMIT: Duration = Duration::from_secs(30);
+
+/// Makes the kernel notice a peer that went silent, on connections between
+/// agents (HBONE, both ends): without it, an idle connection to a vanished peer
+/// lives forever, and one with data in flight only fails when the
+/// retransmissions give up, after about 15 minutes.
+///
+/// - Keepalive probes after 10 s without traffic, then every 5 s: an idle
+///   connection is known dead after 10 + 4 × 5 = 30 s.
+/// - `TCP_USER_TIMEOUT` of [`SILENCE_LIMIT`]: data unacknowledged for 30 s fails
+///   the connection too (and bounds an orphaned socket still trying to send its
+///   last bytes). A live peer's kernel acknowledges whatever its application
+///   does, so only a dead peer or a black-holed path stays silent that long.
+///
+/// The client side also sends HTTP/2 PINGs (`hbone::client`), which notice
+/// sooner; these are the floor for both sides, and all the server side has.
+pub fn keepalive(stream: &TcpStream) -> io::Result<()> {
+    let socket = SockRef::from(stream);
+    let probes = TcpKeepalive::new()
+        .with_time(Duration::from_secs(10))
+        .with_interval(Duration::from_secs(5))
+        .with_retries(4);
+    socket.set_tcp_keepalive(&probes)?;
+    socket.set_tcp_user_timeout(Some(SILENCE_LIMIT))
 }
 
 /// IPv4-mapped IPv6 addresses as plain IPv4.

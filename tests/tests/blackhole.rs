@@ -249,3 +249,51 @@ fn a_black_holed_hbone_connection_is_closed_and_new_connections_work_soon_after_
     }
     Ok(())
 }
+
+/// A stream in flight on a black-holed connection fails within the PING
+/// interval plus its timeout (10 + 5 s by default), with a reset the
+/// application sees, instead of hanging until TCP gives up (~15 min) or the
+/// application's own timeout.
+#[test]
+fn a_flow_on_a_black_holed_hbone_connection_is_reset_within_the_ping_timeout() -> Result<()> {
+    if !weft_tests::require_privileged() {
+        return Ok(());
+    }
+    let c = Cluster::new("blackhole-flow", 2, 1)?;
+    let _mesh = Mesh::start(&c, |_| true)?;
+    let (client, server) = (c.pod(0, 0), c.pod(1, 0));
+    let _echo = tk::echo(server, PORT)?;
+
+    // An exchange every 200 ms for as long as it lasts, each allowed 60 s.
+    let mut cmd = client.command(weft_tests::bin_path("weft-tk"));
+    cmd.args(["say", "--connect", &addr(server.ip), "--message", "flow"])
+        .args(["--repeat", "1000000", "--interval-ms", "200"])
+        .args(["--timeout-secs", "60"]);
+    let mut flow = client.spawn(&mut cmd)?;
+    thread::sleep(Duration::from_secs(2));
+    ensure!(
+        flow.try_wait()?.is_none(),
+        "the flow ended before the outage: {:?}",
+        flow.stdout_lines()
+    );
+
+    black_hole(&c, true)?;
+    let cut = Instant::now();
+    let ended = flow.wait_timeout(Duration::from_secs(25));
+    let took = cut.elapsed();
+    black_hole(&c, false)?;
+    let report = flow.json_lines().pop().unwrap_or_default();
+    eprintln!("blackhole-flow: the flow ended {took:?} into the outage: {report}");
+    ended?;
+    assert!(
+        report["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("reset")),
+        "the flow should end with a reset: {report}"
+    );
+    assert!(
+        took <= Duration::from_secs(20),
+        "the flow ended only {took:?} into the outage: {report}"
+    );
+    Ok(())
+}

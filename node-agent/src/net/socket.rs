@@ -117,7 +117,9 @@ pub const SILENCE_LIMIT: Duration = Duration::from_secs(30);
 ///   does, so only a dead peer or a black-holed path stays silent that long.
 ///
 /// The client side also sends HTTP/2 PINGs (`hbone::client`), which notice
-/// sooner; these are the floor for both sides, and all the server side has.
+/// sooner; these are the floor for both sides, and the server side's only
+/// check on a peer whose connection still carries streams (an idle one is
+/// closed after `--hbone-server-idle`).
 pub fn keepalive(stream: &TcpStream) -> io::Result<()> {
     let socket = SockRef::from(stream);
     let probes = TcpKeepalive::new()

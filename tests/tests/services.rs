@@ -420,3 +420,68 @@ fn a_service_without_a_healthy_endpoint_is_refused_cleanly_logged_and_counted() 
     );
     Ok(())
 }
+
+#[test]
+fn a_source_without_a_certificate_never_ejects_the_endpoints_it_cannot_reach() -> Result<()> {
+    if !require_privileged() {
+        return Ok(());
+    }
+    let c = Cluster::new("svc_blame", 2, 2)?;
+    let (client, newcomer) = (c.pod(0, 0), c.pod(0, 1));
+    let backends = [c.pod(1, 0), c.pod(1, 1)];
+    // Ejected after two failures, for a minute: had the newcomer's failures
+    // counted against the endpoints, the client would lose one of them.
+    let od = "  outlier_detection: {consecutive_failures: 2, base_ejection_time: 60s, max_ejection_time: 60s}\n";
+    let mut mesh = Mesh::new(&c, |p| p.name != newcomer.name)?;
+    for b in backends {
+        mesh.set_extra(b, "  labels: {app: web}\n")?;
+    }
+    mesh.set_sections(&web_service("round_robin", od))?;
+    mesh.start_all()?;
+    let _servers = backends
+        .iter()
+        .map(|b| tk::name(b, PORT))
+        .collect::<Result<Vec<_>>>()?;
+    let to = format!("{VIP}:80");
+    let both = |mesh: &Mesh| -> Result<()> {
+        let report = tk::who(client, &to, 20, 1)?;
+        ensure!(report["failures"] == 0, "{report}");
+        for b in backends {
+            ensure!(
+                count_of(&report, b) > 0,
+                "{} no longer gets connections: {report}\n{:?}",
+                b.name,
+                mesh.logs(0, |v| v["message"] == "endpoint ejected")
+            );
+        }
+        Ok(())
+    };
+    both(&mesh)?;
+
+    // The CA goes away, then the newcomer is enrolled: its agent cannot get it
+    // a certificate, so each of its connections fails on its own side.
+    mesh.stop_ca()?;
+    mesh.set_enrolled(newcomer, true)?;
+    let report = tk::who(newcomer, &to, 10, 1)?;
+    ensure!(
+        report["failures"] == 10,
+        "a pod without a certificate got through: {report}"
+    );
+    // The endpoints were not blamed: none ejected, both still reached.
+    let text = metrics(&c, 0)?;
+    ensure!(
+        series(&text, "weft_endpoint_ejections_total", &["endpoint="]).is_none(),
+        "an endpoint was ejected for the source's failures:\n{text}"
+    );
+    both(&mesh)?;
+
+    // The CA back, the newcomer gets its certificate and its connections work.
+    mesh.start_ca()?;
+    ensure!(
+        eventually(PATIENCE * 4, || {
+            tk::who(newcomer, &to, 1, 1).is_ok_and(|r| r["failures"] == 0)
+        }),
+        "the newcomer never got through once the CA was back"
+    );
+    Ok(())
+}

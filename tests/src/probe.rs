@@ -637,6 +637,8 @@ pub struct Seen {
     pub handshakes: usize,
     /// HTTP/2 requests, as `"METHOD uri"`.
     pub requests: Vec<String>,
+    /// The headers of each of [`Seen::requests`] (name, value).
+    pub headers: Vec<Vec<(String, String)>>,
 }
 
 impl Seen {
@@ -761,7 +763,15 @@ async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, seen: Arc<Mut
             };
             while let Some(Ok((req, mut respond))) = h2.accept().await {
                 let line = format!("{} {}", req.method(), req.uri());
-                record(&seen, &|s| s.requests.push(line.clone()));
+                let headers: Vec<(String, String)> = req
+                    .headers()
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into()))
+                    .collect();
+                record(&seen, &|s| {
+                    s.requests.push(line.clone());
+                    s.headers.push(headers.clone());
+                });
                 let resp = Response::builder()
                     .status(StatusCode::SERVICE_UNAVAILABLE)
                     .body(())

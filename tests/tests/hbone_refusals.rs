@@ -517,3 +517,58 @@ fn a_forwarded_claim_is_logged_beside_the_real_source_never_instead() -> Result<
     assert_eq!(line["src.forwarded"], "6.6.6.6:1234", "{line}");
     Ok(())
 }
+
+#[test]
+fn the_connect_carries_the_source_workload_in_baggage_and_its_address_in_forwarded() -> Result<()> {
+    if !require_privileged() {
+        return Ok(());
+    }
+    let c = Cluster::new("hbone_baggage", 2, 1)?;
+    let mut mesh = Mesh::new(&c, |_| true)?;
+    let (src, dst) = (c.pod(0, 0), c.pod(1, 0));
+    mesh.set_extra(src, "  labels: {app: shop, version: v2}\n")?;
+    mesh.start_all()?;
+    // What goes on the wire, seen by a server that holds the destination's
+    // own certificate (so the source's agent talks to it as to the real one).
+    mesh.stop_agent(1, true)?;
+    let cert = CertKey::issue(&mesh_authority(&mesh)?, &identity(dst), HOUR)?;
+    let fake = FakeServer::start(
+        &dst.netns_path,
+        SocketAddr::new(dst.ip.into(), HBONE_PORT),
+        &cert,
+    )?;
+    let target = addr(dst.ip, PORT);
+    let r = tk::say(src, &target, "hello", &[])?;
+    ensure!(r["ok"] == false, "the fake server answers 503: {r}");
+    let seen = fake.seen();
+    let i = seen
+        .requests
+        .iter()
+        .position(|r| r == &format!("CONNECT {target}"))
+        .with_context(|| format!("no CONNECT {target}: {seen:?}"))?;
+    let header = |name: &str| {
+        seen.headers[i]
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
+    let baggage = header("baggage").with_context(|| format!("no baggage: {seen:?}"))?;
+    for part in [
+        "k8s.namespace.name=default",
+        &format!("k8s.pod.name={}", src.name),
+        "service.name=shop",
+        "service.version=v2",
+    ] {
+        ensure!(
+            baggage.split(',').any(|p| p == part),
+            "baggage {baggage:?} lacks {part}"
+        );
+    }
+    let forwarded = header("forwarded").with_context(|| format!("no forwarded: {seen:?}"))?;
+    ensure!(
+        forwarded.contains(&src.ip.to_string()),
+        "forwarded {forwarded:?} does not name {}",
+        src.ip
+    );
+    Ok(())
+}

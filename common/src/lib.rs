@@ -21,8 +21,21 @@ pub const MAP_ORIG_DST: &str = "WEFT_ORIG_DST";
 /// steers a pod's inbound connections to.
 pub const MAP_LISTENERS: &str = "WEFT_LISTENERS";
 
+/// Map: [`Handover`] → `u8`, the connections the agent is making to a pod's
+/// application from the real client's address (a transparent socket): `sk_lookup`
+/// lets exactly these through to the application instead of steering them back to
+/// the agent. The agent adds an entry just before its `connect` and removes it
+/// as soon as the connect is done (only a SYN is looked up).
+pub const MAP_HANDOVER: &str = "WEFT_HANDOVER";
+
 /// Every map the agent opens, for the object check.
-pub const MAP_NAMES: [&str; 4] = [MAP_ENROLLED, MAP_SOCK_DST, MAP_ORIG_DST, MAP_LISTENERS];
+pub const MAP_NAMES: [&str; 5] = [
+    MAP_ENROLLED,
+    MAP_SOCK_DST,
+    MAP_ORIG_DST,
+    MAP_LISTENERS,
+    MAP_HANDOVER,
+];
 
 pub const PROG_CONNECT4: &str = "weft_connect4";
 pub const PROG_CONNECT6: &str = "weft_connect6";
@@ -127,6 +140,30 @@ pub struct ListenerKey {
     pub _pad: u32,
 }
 
+/// Key of [`MAP_HANDOVER`]: one TCP connection the agent is opening to an
+/// application inside a pod, by its full 4-tuple as the pod sees it (the pod's
+/// address and port, the original client's address and the port the agent's
+/// socket is bound to). A 4-tuple names one connection at a time, so no other
+/// connection can match an entry while the agent's socket holds it.
+///
+/// Addresses in network order, IPv4 as IPv4-mapped IPv6; ports in host order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Handover {
+    pub local: [u8; 16],
+    pub remote: [u8; 16],
+    pub local_port: u16,
+    pub remote_port: u16,
+}
+
+/// `SO_MARK` of the agent's sockets that connect to an application from the
+/// client's address. A routing rule in the pod (`fwmark` → a table whose only
+/// route is `local` on `lo`) brings the application's replies, which carry the
+/// mark too (`tcp_fwmark_accept`), back to the agent's socket instead of out of
+/// the pod. Not [`AGENT_SOCKET_MARK`]: the agent's HBONE connections out of the
+/// pod carry that one and must leave it.
+pub const HANDOVER_MARK: u32 = 0x0000_053a;
+
 /// IPv4-mapped IPv6 bytes of an IPv4 address given in network order.
 #[inline(always)]
 pub const fn v4_mapped(octets: [u8; 4]) -> [u8; 16] {
@@ -162,6 +199,8 @@ mod user {
     unsafe impl aya::Pod for super::ConnKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ListenerKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Handover {}
 }
 
 #[cfg(test)]

@@ -13,7 +13,8 @@ use aya_ebpf::{
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
 };
 use weft_common::{
-    AF_INET, AF_INET6, AGENT_SOCKET_MARK, OUTBOUND_PORT, OrigDst, ip6_bytes, v4_mapped,
+    AF_INET, AF_INET6, AGENT_SOCKET_MARK, HANDOVER_MARK, OUTBOUND_PORT, OrigDst, ip6_bytes,
+    v4_mapped,
 };
 
 use crate::maps::{WEFT_ENROLLED, WEFT_SOCK_DST};
@@ -37,8 +38,11 @@ fn capturable(ctx: &SockAddrContext) -> bool {
             return false;
         }
         let sk = (*sa).__bindgen_anon_1.sk;
-        if !sk.is_null() && (*sk).mark == AGENT_SOCKET_MARK {
-            return false;
+        if !sk.is_null() {
+            let mark = (*sk).mark;
+            if mark == AGENT_SOCKET_MARK || mark == HANDOVER_MARK {
+                return false;
+            }
         }
     }
     // SAFETY: the helper only reads the context's socket.

@@ -1,21 +1,28 @@
 //! `sk_lookup`, attached to each enrolled pod's network namespace: TCP arriving from
 //! outside the pod goes to the agent's inbound listener instead of the application.
 //!
-//! Connections from a loopback source are left alone: that is the agent's own
-//! connection to the application inside the namespace (it binds `127.0.0.6` or
-//! `::1`), and steering it would loop. Nothing from outside can carry a loopback
-//! source: the kernel drops such packets as martians before any lookup. (The
-//! ingress interface is no guide: a pod's traffic to its own address does not show
-//! `lo` there.)
+//! The agent's own connections to the application are left alone, or they would
+//! loop: those from a loopback source (it binds `127.0.0.6` or `::1` when it does
+//! not deliver from the client's address; nothing from outside can carry a
+//! loopback source, the kernel drops such packets as martians before any
+//! lookup), and those from a client's address, which the agent files in
+//! `WEFT_HANDOVER` by their exact 4-tuple for the time of its `connect`. (The
+//! ingress interface is no guide: a SYN to the pod's own address shows the
+//! interface that holds the address, whether it came from outside or from a
+//! socket inside the pod, and sk_lookup sees no socket mark.)
 
 use core::ptr::read_volatile;
 
 use aya_ebpf::programs::SkLookupContext;
 use weft_common::{
-    AF_INET, INBOUND_HBONE_PORT, LISTENER_INBOUND_PLAINTEXT, ListenerKey, ip6_bytes, v4_mapped,
+    AF_INET, Handover, INBOUND_HBONE_PORT, LISTENER_INBOUND_PLAINTEXT, ListenerKey, ip6_bytes,
+    v4_mapped,
 };
 
-use crate::{SK_PASS, maps::WEFT_LISTENERS};
+use crate::{
+    SK_PASS,
+    maps::{WEFT_HANDOVER, WEFT_LISTENERS},
+};
 
 const IPPROTO_TCP: u32 = 6;
 const SK_DROP: u32 = 0;
@@ -25,7 +32,7 @@ pub fn sk_lookup(ctx: &SkLookupContext) -> Result<u32, i64> {
     // Every field is read once at its fixed offset before branching (see sockops.rs
     // on why the verifier needs that).
     // SAFETY: kernel context; 4-byte loads of these fields are allowed.
-    let (protocol, remote4, remote6, port, family, ip4, w) = unsafe {
+    let (protocol, remote4, remote6, port, family, ip4, w, remote_port) = unsafe {
         (
             read_volatile(&(*l).protocol),
             read_volatile(&(*l).remote_ip4),
@@ -44,6 +51,7 @@ pub fn sk_lookup(ctx: &SkLookupContext) -> Result<u32, i64> {
                 read_volatile(&(*l).local_ip6[2]),
                 read_volatile(&(*l).local_ip6[3]),
             ],
+            read_volatile(&(*l).remote_port),
         )
     };
     if protocol != IPPROTO_TCP {
@@ -65,6 +73,22 @@ pub fn sk_lookup(ctx: &SkLookupContext) -> Result<u32, i64> {
     } else {
         ip6_bytes(w)
     };
+    let remote = if family == u32::from(AF_INET) {
+        v4_mapped(remote4.to_ne_bytes())
+    } else {
+        ip6_bytes(remote6)
+    };
+    let handover = Handover {
+        local: addr,
+        remote,
+        local_port: port as u16,
+        // Network order in the context.
+        remote_port: u16::from_be(remote_port),
+    };
+    // SAFETY: a plain lookup; the value is not read.
+    if unsafe { WEFT_HANDOVER.get(handover) }.is_some() {
+        return Ok(SK_PASS); // the agent delivering a client's connection
+    }
     let key = ListenerKey {
         addr,
         kind: LISTENER_INBOUND_PLAINTEXT,

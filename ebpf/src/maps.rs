@@ -4,7 +4,7 @@ use aya_ebpf::{
     macros::map,
     maps::{HashMap, LruHashMap, SockHash},
 };
-use weft_common::{ConnKey, ListenerKey, OrigDst, PodInfo};
+use weft_common::{ConnKey, Handover, ListenerKey, OrigDst, PodInfo};
 
 /// Enrolled pods by network-namespace cookie.
 #[map(name = "WEFT_ENROLLED")]
@@ -23,3 +23,8 @@ pub static WEFT_ORIG_DST: LruHashMap<ConnKey, OrigDst> = LruHashMap::pinned(65_5
 /// The agent's inbound listeners per pod, for `sk_lookup`.
 #[map(name = "WEFT_LISTENERS")]
 pub static WEFT_LISTENERS: SockHash<ListenerKey> = SockHash::pinned(16_384, 0);
+
+/// The agent's own connections to applications from a client's address, which
+/// `sk_lookup` lets through (see `weft_common::MAP_HANDOVER`).
+#[map(name = "WEFT_HANDOVER")]
+pub static WEFT_HANDOVER: HashMap<Handover, u8> = HashMap::pinned(65_536, 0);

@@ -206,6 +206,12 @@ pub struct AgentArgs {
     #[arg(long, env = "WEFT_SAME_NODE", value_enum, default_value_t = crate::node::SameNode::InProcess)]
     pub same_node: crate::node::SameNode,
 
+    /// Where the agent's connections to applications come from: `client` (the
+    /// client's own address, so applications see who connected) or `loopback`
+    /// (127.0.0.6 / ::1, as Istio's sidecars do).
+    #[arg(long, env = "WEFT_INBOUND_SOURCE", value_enum, default_value_t = crate::node::InboundSource::Client)]
+    pub inbound_source: crate::node::InboundSource,
+
     /// HBONE: an unused pooled connection is closed after this long.
     #[arg(long, env = "WEFT_HBONE_IDLE", default_value = "60s", value_parser = parse_duration)]
     pub hbone_idle: std::time::Duration,

@@ -26,9 +26,9 @@ use aya::{
 };
 use tracing::{info, warn};
 use weft_common::{
-    ConnKey, LISTENER_INBOUND_PLAINTEXT, ListenerKey, MAP_ENROLLED, MAP_LISTENERS, MAP_ORIG_DST,
-    OrigDst, PROG_CONNECT4, PROG_CONNECT6, PROG_GETPEERNAME4, PROG_GETPEERNAME6, PROG_SK_LOOKUP,
-    PROG_SOCK_OPS, PodInfo, v4_mapped,
+    ConnKey, Handover, LISTENER_INBOUND_PLAINTEXT, ListenerKey, MAP_ENROLLED, MAP_HANDOVER,
+    MAP_LISTENERS, MAP_ORIG_DST, OrigDst, PROG_CONNECT4, PROG_CONNECT6, PROG_GETPEERNAME4,
+    PROG_GETPEERNAME6, PROG_SK_LOOKUP, PROG_SOCK_OPS, PodInfo, v4_mapped,
 };
 
 use crate::net::Netns;
@@ -114,42 +114,20 @@ impl OrigDstTable {
     /// this map (older than 5.14) gets a plain lookup.
     pub fn take(&self, key: &ConnKey) -> Option<OrigDst> {
         let mut value = std::mem::MaybeUninit::<OrigDst>::zeroed();
-        // `union bpf_attr` for the map element commands: map_fd, pad, key,
-        // value, flags.
-        #[repr(C)]
-        struct ElemAttr {
-            map_fd: u32,
-            _pad: u32,
-            key: u64,
-            value: u64,
-            flags: u64,
-        }
-        let attr = ElemAttr {
-            map_fd: self.0.fd.as_raw_fd() as u32,
-            _pad: 0,
-            key: key as *const ConnKey as u64,
-            value: value.as_mut_ptr() as u64,
-            flags: 0,
-        };
-        // SAFETY: `attr` points at a live key and at room for one value of the
-        // map's value type (checked by the kernel against the map's value size,
-        // which the object and `OrigDst` share); the kernel reads `attr` only
-        // during the call.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_AND_DELETE_ELEM,
-                &attr as *const ElemAttr,
-                std::mem::size_of::<ElemAttr>(),
-            )
-        };
-        if rc == 0 {
+        // The value has room for one `OrigDst`, the map's value type (the
+        // kernel checks sizes against the map, which the object and `OrigDst`
+        // share).
+        match map_elem(
+            BPF_MAP_LOOKUP_AND_DELETE_ELEM,
+            &self.0.fd,
+            key as *const ConnKey as u64,
+            value.as_mut_ptr() as u64,
+            0,
+        ) {
             // SAFETY: the kernel filled the value; `OrigDst` is plain data.
-            return Some(unsafe { value.assume_init() });
-        }
-        match io::Error::last_os_error().raw_os_error() {
-            Some(libc::ENOENT) => None,
-            _ => self.0.map.get(key, 0).ok(),
+            Ok(()) => Some(unsafe { value.assume_init() }),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => None,
+            Err(_) => self.0.map.get(key, 0).ok(),
         }
     }
 
@@ -161,6 +139,78 @@ impl OrigDstTable {
 
 /// `enum bpf_cmd`: `BPF_MAP_LOOKUP_AND_DELETE_ELEM`.
 const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+
+/// `union bpf_attr` for the map element commands: map_fd, pad, key, value,
+/// flags.
+#[repr(C)]
+struct ElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+/// One `bpf()` map element command on `fd`.
+fn map_elem(cmd: libc::c_long, fd: &OwnedFd, key: u64, value: u64, flags: u64) -> io::Result<()> {
+    let attr = ElemAttr {
+        map_fd: fd.as_raw_fd() as u32,
+        _pad: 0,
+        key,
+        value,
+        flags,
+    };
+    // SAFETY: `attr` points at a live key (and value) of the map's sizes, which
+    // callers take from the types the object shares; the kernel reads `attr`
+    // only during the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            &attr as *const ElemAttr,
+            std::mem::size_of::<ElemAttr>(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// The connections the agent is handing to applications from their clients'
+/// addresses, which `sk_lookup` lets through (see `weft_common::MAP_HANDOVER`).
+/// Shared by every worker; one `bpf()` call to file a connection before its
+/// `connect` and one to strike it off after, with no lock of ours.
+#[derive(Clone)]
+pub struct HandoverTable(Arc<OwnedFd>);
+
+impl HandoverTable {
+    /// Files the connection `key` names (fails when the map is full).
+    pub fn insert(&self, key: &Handover) -> io::Result<()> {
+        let one = 1u8;
+        map_elem(
+            BPF_MAP_UPDATE_ELEM,
+            &self.0,
+            key as *const Handover as u64,
+            &one as *const u8 as u64,
+            0,
+        )
+    }
+
+    /// Strikes it off (a missing entry is not an error).
+    pub fn remove(&self, key: &Handover) {
+        let _ = map_elem(
+            BPF_MAP_DELETE_ELEM,
+            &self.0,
+            key as *const Handover as u64,
+            0,
+            0,
+        );
+    }
+}
 
 /// The loaded capture: programs attached, maps open.
 pub struct Capture {
@@ -168,6 +218,7 @@ pub struct Capture {
     enrolled: HashMap<MapData, u64, PodInfo>,
     listeners: SockHash<MapData, ListenerKey>,
     orig_dst: OrigDstTable,
+    handover: HandoverTable,
     links_dir: PathBuf,
 }
 
@@ -241,6 +292,7 @@ impl Capture {
             }
         };
         let orig_dst = typed_map(&mut ebpf, MAP_ORIG_DST)?;
+        let handover = handover_table(&mut ebpf)?;
         Ok(Capture {
             ebpf,
             enrolled,
@@ -249,12 +301,17 @@ impl Capture {
                 map: orig_dst,
                 fd: orig_fd,
             })),
+            handover,
             links_dir,
         })
     }
 
     pub fn orig_dst(&self) -> OrigDstTable {
         self.orig_dst.clone()
+    }
+
+    pub fn handover(&self) -> HandoverTable {
+        self.handover.clone()
     }
 
     /// Enrolls a pod: registers its inbound listener, attaches `sk_lookup` to its
@@ -388,6 +445,41 @@ where
     })?;
     prog.try_into()
         .map_err(|source| Error::Program { name, source })
+}
+
+/// The handover map, emptied: an entry a previous agent left (killed between
+/// its `bpf()` calls) would let one connection with that exact 4-tuple past
+/// `sk_lookup`.
+fn handover_table(ebpf: &mut Ebpf) -> Result<HandoverTable, Error> {
+    let fd = match ebpf.map(MAP_HANDOVER) {
+        Some(aya::maps::Map::HashMap(m)) => {
+            m.fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| Error::Map {
+                    name: MAP_HANDOVER,
+                    detail: e.to_string(),
+                })?
+        }
+        _ => {
+            return Err(Error::Map {
+                name: MAP_HANDOVER,
+                detail: "not a hash map in the object".to_owned(),
+            });
+        }
+    };
+    let mut map: HashMap<MapData, Handover, u8> = typed_map(ebpf, MAP_HANDOVER)?;
+    let stale: Vec<Handover> = map.keys().filter_map(Result::ok).collect();
+    for key in &stale {
+        let _ = map.remove(key);
+    }
+    if !stale.is_empty() {
+        warn!(
+            entries = stale.len(),
+            "cleared handovers a previous agent left"
+        );
+    }
+    Ok(HandoverTable(Arc::new(fd)))
 }
 
 /// Takes map `name` out of the object as its typed wrapper.

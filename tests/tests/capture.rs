@@ -62,8 +62,6 @@ fn is(v: &Value, direction: &str, dst: &str) -> bool {
     v["direction"] == direction && v["dst.addr"] == dst
 }
 
-const INBOUND_SOURCE: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 6));
-
 #[test]
 fn bulk_64mib_each_way_arrives_intact_across_nodes_and_on_one_node() -> Result<()> {
     if !require_privileged() {
@@ -94,7 +92,8 @@ fn bulk_64mib_each_way_arrives_intact_across_nodes_and_on_one_node() -> Result<(
         assert_eq!(seen.len(), 1, "{seen:?}");
         assert_eq!(seen[0]["upload_ok"], true);
         assert_eq!(seen[0]["bytes"], 64 * MIB);
-        assert_eq!(peer_ip(&seen[0]), INBOUND_SOURCE);
+        // From the client's own address (see `--inbound-source`).
+        assert_eq!(peer_ip(&seen[0]), IpAddr::from(client_pod.ip));
     }
     Ok(())
 }
@@ -416,8 +415,8 @@ fn uninstall_leaves_nothing_in_the_kernel_or_on_bpffs() -> Result<()> {
             objects.push((kind, bpftool_id(kind, &entry?.path())?));
         }
     }
-    // 5 cgroup links, 1 sk_lookup link, 4 maps.
-    assert_eq!(objects.len(), 10, "{objects:?}");
+    // 5 cgroup links, 1 sk_lookup link, 5 maps.
+    assert_eq!(objects.len(), 11, "{objects:?}");
 
     mesh.stop_agent(0, false)?;
     mesh.uninstall(0)?;

@@ -207,7 +207,10 @@ fn finished_connections_do_not_use_up_the_ports_the_agent_reaches_applications_f
         return Ok(());
     }
     let c = Cluster::new("mtls_ports", 2, 2)?;
-    let _mesh = Mesh::start(&c, |_| true)?;
+    // The shared loopback source is the one whose ports could run out.
+    let mut mesh = Mesh::new(&c, |_| true)?;
+    mesh.agent_args = vec!["--inbound-source".into(), "loopback".into()];
+    mesh.start_all()?;
     let dst = c.pod(1, 0);
     // Two local ports in the destination pod: what thousands of connections a
     // second leave behind, made small. The agent closes its side to the
@@ -234,6 +237,84 @@ fn finished_connections_do_not_use_up_the_ports_the_agent_reaches_applications_f
     // the kernel may reuse them for a loopback source (`tcp_tw_reuse`).
     std::thread::sleep(Duration::from_millis(1500));
     say_ok(c.pod(0, 0), &to(PORT), "the same port again")?;
+    Ok(())
+}
+
+/// The address each connection to `server` (an echo server) came from, as
+/// the application saw it.
+fn accepted_from(server: &Proc) -> Vec<IpAddr> {
+    tk::accepted(server)
+        .iter()
+        .filter_map(|v| v["accepted"].as_str()?.parse::<SocketAddr>().ok())
+        .map(|a| a.ip().to_canonical())
+        .collect()
+}
+
+#[test]
+fn applications_see_the_real_client_address() -> Result<()> {
+    if !require_privileged() {
+        return Ok(());
+    }
+    let c = Cluster::new("mtls_client_addr", 2, 2)?;
+    let (remote, outsider, dst, neighbour) = (c.pod(0, 0), c.pod(0, 1), c.pod(1, 0), c.pod(1, 1));
+    let mut mesh = Mesh::new(&c, |p| p.name != outsider.name)?;
+    mesh.start_all()?;
+    let echo = tk::echo(dst, PORT)?;
+    let to = addr(dst.ip);
+    // Over HBONE from another node, in-process from this node, and in
+    // plaintext from a pod outside the mesh: each delivered from its own
+    // address, and each still through the agent (the access log has it).
+    for (from, security) in [
+        (remote, "mutual_tls"),
+        (neighbour, "node_local"),
+        (outsider, "none"),
+    ] {
+        let before = accepted_from(&echo).len();
+        say_ok(from, &to, "who am I")?;
+        let seen = tk::wait_accepted(&echo, before + 1);
+        let got = accepted_from(&echo);
+        ensure!(
+            got.last() == Some(&IpAddr::from(from.ip)),
+            "from {}: the application saw {:?} ({seen:?})",
+            from.name,
+            got.last()
+        );
+        let line = wait_access(&mesh, 1, 1, |v| {
+            v["direction"] == "inbound"
+                && v["src.addr"]
+                    .as_str()
+                    .is_some_and(|a| a.starts_with(&format!("{}:", from.ip)))
+        });
+        let line = line.first().with_context(|| {
+            format!(
+                "no inbound access log for {}: {:?}",
+                from.name,
+                mesh.access_logs(1)
+            )
+        })?;
+        ensure!(line["security"] == security, "{line}");
+    }
+    // Every connection still went through the agent: nothing reached the
+    // application around it (the handover entries are gone once used).
+    let inbound = mesh
+        .access_logs(1)
+        .into_iter()
+        .filter(|v| v["direction"] == "inbound")
+        .count();
+    ensure!(inbound >= 3, "{inbound} inbound access-log lines");
+
+    // The old behaviour, by switch: every peer is 127.0.0.6.
+    mesh.stop_agent(1, false)?;
+    mesh.agent_args = vec!["--inbound-source".into(), "loopback".into()];
+    mesh.start_agent(1)?;
+    let before = accepted_from(&echo).len();
+    say_ok(remote, &to, "who am I now")?;
+    tk::wait_accepted(&echo, before + 1);
+    ensure!(
+        accepted_from(&echo).last() == Some(&IpAddr::from([127, 0, 0, 6])),
+        "with --inbound-source loopback: {:?}",
+        accepted_from(&echo).last()
+    );
     Ok(())
 }
 

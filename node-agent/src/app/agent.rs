@@ -112,6 +112,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         let settings = node::Settings {
             connect_timeout: Duration::from_millis(args.connect_timeout_ms),
             same_node: args.same_node,
+            inbound_source: args.inbound_source,
             caps: node::Caps {
                 per_listener: args.max_connections_per_listener.max(1),
                 per_peer: args.max_connections_per_peer.max(1),

@@ -8,6 +8,7 @@ pub(crate) mod buffer;
 pub mod copy;
 pub mod limit;
 pub mod netns;
+pub mod route;
 pub mod socket;
 
 pub use netns::Netns;

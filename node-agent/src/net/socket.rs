@@ -13,7 +13,7 @@ use std::{
 
 use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
 use tokio::net::{TcpSocket, TcpStream};
-use weft_common::AGENT_SOCKET_MARK;
+use weft_common::{AGENT_SOCKET_MARK, HANDOVER_MARK};
 
 use super::Netns;
 
@@ -72,6 +72,44 @@ pub async fn connect_from(
         bind_address_no_port(&socket)?;
         socket.bind(&SocketAddr::new(ip, 0).into())?;
     }
+    let socket = TcpSocket::from_std_stream(socket.into());
+    match tokio::time::timeout(timeout, socket.connect(dst)).await {
+        Ok(result) => result,
+        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")),
+    }
+}
+
+/// A socket inside `netns` bound to `client:port` (an address of another host:
+/// a transparent socket, `IP_TRANSPARENT`), marked [`HANDOVER_MARK`] so the
+/// application's replies come back to it (see [`super::route`]). Connect it
+/// with [`connect`].
+///
+/// The caller picks the port, because `sk_lookup` must know the whole 4-tuple
+/// before the SYN leaves (`connect` would pick it only then). `SO_REUSEADDR`
+/// lets a port be bound again while other sockets hold it (finished ones in
+/// TIME_WAIT, live ones to other destinations): as with a port `connect`
+/// picks, only the whole 4-tuple must be unique, and `connect` says
+/// `EADDRNOTAVAIL` when it is not.
+pub fn transparent_socket(
+    netns: &Netns,
+    dst: SocketAddr,
+    client: SocketAddr,
+) -> io::Result<Socket> {
+    let socket = tcp_socket(netns, dst)?;
+    socket.set_mark(HANDOVER_MARK)?;
+    socket.set_tcp_nodelay(true)?;
+    socket.set_reuse_address(true)?;
+    if dst.is_ipv4() {
+        socket.set_ip_transparent_v4(true)?;
+    } else {
+        socket.set_ip_transparent_v6(true)?;
+    }
+    socket.bind(&client.into())?;
+    Ok(socket)
+}
+
+/// Connects a socket made by [`transparent_socket`] to `dst`.
+pub async fn connect(socket: Socket, dst: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
     let socket = TcpSocket::from_std_stream(socket.into());
     match tokio::time::timeout(timeout, socket.connect(dst)).await {
         Ok(result) => result,

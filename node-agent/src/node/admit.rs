@@ -15,13 +15,12 @@ use tokio::net::TcpStream;
 use super::{
     Pod, Shared,
     access::AccessLog,
-    inbound_source,
+    connect_app,
     live::{Facts, Kill},
 };
 use crate::{
     hbone::server::Refusal,
     identity::SpiffeId,
-    net::socket::connect_from,
     stats::{Flags, Peer, Reporter, TcpLabels},
 };
 
@@ -36,8 +35,8 @@ pub struct Admitted {
 /// and the identity it proved) to `dst` in `to`, or says why not: `dst` must be
 /// one of the pod's addresses on a port that is not the mesh's own, and the
 /// pod's peer authentication and authorization policy must allow it. Then
-/// connects to the application inside the pod, from the loopback source that
-/// `sk_lookup` leaves alone. Counts the connection as opened (destination
+/// connects to the application inside the pod, from the peer's own address
+/// where the pod is set up for it (see [`connect_app`]). Counts the connection as opened (destination
 /// reporter) in `log` once both ends are known.
 pub(crate) async fn admit(
     shared: &Shared,
@@ -99,14 +98,7 @@ pub(crate) async fn admit(
     let kill = shared
         .authorize(facts)
         .map_err(|reason| Refusal::new(StatusCode::UNAUTHORIZED, reason))?;
-    match connect_from(
-        &to.netns,
-        dst,
-        Some(inbound_source(dst)),
-        shared.settings.connect_timeout,
-    )
-    .await
-    {
+    match connect_app(shared, to, dst, peer.ip()).await {
         Ok(up) => Ok(Admitted { up, kill }),
         Err(e) => Err(Refusal::new(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -14,7 +14,7 @@ use weft_common::INBOUND_PLAINTEXT_PORT;
 use super::{
     Pod, Shared,
     access::{AccessLog, Direction, End},
-    forward, inbound_source,
+    forward,
     listener::{Gate, accept_loop},
     live::Facts,
 };
@@ -124,6 +124,5 @@ async fn handle(pod: Arc<Pod>, shared: Arc<Shared>, down: tokio::net::TcpStream,
             return;
         }
     };
-    let source = inbound_source(dst);
-    forward(log, down, dst, Some(source), shared.settings, Some(kill)).await;
+    forward(log, down, dst, Some(peer.ip()), &shared, Some(kill)).await;
 }

@@ -32,11 +32,13 @@ use std::{
 };
 
 use tokio::net::TcpStream;
+use weft_common::Handover;
 
 use self::access::{AccessLog, Direction, End};
 pub use self::pod::Pod;
 use crate::{
     certs::CertManager,
+    ebpf::HandoverTable,
     hbone::client::Pool,
     model::{Mesh, Workload, WorkloadKey},
     net::{
@@ -54,6 +56,20 @@ pub struct Settings {
     pub connect_timeout: Duration,
     pub same_node: SameNode,
     pub caps: Caps,
+    pub inbound_source: InboundSource,
+}
+
+/// Where the agent's connection to an application inside its pod comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum InboundSource {
+    /// The client's own address (a transparent socket, with the routing it
+    /// needs set up in the pod): the application's logs, its own allow-lists
+    /// and anything that filters on addresses see who really connected.
+    Client,
+    /// `127.0.0.6` (`::1` for IPv6), as Istio's sidecars and ztunnel's
+    /// node-level mode do: nothing to set up inside the pod, but every mesh
+    /// peer looks like loopback to the application.
+    Loopback,
 }
 
 /// What each pod listener lets its peers hold at once (see
@@ -117,6 +133,9 @@ pub struct Shared {
     /// all: each holds a socket or two, so this keeps the agent within its
     /// open-file limit whatever a flood spread over many pods does.
     pub budget: Limit,
+    /// The kernel's list of handovers in progress (set once the capture is
+    /// loaded): see [`connect_app`].
+    handover: std::sync::OnceLock<HandoverTable>,
     /// The pods this agent serves, for node-local connections.
     served: RwLock<HashMap<WorkloadKey, Arc<Pod>>>,
 }
@@ -142,8 +161,13 @@ impl Shared {
             pool,
             live: live::LiveConns::default(),
             budget: Limit::total(budget),
+            handover: std::sync::OnceLock::new(),
             served: Default::default(),
         }
+    }
+
+    pub fn set_handover(&self, table: HandoverTable) {
+        let _ = self.handover.set(table);
     }
 
     /// This agent's node.
@@ -229,14 +253,89 @@ pub(crate) fn inbound_source(dst: SocketAddr) -> IpAddr {
     }
 }
 
-/// Connects to `dst` from the pod's namespace and copies bytes both ways until
-/// both sides are done; the access log records how it went.
+/// Connects to the application at `dst` inside `pod`, for a connection that
+/// came from `client`: from the client's own address where the pod is set up
+/// for it ([`InboundSource::Client`]), else from the loopback source.
+///
+/// A handover: a socket bound to the client's address (and a port of its own)
+/// is filed in the kernel's handover map under its 4-tuple, so `sk_lookup` lets
+/// its SYN through to the application instead of steering it back to the
+/// agent; struck off as soon as the connect is done (only a SYN is looked up).
+/// Two `bpf()` calls per connection. Without the entry (map full) the
+/// connection goes from loopback: never around the check, never in a loop.
+pub(crate) async fn connect_app(
+    shared: &Shared,
+    pod: &Pod,
+    dst: SocketAddr,
+    client: IpAddr,
+) -> std::io::Result<TcpStream> {
+    let timeout = shared.settings.connect_timeout;
+    let client = client.to_canonical();
+    let table = shared.handover.get();
+    if let (true, Some(table), true) = (pod.handover, table, client.is_ipv4() == dst.is_ipv4()) {
+        // Ports of the dynamic range, from a different start each time; a port
+        // whose 4-tuple is taken (rare: the same client, port and destination
+        // within a minute) costs one more try.
+        for _ in 0..HANDOVER_TRIES {
+            let from = SocketAddr::new(client, handover_port());
+            let socket = match crate::net::socket::transparent_socket(&pod.netns, dst, from) {
+                Ok(s) => s,
+                Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => continue,
+                Err(e) => return Err(e),
+            };
+            let key = handover_key(dst, from);
+            if table.insert(&key).is_err() {
+                break; // the map is full: from loopback
+            }
+            let up = crate::net::socket::connect(socket, dst, timeout).await;
+            table.remove(&key);
+            match up {
+                Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => continue,
+                up => return up,
+            }
+        }
+    }
+    connect_from(&pod.netns, dst, Some(inbound_source(dst)), timeout).await
+}
+
+/// Ports a handover tries before it goes from loopback instead.
+const HANDOVER_TRIES: usize = 8;
+
+/// The next handover port: 32768–60999 (Linux's default dynamic range; the
+/// client's address is not the pod's, so the pod's own range does not matter),
+/// stepping by a large odd number so consecutive connections land far apart.
+fn handover_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 32_768;
+    const COUNT: u32 = 61_000 - FIRST;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(7_919, Ordering::Relaxed);
+    (FIRST + n % COUNT) as u16
+}
+
+/// The handover map's key for a connection from `client` to `dst`.
+fn handover_key(dst: SocketAddr, client: SocketAddr) -> Handover {
+    let bytes = |ip: IpAddr| match ip {
+        IpAddr::V4(v4) => weft_common::v4_mapped(v4.octets()),
+        IpAddr::V6(v6) => v6.octets(),
+    };
+    Handover {
+        local: bytes(dst.ip()),
+        remote: bytes(client.ip()),
+        local_port: dst.port(),
+        remote_port: client.port(),
+    }
+}
+
+/// Connects to `dst` in the pod (from `client`'s address where it can, see
+/// [`connect_app`]) and copies bytes both ways until both sides are done; the
+/// access log records how it went.
 pub(crate) async fn forward(
     mut log: AccessLog,
     mut down: TcpStream,
     dst: SocketAddr,
-    source: Option<IpAddr>,
-    settings: Settings,
+    client: Option<IpAddr>,
+    shared: &Shared,
     kill: Option<live::Kill>,
 ) {
     log.set_dst(dst);
@@ -246,7 +345,11 @@ pub(crate) async fn forward(
         return;
     }
     let _ = down.set_nodelay(true);
-    let mut up = match connect_from(&log.pod.netns, dst, source, settings.connect_timeout).await {
+    let up = match client {
+        Some(client) => connect_app(shared, &log.pod, dst, client).await,
+        None => connect_from(&log.pod.netns, dst, None, shared.settings.connect_timeout).await,
+    };
+    let mut up = match up {
         Ok(up) => up,
         Err(e) => {
             log.fail(End::UpstreamConnectFailed, e);

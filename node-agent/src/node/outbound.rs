@@ -217,7 +217,7 @@ async fn handle(
                 mutual_tls: false,
                 flags: Flags::None,
             });
-            forward(log, down, dst, None, shared.settings, None).await
+            forward(log, down, dst, None, &shared, None).await
         }
         OutsideMesh::Refuse => {
             log.fail(

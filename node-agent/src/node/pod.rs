@@ -17,16 +17,27 @@ pub struct Pod {
     /// Its addresses (IPv4 as IPv4), read inside its namespace: the only ones a
     /// peer may ask to reach.
     pub addresses: Box<[IpAddr]>,
+    /// Whether the agent delivers inbound connections to the application from
+    /// the client's own address (the pod's routing is set up for it, see
+    /// [`crate::net::route`]); if not, from a loopback address.
+    pub handover: bool,
     stop: watch::Sender<bool>,
 }
 
 impl Pod {
-    pub fn new(key: WorkloadKey, identity: SpiffeId, netns: Netns, addresses: &[IpAddr]) -> Pod {
+    pub fn new(
+        key: WorkloadKey,
+        identity: SpiffeId,
+        netns: Netns,
+        addresses: &[IpAddr],
+        handover: bool,
+    ) -> Pod {
         Pod {
             key,
             identity,
             netns,
             addresses: addresses.iter().map(|a| a.to_canonical()).collect(),
+            handover,
             stop: watch::channel(false).0,
         }
     }

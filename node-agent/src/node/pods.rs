@@ -23,8 +23,8 @@ use std::{
 use tracing::{error, info, warn};
 
 use super::{
-    Pod, Shared, hbone_in::HboneListener, inbound::InboundListener, outbound::OutboundListener,
-    registry::Registry,
+    InboundSource, Pod, Shared, hbone_in::HboneListener, inbound::InboundListener,
+    outbound::OutboundListener, registry::Registry,
 };
 use crate::{ebpf::Capture, identity::SpiffeId, model::WorkloadKey, net::Netns, view::View};
 
@@ -59,6 +59,7 @@ pub struct Pods {
 
 impl Pods {
     pub fn new(node: String, capture: Capture, shared: Arc<Shared>) -> Self {
+        shared.set_handover(capture.handover());
         Pods {
             node,
             capture,
@@ -202,7 +203,15 @@ impl Pods {
             path: path.to_owned(),
             source,
         })?;
-        let pod = Arc::new(Pod::new(key.clone(), identity, netns, &addresses));
+        let handover = self.shared.settings.inbound_source == InboundSource::Client
+            && match crate::net::route::prepare_handover(&netns) {
+                Ok(()) => true,
+                Err(e) => {
+                    warn!(workload = %key, error = %e, "cannot route handovers in this pod: its applications see connections from 127.0.0.6");
+                    false
+                }
+            };
+        let pod = Arc::new(Pod::new(key.clone(), identity, netns, &addresses, handover));
         let listen_err = |source| Error::Listen {
             path: path.to_owned(),
             source,

@@ -430,6 +430,14 @@ impl Capture {
             .collect()
     }
 
+    /// Whether the namespace of `cookie` still lives, by its pinned `sk_lookup`
+    /// link: the kernel detaches a namespace's links when the namespace goes
+    /// (the link's info then names no namespace). Without a pinned link there
+    /// is nothing keeping its traffic from the application: `false`.
+    pub fn captured_namespace_lives(&self, cookie: u64) -> bool {
+        link_netns_ino(&self.lookup_pin(cookie)).is_ok_and(|ino| ino != 0)
+    }
+
     fn lookup_pin(&self, cookie: u64) -> PathBuf {
         self.links_dir.join(format!("lookup-{cookie}"))
     }
@@ -445,6 +453,80 @@ where
     })?;
     prog.try_into()
         .map_err(|source| Error::Program { name, source })
+}
+
+/// The network-namespace inode a pinned netns link (`sk_lookup`) is attached
+/// to; 0 once that namespace is gone. Two `bpf()` calls: `BPF_OBJ_GET` on the
+/// pin and `BPF_OBJ_GET_INFO_BY_FD` (aya offers no link info for netns links).
+fn link_netns_ino(pin: &Path) -> io::Result<u32> {
+    use std::os::unix::ffi::OsStrExt;
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    let path = std::ffi::CString::new(pin.as_os_str().as_bytes())
+        .map_err(|_| io::Error::other("a pin path with a NUL byte"))?;
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let get = ObjGet {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    // SAFETY: `get` points at a NUL-terminated path that lives for the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &get as *const ObjGet,
+            std::mem::size_of::<ObjGet>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a descriptor the kernel just returned, owned from here on.
+    let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+    // `struct bpf_link_info`: type, id, prog_id, then (8-byte aligned) the
+    // union, whose netns member is { netns_ino, attach_type }.
+    #[repr(C)]
+    #[derive(Default)]
+    struct LinkInfo {
+        kind: u32,
+        id: u32,
+        prog_id: u32,
+        _pad: u32,
+        netns_ino: u32,
+        attach_type: u32,
+        _rest: [u64; 6],
+    }
+    #[repr(C)]
+    struct InfoByFd {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let mut info = LinkInfo::default();
+    let query = InfoByFd {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: std::mem::size_of::<LinkInfo>() as u32,
+        info: &mut info as *mut LinkInfo as u64,
+    };
+    // SAFETY: the kernel writes at most `info_len` bytes into `info`.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &query as *const InfoByFd,
+            std::mem::size_of::<InfoByFd>(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(info.netns_ino)
 }
 
 /// The handover map, emptied: an entry a previous agent left (killed between

@@ -374,6 +374,107 @@ fn agent_restart_keeps_capture_attached_and_fails_closed_meanwhile() -> Result<(
     Ok(())
 }
 
+/// `text` (the harness's mesh file) with `name`'s workload entry changed by
+/// `edit` (given its lines; an empty result drops the entry).
+fn edit_entry(text: &str, name: &str, edit: impl Fn(Vec<&str>) -> Vec<String>) -> String {
+    let mut out = Vec::new();
+    let mut lines = text.lines().peekable();
+    while let Some(line) = lines.next() {
+        if line != format!("- name: {name}") {
+            out.push(line.to_owned());
+            continue;
+        }
+        let mut entry = vec![line];
+        while let Some(next) = lines.peek() {
+            if !next.starts_with("  ") {
+                break;
+            }
+            entry.push(lines.next().unwrap_or_default());
+        }
+        out.extend(edit(entry));
+    }
+    out.join("\n") + "\n"
+}
+
+#[test]
+fn a_pod_gone_from_the_config_while_its_agent_was_away_stays_captured_until_unenrolled()
+-> Result<()> {
+    if !require_privileged() {
+        return Ok(());
+    }
+    let c = Cluster::new("capture_gone_away", 2, 1)?;
+    let (a, b) = (c.pod(0, 0), c.pod(1, 0));
+    let mut mesh = Mesh::start(&c, |_| true)?;
+    let srv = server(b)?;
+    let to = addr(b.ip);
+    client_ok(a, &to, MIB, MIB, &[])?;
+
+    // While node 0's agent is away, `a` leaves the config (the namespace
+    // lives on). The restarted agent must not release its capture: leaving the
+    // config is not unenrolling.
+    mesh.stop_agent(0, false)?;
+    let full = mesh.config_text();
+    mesh.write_raw_config(&edit_entry(&full, &a.name, |_| Vec::new()))?;
+    mesh.start_agent(0)?;
+    let kept = |mesh: &Mesh| {
+        !mesh
+            .logs(0, |v| {
+                v["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("a namespace a previous run enrolled"))
+            })
+            .is_empty()
+    };
+    ensure!(kept(&mesh), "no warning that the namespace stays captured");
+    let before = accepted(&srv).len();
+    let r = client(a, &to, MIB, MIB, &["--timeout-secs", "5"])?;
+    ensure!(r["ok"] == false, "the pod got out around the mesh: {r}");
+    std::thread::sleep(Duration::from_millis(200));
+    ensure!(accepted(&srv).len() == before, "the server was reached");
+
+    // `enrolled: false` is the explicit act: capture released, logged, and the
+    // pod connects directly.
+    let unenrolled = edit_entry(&full, &a.name, |entry| {
+        entry
+            .iter()
+            .map(|l| l.replace("enrolled: true", "enrolled: false"))
+            .collect()
+    });
+    mesh.write_raw_config(&unenrolled)?;
+    ensure!(
+        eventually(PATIENCE, || {
+            !mesh
+                .logs(0, |v| {
+                    v["message"] == "capture removed: the config says `enrolled: false`"
+                })
+                .is_empty()
+        }),
+        "the agent did not release the capture on `enrolled: false`"
+    );
+    client_ok(a, &to, MIB, MIB, &[])?;
+
+    // A namespace that is gone when its agent comes back is released.
+    mesh.stop_agent(1, false)?;
+    drop(srv);
+    let del = Command::new("ip")
+        .args(["netns", "del", &b.netns])
+        .status()?;
+    ensure!(del.success(), "ip netns del {}", b.netns);
+    mesh.write_raw_config(&edit_entry(&unenrolled, &b.name, |_| Vec::new()))?;
+    mesh.start_agent(1)?;
+    ensure!(
+        eventually(PATIENCE, || {
+            !mesh
+                .logs(1, |v| {
+                    v["message"] == "removed capture of a namespace that is gone"
+                })
+                .is_empty()
+        }),
+        "the capture of a namespace that is gone was kept"
+    );
+    Ok(())
+}
+
 fn bpftool_id(kind: &str, pinned: &std::path::Path) -> Result<u64> {
     let out = Command::new("bpftool")
         .args(["-j", kind, "show", "pinned"])

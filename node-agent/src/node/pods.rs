@@ -55,6 +55,9 @@ pub struct Pods {
     /// Workloads that should be enrolled but are not yet (last attempt failed,
     /// or their namespace is not known yet).
     pending: BTreeSet<WorkloadKey>,
+    /// Namespaces a previous run enrolled that the config no longer names but
+    /// that live on: kept captured (warned about once).
+    kept: BTreeSet<u64>,
 }
 
 impl Pods {
@@ -67,6 +70,7 @@ impl Pods {
             pods: BTreeMap::new(),
             orphans: BTreeSet::new(),
             pending: BTreeSet::new(),
+            kept: BTreeSet::new(),
         }
     }
 
@@ -173,7 +177,7 @@ impl Pods {
                 }
             }
         }
-        self.forget_stale();
+        self.forget_stale(view, registry);
     }
 
     /// Looks again at what [`Pods::needs_revisit`] waits for: retries pending
@@ -246,17 +250,49 @@ impl Pods {
         warn!(workload = %key, reason = why, "pod unenrolled");
     }
 
-    /// Drops kernel state for namespaces this agent no longer serves: what a
-    /// previous run enrolled for pods that have since left the config.
-    fn forget_stale(&mut self) {
+    /// Deals with kernel state a previous run left for namespaces this agent
+    /// does not serve (pods that left the config while it was away). As for a
+    /// pod that leaves the config while the agent runs, leaving the config is
+    /// not unenrolling: a namespace that still lives stays captured, its
+    /// connections refused, until the config says `enrolled: false` for it (or
+    /// `weft agent --uninstall`); capture of a namespace that is gone is removed.
+    fn forget_stale(&mut self, view: &View, registry: &Registry) {
         let ours: BTreeSet<u64> = self.pods.values().map(|p| p.netns.cookie()).collect();
         let mut stale: BTreeSet<u64> = self.capture.enrolled_cookies().into_iter().collect();
         stale.extend(self.capture.pinned_lookup_cookies());
-        for cookie in stale.difference(&ours) {
-            match self.capture.unenroll(*cookie) {
+        let stale: BTreeSet<u64> = stale.difference(&ours).copied().collect();
+        if stale.is_empty() {
+            return;
+        }
+        // The namespaces the config explicitly unenrolls.
+        let released: BTreeSet<u64> = view
+            .mesh()
+            .workloads
+            .iter()
+            .filter(|w| !w.enrolled && w.node == self.node)
+            .filter_map(|w| Netns::open(registry.netns(&w.key())?).ok())
+            .map(|netns| netns.cookie())
+            .collect();
+        for cookie in stale {
+            let alive = self.capture.captured_namespace_lives(cookie);
+            if alive && !released.contains(&cookie) {
+                if self.kept.insert(cookie) {
+                    warn!(
+                        netns_cookie = cookie,
+                        "a namespace a previous run enrolled is not in the config but lives on: it stays captured and its connections are refused until the config says `enrolled: false` for it (or `weft agent --uninstall`)"
+                    );
+                }
+                continue;
+            }
+            self.kept.remove(&cookie);
+            match self.capture.unenroll(cookie) {
+                Ok(()) if alive => info!(
+                    netns_cookie = cookie,
+                    "capture removed: the config says `enrolled: false`"
+                ),
                 Ok(()) => info!(
                     netns_cookie = cookie,
-                    "removed capture of a namespace no longer enrolled"
+                    "removed capture of a namespace that is gone"
                 ),
                 Err(e) => warn!(netns_cookie = cookie, error = %e, "cannot remove stale capture"),
             }

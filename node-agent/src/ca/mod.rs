@@ -24,9 +24,14 @@ use std::time::Duration;
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
     DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
-    PKCS_ECDSA_P256_SHA256, SanType, SerialNumber,
+    PKCS_ECDSA_P256_SHA256, SanType, SerialNumber, SubjectPublicKeyInfo,
 };
 use time::OffsetDateTime;
+use x509_parser::{
+    certification_request::X509CertificationRequest,
+    oid_registry::{OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_NIST_EC_P384, OID_NIST_EC_P521},
+    prelude::FromDer as _,
+};
 
 use crate::identity::SpiffeId;
 
@@ -34,8 +39,8 @@ use crate::identity::SpiffeId;
 pub enum Error {
     #[error("the CSR does not parse or its signature does not verify: {0}")]
     BadCsr(rcgen::Error),
-    #[error("the CSR's key must be ECDSA P-256")]
-    KeyType,
+    #[error("the CSR's key must be ECDSA P-256 (id-ecPublicKey on prime256v1); it is {0}")]
+    KeyType(String),
     #[error("the CSR must name exactly one URI SAN, the requested identity; it names {0:?}")]
     Names(Vec<String>),
     #[error("the CSR asks for {asked}, but the request is for {requested}")]
@@ -148,9 +153,7 @@ impl Authority {
         ttl: Duration,
     ) -> Result<Vec<String>, Error> {
         let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(Error::BadCsr)?;
-        if csr.public_key.algorithm() != &PKCS_ECDSA_P256_SHA256 {
-            return Err(Error::KeyType);
-        }
+        let public_key = p256_key(csr_pem)?;
         let names: Vec<String> = csr
             .params
             .subject_alt_names
@@ -176,10 +179,9 @@ impl Authority {
             requested.to_string().try_into().map_err(Error::Sign)?,
         )];
         params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
+        // An ECDSA key signs; it cannot encipher keys (keyEncipherment is for RSA
+        // key transport), so digitalSignature is the one usage it needs.
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
@@ -189,14 +191,60 @@ impl Authority {
         params.not_before = now - BACKDATE;
         params.not_after = now + ttl;
         params.serial_number = Some(random_serial()?);
-        let leaf = CertificateSigningRequestParams {
-            params,
-            public_key: csr.public_key,
-        }
-        .signed_by(&self.issuer)
-        .map_err(Error::Sign)?;
+        let leaf = params
+            .signed_by(&public_key, &self.issuer)
+            .map_err(Error::Sign)?;
         Ok(vec![leaf.pem(), self.root_pem.clone()])
     }
+}
+
+/// The CSR's public key, if it is an ECDSA P-256 one: checked by the key's own
+/// algorithm and curve (`id-ecPublicKey`, `prime256v1`) and its encoding (an
+/// uncompressed point, 65 bytes), not by the CSR's signature algorithm. rcgen
+/// infers the key type from the signature algorithm, so a P-384 key that signs
+/// its CSR with ecdsa-with-SHA256 (what `openssl req` does by default) passed for
+/// P-256, and was signed into a certificate whose key info claims P-256 around a
+/// P-384 point, which no TLS library loads.
+fn p256_key(csr_pem: &str) -> Result<SubjectPublicKeyInfo, Error> {
+    let der = ::pem::parse(csr_pem)
+        .map_err(|e| Error::KeyType(format!("unreadable ({e})")))?
+        .into_contents();
+    let (_, csr) = X509CertificationRequest::from_der(&der)
+        .map_err(|e| Error::KeyType(format!("unreadable ({e})")))?;
+    let spki = &csr.certification_request_info.subject_pki;
+    let algorithm = &spki.algorithm.algorithm;
+    if *algorithm != OID_KEY_TYPE_EC_PUBLIC_KEY {
+        return Err(Error::KeyType(format!("a key of algorithm {algorithm}")));
+    }
+    let curve = spki
+        .algorithm
+        .parameters
+        .as_ref()
+        .and_then(|p| p.as_oid().ok());
+    match curve {
+        Some(c) if c == OID_EC_P256 => {}
+        Some(c) => {
+            let name = if c == OID_NIST_EC_P384 {
+                "P-384 (secp384r1)".to_owned()
+            } else if c == OID_NIST_EC_P521 {
+                "P-521 (secp521r1)".to_owned()
+            } else {
+                c.to_id_string()
+            };
+            return Err(Error::KeyType(format!("an EC key on curve {name}")));
+        }
+        None => return Err(Error::KeyType("an EC key without a named curve".into())),
+    }
+    let point = spki.subject_public_key.data.as_ref();
+    if point.len() != 65 || point[0] != 0x04 {
+        return Err(Error::KeyType(format!(
+            "a P-256 key that is not an uncompressed point ({} bytes)",
+            point.len()
+        )));
+    }
+    let key = SubjectPublicKeyInfo::from_der(spki.raw)
+        .map_err(|e| Error::KeyType(format!("unreadable ({e})")))?;
+    Ok(key)
 }
 
 /// A random positive 128-bit serial number.
@@ -322,5 +370,92 @@ mod tests {
         new.trust_also(old.root_pem().to_owned());
         assert_eq!(new.bundle().len(), 2);
         assert_eq!(new.bundle()[0], new.root_pem());
+    }
+
+    /// `openssl req -new -key <secp384r1 key> -sha256` for
+    /// spiffe://cluster.local/ns/shop/sa/web: a P-384 key, a SHA-256 signature.
+    const P384_SHA256_CSR: &str = "-----BEGIN CERTIFICATE REQUEST-----\nMIIBPDCBwgIBADAAMHYwEAYHKoZIzj0CAQYFK4EEACIDYgAEQj457GMgRX9QBdGP\nfObMmAtRTtSv5gVK3haTztrCY1hKuX5cdv9g1HOYAi8Q4HszQhQ88oozt+Lma/Or\nDVXeCUV19vtqV2iMA/iXhZKyb6mGp9I/kmsoqQOtF3rV8asMoEMwQQYJKoZIhvcN\nAQkOMTQwMjAwBgNVHREEKTAnhiVzcGlmZmU6Ly9jbHVzdGVyLmxvY2FsL25zL3No\nb3Avc2Evd2ViMAoGCCqGSM49BAMCA2kAMGYCMQDY4WGItx8XdujkVhYiFIJiJnPt\n+useYqKEvBHfPfWRRQQbkwABP6mLX4FT8K68ltcCMQCOVi2z1pcIZWtfIvCjMxEJ\n+S40yqVy1MxLA+KabftWvkxxPxF/ItmjmebLMPjCM0w=\n-----END CERTIFICATE REQUEST-----";
+    /// The same with a prime256v1 key and `-sha384`.
+    const P256_SHA384_CSR: &str = "-----BEGIN CERTIFICATE REQUEST-----\nMIH/MIGlAgEAMAAwWTATBgcqhkjOPQIBBggqhkjOPQMBBwNCAATs+v3GekCK7kEC\ngjd1vKO12+cmipwz0u+8GzwARx23GExBbnU3ycCXSnsPDLD8PgC0+OekG2t66kuP\ntuguvbNFoEMwQQYJKoZIhvcNAQkOMTQwMjAwBgNVHREEKTAnhiVzcGlmZmU6Ly9j\nbHVzdGVyLmxvY2FsL25zL3Nob3Avc2Evd2ViMAoGCCqGSM49BAMDA0kAMEYCIQCe\nIBJieAkmdm955nLWVmmA+cTA7E7u+DxoQvQt0zsdUAIhAIpUtlsL2vW68k5FEnoD\n46OfEDFeYThxGjHi8gh11cYS\n-----END CERTIFICATE REQUEST-----";
+    /// The same with a secp256k1 key and `-sha256`.
+    const K256_SHA256_CSR: &str = "-----BEGIN CERTIFICATE REQUEST-----\nMIH7MIGiAgEAMAAwVjAQBgcqhkjOPQIBBgUrgQQACgNCAARDh6A08OfrqPS0BADW\nXNRPyzgovBAPCU3fakm8sBXC3DaDy5yvL0L4ZoPBdlTm+ofCMOZeaAydN2tCuXsX\nDq9PoEMwQQYJKoZIhvcNAQkOMTQwMjAwBgNVHREEKTAnhiVzcGlmZmU6Ly9jbHVz\ndGVyLmxvY2FsL25zL3Nob3Avc2Evd2ViMAoGCCqGSM49BAMCA0gAMEUCICov34SZ\nSmMJVmMB4DAPNdQJhnPSns8G299yC5+d9PfSAiEA9m2SUss0PqMsoLN6+qLjZxDy\nnXRdWbSXfnJ6XCmLiS0=\n-----END CERTIFICATE REQUEST-----";
+
+    #[test]
+    fn refuses_every_key_but_p256_by_its_curve() {
+        let ca = Authority::generate("cluster.local", DAY).unwrap();
+        let want = id("shop", "web");
+        // Signed before: rcgen took the key type from the signature algorithm.
+        match ca.sign(P384_SHA256_CSR, &want, DAY) {
+            Err(e @ Error::KeyType(_)) => assert!(e.to_string().contains("P-384"), "{e}"),
+            other => panic!("a P-384 key was not refused: {other:?}"),
+        }
+        // Refused whatever the reason (here, rcgen or x509-parser refuse first).
+        assert!(ca.sign(K256_SHA256_CSR, &want, DAY).is_err());
+        for alg in [&rcgen::PKCS_ECDSA_P384_SHA384, &rcgen::PKCS_ED25519] {
+            let key = KeyPair::generate_for(alg).unwrap();
+            let mut params = CertificateParams::default();
+            params.subject_alt_names = vec![SanType::URI(want.to_string().try_into().unwrap())];
+            let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+            assert!(
+                matches!(ca.sign(&csr, &want, DAY), Err(Error::KeyType(_))),
+                "{alg:?}"
+            );
+        }
+
+        // A P-256 key is one whatever hash signed its CSR, and the certificate
+        // says P-256 around that key's point.
+        let chain = ca.sign(P256_SHA384_CSR, &want, DAY).unwrap();
+        let leaf = parse(&chain[0]);
+        let spki = leaf.public_key();
+        assert_eq!(spki.algorithm.algorithm, OID_KEY_TYPE_EC_PUBLIC_KEY);
+        assert_eq!(
+            spki.algorithm
+                .parameters
+                .as_ref()
+                .unwrap()
+                .as_oid()
+                .unwrap(),
+            OID_EC_P256
+        );
+        let csr_der = ::pem::parse(P256_SHA384_CSR).unwrap().into_contents();
+        let (_, csr) = X509CertificationRequest::from_der(&csr_der).unwrap();
+        assert_eq!(
+            spki.subject_public_key.data,
+            csr.certification_request_info
+                .subject_pki
+                .subject_public_key
+                .data
+        );
+        let der = ::pem::parse(&chain[0]).unwrap().into_contents();
+        webpki::EndEntityCert::try_from(&rustls::pki_types::CertificateDer::from(der)).unwrap();
+    }
+
+    #[test]
+    fn leaf_key_usage_is_what_ecdsa_needs() {
+        let ca = Authority::generate("cluster.local", DAY).unwrap();
+        let want = id("shop", "web");
+        // The requester asks for more: it gets none of it.
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![SanType::URI(want.to_string().try_into().unwrap())];
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyEncipherment,
+            KeyUsagePurpose::KeyCertSign,
+        ];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::CodeSigning];
+        let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+        let chain = ca.sign(&csr, &want, DAY).unwrap();
+        let leaf = parse(&chain[0]);
+        let usage = leaf.key_usage().unwrap().expect("a key usage extension");
+        assert!(usage.critical);
+        assert!(usage.value.digital_signature());
+        assert_eq!(
+            usage.value.flags, 1,
+            "digitalSignature only, got {}",
+            usage.value
+        );
+        let eku = leaf.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.server_auth && eku.client_auth);
+        assert!(!eku.code_signing && !eku.any && eku.other.is_empty());
     }
 }

@@ -3,6 +3,11 @@
 //!
 //! Parsing is strict (this is what certificates are checked against): one scheme,
 //! a lowercase trust domain, exactly the `ns`/`sa` path, DNS-label segments.
+//!
+//! One identity per trust domain is reserved: the CA's
+//! (`spiffe://<trust-domain>/ns/weft-system/sa/weft-ca`). Agents trust whoever
+//! proves it with their node token, so it belongs to no workload (the model
+//! refuses one that has it) and the CA signs it for no node.
 
 use std::{fmt, str::FromStr};
 
@@ -18,6 +23,21 @@ pub enum Error {
 
 /// Default trust domain, as in Istio.
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+
+/// The namespace and service account of the CA's own identity.
+pub const CA_NAMESPACE: &str = "weft-system";
+pub const CA_SERVICE_ACCOUNT: &str = "weft-ca";
+
+/// The identity the CA serves under, and agents check it against.
+pub fn ca_identity(trust_domain: &str) -> Result<SpiffeId, Error> {
+    SpiffeId::new(trust_domain, CA_NAMESPACE, CA_SERVICE_ACCOUNT)
+}
+
+/// Whether a namespace and service account name the CA's reserved identity (in
+/// any trust domain).
+pub fn is_ca(namespace: &str, service_account: &str) -> bool {
+    namespace == CA_NAMESPACE && service_account == CA_SERVICE_ACCOUNT
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SpiffeId {
@@ -51,6 +71,11 @@ impl SpiffeId {
 
     pub fn service_account(&self) -> &str {
         &self.service_account
+    }
+
+    /// Whether this is the CA's reserved identity (of its trust domain).
+    pub fn is_ca(&self) -> bool {
+        is_ca(&self.namespace, &self.service_account)
     }
 }
 
@@ -116,6 +141,20 @@ mod tests {
         let id = SpiffeId::new("cluster.local", "shop", "web").unwrap();
         assert_eq!(id.to_string(), "spiffe://cluster.local/ns/shop/sa/web");
         assert_eq!(id.to_string().parse::<SpiffeId>().unwrap(), id);
+    }
+
+    #[test]
+    fn the_ca_identity_is_recognised_in_any_trust_domain() {
+        let ca = ca_identity("cluster.local").unwrap();
+        assert_eq!(
+            ca.to_string(),
+            "spiffe://cluster.local/ns/weft-system/sa/weft-ca"
+        );
+        assert!(ca.is_ca());
+        assert!(ca_identity("other.local").unwrap().is_ca());
+        for (ns, sa) in [("weft-system", "default"), ("default", "weft-ca")] {
+            assert!(!SpiffeId::new("cluster.local", ns, sa).unwrap().is_ca());
+        }
     }
 
     #[test]

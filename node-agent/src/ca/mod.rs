@@ -51,14 +51,7 @@ pub enum Error {
     Material(rcgen::Error),
 }
 
-/// The namespace and service account of the CA's own identity.
-pub const CA_NAMESPACE: &str = "weft-system";
-pub const CA_SERVICE_ACCOUNT: &str = "weft-ca";
-
-/// The identity the CA serves under, and agents check it against.
-pub fn ca_identity(trust_domain: &str) -> Result<SpiffeId, crate::identity::Error> {
-    SpiffeId::new(trust_domain, CA_NAMESPACE, CA_SERVICE_ACCOUNT)
-}
+pub use crate::identity::{CA_NAMESPACE, CA_SERVICE_ACCOUNT, ca_identity};
 
 /// A fresh P-256 key and a CSR for `id` (one URI SAN, nothing else), both PEM:
 /// what a requester makes and sends (the key stays with it). The key is PKCS#8,

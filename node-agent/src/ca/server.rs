@@ -509,16 +509,8 @@ async fn create_certificate(
     }
 
     let node = caller.node.as_deref().unwrap_or_default();
-    if !read_lock(&shared.mesh).identity_on_node(&id, node) {
-        return Err(Refusal::new(
-            Outcome::Denied,
-            Code::PERMISSION_DENIED,
-            format!(
-                "node {node} may not have {id}: the mesh config places no workload with \
-                 that identity on it"
-            ),
-        ));
-    }
+    let mesh = read_lock(&shared.mesh);
+    authorize(&mesh, &id, node)?;
 
     let ttl = match u64::try_from(request.validity_secs) {
         Ok(0) => shared.max_ttl,
@@ -539,6 +531,25 @@ async fn create_certificate(
         )),
         Err(e) => Err(Refusal::invalid(e.to_string())),
     }
+}
+
+/// Whether `node` may have `id`: only if the mesh places a workload with that
+/// identity on it, and never the CA's own identity, whatever the mesh says (the
+/// model refuses a workload with it; this holds even if a source forgot to).
+fn authorize(mesh: &Mesh, id: &SpiffeId, node: &str) -> Result<(), Refusal> {
+    let denied = |reason: String| Refusal::new(Outcome::Denied, Code::PERMISSION_DENIED, reason);
+    if id.is_ca() {
+        return Err(denied(format!(
+            "{id} is the CA's own identity: it is signed for no node"
+        )));
+    }
+    if !mesh.identity_on_node(id, node) {
+        return Err(denied(format!(
+            "node {node} may not have {id}: the mesh config places no workload with \
+             that identity on it"
+        )));
+    }
+    Ok(())
 }
 
 /// Reads a request body that must hold exactly one gRPC message, refusing as soon
@@ -777,7 +788,7 @@ impl Counters {
 
 #[cfg(test)]
 mod tests {
-    use std::{os::unix::fs::PermissionsExt, sync::atomic::AtomicUsize};
+    use std::{os::unix::fs::PermissionsExt, path::Path, sync::atomic::AtomicUsize};
 
     use tokio::{
         io::{AsyncReadExt, AsyncWriteExt},
@@ -786,7 +797,10 @@ mod tests {
 
     use super::*;
     use crate::{
-        ca::client::{self, CaClient},
+        ca::{
+            CA_NAMESPACE, CA_SERVICE_ACCOUNT,
+            client::{self, CaClient},
+        },
         tls::{Svid, TrustBundle},
     };
 
@@ -981,6 +995,81 @@ mod tests {
             other => panic!("{other:?}"),
         }
         ca.stop().await;
+    }
+
+    #[tokio::test]
+    async fn the_ca_identity_is_signed_for_no_node_whatever_the_mesh_says() {
+        let tmp = TempDir::new();
+        let opts = options(&tmp);
+        let with_ca = format!(
+            "{MESH}- {{name: fake-ca, namespace: weft-system, service_account: weft-ca, node: n1}}\n"
+        );
+        let ca_id = ca_identity(TD).unwrap();
+
+        // A mesh file that gives a workload the CA's identity does not load...
+        std::fs::write(&opts.config, &with_ca).unwrap();
+        let e = CaServer::bind(opts.clone())
+            .await
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("weft-system/weft-ca is the CA's identity"),
+            "{e}"
+        );
+
+        // ...nor reload, and the CA never signs its identity for a node.
+        std::fs::write(&opts.config, MESH).unwrap();
+        let ca = Running::start(opts.clone()).await;
+        let n1 = ca.client(N1);
+        std::fs::write(&opts.config, &with_ca).unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (code, message) = refused(sign(&n1, &ca_id, HOUR).await);
+        assert_eq!(code, Code::PERMISSION_DENIED);
+        assert!(message.contains("CA's own identity"), "{message}");
+        ca.stop().await;
+
+        // Even a model that slipped past validation does not get it.
+        let mut mesh = file::parse(Path::new("mesh.yaml"), MESH).unwrap().mesh;
+        mesh.workloads[0].namespace = CA_NAMESPACE.into();
+        mesh.workloads[0].service_account = CA_SERVICE_ACCOUNT.into();
+        assert!(mesh.identity_on_node(&ca_id, "n1"));
+        let refusal = authorize(&mesh, &ca_id, "n1").err().unwrap();
+        assert_eq!(refusal.code, Code::PERMISSION_DENIED);
+        assert_eq!(refusal.outcome, Outcome::Denied);
+        let web = file::parse(Path::new("mesh.yaml"), MESH).unwrap().mesh;
+        assert!(authorize(&web, &id("web"), "n1").is_ok());
+    }
+
+    #[tokio::test]
+    async fn the_client_wants_exactly_the_ca_identity() {
+        // A server with a good certificate from the right root, for a workload.
+        let root = Authority::generate(TD, HOUR).unwrap();
+        let bundle = TrustBundle::from_pem(root.root_pem()).unwrap();
+        let serve = |id: SpiffeId| {
+            let (key, csr) = super::new_key_and_csr(&id).unwrap();
+            let chain = root.sign(&csr, &id, HOUR).unwrap();
+            let svid = Svid::from_pem(&chain, &key).unwrap();
+            TlsAcceptor::from(tls::server_config_no_client_auth(&svid).unwrap())
+        };
+        for (served, accepted) in [(id("web"), false), (ca_identity(TD).unwrap(), true)] {
+            let acceptor = serve(served.clone());
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let server = tokio::spawn(async move {
+                let (tcp, _) = listener.accept().await.unwrap();
+                // Handshake, then hang up: the client gets no CA behind it.
+                let _ = acceptor.accept(tcp).await;
+            });
+            let client = CaClient::new(addr, N1.into(), bundle.clone(), TD).unwrap();
+            let e = sign(&client, &id("web"), HOUR).await.unwrap_err();
+            let tls_refused = matches!(&e, client::Error::Tls { .. });
+            assert_eq!(tls_refused, !accepted, "{served}: {e}");
+            if !accepted {
+                assert!(e.to_string().contains(&served.to_string()), "{e}");
+            }
+            server.await.unwrap();
+        }
     }
 
     #[tokio::test]

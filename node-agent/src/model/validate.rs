@@ -9,7 +9,7 @@ use std::{
 };
 
 use super::{Endpoints, Labels, Mesh};
-use crate::identity::SpiffeId;
+use crate::identity::{self, SpiffeId};
 
 /// Every problem of `mesh`, in the order of its entries; empty when it is valid.
 pub fn problems(mesh: &Mesh) -> Vec<String> {
@@ -52,6 +52,13 @@ fn workload_problems(
         }
         if !seen.insert(w.key()) {
             problems.push(format!("{at}: duplicate workload"));
+        }
+        if identity::is_ca(&w.namespace, &w.service_account) {
+            problems.push(format!(
+                "{at}: service account {}/{} is the CA's identity, which no workload may \
+                 have (agents send their node tokens to whoever proves it)",
+                w.namespace, w.service_account
+            ));
         }
         let me = w.key().to_string();
         for a in &w.addresses {

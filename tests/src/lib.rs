@@ -103,6 +103,22 @@ macro_rules! assert_eventually {
     };
 }
 
+/// Writes a secret (a node token) readable by its owner only: created `0600`, and
+/// set to `0600` if it existed, so a token is never world-readable, not even
+/// between the write and a `chmod`.
+pub fn write_secret(path: &std::path::Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    f.write_all(contents.as_bytes())
+}
+
 /// Path of a workspace binary built into the same target directory as the
 /// running test executable.
 ///
@@ -131,4 +147,25 @@ pub fn bin_path(name: &str) -> PathBuf {
         path.display()
     );
     path
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    #[test]
+    fn secrets_are_written_for_their_owner_only() {
+        let path = std::env::temp_dir().join(format!("weft-secret-{}", std::process::id()));
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let _ = std::fs::remove_file(&path);
+        super::write_secret(&path, "one").unwrap();
+        let fresh = mode(&path);
+        // A file that was there, world-readable, is made private too.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        super::write_secret(&path, "two").unwrap();
+        let (rewritten, text) = (mode(&path), std::fs::read_to_string(&path).unwrap());
+        let _ = std::fs::remove_file(&path);
+        assert_eq!((fresh, rewritten), (0o600, 0o600));
+        assert_eq!(text, "two");
+    }
 }

@@ -116,9 +116,9 @@ impl<'c> Mesh<'c> {
         for (i, node) in cluster.nodes().iter().enumerate() {
             let token = random_token()?;
             let _ = writeln!(tokens, "{}: {token}", node.name);
-            std::fs::write(mesh.token_path(i), &token)?;
+            crate::write_secret(&mesh.token_path(i), &token)?;
         }
-        std::fs::write(mesh.dir.join("tokens.yaml"), tokens)?;
+        crate::write_secret(&mesh.dir.join("tokens.yaml"), &tokens)?;
         Ok(mesh)
     }
 

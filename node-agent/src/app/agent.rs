@@ -91,10 +91,12 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         let loaded = file::load(&config_path, args.config_max_bytes)?;
         let bundle = load_bundle(&bundle_path)?;
         let token = match (&args.ca_token_file, &args.embedded_ca_node_tokens) {
-            (Some(path), _) => std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?
-                .trim()
-                .to_owned(),
+            (Some(path), _) => {
+                if let Some(problem) = crate::ca::tokens::loose_permissions(path) {
+                    warn!(%problem, "a node-token file others may read");
+                }
+                crate::ca::tokens::read_token_file(path)?
+            }
             (None, Some(tokens)) => crate::ca::tokens::token_of(tokens, &node)?,
             (None, None) => anyhow::bail!(
                 "--ca-token-file is required (this node's token for the CA)"

@@ -142,6 +142,9 @@ impl CaServer {
         let watch = Watch::new(&[&opts.config, &opts.node_tokens]);
         let mesh = file::load(&opts.config, opts.config_max_bytes)?.mesh;
         let tokens = NodeTokens::load(&opts.node_tokens)?;
+        if let Some(problem) = tokens::loose_permissions(&opts.node_tokens) {
+            warn!(%problem, "a node-token file others may read");
+        }
         let trust_domain = mesh.trust_domain.clone();
 
         let authority = store::load_authority(&opts.dir, &trust_domain)?;
@@ -1091,6 +1094,16 @@ mod tests {
         request.headers_mut().remove(header::AUTHORIZATION);
         let answer = raw_call(&ca.client(N1), request, b"").await;
         assert_eq!(answer.grpc_status(), Some(Code::UNAUTHENTICATED));
+
+        // Compared exactly: the right token with a space after it is another one.
+        for near in [format!("Bearer {N1} "), format!("Bearer  {N1}")] {
+            let mut request = ca.client(N1).request(proto::CREATE_CERTIFICATE).unwrap();
+            request
+                .headers_mut()
+                .insert(header::AUTHORIZATION, HeaderValue::try_from(near).unwrap());
+            let answer = raw_call(&ca.client(N1), request, b"").await;
+            assert_eq!(answer.grpc_status(), Some(Code::UNAUTHENTICATED));
+        }
         ca.stop().await;
     }
 

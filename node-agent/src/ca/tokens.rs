@@ -10,6 +10,17 @@
 //! Parsing is strict: one map of strings, every node once, tokens of
 //! [`MIN_TOKEN_LEN`] to 4096 printable ASCII characters, no token shared by two
 //! nodes (it would prove neither).
+//!
+//! An agent's own token file (`--ca-token-file`) holds the token alone, taken
+//! byte for byte: one final `\n` is the file's line ending (what `echo` writes)
+//! and is dropped; anything else, a space, a tab, a `\r` or a second newline, is
+//! part of what the file says and fails the token rules, so the agent refuses to
+//! start rather than send something that is not the token. The CA compares a
+//! presented token exactly, in constant time: nothing is trimmed.
+//!
+//! Token files are secrets: whoever reads a node's token gets that node's
+//! identities. Both kinds are written `0600`; one that others may read is
+//! loaded, with a warning that says so.
 
 use std::{
     collections::HashMap,
@@ -71,15 +82,8 @@ impl NodeTokens {
             if node.is_empty() || node.chars().any(|c| c.is_whitespace() || c.is_control()) {
                 problems.push(format!("node name {node:?} is empty or has whitespace"));
             }
-            if token.len() < MIN_TOKEN_LEN || token.len() > MAX_TOKEN_LEN {
-                problems.push(format!(
-                    "{node}: the token must be {MIN_TOKEN_LEN} to {MAX_TOKEN_LEN} characters"
-                ));
-            }
-            if !token.bytes().all(|b| b.is_ascii_graphic()) {
-                problems.push(format!(
-                    "{node}: the token must be printable ASCII without spaces"
-                ));
+            if let Err(e) = check_token(token) {
+                problems.push(format!("{node}: {e}"));
             }
             if nodes.iter().any(|(n, _)| n == node) {
                 problems.push(format!("{node}: listed twice"));
@@ -114,6 +118,51 @@ impl NodeTokens {
         }
         found.cloned()
     }
+}
+
+/// The token rules, for the CA's file and an agent's alike.
+fn check_token(token: &str) -> Result<(), String> {
+    if token.len() < MIN_TOKEN_LEN || token.len() > MAX_TOKEN_LEN {
+        return Err(format!(
+            "the token must be {MIN_TOKEN_LEN} to {MAX_TOKEN_LEN} characters"
+        ));
+    }
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("the token must be printable ASCII without spaces".into());
+    }
+    Ok(())
+}
+
+/// An agent's token file (`--ca-token-file`): the token exactly, and at most one
+/// final `\n`.
+pub fn read_token_file(path: &Path) -> Result<String, Error> {
+    let bad = |message: String| Error {
+        path: path.to_owned(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    let token = text.strip_suffix('\n').unwrap_or(&text);
+    check_token(token).map_err(|e| {
+        bad(format!(
+            "{e} (the file holds the token alone, byte for byte, and at most one final \
+             newline; nothing is trimmed)"
+        ))
+    })?;
+    Ok(token.to_owned())
+}
+
+/// Why a token file is not private (`Some`: others than its owner may read or
+/// write it), for a warning.
+pub fn loose_permissions(path: &Path) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+    (mode & 0o077 != 0).then(|| {
+        format!(
+            "{} is mode {mode:04o}: others may read the node token(s) in it \
+             (chmod 600 it)",
+            path.display()
+        )
+    })
 }
 
 /// `node`'s token in a node-token file: what an agent with an embedded CA uses
@@ -186,6 +235,71 @@ mod tests {
         ] {
             assert!(parse(text).is_err(), "accepted {why}: {text:?}");
         }
+    }
+
+    #[test]
+    fn presented_tokens_match_exactly() {
+        let tokens = NodeTokens::parse(Path::new("t"), &format!("n1: {N1}\n")).unwrap();
+        for near in [
+            format!("{N1} "),
+            format!(" {N1}"),
+            format!("{N1}\n"),
+            format!("{N1}\t"),
+            N1.to_uppercase(),
+        ] {
+            assert_eq!(tokens.node_for(near.as_bytes()), None, "{near:?}");
+        }
+        assert_eq!(tokens.node_for(N1.as_bytes()).as_deref(), Some("n1"));
+    }
+
+    #[test]
+    fn an_agent_token_file_is_the_token_and_one_line_ending_at_most() {
+        let path = std::env::temp_dir().join(format!("weft-token-{}", std::process::id()));
+        let read = |text: &str| {
+            std::fs::write(&path, text).unwrap();
+            read_token_file(&path)
+        };
+        let got = [
+            read(N1),
+            read(&format!("{N1}\n")),
+            read(&format!("{N1} ")),
+            read(&format!("{N1} \n")),
+            read(&format!("{N1}\n\n")),
+            read(&format!("{N1}\r\n")),
+            read(&format!(" {N1}")),
+            read(&format!("{N1}\n{N2}\n")),
+        ];
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(got[0].as_deref().unwrap(), N1);
+        assert_eq!(
+            got[1].as_deref().unwrap(),
+            N1,
+            "echo's newline is no part of it"
+        );
+        for (i, r) in got.iter().enumerate().skip(2) {
+            let e = r
+                .as_ref()
+                .err()
+                .unwrap_or_else(|| panic!("case {i}: accepted"));
+            assert!(e.to_string().contains("nothing is trimmed"), "{e}");
+        }
+    }
+
+    #[test]
+    fn token_files_others_can_read_are_named() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let path = std::env::temp_dir().join(format!("weft-token-mode-{}", std::process::id()));
+        std::fs::write(&path, N1).unwrap();
+        let mode = |m: u32| {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(m)).unwrap();
+            loose_permissions(&path)
+        };
+        let (private, owner_ro, world, group) =
+            (mode(0o600), mode(0o400), mode(0o644), mode(0o640));
+        let _ = std::fs::remove_file(&path);
+        assert_eq!((private, owner_ro), (None, None));
+        assert!(world.unwrap().contains("mode 0644"));
+        assert!(group.is_some());
     }
 
     #[test]

@@ -79,6 +79,25 @@ pub struct CaArgs {
     /// The largest mesh file read, in bytes; a larger one is refused unread.
     #[arg(long, env = "WEFT_CA_CONFIG_MAX_BYTES", default_value_t = crate::discovery::file::DEFAULT_MAX_BYTES)]
     pub config_max_bytes: u64,
+
+    /// Connections the CA holds at once; more are closed on accept (and counted).
+    #[arg(long, env = "WEFT_CA_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
+
+    /// Connections the CA holds at once from one IP address; more are closed on
+    /// accept (and counted).
+    #[arg(long, env = "WEFT_CA_MAX_CONNECTIONS_PER_PEER", default_value_t = 32)]
+    pub max_connections_per_peer: usize,
+
+    /// From accept, how long a connection has for its TLS and HTTP/2 handshakes and
+    /// its first answered request (and for every request until one shows a node
+    /// token). Fixed at accept: a slow peer cannot extend it.
+    #[arg(long, env = "WEFT_CA_FIRST_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub first_request_timeout: Duration,
+
+    /// A node's connection is closed this long after its last answered request.
+    #[arg(long, env = "WEFT_CA_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
 }
 
 #[derive(Debug, Args)]

@@ -360,6 +360,8 @@ async fn embedded_ca(args: &AgentArgs, dir: &Path, config: &Path) -> anyhow::Res
         metrics_addr: Some(args.embedded_ca_metrics_addr),
         max_ttl: args.embedded_ca_cert_ttl,
         config_max_bytes: args.config_max_bytes,
+        // `weft ca`'s defaults; the separate process is where they can be tuned.
+        limits: Default::default(),
     };
     CaServer::bind(opts)
         .await

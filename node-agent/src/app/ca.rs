@@ -1,7 +1,7 @@
 //! `weft ca`: the certificate authority as its own process.
 
 use crate::{
-    ca::server::{CaOptions, CaServer},
+    ca::server::{CaOptions, CaServer, Limits},
     cli::CaArgs,
 };
 
@@ -14,6 +14,12 @@ pub fn run(args: CaArgs) -> anyhow::Result<()> {
         metrics_addr: Some(args.metrics_addr),
         max_ttl: args.cert_ttl,
         config_max_bytes: args.config_max_bytes,
+        limits: Limits {
+            max_connections: args.max_connections,
+            max_connections_per_peer: args.max_connections_per_peer,
+            first_request_timeout: args.first_request_timeout,
+            idle_timeout: args.idle_timeout,
+        },
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

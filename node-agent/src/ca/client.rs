@@ -9,13 +9,13 @@
 //! certificate lifetime), so a pooled connection would save nothing worth its
 //! reconnect and health logic.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use h2::client::SendRequest;
 use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, header};
 use rustls::pki_types::ServerName;
-use tokio::{net::TcpStream, task::JoinHandle};
+use tokio::{net::TcpStream, sync::Semaphore, task::JoinHandle};
 use tokio_rustls::TlsConnector;
 
 use super::{
@@ -29,6 +29,12 @@ use crate::{
 
 /// Default bound on a whole call: connect, handshakes, request and answer.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Calls one client makes at once; more wait their turn. An agent starting with
+/// many workloads would otherwise open a connection per identity at once, and
+/// the CA holds at most `--max-connections-per-peer` (32 by default) from one
+/// address: it would close the rest, to be retried after a backoff.
+pub const MAX_CALLS_IN_FLIGHT: usize = 8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -86,6 +92,7 @@ pub struct CaClient {
     connector: TlsConnector,
     expected: SpiffeId,
     timeout: Duration,
+    in_flight: Arc<Semaphore>,
 }
 
 impl std::fmt::Debug for CaClient {
@@ -119,6 +126,7 @@ impl CaClient {
             connector: TlsConnector::from(config),
             expected,
             timeout: DEFAULT_TIMEOUT,
+            in_flight: Arc::new(Semaphore::new(MAX_CALLS_IN_FLIGHT)),
         })
     }
 
@@ -140,6 +148,12 @@ impl CaClient {
         id: &SpiffeId,
         ttl: Duration,
     ) -> Result<Vec<String>, Error> {
+        // Waiting for a turn is not the CA's slowness: the timeout starts after.
+        let _turn = self
+            .in_flight
+            .acquire()
+            .await
+            .map_err(|_| Error::Setup("the CA client is closed".into()))?;
         let call = self.create_certificate(csr_pem, id, ttl);
         match tokio::time::timeout(self.timeout, call).await {
             Ok(result) => result,

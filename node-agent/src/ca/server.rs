@@ -10,17 +10,24 @@
 //! that it signs for itself at every start, so agents need nothing but the bundle.
 //!
 //! Peers are untrusted until their token checks out: headers, body and time are
-//! bounded per stream, streams per connection, and connections per server.
+//! bounded per stream, streams per connection, and connections per server and per
+//! peer address. Until a request of the connection has shown a node token, the
+//! connection has one deadline, fixed at accept, for the TLS and HTTP/2
+//! handshakes and its first answered request: sending slowly, sending requests
+//! without a token, or sending nothing cannot extend it. A node's connection is
+//! then closed when idle, counted from its last answered request. A close sends
+//! GOAWAY and drops the socket shortly after, whether or not the peer reads it.
 //!
 //! State lives in one directory (see [`super::store`]).
 
 use std::{
+    collections::HashMap,
     future::Future,
     io,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     path::PathBuf,
     sync::{
-        Arc, RwLock,
+        Arc, Mutex, RwLock,
         atomic::{AtomicU64, Ordering},
     },
     time::Duration,
@@ -34,8 +41,9 @@ use h2::{
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
 use tokio::{
     net::{TcpListener, TcpStream},
-    sync::{Semaphore, watch},
+    sync::watch,
     task::JoinSet,
+    time::Instant,
 };
 use tokio_rustls::TlsAcceptor;
 use tracing::{Instrument as _, debug, error, info, info_span, warn};
@@ -59,12 +67,13 @@ pub use super::ca_identity;
 const SERVING_TTL: Duration = Duration::from_secs(30 * 86_400);
 /// The longest `--cert-ttl` accepted.
 pub const MAX_CERT_TTL: Duration = Duration::from_secs(365 * 86_400);
-/// Bound on each step a peer controls: the handshakes, and a request's body.
+/// Bound on a request's body.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
-/// A connection with no stream for this long is closed.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// Connections served at once; more are closed on accept.
-const MAX_CONNECTIONS: usize = 1024;
+/// How long a closing connection may take to send its GOAWAY before the socket
+/// is dropped: the peer is not waited for.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// At most one "connection refused" warning per this long (the metric counts all).
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 /// Streams a connection may have open at once.
 const MAX_STREAMS: u32 = 16;
 /// Request header block limit: a token and a few gRPC headers.
@@ -105,6 +114,60 @@ pub struct CaOptions {
     pub max_ttl: Duration,
     /// The largest mesh file read.
     pub config_max_bytes: u64,
+    /// Connection caps and deadlines.
+    pub limits: Limits,
+}
+
+/// How many connections the CA holds, and for how long (`weft ca` flags).
+///
+/// Why per peer address and a deadline fixed at accept: every call of an agent
+/// opens a connection that is unauthenticated until its request is read, so the
+/// slots cannot be kept for nodes by identity. What stops one pod from holding
+/// them all is that it gets `max_connections_per_peer` of them, each for at most
+/// `first_request_timeout`, however it behaves. An agent calls from its node's
+/// address with at most [`super::client::MAX_CALLS_IN_FLIGHT`] calls at once, well
+/// under the per-peer cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections held at once; more are closed on accept.
+    pub max_connections: usize,
+    /// Connections held at once from one IP address; more are closed on accept.
+    pub max_connections_per_peer: usize,
+    /// From accept: the TLS and HTTP/2 handshakes and the first answered request,
+    /// and every request until one shows a node token.
+    pub first_request_timeout: Duration,
+    /// A node's connection with no request in flight is closed this long after
+    /// its last answered request.
+    pub idle_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 1024,
+            max_connections_per_peer: 32,
+            first_request_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+impl Limits {
+    fn check(&self) -> Result<(), String> {
+        if self.max_connections == 0 || self.max_connections_per_peer == 0 {
+            return Err("the connection limits must be at least 1".into());
+        }
+        if self.max_connections_per_peer > self.max_connections {
+            return Err(format!(
+                "the per-peer connection limit ({}) is over the total ({})",
+                self.max_connections_per_peer, self.max_connections
+            ));
+        }
+        if self.first_request_timeout.is_zero() || self.idle_timeout.is_zero() {
+            return Err("the CA's connection timeouts must be longer than zero".into());
+        }
+        Ok(())
+    }
 }
 
 /// A bound CA: [`CaServer::bind`] loads everything and opens the ports (so every
@@ -126,6 +189,8 @@ struct Shared {
     mesh: RwLock<Arc<Mesh>>,
     tokens: RwLock<Arc<NodeTokens>>,
     counters: Counters,
+    limits: Limits,
+    slots: Arc<Slots>,
 }
 
 impl CaServer {
@@ -138,6 +203,7 @@ impl CaServer {
                 MAX_CERT_TTL.as_secs() / 86_400
             )));
         }
+        opts.limits.check().map_err(Error::Options)?;
         // Watch before reading: a change in between is then seen.
         let watch = Watch::new(&[&opts.config, &opts.node_tokens]);
         let mesh = file::load(&opts.config, opts.config_max_bytes)?.mesh;
@@ -176,6 +242,8 @@ impl CaServer {
                 mesh: RwLock::new(Arc::new(mesh)),
                 tokens: RwLock::new(Arc::new(tokens)),
                 counters: Counters::default(),
+                limits: opts.limits,
+                slots: Arc::default(),
             }),
             opts,
             watch,
@@ -228,7 +296,7 @@ impl CaServer {
             let counters = shared.clone();
             background.spawn(crate::metrics::serve(
                 l,
-                Arc::new(move || counters.counters.render()),
+                Arc::new(move || counters.counters.render(counters.slots.open())),
             ));
         }
         info!(
@@ -237,14 +305,18 @@ impl CaServer {
             trust_domain = %shared.trust_domain,
             roots = shared.authority.bundle().len(),
             max_ttl_s = shared.max_ttl.as_secs(),
+            max_connections = shared.limits.max_connections,
+            max_connections_per_peer = shared.limits.max_connections_per_peer,
+            first_request_timeout_ms = shared.limits.first_request_timeout.as_millis() as u64,
+            idle_timeout_ms = shared.limits.idle_timeout.as_millis() as u64,
             dir = %opts.dir.display(),
             "ca ready"
         );
 
         let (stop, stopping) = watch::channel(false);
-        let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         let mut conns = JoinSet::new();
         let mut backoff = Duration::ZERO;
+        let mut refusals = RefusalLog::default();
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -252,16 +324,29 @@ impl CaServer {
                 accepted = listener.accept() => match accepted {
                     Ok((tcp, peer)) => {
                         backoff = Duration::ZERO;
-                        let Ok(permit) = limit.clone().try_acquire_owned() else {
-                            warn!(peer = %peer, limit = MAX_CONNECTIONS, "too many connections");
-                            continue;
+                        // Deadlines start now, before anything is read.
+                        let deadline = Instant::now() + shared.limits.first_request_timeout;
+                        let slot = match shared.slots.take(peer.ip(), &shared.limits) {
+                            Ok(slot) => slot,
+                            Err(full) => {
+                                // Dropping the socket closes it at once.
+                                drop(tcp);
+                                shared.counters.refused(full);
+                                refusals.note(peer, full, &shared.limits);
+                                continue;
+                            }
                         };
-                        let conn =
-                            connection(tcp, acceptor.clone(), shared.clone(), stopping.clone());
+                        let conn = connection(
+                            tcp,
+                            deadline,
+                            acceptor.clone(),
+                            shared.clone(),
+                            stopping.clone(),
+                        );
                         conns.spawn(
                             async move {
                                 conn.await;
-                                drop(permit);
+                                drop(slot);
                             }
                             .instrument(info_span!("ca_conn", peer = %peer)),
                         );
@@ -301,31 +386,50 @@ pub async fn serve(opts: CaOptions, shutdown: impl Future<Output = ()>) -> Resul
 
 // ---- one connection, one stream ------------------------------------------------
 
+/// Serves one connection until the peer closes it, a deadline passes or the CA
+/// stops. `first_deadline` was fixed at accept.
 async fn connection(
     tcp: TcpStream,
+    first_deadline: Instant,
     acceptor: TlsAcceptor,
     shared: Arc<Shared>,
     mut stopping: watch::Receiver<bool>,
 ) {
     let _ = tcp.set_nodelay(true);
-    let tls = match tokio::time::timeout(IO_TIMEOUT, acceptor.accept(tcp)).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => return debug!(error = %e, "TLS handshake failed"),
-        Err(_) => return debug!("TLS handshake timed out"),
+    // One deadline for both handshakes: a peer that trickles bytes in either
+    // cannot extend it, as a timeout per read would let it.
+    let setup = async {
+        let tls = acceptor.accept(tcp).await.map_err(|e| {
+            debug!(error = %e, "TLS handshake failed");
+        })?;
+        h2s::Builder::new()
+            .max_concurrent_streams(MAX_STREAMS)
+            .max_header_list_size(MAX_HEADER_LIST)
+            .max_send_buffer_size(proto::MAX_MESSAGE + 1024)
+            .handshake::<_, Bytes>(tls)
+            .await
+            .map_err(|e| debug!(error = %e, "HTTP/2 handshake failed"))
     };
-    let handshake = h2s::Builder::new()
-        .max_concurrent_streams(MAX_STREAMS)
-        .max_header_list_size(MAX_HEADER_LIST)
-        .max_send_buffer_size(proto::MAX_MESSAGE + 1024)
-        .handshake::<_, Bytes>(tls);
-    let mut conn = match tokio::time::timeout(IO_TIMEOUT, handshake).await {
+    let mut conn = match tokio::time::timeout_at(first_deadline, setup).await {
         Ok(Ok(conn)) => conn,
-        Ok(Err(e)) => return debug!(error = %e, "HTTP/2 handshake failed"),
-        Err(_) => return debug!("HTTP/2 handshake timed out"),
+        Ok(Err(())) => return,
+        Err(_) => {
+            shared.counters.timed_out(Phase::FirstRequest);
+            return debug!("handshakes not done by the first-request deadline; closed");
+        }
     };
-    let mut streams = JoinSet::new();
-    let mut closing = false;
+    let mut streams: JoinSet<bool> = JoinSet::new();
+    // Whether a request of this connection showed a node token: until then the
+    // deadline stays the one fixed at accept.
+    let mut authenticated = false;
+    let mut deadline = first_deadline;
+    // Once closing: when the socket is dropped, whatever the peer does.
+    let mut drop_at: Option<Instant> = None;
     loop {
+        // A node's requests in flight are bounded each (IO_TIMEOUT); the idle
+        // clock starts when the last one is answered.
+        let waiting = drop_at.is_some() || !authenticated || streams.is_empty();
+        let wake = drop_at.unwrap_or(deadline);
         tokio::select! {
             next = conn.accept() => match next {
                 Some(Ok((request, respond))) => {
@@ -338,19 +442,150 @@ async fn connection(
                 None => break,
             },
             Some(done) = streams.join_next(), if !streams.is_empty() => {
-                if let Err(e) = done && e.is_panic() {
-                    error!(error = %e, "a CA stream task panicked");
+                match done {
+                    Ok(node) => authenticated |= node,
+                    Err(e) if e.is_panic() => error!(error = %e, "a CA stream task panicked"),
+                    Err(_) => {}
+                }
+                if authenticated && streams.is_empty() && drop_at.is_none() {
+                    deadline = Instant::now() + shared.limits.idle_timeout;
                 }
             }
-            _ = stopping.changed(), if !closing => {
-                closing = true;
+            _ = stopping.changed(), if drop_at.is_none() => {
                 conn.graceful_shutdown();
+                // The CA's own drain bound cuts what is still running then.
+                drop_at = Some(Instant::now() + DRAIN);
             }
-            () = tokio::time::sleep(IDLE_TIMEOUT), if !closing && streams.is_empty() => {
-                closing = true;
-                conn.graceful_shutdown();
+            () = tokio::time::sleep_until(wake), if waiting => {
+                if drop_at.is_some() {
+                    debug!("the peer did not finish closing; dropped");
+                    break;
+                }
+                let phase = if authenticated { Phase::Idle } else { Phase::FirstRequest };
+                shared.counters.timed_out(phase);
+                debug!(phase = phase.label(), "deadline passed; closing");
+                // Requests still in flight past the first-request deadline are a
+                // stranger's: cut them. GOAWAY, then the socket goes shortly after.
+                streams.abort_all();
+                conn.abrupt_shutdown(h2::Reason::NO_ERROR);
+                drop_at = Some(Instant::now() + CLOSE_GRACE);
             }
         }
+    }
+}
+
+/// Which deadline closed a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// The one fixed at accept: handshakes and requests until a node token.
+    FirstRequest,
+    /// A node's connection, idle since its last answered request.
+    Idle,
+}
+
+impl Phase {
+    fn label(self) -> &'static str {
+        match self {
+            Phase::FirstRequest => "first_request",
+            Phase::Idle => "idle",
+        }
+    }
+}
+
+/// Why a connection was refused on accept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Full {
+    /// `max_connections` are held.
+    Server,
+    /// `max_connections_per_peer` are held from the peer's address.
+    Peer,
+}
+
+impl Full {
+    fn label(self) -> &'static str {
+        match self {
+            Full::Server => "server_full",
+            Full::Peer => "peer_full",
+        }
+    }
+}
+
+/// The connections held, in all and per peer address.
+#[derive(Default)]
+struct Slots {
+    held: Mutex<(usize, HashMap<IpAddr, usize>)>,
+}
+
+impl Slots {
+    fn take(self: &Arc<Self>, peer: IpAddr, limits: &Limits) -> Result<Slot, Full> {
+        let peer = peer.to_canonical();
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let (total, per_peer) = &mut *held;
+        if *total >= limits.max_connections {
+            return Err(Full::Server);
+        }
+        let mine = per_peer.entry(peer).or_default();
+        if *mine >= limits.max_connections_per_peer {
+            return Err(Full::Peer);
+        }
+        *mine += 1;
+        *total += 1;
+        Ok(Slot {
+            slots: self.clone(),
+            peer,
+        })
+    }
+
+    fn open(&self) -> usize {
+        self.held.lock().unwrap_or_else(|e| e.into_inner()).0
+    }
+}
+
+/// A held connection; given back on drop, whichever way the connection ended.
+struct Slot {
+    slots: Arc<Slots>,
+    peer: IpAddr,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut held = self.slots.held.lock().unwrap_or_else(|e| e.into_inner());
+        let (total, per_peer) = &mut *held;
+        *total -= 1;
+        if let Some(n) = per_peer.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                per_peer.remove(&self.peer);
+            }
+        }
+    }
+}
+
+/// Warns of refused connections at most once per [`REFUSAL_LOG_EVERY`], with
+/// how many there were since the last warning: a flood must not flood the log.
+#[derive(Default)]
+struct RefusalLog {
+    last: Option<Instant>,
+    since: u64,
+}
+
+impl RefusalLog {
+    fn note(&mut self, peer: SocketAddr, full: Full, limits: &Limits) {
+        self.since += 1;
+        let now = Instant::now();
+        if self.last.is_some_and(|t| now < t + REFUSAL_LOG_EVERY) {
+            return debug!(peer = %peer, reason = full.label(), "connection refused");
+        }
+        warn!(
+            peer = %peer,
+            reason = full.label(),
+            refused = self.since,
+            max_connections = limits.max_connections,
+            max_connections_per_peer = limits.max_connections_per_peer,
+            "connections refused: the CA holds as many as it may (from that peer, or in all)"
+        );
+        self.last = Some(now);
+        self.since = 0;
     }
 }
 
@@ -412,11 +647,12 @@ struct Caller {
     identity: Option<String>,
 }
 
+/// Answers one request; whether it showed a node token.
 async fn serve_stream(
     request: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
     shared: Arc<Shared>,
-) {
+) -> bool {
     let (head, body) = request.into_parts();
     let grpc = head
         .headers
@@ -430,12 +666,14 @@ async fn serve_stream(
             StatusCode::NOT_FOUND
         };
         debug!(path = head.uri.path(), %status, "not a gRPC request");
-        return send_http_status(&mut respond, status);
+        send_http_status(&mut respond, status);
+        return false;
     }
     if !ours {
         debug!(path = head.uri.path(), "unknown gRPC method");
         let reason = format!("unknown method {} {}", head.method, head.uri.path());
-        return send_status(&mut respond, Code::UNIMPLEMENTED, &reason);
+        send_status(&mut respond, Code::UNIMPLEMENTED, &reason);
+        return false;
     }
 
     let mut caller = Caller::default();
@@ -461,6 +699,7 @@ async fn serve_stream(
             send_status(&mut respond, refusal.code, &refusal.reason);
         }
     }
+    caller.node.is_some()
 }
 
 async fn create_certificate(
@@ -764,27 +1003,74 @@ fn serving_tls(authority: &Authority, trust_domain: &str) -> Result<TlsAcceptor,
 // ---- metrics -------------------------------------------------------------------
 
 #[derive(Default)]
-struct Counters([AtomicU64; 5]);
+struct Counters {
+    requests: [AtomicU64; 5],
+    /// By [`Full`]: server, peer.
+    refused: [AtomicU64; 2],
+    /// By [`Phase`]: first request, idle.
+    timed_out: [AtomicU64; 2],
+}
 
 impl Counters {
     fn record(&self, outcome: Outcome) {
         let i = Outcome::ALL.iter().position(|o| *o == outcome).unwrap_or(0);
-        self.0[i].fetch_add(1, Ordering::Relaxed);
+        self.requests[i].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Prometheus text exposition format.
-    fn render(&self) -> String {
+    fn refused(&self, full: Full) {
+        self.refused[full as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn timed_out(&self, phase: Phase) {
+        self.timed_out[phase as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Prometheus text exposition format; `open` is the connections held now.
+    fn render(&self, open: usize) -> String {
         let mut out = String::from(
             "# HELP weft_ca_requests_total Certificate requests, by result.\n\
              # TYPE weft_ca_requests_total counter\n",
         );
-        for (outcome, n) in Outcome::ALL.iter().zip(&self.0) {
+        let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        for (outcome, c) in Outcome::ALL.iter().zip(&self.requests) {
             out.push_str(&format!(
                 "weft_ca_requests_total{{result=\"{}\"}} {}\n",
                 outcome.label(),
-                n.load(Ordering::Relaxed)
+                n(c)
             ));
         }
+        out.push_str(
+            "# HELP weft_ca_connections_refused_total Connections closed on accept: the CA \
+             held its limit in all (server_full) or from the peer's address (peer_full).\n\
+             # TYPE weft_ca_connections_refused_total counter\n",
+        );
+        for (full, c) in [Full::Server, Full::Peer].iter().zip(&self.refused) {
+            out.push_str(&format!(
+                "weft_ca_connections_refused_total{{reason=\"{}\"}} {}\n",
+                full.label(),
+                n(c)
+            ));
+        }
+        out.push_str(
+            "# HELP weft_ca_connections_timed_out_total Connections the CA closed at a \
+             deadline: handshakes and requests before a node token (first_request), or idle.\n\
+             # TYPE weft_ca_connections_timed_out_total counter\n",
+        );
+        for (phase, c) in [Phase::FirstRequest, Phase::Idle]
+            .iter()
+            .zip(&self.timed_out)
+        {
+            out.push_str(&format!(
+                "weft_ca_connections_timed_out_total{{phase=\"{}\"}} {}\n",
+                phase.label(),
+                n(c)
+            ));
+        }
+        out.push_str(&format!(
+            "# HELP weft_ca_connections_open Connections the CA holds.\n\
+             # TYPE weft_ca_connections_open gauge\n\
+             weft_ca_connections_open {open}\n"
+        ));
         out
     }
 }
@@ -854,6 +1140,7 @@ mod tests {
             metrics_addr: Some("127.0.0.1:0".parse().unwrap()),
             max_ttl: HOUR,
             config_max_bytes: file::DEFAULT_MAX_BYTES,
+            limits: Limits::default(),
         }
     }
 
@@ -1200,6 +1487,27 @@ mod tests {
         let mut opts = options(&tmp);
         opts.max_ttl = Duration::ZERO;
         assert!(matches!(CaServer::bind(opts).await, Err(Error::Options(_))));
+        for limits in [
+            Limits {
+                max_connections_per_peer: 2000,
+                ..Limits::default()
+            },
+            Limits {
+                max_connections: 0,
+                ..Limits::default()
+            },
+            Limits {
+                first_request_timeout: Duration::ZERO,
+                ..Limits::default()
+            },
+        ] {
+            let mut opts = options(&tmp);
+            opts.limits = limits;
+            assert!(
+                matches!(CaServer::bind(opts).await, Err(Error::Options(_))),
+                "{limits:?}"
+            );
+        }
 
         let tmp = TempDir::new();
         let opts = options(&tmp);
@@ -1373,6 +1681,277 @@ mod tests {
 
         // Still serving.
         sign(&n1, &id("web"), HOUR).await.unwrap();
+        ca.stop().await;
+    }
+
+    fn short_limits(first: Duration, idle: Duration) -> Limits {
+        Limits {
+            max_connections: 64,
+            max_connections_per_peer: 4,
+            first_request_timeout: first,
+            idle_timeout: idle,
+        }
+    }
+
+    /// A TCP connection to `to` from loopback address `src`: a peer address of its
+    /// own, so that per-peer limits count it apart from the test's clients.
+    async fn tcp_from(src: [u8; 4], to: SocketAddr) -> TcpStream {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::from((src, 0))).unwrap();
+        socket.connect(to).await.unwrap()
+    }
+
+    /// Reads what the CA sends until it closes the connection (end of file or a
+    /// reset) and says when, or `None` if it is still open at `until`.
+    async fn closed_by<S: tokio::io::AsyncRead + Unpin>(
+        io: &mut S,
+        until: Instant,
+    ) -> Option<Instant> {
+        let mut buf = [0u8; 4096];
+        loop {
+            match tokio::time::timeout_at(until, io.read(&mut buf)).await {
+                Err(_) => return None,
+                Ok(Ok(0) | Err(_)) => return Some(Instant::now()),
+                Ok(Ok(_)) => {}
+            }
+        }
+    }
+
+    fn metric(text: &str, name: &str) -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+    }
+
+    /// TLS to the CA, checking it as an agent does.
+    async fn tls_to(
+        ca: &Running,
+        tcp: TcpStream,
+    ) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let bundle = TrustBundle::from_pem(&ca.bundle).unwrap();
+        let config = tls::anonymous_client_config(&bundle, ca_identity(TD).unwrap()).unwrap();
+        let name = rustls::pki_types::ServerName::IpAddress(ca.addr.ip().into());
+        tokio_rustls::TlsConnector::from(config)
+            .connect(name, tcp)
+            .await
+    }
+
+    #[tokio::test]
+    async fn strangers_hold_a_few_slots_for_a_fixed_time_and_nodes_are_served() {
+        let tmp = TempDir::new();
+        let first = Duration::from_millis(800);
+        let mut opts = options(&tmp);
+        opts.limits = short_limits(first, Duration::from_secs(60));
+        let ca = Running::start(opts).await;
+        let start = Instant::now();
+        // Everything a stranger holds is closed by then, whatever it does.
+        let bound = start + first + CLOSE_GRACE + Duration::from_secs(1);
+        let mut held = Vec::new();
+
+        // 127.0.0.2 connects and says nothing: four are held...
+        let mut silent = Vec::new();
+        for _ in 0..4 {
+            silent.push(tcp_from([127, 0, 0, 2], ca.addr).await);
+        }
+        // ...and more are closed at once, long before any deadline.
+        for _ in 0..2 {
+            let mut extra = tcp_from([127, 0, 0, 2], ca.addr).await;
+            let closed = closed_by(&mut extra, start + first / 2).await;
+            assert!(
+                closed.is_some(),
+                "a fifth connection from one address was held"
+            );
+        }
+        for tcp in silent {
+            held.push(tokio::spawn(async move {
+                let mut tcp = tcp;
+                ("silent", closed_by(&mut tcp, bound).await)
+            }));
+        }
+
+        // 127.0.0.3: TLS and the HTTP/2 preface, then silence.
+        for _ in 0..2 {
+            let mut tls = tls_to(&ca, tcp_from([127, 0, 0, 3], ca.addr).await)
+                .await
+                .unwrap();
+            tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+                .await
+                .unwrap();
+            held.push(tokio::spawn(async move {
+                ("preface", closed_by(&mut tls, bound).await)
+            }));
+        }
+        // A TLS record that trickles in, a byte every 50 ms.
+        let mut trickle = tcp_from([127, 0, 0, 3], ca.addr).await;
+        held.push(tokio::spawn(async move {
+            let mut record = vec![0x16, 0x03, 0x01, 0x02, 0x00];
+            record.resize(5 + 512, 0x01);
+            for b in record {
+                if trickle.write_all(&[b]).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            ("trickle", closed_by(&mut trickle, bound).await)
+        }));
+        // Requests without a token, one after another on one connection: each is
+        // answered, none extends the deadline.
+        let tls = tls_to(&ca, tcp_from([127, 0, 0, 3], ca.addr).await)
+            .await
+            .unwrap();
+        let (send, conn) = h2::client::handshake(tls).await.unwrap();
+        let driver = tokio::spawn(conn);
+        let strange = ca.client("not-a-token-of-this-ca-0000");
+        held.push(tokio::spawn(async move {
+            let mut send = send;
+            let mut refused = 0;
+            let requests = async {
+                loop {
+                    let Ok(ready) = send.ready().await else { break };
+                    send = ready;
+                    let request = strange.request(proto::CREATE_CERTIFICATE).unwrap();
+                    let Ok((response, _)) = send.send_request(request, true) else {
+                        break;
+                    };
+                    match response.await {
+                        Ok(r) if r.headers().get("grpc-status").is_some() => refused += 1,
+                        _ => break,
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            };
+            let _ = tokio::time::timeout_at(bound, requests).await;
+            assert!(refused > 3, "only {refused} requests answered");
+            let closed = tokio::time::timeout_at(bound, driver)
+                .await
+                .ok()
+                .map(|_| Instant::now());
+            ("tokenless requests", closed)
+        }));
+
+        // Meanwhile a node gets its certificate.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        sign(&ca.client(N1), &id("web"), HOUR).await.unwrap();
+
+        for h in held {
+            let (what, closed) = h.await.unwrap();
+            let closed = closed.unwrap_or_else(|| panic!("{what}: still open"));
+            // Closed at the deadline fixed at accept, not before it.
+            assert!(closed >= start + first, "{what}: closed early");
+        }
+        let text = http_get(ca.metrics, "/metrics").await;
+        assert_eq!(
+            metric(
+                &text,
+                "weft_ca_connections_refused_total{reason=\"peer_full\"}"
+            ),
+            2
+        );
+        assert_eq!(
+            metric(
+                &text,
+                "weft_ca_connections_refused_total{reason=\"server_full\"}"
+            ),
+            0
+        );
+        assert_eq!(
+            metric(
+                &text,
+                "weft_ca_connections_timed_out_total{phase=\"first_request\"}"
+            ),
+            8
+        );
+        assert_eq!(metric(&text, "weft_ca_connections_open"), 0);
+        ca.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_nodes_connection_idles_out_from_its_last_answer_and_the_total_is_capped() {
+        let tmp = TempDir::new();
+        let (first, idle) = (Duration::from_millis(300), Duration::from_millis(1500));
+        let mut opts = options(&tmp);
+        opts.limits = short_limits(first, idle);
+        opts.limits.max_connections = 6;
+        let ca = Running::start(opts).await;
+        let n1 = ca.client(N1);
+
+        let tls = tls_to(&ca, TcpStream::connect(ca.addr).await.unwrap())
+            .await
+            .unwrap();
+        let (send, mut conn) = h2::client::handshake(tls).await.unwrap();
+        let mut pings = conn.ping_pong().unwrap();
+        let mut driver = tokio::spawn(conn);
+        let call = |send: h2::client::SendRequest<Bytes>| {
+            let n1 = n1.clone();
+            async move {
+                let mut send = send.ready().await.unwrap();
+                let (_, csr) = super::new_key_and_csr(&id("web")).unwrap();
+                let message = CertificateRequest {
+                    csr,
+                    ..Default::default()
+                }
+                .encode();
+                let request = n1.request(proto::CREATE_CERTIFICATE).unwrap();
+                let (response, mut body) = send.send_request(request, false).unwrap();
+                body.send_data(Bytes::from(proto::frame(&message)), true)
+                    .unwrap();
+                let mut body = response.await.unwrap().into_body();
+                while let Some(chunk) = body.data().await {
+                    let _ = body.flow_control().release_capacity(chunk.unwrap().len());
+                }
+                let trailers = body.trailers().await.unwrap().unwrap();
+                assert_eq!(trailers["grpc-status"], "0");
+                send
+            }
+        };
+        let send = call(send).await;
+        // Past the first-request deadline: a node's connection stays.
+        tokio::time::sleep(first * 2).await;
+        let _send = call(send).await;
+        let answered = Instant::now();
+        // Bytes are not requests: pings all along do not keep it open.
+        let closed = async {
+            loop {
+                tokio::select! {
+                    _ = &mut driver => return Instant::now(),
+                    () = tokio::time::sleep(Duration::from_millis(100)) => {
+                        let _ = pings.ping(h2::Ping::opaque()).await;
+                    }
+                }
+            }
+        };
+        let closed = tokio::time::timeout(idle + CLOSE_GRACE + Duration::from_secs(2), closed)
+            .await
+            .expect("the idle connection was not closed");
+        assert!(closed >= answered + idle, "closed before it was idle");
+
+        // The total: six held from three addresses, the seventh is closed at once.
+        let mut held = Vec::new();
+        for src in 2..5 {
+            for _ in 0..2 {
+                held.push(tcp_from([127, 0, 0, src], ca.addr).await);
+            }
+        }
+        let mut seventh = tcp_from([127, 0, 0, 9], ca.addr).await;
+        assert!(
+            closed_by(&mut seventh, Instant::now() + first / 2)
+                .await
+                .is_some()
+        );
+        let text = http_get(ca.metrics, "/metrics").await;
+        assert_eq!(
+            metric(
+                &text,
+                "weft_ca_connections_refused_total{reason=\"server_full\"}"
+            ),
+            1
+        );
+        assert_eq!(
+            metric(&text, "weft_ca_connections_timed_out_total{phase=\"idle\"}"),
+            1
+        );
+        assert_eq!(metric(&text, "weft_ca_connections_open"), 6);
+        drop(held);
         ca.stop().await;
     }
 

@@ -118,8 +118,13 @@ impl<'c> Mesh<'c> {
             let _ = writeln!(tokens, "{}: {token}", node.name);
             crate::write_secret(&mesh.token_path(i), &token)?;
         }
-        crate::write_secret(&mesh.dir.join("tokens.yaml"), &tokens)?;
+        crate::write_secret(&mesh.node_tokens_path(), &tokens)?;
         Ok(mesh)
+    }
+
+    /// The CA's node-token file (`node-name: token` per line).
+    pub fn node_tokens_path(&self) -> PathBuf {
+        self.dir.join("tokens.yaml")
     }
 
     /// The file holding node `node`'s CA token.
@@ -205,7 +210,7 @@ impl<'c> Mesh<'c> {
             .arg("--config")
             .arg(&self.config)
             .arg("--node-tokens")
-            .arg(self.dir.join("tokens.yaml"))
+            .arg(self.node_tokens_path())
             .arg("--listen")
             .arg(self.ca_addr())
             .arg("--metrics-addr")
@@ -358,7 +363,7 @@ impl<'c> Mesh<'c> {
             cmd.arg("--embedded-ca-dir")
                 .arg(self.ca_dir())
                 .arg("--embedded-ca-node-tokens")
-                .arg(self.dir.join("tokens.yaml"));
+                .arg(self.node_tokens_path());
         } else {
             cmd.arg("--ca-token-file")
                 .arg(self.token_path(node))

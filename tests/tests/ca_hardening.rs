@@ -1,13 +1,17 @@
-//! The CA under a flood, in the virtual cluster (issue 19 item 5): pods outside
-//! the mesh open more connections to port 15012 than the CA holds, some TCP only,
-//! some with TLS and the HTTP/2 preface and then silence, and hold them. A node's
-//! agent that restarts meanwhile must still get its certificates; the CA must
-//! refuse the excess at once, count it, and close what it took at its
-//! first-request deadline although the flooders never send another byte.
+//! The CA's boundary against what can reach it, in the virtual cluster (issue 19
+//! item 5).
 //!
-//! The CA runs with its defaults (1,024 connections, 32 per peer address, 10 s
-//! to the first answered request): before these limits, the flood took every
-//! connection for a minute and more, and the agent got no certificate.
+//! A flood: pods outside the mesh open more connections to port 15012 than the
+//! CA holds, some TCP only, some with TLS and the HTTP/2 preface and then
+//! silence, and hold them. A node's agent that restarts meanwhile must still get
+//! its certificates; the CA must refuse the excess at once, count it, and close
+//! what it took at its first-request deadline although the flooders never send
+//! another byte. The CA runs with its defaults (1,024 connections, 32 per peer
+//! address, 10 s to the first answered request): before these limits, the flood
+//! took every connection for a minute and more, and the agent got no certificate.
+//!
+//! Token files: written for their owner only, and an agent's token file is the
+//! token exactly (one final newline aside), never trimmed.
 
 use std::{
     net::SocketAddr,
@@ -260,6 +264,49 @@ fn a_flood_from_pods_outside_the_mesh_keeps_no_node_from_its_certificates() -> R
         weft_tests::eventually(PATIENCE, || ca_metric(&c, "weft_ca_connections_open")
             .is_ok_and(|n| n == 0.0)),
         "the CA still holds connections"
+    );
+    Ok(())
+}
+
+#[test]
+fn token_files_are_private_and_an_agent_sends_its_token_exactly() -> Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    if !require_privileged() {
+        return Ok(());
+    }
+    let c = Cluster::new("ca_tokens", 1, 1)?;
+    let mut mesh = Mesh::new(&c, |_| true)?;
+    for path in [mesh.token_path(0), mesh.node_tokens_path()] {
+        let mode = std::fs::metadata(&path)?.permissions().mode() & 0o777;
+        ensure!(mode == 0o600, "{} is mode {mode:o}", path.display());
+    }
+    mesh.start_ca()?;
+    let token = std::fs::read_to_string(mesh.token_path(0))?;
+
+    // The right token and a space: the agent stops at start, naming the file.
+    std::fs::write(mesh.token_path(0), format!("{token} \n"))?;
+    let out = weft_tests::Proc::spawn(&mut mesh.agent_command(0), "agent, spaced token")?
+        .wait_with_output(PATIENCE)?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success(),
+        "the agent started with a token and a space"
+    );
+    ensure!(
+        stderr.contains(&mesh.token_path(0).display().to_string())
+            && stderr.contains("nothing is trimmed"),
+        "{stderr}"
+    );
+
+    // The token and the newline `echo` writes: the file's line ending.
+    std::fs::write(mesh.token_path(0), format!("{token}\n"))?;
+    mesh.start_agent(0)?;
+    ensure!(
+        !mesh
+            .logs(0, |v| v["message"] == "certificate issued"
+                && v["identity"] == identity(c.pod(0, 0)))
+            .is_empty(),
+        "no certificate with the echoed token"
     );
     Ok(())
 }

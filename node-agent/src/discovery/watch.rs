@@ -45,6 +45,10 @@ pub struct Watch {
     files: Vec<(PathBuf, Option<Stamp>)>,
     events: Option<AsyncFd<Inotify>>,
     buf: Vec<u8>,
+    /// Events were read and the files not compared yet: a [`Watch::changed`]
+    /// dropped in its quiet window (the agent waits on it in a `select!` beside
+    /// timers) must not lose them, or the change is seen only at the next event.
+    pending: bool,
 }
 
 impl Watch {
@@ -68,6 +72,7 @@ impl Watch {
             files,
             events,
             buf: vec![0; 4096],
+            pending: false,
         }
     }
 
@@ -95,6 +100,7 @@ impl Watch {
 
     /// Waits until at least one file changed and has settled; returns the
     /// indices (in the order given to [`Watch::new`]) of those that changed.
+    /// Cancel-safe: dropped before it returns, it loses no event.
     pub async fn changed(&mut self) -> Vec<usize> {
         loop {
             match self.events.is_some() {
@@ -106,6 +112,7 @@ impl Watch {
                 }
                 false => tokio::time::sleep(FALLBACK_POLL).await,
             }
+            self.pending = false;
             let changed: Vec<usize> = self
                 .files
                 .iter_mut()
@@ -126,7 +133,10 @@ impl Watch {
 
     /// Waits for an event, then for the quiet window.
     async fn next_burst(&mut self) -> io::Result<()> {
-        self.drain_events(None).await?;
+        if !self.pending {
+            self.drain_events(None).await?;
+            self.pending = true;
+        }
         let until = tokio::time::Instant::now() + MAX_DELAY;
         loop {
             let quiet = (tokio::time::Instant::now() + DEBOUNCE).min(until);
@@ -214,6 +224,26 @@ mod tests {
             "read after the burst settled"
         );
         let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[tokio::test]
+    async fn a_change_read_by_a_wait_that_was_dropped_is_reported_by_the_next() {
+        let d = dir("cancel");
+        let a = d.join("a.yaml");
+        std::fs::write(&a, "one").unwrap();
+        let mut w = Watch::new(&[&a]);
+        std::fs::write(d.join(".a.tmp"), "two").unwrap();
+        std::fs::rename(d.join(".a.tmp"), &a).unwrap();
+        // Dropped in its quiet window, after it read the events (as a `select!`
+        // drops it when a timer fires first).
+        let first = tokio::time::timeout(DEBOUNCE / 2, w.changed()).await;
+        assert!(
+            first.is_err(),
+            "reported before the quiet window: {first:?}"
+        );
+        let got = tokio::time::timeout(Duration::from_secs(5), w.changed()).await;
+        let _ = std::fs::remove_dir_all(&d);
+        assert_eq!(got.expect("the change was lost"), vec![0]);
     }
 
     #[tokio::test]

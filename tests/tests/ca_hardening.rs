@@ -12,6 +12,10 @@
 //!
 //! Token files: written for their owner only, and an agent's token file is the
 //! token exactly (one final newline aside), never trimmed.
+//!
+//! The CA's identity: a mesh file that gives an enrolled pod
+//! `weft-system/weft-ca` is refused by the CA and the agent, so no node's agent
+//! asks for it (and the CA would refuse it anyway: `ca::server` unit tests).
 
 use std::{
     net::SocketAddr,
@@ -307,6 +311,65 @@ fn token_files_are_private_and_an_agent_sends_its_token_exactly() -> Result<()> 
                 && v["identity"] == identity(c.pod(0, 0)))
             .is_empty(),
         "no certificate with the echoed token"
+    );
+    Ok(())
+}
+
+#[test]
+fn no_node_gets_the_ca_identity_whatever_the_mesh_file_says() -> Result<()> {
+    if !require_privileged() {
+        return Ok(());
+    }
+    let c = Cluster::new("ca_reserved", 1, 2)?;
+    let mut mesh = Mesh::new(&c, |_| true)?;
+    mesh.start_all()?;
+    // The mesh file turns enrolled pod n0p1 into the CA's identity.
+    let pod = c.pod(0, 1);
+    let entry = |ns: &str, sa: &str| {
+        format!(
+            "- name: {}\n  namespace: {ns}\n  service_account: {sa}\n",
+            pod.name
+        )
+    };
+    let text = mesh.config_text();
+    let forged = text.replace(
+        &entry("default", &pod.name),
+        &entry("weft-system", "weft-ca"),
+    );
+    ensure!(forged != text, "the pod's entry was not found in:\n{text}");
+    mesh.write_raw_config(&forged)?;
+
+    // The CA and the agent both refuse the file, saying why.
+    let reason = "weft-system/weft-ca is the CA's identity";
+    let ca = mesh.ca().wait_for_json(PATIENCE, |v| {
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("mesh config rejected"))
+    })?;
+    ensure!(
+        ca["error"].as_str().is_some_and(|e| e.contains(reason)),
+        "{ca}"
+    );
+    for l in mesh.agent(0).stdout_lines() {
+        if l.contains("config") || l.contains("weft-ca") {
+            eprintln!("DBG {l}");
+        }
+    }
+    eprintln!("DBG stderr {}", mesh.agent(0).stderr());
+    let agent = mesh.agent(0).wait_for_json(PATIENCE, |v| {
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("config rejected"))
+    })?;
+    ensure!(
+        agent["error"].as_str().is_some_and(|e| e.contains(reason)),
+        "{agent}"
+    );
+    // And no certificate for it was issued.
+    let ca_id = ca_identity("cluster.local")?.to_string();
+    ensure!(
+        mesh.logs(0, |v| v["identity"] == ca_id.as_str()).is_empty(),
+        "node 0's agent asked for the CA's identity"
     );
     Ok(())
 }

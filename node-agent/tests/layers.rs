@@ -28,7 +28,15 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("ebpf", &["net"]),
     (
         "ca",
-        &["discovery", "identity", "metrics", "model", "tls", "yaml"],
+        &[
+            "discovery",
+            "identity",
+            "metrics",
+            "model",
+            "net",
+            "tls",
+            "yaml",
+        ],
     ),
     ("certs", &["ca", "identity", "metrics", "tls"]),
     ("hbone", &["certs", "identity", "net", "tls", "workers"]),

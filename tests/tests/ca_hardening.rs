@@ -250,7 +250,7 @@ fn a_flood_from_pods_outside_the_mesh_keeps_no_node_from_its_certificates() -> R
     }
     let refused = ca_metric(
         &c,
-        "weft_ca_connections_refused_total{reason=\"peer_full\"}",
+        "weft_ca_connections_refused_total{reason=\"peer_limit\"}",
     )?;
     ensure!(
         refused >= (tls.refused + tcp.refused) as f64,

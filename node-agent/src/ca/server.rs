@@ -21,13 +21,12 @@
 //! State lives in one directory (see [`super::store`]).
 
 use std::{
-    collections::HashMap,
     future::Future,
     io,
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     path::PathBuf,
     sync::{
-        Arc, Mutex, RwLock,
+        Arc, RwLock,
         atomic::{AtomicU64, Ordering},
     },
     time::Duration,
@@ -58,6 +57,7 @@ use crate::{
     discovery::{self, file, watch::Watch},
     identity::SpiffeId,
     model::Mesh,
+    net::limit::{Full, Limit, Throttle},
     tls,
 };
 
@@ -72,8 +72,6 @@ const IO_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a closing connection may take to send its GOAWAY before the socket
 /// is dropped: the peer is not waited for.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
-/// At most one "connection refused" warning per this long (the metric counts all).
-const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 /// Streams a connection may have open at once.
 const MAX_STREAMS: u32 = 16;
 /// Request header block limit: a token and a few gRPC headers.
@@ -190,7 +188,8 @@ struct Shared {
     tokens: RwLock<Arc<NodeTokens>>,
     counters: Counters,
     limits: Limits,
-    slots: Arc<Slots>,
+    /// The connections held, in all and per peer address.
+    connections: Limit,
 }
 
 impl CaServer {
@@ -243,7 +242,10 @@ impl CaServer {
                 tokens: RwLock::new(Arc::new(tokens)),
                 counters: Counters::default(),
                 limits: opts.limits,
-                slots: Arc::default(),
+                connections: Limit::new(
+                    opts.limits.max_connections,
+                    opts.limits.max_connections_per_peer,
+                ),
             }),
             opts,
             watch,
@@ -296,7 +298,7 @@ impl CaServer {
             let counters = shared.clone();
             background.spawn(crate::metrics::serve(
                 l,
-                Arc::new(move || counters.counters.render(counters.slots.open())),
+                Arc::new(move || counters.counters.render(counters.connections.held())),
             ));
         }
         info!(
@@ -316,7 +318,8 @@ impl CaServer {
         let (stop, stopping) = watch::channel(false);
         let mut conns = JoinSet::new();
         let mut backoff = Duration::ZERO;
-        let mut refusals = RefusalLog::default();
+        // Every refusal is counted; at most one a second is logged.
+        let refusals = Throttle::default();
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -326,13 +329,23 @@ impl CaServer {
                         backoff = Duration::ZERO;
                         // Deadlines start now, before anything is read.
                         let deadline = Instant::now() + shared.limits.first_request_timeout;
-                        let slot = match shared.slots.take(peer.ip(), &shared.limits) {
+                        let slot = match shared.connections.admit(peer.ip().to_canonical()) {
                             Ok(slot) => slot,
                             Err(full) => {
                                 // Dropping the socket closes it at once.
                                 drop(tcp);
                                 shared.counters.refused(full);
-                                refusals.note(peer, full, &shared.limits);
+                                if let Some(suppressed) = refusals.allow() {
+                                    warn!(
+                                        %peer,
+                                        reason = refused_label(full),
+                                        suppressed,
+                                        max_connections = shared.limits.max_connections,
+                                        max_connections_per_peer =
+                                            shared.limits.max_connections_per_peer,
+                                        "connection refused: over a limit"
+                                    );
+                                }
                                 continue;
                             }
                         };
@@ -474,6 +487,14 @@ async fn connection(
     }
 }
 
+/// The `reason` label of a connection refused on accept.
+fn refused_label(full: Full) -> &'static str {
+    match full {
+        Full::Total => "connection_limit",
+        Full::Peer => "peer_limit",
+    }
+}
+
 /// Which deadline closed a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -489,103 +510,6 @@ impl Phase {
             Phase::FirstRequest => "first_request",
             Phase::Idle => "idle",
         }
-    }
-}
-
-/// Why a connection was refused on accept.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Full {
-    /// `max_connections` are held.
-    Server,
-    /// `max_connections_per_peer` are held from the peer's address.
-    Peer,
-}
-
-impl Full {
-    fn label(self) -> &'static str {
-        match self {
-            Full::Server => "server_full",
-            Full::Peer => "peer_full",
-        }
-    }
-}
-
-/// The connections held, in all and per peer address.
-#[derive(Default)]
-struct Slots {
-    held: Mutex<(usize, HashMap<IpAddr, usize>)>,
-}
-
-impl Slots {
-    fn take(self: &Arc<Self>, peer: IpAddr, limits: &Limits) -> Result<Slot, Full> {
-        let peer = peer.to_canonical();
-        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        let (total, per_peer) = &mut *held;
-        if *total >= limits.max_connections {
-            return Err(Full::Server);
-        }
-        let mine = per_peer.entry(peer).or_default();
-        if *mine >= limits.max_connections_per_peer {
-            return Err(Full::Peer);
-        }
-        *mine += 1;
-        *total += 1;
-        Ok(Slot {
-            slots: self.clone(),
-            peer,
-        })
-    }
-
-    fn open(&self) -> usize {
-        self.held.lock().unwrap_or_else(|e| e.into_inner()).0
-    }
-}
-
-/// A held connection; given back on drop, whichever way the connection ended.
-struct Slot {
-    slots: Arc<Slots>,
-    peer: IpAddr,
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut held = self.slots.held.lock().unwrap_or_else(|e| e.into_inner());
-        let (total, per_peer) = &mut *held;
-        *total -= 1;
-        if let Some(n) = per_peer.get_mut(&self.peer) {
-            *n -= 1;
-            if *n == 0 {
-                per_peer.remove(&self.peer);
-            }
-        }
-    }
-}
-
-/// Warns of refused connections at most once per [`REFUSAL_LOG_EVERY`], with
-/// how many there were since the last warning: a flood must not flood the log.
-#[derive(Default)]
-struct RefusalLog {
-    last: Option<Instant>,
-    since: u64,
-}
-
-impl RefusalLog {
-    fn note(&mut self, peer: SocketAddr, full: Full, limits: &Limits) {
-        self.since += 1;
-        let now = Instant::now();
-        if self.last.is_some_and(|t| now < t + REFUSAL_LOG_EVERY) {
-            return debug!(peer = %peer, reason = full.label(), "connection refused");
-        }
-        warn!(
-            peer = %peer,
-            reason = full.label(),
-            refused = self.since,
-            max_connections = limits.max_connections,
-            max_connections_per_peer = limits.max_connections_per_peer,
-            "connections refused: the CA holds as many as it may (from that peer, or in all)"
-        );
-        self.last = Some(now);
-        self.since = 0;
     }
 }
 
@@ -1005,7 +929,7 @@ fn serving_tls(authority: &Authority, trust_domain: &str) -> Result<TlsAcceptor,
 #[derive(Default)]
 struct Counters {
     requests: [AtomicU64; 5],
-    /// By [`Full`]: server, peer.
+    /// By [`Full`]: total, peer.
     refused: [AtomicU64; 2],
     /// By [`Phase`]: first request, idle.
     timed_out: [AtomicU64; 2],
@@ -1018,7 +942,11 @@ impl Counters {
     }
 
     fn refused(&self, full: Full) {
-        self.refused[full as usize].fetch_add(1, Ordering::Relaxed);
+        let i = match full {
+            Full::Total => 0,
+            Full::Peer => 1,
+        };
+        self.refused[i].fetch_add(1, Ordering::Relaxed);
     }
 
     fn timed_out(&self, phase: Phase) {
@@ -1041,13 +969,13 @@ impl Counters {
         }
         out.push_str(
             "# HELP weft_ca_connections_refused_total Connections closed on accept: the CA \
-             held its limit in all (server_full) or from the peer's address (peer_full).\n\
+             held its limit in all (connection_limit) or from the peer's address (peer_limit).\n\
              # TYPE weft_ca_connections_refused_total counter\n",
         );
-        for (full, c) in [Full::Server, Full::Peer].iter().zip(&self.refused) {
+        for (full, c) in [Full::Total, Full::Peer].iter().zip(&self.refused) {
             out.push_str(&format!(
                 "weft_ca_connections_refused_total{{reason=\"{}\"}} {}\n",
-                full.label(),
+                refused_label(*full),
                 n(c)
             ));
         }
@@ -1843,14 +1771,14 @@ mod tests {
         assert_eq!(
             metric(
                 &text,
-                "weft_ca_connections_refused_total{reason=\"peer_full\"}"
+                "weft_ca_connections_refused_total{reason=\"peer_limit\"}"
             ),
             2
         );
         assert_eq!(
             metric(
                 &text,
-                "weft_ca_connections_refused_total{reason=\"server_full\"}"
+                "weft_ca_connections_refused_total{reason=\"connection_limit\"}"
             ),
             0
         );
@@ -1942,7 +1870,7 @@ mod tests {
         assert_eq!(
             metric(
                 &text,
-                "weft_ca_connections_refused_total{reason=\"server_full\"}"
+                "weft_ca_connections_refused_total{reason=\"connection_limit\"}"
             ),
             1
         );

@@ -1205,6 +1205,21 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        // A P-384 key, in a CSR signed with SHA-256: refused, and the answer says
+        // what the key is.
+        match n1
+            .sign(crate::ca::tests::P384_SHA256_CSR, &id("web"), HOUR)
+            .await
+        {
+            Err(client::Error::Refused { code, message }) => {
+                assert_eq!(code, Code::INVALID_ARGUMENT);
+                assert!(
+                    message.contains("P-256") && message.contains("P-384"),
+                    "{message}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
         match n1.sign("not a CSR", &id("web"), HOUR).await {
             Err(client::Error::Refused { code, message }) => {
                 assert_eq!(code, Code::INVALID_ARGUMENT);

@@ -32,7 +32,7 @@ use tokio::{
     task::JoinSet,
 };
 use tokio_rustls::TlsConnector;
-use weft::{identity::ca_identity, tls};
+use weft::{ca::server::Limits, identity::ca_identity, tls};
 use weft_tests::{
     Cluster, Host as _, Mesh, PATIENCE, Pod, mesh::identity, probe, require_privileged,
 };
@@ -40,9 +40,15 @@ use weft_tests::{
 /// More than the CA's default total of 1,024.
 const FLOOD_TLS: usize = 1100;
 const FLOOD_TCP: usize = 200;
-/// The CA's defaults.
-const PER_PEER: usize = 32;
-const FIRST_REQUEST: Duration = Duration::from_secs(10);
+/// The CA's defaults, which the test runs with.
+fn per_peer() -> usize {
+    Limits::default().max_connections_per_peer
+}
+
+fn first_request() -> Duration {
+    Limits::default().first_request_timeout
+}
+
 /// What a held connection may last past the first-request deadline: the CA's
 /// one-second close, and room for a busy machine.
 const SLACK: Duration = Duration::from_secs(4);
@@ -124,7 +130,7 @@ fn flood_tls(
                         tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
                             .await?;
                         flood.held += 1;
-                        held.spawn(open_for(tls, start, FIRST_REQUEST + SLACK));
+                        held.spawn(open_for(tls, start, first_request() + SLACK));
                     }
                     _ => flood.refused += 1,
                 }
@@ -167,7 +173,7 @@ fn flood_tcp(
                     Ok(Ok(0) | Err(_)) => flood.refused += 1,
                     _ => {
                         flood.held += 1;
-                        held.spawn(open_for(tcp, start, FIRST_REQUEST + SLACK));
+                        held.spawn(open_for(tcp, start, first_request() + SLACK));
                     }
                 }
             }
@@ -191,6 +197,8 @@ fn a_flood_from_pods_outside_the_mesh_keeps_no_node_from_its_certificates() -> R
     if !require_privileged() {
         return Ok(());
     }
+    // More than the CA holds in all, from one pod.
+    assert!(FLOOD_TLS > Limits::default().max_connections);
     let c = Cluster::new("ca_flood", 2, 2)?;
     // pod 0 of each node is in the mesh; pod 1 of each is outside and floods.
     let mut mesh = Mesh::new(&c, |p| p.name.ends_with("p0"))?;
@@ -236,17 +244,17 @@ fn a_flood_from_pods_outside_the_mesh_keeps_no_node_from_its_certificates() -> R
     eprintln!("TLS flood: {tls:?}\nTCP flood: {tcp:?}");
     // Each pod got its per-peer share, the rest was closed at once...
     ensure!(
-        tls.held <= PER_PEER && tcp.held <= PER_PEER,
+        tls.held <= per_peer() && tcp.held <= per_peer(),
         "{tls:?} {tcp:?}"
     );
     ensure!(
-        tls.refused >= FLOOD_TLS - PER_PEER && tcp.refused >= FLOOD_TCP - PER_PEER,
+        tls.refused >= FLOOD_TLS - per_peer() && tcp.refused >= FLOOD_TCP - per_peer(),
         "{tls:?} {tcp:?}"
     );
     // ...and what the CA took it closed at its deadline, with the flooders silent.
     for f in [&tls, &tcp] {
         ensure!(f.still_open == 0, "held past the deadline: {f:?}");
-        ensure!(f.longest <= FIRST_REQUEST + SLACK, "{f:?}");
+        ensure!(f.longest <= first_request() + SLACK, "{f:?}");
     }
     let refused = ca_metric(
         &c,

@@ -445,9 +445,11 @@ async fn connection(
         let wake = drop_at.unwrap_or(deadline);
         tokio::select! {
             next = conn.accept() => match next {
-                Some(Ok((request, respond))) => {
+                Some(Ok((request, respond))) if drop_at.is_none() => {
                     streams.spawn(serve_stream(request, respond, shared.clone()).in_current_span());
                 }
+                // Closing: a request that crossed the GOAWAY is reset, not served.
+                Some(Ok(_)) => {}
                 Some(Err(e)) => {
                     debug!(error = %e, "HTTP/2 connection failed");
                     break;

@@ -1900,6 +1900,34 @@ mod tests {
         ca.stop().await;
     }
 
+    #[tokio::test]
+    async fn an_agent_with_many_workloads_stays_under_the_per_peer_cap() {
+        let tmp = TempDir::new();
+        let mut opts = options(&tmp);
+        opts.limits.max_connections_per_peer = client::MAX_CALLS_IN_FLIGHT;
+        let ca = Running::start(opts).await;
+        // One client, as one agent has, asking for many certificates at once.
+        let n1 = ca.client(N1);
+        let calls: Vec<_> = (0..4 * client::MAX_CALLS_IN_FLIGHT)
+            .map(|_| {
+                let n1 = n1.clone();
+                tokio::spawn(async move { sign(&n1, &id("web"), HOUR).await })
+            })
+            .collect();
+        for call in calls {
+            call.await.unwrap().unwrap();
+        }
+        let text = http_get(ca.metrics, "/metrics").await;
+        assert_eq!(
+            metric(
+                &text,
+                "weft_ca_connections_refused_total{reason=\"peer_limit\"}"
+            ),
+            0
+        );
+        ca.stop().await;
+    }
+
     #[test]
     fn bearer_tokens() {
         let mut h = HeaderMap::new();

@@ -109,8 +109,11 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
             }))
         });
         let ca = CaClient::new(ca_addr, token, bundle.clone(), &loaded.mesh.trust_domain)?;
-        let certs = CertManager::new(Arc::new(ca), args.cert_ttl);
         let bundle = Arc::new(RwLock::new(bundle));
+        // One bundle for everything: a root added or removed counts for the CA
+        // client as for every listener and the pool.
+        let ca = ca.following(bundle.clone());
+        let certs = CertManager::new(Arc::new(ca), args.cert_ttl);
         let settings = node::Settings {
             connect_timeout: Duration::from_millis(args.connect_timeout_ms),
             same_node: args.same_node,

@@ -89,7 +89,10 @@ impl Error {
 pub struct CaClient {
     addr: SocketAddr,
     authorization: HeaderValue,
-    connector: TlsConnector,
+    /// The trust bundle in force: each call builds its TLS config from it, so
+    /// a CA serving under a root newly added to the bundle is trusted, and one
+    /// under a root since removed is not, without a restart.
+    bundle: tls::LiveBundle,
     expected: SpiffeId,
     timeout: Duration,
     in_flight: Arc<Semaphore>,
@@ -118,16 +121,24 @@ impl CaClient {
         let mut authorization = HeaderValue::try_from(format!("Bearer {token}"))
             .map_err(|_| Error::Setup("the node token is not a valid header value".into()))?;
         authorization.set_sensitive(true);
-        let config = tls::anonymous_client_config(&bundle, expected.clone())
+        // Checked now, so a bad setup fails at start rather than at each call.
+        tls::anonymous_client_config(&bundle, expected.clone())
             .map_err(|e| Error::Setup(e.to_string()))?;
         Ok(CaClient {
             addr,
             authorization,
-            connector: TlsConnector::from(config),
+            bundle: Arc::new(std::sync::RwLock::new(bundle)),
             expected,
             timeout: DEFAULT_TIMEOUT,
             in_flight: Arc::new(Semaphore::new(MAX_CALLS_IN_FLIGHT)),
         })
+    }
+
+    /// Follows `bundle` (the agent's, which it reloads when the file changes)
+    /// instead of the one given at creation.
+    pub fn following(mut self, bundle: tls::LiveBundle) -> Self {
+        self.bundle = bundle;
+        self
     }
 
     /// Bounds every call to `timeout` (default [`DEFAULT_TIMEOUT`]).
@@ -256,8 +267,12 @@ impl CaClient {
         let _ = tcp.set_nodelay(true);
         // No SNI for an IP address; the verifier checks the SPIFFE ID, not a name.
         let name = ServerName::IpAddress(self.addr.ip().into());
-        let tls = self
-            .connector
+        // A config per call (microseconds, next to a CA round trip): the
+        // bundle of this moment.
+        let config =
+            tls::anonymous_client_config(&tls::current(&self.bundle), self.expected.clone())
+                .map_err(|e| Error::Setup(e.to_string()))?;
+        let tls = TlsConnector::from(config)
             .connect(name, tcp)
             .await
             .map_err(|source| Error::Tls {

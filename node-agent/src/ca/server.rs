@@ -1369,6 +1369,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_client_follows_the_live_bundle_from_one_call_to_the_next() {
+        let tmp = TempDir::new();
+        let ca = Running::start(options(&tmp)).await;
+        let other = Authority::generate(TD, HOUR).unwrap();
+        let stranger = TrustBundle::from_pem(other.root_pem()).unwrap();
+        let live = Arc::new(std::sync::RwLock::new(stranger.clone()));
+        let client = CaClient::new(ca.addr, N1.into(), stranger, TD)
+            .unwrap()
+            .following(live.clone());
+        // A bundle without the CA's root: the CA is not trusted.
+        let e = sign(&client, &id("web"), HOUR).await.unwrap_err();
+        assert!(e.to_string().contains("TLS"), "{e}");
+        // The agent reloads its bundle with the CA's root: the same client
+        // trusts the CA from its next call.
+        *live.write().unwrap() = TrustBundle::from_pem(&ca.bundle).unwrap();
+        sign(&client, &id("web"), HOUR).await.unwrap();
+        // And a root removed is no longer trusted.
+        *live.write().unwrap() = TrustBundle::from_pem(other.root_pem()).unwrap();
+        assert!(sign(&client, &id("web"), HOUR).await.is_err());
+        ca.stop().await;
+    }
+
+    #[tokio::test]
     async fn a_restart_keeps_the_root_and_trusted_roots_join_the_bundle() {
         let tmp = TempDir::new();
         let opts = options(&tmp);

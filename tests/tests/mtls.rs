@@ -11,7 +11,11 @@ use std::{
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 use weft_tests::{
-    Cluster, Mesh, PATIENCE, Pod, Proc, cluster::Host as _, eventually, mesh::identity,
+    Cluster, Mesh, PATIENCE, Pod, Proc,
+    cluster::Host as _,
+    eventually,
+    mesh::identity,
+    probe::{CertKey, HBONE_PORT, Probe},
     require_privileged, tk,
 };
 
@@ -791,5 +795,123 @@ fn a_ca_embedded_in_an_agent_serves_every_node_behind_the_same_boundary() -> Res
     mesh.start_agent(0)?;
     say_ok(b, &addr(a.ip), "b to a, after node 0 restarted")?;
     say_ok(a, &addr(b.ip), "a to b, after node 0 restarted")?;
+    Ok(())
+}
+
+/// A fresh root certificate and key (PEM), made as docs/config.md says: a
+/// `weft ca` started on an empty directory writes a pair.
+fn fresh_root(mesh: &Mesh) -> Result<(String, String)> {
+    let dir = mesh.ca_dir().with_extension("next-root");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let mut cmd = std::process::Command::new(weft_tests::bin_path("weft"));
+    cmd.env("LOG_FORMAT", "json")
+        .arg("ca")
+        .arg("--dir")
+        .arg(&dir)
+        .arg("--config")
+        .arg(mesh.config_path())
+        .arg("--node-tokens")
+        .arg(mesh.node_tokens_path())
+        .args(["--listen", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0"]);
+    let ca = Proc::spawn(&mut cmd, "weft ca (a new root)")?;
+    ca.wait_for_json(PATIENCE, |v| v["message"] == "ca ready")?;
+    drop(ca);
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).with_context(|| f.to_owned());
+    let pair = (read("root.pem")?, read("root-key.pem")?);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(pair)
+}
+
+#[test]
+fn the_documented_root_rotation_drops_no_connection_and_the_old_root_is_refused_after() -> Result<()>
+{
+    if !require_privileged() {
+        return Ok(());
+    }
+    let c = Cluster::new("mtls_rotation", 2, 1)?;
+    let (a, b) = (c.pod(0, 0), c.pod(1, 0));
+    let mut mesh = Mesh::new(&c, |_| true)?;
+    // Short-lived certificates, so renewal (at half life) comes within the test.
+    mesh.agent_args = vec!["--cert-ttl".into(), "16s".into()];
+    mesh.start_all()?;
+    let _echo = tk::echo(b, PORT)?;
+    let to = addr(b.ip);
+    say_ok(a, &to, "before the rotation")?;
+    let old = mesh.authority()?;
+    let ca_dir = mesh.ca_dir();
+    let old_root = std::fs::read_to_string(ca_dir.join("root.pem"))?;
+    // One connection that lives through the whole rotation (200 echoes, 200 ms
+    // apart).
+    let long = say_bg(
+        a,
+        &to,
+        "still here",
+        &["--repeat", "200", "--interval-ms", "200"],
+    )?;
+    let reloaded = |mesh: &Mesh, roots: u64| {
+        (0..2).all(|n| {
+            !mesh
+                .logs(n, |v| {
+                    v["message"] == "trust bundle reloaded" && v["roots"] == roots
+                })
+                .is_empty()
+        })
+    };
+
+    // 1. The new root joins the bundle; every agent reads it.
+    let (new_root, new_key) = fresh_root(&mesh)?;
+    std::fs::create_dir_all(ca_dir.join("trusted"))?;
+    std::fs::write(ca_dir.join("trusted/next.pem"), &new_root)?;
+    mesh.stop_ca()?;
+    mesh.start_ca()?;
+    ensure!(
+        eventually(PATIENCE, || reloaded(&mesh, 2)),
+        "the agents did not read the two-root bundle"
+    );
+
+    // 2. Swap: the new root signs, the old one is only trusted. The agents
+    // must trust the CA under its new root, and renew under it.
+    std::fs::write(ca_dir.join("root.pem"), &new_root)?;
+    std::fs::write(ca_dir.join("root-key.pem"), &new_key)?;
+    std::fs::write(ca_dir.join("trusted/next.pem"), &old_root)?;
+    mesh.stop_ca()?;
+    mesh.start_ca()?;
+    let before: Vec<usize> = [(0, a), (1, b)]
+        .iter()
+        .map(|(n, p)| issued(&mesh, *n, &identity(p)).len())
+        .collect();
+    ensure!(
+        eventually(Duration::from_secs(20), || {
+            [(0, a), (1, b)]
+                .iter()
+                .zip(&before)
+                .all(|((n, p), was)| issued(&mesh, *n, &identity(p)).len() > *was)
+        }),
+        "the agents did not renew from the CA under its new root"
+    );
+    say_ok(a, &to, "after the swap")?;
+
+    // 3. The old root leaves the bundle: nothing of it is trusted any more.
+    std::fs::remove_file(ca_dir.join("trusted/next.pem"))?;
+    mesh.stop_ca()?;
+    mesh.start_ca()?;
+    ensure!(
+        eventually(PATIENCE, || reloaded(&mesh, 1)),
+        "the agents did not read the one-root bundle"
+    );
+    say_ok(a, &to, "after the old root left")?;
+    let stale = CertKey::issue(&old, &identity(a), Duration::from_secs(3600))?;
+    let probe = Probe::connect(b.ip, HBONE_PORT, &to)
+        .cert(stale)
+        .run(&a.netns_path)?;
+    ensure!(
+        probe.outcome.refused_before_status(),
+        "a certificate of the removed root was accepted: {probe:?}"
+    );
+
+    // The connection made before the rotation lived through all of it.
+    let r = report(&long, Duration::from_secs(60))?;
+    ensure!(r["ok"] == true, "the long-lived connection broke: {r}");
     Ok(())
 }

@@ -525,3 +525,72 @@ fn a_stdout_that_stops_draining_never_stalls_traffic() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn rapid_reset_from_a_compromised_workload_ends_its_connection_and_no_one_else_notices()
+-> Result<()> {
+    if !require_privileged() {
+        return Ok(());
+    }
+    const STREAMS: usize = 5000;
+    let c = Cluster::new("limits_rapid_reset", 2, 2)?;
+    let (a, b, attacker) = (c.pod(0, 0), c.pod(1, 0), c.pod(1, 1));
+    let mesh = Mesh::start(&c, |_| true)?;
+    let echo = tk::echo(b, PORT)?;
+    let app = SocketAddr::new(b.ip.into(), PORT);
+    say_ok(a, app, "before")?;
+    let cert = CertKey::issue(&mesh.authority()?, &identity(attacker), HOUR)?;
+    let dst: IpAddr = b.ip.into();
+    let authority = app.to_string();
+    // CVE-2023-44487: open a stream and reset it at once, over and over, on
+    // one connection, never waiting for an answer.
+    let (sent, ended) = run_in_netns(&attacker.netns_path, move || async move {
+        let tcp = TcpStream::connect(SocketAddr::new(dst, HBONE_PORT)).await?;
+        let connector = TlsConnector::from(client_config(Some(&cert))?);
+        let name = rustls::pki_types::ServerName::try_from("hbone.probe.invalid")?;
+        let tls = connector.connect(name, tcp).await?;
+        let (mut send, conn) = h2::client::Builder::new()
+            .max_concurrent_reset_streams(usize::MAX)
+            .handshake::<_, Bytes>(tls)
+            .await?;
+        let conn = tokio::spawn(conn);
+        let mut sent = 0;
+        for _ in 0..STREAMS {
+            let req = Request::builder()
+                .method(Method::CONNECT)
+                .uri(authority.as_str())
+                .body(())?;
+            send = match send.ready().await {
+                Ok(s) => s,
+                Err(_) => break,
+            };
+            match send.send_request(req, false) {
+                // Dropping both halves at once sends RST_STREAM(CANCEL).
+                Ok((response, body)) => drop((response, body)),
+                Err(_) => break,
+            }
+            sent += 1;
+        }
+        // The agent must end the connection (GOAWAY ENHANCE_YOUR_CALM, then
+        // close): its driver ends in an error, and soon.
+        let ended = match tokio::time::timeout(Duration::from_secs(10), conn).await {
+            Ok(Ok(Err(e))) => Some(e.to_string()),
+            _ => None,
+        };
+        Ok((sent, ended))
+    })?;
+    eprintln!("rapid reset: {sent} streams sent; the connection ended: {ended:?}");
+    ensure!(
+        ended.is_some(),
+        "{sent} streams opened and reset, and the agent kept the connection"
+    );
+    // Everyone else is served, and the application saw a bounded number of the
+    // attacker's streams at most.
+    say_ok(a, app, "after the rapid reset")?;
+    let reached = tk::accepted(&echo).len();
+    ensure!(
+        reached < 1000,
+        "{reached} of the reset streams reached the application"
+    );
+    Ok(())
+}

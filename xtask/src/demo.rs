@@ -555,7 +555,7 @@ fn curl_step(from: &Pod, to: &Pod, web: &Proc) -> Result<()> {
     {
         let client = line.split_whitespace().next().unwrap_or("?");
         println!("      the web server saw the request come from {client}");
-        loopback_note(client);
+        loopback_note(client, true);
     }
     if code != "200" {
         bail!("expected HTTP 200, got {code}");
@@ -625,17 +625,24 @@ fn tk_step(tk: &Path, from: &Pod, addr: &str, server: &Proc) -> Result<()> {
             "      the server accepted it from {client} on {}",
             seen["local"].as_str().unwrap_or("?")
         );
-        loopback_note(client);
+        loopback_note(client, false);
     }
     Ok(())
 }
 
 /// Explains a loopback client address seen by a server in an enrolled pod.
-fn loopback_note(client: &str) {
+/// Says where the address an application saw comes from; `explain_client`:
+/// also when it is the client's own (the server's pod is enrolled).
+fn loopback_note(client: &str, explain_client: bool) {
     if client.contains("127.0.0.6") || client.starts_with("[::1]") || client == "::1" {
         println!(
             "      (that is the agent on the server's node handing the connection over inside\n       \
              the pod; the inbound access-log line below names the real client)"
+        );
+    } else if explain_client {
+        println!(
+            "      (the client's own address: the agent on the server's node hands the connection\n       \
+             to the application from it; `--inbound-source loopback` would show 127.0.0.6)"
         );
     }
 }

@@ -7,15 +7,23 @@ use std::{io, sync::Arc, time::Duration};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
-    sync::Semaphore,
 };
 use tracing::warn;
+
+use crate::net::limit::{Full, Limit};
 
 pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
 
 /// Connections these endpoints refused because 64 were already being served
 /// (the agent reports it as `weft_listener_refusals_total{listener="endpoints"}`).
 pub static REFUSED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// Connections refused because their peer address already held 8.
+pub static PEER_REFUSED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Requests served at once, in all and per peer address: a scraper or a
+/// probe is one connection at a time; a peer holding more is not one.
+const MAX_AT_ONCE: usize = 64;
+const MAX_PER_PEER: usize = 8;
 
 /// What a small HTTP endpoint answers.
 pub struct Reply {
@@ -70,11 +78,12 @@ pub async fn serve(listener: TcpListener, render: Render) {
 }
 
 /// Serves small HTTP/1.1 requests (one per connection, no body) with `handler`,
-/// until the task is dropped. At most 64 at once, 5 s each.
+/// until the task is dropped. At most 64 at once and 8 per peer address, 5 s
+/// each.
 pub async fn serve_http(listener: TcpListener, handler: Handler) {
-    let limit = Arc::new(Semaphore::new(64));
+    let limit = Limit::new(MAX_AT_ONCE, MAX_PER_PEER);
     loop {
-        let (tcp, _) = match listener.accept().await {
+        let (tcp, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(e) => {
                 warn!(error = %e, "HTTP endpoint accept failed");
@@ -82,10 +91,18 @@ pub async fn serve_http(listener: TcpListener, handler: Handler) {
                 continue;
             }
         };
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
-            // Closed at once: a peer holding the slots slows no one else's accept.
-            REFUSED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            continue;
+        // Over a cap: closed at once, so a peer holding slots slows no one
+        // else's accept.
+        let permit = match limit.admit(peer.ip().to_canonical()) {
+            Ok(permit) => permit,
+            Err(full) => {
+                let counter = match full {
+                    Full::Total => &REFUSED,
+                    Full::Peer => &PEER_REFUSED,
+                };
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                continue;
+            }
         };
         let handler = handler.clone();
         tokio::spawn(async move {
@@ -170,4 +187,57 @@ pub fn label(value: &str) -> String {
         .replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        io::{Read, Write},
+        net::{SocketAddr, TcpStream as StdStream},
+    };
+
+    use super::*;
+
+    /// A connection to `to` from `from` (any loopback address).
+    fn connect_from(from: [u8; 4], to: SocketAddr) -> StdStream {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.bind(&SocketAddr::from((from, 0)).into()).unwrap();
+        s.connect(&to.into()).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.into()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_peer_holds_at_most_eight_requests_and_others_are_still_served() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let handler: Handler = Arc::new(|_: &str, _: &str, _: &str| Reply::text(200, "ok\n"));
+        tokio::spawn(serve_http(listener, handler));
+        let before = PEER_REFUSED.load(std::sync::atomic::Ordering::Relaxed);
+        let outcome = tokio::task::spawn_blocking(move || {
+            // Eight silent connections from one address hold its slots.
+            let held: Vec<StdStream> = (0..8).map(|_| connect_from([127, 0, 0, 1], addr)).collect();
+            std::thread::sleep(Duration::from_millis(200));
+            // The ninth is closed at once, unanswered.
+            let mut ninth = connect_from([127, 0, 0, 1], addr);
+            let _ = ninth.write_all(b"GET /metrics HTTP/1.1\r\n\r\n");
+            let mut buf = Vec::new();
+            let ninth_got = ninth.read_to_end(&mut buf).map(|_| buf.len()).unwrap_or(0);
+            // Another address is served meanwhile.
+            let mut other = connect_from([127, 0, 0, 2], addr);
+            other.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+            let mut answer = String::new();
+            other.read_to_string(&mut answer).unwrap();
+            drop(held);
+            (ninth_got, answer)
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            outcome.0, 0,
+            "the ninth connection from one peer was answered"
+        );
+        assert!(outcome.1.starts_with("HTTP/1.1 200"), "{}", outcome.1);
+        assert!(PEER_REFUSED.load(std::sync::atomic::Ordering::Relaxed) > before);
+    }
 }

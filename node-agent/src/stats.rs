@@ -443,8 +443,14 @@ impl Stats {
         for listener in Listener::ALL {
             for why in Refused::ALL {
                 let mut n = self.refused[listener as usize][why as usize].load(Relaxed);
-                if (listener, why) == (Listener::Endpoints, Refused::ListenerLimit) {
-                    n += crate::metrics::REFUSED.load(Relaxed);
+                match (listener, why) {
+                    (Listener::Endpoints, Refused::ListenerLimit) => {
+                        n += crate::metrics::REFUSED.load(Relaxed);
+                    }
+                    (Listener::Endpoints, Refused::PeerLimit) => {
+                        n += crate::metrics::PEER_REFUSED.load(Relaxed);
+                    }
+                    _ => {}
                 }
                 let _ = writeln!(
                     out,

@@ -13,11 +13,11 @@ use std::{
 const ALLOWED: &[(&str, &[&str])] = &[
     ("units", &[]),
     ("yaml", &[]),
+    ("net", &[]),
     ("identity", &[]),
-    ("metrics", &[]),
+    ("metrics", &["net"]),
     ("telemetry", &[]),
     ("workers", &[]),
-    ("net", &[]),
     ("tls", &["identity"]),
     ("model", &["identity"]),
     ("discovery", &["model", "units", "yaml"]),

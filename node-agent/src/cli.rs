@@ -235,9 +235,11 @@ pub struct AgentArgs {
     #[arg(long, env = "WEFT_HBONE_IDLE", default_value = "60s", value_parser = parse_duration)]
     pub hbone_idle: std::time::Duration,
 
-    /// Connections (and inbound HBONE streams) all listeners of this agent hold
-    /// at once. Default: half the open-file limit, less 1024 kept for
-    /// everything else, so a flood can never take the agent to its fd limit.
+    /// Sockets all listeners of this agent hold at once for proxied
+    /// connections (one per accepted connection, one per connection to an
+    /// application or a plaintext destination). Default: the open-file limit
+    /// less 1024 kept for everything else, so a flood can never take the
+    /// agent to its fd limit.
     #[arg(long, env = "WEFT_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
 
@@ -246,10 +248,16 @@ pub struct AgentArgs {
     #[arg(long, env = "WEFT_MAX_CONNECTIONS_PER_LISTENER", default_value_t = crate::node::Caps::default().per_listener)]
     pub max_connections_per_listener: usize,
 
-    /// Connections (and, on 15008, streams) one peer address holds at once on
-    /// one pod listener (15006, 15008).
+    /// Connections one peer address holds at once on one pod listener (15006,
+    /// 15008).
     #[arg(long, env = "WEFT_MAX_CONNECTIONS_PER_PEER", default_value_t = crate::node::Caps::default().per_peer)]
     pub max_connections_per_peer: usize,
+
+    /// HBONE: streams one peer address holds at once on one pod's 15008 (each
+    /// is one connection of a client pod to this one, and holds a socket to
+    /// the application).
+    #[arg(long, env = "WEFT_HBONE_MAX_STREAMS_PER_PEER", default_value_t = crate::node::Caps::default().streams_per_peer)]
+    pub hbone_max_streams_per_peer: usize,
 
     /// HBONE: TLS handshakes in progress at once on one pod's 15008.
     #[arg(long, env = "WEFT_HBONE_MAX_HANDSHAKES", default_value_t = crate::node::Caps::default().handshakes)]

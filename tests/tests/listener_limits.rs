@@ -299,6 +299,8 @@ fn a_compromised_workload_cannot_hold_idle_connections_or_more_than_its_share_of
         "2s",
         "--max-connections-per-peer",
         "8",
+        "--hbone-max-streams-per-peer",
+        "8",
     ]
     .map(String::from)
     .to_vec();
@@ -591,6 +593,50 @@ fn rapid_reset_from_a_compromised_workload_ends_its_connection_and_no_one_else_n
     ensure!(
         reached < 1000,
         "{reached} of the reset streams reached the application"
+    );
+    Ok(())
+}
+
+#[test]
+fn the_node_budget_refuses_what_would_take_the_agent_to_its_open_file_limit() -> Result<()> {
+    if !require_privileged() {
+        return Ok(());
+    }
+    let c = Cluster::new("limits_budget", 2, 1)?;
+    let (a, b) = (c.pod(0, 0), c.pod(1, 0));
+    let mut mesh = Mesh::new(&c, |_| true)?;
+    // Node 1's agent may hold 24 sockets for proxied connections: a few
+    // HBONE connections from node 0, and one socket to the application per
+    // stream.
+    mesh.agent_args = vec!["--max-connections".into(), "24".into()];
+    mesh.start_all()?;
+    let _echo = tk::echo(b, PORT)?;
+    let app = SocketAddr::new(b.ip.into(), PORT);
+    say_ok(a, app, "before")?;
+    let out = a.exec(
+        weft_tests::bin_path("weft-tk"),
+        [
+            "hold",
+            "--connect",
+            &app.to_string(),
+            "--count",
+            "100",
+            "--hold-secs",
+            "1",
+            "--timeout-secs",
+            "5",
+        ],
+    )?;
+    let report = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        !out.status.success(),
+        "100 connections held through an agent whose budget is 24: {report}"
+    );
+    ensure!(refusals(&c, 1, "hbone", "node_limit")? >= 1.0);
+    // What was held is given back: served again.
+    ensure!(
+        eventually(PATIENCE, || say_ok(a, app, "after").is_ok()),
+        "the budget never came back"
     );
     Ok(())
 }

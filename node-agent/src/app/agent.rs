@@ -121,6 +121,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
             caps: node::Caps {
                 per_listener: args.max_connections_per_listener.max(1),
                 per_peer: args.max_connections_per_peer.max(1),
+                streams_per_peer: args.hbone_max_streams_per_peer.max(1),
                 handshakes: args.hbone_max_handshakes.max(1),
                 handshakes_per_peer: args.hbone_max_handshakes_per_peer.max(1),
                 handshake_timeout: args.hbone_handshake_timeout,
@@ -474,8 +475,8 @@ fn trim(peak: usize, held: usize) {
 #[cfg(not(target_env = "gnu"))]
 fn trim(_peak: usize, _held: usize) {}
 
-/// The node's connection budget by default: every proxied connection holds two
-/// sockets, and 1024 descriptors stay free for everything else (the pool's
+/// The node's budget of sockets for proxied connections by default: the
+/// open-file limit less 1024 descriptors kept for everything else (the pool's
 /// outbound connections, listeners, files, the CA, eBPF).
 fn connection_budget() -> usize {
     let mut lim = libc::rlimit {
@@ -488,7 +489,7 @@ fn connection_budget() -> usize {
     } else {
         4096
     };
-    (nofile.saturating_sub(1024) / 2).max(64)
+    nofile.saturating_sub(1024).max(64)
 }
 
 /// Every proxied connection holds two sockets: lift the soft open-file limit to the

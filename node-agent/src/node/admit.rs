@@ -21,6 +21,7 @@ use super::{
 use crate::{
     hbone::server::Refusal,
     identity::SpiffeId,
+    net::limit::{Permit, Refused},
     stats::{Flags, Peer, Reporter, TcpLabels},
 };
 
@@ -29,6 +30,8 @@ use crate::{
 pub struct Admitted {
     pub up: TcpStream,
     pub kill: Kill,
+    /// The socket to the application's slot in the node's budget.
+    pub socket: Permit,
 }
 
 /// Admits a connection from `peer` (its address as the destination sees it,
@@ -98,8 +101,16 @@ pub(crate) async fn admit(
     let kill = shared
         .authorize(facts)
         .map_err(|reason| Refusal::new(StatusCode::UNAUTHORIZED, reason))?;
+    // The socket to the application spends the node's budget.
+    let Ok(socket) = shared.budget.admit(peer.ip()) else {
+        crate::stats::STATS.refused(crate::stats::Listener::Hbone, Refused::NodeLimit);
+        return Err(Refusal::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the node's connection budget is spent",
+        ));
+    };
     match connect_app(shared, to, dst, peer.ip()).await {
-        Ok(up) => Ok(Admitted { up, kill }),
+        Ok(up) => Ok(Admitted { up, kill, socket }),
         Err(e) => Err(Refusal::new(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("application: {e}"),

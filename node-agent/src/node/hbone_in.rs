@@ -12,7 +12,6 @@
 
 use std::sync::Arc;
 
-use http::StatusCode;
 use rustls::{server::ResolvesServerCert, sign::CertifiedKey};
 use tokio_rustls::TlsAcceptor;
 use tracing::warn;
@@ -28,12 +27,12 @@ use crate::{
     certs::CertManager,
     hbone::{
         headers::forwarded_for,
-        server::{Handler, Limits, Refusal, Request, Server},
+        server::{Handler, Limits, Request, Server},
         stream,
     },
     identity::SpiffeId,
     net::{
-        limit::{Limit, Refused, Throttle},
+        limit::{Limit, Refused},
         socket::listen_any,
     },
     stats::{self, STATS},
@@ -80,7 +79,7 @@ impl HboneListener {
             &pod.key.to_string(),
             Limits {
                 handshakes: Limit::new(caps.handshakes, caps.handshakes_per_peer),
-                streams: Limit::new(caps.per_listener, caps.per_peer),
+                streams: Limit::new(caps.per_listener, caps.streams_per_peer),
                 handshake_timeout: caps.handshake_timeout,
                 idle_timeout: caps.hbone_idle,
             },
@@ -104,7 +103,6 @@ impl HboneListener {
         let handler = Arc::new(Inbound {
             pod: pod.clone(),
             shared: shared.clone(),
-            throttle: Throttle::default(),
         });
         let caps = shared.settings.caps;
         accept_loop(
@@ -134,7 +132,6 @@ impl HboneListener {
 struct Inbound {
     pod: Arc<Pod>,
     shared: Arc<Shared>,
-    throttle: Throttle,
 }
 
 impl Handler for Inbound {
@@ -148,18 +145,6 @@ impl Handler for Inbound {
 
     async fn handle(self: Arc<Self>, request: Request) {
         let peer = request.peer.clone();
-        // Each stream holds a connection to the application: it spends the
-        // node's budget like a connection does.
-        let Ok(_budget) = self.shared.budget.admit(peer.addr.ip()) else {
-            self.refused(Refused::NodeLimit);
-            if let Some(suppressed) = self.throttle.allow() {
-                warn!(workload = %self.pod.key, peer = %peer.addr, suppressed, "HBONE stream refused: the node's connection budget is spent");
-            }
-            return request.refuse(&Refusal::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the node's connection budget is spent",
-            ));
-        };
         let mut log = AccessLog::new(Direction::Inbound, self.pod.clone(), peer.addr);
         log.src_identity = Some(peer.identity.to_string());
         log.dst_identity = Some(self.pod.identity.to_string());
@@ -194,7 +179,7 @@ impl Handler for Inbound {
                 return request.refuse(&refusal);
             }
         };
-        let (mut up, kill) = (admitted.up, admitted.kill);
+        let (mut up, kill, _socket) = (admitted.up, admitted.kill, admitted.socket);
         let tunnel = match request.accept() {
             Ok(tunnel) => tunnel,
             Err(e) => {

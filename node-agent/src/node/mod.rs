@@ -81,8 +81,12 @@ pub enum InboundSource {
 pub struct Caps {
     /// Connections one listener holds (on 15008: also streams).
     pub per_listener: usize,
-    /// Connections (on 15008: also streams) from one peer address.
+    /// Connections from one peer address (15006, 15008).
     pub per_peer: usize,
+    /// HBONE streams from one peer address on one pod's 15008. A source pod's
+    /// agent multiplexes all its connections to the pod into streams, so this
+    /// is as many connections as one client pod may hold open to this one.
+    pub streams_per_peer: usize,
     /// TLS handshakes in progress on one 15008 listener.
     pub handshakes: usize,
     /// TLS handshakes in progress from one peer address.
@@ -96,8 +100,9 @@ pub struct Caps {
 impl Default for Caps {
     fn default() -> Self {
         Caps {
-            per_listener: 4096,
-            per_peer: 1024,
+            per_listener: 16_384,
+            per_peer: 4096,
+            streams_per_peer: 16_384,
             handshakes: 256,
             handshakes_per_peer: 32,
             handshake_timeout: crate::hbone::HANDSHAKE_TIMEOUT,
@@ -129,9 +134,11 @@ pub struct Shared {
     pub bundle: Arc<RwLock<TrustBundle>>,
     pub pool: Pool,
     pub live: live::LiveConns,
-    /// Connections (and HBONE streams) every listener of this agent holds, in
-    /// all: each holds a socket or two, so this keeps the agent within its
-    /// open-file limit whatever a flood spread over many pods does.
+    /// Sockets the agent holds for proxied connections, in all: one per
+    /// accepted connection (at accept) and one per connection to an
+    /// application or a plaintext destination (when it is made), so the agent
+    /// stays within its open-file limit whatever a flood spread over many pods
+    /// does.
     pub budget: Limit,
     /// The kernel's list of handovers in progress (set once the capture is
     /// loaded): see [`connect_app`].
@@ -345,6 +352,18 @@ pub(crate) async fn forward(
         return;
     }
     let _ = down.set_nodelay(true);
+    // The socket to the destination spends the node's budget like the one
+    // accepted did.
+    let Ok(_socket) = shared.budget.admit(log.src.ip()) else {
+        let kind = match log.direction {
+            Direction::Inbound => crate::stats::Listener::Inbound,
+            Direction::Outbound => crate::stats::Listener::Outbound,
+        };
+        crate::stats::STATS.refused(kind, crate::net::limit::Refused::NodeLimit);
+        log.fail(End::Refused, "the node's connection budget is spent");
+        reset(down);
+        return;
+    };
     let up = match client {
         Some(client) => connect_app(shared, &log.pod, dst, client).await,
         None => connect_from(&log.pod.netns, dst, None, shared.settings.connect_timeout).await,

@@ -525,7 +525,12 @@ async fn carry_local(
     early_len: u64,
 ) -> Option<copy::Transfer> {
     let Local {
-        admitted: Admitted { mut up, kill },
+        admitted:
+            Admitted {
+                mut up,
+                kill,
+                socket: _socket,
+            },
         log: mut inbound,
     } = local;
     let t = tokio::select! {

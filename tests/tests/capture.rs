@@ -475,6 +475,61 @@ fn a_pod_gone_from_the_config_while_its_agent_was_away_stays_captured_until_unen
     Ok(())
 }
 
+#[test]
+fn a_connect_whose_destination_cannot_be_recorded_fails_and_never_goes_direct() -> Result<()> {
+    if !require_privileged() {
+        return Ok(());
+    }
+    let c = Cluster::new("capture_unrecorded", 2, 1)?;
+    let (a, b) = (c.pod(0, 0), c.pod(1, 0));
+    let mut mesh = Mesh::new(&c, |_| true)?;
+    // Where `connect4` records each captured socket's original destination,
+    // node 0's agent finds a map that holds one entry and never evicts (the
+    // agent reuses whatever is pinned under its name): the second captured
+    // connect cannot be recorded, as with a map that cannot take more.
+    let maps = mesh.pin_dir(0).join("maps");
+    std::fs::create_dir_all(&maps)?;
+    let created = Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(maps.join("WEFT_SOCK_DST"))
+        .args([
+            "type",
+            "hash",
+            "key",
+            "8",
+            "value",
+            "24",
+            "entries",
+            "1",
+            "name",
+            "WEFT_SOCK_DST",
+        ])
+        .output()?;
+    ensure!(created.status.success(), "bpftool map create: {created:?}");
+    mesh.start_all()?;
+    let srv = server(b)?;
+    let to = addr(b.ip);
+    // The first is recorded and goes through the mesh.
+    client_ok(a, &to, MIB, MIB, &[])?;
+    let reached = wait_accepted(&srv, 1).len();
+    // The next cannot be: its connect fails, and nothing reaches the server
+    // directly (before, the connect went on to the destination in plaintext).
+    let r = client(a, &to, MIB, MIB, &["--timeout-secs", "5"])?;
+    ensure!(r["ok"] == false, "an unrecorded connect got through: {r}");
+    ensure!(
+        r["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("Operation not permitted")),
+        "the connect should fail with EPERM: {r}"
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    ensure!(
+        accepted(&srv).len() == reached,
+        "the server was reached around the mesh"
+    );
+    Ok(())
+}
+
 fn bpftool_id(kind: &str, pinned: &std::path::Path) -> Result<u64> {
     let out = Command::new("bpftool")
         .args(["-j", kind, "show", "pinned"])

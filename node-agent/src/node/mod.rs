@@ -294,8 +294,11 @@ pub(crate) async fn connect_app(
             if table.insert(&key).is_err() {
                 break; // the map is full: from loopback
             }
+            // Struck off when the connect is done, or when this future is
+            // dropped halfway: an entry must never outlive its socket.
+            let filed = Filed { table, key };
             let up = crate::net::socket::connect(socket, dst, timeout).await;
-            table.remove(&key);
+            drop(filed);
             match up {
                 Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => continue,
                 up => return up,
@@ -303,6 +306,18 @@ pub(crate) async fn connect_app(
         }
     }
     connect_from(&pod.netns, dst, Some(inbound_source(dst)), timeout).await
+}
+
+/// A handover's entry in the kernel's map, removed when dropped.
+struct Filed<'a> {
+    table: &'a HandoverTable,
+    key: Handover,
+}
+
+impl Drop for Filed<'_> {
+    fn drop(&mut self) {
+        self.table.remove(&self.key);
+    }
 }
 
 /// Ports a handover tries before it goes from loopback instead.

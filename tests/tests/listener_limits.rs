@@ -261,6 +261,18 @@ fn an_outside_pod_cannot_hold_more_than_its_share_of_handshakes_or_connections()
     Ok(())
 }
 
+/// A TLS connection to `to`'s 15008 presenting `cert` (from the namespace the
+/// calling thread is in).
+async fn hbone_tls(
+    cert: &CertKey,
+    to: IpAddr,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(SocketAddr::new(to, HBONE_PORT)).await?;
+    let connector = TlsConnector::from(client_config(Some(cert))?);
+    let name = rustls::pki_types::ServerName::try_from("hbone.probe.invalid")?;
+    Ok(connector.connect(name, tcp).await?)
+}
+
 /// An HBONE client connection from `from`'s namespace to `to`'s 15008 with
 /// `cert`, and the task driving it (which ends when the server closes it).
 async fn hbone_connection(
@@ -270,11 +282,7 @@ async fn hbone_connection(
     h2::client::SendRequest<Bytes>,
     tokio::task::JoinHandle<Instant>,
 )> {
-    let tcp = TcpStream::connect(SocketAddr::new(to, HBONE_PORT)).await?;
-    let connector = TlsConnector::from(client_config(Some(cert))?);
-    let name = rustls::pki_types::ServerName::try_from("hbone.probe.invalid")?;
-    let tls = connector.connect(name, tcp).await?;
-    let (send, conn) = h2::client::handshake(tls).await?;
+    let (send, conn) = h2::client::handshake(hbone_tls(cert, to).await?).await?;
     let driver = tokio::spawn(async move {
         let _ = conn.await;
         Instant::now()
@@ -547,13 +555,9 @@ fn rapid_reset_from_a_compromised_workload_ends_its_connection_and_no_one_else_n
     // CVE-2023-44487: open a stream and reset it at once, over and over, on
     // one connection, never waiting for an answer.
     let (sent, ended) = run_in_netns(&attacker.netns_path, move || async move {
-        let tcp = TcpStream::connect(SocketAddr::new(dst, HBONE_PORT)).await?;
-        let connector = TlsConnector::from(client_config(Some(&cert))?);
-        let name = rustls::pki_types::ServerName::try_from("hbone.probe.invalid")?;
-        let tls = connector.connect(name, tcp).await?;
         let (mut send, conn) = h2::client::Builder::new()
             .max_concurrent_reset_streams(usize::MAX)
-            .handshake::<_, Bytes>(tls)
+            .handshake::<_, Bytes>(hbone_tls(&cert, dst).await?)
             .await?;
         let conn = tokio::spawn(conn);
         let mut sent = 0;

@@ -21,7 +21,7 @@ use super::{
     Pod, Shared,
     access::{AccessLog, Direction, End, MUTUAL_TLS},
     admit::admit,
-    listener::{Gate, accept_loop},
+    listener::accept_loop,
 };
 use crate::{
     certs::CertManager,
@@ -105,23 +105,16 @@ impl HboneListener {
             shared: shared.clone(),
         });
         let caps = shared.settings.caps;
+        let stopped = pod.clone();
         accept_loop(
             vec![listener],
-            pod.stopped(),
-            &pod.key,
-            Direction::Inbound,
-            "HBONE",
-            Gate {
-                node: &shared.budget,
-                listener: Limit::new(caps.per_listener, caps.per_peer),
-                kind: stats::Listener::Hbone,
-            },
-            |tcp, peer, admission| {
-                let (server, handler, stop) = (server.clone(), handler.clone(), pod.stopped());
-                crate::workers::serve(tcp, move |tcp| async move {
-                    server.serve(tcp, peer, handler, stop).await;
-                    drop(admission);
-                });
+            &pod,
+            &shared.budget,
+            stats::Listener::Hbone,
+            Limit::new(caps.per_listener, caps.per_peer),
+            move |tcp, peer| {
+                let (server, handler, stop) = (server.clone(), handler.clone(), stopped.stopped());
+                async move { server.serve(tcp, peer, handler, stop).await }
             },
         )
         .await;

@@ -15,7 +15,7 @@ use super::{
     Pod, Shared,
     access::{AccessLog, Direction, End},
     forward,
-    listener::{Gate, accept_loop},
+    listener::accept_loop,
     live::Facts,
 };
 use crate::{
@@ -55,24 +55,14 @@ impl InboundListener {
             shared,
         } = self;
         let caps = shared.settings.caps;
+        let (p, s) = (pod.clone(), shared.clone());
         accept_loop(
             vec![listener],
-            pod.stopped(),
-            &pod.key,
-            Direction::Inbound,
-            "inbound",
-            Gate {
-                node: &shared.budget,
-                listener: Limit::new(caps.per_listener, caps.per_peer),
-                kind: stats::Listener::Inbound,
-            },
-            |stream, peer, admission| {
-                let (pod, shared) = (pod.clone(), shared.clone());
-                crate::workers::serve(stream, move |stream| async move {
-                    handle(pod, shared, stream, peer).await;
-                    drop(admission);
-                });
-            },
+            &pod,
+            &shared.budget,
+            stats::Listener::Inbound,
+            Limit::new(caps.per_listener, caps.per_peer),
+            move |stream, peer| handle(p.clone(), s.clone(), stream, peer),
         )
         .await;
     }

@@ -1,11 +1,11 @@
 //! The accept loop every pod listener runs on a worker, and the caps it applies.
 
-use std::{io, net::SocketAddr, time::Duration};
+use std::{future::Future, io, net::SocketAddr, time::Duration};
 
 use tokio::net::{TcpListener, TcpStream};
 use tracing::warn;
 
-use super::access::Direction;
+use super::{Pod, access::Direction};
 use crate::{
     model::WorkloadKey,
     net::{
@@ -17,46 +17,48 @@ use crate::{
 
 /// The slots an accepted connection holds (the node's budget, its listener's
 /// cap); dropping it gives them back.
-#[derive(Debug)]
-pub(crate) struct Admission {
+struct Admission {
     _node: Permit,
     _listener: Permit,
 }
 
-/// Where an accept loop checks its caps: the node's budget, then the listener's
-/// own (total and per peer), counted as `kind` in metrics.
-pub(crate) struct Gate<'a> {
-    pub node: &'a Limit,
-    pub listener: Limit,
-    pub kind: stats::Listener,
+/// Takes the connection's slots: the node's budget, then the listener's own
+/// cap (total and per peer); or counts and logs (at a bounded rate) the
+/// refusal, as `kind`.
+fn admit(
+    budget: &Limit,
+    cap: &Limit,
+    kind: stats::Listener,
+    peer: SocketAddr,
+    throttle: &Throttle,
+    workload: &WorkloadKey,
+) -> Option<Admission> {
+    let ip = canonical(peer).ip();
+    let refused = match budget.admit(ip) {
+        Ok(node) => match cap.admit(ip) {
+            Ok(listener) => {
+                return Some(Admission {
+                    _node: node,
+                    _listener: listener,
+                });
+            }
+            Err(Full::Total) => Refused::ListenerLimit,
+            Err(Full::Peer) => Refused::PeerLimit,
+        },
+        Err(_) => Refused::NodeLimit,
+    };
+    STATS.refused(kind, refused);
+    if let Some(suppressed) = throttle.allow() {
+        warn!(%workload, listener = kind.as_str(), %peer, reason = refused.as_str(), suppressed, "connection refused: over a limit");
+    }
+    None
 }
 
-impl Gate<'_> {
-    fn admit(
-        &self,
-        peer: SocketAddr,
-        throttle: &Throttle,
-        workload: &WorkloadKey,
-    ) -> Option<Admission> {
-        let ip = canonical(peer).ip();
-        let refused = match self.node.admit(ip) {
-            Ok(node) => match self.listener.admit(ip) {
-                Ok(listener) => {
-                    return Some(Admission {
-                        _node: node,
-                        _listener: listener,
-                    });
-                }
-                Err(Full::Total) => Refused::ListenerLimit,
-                Err(Full::Peer) => Refused::PeerLimit,
-            },
-            Err(_) => Refused::NodeLimit,
-        };
-        STATS.refused(self.kind, refused);
-        if let Some(suppressed) = throttle.allow() {
-            warn!(%workload, listener = self.kind.as_str(), %peer, reason = refused.as_str(), suppressed, "connection refused: over a limit");
-        }
-        None
+/// Which way a listener's connections go.
+fn direction_of(kind: stats::Listener) -> Direction {
+    match kind {
+        stats::Listener::Outbound => Direction::Outbound,
+        _ => Direction::Inbound,
     }
 }
 
@@ -84,20 +86,25 @@ impl AcceptBackoff {
     }
 }
 
-/// A pod listener's accept loop, until `stop` says so: registers `listeners`
+/// A pod listener's accept loop, until the pod stops: registers `listeners`
 /// (one or two) with the runtime this runs on (a worker's, see
 /// [`crate::workers::spawn_listener`]), takes connections from whichever is
-/// ready, paces failures, and gives each connection to `accepted`. `name` says
-/// which listener stopped, in the log.
-pub(crate) async fn accept_loop(
+/// ready, paces failures, admits each under the node's `budget` and the
+/// listener's `cap` (counted as `kind`), and serves it on a worker with
+/// `serve`, holding its slots until that is done.
+pub(crate) async fn accept_loop<F, Fut>(
     listeners: Vec<std::net::TcpListener>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-    workload: &WorkloadKey,
-    direction: Direction,
-    name: &'static str,
-    gate: Gate<'_>,
-    mut accepted: impl FnMut(TcpStream, SocketAddr, Admission),
-) {
+    pod: &Pod,
+    budget: &Limit,
+    kind: stats::Listener,
+    cap: Limit,
+    serve: F,
+) where
+    F: Fn(TcpStream, SocketAddr) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let (workload, direction) = (&pod.key, direction_of(kind));
+    let mut stop = pod.stopped();
     let listeners = match listeners
         .into_iter()
         .map(TcpListener::from_std)
@@ -126,8 +133,17 @@ pub(crate) async fn accept_loop(
             r = accept_any(&listeners) => match r {
                 Ok((stream, peer)) => {
                     backoff.succeeded();
-                    match gate.admit(peer, &throttle, workload) {
-                        Some(admission) => accepted(stream, peer, admission),
+                    match admit(budget, &cap, kind, peer, &throttle, workload) {
+                        Some(admission) => {
+                            let serve = serve.clone();
+                            crate::workers::serve(stream, move |stream| {
+                                let connection = serve(stream, peer);
+                                async move {
+                                    connection.await;
+                                    drop(admission);
+                                }
+                            });
+                        }
                         // Reset at once: the peer learns now, and no state is kept.
                         None => reset(stream),
                     }
@@ -136,7 +152,7 @@ pub(crate) async fn accept_loop(
             },
         }
     }
-    tracing::debug!(%workload, "{name} listener stopped");
+    tracing::debug!(%workload, listener = kind.as_str(), "listener stopped");
 }
 
 /// Waits until `stop` says so (or its sender is gone).

@@ -25,7 +25,7 @@ use super::{
     access::{AccessLog, Direction, End, MUTUAL_TLS, NODE_LOCAL},
     admit::{Admitted, admit},
     forward,
-    listener::{Gate, accept_loop},
+    listener::accept_loop,
 };
 use crate::{
     ebpf::OrigDstTable,
@@ -90,25 +90,16 @@ impl OutboundListener {
             orig_dst,
             shared,
         } = self;
+        let cap = Limit::total(shared.settings.caps.per_listener);
+        let (p, s) = (pod.clone(), shared.clone());
         accept_loop(
             listeners,
-            pod.stopped(),
-            &pod.key,
-            Direction::Outbound,
-            "outbound",
-            Gate {
-                node: &shared.budget,
-                // Every peer is the pod itself, on loopback: a total cap only.
-                listener: Limit::total(shared.settings.caps.per_listener),
-                kind: stats::Listener::Outbound,
-            },
-            |stream, peer, admission| {
-                let (pod, orig_dst, shared) = (pod.clone(), orig_dst.clone(), shared.clone());
-                crate::workers::serve(stream, move |stream| async move {
-                    handle(pod, orig_dst, shared, stream, peer).await;
-                    drop(admission);
-                });
-            },
+            &pod,
+            &shared.budget,
+            stats::Listener::Outbound,
+            // Every peer is the pod itself, on loopback: a total cap only.
+            cap,
+            move |stream, peer| handle(p.clone(), orig_dst.clone(), s.clone(), stream, peer),
         )
         .await;
     }

@@ -73,6 +73,7 @@ fn workload(namespace: &str, name: &str, app: &str) -> Workload {
         enrolled: false,
         outside_mesh: Default::default(),
         labels: labels(&[("app", app), ("version", "v1")]),
+        native_tunnel: false,
     }
 }
 

@@ -19,6 +19,9 @@ pub enum Command {
     Agent(Box<AgentArgs>),
     /// Run the certificate authority: sign workload certificates for node agents.
     Ca(CaArgs),
+    /// Run a waypoint: the L7 proxy (HTTP routing) of the services bound to it.
+    /// It runs as a workload of the mesh (`native_tunnel: true`), in its own pod.
+    Waypoint(Box<WaypointArgs>),
     /// Print a node's view (pods, identities, services, connections) from its
     /// agent's admin endpoint.
     Status(StatusArgs),
@@ -43,6 +46,72 @@ pub struct StatusArgs {
     /// Print the JSON the agent returns instead of tables.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct WaypointArgs {
+    /// The mesh config file. Watched: a change applies without a restart, and
+    /// one that does not validate keeps the last good one serving.
+    #[arg(long, env = "WEFT_CONFIG")]
+    pub config: PathBuf,
+
+    /// This waypoint's workload in the config, `<namespace>/<name>`: its
+    /// identity and node.
+    #[arg(long, env = "WEFT_WAYPOINT_WORKLOAD")]
+    pub workload: String,
+
+    /// Where HBONE is served.
+    #[arg(long, env = "WEFT_WAYPOINT_LISTEN", default_value = "[::]:15008")]
+    pub listen: SocketAddr,
+
+    /// Where Prometheus `GET /metrics` is served (plain HTTP).
+    #[arg(long, env = "WEFT_METRICS_ADDR", default_value = "[::]:15020")]
+    pub metrics_addr: SocketAddr,
+
+    /// Where `GET /healthz/ready` answers 200 once the waypoint serves.
+    #[arg(long, env = "WEFT_READINESS_ADDR", default_value = "[::]:15021")]
+    pub readiness_addr: SocketAddr,
+
+    /// The CA that signs this waypoint's certificate.
+    #[arg(long, env = "WEFT_CA_ADDR", default_value = "127.0.0.1:15012")]
+    pub ca_addr: SocketAddr,
+
+    /// A file holding the CA token of this waypoint's node.
+    #[arg(long, env = "WEFT_CA_TOKEN_FILE")]
+    pub ca_token_file: PathBuf,
+
+    /// The trust bundle (PEM; the CA writes it). Re-read when it changes.
+    #[arg(long, env = "WEFT_TRUST_BUNDLE")]
+    pub trust_bundle: PathBuf,
+
+    /// Lifetime asked for the waypoint's certificate; renewed at half life.
+    #[arg(long, env = "WEFT_CERT_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub cert_ttl: Duration,
+
+    /// Timeout for connecting to an endpoint.
+    #[arg(long, env = "WEFT_CONNECT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+
+    /// How long a request may wait for its response head when its route sets
+    /// no timeout.
+    #[arg(long, env = "WEFT_REQUEST_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
+
+    /// Worker threads; default: one per CPU.
+    #[arg(long, env = "WEFT_WORKERS")]
+    pub workers: Option<usize>,
+
+    /// The largest mesh file read, in bytes.
+    #[arg(long, env = "WEFT_CONFIG_MAX_BYTES", default_value_t = crate::discovery::file::DEFAULT_MAX_BYTES)]
+    pub config_max_bytes: u64,
+
+    /// Connections held at once from one peer address (a source node's agent).
+    #[arg(long, env = "WEFT_MAX_CONNECTIONS_PER_PEER", default_value_t = 4096)]
+    pub max_connections_per_peer: usize,
+
+    /// Connections held at once in all.
+    #[arg(long, env = "WEFT_MAX_CONNECTIONS", default_value_t = 16384)]
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Args)]

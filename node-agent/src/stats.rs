@@ -194,6 +194,7 @@ pub struct Stats {
     config_last_ok: AtomicU64,
     ejections: Family,
     no_endpoint: Family,
+    no_waypoint: Family,
     denied: Family,
     map_entries: Family,
     /// Connections and streams a listener's limits refused, by listener and reason.
@@ -327,6 +328,13 @@ impl Stats {
             .add(vec![("service", service.to_owned())], 1);
     }
 
+    /// A connection to a service bound to a waypoint was refused: no replica
+    /// of the waypoint could take it (never sent around it).
+    pub fn no_waypoint(&self, service: &str) {
+        self.no_waypoint
+            .add(vec![("service", service.to_owned())], 1);
+    }
+
     pub fn policy_denied(&self, workload: &str, reason: &'static str) {
         self.denied.add(
             vec![
@@ -421,6 +429,12 @@ impl Stats {
             &mut out,
             "weft_service_no_healthy_endpoint_total",
             "Connections to a service refused because no endpoint could take them.",
+            "counter",
+        );
+        self.no_waypoint.render(
+            &mut out,
+            "weft_waypoint_unavailable_total",
+            "Connections to a service bound to a waypoint refused because no waypoint replica could take them (fail closed).",
             "counter",
         );
         self.denied.render(

@@ -17,7 +17,7 @@ use std::{
 use crate::{
     authz::Authorizer,
     lb::{Balancer, EndpointSpec},
-    model::{Endpoints, Mesh, Service, ServiceKey, Workload, WorkloadKey, selects},
+    model::{Mesh, Service, ServiceKey, Workload, WorkloadKey},
     stats::ServiceName,
 };
 
@@ -35,6 +35,9 @@ pub struct View {
     /// Per service (config order): the service, shared with connections to it
     /// (a refcount per connection, not a copy), and its balancer.
     services: Vec<(Arc<Service>, Arc<Balancer>)>,
+    by_service: HashMap<ServiceKey, usize>,
+    /// Per service: the index of the waypoint service it is bound to.
+    waypoints: Vec<Option<usize>>,
     pub authz: Authorizer,
 }
 
@@ -84,7 +87,23 @@ impl View {
             }
             *all = kept;
         }
+        let by_service: HashMap<ServiceKey, usize> = mesh
+            .services
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.key(), i))
+            .collect();
+        let waypoints = mesh
+            .services
+            .iter()
+            .map(|s| {
+                mesh.waypoint_of(s)
+                    .and_then(|k| by_service.get(&k).copied())
+            })
+            .collect();
         View {
+            by_service,
+            waypoints,
             authz: Authorizer::new(&mesh),
             mesh,
             node: node.to_owned(),
@@ -111,6 +130,17 @@ impl View {
         self.vips
             .get(&ip.to_canonical())
             .map(|&i| &self.services[i])
+    }
+
+    /// The service named `key`, and its balancer.
+    pub fn service(&self, key: &ServiceKey) -> Option<&(Arc<Service>, Arc<Balancer>)> {
+        self.by_service.get(key).map(|&i| &self.services[i])
+    }
+
+    /// The waypoint `svc` is bound to (its service and balancer), if any.
+    pub fn waypoint_of(&self, svc: &Service) -> Option<&(Arc<Service>, Arc<Balancer>)> {
+        let i = *self.by_service.get(&svc.key())?;
+        self.waypoints[i].map(|w| &self.services[w])
     }
 
     /// The mesh this view was made from.
@@ -149,35 +179,14 @@ pub fn service_name(svc: &Service) -> ServiceName {
     }
 }
 
-/// A service's endpoints: its listed workloads, or those of its namespace its
-/// selector picks; only workloads with an address can be one.
+/// A service's endpoints, as its balancer takes them.
 pub fn endpoints(mesh: &Mesh, svc: &Service, node: &str) -> Vec<EndpointSpec> {
-    let spec = |w: &Workload, weight: u32| EndpointSpec {
-        key: w.key(),
-        weight,
-        same_node: w.node == node,
-    };
-    match &svc.endpoints {
-        Endpoints::Selector(sel) => mesh
-            .workloads
-            .iter()
-            .filter(|w| {
-                w.namespace == svc.namespace && !w.addresses.is_empty() && selects(sel, &w.labels)
-            })
-            .map(|w| spec(w, 1))
-            .collect(),
-        Endpoints::Listed(list) => list
-            .iter()
-            .filter_map(|ep| {
-                mesh.workloads
-                    .iter()
-                    .find(|w| {
-                        w.namespace == svc.namespace
-                            && w.name == ep.workload
-                            && !w.addresses.is_empty()
-                    })
-                    .map(|w| spec(w, ep.weight))
-            })
-            .collect(),
-    }
+    mesh.endpoint_workloads(svc)
+        .into_iter()
+        .map(|(w, weight)| EndpointSpec {
+            key: w.key(),
+            weight,
+            same_node: w.node == node,
+        })
+        .collect()
 }

@@ -40,6 +40,13 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ),
     ("certs", &["ca", "identity", "metrics", "tls"]),
     ("hbone", &["certs", "identity", "net", "tls", "workers"]),
+    // The L7 engine: routes, filters, upstreams; no front of its own.
+    (
+        "http",
+        &["hbone", "identity", "lb", "model", "net", "stats", "view"],
+    ),
+    // The waypoint's front: HBONE in, the engine behind.
+    ("waypoint", &["hbone", "http", "identity", "model", "net"]),
     (
         "node",
         &[
@@ -74,15 +81,18 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "discovery",
             "ebpf",
             "hbone",
+            "http",
             "identity",
             "metrics",
             "model",
+            "net",
             "node",
             "stats",
             "telemetry",
             "tls",
             "units",
             "view",
+            "waypoint",
             "workers",
         ],
     ),

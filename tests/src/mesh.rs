@@ -395,6 +395,43 @@ impl<'c> Mesh<'c> {
         Ok(())
     }
 
+    /// The command that runs `weft waypoint` in `pod` as its workload (which
+    /// must be `native_tunnel: true` in the config).
+    pub fn waypoint_command(&self, pod: &Pod) -> Command {
+        let mut cmd = pod.command(&self.weft);
+        cmd.env("LOG_FORMAT", "json")
+            .env("RUST_LOG", "info")
+            .arg("waypoint")
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--workload")
+            .arg(format!("{}/{}", self.namespace(pod), pod.name))
+            .arg("--ca-addr")
+            .arg(self.ca_addr())
+            .arg("--ca-token-file")
+            .arg(self.token_path(pod.node))
+            .arg("--trust-bundle")
+            .arg(self.bundle_path());
+        cmd
+    }
+
+    /// Starts `weft waypoint` in `pod` (with `args` added) and waits until it
+    /// serves.
+    pub fn start_waypoint(&self, pod: &Pod, args: &[&str]) -> Result<Proc> {
+        let mut cmd = self.waypoint_command(pod);
+        cmd.args(args);
+        let proc = Proc::spawn(&mut cmd, format!("weft waypoint {}", pod.name))?;
+        if let Err(e) = proc.wait_for_json(AGENT_START, |v| v["message"] == "waypoint ready") {
+            bail!(
+                "the waypoint in {} did not become ready: {e:#}\nstdout:\n{}\nstderr:\n{}",
+                pod.name,
+                proc.stdout_lines().join("\n"),
+                proc.stderr()
+            );
+        }
+        Ok(proc)
+    }
+
     /// Stops node `node`'s agent: SIGTERM (graceful) or SIGKILL (a crash).
     pub fn stop_agent(&mut self, node: usize, kill: bool) -> Result<()> {
         let Some(mut p) = self.agents[node].take() else {

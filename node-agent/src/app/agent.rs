@@ -387,7 +387,7 @@ fn connectable(addr: std::net::SocketAddr) -> std::net::SocketAddr {
     }
 }
 
-fn load_bundle(path: &Path) -> anyhow::Result<TrustBundle> {
+pub(super) fn load_bundle(path: &Path) -> anyhow::Result<TrustBundle> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading the trust bundle {}", path.display()))?;
     TrustBundle::from_pem(&text).with_context(|| format!("trust bundle {}", path.display()))

@@ -4,6 +4,7 @@
 
 mod agent;
 mod ca;
+mod waypoint;
 
 use anyhow::Context as _;
 
@@ -15,6 +16,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Agent(args) => agent::run(*args),
         Command::Ca(args) => ca::run(args),
+        Command::Waypoint(args) => waypoint::run(*args),
         Command::Status(args) => {
             let (code, body) =
                 crate::metrics::get(args.admin_addr, "/status").with_context(|| {

@@ -128,6 +128,34 @@ struct File {
     authorization_policies: Vec<AuthorizationPolicy>,
     #[serde(default)]
     peer_authentications: Vec<PeerAuthentication>,
+    #[serde(default)]
+    namespaces: Vec<Namespace>,
+}
+
+/// Namespace-wide settings.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Namespace {
+    name: String,
+    /// Istio's `istio.io/use-waypoint` label: a waypoint service's name (of
+    /// this namespace), `<namespace>/<name>`, or `none`.
+    #[serde(default)]
+    waypoint: Option<String>,
+}
+
+/// A `waypoint:` value: `none`, `<name>` (in `namespace`) or `<namespace>/<name>`.
+fn use_waypoint(value: String, namespace: &str) -> model::UseWaypoint {
+    match value.split_once('/') {
+        _ if value == "none" => model::UseWaypoint::None,
+        Some((ns, name)) => model::UseWaypoint::Service {
+            namespace: ns.to_owned(),
+            name: name.to_owned(),
+        },
+        None => model::UseWaypoint::Service {
+            namespace: namespace.to_owned(),
+            name: value,
+        },
+    }
 }
 
 fn default_namespace() -> String {
@@ -154,6 +182,9 @@ struct Workload {
     outside_mesh: OutsideMesh,
     #[serde(default)]
     labels: Labels,
+    /// It speaks HBONE itself (a waypoint): never captured.
+    #[serde(default, alias = "nativeTunnel")]
+    native_tunnel: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize)]
@@ -180,6 +211,9 @@ struct Service {
     load_balancing: LoadBalancing,
     #[serde(default)]
     outlier_detection: OutlierDetection,
+    /// See [`Namespace::waypoint`].
+    #[serde(default)]
+    waypoint: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -188,6 +222,8 @@ struct ServicePort {
     port: u16,
     #[serde(default)]
     target_port: Option<u16>,
+    #[serde(default, alias = "appProtocol")]
+    app_protocol: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -385,6 +421,7 @@ impl File {
                         OutsideMesh::Refuse => model::OutsideMesh::Refuse,
                     },
                     labels: w.labels,
+                    native_tunnel: w.native_tunnel,
                 };
                 if let Some(path) = w.netns
                     && seen.insert(w_model.key())
@@ -400,6 +437,7 @@ impl File {
             .services
             .into_iter()
             .map(|s| model::Service {
+                waypoint: s.waypoint.map(|w| use_waypoint(w, &s.namespace)),
                 name: s.name,
                 namespace: s.namespace,
                 addresses: s.addresses.iter().map(|a| a.to_canonical()).collect(),
@@ -409,6 +447,7 @@ impl File {
                     .map(|p| model::ServicePort {
                         port: p.port,
                         target_port: p.target_port.unwrap_or(p.port),
+                        app_protocol: p.app_protocol.clone(),
                     })
                     .collect(),
                 // Both or neither given is a problem reported above; the model
@@ -520,6 +559,14 @@ impl File {
                 services,
                 authorization_policies,
                 peer_authentications,
+                namespaces: self
+                    .namespaces
+                    .into_iter()
+                    .map(|n| model::Namespace {
+                        waypoint: n.waypoint.map(|w| use_waypoint(w, &n.name)),
+                        name: n.name,
+                    })
+                    .collect(),
             },
             netns,
             allow_shrink: self.allow_shrink,

@@ -102,6 +102,7 @@ mod tests {
             enrolled,
             outside_mesh: Default::default(),
             labels: Default::default(),
+            native_tunnel: false,
         };
         Mesh {
             workloads: enrolled

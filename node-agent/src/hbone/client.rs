@@ -269,6 +269,14 @@ impl Drop for Connecting<'_> {
     }
 }
 
+/// `down`'s readiness; never, without a downstream socket.
+async fn readable(down: Option<&TcpStream>) -> io::Result<()> {
+    match down {
+        Some(d) => d.readable().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// What a stream does with a key's connections.
 enum Choice {
     Use(Arc<Conn>),
@@ -334,7 +342,7 @@ impl Pool {
     pub async fn open(
         &self,
         t: Target<'_>,
-        down: &TcpStream,
+        down: Option<&TcpStream>,
         early: &mut Early,
     ) -> Result<Tunnel, Error> {
         let s = &self.inner.settings;
@@ -389,7 +397,9 @@ impl Pool {
         let req = connect_request(t.authority, t.source_ip, t.baggage.clone());
         // Take what the client has already sent before the request goes out, so
         // the connection's task writes both in one go.
-        early.read_ready(down).map_err(Error::Downstream)?;
+        if let Some(down) = down {
+            early.read_ready(down).map_err(Error::Downstream)?;
+        }
         let (response, mut stream) = send.send_request(req, false).map_err(h2_err)?;
         // A failed send means the stream is already gone: the answer says why.
         let _ = early.replay(&mut stream);
@@ -399,8 +409,9 @@ impl Pool {
                 tokio::select! {
                     biased;
                     r = &mut response => return r.map_err(h2_err),
-                    ready = down.readable(), if early.wants_more() => {
+                    ready = readable(down), if down.is_some() && early.wants_more() => {
                         ready.map_err(Error::Downstream)?;
+                        let Some(down) = down else { continue };
                         if let Some((data, end)) = early.read_ready(down).map_err(Error::Downstream)? {
                             let _ = stream.send_data(data, end);
                         }

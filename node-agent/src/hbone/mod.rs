@@ -13,6 +13,7 @@
 
 pub mod client;
 pub mod headers;
+pub mod io;
 pub mod server;
 pub mod stream;
 

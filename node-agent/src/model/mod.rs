@@ -30,6 +30,8 @@ pub struct Mesh {
     pub services: Vec<Service>,
     pub authorization_policies: Vec<AuthorizationPolicy>,
     pub peer_authentications: Vec<PeerAuthentication>,
+    /// Namespace-wide settings (the waypoint its services use).
+    pub namespaces: Vec<Namespace>,
 }
 
 /// The root namespace when a source names none.
@@ -44,6 +46,7 @@ impl Default for Mesh {
             services: Vec::new(),
             authorization_policies: Vec::new(),
             peer_authentications: Vec::new(),
+            namespaces: Vec::new(),
         }
     }
 }
@@ -73,6 +76,9 @@ pub struct Workload {
     pub outside_mesh: OutsideMesh,
     /// What service selectors and policy selectors match.
     pub labels: Labels,
+    /// It speaks HBONE itself on port 15008 (a waypoint): reached over HBONE
+    /// with its identity, never captured (so never `enrolled`).
+    pub native_tunnel: bool,
 }
 
 /// A workload's key: namespace and name.
@@ -132,6 +138,8 @@ pub struct Service {
     pub endpoints: Endpoints,
     pub load_balancing: LoadBalancing,
     pub outlier_detection: OutlierDetection,
+    /// The waypoint its connections go through; `None`: the namespace's.
+    pub waypoint: Option<UseWaypoint>,
 }
 
 impl Service {
@@ -140,11 +148,59 @@ impl Service {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+/// A binding to a waypoint (Istio's `istio.io/use-waypoint` label).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UseWaypoint {
+    /// No waypoint, whatever the namespace says (`use-waypoint: none`).
+    None,
+    /// The waypoint whose replicas are this service's endpoints (a service of
+    /// `native_tunnel` workloads).
+    Service { namespace: String, name: String },
+}
+
+/// Settings of a namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Namespace {
+    pub name: String,
+    /// The waypoint of its services that name none.
+    pub waypoint: Option<UseWaypoint>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ServicePort {
     pub port: u16,
     /// The port on the endpoint.
     pub target_port: u16,
+    /// What the port speaks (Kubernetes' `appProtocol`): `http`, `http2`,
+    /// `grpc`, `kubernetes.io/h2c`, `tcp`...; `None`: a waypoint detects it.
+    pub app_protocol: Option<String>,
+}
+
+/// What a waypoint speaks to a service port's endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppProtocol {
+    /// Bytes, with L4 policy only.
+    Tcp,
+    Http1,
+    /// HTTP/2 in cleartext, prior knowledge (gRPC too).
+    H2c,
+    /// Unknown: HTTP/1.1 or HTTP/2 as the client speaks it, or bytes when the
+    /// client's first bytes are not HTTP.
+    Detect,
+}
+
+impl ServicePort {
+    pub fn protocol(&self) -> AppProtocol {
+        match self.app_protocol.as_deref() {
+            Some("tcp" | "TCP") => AppProtocol::Tcp,
+            Some("http" | "HTTP") => AppProtocol::Http1,
+            Some("http2" | "HTTP2" | "grpc" | "GRPC" | "h2c" | "kubernetes.io/h2c") => {
+                AppProtocol::H2c
+            }
+            _ => AppProtocol::Detect,
+        }
+    }
 }
 
 /// Which workloads serve a service.
@@ -396,6 +452,65 @@ impl Mesh {
                     && w.namespace == id.namespace()
                     && w.service_account == id.service_account()
             })
+    }
+
+    /// The waypoint service `svc` is bound to, if any: its own binding, or its
+    /// namespace's. A waypoint's own service is never bound (it would loop).
+    pub fn waypoint_of(&self, svc: &Service) -> Option<ServiceKey> {
+        let binding = svc.waypoint.as_ref().or_else(|| {
+            self.namespaces
+                .iter()
+                .find(|n| n.name == svc.namespace)
+                .and_then(|n| n.waypoint.as_ref())
+        })?;
+        match binding {
+            UseWaypoint::None => None,
+            UseWaypoint::Service { namespace, name } => {
+                let key = (namespace.clone(), name.clone());
+                (key != svc.key() && !self.is_waypoint(svc)).then_some(key)
+            }
+        }
+    }
+
+    /// A service's endpoints with their weights: its listed workloads, or those
+    /// of its namespace its selector picks; only workloads with an address
+    /// can be one.
+    pub fn endpoint_workloads<'a>(&'a self, svc: &'a Service) -> Vec<(&'a Workload, u32)> {
+        match &svc.endpoints {
+            Endpoints::Selector(sel) => self
+                .workloads
+                .iter()
+                .filter(|w| {
+                    w.namespace == svc.namespace
+                        && !w.addresses.is_empty()
+                        && selects(sel, &w.labels)
+                })
+                .map(|w| (w, 1))
+                .collect(),
+            Endpoints::Listed(list) => list
+                .iter()
+                .filter_map(|ep| {
+                    self.workloads
+                        .iter()
+                        .find(|w| {
+                            w.namespace == svc.namespace
+                                && w.name == ep.workload
+                                && !w.addresses.is_empty()
+                        })
+                        .map(|w| (w, ep.weight))
+                })
+                .collect(),
+        }
+    }
+
+    /// Whether `svc` is some service's waypoint.
+    pub fn is_waypoint(&self, svc: &Service) -> bool {
+        let bound = |b: Option<&UseWaypoint>| {
+            matches!(b, Some(UseWaypoint::Service { namespace, name })
+                if *namespace == svc.namespace && *name == svc.name)
+        };
+        self.services.iter().any(|s| bound(s.waypoint.as_ref()))
+            || self.namespaces.iter().any(|n| bound(n.waypoint.as_ref()))
     }
 
     /// The enrolled workloads placed on `node`.

@@ -8,7 +8,7 @@ use std::{
     net::IpAddr,
 };
 
-use super::{Endpoints, Labels, Mesh};
+use super::{Endpoints, Labels, Mesh, UseWaypoint};
 use crate::identity::{self, SpiffeId};
 
 /// Every problem of `mesh`, in the order of its entries; empty when it is valid.
@@ -26,6 +26,7 @@ pub fn problems(mesh: &Mesh) -> Vec<String> {
     let mut addresses = HashMap::new();
     workload_problems(mesh, &mut addresses, &mut problems);
     service_problems(mesh, &mut addresses, &mut problems);
+    namespace_problems(mesh, &mut problems);
     policy_problems(mesh, &mut problems);
     problems
 }
@@ -69,7 +70,55 @@ fn workload_problems(
             }
         }
         labels_problems(&at, "labels", &w.labels, problems);
+        if w.native_tunnel && w.enrolled {
+            problems.push(format!(
+                "{at}: a `native_tunnel` workload (a waypoint) speaks HBONE itself and is never captured: it cannot be `enrolled`"
+            ));
+        }
     }
+}
+
+fn namespace_problems(mesh: &Mesh, problems: &mut Vec<String>) {
+    let mut seen = HashSet::new();
+    for (i, ns) in mesh.namespaces.iter().enumerate() {
+        let at = format!("namespaces[{i}] ({})", ns.name);
+        if !is_dns_label(&ns.name) {
+            problems.push(format!("{at}: name must be a DNS label"));
+        }
+        if !seen.insert(&ns.name) {
+            problems.push(format!("{at}: duplicate namespace"));
+        }
+        waypoint_problem(mesh, ns.waypoint.as_ref(), &ns.name, &mut |p| {
+            problems.push(format!("{at}: waypoint: {p}"))
+        });
+    }
+}
+
+/// Reports what is wrong with a binding to a waypoint; true if something was.
+fn waypoint_problem(
+    mesh: &Mesh,
+    binding: Option<&UseWaypoint>,
+    _namespace: &str,
+    report: &mut dyn FnMut(String),
+) -> bool {
+    let Some(UseWaypoint::Service { namespace, name }) = binding else {
+        return false;
+    };
+    let Some(wp) = mesh
+        .services
+        .iter()
+        .find(|s| s.namespace == *namespace && s.name == *name)
+    else {
+        report(format!("no service {namespace}/{name}"));
+        return true;
+    };
+    if let Some(UseWaypoint::Service { .. }) = &wp.waypoint {
+        report(format!(
+            "{namespace}/{name} is itself bound to a waypoint (a waypoint's traffic never goes through another)"
+        ));
+        return true;
+    }
+    false
 }
 
 fn service_problems(
@@ -86,7 +135,10 @@ fn service_problems(
         if !seen.insert((&svc.namespace, &svc.name)) {
             problems.push(format!("{at}: duplicate service"));
         }
-        if svc.addresses.is_empty() {
+        // A waypoint's service only names its replicas: no VIP or port of its
+        // own is needed (they are reached on 15008).
+        let waypoint = mesh.is_waypoint(svc);
+        if svc.addresses.is_empty() && !waypoint {
             problems.push(format!("{at}: needs at least one address (its VIP)"));
         }
         let me = format!("service {}/{}", svc.namespace, svc.name);
@@ -97,8 +149,20 @@ fn service_problems(
                 problems.push(format!("{at}: address {a} is also {other}'s"));
             }
         }
-        if svc.ports.is_empty() {
+        if svc.ports.is_empty() && !waypoint {
             problems.push(format!("{at}: needs at least one port"));
+        }
+        waypoint_problem(mesh, svc.waypoint.as_ref(), &svc.namespace, &mut |p| {
+            problems.push(format!("{at}: waypoint: {p}"))
+        });
+        if waypoint {
+            let replicas = mesh.endpoint_workloads(svc);
+            for (w, _) in replicas.iter().filter(|(w, _)| !w.native_tunnel) {
+                problems.push(format!(
+                    "{at}: is a waypoint, but its endpoint {}/{} is not `native_tunnel`",
+                    w.namespace, w.name
+                ));
+            }
         }
         let mut ports = HashSet::new();
         for (j, p) in svc.ports.iter().enumerate() {

@@ -51,6 +51,9 @@ pub enum End {
     UpstreamConnectFailed,
     /// A service had no endpoint that could take it.
     NoHealthyEndpoint,
+    /// A service bound to a waypoint had no waypoint replica that could take
+    /// it: refused, never sent around the waypoint.
+    NoWaypoint,
     /// The peer failed the TLS checks.
     TlsError,
     /// This side had no certificate to present.
@@ -73,6 +76,7 @@ impl End {
             End::Denied => "denied",
             End::UpstreamConnectFailed => "upstream_connect_failed",
             End::NoHealthyEndpoint => "no_healthy_endpoint",
+            End::NoWaypoint => "no_waypoint",
             End::TlsError => "tls_error",
             End::NoCertificate => "no_certificate",
             End::BadRequest => "bad_request",
@@ -88,6 +92,7 @@ impl End {
             End::Denied => Flags::Deny,
             End::UpstreamConnectFailed
             | End::NoHealthyEndpoint
+            | End::NoWaypoint
             | End::TlsError
             | End::NoCertificate => Flags::Connect,
             _ => Flags::None,

@@ -181,11 +181,12 @@ async fn handle(
 
     if let Some((svc, balancer)) = view.service_by_vip(dst.ip()) {
         let (svc, balancer) = (svc.clone(), balancer.clone());
+        let waypoint = view.waypoint_of(&svc).cloned();
         to_service(
             log,
             down,
             (&pod, &shared, view),
-            (&svc, balancer),
+            (&svc, balancer, waypoint),
             (source, from, dst),
             outside,
         )
@@ -223,7 +224,11 @@ async fn handle(
 /// A destination pod, as the data path needs it.
 struct Endpoint {
     workload: Peer,
+    /// What the connection asks for (`CONNECT addr`).
     addr: SocketAddr,
+    /// Where its HBONE stream goes when not to `addr`'s port 15008 (a
+    /// waypoint's replica, for a service bound to it).
+    via: Option<SocketAddr>,
     /// Its identity when it is in the mesh (HBONE); `None` for plaintext.
     identity: Option<SpiffeId>,
     /// The pod, when this agent serves it and connects such pods in-process.
@@ -237,7 +242,7 @@ impl Endpoint {
         w: &crate::model::Workload,
         addr: SocketAddr,
     ) -> Result<Endpoint, crate::identity::Error> {
-        let identity = if w.enrolled {
+        let identity = if w.enrolled || w.native_tunnel {
             Some(w.identity(view.trust_domain())?)
         } else {
             None
@@ -245,7 +250,11 @@ impl Endpoint {
         Ok(Endpoint {
             workload: Peer::of(w, identity.as_ref().map(ToString::to_string)),
             addr,
-            local: identity.as_ref().and_then(|_| shared.served(w)),
+            via: None,
+            local: identity
+                .as_ref()
+                .filter(|_| w.enrolled)
+                .and_then(|_| shared.served(w)),
             identity,
         })
     }
@@ -397,12 +406,15 @@ async fn connect(
                         netns: &pod.netns,
                         src: &pod.identity,
                         dst: dst_id,
-                        hbone: SocketAddr::new(ep.addr.ip(), weft_common::INBOUND_HBONE_PORT),
+                        hbone: ep.via.unwrap_or(SocketAddr::new(
+                            ep.addr.ip(),
+                            weft_common::INBOUND_HBONE_PORT,
+                        )),
                         authority: ep.addr,
                         source_ip: from.ip,
                         baggage: from.baggage.clone(),
                     },
-                    down,
+                    Some(down),
                     early,
                 )
                 .await
@@ -539,14 +551,22 @@ async fn carry_local(
     Some(t)
 }
 
+type Balancer = crate::lb::Balancer;
+/// A service with its balancer (a waypoint's, here).
+type Bound = (Arc<crate::model::Service>, Arc<Balancer>);
+
 /// A connection to a service's virtual IP: picks an endpoint, tries another on
 /// a refused or timed-out connect (up to the service's `retries`), reports each
 /// outcome to the balancer's outlier detection.
+///
+/// For a service bound to a waypoint, the picks are the waypoint's replicas
+/// and the stream asks each for the original `VIP:port`; when none can take
+/// it the connection is refused (`no_waypoint`), never sent around it.
 async fn to_service(
     mut log: AccessLog,
     down: tokio::net::TcpStream,
     (pod, shared, view): (&Pod, &Shared, Arc<crate::view::View>),
-    (svc, balancer): (&crate::model::Service, Arc<crate::lb::Balancer>),
+    (svc, balancer, waypoint): (&crate::model::Service, Arc<Balancer>, Option<Bound>),
     (source, from, dst): (Peer, Source, SocketAddr),
     outside: OutsideMesh,
 ) {
@@ -561,17 +581,44 @@ async fn to_service(
         reset(down);
         return;
     };
-    let timeout = svc
-        .load_balancing
+    let (balancer, lb) = match &waypoint {
+        Some((wp, b)) => (b.clone(), &wp.load_balancing),
+        None => (balancer, &svc.load_balancing),
+    };
+    let timeout = lb
         .connect_timeout
         .unwrap_or(shared.settings.connect_timeout);
-    let attempts = 1 + svc.load_balancing.retries as usize;
+    let attempts = 1 + lb.retries as usize;
     let client = from.ip.unwrap_or(dst.ip());
     let mut tried: Vec<WorkloadKey> = Vec::new();
     let mut last: Option<String> = None;
     let mut early = Early::default();
     loop {
         let Some(pick) = balancer.pick(client, &tried, Instant::now()) else {
+            if let Some((wp, _)) = &waypoint {
+                STATS.no_waypoint(&name);
+                log.opened(TcpLabels {
+                    reporter: Reporter::Source,
+                    source,
+                    destination: Peer::default(),
+                    service: Some(service),
+                    mutual_tls: false,
+                    flags: Flags::None,
+                });
+                let why = match last {
+                    Some(e) => format!(
+                        "no replica of waypoint {}/{} left to try (fail closed); last: {e}",
+                        wp.namespace, wp.name
+                    ),
+                    None => format!(
+                        "waypoint {}/{} has no replica that can take it (fail closed)",
+                        wp.namespace, wp.name
+                    ),
+                };
+                log.fail(End::NoWaypoint, why);
+                reset(down);
+                return;
+            }
             STATS.no_healthy_endpoint(&name);
             log.opened(TcpLabels {
                 reporter: Reporter::Source,
@@ -603,11 +650,23 @@ async fn to_service(
         else {
             continue;
         };
-        if !w.enrolled && outside == OutsideMesh::Refuse {
-            last = Some(format!("{key} is outside the mesh (outside_mesh: refuse)"));
-            continue;
-        }
-        let Ok(ep) = Endpoint::of(shared, &view, w, SocketAddr::new(ip, port.target_port)) else {
+        let ep = if waypoint.is_some() {
+            if !w.native_tunnel {
+                last = Some(format!("{key} is not a waypoint (not native_tunnel)"));
+                continue;
+            }
+            Endpoint::of(shared, &view, w, dst).map(|mut ep| {
+                ep.via = Some(SocketAddr::new(ip, weft_common::INBOUND_HBONE_PORT));
+                ep
+            })
+        } else {
+            if !w.enrolled && outside == OutsideMesh::Refuse {
+                last = Some(format!("{key} is outside the mesh (outside_mesh: refuse)"));
+                continue;
+            }
+            Endpoint::of(shared, &view, w, SocketAddr::new(ip, port.target_port))
+        };
+        let Ok(ep) = ep else {
             continue;
         };
         match connect(shared, pod, &from, &ep, timeout, &down, &mut early).await {
@@ -645,6 +704,15 @@ async fn to_service(
                     log.set_dst(ep.addr);
                     log.identities(&ep);
                     log.opened(labels(source, &ep, Some(service)));
+                    if waypoint.is_some() {
+                        STATS.no_waypoint(&name);
+                        log.fail(
+                            End::NoWaypoint,
+                            format!("{e} (after {} waypoint replicas; fail closed)", tried.len()),
+                        );
+                        reset(down);
+                        return;
+                    }
                     log.fail(e.end(), format!("{e} (after {} attempts)", tried.len()));
                     reset(down);
                     return;

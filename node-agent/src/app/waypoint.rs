@@ -1,0 +1,272 @@
+//! `weft waypoint`: the L7 proxy of the services bound to it. It is a workload
+//! of the mesh with its own identity (`native_tunnel`), gets its certificate
+//! from the CA as agents do, serves HBONE on 15008, and sends each request on
+//! to an endpoint over HBONE with its own identity.
+
+use std::{
+    path::Path,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use rustls::{server::ResolvesServerCert, sign::CertifiedKey};
+use tokio_rustls::TlsAcceptor;
+use tracing::{error, info, warn};
+
+use crate::{
+    ca::client::CaClient,
+    certs::CertManager,
+    cli::WaypointArgs,
+    discovery::{file, watch::Watch},
+    hbone::{
+        PoolSettings,
+        client::Pool,
+        server::{Limits, Server},
+    },
+    http::{
+        engine::{Config, Engine},
+        upstream::Upstreams,
+    },
+    identity::SpiffeId,
+    model::{LbPolicy, Mesh, WorkloadKey},
+    net::{Netns, limit::Limit},
+    tls,
+    view::{Balancers, View},
+    waypoint::Front,
+};
+
+pub fn run(args: WaypointArgs) -> anyhow::Result<()> {
+    super::raise_fd_limit();
+    let (namespace, name) = args
+        .workload
+        .split_once('/')
+        .context("--workload must be <namespace>/<name>")?;
+    let me = WorkloadKey {
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+    };
+    let workers = args
+        .workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers.max(1))
+        .enable_all()
+        .thread_name("weft-waypoint")
+        .build()?;
+    runtime.block_on(serve(args, me))
+}
+
+async fn serve(args: WaypointArgs, me: WorkloadKey) -> anyhow::Result<()> {
+    let mut watch = Watch::new(&[&args.config, &args.trust_bundle]);
+    let loaded = file::load(&args.config, args.config_max_bytes)?;
+    let mesh = loaded.mesh;
+    let workload = mesh
+        .workloads
+        .iter()
+        .find(|w| w.key() == me)
+        .with_context(|| format!("workload {me} is not in {}", args.config.display()))?;
+    anyhow::ensure!(
+        workload.native_tunnel,
+        "workload {me} must be `native_tunnel: true` to run a waypoint (it speaks HBONE itself)"
+    );
+    let identity = workload.identity(&mesh.trust_domain)?;
+    let node = workload.node.clone();
+
+    let bundle = super::agent::load_bundle(&args.trust_bundle)?;
+    if let Some(problem) = crate::ca::tokens::loose_permissions(&args.ca_token_file) {
+        warn!(%problem, "a node-token file others may read");
+    }
+    let token = crate::ca::tokens::read_token_file(&args.ca_token_file)?;
+    let ca = CaClient::new(args.ca_addr, token, bundle.clone(), &mesh.trust_domain)?;
+    let bundle = Arc::new(RwLock::new(bundle));
+    let certs = CertManager::new(Arc::new(ca.following(bundle.clone())), args.cert_ttl);
+    let pool = Pool::new(
+        certs.clone(),
+        bundle.clone(),
+        PoolSettings {
+            connect_timeout: args.connect_timeout,
+            ..PoolSettings::default()
+        },
+    );
+    let netns = Netns::open(Path::new("/proc/self/ns/net")).context("opening our own netns")?;
+    let balancers = Arc::new(Balancers::default());
+    let engine = Arc::new(Engine::new(
+        Config {
+            view: Arc::new(View::new(per_request(mesh), &node, &balancers)),
+        },
+        Upstreams::new(pool, netns, identity.clone(), args.connect_timeout),
+        args.request_timeout,
+    ));
+    let serves = {
+        let (engine, me) = (engine.clone(), me.clone());
+        Arc::new(move |waypoint: &crate::model::ServiceKey| {
+            let config = engine.config();
+            let view = &config.view;
+            view.service(waypoint).is_some_and(|(svc, _)| {
+                view.mesh()
+                    .endpoint_workloads(svc)
+                    .iter()
+                    .any(|(w, _)| w.key() == me)
+            })
+        })
+    };
+    let front = Arc::new(Front {
+        engine: engine.clone(),
+        serves,
+    });
+
+    let config = tls::server_config(
+        Arc::new(OwnCert {
+            certs: certs.clone(),
+            id: identity.clone(),
+        }),
+        &bundle,
+    )?;
+    let server = Server::new(
+        TlsAcceptor::from(config),
+        &mesh_trust_domain(&identity),
+        &me.to_string(),
+        Limits {
+            handshakes: Limit::new(256, 32),
+            streams: Limit::new(args.max_connections, args.max_connections_per_peer),
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: crate::hbone::SERVER_IDLE_TIMEOUT,
+        },
+    );
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding HBONE on {}", args.listen))?;
+    let metrics = tokio::net::TcpListener::bind(args.metrics_addr)
+        .await
+        .with_context(|| format!("binding metrics on {}", args.metrics_addr))?;
+    let readiness = tokio::net::TcpListener::bind(args.readiness_addr)
+        .await
+        .with_context(|| format!("binding readiness on {}", args.readiness_addr))?;
+    tokio::spawn(crate::metrics::serve(
+        metrics,
+        Arc::new(crate::http::telemetry::render),
+    ));
+    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let ready = ready.clone();
+        tokio::spawn(crate::metrics::serve_http(
+            readiness,
+            Arc::new(move |method: &str, path: &str, _: &str| {
+                use crate::metrics::Reply;
+                match (method, path) {
+                    ("GET", "/healthz/ready")
+                        if ready.load(std::sync::atomic::Ordering::Relaxed) =>
+                    {
+                        Reply::text(200, "ready\n")
+                    }
+                    ("GET", "/healthz/ready") => Reply::text(503, "no certificate yet\n"),
+                    _ => Reply::text(404, "not found\n"),
+                }
+            }),
+        ));
+    }
+
+    certs
+        .get(&identity, Duration::from_secs(30))
+        .await
+        .context("getting the waypoint's certificate from the CA")?;
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let connections = Limit::new(args.max_connections, args.max_connections_per_peer);
+    let accept = {
+        let server = server.clone();
+        let front = front.clone();
+        async move {
+            loop {
+                let (tcp, peer) = match listener.accept().await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let Ok(permit) = connections.admit(peer.ip()) else {
+                    crate::net::socket::reset(tcp);
+                    continue;
+                };
+                let (server, front, stop) = (server.clone(), front.clone(), stop.clone());
+                tokio::spawn(async move {
+                    server.serve(tcp, peer, front, stop).await;
+                    drop(permit);
+                });
+            }
+        }
+    };
+    let accept = tokio::spawn(accept);
+    ready.store(true, std::sync::atomic::Ordering::Relaxed);
+    info!(
+        workload = %me,
+        identity = %identity,
+        listen = %args.listen,
+        "waypoint ready"
+    );
+
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    loop {
+        let changed = tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            changed = watch.changed() => changed,
+        };
+        if changed.contains(&0) {
+            match file::load(&args.config, args.config_max_bytes) {
+                Ok(loaded) => {
+                    engine.set_config(Config {
+                        view: Arc::new(View::new(per_request(loaded.mesh), &node, &balancers)),
+                    });
+                    info!(path = %args.config.display(), "config reloaded");
+                }
+                Err(e) => error!(error = %e, "config rejected; the last good config keeps serving"),
+            }
+        }
+        if changed.contains(&1) {
+            match super::agent::load_bundle(&args.trust_bundle) {
+                Ok(b) => *bundle.write().unwrap_or_else(|e| e.into_inner()) = b,
+                Err(e) => {
+                    error!(error = %format!("{e:#}"), "trust bundle rejected; keeping the last good one")
+                }
+            }
+        }
+    }
+    let _ = stop_tx.send(true);
+    accept.abort();
+    info!("waypoint stopped");
+    Ok(())
+}
+
+/// The mesh as the waypoint balances it: per request, round robin (the
+/// default) becomes least request with two random choices, which spreads
+/// requests of uneven cost where round robin only spreads their number.
+fn per_request(mut mesh: Mesh) -> Mesh {
+    for svc in &mut mesh.services {
+        if svc.load_balancing.policy == LbPolicy::RoundRobin {
+            svc.load_balancing.policy = LbPolicy::LeastRequest;
+        }
+    }
+    mesh
+}
+
+fn mesh_trust_domain(id: &SpiffeId) -> String {
+    id.trust_domain().to_string()
+}
+
+/// The waypoint's current certificate, at each handshake.
+#[derive(Debug)]
+struct OwnCert {
+    certs: CertManager,
+    id: SpiffeId,
+}
+
+impl ResolvesServerCert for OwnCert {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.certs.current(&self.id).map(|s| s.certified_key())
+    }
+}

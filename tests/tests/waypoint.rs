@@ -1,0 +1,172 @@
+//! The waypoint in the virtual cluster: a service bound to it is reached only
+//! through it (client pod → its agent → HBONE to the waypoint → HBONE with the
+//! waypoint's identity → the endpoint's agent → the server pod), per request;
+//! and when no replica can be reached, the connection is refused, never sent
+//! around it.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use weft_tests::{Cluster, Mesh, Pod, Proc, cluster::Host as _, eventually, require_privileged};
+
+const VIP: &str = "10.96.0.20";
+const PORT: u16 = 8080;
+
+/// Client (0,0), waypoint (0,1), servers (1,0) and (1,1) labelled `app: echo`.
+/// Service `echo` (`VIP:80` → 8080) is bound to waypoint service `wp`.
+struct Setup<'c> {
+    mesh: Mesh<'c>,
+    waypoint: Option<Proc>,
+    _servers: Vec<Proc>,
+}
+
+fn services(extra: &str) -> String {
+    format!(
+        "services:\n\
+         - name: echo\n  addresses: [{VIP}]\n  ports: [{{port: 80, target_port: {PORT}}}]\n  selector: {{app: echo}}\n  waypoint: wp\n\
+         - name: wp\n  addresses: []\n  ports: []\n  selector: {{role: waypoint}}\n{extra}"
+    )
+}
+
+fn setup<'c>(c: &'c Cluster, sections: &str) -> Result<Setup<'c>> {
+    let wp = c.pod(0, 1);
+    let mut mesh = Mesh::new(c, |p| p.name != wp.name)?;
+    mesh.set_extra(wp, "  native_tunnel: true\n  labels: {role: waypoint}\n")?;
+    for s in [c.pod(1, 0), c.pod(1, 1)] {
+        mesh.set_extra(s, "  labels: {app: echo}\n")?;
+    }
+    mesh.set_sections(sections)?;
+    mesh.start_all()?;
+    let mut servers = Vec::new();
+    for s in [c.pod(1, 0), c.pod(1, 1)] {
+        servers.push(http_server(s)?);
+    }
+    let waypoint = Some(mesh.start_waypoint(wp, &[])?);
+    Ok(Setup {
+        mesh,
+        waypoint,
+        _servers: servers,
+    })
+}
+
+/// Python's HTTP server on `PORT`, serving a file that names the pod.
+fn http_server(pod: &Pod) -> Result<Proc> {
+    let dir = std::env::temp_dir().join(format!("weft-wp-{}-{}", pod.netns, pod.name));
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("who"), &pod.name)?;
+    let mut cmd = pod.command("python3");
+    cmd.args(["-m", "http.server", &PORT.to_string(), "--bind", "::"])
+        .current_dir(&dir);
+    let proc = Proc::spawn(&mut cmd, format!("http.server {}", pod.name))?;
+    let ready = eventually(Duration::from_secs(10), || {
+        pod.exec(
+            "curl",
+            [
+                "-sf",
+                "-o",
+                "/dev/null",
+                &format!("http://127.0.0.1:{PORT}/who"),
+            ],
+        )
+        .is_ok_and(|o| o.status.success())
+    });
+    anyhow::ensure!(ready, "http.server in {} did not start", pod.name);
+    Ok(proc)
+}
+
+/// `curl` from `pod`: the status and body.
+fn curl(pod: &Pod, url: &str, extra: &[&str]) -> Result<(u16, String)> {
+    let out = pod.exec(
+        "curl",
+        [&["-sS", "-m", "10", "-w", "\n%{http_code}", url][..], extra].concat(),
+    )?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').context("no status from curl")?;
+    Ok((code.trim().parse().unwrap_or(0), body.to_owned()))
+}
+
+fn metrics(c: &Cluster, node: usize) -> Result<String> {
+    let out = c
+        .node(node)
+        .exec("curl", ["-sS", "http://127.0.0.1:15020/metrics"])?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[test]
+fn requests_to_a_bound_service_go_through_the_waypoint_per_request() -> Result<()> {
+    if !require_privileged() {
+        return Ok(());
+    }
+    let c = Cluster::new("wp-basic", 2, 2)?;
+    let s = setup(&c, &services(""))?;
+    let client = c.pod(0, 0);
+    let mut served = std::collections::BTreeMap::<String, u32>::new();
+    for _ in 0..20 {
+        let (code, body) = curl(client, &format!("http://{VIP}/who"), &[])?;
+        assert_eq!(code, 200, "{body}");
+        *served.entry(body).or_default() += 1;
+    }
+    // Per request, over both endpoints (one client connection each time, but
+    // the waypoint picks per request, least request of two).
+    assert_eq!(served.values().sum::<u32>(), 20);
+    assert_eq!(served.len(), 2, "{served:?}");
+
+    // HTTP/1.1 keep-alive: several requests on one client connection spread too.
+    let urls: Vec<String> = (0..10).map(|_| format!("http://{VIP}/who")).collect();
+    let out = client.exec(
+        "curl",
+        [
+            &["-sS", "-m", "10"][..],
+            &urls.iter().map(String::as_str).collect::<Vec<_>>(),
+        ]
+        .concat(),
+    )?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&c.pod(1, 0).name) && text.contains(&c.pod(1, 1).name),
+        "{text}"
+    );
+
+    // The endpoints' agent saw the waypoint's identity, not the client's.
+    let wp_id = format!("spiffe://cluster.local/ns/default/sa/{}", c.pod(0, 1).name);
+    let seen = eventually(Duration::from_secs(5), || {
+        s.mesh
+            .access_logs(1)
+            .iter()
+            .any(|l| l["src"]["identity"] == wp_id.as_str() || l.to_string().contains(&wp_id))
+    });
+    assert!(seen, "{:?}", s.mesh.access_logs(1));
+    Ok(())
+}
+
+#[test]
+fn a_bound_service_with_no_waypoint_replica_is_refused_not_bypassed() -> Result<()> {
+    if !require_privileged() {
+        return Ok(());
+    }
+    let c = Cluster::new("wp-closed", 2, 2)?;
+    let mut s = setup(&c, &services(""))?;
+    let client = c.pod(0, 0);
+    assert_eq!(curl(client, &format!("http://{VIP}/who"), &[])?.0, 200);
+    let mut wp = s.waypoint.take().context("waypoint")?;
+    wp.kill()?;
+    let (code, _) = curl(client, &format!("http://{VIP}/who"), &[]).unwrap_or((0, String::new()));
+    assert_eq!(
+        code, 0,
+        "the request must fail, not reach a server around the waypoint"
+    );
+    let text = metrics(&c, 0)?;
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("weft_waypoint_unavailable_total{")
+                && l.contains("service=\"default/echo\"")),
+        "{text}"
+    );
+    let logged = s
+        .mesh
+        .access_logs(0)
+        .iter()
+        .any(|l| l.to_string().contains("no_waypoint"));
+    assert!(logged, "{:?}", s.mesh.access_logs(0));
+    Ok(())
+}

@@ -20,6 +20,7 @@
 //! ```
 
 pub mod cluster;
+pub mod http_echo;
 pub mod mesh;
 pub mod probe;
 pub mod process;

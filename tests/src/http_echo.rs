@@ -95,18 +95,20 @@ pub async fn serve(listener: TcpListener, config: Config) -> io::Result<()> {
         let _ = stream.set_nodelay(true);
         let state = Arc::clone(&state);
         tokio::spawn(async move {
-            let mut builder = auto::Builder::new(TokioExecutor::new());
-            if state.config.h2c_only {
-                builder = builder.http2_only();
-            }
+            let builder = auto::Builder::new(TokioExecutor::new());
+            let io = TokioIo::new(stream);
             let service = service_fn(|req| {
                 let state = Arc::clone(&state);
                 async move { Ok::<_, Infallible>(handle(&state, peer, req).await) }
             });
-            if let Err(e) = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                .await
-            {
+            // `http2_only` has no effect on a connection served with upgrades;
+            // HTTP/2 has no upgrades to serve anyway.
+            let served = if state.config.h2c_only {
+                builder.http2_only().serve_connection(io, service).await
+            } else {
+                builder.serve_connection_with_upgrades(io, service).await
+            };
+            if let Err(e) = served {
                 eprintln!("http-echo: connection from {peer}: {e}");
             }
         });
@@ -167,7 +169,8 @@ async fn handle(state: &State, peer: SocketAddr, mut req: Request<Incoming>) -> 
         .and_then(|s| StatusCode::from_u16(s).ok())
         .or_else(|| {
             let k = state.config.fail_every.filter(|&k| k > 0)?;
-            n.is_multiple_of(k).then_some(StatusCode::SERVICE_UNAVAILABLE)
+            n.is_multiple_of(k)
+                .then_some(StatusCode::SERVICE_UNAVAILABLE)
         })
         .unwrap_or(StatusCode::OK);
     let status = if websocket.is_some() {

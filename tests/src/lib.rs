@@ -21,6 +21,7 @@
 
 pub mod cluster;
 pub mod http_echo;
+pub mod l7;
 pub mod mesh;
 pub mod probe;
 pub mod process;

@@ -29,8 +29,8 @@ fn script(path: &str) -> PathBuf {
 }
 
 /// A directory of its own for one helper call, removed on drop. Its name
-/// carries the pod's namespace name, which carries the cluster's id, so the
-/// leftover check of a later cluster notices one that outlived its test.
+/// starts with the pod's namespace name, which carries the cluster's id: one
+/// left behind (a killed test) says whose it was.
 struct Scratch(PathBuf);
 
 impl Scratch {

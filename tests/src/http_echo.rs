@@ -447,6 +447,44 @@ mod tests {
         }
     }
 
+    /// A client frame as RFC 6455 §5.2 has it: FIN, `opcode`, masked.
+    fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let mask = [0x37, 0xfa, 0x21, 0x3d];
+        let mut f = ws_frame_header(0x80 | opcode, payload.len());
+        f[1] |= 0x80;
+        f.extend_from_slice(&mask);
+        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        f
+    }
+
+    #[tokio::test]
+    async fn websocket_echo_unmasks_answers_pings_and_returns_the_close() {
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let echo = tokio::spawn(websocket_echo(server));
+        let big = vec![7u8; 70_000];
+        for (opcode, payload) in [(0x1, &b"Hello"[..]), (0x2, &big), (0x9, b"p")] {
+            client
+                .write_all(&client_frame(opcode, payload))
+                .await
+                .unwrap();
+        }
+        client
+            .write_all(&client_frame(0x8, &[0x03, 0xe8]))
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        echo.await.unwrap().unwrap();
+        let mut want = Vec::new();
+        for (fin_opcode, payload) in [(0x81, &b"Hello"[..]), (0x82, &big), (0x8a, b"p")] {
+            want.extend(ws_frame_header(fin_opcode, payload.len()));
+            want.extend_from_slice(payload);
+        }
+        want.extend([0x88, 2, 0x03, 0xe8]);
+        assert_eq!(got.len(), want.len());
+        assert!(got == want, "the echo differs from what was sent");
+    }
+
     #[test]
     fn frame_headers_use_the_shortest_length() {
         assert_eq!(ws_frame_header(0x81, 5), [0x81, 5]);

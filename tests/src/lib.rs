@@ -9,7 +9,9 @@
 //!
 //! The `weft-tk` binary in this crate is the matching traffic kit: a
 //! client/server pair that moves deterministic byte patterns and verifies them
-//! end to end, for data-integrity checks through the mesh.
+//! end to end, for data-integrity checks through the mesh; its `http-echo`
+//! ([`http_echo`]) and the helpers of [`l7`] (curl, h2load, nginx, gRPC and
+//! WebSocket peers) are the real servers and clients of the L7 tests.
 //!
 //! Privileged tests should start with
 //!

@@ -9,7 +9,9 @@
 //!
 //! The `weft-tk` binary in this crate is the matching traffic kit: a
 //! client/server pair that moves deterministic byte patterns and verifies them
-//! end to end, for data-integrity checks through the mesh.
+//! end to end, for data-integrity checks through the mesh; its `http-echo`
+//! ([`http_echo`]) and the helpers of [`l7`] (curl, h2load, nginx, gRPC and
+//! WebSocket peers) are the real servers and clients of the L7 tests.
 //!
 //! Privileged tests should start with
 //!
@@ -20,6 +22,8 @@
 //! ```
 
 pub mod cluster;
+pub mod http_echo;
+pub mod l7;
 pub mod mesh;
 pub mod probe;
 pub mod process;

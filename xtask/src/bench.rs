@@ -28,12 +28,13 @@
 //! `node_local`), a direct run none.
 
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};
 use weft_tests::Host as _;
+use weft_tests::l7::{self, Nginx};
 use weft_tests::{Cluster, Mesh, Pod, Proc, bin_path, eventually};
 
 use crate::cmd;
@@ -303,9 +304,7 @@ pub fn run(quick: bool, perf: bool) -> Result<()> {
     let cluster = Cluster::new("bench", 2, 2).context("building the virtual cluster")?;
     let id = cluster.id().to_owned();
     let cgroup = cluster.cgroup().to_path_buf();
-    let scratch = Scratch::new(&id)?;
-    let result = bench(&cluster, &plan, &scratch.0);
-    drop(scratch);
+    let result = bench(&cluster, &plan);
     drop(cluster);
     lab::check_clean(&id, &cgroup)?;
     let (results, proof) = result?;
@@ -362,30 +361,13 @@ pub fn run(quick: bool, perf: bool) -> Result<()> {
     Ok(())
 }
 
-/// A directory for nginx's files, removed again on drop. Its name contains the
-/// cluster id, so the leftover check would notice it.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(id: &str) -> Result<Scratch> {
-        let dir = std::env::temp_dir().join(format!("weft-bench-{id}"));
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        Ok(Scratch(dir))
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// The servers of one pod, stopped when dropped.
 struct Servers {
     _procs: Vec<Proc>,
+    _nginx: Nginx,
 }
 
-fn start_servers(pod: &Pod, scratch: &Path) -> Result<Servers> {
+fn start_servers(pod: &Pod) -> Result<Servers> {
     let tk = bin_path("weft-tk");
     let mut procs = Vec::new();
     for (port, extra) in [
@@ -402,18 +384,20 @@ fn start_servers(pod: &Pod, scratch: &Path) -> Result<Servers> {
     let mut c = pod.command("iperf3");
     c.args(["-s", "-p", &IPERF_PORT.to_string()]);
     procs.push(pod.spawn(&mut c)?);
-    procs.push(start_nginx(pod, scratch)?);
-    for port in [IPERF_PORT, HTTP_PORT] {
-        // Neither prints a line when ready: wait for the socket.
-        let listening = || {
-            pod.exec_ok("ss", ["-Htln", &format!("sport = :{port}")])
-                .is_ok_and(|out| !out.trim().is_empty())
-        };
-        if !eventually(Duration::from_secs(20), listening) {
-            bail!("nothing listens on port {port} in {}", pod.name);
-        }
+    // nginx is ready when l7::nginx returns; iperf3 prints no line when
+    // ready: wait for its socket.
+    let nginx = start_nginx(pod)?;
+    let listening = || {
+        pod.exec_ok("ss", ["-Htln", &format!("sport = :{IPERF_PORT}")])
+            .is_ok_and(|out| !out.trim().is_empty())
+    };
+    if !eventually(Duration::from_secs(20), listening) {
+        bail!("nothing listens on port {IPERF_PORT} in {}", pod.name);
     }
-    Ok(Servers { _procs: procs })
+    Ok(Servers {
+        _procs: procs,
+        _nginx: nginx,
+    })
 }
 
 /// The minimal relays of the yardstick, stopped when dropped: for the echo and
@@ -447,48 +431,22 @@ fn start_relays(client: &Pod, server: &Pod) -> Result<Vec<Proc>> {
 }
 
 /// nginx in `pod`, one worker, answering every request with a 1 KiB body.
-fn start_nginx(pod: &Pod, scratch: &Path) -> Result<Proc> {
-    let dir = scratch.join(format!("nginx-{}", pod.name));
-    std::fs::create_dir_all(&dir)?;
-    let d = dir.display();
+fn start_nginx(pod: &Pod) -> Result<Nginx> {
     let body = "w".repeat(HTTP_BODY);
-    let conf = format!(
-        "user root;\n\
-         worker_processes 1;\n\
-         daemon off;\n\
-         master_process off;\n\
-         pid {d}/nginx.pid;\n\
-         error_log {d}/error.log warn;\n\
-         events {{ worker_connections 4096; }}\n\
-         http {{\n\
-         \x20   access_log off;\n\
-         \x20   client_body_temp_path {d}/body;\n\
-         \x20   proxy_temp_path {d}/proxy;\n\
-         \x20   fastcgi_temp_path {d}/fastcgi;\n\
-         \x20   uwsgi_temp_path {d}/uwsgi;\n\
-         \x20   scgi_temp_path {d}/scgi;\n\
-         \x20   keepalive_requests 10000000;\n\
-         \x20   keepalive_timeout 300s;\n\
-         \x20   default_type text/plain;\n\
-         \x20   server {{\n\
-         \x20       listen {HTTP_PORT} reuseport;\n\
-         \x20       location / {{ return 200 \"{body}\"; }}\n\
-         \x20   }}\n\
-         }}\n"
-    );
-    let path = dir.join("nginx.conf");
-    std::fs::write(&path, conf)?;
-    let mut c = pod.command("nginx");
-    c.arg("-p")
-        .arg(&dir)
-        .arg("-e")
-        .arg(dir.join("error.log"))
-        .arg("-c")
-        .arg(&path);
-    pod.spawn(&mut c)
+    l7::nginx(
+        pod,
+        &format!(
+            "keepalive_requests 10000000;\n\
+             keepalive_timeout 300s;\n\
+             server {{\n\
+             \x20   listen {HTTP_PORT} reuseport;\n\
+             \x20   location / {{ return 200 \"{body}\"; }}\n\
+             }}"
+        ),
+    )
 }
 
-fn bench(cluster: &Cluster, plan: &Plan, scratch: &Path) -> Result<(Results, Vec<Value>)> {
+fn bench(cluster: &Cluster, plan: &Plan) -> Result<(Results, Vec<Value>)> {
     let client = cluster.pod(0, 0);
     let pods = [
         client,
@@ -499,7 +457,7 @@ fn bench(cluster: &Cluster, plan: &Plan, scratch: &Path) -> Result<(Results, Vec
     mesh.start_all().context("starting the CA and agents")?;
     let _servers = Route::ALL
         .iter()
-        .map(|r| start_servers(r.server(cluster), scratch))
+        .map(|r| start_servers(r.server(cluster)))
         .collect::<Result<Vec<_>>>()?;
     let relays = start_relays(client, Route::Cross.server(cluster))?;
     let relay_pids: Vec<u32> = relays.iter().map(Proc::pid).collect();

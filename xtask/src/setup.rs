@@ -10,14 +10,26 @@ use anyhow::{Context, Result, bail};
 
 use crate::cmd;
 
-/// Debian packages the tests, the demo and the measurements run.
+/// Debian packages the tests, the demo and the measurements run. The L7 tests
+/// add `h2load` (nghttp2-client), nginx as an upstream and a reverse-proxy
+/// yardstick, and Python's grpcio and websockets for real gRPC and WebSocket
+/// peers (`tests/src/l7.rs`).
 pub const PACKAGES: &[&str] = &[
-    "iproute2", "curl", "iperf3", "bpftool", "tcpdump", "python3",
+    "iproute2",
+    "curl",
+    "iperf3",
+    "bpftool",
+    "tcpdump",
+    "python3",
+    "nghttp2-client",
+    "nginx-light",
+    "python3-grpcio",
+    "python3-websockets",
 ];
 
 /// What `cargo xtask bench` runs on top of [`PACKAGES`]: an HTTP load
-/// generator and an HTTP server for the destination pod.
-pub const BENCH_PACKAGES: &[&str] = &["wrk", "nginx-light"];
+/// generator (the HTTP server, nginx, is in [`PACKAGES`] already).
+pub const BENCH_PACKAGES: &[&str] = &["wrk"];
 
 /// What to do about missing Debian packages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -348,6 +360,9 @@ mod tests {
         let out = "iproute2 install ok installed\ncurl install ok installed\n\
                    iperf3 deinstall ok config-files\nbpftool install ok installed\n\
                    python3:amd64 install ok installed\n";
-        assert_eq!(missing_packages(PACKAGES, out), vec!["iperf3", "tcpdump"]);
+        let wanted = [
+            "iproute2", "curl", "iperf3", "bpftool", "tcpdump", "python3",
+        ];
+        assert_eq!(missing_packages(&wanted, out), vec!["iperf3", "tcpdump"]);
     }
 }

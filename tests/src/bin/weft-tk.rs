@@ -14,6 +14,7 @@
 //! weft-tk conn-rate --connect <addr:port> --count N [--size B]
 //! weft-tk hold --connect <addr:port> --count N [--hold-secs S]
 //! weft-tk relay --listen <addr:port> --connect <addr:port> [--workers N]
+//! weft-tk http-echo --port P --name NAME [--h2c-only] [--fail-every K]
 //! ```
 //!
 //! The last three are benchmark clients for an `echo` server (`cargo xtask
@@ -48,6 +49,11 @@
 //! each accepting a connection, connecting on, and copying both ways with
 //! `poll`, blocking `read` and `write` of up to 64 KiB, and passing a half-close
 //! on, until both directions have ended.
+//!
+//! `http-echo` is the HTTP/1.1 and h2c upstream of the L7 tests: it answers every
+//! request with a JSON description of it and prints the same as a line; see
+//! [`weft_tests::http_echo`] for the controls (status, delay, body size, flaky
+//! replies, WebSocket echo).
 //!
 //! Sizes accept binary suffixes: `1K` = 1024, `64M`, `1G`.
 
@@ -85,6 +91,7 @@ const USAGE: &str = "usage:
   weft-tk hold --connect <addr:port> --count N [--hold-secs S] [--timeout-secs S]
   weft-tk echo --listen <addr:port> [--workers N] [--quiet]
   weft-tk relay --listen <addr:port> --connect <addr:port> [--workers N]
+  weft-tk http-echo --port P --name NAME [--h2c-only] [--fail-every K]
 sizes accept K/M/G suffixes (binary)";
 
 fn main() -> ExitCode {
@@ -101,6 +108,7 @@ fn main() -> ExitCode {
         Some("conn-rate") => conn_rate(&args[1..]),
         Some("hold") => hold(&args[1..]),
         Some("relay") => relay(&args[1..]),
+        Some("http-echo") => http_echo(&args[1..]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;
@@ -512,6 +520,47 @@ fn relay(args: &[String]) -> Result<ExitCode, String> {
     for worker in pool {
         let _ = worker.join();
     }
+    Ok(ExitCode::FAILURE)
+}
+
+/// The HTTP echo server of the L7 tests, on every address of the pod.
+fn http_echo(args: &[String]) -> Result<ExitCode, String> {
+    let opts = Opts::parse(args, &["--port", "--name", "--fail-every"], &["--h2c-only"])?;
+    let port: u16 = opts
+        .required("--port")?
+        .parse()
+        .map_err(|e| format!("--port: {e}"))?;
+    let fail_every = match opts.get("--fail-every") {
+        None => None,
+        Some(k) => Some(
+            k.parse::<u64>()
+                .ok()
+                .filter(|&k| k > 0)
+                .ok_or_else(|| format!("--fail-every {k:?}: expected a count of at least 1"))?,
+        ),
+    };
+    let config = weft_tests::http_echo::Config {
+        name: opts.required("--name")?.to_owned(),
+        h2c_only: opts.has("--h2c-only"),
+        fail_every,
+    };
+    weft::app::raise_fd_limit();
+    let addr = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port));
+    let listener = listen(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::from_std(listener).map_err(|e| e.to_string())?;
+        emit(&json!({ "listening": local.to_string(), "name": config.name }));
+        weft_tests::http_echo::serve(listener, config)
+            .await
+            .map_err(|e| e.to_string())
+    })?;
     Ok(ExitCode::FAILURE)
 }
 

@@ -18,6 +18,7 @@ use tracing::{debug, warn};
 
 use super::{
     Body,
+    telemetry::{self, Record},
     upstream::{self, Endpoint, Protocol, Upstreams, full},
 };
 use crate::{
@@ -99,8 +100,22 @@ impl Engine {
         None
     }
 
-    /// Serves one request to its end (the response's head; its body streams).
+    /// Serves one request to its end (the response's head; its body streams),
+    /// with its telemetry: the trace context, the metrics and the access-log
+    /// line (written when the response body ends).
     pub async fn handle(&self, ctx: &Context, mut req: Request<Incoming>) -> Response<Body> {
+        let info = telemetry::start(ctx, &mut req);
+        let mut record = Record::default();
+        let response = self.serve(ctx, req, &mut record).await;
+        telemetry::finish(info, ctx, record, response)
+    }
+
+    async fn serve(
+        &self,
+        ctx: &Context,
+        mut req: Request<Incoming>,
+        record: &mut Record,
+    ) -> Response<Body> {
         let config = self.config();
         let downstream_upgrade = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
         let (parts, body) = req.into_parts();
@@ -124,12 +139,17 @@ impl Engine {
         } else {
             proto
         };
+        record.backend = Some(svc.clone());
         let Some(pick) = balancer.pick(ctx.source_ip, &[], Instant::now()) else {
+            record.flags = "UH";
             return error(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
         };
         let Some(ep) = endpoint(&config.view, &pick.key, port.target_port, ctx.source_ip) else {
+            record.flags = "UH";
             return error(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
         };
+        record.endpoint = config.view.workload(&pick.key).cloned();
+        record.upstream = Some(ep.addr);
         let mut up = Request::from_parts(parts, body_of(body));
         prepare(&mut up, proto, ctx, downstream_upgrade.is_some());
         let sent = tokio::time::timeout(self.default_timeout, self.upstreams.send(&ep, proto, up));
@@ -142,9 +162,13 @@ impl Engine {
                     warn!(endpoint = %pick.key, ejected_for_ms = ej.duration.as_millis() as u64, "endpoint ejected");
                 }
                 debug!(error = %e, "upstream request failed");
+                record.flags = if e.before_request() { "UF" } else { "UC" };
                 return upstream_error(&e);
             }
-            Err(_) => return error(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout"),
+            Err(_) => {
+                record.flags = "UT";
+                return error(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout");
+            }
         };
         let ok = !response.status().is_server_error();
         balancer.report(&pick.key, ok, Instant::now());

@@ -11,6 +11,7 @@
 //! Entries keep the order their source gave them; problems name entries by
 //! that order (`workloads[2] (shop/web-0)`), which for the file is its order.
 
+pub mod route;
 pub mod validate;
 
 use std::{collections::BTreeMap, fmt, net::IpAddr, time::Duration};
@@ -30,6 +31,9 @@ pub struct Mesh {
     pub services: Vec<Service>,
     pub authorization_policies: Vec<AuthorizationPolicy>,
     pub peer_authentications: Vec<PeerAuthentication>,
+    /// Gateway API routes; the waypoint of each parent Service applies them.
+    pub http_routes: Vec<route::HttpRoute>,
+    pub grpc_routes: Vec<route::GrpcRoute>,
 }
 
 /// The root namespace when a source names none.
@@ -44,6 +48,8 @@ impl Default for Mesh {
             services: Vec::new(),
             authorization_policies: Vec::new(),
             peer_authentications: Vec::new(),
+            http_routes: Vec::new(),
+            grpc_routes: Vec::new(),
         }
     }
 }

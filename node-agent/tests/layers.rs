@@ -25,6 +25,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("lb", &["model"]),
     ("stats", &["metrics", "model", "net", "telemetry"]),
     ("view", &["authz", "lb", "model", "stats"]),
+    ("http", &["model"]),
     ("ebpf", &["net"]),
     (
         "ca",

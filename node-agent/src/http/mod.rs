@@ -6,3 +6,4 @@
 //! upstream pools) calls them; it lives elsewhere.
 
 pub mod filter;
+pub mod route;

@@ -184,7 +184,7 @@ enum Matcher {
 #[derive(Debug)]
 enum PathMatcher {
     Exact(String),
-    /// Without its trailing `/` (the spec ignores it); `matched` is the value
+    /// Without its trailing `/` (the spec ignores it); `written` is the value
     /// as written.
     Prefix {
         trimmed: String,
@@ -489,7 +489,7 @@ impl RouteTable {
             }
         }
         // Stable: equal precedence keeps route order, then rule, then match.
-        entries.sort_by(|a, b| b.1.cmp(&a.1));
+        entries.sort_by_key(|e| std::cmp::Reverse(e.1));
         for (ns, _, entry) in entries {
             if ns == service.namespace {
                 table.producer.push(entry);

@@ -891,6 +891,16 @@ http_routes:
     }
 
     #[test]
+    fn the_documented_routes_are_valid() {
+        let doc = include_str!("../../../docs/config.md");
+        let start = doc.find("```yaml\n# Routes").expect("the example") + 8;
+        let end = start + doc[start..].find("```").expect("its end");
+        let c = parse(&doc[start..end]).unwrap().mesh;
+        assert_eq!(c.http_routes.len(), 1);
+        assert_eq!(c.http_routes[0].spec.rules.len(), 2);
+    }
+
+    #[test]
     fn every_problem_is_reported() {
         let e = parse(
             "workloads:\n- name: A\n  node: n0\n  enrolled: true\n- name: b\n  node: n0\n- name: b\n  node: n0\n",

@@ -7,6 +7,7 @@
 //! - `model/`: the mesh model, whatever its source; `discovery/`: its sources
 //!   (the local file, watched).
 //! - `view`, `authz`, `lb`: the model compiled for the data path.
+//! - `http/`: L7 routing and filters (Gateway API), pure, for the waypoint.
 //! - `node/`: the agent's pods and their listeners; `ebpf`: the kernel capture.
 //! - `hbone/`: the HBONE protocol (client pool, server, headers, stream copy).
 //! - `net/`: sockets in pod namespaces, byte copies, buffers.

@@ -17,7 +17,7 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::model::{self, Labels, Mesh, WorkloadKey};
+use crate::model::{self, Labels, Mesh, WorkloadKey, route};
 
 /// The largest mesh file read, by default. A file that is larger is refused
 /// before it is parsed: parsing 50 MiB took each agent and the CA past 100 MB.
@@ -130,6 +130,11 @@ struct File {
     peer_authentications: Vec<PeerAuthentication>,
     #[serde(default)]
     namespaces: Vec<Namespace>,
+    /// Gateway API routes: each entry carries the object's `spec` as written.
+    #[serde(default)]
+    http_routes: Vec<Route<route::HttpRouteSpec>>,
+    #[serde(default)]
+    grpc_routes: Vec<Route<route::GrpcRouteSpec>>,
 }
 
 /// Namespace-wide settings.
@@ -156,6 +161,17 @@ fn use_waypoint(value: String, namespace: &str) -> model::UseWaypoint {
             name: value,
         },
     }
+}
+
+/// A route entry: a name, a namespace, and the Gateway API `spec` as-is
+/// (camelCase), so a user pastes the `spec` of an HTTPRoute or GRPCRoute.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Route<S> {
+    name: String,
+    #[serde(default = "default_namespace")]
+    namespace: String,
+    spec: S,
 }
 
 fn default_namespace() -> String {
@@ -559,6 +575,24 @@ impl File {
                 services,
                 authorization_policies,
                 peer_authentications,
+                http_routes: self
+                    .http_routes
+                    .into_iter()
+                    .map(|r| route::HttpRoute {
+                        name: r.name,
+                        namespace: r.namespace,
+                        spec: r.spec,
+                    })
+                    .collect(),
+                grpc_routes: self
+                    .grpc_routes
+                    .into_iter()
+                    .map(|r| route::GrpcRoute {
+                        name: r.name,
+                        namespace: r.namespace,
+                        spec: r.spec,
+                    })
+                    .collect(),
                 namespaces: self
                     .namespaces
                     .into_iter()
@@ -764,6 +798,130 @@ peer_authentications:
         assert!(e.contains("prefix length") && e.contains("line 2"), "{e}");
     }
 
+    /// A real HTTPRoute spec (the mesh conformance suite's weighted split, with
+    /// a header match and a filter), pasted as-is.
+    const REVIEWS: &str = r#"
+services:
+- {name: reviews, addresses: [10.96.0.20], ports: [{port: 9080}], selector: {app: reviews}}
+- {name: reviews-v2, addresses: [10.96.0.21], ports: [{port: 9080}], selector: {app: reviews, version: v2}}
+http_routes:
+- name: reviews
+  spec:
+    parentRefs:
+    - group: ""
+      kind: Service
+      name: reviews
+      port: 9080
+    rules:
+    - matches:
+      - path: {type: PathPrefix, value: /api}
+        headers:
+        - {name: x-canary, value: "true"}
+      filters:
+      - type: RequestHeaderModifier
+        requestHeaderModifier:
+          set: [{name: x-route, value: canary}]
+      backendRefs:
+      - {name: reviews-v2, port: 9080}
+      timeouts: {request: 10s, backendRequest: 2s}
+    - backendRefs:
+      - {name: reviews, port: 9080, weight: 90}
+      - {name: reviews-v2, port: 9080, weight: 10}
+grpc_routes:
+- name: ratings
+  namespace: default
+  spec:
+    parentRefs: [{group: "", kind: Service, name: reviews}]
+    rules:
+    - matches: [{method: {service: ratings.Ratings, method: Get}}]
+      backendRefs: [{name: reviews, port: 9080}]
+"#;
+
+    #[test]
+    fn routes_parse_with_the_spec_defaults() {
+        let mesh = parse(REVIEWS).unwrap().mesh;
+        let r = &mesh.http_routes[0];
+        assert_eq!(
+            (r.namespace.as_str(), r.name.as_str()),
+            ("default", "reviews")
+        );
+        let rules = &r.spec.rules;
+        assert_eq!(rules[0].matches[0].path.value, "/api");
+        assert_eq!(
+            rules[1].matches,
+            vec![route::HttpRouteMatch::default()],
+            "no matches: a prefix match on /"
+        );
+        assert_eq!(rules[1].backend_refs[1].weight, 10);
+        assert_eq!(rules[0].backend_refs[0].weight, 1, "the default weight");
+        let g = &mesh.grpc_routes[0].spec.rules[0].matches[0];
+        assert_eq!(
+            g.method.as_ref().unwrap().kind,
+            route::HeaderMatchType::Exact
+        );
+    }
+
+    #[test]
+    fn a_typo_in_a_route_is_an_error_naming_where() {
+        let e = parse(&REVIEWS.replace("backendRequest", "backendRequests"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("backendRequests") && e.contains("line 24"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn route_problems_name_the_route_and_the_field() {
+        let e = parse(
+            r#"
+http_routes:
+- name: reviews
+  spec:
+    parentRefs: [{name: reviews}]
+    rules:
+    - matches: [{path: {type: Exact, value: api}}, {headers: [{type: RegularExpression, name: "x y", value: "("}]}]
+      filters:
+      - {type: RequestRedirect, requestRedirect: {statusCode: 304, path: {type: ReplacePrefixMatch, replacePrefixMatch: /v2}}}
+      - {type: URLRewrite, urlRewrite: {hostname: example.org}}
+      - {type: ExtensionRef, extensionRef: {group: example.org, kind: Filter, name: f}}
+      backendRefs: [{name: nowhere, port: 80, weight: 2000000}, {name: noport}]
+      timeouts: {request: 1s, backendRequest: 2s}
+      retry: {attempts: 11, codes: [200]}
+      sessionPersistence: {sessionName: s}
+    - {name: same}
+    - {name: same}
+"#,
+        )
+        .unwrap_err()
+        .to_string();
+        for want in [
+            "http_routes[0] (default/reviews): parentRefs[0]: gateway.networking.k8s.io/Gateway \"reviews\" is not supported",
+            "rules[0].matches[0].path: \"api\" must start with '/'",
+            "rules[0].matches[1].headers[0].name: \"x y\" is not a valid header name",
+            "rules[0].matches[1].headers[0].value: \"(\" is not a valid regular expression",
+            "rules[0].filters: RequestRedirect and URLRewrite may not be combined",
+            "rules[0]: a RequestRedirect filter answers the request itself",
+            "rules[0].filters[0].requestRedirect.statusCode: 304",
+            "rules[0].filters[0]: ReplacePrefixMatch needs the rule to have exactly one match",
+            "rules[0].filters[2]: ExtensionRef filters are not supported",
+            "rules[0].backendRefs[0].weight: must be 0 to 1000000",
+            "rules[0].backendRefs[1]: port is required for a Service",
+            "rules[0].timeouts: backendRequest must not be longer than request",
+            "rules[0].retry.codes[0]: 200 is not 400 to 599",
+            "rules[0].retry.attempts: at most 10",
+            "rules[0].sessionPersistence: not supported",
+            "rules[2].name: \"same\" is used twice",
+        ] {
+            assert!(e.contains(want), "missing {want:?} in {e}");
+        }
+        assert!(
+            !e.contains("nowhere"),
+            "a backend naming no service is valid (it answers 500): {e}"
+        );
+    }
+
     #[test]
     fn the_documented_example_is_valid() {
         let doc = include_str!("../../../docs/config.md");
@@ -777,6 +935,16 @@ peer_authentications:
         assert_eq!(c.services.len(), 2);
         assert_eq!(c.authorization_policies.len(), 2);
         assert_eq!(c.peer_authentications.len(), 2);
+    }
+
+    #[test]
+    fn the_documented_routes_are_valid() {
+        let doc = include_str!("../../../docs/config.md");
+        let start = doc.find("```yaml\n# Routes").expect("the example") + 8;
+        let end = start + doc[start..].find("```").expect("its end");
+        let c = parse(&doc[start..end]).unwrap().mesh;
+        assert_eq!(c.http_routes.len(), 1);
+        assert_eq!(c.http_routes[0].spec.rules.len(), 2);
     }
 
     #[test]

@@ -1,10 +1,15 @@
 //! The L7 engine, shared by every L7 front (the waypoint now, the edge gateway
-//! later): compiled routes and filters, the upstream connections, and the
-//! engine that runs a request through them. Nothing here knows how a request
-//! arrived; the fronts (`waypoint`) hand it over with what they know of its
-//! source.
+//! later). `route` compiles a parent Service's HTTPRoutes and GRPCRoutes into a
+//! table and picks the rule a request matches; `filter` holds the filters a
+//! rule applies (both pure functions over `http` types, unit-tested against the
+//! Gateway API's conformance cases); `upstream` holds the pooled connections to
+//! endpoints; `engine` runs a request through them; `telemetry` records it.
+//! Nothing here knows how a request arrived: the fronts (`waypoint`) hand it
+//! over with what they know of its source.
 
 pub mod engine;
+pub mod filter;
+pub mod route;
 pub mod telemetry;
 pub mod upstream;
 

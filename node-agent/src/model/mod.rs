@@ -11,6 +11,7 @@
 //! Entries keep the order their source gave them; problems name entries by
 //! that order (`workloads[2] (shop/web-0)`), which for the file is its order.
 
+pub mod route;
 pub mod validate;
 
 use std::{collections::BTreeMap, fmt, net::IpAddr, time::Duration};
@@ -32,6 +33,9 @@ pub struct Mesh {
     pub peer_authentications: Vec<PeerAuthentication>,
     /// Namespace-wide settings (the waypoint its services use).
     pub namespaces: Vec<Namespace>,
+    /// Gateway API routes; the waypoint of each parent Service applies them.
+    pub http_routes: Vec<route::HttpRoute>,
+    pub grpc_routes: Vec<route::GrpcRoute>,
 }
 
 /// The root namespace when a source names none.
@@ -47,6 +51,8 @@ impl Default for Mesh {
             authorization_policies: Vec::new(),
             peer_authentications: Vec::new(),
             namespaces: Vec::new(),
+            http_routes: Vec::new(),
+            grpc_routes: Vec::new(),
         }
     }
 }

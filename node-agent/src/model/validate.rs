@@ -1,14 +1,16 @@
 //! What must hold of a mesh whatever its source: names are DNS labels, keys and
 //! addresses unique, ports usable, endpoints exist, policies well formed, and the
-//! CA's own identity belongs to no workload. Every problem names the entry it is
-//! about, by its place in the model and its key (`services[1] (shop/web)`).
+//! CA's own identity belongs to no workload, and routes ask only for what the
+//! waypoint does. Every problem names the entry it is about, by its place in the
+//! model and its key (`services[1] (shop/web)`), then the field
+//! (`http_routes[0] (default/reviews): rules[1].matches[0].path: ...`).
 
 use std::{
     collections::{HashMap, HashSet},
     net::IpAddr,
 };
 
-use super::{Endpoints, Labels, Mesh, UseWaypoint};
+use super::{Endpoints, Labels, Mesh, UseWaypoint, route};
 use crate::identity::{self, SpiffeId};
 
 /// Every problem of `mesh`, in the order of its entries; empty when it is valid.
@@ -28,6 +30,7 @@ pub fn problems(mesh: &Mesh) -> Vec<String> {
     service_problems(mesh, &mut addresses, &mut problems);
     namespace_problems(mesh, &mut problems);
     policy_problems(mesh, &mut problems);
+    route_problems(mesh, &mut problems);
     problems
 }
 
@@ -337,4 +340,742 @@ pub fn is_dns_label(s: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
+}
+
+// ---- routes ---------------------------------------------------------------------
+
+/// The Gateway API's own bounds (its CRD's `MaxItems`): a route within them
+/// compiles into a table whose size and matching cost stay bounded.
+const MAX_PARENT_REFS: usize = 32;
+const MAX_HOSTNAMES: usize = 16;
+const MAX_RULES: usize = 16;
+const MAX_HTTP_MATCHES: usize = 64;
+/// Across all the rules of one HTTPRoute.
+const MAX_HTTP_MATCHES_TOTAL: usize = 128;
+const MAX_GRPC_MATCHES: usize = 8;
+const MAX_FILTERS: usize = 16;
+const MAX_BACKEND_REFS: usize = 16;
+const MAX_HEADER_MATCHES: usize = 16;
+const MAX_HEADER_ACTIONS: usize = 16;
+const MAX_CORS_ITEMS: usize = 64;
+/// Retries per request: more multiplies a failing backend's load.
+const MAX_RETRY_ATTEMPTS: u32 = 10;
+const MAX_WEIGHT: u32 = 1_000_000;
+const MAX_PATH_LEN: usize = 1024;
+
+fn route_problems(mesh: &Mesh, problems: &mut Vec<String>) {
+    let mut seen = HashSet::new();
+    for (i, r) in mesh.http_routes.iter().enumerate() {
+        let at = format!("http_routes[{i}] ({}/{})", r.namespace, r.name);
+        name_problems(&at, &r.name, &r.namespace, problems);
+        if !seen.insert((&r.namespace, &r.name)) {
+            problems.push(format!("{at}: duplicate HTTPRoute"));
+        }
+        let spec = &r.spec;
+        parent_problems(&at, &spec.parent_refs, problems);
+        hostname_problems(&at, &spec.hostnames, problems);
+        if spec.rules.len() > MAX_RULES {
+            problems.push(format!("{at}: rules: at most {MAX_RULES}"));
+        }
+        let total: usize = spec.rules.iter().map(|r| r.matches.len()).sum();
+        if total > MAX_HTTP_MATCHES_TOTAL {
+            problems.push(format!(
+                "{at}: rules: at most {MAX_HTTP_MATCHES_TOTAL} matches across all rules, not {total}"
+            ));
+        }
+        rule_name_problems(&at, spec.rules.iter().map(|r| r.name.as_deref()), problems);
+        for (j, rule) in spec.rules.iter().enumerate() {
+            http_rule_problems(&format!("{at}: rules[{j}]"), rule, problems);
+        }
+    }
+    let mut seen = HashSet::new();
+    for (i, r) in mesh.grpc_routes.iter().enumerate() {
+        let at = format!("grpc_routes[{i}] ({}/{})", r.namespace, r.name);
+        name_problems(&at, &r.name, &r.namespace, problems);
+        if !seen.insert((&r.namespace, &r.name)) {
+            problems.push(format!("{at}: duplicate GRPCRoute"));
+        }
+        let spec = &r.spec;
+        parent_problems(&at, &spec.parent_refs, problems);
+        hostname_problems(&at, &spec.hostnames, problems);
+        if spec.rules.len() > MAX_RULES {
+            problems.push(format!("{at}: rules: at most {MAX_RULES}"));
+        }
+        rule_name_problems(&at, spec.rules.iter().map(|r| r.name.as_deref()), problems);
+        for (j, rule) in spec.rules.iter().enumerate() {
+            grpc_rule_problems(&format!("{at}: rules[{j}]"), rule, problems);
+        }
+    }
+}
+
+fn name_problems(at: &str, name: &str, namespace: &str, problems: &mut Vec<String>) {
+    if !is_dns_label(name) || !is_dns_label(namespace) {
+        problems.push(format!("{at}: name and namespace must be DNS labels"));
+    }
+}
+
+fn rule_name_problems<'a>(
+    at: &str,
+    names: impl Iterator<Item = Option<&'a str>>,
+    problems: &mut Vec<String>,
+) {
+    let mut seen = HashSet::new();
+    for (j, name) in names.enumerate() {
+        let Some(name) = name else { continue };
+        if !is_dns_label(name) {
+            problems.push(format!(
+                "{at}: rules[{j}].name: {name:?} is not a DNS label"
+            ));
+        }
+        if !seen.insert(name) {
+            problems.push(format!("{at}: rules[{j}].name: {name:?} is used twice"));
+        }
+    }
+}
+
+fn parent_problems(at: &str, parents: &[route::ParentReference], problems: &mut Vec<String>) {
+    if parents.is_empty() {
+        problems.push(format!(
+            "{at}: parentRefs: empty, so the route applies nowhere (name a Service: \
+             {{group: \"\", kind: Service, name: ...}})"
+        ));
+    }
+    if parents.len() > MAX_PARENT_REFS {
+        problems.push(format!("{at}: parentRefs: at most {MAX_PARENT_REFS}"));
+    }
+    for (k, p) in parents.iter().enumerate() {
+        let at = format!("{at}: parentRefs[{k}]");
+        if !p.is_service() {
+            problems.push(format!(
+                "{at}: {}/{} {:?} is not supported: a mesh route's parent is a Service \
+                 (`group: \"\"`, `kind: Service`; the spec's default is a Gateway)",
+                if p.group.is_empty() { "core" } else { &p.group },
+                p.kind,
+                p.name
+            ));
+        }
+        if !is_dns_label(&p.name) || p.namespace.as_deref().is_some_and(|n| !is_dns_label(n)) {
+            problems.push(format!("{at}: name and namespace must be DNS labels"));
+        }
+        if p.section_name.is_some() {
+            problems.push(format!(
+                "{at}: sectionName is not supported for a Service parent (use `port`)"
+            ));
+        }
+        if p.port == Some(0) {
+            problems.push(format!("{at}: port 0"));
+        }
+    }
+}
+
+fn hostname_problems(at: &str, hostnames: &[String], problems: &mut Vec<String>) {
+    if hostnames.len() > MAX_HOSTNAMES {
+        problems.push(format!("{at}: hostnames: at most {MAX_HOSTNAMES}"));
+    }
+    for (k, h) in hostnames.iter().enumerate() {
+        let name = h.strip_prefix("*.").unwrap_or(h);
+        if !is_hostname(name) {
+            problems.push(format!(
+                "{at}: hostnames[{k}]: {h:?} is not a hostname (a `*.` prefix is allowed)"
+            ));
+        }
+    }
+}
+
+/// An RFC 1123 hostname, not an IP address.
+fn is_hostname(h: &str) -> bool {
+    h.len() <= 253 && h.parse::<IpAddr>().is_err() && h.split('.').all(is_dns_label)
+}
+
+fn http_rule_problems(at: &str, rule: &route::HttpRouteRule, problems: &mut Vec<String>) {
+    use route::{HttpPathModifierType as Modifier, HttpRouteFilterType as T, PathMatchType};
+
+    if rule.matches.len() > MAX_HTTP_MATCHES {
+        problems.push(format!("{at}.matches: at most {MAX_HTTP_MATCHES}"));
+    }
+    for (m, mat) in rule.matches.iter().enumerate() {
+        let at = format!("{at}.matches[{m}]");
+        let path = &mat.path;
+        match path.kind {
+            PathMatchType::Exact | PathMatchType::PathPrefix => {
+                if let Err(e) = check_path(&path.value) {
+                    problems.push(format!("{at}.path: {:?} {e}", path.value));
+                }
+            }
+            PathMatchType::RegularExpression => {
+                if let Err(e) = route::compile_regex(&path.value) {
+                    problems.push(format!("{at}.path: {e}"));
+                }
+            }
+        }
+        header_match_problems(&format!("{at}.headers"), &mat.headers, true, problems);
+        header_match_problems(
+            &format!("{at}.queryParams"),
+            &mat.query_params,
+            false,
+            problems,
+        );
+    }
+    if rule.filters.len() > MAX_FILTERS {
+        problems.push(format!("{at}.filters: at most {MAX_FILTERS}"));
+    }
+    let count = |t: T| rule.filters.iter().filter(|f| f.kind == t).count();
+    if count(T::RequestRedirect) > 0 && count(T::UrlRewrite) > 0 {
+        problems.push(format!(
+            "{at}.filters: RequestRedirect and URLRewrite may not be combined"
+        ));
+    }
+    for t in [
+        T::RequestHeaderModifier,
+        T::ResponseHeaderModifier,
+        T::RequestRedirect,
+        T::UrlRewrite,
+        T::Cors,
+    ] {
+        if count(t) > 1 {
+            problems.push(format!("{at}.filters: {t:?} may be given only once"));
+        }
+    }
+    if count(T::RequestRedirect) > 0 && !rule.backend_refs.is_empty() {
+        problems.push(format!(
+            "{at}: a RequestRedirect filter answers the request itself, so the rule may not have backendRefs"
+        ));
+    }
+    let one_prefix =
+        rule.matches.len() == 1 && rule.matches[0].path.kind == PathMatchType::PathPrefix;
+    for (f, filter) in rule.filters.iter().enumerate() {
+        let at = format!("{at}.filters[{f}]");
+        http_filter_problems(&at, filter, problems);
+        let modifier = filter
+            .request_redirect
+            .as_ref()
+            .and_then(|r| r.path.as_ref())
+            .or(filter.url_rewrite.as_ref().and_then(|r| r.path.as_ref()));
+        if modifier.is_some_and(|m| m.kind == Modifier::ReplacePrefixMatch) && !one_prefix {
+            problems.push(format!(
+                "{at}: ReplacePrefixMatch needs the rule to have exactly one match, of type PathPrefix"
+            ));
+        }
+    }
+    backend_ref_problems(at, &rule.backend_refs, problems, |at, f, problems| {
+        if !matches!(f.kind, T::RequestHeaderModifier | T::ResponseHeaderModifier) {
+            problems.push(format!(
+                "{at}: {:?} is not supported on a backendRef (only the header modifiers)",
+                f.kind
+            ));
+        } else {
+            http_filter_problems(at, f, problems);
+        }
+    });
+    if let Some(t) = &rule.timeouts {
+        let request = duration_problems(&format!("{at}.timeouts.request"), &t.request, problems);
+        let backend = duration_problems(
+            &format!("{at}.timeouts.backendRequest"),
+            &t.backend_request,
+            problems,
+        );
+        if let (Some(r), Some(b)) = (request, backend)
+            && !r.is_zero()
+            && b > r
+        {
+            problems.push(format!(
+                "{at}.timeouts: backendRequest must not be longer than request"
+            ));
+        }
+    }
+    if let Some(retry) = &rule.retry {
+        for (c, code) in retry.codes.iter().enumerate() {
+            if !(400..=599).contains(code) {
+                problems.push(format!("{at}.retry.codes[{c}]: {code} is not 400 to 599"));
+            }
+        }
+        if retry.attempts.is_some_and(|a| a > MAX_RETRY_ATTEMPTS) {
+            problems.push(format!("{at}.retry.attempts: at most {MAX_RETRY_ATTEMPTS}"));
+        }
+        duration_problems(&format!("{at}.retry.backoff"), &retry.backoff, problems);
+    }
+    if rule.session_persistence.is_some() {
+        problems.push(format!("{at}.sessionPersistence: not supported"));
+    }
+}
+
+fn grpc_rule_problems(at: &str, rule: &route::GrpcRouteRule, problems: &mut Vec<String>) {
+    use route::{GrpcRouteFilterType as T, HeaderMatchType};
+
+    if rule.matches.len() > MAX_GRPC_MATCHES {
+        problems.push(format!("{at}.matches: at most {MAX_GRPC_MATCHES}"));
+    }
+    for (m, mat) in rule.matches.iter().enumerate() {
+        let at = format!("{at}.matches[{m}]");
+        if let Some(method) = &mat.method {
+            let service = method.service.as_deref().filter(|s| !s.is_empty());
+            let name = method.method.as_deref().filter(|s| !s.is_empty());
+            if service.is_none() && name.is_none() {
+                problems.push(format!("{at}.method: give a service, a method or both"));
+            }
+            for (field, value) in [("service", service), ("method", name)] {
+                let Some(value) = value else { continue };
+                let ok = match method.kind {
+                    HeaderMatchType::Exact if field == "service" => is_grpc_service(value),
+                    HeaderMatchType::Exact => is_grpc_ident(value),
+                    HeaderMatchType::RegularExpression => match route::compile_regex(value) {
+                        Ok(_) => true,
+                        Err(e) => {
+                            problems.push(format!("{at}.method.{field}: {e}"));
+                            continue;
+                        }
+                    },
+                };
+                if !ok {
+                    problems.push(format!(
+                        "{at}.method.{field}: {value:?} is not a valid gRPC {field} name"
+                    ));
+                }
+            }
+        }
+        header_match_problems(&format!("{at}.headers"), &mat.headers, true, problems);
+    }
+    if rule.filters.len() > MAX_FILTERS {
+        problems.push(format!("{at}.filters: at most {MAX_FILTERS}"));
+    }
+    for t in [T::RequestHeaderModifier, T::ResponseHeaderModifier] {
+        if rule.filters.iter().filter(|f| f.kind == t).count() > 1 {
+            problems.push(format!("{at}.filters: {t:?} may be given only once"));
+        }
+    }
+    for (f, filter) in rule.filters.iter().enumerate() {
+        grpc_filter_problems(&format!("{at}.filters[{f}]"), filter, problems);
+    }
+    backend_ref_problems(at, &rule.backend_refs, problems, |at, f, problems| {
+        if !matches!(f.kind, T::RequestHeaderModifier | T::ResponseHeaderModifier) {
+            problems.push(format!(
+                "{at}: {:?} is not supported on a backendRef (only the header modifiers)",
+                f.kind
+            ));
+        } else {
+            grpc_filter_problems(at, f, problems);
+        }
+    });
+    if rule.session_persistence.is_some() {
+        problems.push(format!("{at}.sessionPersistence: not supported"));
+    }
+}
+
+/// `[.]name(.name)*`, each name `[A-Za-z_][A-Za-z0-9_]*` (the spec's pattern).
+fn is_grpc_service(s: &str) -> bool {
+    let s = s.strip_prefix('.').unwrap_or(s);
+    s.split('.').all(is_grpc_ident)
+}
+
+fn is_grpc_ident(s: &str) -> bool {
+    let mut bytes = s.bytes();
+    bytes
+        .next()
+        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+/// What the spec requires of an Exact or PathPrefix value.
+fn check_path(p: &str) -> Result<(), &'static str> {
+    if !p.starts_with('/') {
+        return Err("must start with '/'");
+    }
+    if p.len() > MAX_PATH_LEN {
+        return Err("is longer than 1024 bytes");
+    }
+    if p.contains("//")
+        || p.contains("/./")
+        || p.contains("/../")
+        || p.ends_with("/..")
+        || p.ends_with("/.")
+    {
+        return Err("must not contain '//', '/./' or '/../' nor end in '/.' or '/..'");
+    }
+    if p.contains("%2f") || p.contains("%2F") || p.contains('#') {
+        return Err("must not contain '%2f' or '#'");
+    }
+    let ok = p
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-/._~!$&'()*+,;=:@%".contains(&b));
+    if !ok {
+        return Err("has a character a path may not (percent-encode it)");
+    }
+    Ok(())
+}
+
+fn header_match_problems(
+    at: &str,
+    matches: &[route::HttpHeaderMatch],
+    is_header: bool,
+    problems: &mut Vec<String>,
+) {
+    if matches.len() > MAX_HEADER_MATCHES {
+        problems.push(format!("{at}: at most {MAX_HEADER_MATCHES}"));
+    }
+    for (h, m) in matches.iter().enumerate() {
+        let at = format!("{at}[{h}]");
+        if is_header {
+            if let Err(e) = check_header_name(&m.name) {
+                problems.push(format!("{at}.name: {e}"));
+            }
+        } else if m.name.is_empty() {
+            problems.push(format!("{at}.name: must not be empty"));
+        }
+        if m.value.is_empty() {
+            problems.push(format!("{at}.value: must not be empty"));
+        }
+        match m.kind {
+            route::HeaderMatchType::Exact => {
+                if is_header && http::HeaderValue::from_str(&m.value).is_err() {
+                    problems.push(format!(
+                        "{at}.value: {:?} is not a valid header value",
+                        m.value
+                    ));
+                }
+            }
+            route::HeaderMatchType::RegularExpression => {
+                if let Err(e) = route::compile_regex(&m.value) {
+                    problems.push(format!("{at}.value: {e}"));
+                }
+            }
+        }
+    }
+}
+
+/// A header name a filter or match may use: a token, not an HTTP/2 pseudo-header.
+fn check_header_name(name: &str) -> Result<(), String> {
+    if name.starts_with(':') {
+        return Err(format!("{name:?}: pseudo-headers are not supported"));
+    }
+    http::HeaderName::from_bytes(name.as_bytes())
+        .map(|_| ())
+        .map_err(|_| format!("{name:?} is not a valid header name"))
+}
+
+fn header_filter_problems(at: &str, f: &route::HttpHeaderFilter, problems: &mut Vec<String>) {
+    let mut names = HashSet::new();
+    for (field, headers) in [("set", &f.set), ("add", &f.add)] {
+        if headers.len() > MAX_HEADER_ACTIONS {
+            problems.push(format!("{at}.{field}: at most {MAX_HEADER_ACTIONS}"));
+        }
+        for (h, header) in headers.iter().enumerate() {
+            if let Err(e) = check_header_name(&header.name) {
+                problems.push(format!("{at}.{field}[{h}].name: {e}"));
+            }
+            if http::HeaderValue::from_str(&header.value).is_err() {
+                problems.push(format!(
+                    "{at}.{field}[{h}].value: {:?} is not a valid header value",
+                    header.value
+                ));
+            }
+            if !names.insert(header.name.to_ascii_lowercase()) {
+                problems.push(format!(
+                    "{at}.{field}[{h}]: {:?} is already modified by this filter (one action per header)",
+                    header.name
+                ));
+            }
+        }
+    }
+    if f.remove.len() > MAX_HEADER_ACTIONS {
+        problems.push(format!("{at}.remove: at most {MAX_HEADER_ACTIONS}"));
+    }
+    for (h, name) in f.remove.iter().enumerate() {
+        if let Err(e) = check_header_name(name) {
+            problems.push(format!("{at}.remove[{h}]: {e}"));
+        }
+        if !names.insert(name.to_ascii_lowercase()) {
+            problems.push(format!(
+                "{at}.remove[{h}]: {name:?} is already modified by this filter (one action per header)"
+            ));
+        }
+    }
+}
+
+/// Whether a filter's `type` and the field it fills agree; `given` lists the
+/// fields that are set, by their spec name.
+fn filter_kind_problems(at: &str, kind: &str, given: &[&str], problems: &mut Vec<String>) {
+    let want = filter_field(kind);
+    if given != [want] {
+        problems.push(format!(
+            "{at}: type {kind} needs `{want}` and no other filter field (found: {})",
+            if given.is_empty() {
+                "none".to_owned()
+            } else {
+                given.join(", ")
+            }
+        ));
+    }
+}
+
+/// The field a filter type fills.
+fn filter_field(kind: &str) -> &'static str {
+    match kind {
+        "RequestHeaderModifier" => "requestHeaderModifier",
+        "ResponseHeaderModifier" => "responseHeaderModifier",
+        "RequestMirror" => "requestMirror",
+        "RequestRedirect" => "requestRedirect",
+        "UrlRewrite" => "urlRewrite",
+        "Cors" => "cors",
+        _ => "extensionRef",
+    }
+}
+
+fn http_filter_problems(at: &str, f: &route::HttpRouteFilter, problems: &mut Vec<String>) {
+    let given: Vec<&str> = [
+        ("requestHeaderModifier", f.request_header_modifier.is_some()),
+        (
+            "responseHeaderModifier",
+            f.response_header_modifier.is_some(),
+        ),
+        ("requestMirror", f.request_mirror.is_some()),
+        ("requestRedirect", f.request_redirect.is_some()),
+        ("urlRewrite", f.url_rewrite.is_some()),
+        ("cors", f.cors.is_some()),
+        ("extensionRef", f.extension_ref.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(n, set)| set.then_some(n))
+    .collect();
+    filter_kind_problems(at, &format!("{:?}", f.kind), &given, problems);
+    if let Some(h) = &f.request_header_modifier {
+        header_filter_problems(&format!("{at}.requestHeaderModifier"), h, problems);
+    }
+    if let Some(h) = &f.response_header_modifier {
+        header_filter_problems(&format!("{at}.responseHeaderModifier"), h, problems);
+    }
+    if let Some(m) = &f.request_mirror {
+        mirror_problems(&format!("{at}.requestMirror"), m, problems);
+    }
+    if let Some(r) = &f.request_redirect {
+        let at = format!("{at}.requestRedirect");
+        if let Some(s) = &r.scheme
+            && s != "http"
+            && s != "https"
+        {
+            problems.push(format!("{at}.scheme: {s:?} is not http or https"));
+        }
+        if let Some(h) = &r.hostname
+            && !is_hostname(h)
+        {
+            problems.push(format!("{at}.hostname: {h:?} is not a hostname"));
+        }
+        if r.port == Some(0) {
+            problems.push(format!("{at}.port: port 0"));
+        }
+        if ![301, 302, 303, 307, 308].contains(&r.status_code) {
+            problems.push(format!(
+                "{at}.statusCode: {} is not 301, 302, 303, 307 or 308",
+                r.status_code
+            ));
+        }
+        if let Some(p) = &r.path {
+            path_modifier_problems(&format!("{at}.path"), p, problems);
+        }
+    }
+    if let Some(r) = &f.url_rewrite {
+        let at = format!("{at}.urlRewrite");
+        if let Some(h) = &r.hostname
+            && !is_hostname(h)
+        {
+            problems.push(format!("{at}.hostname: {h:?} is not a hostname"));
+        }
+        if let Some(p) = &r.path {
+            path_modifier_problems(&format!("{at}.path"), p, problems);
+        }
+    }
+    if let Some(c) = &f.cors {
+        cors_problems(&format!("{at}.cors"), c, problems);
+    }
+    if f.extension_ref.is_some() {
+        problems.push(format!("{at}: ExtensionRef filters are not supported"));
+    }
+}
+
+fn grpc_filter_problems(at: &str, f: &route::GrpcRouteFilter, problems: &mut Vec<String>) {
+    let given: Vec<&str> = [
+        ("requestHeaderModifier", f.request_header_modifier.is_some()),
+        (
+            "responseHeaderModifier",
+            f.response_header_modifier.is_some(),
+        ),
+        ("requestMirror", f.request_mirror.is_some()),
+        ("extensionRef", f.extension_ref.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(n, set)| set.then_some(n))
+    .collect();
+    filter_kind_problems(at, &format!("{:?}", f.kind), &given, problems);
+    if let Some(h) = &f.request_header_modifier {
+        header_filter_problems(&format!("{at}.requestHeaderModifier"), h, problems);
+    }
+    if let Some(h) = &f.response_header_modifier {
+        header_filter_problems(&format!("{at}.responseHeaderModifier"), h, problems);
+    }
+    if let Some(m) = &f.request_mirror {
+        mirror_problems(&format!("{at}.requestMirror"), m, problems);
+    }
+    if f.extension_ref.is_some() {
+        problems.push(format!("{at}: ExtensionRef filters are not supported"));
+    }
+}
+
+fn path_modifier_problems(at: &str, p: &route::HttpPathModifier, problems: &mut Vec<String>) {
+    use route::HttpPathModifierType as T;
+    let value = match (p.kind, &p.replace_full_path, &p.replace_prefix_match) {
+        (T::ReplaceFullPath, Some(v), None) => v,
+        (T::ReplacePrefixMatch, None, Some(v)) => v,
+        (T::ReplaceFullPath, ..) => {
+            problems.push(format!(
+                "{at}: type ReplaceFullPath needs `replaceFullPath` and no `replacePrefixMatch`"
+            ));
+            return;
+        }
+        (T::ReplacePrefixMatch, ..) => {
+            problems.push(format!(
+                "{at}: type ReplacePrefixMatch needs `replacePrefixMatch` and no `replaceFullPath`"
+            ));
+            return;
+        }
+    };
+    // An empty prefix replacement is allowed: it strips the prefix.
+    if !(value.is_empty() && p.kind == T::ReplacePrefixMatch)
+        && let Err(e) = check_path(value)
+    {
+        problems.push(format!("{at}: {value:?} {e}"));
+    }
+}
+
+fn mirror_problems(at: &str, m: &route::HttpRequestMirrorFilter, problems: &mut Vec<String>) {
+    object_ref_problems(&format!("{at}.backendRef"), &m.backend_ref, problems);
+    if m.percent.is_some() && m.fraction.is_some() {
+        problems.push(format!("{at}: give percent or fraction, not both"));
+    }
+    if m.percent.is_some_and(|p| !(0..=100).contains(&p)) {
+        problems.push(format!("{at}.percent: must be 0 to 100"));
+    }
+    if let Some(f) = m.fraction
+        && (f.numerator < 0 || f.denominator < 1 || f.numerator > f.denominator)
+    {
+        problems.push(format!(
+            "{at}.fraction: need 0 <= numerator <= denominator and denominator >= 1"
+        ));
+    }
+}
+
+fn object_ref_problems(at: &str, r: &route::BackendObjectReference, problems: &mut Vec<String>) {
+    if !is_dns_label(&r.name) || r.namespace.as_deref().is_some_and(|n| !is_dns_label(n)) {
+        problems.push(format!("{at}: name and namespace must be DNS labels"));
+    }
+    if route::is_core_group(&r.group) && r.kind == "Service" && r.port.is_none() {
+        problems.push(format!("{at}: port is required for a Service"));
+    }
+    if r.port == Some(0) {
+        problems.push(format!("{at}: port 0"));
+    }
+}
+
+fn backend_ref_problems<F>(
+    at: &str,
+    refs: &[route::BackendRef<F>],
+    problems: &mut Vec<String>,
+    filter_problems: impl Fn(&str, &F, &mut Vec<String>),
+) {
+    if refs.len() > MAX_BACKEND_REFS {
+        problems.push(format!("{at}.backendRefs: at most {MAX_BACKEND_REFS}"));
+    }
+    for (b, r) in refs.iter().enumerate() {
+        let at = format!("{at}.backendRefs[{b}]");
+        // A backend that names no existing service is not a problem here: the
+        // spec keeps the route and answers 500 for its share of requests.
+        object_ref_problems(&at, &r.object(), problems);
+        if r.weight > MAX_WEIGHT {
+            problems.push(format!("{at}.weight: must be 0 to {MAX_WEIGHT}"));
+        }
+        if r.filters.len() > MAX_FILTERS {
+            problems.push(format!("{at}.filters: at most {MAX_FILTERS}"));
+        }
+        for (f, filter) in r.filters.iter().enumerate() {
+            filter_problems(&format!("{at}.filters[{f}]"), filter, problems);
+        }
+    }
+}
+
+fn cors_problems(at: &str, c: &route::HttpCorsFilter, problems: &mut Vec<String>) {
+    for (field, list) in [
+        ("allowOrigins", &c.allow_origins),
+        ("allowMethods", &c.allow_methods),
+        ("allowHeaders", &c.allow_headers),
+        ("exposeHeaders", &c.expose_headers),
+    ] {
+        if list.len() > MAX_CORS_ITEMS {
+            problems.push(format!("{at}.{field}: at most {MAX_CORS_ITEMS}"));
+        }
+        if list.len() > 1 && list.iter().any(|v| v == "*") {
+            problems.push(format!(
+                "{at}.{field}: `*` may not be given with other values"
+            ));
+        }
+    }
+    for (o, origin) in c.allow_origins.iter().enumerate() {
+        if origin == "*" {
+            continue;
+        }
+        let host = origin
+            .strip_prefix("https://")
+            .or_else(|| origin.strip_prefix("http://"));
+        let ok = host.is_some_and(|h| {
+            let (host, port) = h.rsplit_once(':').unwrap_or((h, "1"));
+            let host = host.strip_prefix("*.").unwrap_or(host);
+            port.parse::<u16>().is_ok_and(|p| p > 0)
+                && (host == "*"
+                    || is_hostname(&host.to_ascii_lowercase())
+                    || host.parse::<IpAddr>().is_ok())
+        });
+        if !ok {
+            problems.push(format!(
+                "{at}.allowOrigins[{o}]: {origin:?} is not an origin like https://www.example.com, \
+                 https://*.example.com or *"
+            ));
+        }
+    }
+    for (m, method) in c.allow_methods.iter().enumerate() {
+        let known = [
+            "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "*",
+        ];
+        if !known.contains(&method.as_str()) {
+            problems.push(format!(
+                "{at}.allowMethods[{m}]: {method:?} is not a method or `*`"
+            ));
+        }
+    }
+    for (field, list) in [
+        ("allowHeaders", &c.allow_headers),
+        ("exposeHeaders", &c.expose_headers),
+    ] {
+        for (h, name) in list.iter().enumerate() {
+            if name != "*"
+                && let Err(e) = check_header_name(name)
+            {
+                problems.push(format!("{at}.{field}[{h}]: {e}"));
+            }
+        }
+    }
+    if c.max_age < 1 {
+        problems.push(format!("{at}.maxAge: must be at least 1 (second)"));
+    }
+}
+
+fn duration_problems(
+    at: &str,
+    value: &Option<String>,
+    problems: &mut Vec<String>,
+) -> Option<std::time::Duration> {
+    let v = value.as_deref()?;
+    match route::parse_duration(v) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            problems.push(format!("{at}: {e}"));
+            None
+        }
+    }
 }

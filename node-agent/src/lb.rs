@@ -594,6 +594,16 @@ fn vnode_point(seed: u64, v: u64) -> u32 {
     (mix64(seed.wrapping_add(v.wrapping_add(1).wrapping_mul(GOLDEN_GAMMA))) >> 32) as u32
 }
 
+thread_local! {
+    static RNG: std::cell::RefCell<WyRand> = std::cell::RefCell::new(WyRand::from_system());
+}
+
+/// A random number from this thread's generator (wyrand): for draws that
+/// spread load (weighted backends, mirror percentages, jitter), not secrets.
+pub fn random() -> u64 {
+    RNG.with(|r| r.borrow_mut().next())
+}
+
 /// wyrand: fast, small, good enough to draw endpoints (not for secrets). Seeded from
 /// the system, so agents do not all draw alike.
 struct WyRand(u64);

@@ -162,11 +162,12 @@ fn a_bound_service_with_no_waypoint_replica_is_refused_not_bypassed() -> Result<
                 && l.contains("service=\"default/echo\"")),
         "{text}"
     );
-    let logged = s
-        .mesh
-        .access_logs(0)
-        .iter()
-        .any(|l| l.to_string().contains("no_waypoint"));
+    let logged = eventually(Duration::from_secs(5), || {
+        s.mesh
+            .access_logs(0)
+            .iter()
+            .any(|l| l.to_string().contains("no_waypoint"))
+    });
     assert!(logged, "{:?}", s.mesh.access_logs(0));
     Ok(())
 }

@@ -92,9 +92,7 @@ async fn serve(args: WaypointArgs, me: WorkloadKey) -> anyhow::Result<()> {
     let netns = Netns::open(Path::new("/proc/self/ns/net")).context("opening our own netns")?;
     let balancers = Arc::new(Balancers::default());
     let engine = Arc::new(Engine::new(
-        Config {
-            view: Arc::new(View::new(per_request(mesh), &node, &balancers)),
-        },
+        Config::new(Arc::new(View::new(per_request(mesh), &node, &balancers))),
         Upstreams::new(pool, netns, identity.clone(), args.connect_timeout),
         args.request_timeout,
     ));
@@ -219,9 +217,11 @@ async fn serve(args: WaypointArgs, me: WorkloadKey) -> anyhow::Result<()> {
         if changed.contains(&0) {
             match file::load(&args.config, args.config_max_bytes) {
                 Ok(loaded) => {
-                    engine.set_config(Config {
-                        view: Arc::new(View::new(per_request(loaded.mesh), &node, &balancers)),
-                    });
+                    engine.set_config(Config::new(Arc::new(View::new(
+                        per_request(loaded.mesh),
+                        &node,
+                        &balancers,
+                    ))));
                     info!(path = %args.config.display(), "config reloaded");
                 }
                 Err(e) => error!(error = %e, "config rejected; the last good config keeps serving"),

@@ -7,10 +7,17 @@
 //! timeouts and retries → response filters → telemetry.
 
 use std::{
+    collections::HashMap,
     net::IpAddr,
-    sync::{Arc, RwLock},
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicU32, Ordering::Relaxed},
+    },
     time::{Duration, Instant},
 };
+
+use http_body::Body as _;
+use http_body_util::{BodyExt as _, Limited};
 
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version, header};
 use hyper::body::Incoming;
@@ -18,6 +25,7 @@ use tracing::{debug, warn};
 
 use super::{
     Body,
+    route::{Backend, RouteTable, Selection},
     telemetry::{self, Record},
     upstream::{self, Endpoint, Protocol, Upstreams, full},
 };
@@ -42,11 +50,38 @@ pub struct Context {
 /// balancers, workloads). Swapped whole on a model change.
 pub struct Config {
     pub view: Arc<View>,
+    /// Each bound service port's routes.
+    pub routes: HashMap<(ServiceKey, u16), RouteTable>,
+}
+
+impl Config {
+    /// Compiles the routes of every service bound to a waypoint.
+    pub fn new(view: Arc<View>) -> Config {
+        let mesh = view.mesh();
+        let mut routes = HashMap::new();
+        for svc in mesh
+            .services
+            .iter()
+            .filter(|s| mesh.waypoint_of(s).is_some())
+        {
+            for p in &svc.ports {
+                let table = RouteTable::compile(mesh, svc, p.port);
+                for note in &table.notes {
+                    warn!(service = %format!("{}/{}", svc.namespace, svc.name), port = p.port, note = %note, "route left out");
+                }
+                if !table.is_empty() {
+                    routes.insert((svc.key(), p.port), table);
+                }
+            }
+        }
+        Config { view, routes }
+    }
 }
 
 pub struct Engine {
     config: RwLock<Arc<Config>>,
-    upstreams: Upstreams,
+    upstreams: Arc<Upstreams>,
+    budgets: Mutex<HashMap<ServiceKey, Arc<Budget>>>,
     /// Per attempt, when the route sets none.
     default_timeout: Duration,
 }
@@ -55,7 +90,8 @@ impl Engine {
     pub fn new(config: Config, upstreams: Upstreams, default_timeout: Duration) -> Self {
         Engine {
             config: RwLock::new(Arc::new(config)),
-            upstreams,
+            upstreams: Arc::new(upstreams),
+            budgets: Mutex::new(HashMap::new()),
             default_timeout,
         }
     }
@@ -118,72 +154,385 @@ impl Engine {
     ) -> Response<Body> {
         let config = self.config();
         let downstream_upgrade = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
-        let (parts, body) = req.into_parts();
-        let backend = (ctx.service.key(), ctx.port.port);
-        let Some((svc, balancer)) = config.view.service(&backend.0).cloned() else {
+        let (mut parts, body) = req.into_parts();
+        let table = config.routes.get(&(ctx.service.key(), ctx.port.port));
+        let client_ns = ctx.peer.as_ref().map(|p| p.namespace());
+        let selection = match table {
+            Some(t) => t.select_from(client_ns, &parts),
+            None => Selection::Default,
+        };
+        // Without routes, the service itself (GAMMA: as if no waypoint).
+        let default_rule = Backend {
+            service: ctx.service.key(),
+            port: ctx.port.port,
+            weight: 1,
+            request_filters: Vec::new(),
+            response_filters: Vec::new(),
+            valid: Ok(()),
+        };
+        let (rule, matched_prefix) = match selection {
+            Selection::NotFound => {
+                record.flags = "NR";
+                return error(StatusCode::NOT_FOUND, "no route matched");
+            }
+            Selection::Default => (None, None),
+            Selection::Matched(m) => {
+                record.route = Some(m.route.to_string());
+                (Some(m.rule), m.matched_prefix.map(str::to_owned))
+            }
+        };
+        let origin = rule
+            .and_then(|r| r.cors.as_ref())
+            .map(|_| parts.headers.get(header::ORIGIN).cloned());
+        if let Some(rule) = rule {
+            if let Some(cors) = &rule.cors
+                && let Some(answer) = cors.preflight(&parts)
+            {
+                return answer.map(|()| full(bytes::Bytes::new()));
+            }
+            if let Some(answer) =
+                rule.apply_request(&mut parts, matched_prefix.as_deref(), ctx.port.port)
+            {
+                return answer.map(|()| full(bytes::Bytes::new()));
+            }
+        }
+        let backend = match rule {
+            None => &default_rule,
+            Some(rule) => match rule.pick_backend(crate::lb::random()) {
+                Some(b) => b,
+                None => {
+                    record.flags = "NR";
+                    return error(StatusCode::INTERNAL_SERVER_ERROR, "the rule has no backend");
+                }
+            },
+        };
+        if let Err(why) = &backend.valid {
+            debug!(reason = %why, "request for an invalid backend");
+            record.flags = "NR";
+            return error(StatusCode::INTERNAL_SERVER_ERROR, "invalid backend");
+        }
+        for m in &backend.request_filters {
+            m.apply(&mut parts.headers);
+        }
+        let Some((svc, balancer)) = config.view.service(&backend.service).cloned() else {
+            record.flags = "NR";
             return error(StatusCode::INTERNAL_SERVER_ERROR, "backend service is gone");
         };
-        let Some(port) = svc.ports.iter().find(|p| p.port == backend.1).cloned() else {
+        let Some(port) = svc.ports.iter().find(|p| p.port == backend.port).cloned() else {
+            record.flags = "NR";
             return error(StatusCode::INTERNAL_SERVER_ERROR, "backend port is gone");
         };
+        record.backend = Some(svc.clone());
         let proto = match port.protocol() {
+            _ if downstream_upgrade.is_some() => Protocol::Http1,
             AppProtocol::H2c => Protocol::H2c,
             AppProtocol::Http1 => Protocol::Http1,
             // The client's: HTTP/2 prior knowledge stays HTTP/2 (gRPC).
             _ if parts.version == Version::HTTP_2 => Protocol::H2c,
             _ => Protocol::Http1,
         };
-        // An upgrade (WebSocket) is an HTTP/1.1 affair, whatever the port says.
-        let proto = if downstream_upgrade.is_some() {
-            Protocol::Http1
-        } else {
-            proto
-        };
-        record.backend = Some(svc.clone());
-        let Some(pick) = balancer.pick(ctx.source_ip, &[], Instant::now()) else {
-            record.flags = "UH";
-            return error(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
-        };
-        let Some(ep) = endpoint(&config.view, &pick.key, port.target_port, ctx.source_ip) else {
-            record.flags = "UH";
-            return error(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
-        };
-        record.endpoint = config.view.workload(&pick.key).cloned();
-        record.upstream = Some(ep.addr);
-        let mut up = Request::from_parts(parts, body_of(body));
-        prepare(&mut up, proto, ctx, downstream_upgrade.is_some());
-        let sent = tokio::time::timeout(self.default_timeout, self.upstreams.send(&ep, proto, up));
-        let response = match sent.await {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => {
-                if e.blames_endpoint()
-                    && let Some(ej) = balancer.report(&pick.key, false, Instant::now())
-                {
-                    warn!(endpoint = %pick.key, ejected_for_ms = ej.duration.as_millis() as u64, "endpoint ejected");
+        let timeouts = rule.map(|r| r.timeouts).unwrap_or_default();
+        let overall = effective(timeouts.request, Some(self.default_timeout));
+        let per_attempt = effective(timeouts.backend_request, None);
+        let retry = rule.and_then(|r| r.retry.as_ref());
+        let mirrors = rule.map_or(&[][..], |r| &r.mirrors[..]);
+
+        // The body is kept (up to a bound) only when something needs it again:
+        // a retry or a mirror. Otherwise it streams through untouched.
+        let wants_copy = retry.is_some() || !mirrors.is_empty();
+        let body = if wants_copy && fits(&body) {
+            match Limited::new(body, MAX_REPLAY_BODY).collect().await {
+                Ok(b) => Replay::Kept(b.to_bytes()),
+                Err(_) => {
+                    return error(StatusCode::BAD_REQUEST, "request body ended early");
                 }
-                debug!(error = %e, "upstream request failed");
-                record.flags = if e.before_request() { "UF" } else { "UC" };
-                return upstream_error(&e);
             }
-            Err(_) => {
-                record.flags = "UT";
-                return error(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout");
-            }
+        } else {
+            Replay::Stream(Some(body))
         };
-        let ok = !response.status().is_server_error();
-        balancer.report(&pick.key, ok, Instant::now());
-        let (mut head, body) = response.into_parts();
-        if head.status == StatusCode::SWITCHING_PROTOCOLS
+        let mut head = Request::from_parts(parts, ());
+        prepare(&mut head, proto, ctx, downstream_upgrade.is_some());
+        if let Replay::Kept(bytes) = &body {
+            for m in mirrors {
+                if (crate::lb::random() % 10_000) as f64 >= m.percent * 100.0 {
+                    continue;
+                }
+                self.mirror(&config, ctx, &m.backend, proto, &head, bytes.clone());
+            }
+        }
+
+        let budget = self.budget(&backend.service);
+        let _active = budget.enter();
+        let attempts = 1 + retry.map_or(0, |r| r.attempts);
+        let mut tried: Vec<WorkloadKey> = Vec::new();
+        let mut body = body;
+        let deadline = overall.map(|d| tokio::time::Instant::now() + d);
+        let mut attempt = 0;
+        let outcome = loop {
+            attempt += 1;
+            let pick = balancer
+                .pick(ctx.source_ip, &tried, Instant::now())
+                .or_else(|| balancer.pick(ctx.source_ip, &[], Instant::now()));
+            let Some(pick) = pick else {
+                record.flags = "UH";
+                break Err(error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no healthy upstream",
+                ));
+            };
+            tried.push(pick.key.clone());
+            let Some(ep) = endpoint(&config.view, &pick.key, port.target_port, ctx.source_ip)
+            else {
+                record.flags = "UH";
+                break Err(error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no healthy upstream",
+                ));
+            };
+            record.endpoint = config.view.workload(&pick.key).cloned();
+            record.upstream = Some(ep.addr);
+            let Some(b) = body.take_for_attempt() else {
+                break Err(error(StatusCode::BAD_GATEWAY, "upstream reset"));
+            };
+            let mut up = Request::new(b);
+            *up.method_mut() = head.method().clone();
+            *up.uri_mut() = head.uri().clone();
+            *up.version_mut() = head.version();
+            *up.headers_mut() = head.headers().clone();
+            let send = self.upstreams.send(&ep, proto, up);
+            let sent = match (per_attempt, deadline) {
+                (Some(t), Some(d)) => {
+                    tokio::time::timeout_at(d.min(tokio::time::Instant::now() + t), send).await
+                }
+                (Some(t), None) => tokio::time::timeout(t, send).await,
+                (None, Some(d)) => tokio::time::timeout_at(d, send).await,
+                (None, None) => Ok(send.await),
+            };
+            let retryable = match &sent {
+                Ok(Ok(r)) => retry.is_some_and(|p| p.codes.contains(&r.status().as_u16())),
+                Ok(Err(e)) => retry.is_some() || e.before_request() && body.replayable(),
+                Err(_) => retry.is_some(),
+            };
+            let failed = match &sent {
+                Ok(Ok(r)) => r.status().is_server_error(),
+                Ok(Err(e)) => e.blames_endpoint(),
+                Err(_) => true,
+            };
+            if let Some(ej) = balancer.report(&pick.key, !failed, Instant::now()) {
+                warn!(endpoint = %pick.key, ejected_for_ms = ej.duration.as_millis() as u64, "endpoint ejected");
+            }
+            let past_deadline = deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
+            let may_retry = retryable
+                && attempt < attempts
+                && body.replayable()
+                && !past_deadline
+                && budget.allow_retry();
+            if !may_retry {
+                if retryable && attempt >= attempts && attempts > 1 {
+                    record.flags = "URX";
+                }
+                break match sent {
+                    Ok(Ok(r)) => Ok((r, pick)),
+                    Ok(Err(e)) => {
+                        debug!(error = %e, "upstream request failed");
+                        record.flags = if e.before_request() { "UF" } else { "UC" };
+                        Err(upstream_error(&e))
+                    }
+                    Err(_) => {
+                        record.flags = "UT";
+                        Err(error(
+                            StatusCode::GATEWAY_TIMEOUT,
+                            "upstream request timeout",
+                        ))
+                    }
+                };
+            }
+            record.retries += 1;
+            let _retrying = budget.retrying();
+            let base = retry.and_then(|r| r.backoff).unwrap_or(DEFAULT_BACKOFF);
+            let backoff = base * 2u32.saturating_pow(attempt - 1).min(MAX_BACKOFF_FACTOR);
+            let jitter = Duration::from_micros(crate::lb::random() % (base.as_micros() as u64 + 1));
+            tokio::time::sleep(backoff + jitter).await;
+        };
+        let (response, pick) = match outcome {
+            Ok(r) => r,
+            Err(r) => return r,
+        };
+        let (mut head_out, body) = response.into_parts();
+        if head_out.status == StatusCode::SWITCHING_PROTOCOLS
             && let Some(down) = downstream_upgrade
         {
-            let up = hyper::upgrade::on(Response::from_parts(head.clone(), ()));
+            let up = hyper::upgrade::on(Response::from_parts(head_out.clone(), ()));
             tokio::spawn(splice(down, up));
-            strip_hop_by_hop(&mut head.headers, true);
-            return Response::from_parts(head, full(bytes::Bytes::new()));
+            strip_hop_by_hop(&mut head_out.headers, true);
+            return Response::from_parts(head_out, full(bytes::Bytes::new()));
         }
-        strip_hop_by_hop(&mut head.headers, false);
-        drop(pick);
-        Response::from_parts(head, body_of(body))
+        strip_hop_by_hop(&mut head_out.headers, false);
+        for m in &backend.response_filters {
+            m.apply(&mut head_out.headers);
+        }
+        if let Some(rule) = rule {
+            for m in &rule.response_filters {
+                m.apply(&mut head_out.headers);
+            }
+            if let (Some(cors), Some(origin)) = (&rule.cors, origin) {
+                let mut probe = Request::new(());
+                if let Some(o) = origin {
+                    probe.headers_mut().insert(header::ORIGIN, o);
+                }
+                let (probe, ()) = probe.into_parts();
+                cors.apply_response(&probe, &mut head_out.headers);
+            }
+        }
+        // The pick counts as an active request of its endpoint until the
+        // response body is done (least request sees streaming responses).
+        Response::from_parts(head_out, body_of(body, Some(pick)))
+    }
+
+    /// Sends a copy of a request to `backend` and forgets it: its answer is
+    /// read and dropped, its failure only logged.
+    fn mirror(
+        &self,
+        config: &Arc<Config>,
+        ctx: &Context,
+        backend: &Backend,
+        proto: Protocol,
+        head: &Request<()>,
+        body: bytes::Bytes,
+    ) {
+        let Some((svc, balancer)) = config.view.service(&backend.service).cloned() else {
+            return;
+        };
+        let Some(port) = svc.ports.iter().find(|p| p.port == backend.port) else {
+            return;
+        };
+        let Some(pick) = balancer.pick(ctx.source_ip, &[], Instant::now()) else {
+            return;
+        };
+        let Some(ep) = endpoint(&config.view, &pick.key, port.target_port, ctx.source_ip) else {
+            return;
+        };
+        let mut up = Request::new(full(body));
+        *up.method_mut() = head.method().clone();
+        *up.uri_mut() = head.uri().clone();
+        *up.version_mut() = head.version();
+        *up.headers_mut() = head.headers().clone();
+        for m in &backend.request_filters {
+            m.apply(up.headers_mut());
+        }
+        let upstreams = self.upstreams.clone();
+        tokio::spawn(async move {
+            let sent = tokio::time::timeout(MIRROR_TIMEOUT, upstreams.send(&ep, proto, up)).await;
+            match sent {
+                Ok(Ok(r)) => {
+                    // Read to the end so the connection can be reused.
+                    let _ = r.into_body().collect().await;
+                }
+                Ok(Err(e)) => debug!(error = %e, "mirrored request failed"),
+                Err(_) => debug!("mirrored request timed out"),
+            }
+            drop(pick);
+        });
+    }
+
+    fn budget(&self, key: &ServiceKey) -> Arc<Budget> {
+        self.budgets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key.clone())
+            .or_default()
+            .clone()
+    }
+}
+
+/// A request body as the attempts see it: kept whole (small, and needed again
+/// by a retry or a mirror) or streamed once.
+enum Replay {
+    Kept(bytes::Bytes),
+    Stream(Option<Incoming>),
+}
+
+impl Replay {
+    fn take_for_attempt(&mut self) -> Option<Body> {
+        match self {
+            Replay::Kept(b) => Some(full(b.clone())),
+            Replay::Stream(b) => b.take().map(|b| body_of(b, None)),
+        }
+    }
+
+    fn replayable(&self) -> bool {
+        matches!(self, Replay::Kept(_))
+    }
+}
+
+/// Whether a body may be kept for a replay: its length is known to be within
+/// [`MAX_REPLAY_BODY`] (an unknown length is streamed, and then not retried).
+fn fits(body: &Incoming) -> bool {
+    body.is_end_stream()
+        || body
+            .size_hint()
+            .upper()
+            .is_some_and(|n| n <= MAX_REPLAY_BODY as u64)
+}
+
+/// A route timeout as applied: `Some(0)` (the spec's `0s`) disables it; `None`
+/// takes `default`.
+fn effective(set: Option<Duration>, default: Option<Duration>) -> Option<Duration> {
+    match set {
+        Some(d) if d.is_zero() => None,
+        Some(d) => Some(d),
+        None => default,
+    }
+}
+
+/// The largest request body kept for a retry or a mirror.
+pub const MAX_REPLAY_BODY: usize = 64 << 10;
+/// Before the first retry, when the route gives no backoff; doubled each time
+/// (up to 8 times), plus up to as much again at random.
+const DEFAULT_BACKOFF: Duration = Duration::from_millis(25);
+const MAX_BACKOFF_FACTOR: u32 = 8;
+const MIRROR_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Envoy's retry budget: retries in flight to a service may be at most 20% of
+/// its requests in flight (and always at least 3), so retries never multiply
+/// an outage.
+#[derive(Default)]
+pub struct Budget {
+    active: AtomicU32,
+    retrying: AtomicU32,
+}
+
+const BUDGET_PERCENT: u32 = 20;
+const BUDGET_MIN: u32 = 3;
+
+impl Budget {
+    fn enter(self: &Arc<Self>) -> Counted {
+        self.active.fetch_add(1, Relaxed);
+        Counted(self.clone(), false)
+    }
+
+    fn retrying(self: &Arc<Self>) -> Counted {
+        self.retrying.fetch_add(1, Relaxed);
+        Counted(self.clone(), true)
+    }
+
+    fn allow_retry(&self) -> bool {
+        let active = self.active.load(Relaxed);
+        let retrying = self.retrying.load(Relaxed);
+        retrying < BUDGET_MIN.max(active * BUDGET_PERCENT / 100)
+    }
+}
+
+struct Counted(Arc<Budget>, bool);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        let c = if self.1 {
+            &self.0.retrying
+        } else {
+            &self.0.active
+        };
+        c.fetch_sub(1, Relaxed);
     }
 }
 
@@ -273,7 +622,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
 /// Makes a downstream request fit to send upstream: hop-by-hop headers off,
 /// the URI in the form the upstream protocol wants, and the source named in
 /// `forwarded`.
-fn prepare(req: &mut Request<Body>, proto: Protocol, ctx: &Context, upgrade: bool) {
+fn prepare<B>(req: &mut Request<B>, proto: Protocol, ctx: &Context, upgrade: bool) {
     strip_hop_by_hop(req.headers_mut(), upgrade);
     let host = req
         .uri()
@@ -325,10 +674,40 @@ fn prepare(req: &mut Request<Body>, proto: Protocol, ctx: &Context, upgrade: boo
     }
 }
 
-/// The streaming body of a request or response, boxed as the engine's body.
-fn body_of(body: Incoming) -> Body {
-    use http_body_util::BodyExt as _;
-    body.map_err(|e| Box::new(e) as super::BoxError).boxed()
+/// The streaming body of a request or response, boxed as the engine's body;
+/// `pick` (the endpoint's active-request count) is held until it ends.
+fn body_of(body: Incoming, pick: Option<crate::lb::Pick>) -> Body {
+    let body = body.map_err(|e| Box::new(e) as super::BoxError);
+    match pick {
+        None => body.boxed(),
+        Some(pick) => Holding { body, _pick: pick }.boxed(),
+    }
+}
+
+/// A body that holds something (an endpoint's pick) until it is dropped.
+struct Holding<B> {
+    body: B,
+    _pick: crate::lb::Pick,
+}
+
+impl<B: http_body::Body + Unpin> http_body::Body for Holding<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// A response the engine makes itself, with the reason in the body.

@@ -171,3 +171,149 @@ fn a_bound_service_with_no_waypoint_replica_is_refused_not_bypassed() -> Result<
     assert!(logged, "{:?}", s.mesh.access_logs(0));
     Ok(())
 }
+
+/// Sends `raw` on a fresh connection from `pod` to `addr` with Python's
+/// socket module and returns what came back within two seconds.
+fn raw_exchange(pod: &Pod, addr: &str, raw: &[u8]) -> Result<Vec<u8>> {
+    let (host, port) = addr.rsplit_once(':').context("host:port")?;
+    let script = format!(
+        "import socket,sys\n\
+         s=socket.create_connection(('{host}',{port}),timeout=5)\n\
+         s.sendall(sys.stdin.buffer.read())\n\
+         s.settimeout(2)\n\
+         out=b''\n\
+         try:\n\
+         \x20 while True:\n\
+         \x20   b=s.recv(65536)\n\
+         \x20   if not b: break\n\
+         \x20   out+=b\n\
+         except Exception: pass\n\
+         sys.stdout.buffer.write(out)\n"
+    );
+    let mut cmd = pod.command("/usr/bin/python3");
+    cmd.args(["-c", &script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped());
+    let mut child = cmd.spawn()?;
+    use std::io::Write as _;
+    child.stdin.take().context("stdin")?.write_all(raw)?;
+    let out = child.wait_with_output()?;
+    Ok(out.stdout)
+}
+
+fn status_line(answer: &[u8]) -> String {
+    String::from_utf8_lossy(answer)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// Each HTTP/2 frame in `bytes` (after the server's preface): (type, stream,
+/// payload).
+fn h2_frames(mut bytes: &[u8]) -> Vec<(u8, u32, Vec<u8>)> {
+    let mut frames = Vec::new();
+    while bytes.len() >= 9 {
+        let len =
+            (usize::from(bytes[0]) << 16) | (usize::from(bytes[1]) << 8) | usize::from(bytes[2]);
+        let kind = bytes[3];
+        let stream = u32::from_be_bytes([bytes[5], bytes[6], bytes[7], bytes[8]]) & 0x7fff_ffff;
+        if bytes.len() < 9 + len {
+            break;
+        }
+        frames.push((kind, stream, bytes[9..9 + len].to_vec()));
+        bytes = &bytes[9 + len..];
+    }
+    frames
+}
+
+#[test]
+fn malformed_smuggling_and_oversized_requests_are_refused_counted_and_the_waypoint_keeps_serving()
+-> Result<()> {
+    if !require_privileged() {
+        return Ok(());
+    }
+    let c = Cluster::new("wp-bad", 2, 2)?;
+    let s = setup(&c, &services(""))?;
+    let client = c.pod(0, 0);
+    let addr = format!("{VIP}:80");
+    let cases: [(&str, Vec<u8>, &str); 5] = [
+        (
+            "a Transfer-Encoding that does not end in chunked (smuggling)",
+            b"POST /who HTTP/1.1\r\nHost: echo\r\nTransfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: echo\r\n\r\n".to_vec(),
+            "400",
+        ),
+        (
+            "two different Content-Lengths",
+            b"POST /who HTTP/1.1\r\nHost: echo\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab".to_vec(),
+            "400",
+        ),
+        (
+            "obs-fold",
+            b"GET /who HTTP/1.1\r\nHost: echo\r\nX-A: a\r\n b\r\n\r\n".to_vec(),
+            "400",
+        ),
+        (
+            "a 100 KB header",
+            [
+                &b"GET /who HTTP/1.1\r\nHost: echo\r\nX-Big: "[..],
+                &vec![b'a'; 100_000][..],
+                &b"\r\n\r\n"[..],
+            ]
+            .concat(),
+            "431",
+        ),
+        (
+            "a bad request line",
+            b"GET /a b c HTTP/1.1\r\nHost: echo\r\n\r\n".to_vec(),
+            "400",
+        ),
+    ];
+    for (what, raw, want) in &cases {
+        let answer = raw_exchange(client, &addr, raw)?;
+        let line = status_line(&answer);
+        assert!(
+            line.starts_with("HTTP/1.1 ") && line.contains(want),
+            "{what}: answered {line:?}, want {want}"
+        );
+        assert!(
+            !String::from_utf8_lossy(&answer).contains("smuggled"),
+            "{what}: a second request got through: {}",
+            String::from_utf8_lossy(&answer)
+        );
+    }
+
+    // HTTP/2: a DATA frame on stream 0 is a connection error (PROTOCOL_ERROR).
+    let mut h2 = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    h2.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]); // empty SETTINGS
+    h2.extend_from_slice(&[0, 0, 1, 0, 0, 0, 0, 0, 0, b'x']); // DATA on stream 0
+    let answer = raw_exchange(client, &addr, &h2)?;
+    let goaway = h2_frames(&answer)
+        .into_iter()
+        .find(|(kind, _, _)| *kind == 7)
+        .context("no GOAWAY")?;
+    let code = u32::from_be_bytes([goaway.2[4], goaway.2[5], goaway.2[6], goaway.2[7]]);
+    assert_eq!(code, 1, "GOAWAY with PROTOCOL_ERROR");
+
+    // And the waypoint still serves, and has counted them.
+    assert_eq!(curl(client, &format!("http://{VIP}/who"), &[])?.0, 200);
+    let wp = c.pod(0, 1);
+    let page = wp.exec("curl", ["-sS", "http://127.0.0.1:15020/metrics"])?;
+    let page = String::from_utf8_lossy(&page.stdout).into_owned();
+    let count = |reason: &str| {
+        page.lines()
+            .find(|l| {
+                l.starts_with(&format!(
+                    "weft_waypoint_bad_requests_total{{reason=\"{reason}\"}}"
+                ))
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    assert!(count("malformed") >= 4, "{page}");
+    assert!(count("too_large") >= 1, "{page}");
+    assert!(count("protocol") >= 1, "{page}");
+    drop(s);
+    Ok(())
+}

@@ -143,7 +143,11 @@ async fn serve(args: WaypointArgs, me: WorkloadKey) -> anyhow::Result<()> {
         .with_context(|| format!("binding readiness on {}", args.readiness_addr))?;
     tokio::spawn(crate::metrics::serve(
         metrics,
-        Arc::new(crate::http::telemetry::render),
+        Arc::new(|| {
+            let mut page = crate::http::telemetry::render();
+            page.push_str(&crate::waypoint::BAD.render());
+            page
+        }),
     ));
     let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
     {

@@ -43,7 +43,11 @@ pub struct Front {
 }
 
 impl Handler for Front {
-    fn refused(&self, _why: Refused) {}
+    fn refused(&self, why: Refused) {
+        BAD.count(Bad::of_refusal(why));
+    }
+
+    fn idle_closed(&self) {}
 
     async fn handle(self: Arc<Self>, request: Request) {
         let peer = request.peer.clone();
@@ -195,7 +199,95 @@ where
         .serve_connection_with_upgrades(TokioIo::new(io), service)
         .await
     {
-        debug!(error = %e, "downstream HTTP connection ended with an error");
+        // hyper has already answered what deserved an answer (400 for a
+        // malformed or smuggling request, 431 for oversized headers) or reset
+        // the HTTP/2 connection with the right code; here it is counted.
+        let reason = e
+            .downcast_ref::<hyper::Error>()
+            .map_or(Bad::Protocol, Bad::of_hyper);
+        BAD.count(reason);
+        debug!(error = %e, reason = reason.as_str(), "downstream HTTP connection ended with an error");
+    }
+}
+
+/// Why a client's connection or stream was refused or cut.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bad {
+    /// Not valid HTTP/1.1 (bad request line or header, conflicting framing
+    /// such as `Content-Length` with `Transfer-Encoding`, obs-fold): 400.
+    Malformed,
+    /// Headers over the limit: 431.
+    TooLarge,
+    /// Headers not complete within the read timeout.
+    HeaderTimeout,
+    /// An HTTP/2 protocol error (an invalid frame, a flood): the connection
+    /// is reset with the error's code.
+    Protocol,
+    /// Over the HBONE listener's limits, or its TLS handshake failed.
+    Refused,
+}
+
+impl Bad {
+    pub const ALL: [Bad; 5] = [
+        Bad::Malformed,
+        Bad::TooLarge,
+        Bad::HeaderTimeout,
+        Bad::Protocol,
+        Bad::Refused,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Bad::Malformed => "malformed",
+            Bad::TooLarge => "too_large",
+            Bad::HeaderTimeout => "header_timeout",
+            Bad::Protocol => "protocol",
+            Bad::Refused => "refused",
+        }
+    }
+
+    fn of_hyper(e: &hyper::Error) -> Bad {
+        if e.is_parse_too_large() {
+            Bad::TooLarge
+        } else if e.is_parse() || e.is_parse_status() {
+            Bad::Malformed
+        } else if e.is_timeout() {
+            Bad::HeaderTimeout
+        } else {
+            Bad::Protocol
+        }
+    }
+
+    fn of_refusal(_: Refused) -> Bad {
+        Bad::Refused
+    }
+}
+
+/// Bad input counted, by kind.
+pub struct BadCounts([std::sync::atomic::AtomicU64; Bad::ALL.len()]);
+
+pub static BAD: BadCounts = BadCounts([const { std::sync::atomic::AtomicU64::new(0) }; 5]);
+
+impl BadCounts {
+    fn count(&self, why: Bad) {
+        let i = Bad::ALL.iter().position(|b| *b == why).unwrap_or(0);
+        self.0[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// `weft_waypoint_bad_requests_total`, in Prometheus text.
+    pub fn render(&self) -> String {
+        let mut out = String::from(
+            "# HELP weft_waypoint_bad_requests_total Client connections or streams the waypoint refused or cut for bad input, by reason.\n\
+             # TYPE weft_waypoint_bad_requests_total counter\n",
+        );
+        for (i, b) in Bad::ALL.iter().enumerate() {
+            let n = self.0[i].load(std::sync::atomic::Ordering::Relaxed);
+            out.push_str(&format!(
+                "weft_waypoint_bad_requests_total{{reason=\"{}\"}} {n}\n",
+                b.as_str()
+            ));
+        }
+        out
     }
 }
 

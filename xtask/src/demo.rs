@@ -5,7 +5,9 @@
 //! captured; a service with three replicas across both nodes behind a virtual
 //! IP, a policy that denies one client, and per-service traffic from the
 //! agents' metrics; then commands to try by hand while new access-log lines and
-//! per-service counts stream in, until Ctrl-C. Teardown is the harness's: dropping the `Mesh` kills the agents
+//! per-service counts stream in, until Ctrl-C. Section 7 adds a waypoint: an
+//! HTTPRoute split 90/10 with retries hiding a flaky replica, a header route
+//! and a redirect, live through `weft waypoint`. Teardown is the harness's: dropping the `Mesh` kills the agents
 //! and uninstalls their programs, dropping the `Cluster` removes namespaces and
 //! cgroups, on every path out of here (errors and panics included).
 
@@ -36,6 +38,9 @@ const LIVE_POLL: Duration = Duration::from_millis(500);
 const SVC_VIP: &str = "10.96.0.10";
 const SVC_PORT: u16 = 80;
 const HELLO_PORT: u16 = 7000;
+/// The service behind the waypoint, and its replicas' port.
+const SHOP_VIP: &str = "10.96.0.30";
+const SHOP_PORT: u16 = 9090;
 
 /// Set by SIGINT/SIGTERM; the demo stops at the next check and tears down.
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -60,9 +65,24 @@ fn interrupted() -> Result<()> {
     Ok(())
 }
 
-/// Whether a pod is in the mesh: all but n1p1, which shows the difference.
+/// Whether a pod is in the mesh: all but n1p1, which shows the difference, and
+/// the waypoint, which speaks HBONE itself.
 fn enrolled(p: &Pod) -> bool {
-    !(p.node == 1 && p.index == 1)
+    !(p.node == 1 && p.index == 1) && !is_waypoint(p)
+}
+
+/// The waypoint's pod: n0p3.
+fn is_waypoint(p: &Pod) -> bool {
+    p.node == 0 && p.index == 3
+}
+
+/// The `shop` replicas behind the waypoint: (pod, version, flaky).
+fn shop_replicas(c: &Cluster) -> [(&Pod, &'static str, bool); 3] {
+    [
+        (c.pod(0, 1), "v1", false),
+        (c.pod(1, 0), "v1", true),
+        (c.pod(1, 3), "v2", false),
+    ]
 }
 
 /// The replicas of the demo service `hello`: across both nodes.
@@ -75,7 +95,8 @@ fn denied_client(c: &Cluster) -> &Pod {
     c.pod(0, 2)
 }
 
-/// The service, and a policy that denies one client (by its SPIFFE principal).
+/// The services, the waypoint and its routes, and a policy that denies one
+/// client (by its SPIFFE principal).
 fn demo_sections(c: &Cluster) -> String {
     let denied = &denied_client(c).name;
     format!(
@@ -85,6 +106,36 @@ fn demo_sections(c: &Cluster) -> String {
   ports: [{{port: {SVC_PORT}, target_port: {HELLO_PORT}}}]
   selector: {{app: hello}}
   load_balancing: {{policy: round_robin}}
+- name: shop
+  addresses: [{SHOP_VIP}]
+  ports: [{{port: 80, target_port: {SHOP_PORT}, app_protocol: http}}]
+  selector: {{shop: \"yes\"}}
+  waypoint: waypoint
+- name: shop-v1
+  addresses: [10.96.0.31]
+  ports: [{{port: 80, target_port: {SHOP_PORT}}}]
+  selector: {{shop: \"yes\", version: v1}}
+- name: shop-v2
+  addresses: [10.96.0.32]
+  ports: [{{port: 80, target_port: {SHOP_PORT}}}]
+  selector: {{shop: \"yes\", version: v2}}
+- name: waypoint
+  addresses: []
+  ports: []
+  selector: {{role: waypoint}}
+http_routes:
+- name: shop
+  spec:
+    parentRefs: [{{group: \"\", kind: Service, name: shop, port: 80}}]
+    rules:
+    - matches: [{{headers: [{{name: x-canary, value: \"true\"}}]}}]
+      backendRefs: [{{name: shop-v2, port: 80}}]
+    - matches: [{{path: {{type: PathPrefix, value: /old}}}}]
+      filters:
+      - type: RequestRedirect
+        requestRedirect: {{path: {{type: ReplacePrefixMatch, replacePrefixMatch: /new}}, statusCode: 301}}
+    - backendRefs: [{{name: shop-v1, port: 80, weight: 90}}, {{name: shop-v2, port: 80, weight: 10}}]
+      retry: {{codes: [503], attempts: 2}}
 authorization_policies:
 - name: deny-{denied}
   selector: {{app: hello}}
@@ -107,7 +158,7 @@ pub fn run(once: bool) -> Result<()> {
          and shows what the agents saw."
     );
 
-    let cluster = Cluster::new("demo", 2, 3).context("building the virtual cluster")?;
+    let cluster = Cluster::new("demo", 2, 4).context("building the virtual cluster")?;
     let id = cluster.id().to_owned();
     let cgroup = cluster.cgroup().to_path_buf();
     let outcome = walkthrough(&cluster, once);
@@ -159,8 +210,26 @@ fn walkthrough(cluster: &Cluster, once: bool) -> Result<()> {
 
     section("2. The mesh");
     let mut mesh = Mesh::new(cluster, enrolled)?;
-    for pod in hello_replicas(cluster) {
-        mesh.set_extra(pod, "  labels: {app: hello}\n")?;
+    for pod in cluster.pods() {
+        let mut labels = Vec::new();
+        if hello_replicas(cluster).iter().any(|p| p.name == pod.name) {
+            labels.push("app: hello".to_owned());
+        }
+        if let Some((_, version, _)) = shop_replicas(cluster)
+            .iter()
+            .find(|(p, ..)| p.name == pod.name)
+        {
+            labels.push(format!("shop: \"yes\", version: {version}"));
+        }
+        let mut extra = String::new();
+        if is_waypoint(pod) {
+            labels.push("role: waypoint".to_owned());
+            extra.push_str("  native_tunnel: true\n");
+        }
+        if !labels.is_empty() {
+            extra.push_str(&format!("  labels: {{{}}}\n", labels.join(", ")));
+            mesh.set_extra(pod, &extra)?;
+        }
     }
     mesh.set_sections(&demo_sections(cluster))?;
     mesh.start_all().context("starting the agents")?;
@@ -336,9 +405,37 @@ fn walkthrough(cluster: &Cluster, once: bool) -> Result<()> {
     );
     print_traffic(&traffic);
 
+    section("7. A waypoint: L7 routing");
+    let wp_pod = cluster.pod(0, 3);
+    let waypoint = mesh
+        .start_waypoint(wp_pod, &[])
+        .context("starting the waypoint")?;
+    let _shop: Vec<Proc> = shop_replicas(cluster)
+        .into_iter()
+        .map(|(pod, version, flaky)| {
+            let name = format!("{}-{version}", pod.name);
+            let extra: &[&str] = if flaky { &["--fail-every", "3"] } else { &[] };
+            weft_tests::l7::http_echo_with(pod, SHOP_PORT, &name, extra)
+        })
+        .collect::<Result<_>>()?;
+    println!(
+        "  `weft waypoint` pid {} in {} (its own identity, spiffe://cluster.local/ns/default/sa/{}).\n  \
+         service default/shop ({SHOP_VIP}:80) is bound to it: the client's agent sends each\n  \
+         connection to the waypoint over HBONE, the waypoint routes each request (an HTTPRoute)\n  \
+         and sends it on over HBONE with its own identity. Replicas: {} (v1), {} (v1, fails\n  \
+         every 3rd request with 503), {} (v2).",
+        waypoint.pid(),
+        wp_pod.name,
+        wp_pod.name,
+        cluster.pod(0, 1).name,
+        cluster.pod(1, 0).name,
+        cluster.pod(1, 3).name,
+    );
+    note(waypoint_steps(n0p0, _shop.get(1)));
+
     let failed = failures.len();
     if failed > 0 {
-        bail!("{failed} of 6 demo steps failed");
+        bail!("{failed} of 7 demo steps failed");
     }
     if once {
         return Ok(());
@@ -391,6 +488,77 @@ fn walkthrough(cluster: &Cluster, once: bool) -> Result<()> {
 
 /// `count` connections from `from` to the service; `allowed` says whether the
 /// policy lets `from` in.
+/// The waypoint's routes, live: a 90/10 split with retries hiding the flaky
+/// replica, a header route to v2, and a redirect.
+fn waypoint_steps(client: &Pod, flaky: Option<&Proc>) -> Result<()> {
+    let url = format!("http://{SHOP_VIP}/");
+    let urls: Vec<&str> = std::iter::repeat_n(url.as_str(), 200).collect();
+    let mut args = vec![
+        "-sS",
+        "--noproxy",
+        "*",
+        "--max-time",
+        "60",
+        "-w",
+        "\n%{http_code}\n",
+    ];
+    args.extend(urls.iter().copied());
+    let out = client.exec("curl", &args)?;
+    let mut by_pod = std::collections::BTreeMap::<String, u32>::new();
+    let (mut answers, mut ok) = (0, 0);
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        if line.starts_with('{') {
+            let v: Value = serde_json::from_str(line)?;
+            *by_pod.entry(text(&v, "pod")).or_default() += 1;
+        } else if line.len() == 3 {
+            answers += 1;
+            ok += u32::from(line == "200");
+        }
+    }
+    let hidden = flaky
+        .map(|p| {
+            weft_tests::l7::served_by(p)
+                .iter()
+                .filter(|v| v["status"] == 503)
+                .count()
+        })
+        .unwrap_or(0);
+    println!("\n  $ curl {url}  (200 requests on one keep-alive connection)");
+    println!(
+        "    {ok} of {answers} answered 200 OK; the flaky replica answered 503 {hidden} times,\n    \
+         and each was retried on another replica (retry: codes [503])"
+    );
+    for (pod, n) in &by_pod {
+        println!("    {pod:<12} {n:>4}");
+    }
+    let v2: u32 = by_pod
+        .iter()
+        .filter(|(p, _)| p.ends_with("-v2"))
+        .map(|(_, n)| n)
+        .sum();
+    println!("    route rule 3: weights 90/10 -> v2 took {v2} of {answers}");
+    if ok != 200 {
+        bail!("{} of 200 requests through the waypoint failed", 200 - ok);
+    }
+
+    let r = weft_tests::l7::curl(client, &url, &["-H", "x-canary: true"])?;
+    println!(
+        "\n  $ curl -H 'x-canary: true' {url}\n    {} from {}  (route rule 1: a header match sends it to v2)",
+        r.status,
+        text(&r.body, "pod")
+    );
+    let r = weft_tests::l7::curl(client, &format!("http://{SHOP_VIP}/old/cart"), &[])?;
+    println!(
+        "\n  $ curl http://{SHOP_VIP}/old/cart\n    {} location: {}  (route rule 2: a redirect, answered by the waypoint)",
+        r.status,
+        r.header("location").unwrap_or("-")
+    );
+    if r.status != 301 {
+        bail!("the redirect answered {}", r.status);
+    }
+    Ok(())
+}
+
 fn service_step(from: &Pod, count: usize, allowed: bool) -> Result<()> {
     let to = format!("{SVC_VIP}:{SVC_PORT}");
     println!(

@@ -68,7 +68,7 @@ fn interrupted() -> Result<()> {
 /// Whether a pod is in the mesh: all but n1p1, which shows the difference, and
 /// the waypoint, which speaks HBONE itself.
 fn enrolled(p: &Pod) -> bool {
-    !(p.node == 1 && p.index == 1) && !is_waypoint(p)
+    !(is_waypoint(p) || p.node == 1 && p.index == 1)
 }
 
 /// The waypoint's pod: n0p3.

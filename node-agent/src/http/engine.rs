@@ -44,14 +44,43 @@ pub struct Context {
     /// The service and port the client connected to.
     pub service: Arc<Service>,
     pub port: ServicePort,
+    /// Where its requests go when no route says otherwise (the service
+    /// itself), made once per connection rather than per request.
+    pub default_backend: Backend,
+}
+
+impl Context {
+    pub fn new(
+        peer: Option<SpiffeId>,
+        source_ip: IpAddr,
+        service: Arc<Service>,
+        port: ServicePort,
+    ) -> Context {
+        let default_backend = Backend {
+            service: service.key(),
+            port: port.port,
+            weight: 1,
+            request_filters: Vec::new(),
+            response_filters: Vec::new(),
+            valid: Ok(()),
+        };
+        Context {
+            peer,
+            source_ip,
+            service,
+            port,
+            default_backend,
+        }
+    }
 }
 
 /// The engine's compiled configuration: the mesh view (services, their
 /// balancers, workloads). Swapped whole on a model change.
 pub struct Config {
     pub view: Arc<View>,
-    /// Each bound service port's routes.
-    pub routes: HashMap<(ServiceKey, u16), RouteTable>,
+    /// Each bound service's routes, by port (a map of maps, so a request
+    /// looks its table up by reference, with no key to build).
+    pub routes: HashMap<ServiceKey, HashMap<u16, RouteTable>>,
 }
 
 impl Config {
@@ -70,7 +99,10 @@ impl Config {
                     warn!(service = %format!("{}/{}", svc.namespace, svc.name), port = p.port, note = %note, "route left out");
                 }
                 if !table.is_empty() {
-                    routes.insert((svc.key(), p.port), table);
+                    routes
+                        .entry(svc.key())
+                        .or_insert_with(HashMap::new)
+                        .insert(p.port, table);
                 }
             }
         }
@@ -111,7 +143,7 @@ impl Engine {
     /// that is not HTTP; `None` when none can be reached (logged).
     pub async fn connect_tcp(&self, ctx: &Context) -> Option<upstream::Conn> {
         let config = self.config();
-        let (_, balancer) = config.view.service(&ctx.service.key())?.clone();
+        let (_, balancer) = config.view.service(&ctx.default_backend.service)?.clone();
         let mut tried = Vec::new();
         while let Some(pick) = balancer.pick(ctx.source_ip, &tried, Instant::now()) {
             tried.push(pick.key.clone());
@@ -155,20 +187,14 @@ impl Engine {
         let config = self.config();
         let downstream_upgrade = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
-        let table = config.routes.get(&(ctx.service.key(), ctx.port.port));
+        let table = config
+            .routes
+            .get(&ctx.default_backend.service)
+            .and_then(|ports| ports.get(&ctx.port.port));
         let client_ns = ctx.peer.as_ref().map(|p| p.namespace());
         let selection = match table {
             Some(t) => t.select_from(client_ns, &parts),
             None => Selection::Default,
-        };
-        // Without routes, the service itself (GAMMA: as if no waypoint).
-        let default_rule = Backend {
-            service: ctx.service.key(),
-            port: ctx.port.port,
-            weight: 1,
-            request_filters: Vec::new(),
-            response_filters: Vec::new(),
-            valid: Ok(()),
         };
         let (rule, matched_prefix) = match selection {
             Selection::NotFound => {
@@ -197,7 +223,8 @@ impl Engine {
             }
         }
         let backend = match rule {
-            None => &default_rule,
+            // Without routes, the service itself (GAMMA: as if no waypoint).
+            None => &ctx.default_backend,
             Some(rule) => match rule.pick_backend(crate::lb::random()) {
                 Some(b) => b,
                 None => {
@@ -294,11 +321,18 @@ impl Engine {
             let Some(b) = body.take_for_attempt() else {
                 break Err(error(StatusCode::BAD_GATEWAY, "upstream reset"));
             };
-            let mut up = Request::new(b);
-            *up.method_mut() = head.method().clone();
-            *up.uri_mut() = head.uri().clone();
-            *up.version_mut() = head.version();
-            *up.headers_mut() = head.headers().clone();
+            // The head is copied only while another attempt may need it.
+            let up = if attempt < attempts && body.replayable() {
+                let mut up = Request::new(b);
+                *up.method_mut() = head.method().clone();
+                *up.uri_mut() = head.uri().clone();
+                *up.version_mut() = head.version();
+                *up.headers_mut() = head.headers().clone();
+                up
+            } else {
+                let (parts, ()) = std::mem::take(&mut head).into_parts();
+                Request::from_parts(parts, b)
+            };
             let send = self.upstreams.send(&ep, proto, up);
             let sent = match (per_attempt, deadline) {
                 (Some(t), Some(d)) => {
@@ -436,12 +470,11 @@ impl Engine {
     }
 
     fn budget(&self, key: &ServiceKey) -> Arc<Budget> {
-        self.budgets
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(key.clone())
-            .or_default()
-            .clone()
+        let mut budgets = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(b) = budgets.get(key) {
+            return b.clone();
+        }
+        budgets.entry(key.clone()).or_default().clone()
     }
 }
 

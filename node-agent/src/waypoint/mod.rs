@@ -125,12 +125,12 @@ impl Front {
                 ),
             ));
         };
-        Ok(Context {
-            peer: Some(peer),
+        Ok(Context::new(
+            Some(peer),
             source_ip,
-            port: port.clone(),
-            service: svc.clone(),
-        })
+            svc.clone(),
+            port.clone(),
+        ))
     }
 }
 

@@ -948,6 +948,44 @@ http_routes:
     }
 
     #[test]
+    fn the_documented_waypoint_binding_is_valid() {
+        let doc = include_str!("../../../docs/config.md");
+        let start = doc.find("```yaml\n# Waypoints").expect("the example") + 8;
+        let end = start + doc[start..].find("```").expect("its end");
+        let c = parse(&doc[start..end]).unwrap().mesh;
+        let by_name = |n: &str| c.services.iter().find(|s| s.name == n).unwrap();
+        let wp = ("default".to_owned(), "waypoint".to_owned());
+        assert_eq!(c.waypoint_of(by_name("shop")), Some(wp.clone()));
+        assert_eq!(c.waypoint_of(by_name("metrics")), None, "opted out");
+        assert_eq!(
+            c.waypoint_of(by_name("waypoint")),
+            None,
+            "a waypoint's own service is never bound, even by its namespace"
+        );
+    }
+
+    #[test]
+    fn waypoint_bindings_are_checked() {
+        let e = parse(
+            "workloads:\n- {name: w, node: n0, native_tunnel: true, enrolled: true, netns: /x, labels: {role: wp}}\n- {name: a, node: n0, addresses: [10.0.0.9], labels: {role: wp2}}\n\
+             services:\n- {name: s, addresses: [10.96.0.1], ports: [{port: 80}], selector: {app: x}, waypoint: nope}\n\
+             - {name: t, addresses: [10.96.0.2], ports: [{port: 80}], selector: {app: x}, waypoint: wp2}\n\
+             - {name: wp2, addresses: [], ports: [], selector: {role: wp2}}\n\
+             namespaces:\n- {name: default, waypoint: other/nope}\n",
+        )
+        .unwrap_err()
+        .to_string();
+        for want in [
+            "workloads[0] (default/w): a `native_tunnel` workload",
+            "services[0] (default/s): waypoint: no service default/nope",
+            "services[2] (default/wp2): is a waypoint, but its endpoint default/a is not `native_tunnel`",
+            "namespaces[0] (default): waypoint: no service other/nope",
+        ] {
+            assert!(e.contains(want), "{want:?} not in {e}");
+        }
+    }
+
+    #[test]
     fn every_problem_is_reported() {
         let e = parse(
             "workloads:\n- name: A\n  node: n0\n  enrolled: true\n- name: b\n  node: n0\n- name: b\n  node: n0\n",

@@ -43,7 +43,9 @@ const ALLOWED: &[(&str, &[&str])] = &[
     // The L7 engine: routes, filters, upstreams; no front of its own.
     (
         "http",
-        &["hbone", "identity", "lb", "model", "net", "stats", "view"],
+        &[
+            "authz", "hbone", "identity", "lb", "model", "net", "stats", "view",
+        ],
     ),
     // The waypoint's front: HBONE in, the engine behind.
     ("waypoint", &["hbone", "http", "identity", "model", "net"]),

@@ -317,3 +317,25 @@ fn malformed_smuggling_and_oversized_requests_are_refused_counted_and_the_waypoi
     drop(s);
     Ok(())
 }
+
+#[test]
+fn the_pods_l4_policy_holds_through_the_waypoint_with_the_clients_identity() -> Result<()> {
+    if !require_privileged() {
+        return Ok(());
+    }
+    let c = Cluster::new("wp-l4", 2, 3)?;
+    let denied = c.pod(0, 2);
+    // A DENY for one client at the echo pods; the waypoint's own identity is
+    // not named, so the endpoints' agents let the waypoint in.
+    let policy = format!(
+        "authorization_policies:\n- name: deny-{0}\n  selector: {{app: echo}}\n  action: DENY\n  rules: [{{from: [{{source: {{principals: [cluster.local/ns/default/sa/{0}]}}}}]}}]\n",
+        denied.name
+    );
+    let s = setup(&c, &services(&policy))?;
+    assert_eq!(curl(c.pod(0, 0), &format!("http://{VIP}/who"), &[])?.0, 200);
+    let (code, body) = curl(denied, &format!("http://{VIP}/who"), &[])?;
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("RBAC"), "{body}");
+    drop(s);
+    Ok(())
+}

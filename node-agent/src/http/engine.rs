@@ -151,6 +151,10 @@ impl Engine {
             else {
                 continue;
             };
+            if let Some(why) = denied(&config.view, ctx, &pick.key, ctx.port.target_port) {
+                debug!(endpoint = %pick.key, reason = %why, "TCP stream denied by the endpoint's L4 policy");
+                continue;
+            }
             match self.upstreams.connect(&ep).await {
                 Ok(conn) => {
                     balancer.report(&pick.key, true, Instant::now());
@@ -318,6 +322,11 @@ impl Engine {
             };
             record.endpoint = config.view.workload(&pick.key).cloned();
             record.upstream = Some(ep.addr);
+            if let Some(why) = denied(&config.view, ctx, &pick.key, port.target_port) {
+                debug!(endpoint = %pick.key, reason = %why, "denied by the endpoint's L4 policy");
+                record.flags = "RBAC";
+                break Err(error(StatusCode::FORBIDDEN, "RBAC: access denied"));
+            }
             let Some(b) = body.take_for_attempt() else {
                 break Err(error(StatusCode::BAD_GATEWAY, "upstream reset"));
             };
@@ -566,6 +575,29 @@ impl Drop for Counted {
             &self.0.active
         };
         c.fetch_sub(1, Relaxed);
+    }
+}
+
+/// Why the endpoint's own L4 policy (its authorization policies and peer
+/// authentication) would refuse the original client, if it would: the
+/// waypoint applies them with the client's identity, so a policy written for
+/// the pods holds through the waypoint too (the endpoint's agent then sees the
+/// waypoint's identity, and checks that).
+fn denied(view: &View, ctx: &Context, key: &WorkloadKey, port: u16) -> Option<String> {
+    let w = view.workload(key)?;
+    if ctx.peer.is_none() && view.authz.peer_mode(w) == crate::model::PeerMode::Strict {
+        return Some("plaintext refused: peer authentication is STRICT".into());
+    }
+    match view.authz.check(
+        w,
+        &crate::authz::Conn {
+            src_identity: ctx.peer.as_ref(),
+            src_ip: ctx.source_ip,
+            dst_port: port,
+        },
+    ) {
+        crate::authz::Decision::Allow => None,
+        crate::authz::Decision::Deny { reason, .. } => Some(reason),
     }
 }
 

@@ -26,7 +26,7 @@ use std::{
     net::IpAddr,
     sync::{
         Arc, Mutex, MutexGuard, PoisonError,
-        atomic::{AtomicUsize, Ordering::Relaxed},
+        atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed},
     },
     time::{Duration, Instant},
 };
@@ -72,6 +72,29 @@ pub struct Pick {
     /// The endpoint's active count, shared with the balancer; outlives the
     /// endpoint's removal by `update`.
     active: Arc<AtomicUsize>,
+    /// The endpoint's latency EWMA, in microseconds (0: none observed).
+    latency: Arc<AtomicU64>,
+}
+
+impl Pick {
+    /// Records how long the endpoint took to answer (at L7, to a response's
+    /// head), into its moving average: least request then weighs each
+    /// endpoint's active requests by its latency (Peak EWMA, as Finagle and
+    /// Linkerd do), so a slow replica gets less. A connection proxy (L4) has
+    /// no such measure and never calls this: it balances on counts alone.
+    pub fn observe(&self, took: std::time::Duration) {
+        let sample = (took.as_micros() as u64).max(1);
+        let old = self.latency.load(Relaxed);
+        // Peak-sensitive: a slower sample counts at once, a faster one decays
+        // in (weight 1/4), so a replica that stalls is avoided quickly and
+        // trusted again gradually.
+        let new = if old == 0 || sample > old {
+            sample
+        } else {
+            old - (old - sample) / 4
+        };
+        self.latency.store(new, Relaxed);
+    }
 }
 
 impl Drop for Pick {
@@ -127,6 +150,8 @@ struct Inner {
 struct Endpoint {
     spec: EndpointSpec,
     active: Arc<AtomicUsize>,
+    /// Latency EWMA in µs, fed by L7 picks (`Pick::observe`); 0: none.
+    latency: Arc<AtomicU64>,
     /// Smooth weighted round robin's current weight (nginx's `current_weight`).
     current: i64,
     consecutive_failures: u32,
@@ -142,6 +167,7 @@ impl Endpoint {
         Endpoint {
             spec,
             active: Arc::new(AtomicUsize::new(0)),
+            latency: Arc::new(AtomicU64::new(0)),
             current: 0,
             consecutive_failures: 0,
             backoff: 0,
@@ -262,9 +288,19 @@ impl Balancer {
             let (i, panic) = inner.choose(client, tried, now)?;
             let ep = &inner.endpoints[i];
             ep.active.fetch_add(1, Relaxed);
-            (ep.active.clone(), ep.spec.key.clone(), panic)
+            (
+                (ep.active.clone(), ep.latency.clone()),
+                ep.spec.key.clone(),
+                panic,
+            )
         };
-        Some(Pick { key, panic, active })
+        let (active, latency) = active;
+        Some(Pick {
+            key,
+            panic,
+            active,
+            latency,
+        })
     }
 
     /// The outcome of a connect attempt to `key`. A success resets its
@@ -454,15 +490,22 @@ impl Inner {
             return Some(first);
         };
         let (a, b) = (&self.endpoints[first], &self.endpoints[second]);
-        // a.active / a.weight <= b.active / b.weight, without division.
-        let load = |ep: &Endpoint, other: &Endpoint| {
-            u128::from(ep.active.load(Relaxed) as u64) * u128::from(other.weight())
+        // a.active / a.weight <= b.active / b.weight, without division; at L7
+        // each side's (active + 1) is weighed by its latency EWMA (an endpoint
+        // not yet measured counts as the fastest, so it gets measured).
+        let (la, lb) = (a.latency.load(Relaxed), b.latency.load(Relaxed));
+        let measured = la != 0 || lb != 0;
+        let load = |ep: &Endpoint, lat: u64, other: &Endpoint| {
+            let active = ep.active.load(Relaxed) as u64;
+            let cost = if measured {
+                u128::from(active + 1) * u128::from(lat.max(1))
+            } else {
+                u128::from(active)
+            };
+            cost * u128::from(other.weight())
         };
-        Some(if load(a, b) <= load(b, a) {
-            first
-        } else {
-            second
-        })
+        let (load_a, load_b) = (load(a, la, b), load(b, lb, a));
+        Some(if load_a <= load_b { first } else { second })
     }
 
     /// An eligible endpoint other than `except`, drawn in proportion to its weight;
@@ -824,6 +867,33 @@ mod tests {
         // Once a's connections close, a is the less loaded.
         drop(on_a);
         assert_eq!(name(&b.pick(CLIENT, &[], now).unwrap()), "a");
+    }
+
+    #[test]
+    fn least_request_weighs_active_requests_by_latency_once_measured() {
+        let b = balancer(LbPolicy::LeastRequest, vec![ep("a", 1), ep("b", 1)]);
+        let now = Instant::now();
+        // a answers in 10 ms, b in 1 ms (measured at L7 on each pick).
+        let slow = b.pick(CLIENT, &[key("b")], now).unwrap();
+        slow.observe(std::time::Duration::from_millis(10));
+        let fast = b.pick(CLIENT, &[key("a")], now).unwrap();
+        fast.observe(std::time::Duration::from_millis(1));
+        drop((slow, fast));
+        // With a handful in flight on the fast one, it still wins: (4 + 1) x 1 ms
+        // is less than (0 + 1) x 10 ms.
+        let held: Vec<Pick> = (0..4)
+            .map(|_| b.pick(CLIENT, &[key("a")], now).unwrap())
+            .collect();
+        for _ in 0..20 {
+            assert_eq!(name(&b.pick(CLIENT, &[], now).unwrap()), "b");
+        }
+        drop(held);
+        // A faster sample decays in; a slower one counts at once.
+        let p = b.pick(CLIENT, &[key("b")], now).unwrap();
+        p.observe(std::time::Duration::from_millis(2));
+        assert_eq!(p.latency.load(Relaxed), 8_000);
+        p.observe(std::time::Duration::from_millis(50));
+        assert_eq!(p.latency.load(Relaxed), 50_000);
     }
 
     fn placements(b: &Balancer, now: Instant) -> Vec<String> {

@@ -342,6 +342,7 @@ impl Engine {
                 let (parts, ()) = std::mem::take(&mut head).into_parts();
                 Request::from_parts(parts, b)
             };
+            let started = Instant::now();
             let send = self.upstreams.send(&ep, proto, up);
             let sent = match (per_attempt, deadline) {
                 (Some(t), Some(d)) => {
@@ -356,6 +357,9 @@ impl Engine {
                 Ok(Err(e)) => retry.is_some() || e.before_request() && body.replayable(),
                 Err(_) => retry.is_some(),
             };
+            if let Ok(Ok(_)) = &sent {
+                pick.observe(started.elapsed());
+            }
             let failed = match &sent {
                 Ok(Ok(r)) => r.status().is_server_error(),
                 Ok(Err(e)) => e.blames_endpoint(),

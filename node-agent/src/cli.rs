@@ -101,6 +101,11 @@ pub struct WaypointArgs {
     #[arg(long, env = "WEFT_WORKERS")]
     pub workers: Option<usize>,
 
+    /// On shutdown, how long connections in flight may take to finish before
+    /// they are cut. New connections are refused at once.
+    #[arg(long, env = "WEFT_DRAIN", default_value = "10s", value_parser = parse_duration)]
+    pub drain: Duration,
+
     /// The largest mesh file read, in bytes.
     #[arg(long, env = "WEFT_CONFIG_MAX_BYTES", default_value_t = crate::discovery::file::DEFAULT_MAX_BYTES)]
     pub config_max_bytes: u64,

@@ -174,8 +174,12 @@ async fn serve(args: WaypointArgs, me: WorkloadKey) -> anyhow::Result<()> {
         .await
         .context("getting the waypoint's certificate from the CA")?;
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
-    let connections = Limit::new(args.max_connections, args.max_connections_per_peer);
+    let connections = Arc::new(Limit::new(
+        args.max_connections,
+        args.max_connections_per_peer,
+    ));
     let accept = {
+        let connections = connections.clone();
         let server = server.clone();
         let front = front.clone();
         async move {
@@ -240,9 +244,15 @@ async fn serve(args: WaypointArgs, me: WorkloadKey) -> anyhow::Result<()> {
             }
         }
     }
-    let _ = stop_tx.send(true);
+    // New connections are refused at once; those held finish the requests in
+    // flight (their HTTP/2 peers get a GOAWAY) for up to --drain.
     accept.abort();
-    info!("waypoint stopped");
+    let _ = stop_tx.send(true);
+    let deadline = tokio::time::Instant::now() + args.drain;
+    while connections.held() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    info!(connections_cut = connections.held(), "waypoint stopped");
     Ok(())
 }
 

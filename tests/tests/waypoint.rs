@@ -339,3 +339,56 @@ fn the_pods_l4_policy_holds_through_the_waypoint_with_the_clients_identity() -> 
     drop(s);
     Ok(())
 }
+
+/// Two http-echo servers on `ECHO_PORT` in the echo pods, for tests that read
+/// what the servers saw.
+const ECHO_PORT: u16 = 8081;
+
+fn echo_services() -> String {
+    format!(
+        "services:\n\
+         - name: echo\n  addresses: [{VIP}]\n  ports: [{{port: 80, target_port: {ECHO_PORT}, app_protocol: http}}, {{port: 81, target_port: {ECHO_PORT}, app_protocol: http2}}]\n  selector: {{app: echo}}\n  waypoint: wp\n\
+         - name: wp\n  addresses: []\n  ports: []\n  selector: {{role: waypoint}}\n"
+    )
+}
+
+#[test]
+fn upstream_connections_are_pooled_and_reused_across_client_connections() -> Result<()> {
+    if !require_privileged() {
+        return Ok(());
+    }
+    let c = Cluster::new("wp-pool", 2, 2)?;
+    let s = setup(&c, &echo_services())?;
+    let servers: Vec<Proc> = [c.pod(1, 0), c.pod(1, 1)]
+        .into_iter()
+        .map(|p| weft_tests::l7::http_echo(p, ECHO_PORT, &p.name))
+        .collect::<Result<_>>()?;
+    let client = c.pod(0, 0);
+    // 40 client connections one after the other, HTTP/1.1 upstream (port 80),
+    // then 40 over HTTP/2 (port 81).
+    for port in [80, 81] {
+        for _ in 0..40 {
+            let r = weft_tests::l7::curl(client, &format!("http://{VIP}:{port}/"), &[])?;
+            assert_eq!(r.status, 200, "{:?}", r.body);
+        }
+    }
+    let mut total = 0;
+    for server in &servers {
+        let seen = weft_tests::l7::served_by(server);
+        total += seen.len();
+        let peers = |proto: &str| {
+            seen.iter()
+                .filter(|v| v["protocol"] == proto)
+                .map(|v| v["peer"].to_string())
+                .collect::<std::collections::BTreeSet<_>>()
+        };
+        // Sequential requests: one keep-alive HTTP/1.1 connection and one
+        // HTTP/2 connection per endpoint serve them all (a second may be made
+        // when two requests overlap, never one per request).
+        assert!(peers("HTTP/1.1").len() <= 2, "{:?}", peers("HTTP/1.1"));
+        assert!(peers("HTTP/2").len() <= 2, "{:?}", peers("HTTP/2"));
+    }
+    assert_eq!(total, 80);
+    drop(s);
+    Ok(())
+}

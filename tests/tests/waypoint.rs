@@ -392,3 +392,39 @@ fn upstream_connections_are_pooled_and_reused_across_client_connections() -> Res
     drop(s);
     Ok(())
 }
+
+#[test]
+fn a_stopping_waypoint_finishes_the_requests_in_flight() -> Result<()> {
+    if !require_privileged() {
+        return Ok(());
+    }
+    let c = Cluster::new("wp-drain", 2, 2)?;
+    let mut s = setup(&c, &echo_services())?;
+    let _servers: Vec<Proc> = [c.pod(1, 0), c.pod(1, 1)]
+        .into_iter()
+        .map(|p| weft_tests::l7::http_echo(p, ECHO_PORT, &p.name))
+        .collect::<Result<_>>()?;
+    let client = c.pod(0, 0);
+    let slow = std::thread::scope(|scope| -> Result<u16> {
+        let t = scope.spawn(|| {
+            weft_tests::l7::curl(client, &format!("http://{VIP}/?delay_ms=2000"), &[])
+                .map(|r| r.status)
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        let wp = s.waypoint.as_ref().context("waypoint")?;
+        wp.signal(libc::SIGTERM)?;
+        t.join()
+            .map_err(|_| anyhow::anyhow!("curl thread panicked"))?
+    })?;
+    assert_eq!(slow, 200, "the request in flight was cut");
+    let mut wp = s.waypoint.take().context("waypoint")?;
+    let status = wp.wait_timeout(Duration::from_secs(15))?;
+    assert!(status.success(), "{status:?}\n{}", wp.stderr());
+    let stopped = wp
+        .json_lines()
+        .into_iter()
+        .find(|v| v["message"] == "waypoint stopped")
+        .context("no `waypoint stopped` line")?;
+    assert_eq!(stopped["connections_cut"], 0, "{stopped}");
+    Ok(())
+}

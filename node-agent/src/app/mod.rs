@@ -42,13 +42,19 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 crate::discovery::file::load(&file, crate::discovery::file::DEFAULT_MAX_BYTES)?;
             let mesh = &loaded.mesh;
             println!(
-                "{}: ok ({} workloads, {} enrolled, {} services, {} authorization policies, {} peer authentications)",
+                "{}: ok ({} workloads, {} enrolled, {} services ({} bound to a waypoint), {} authorization policies, {} peer authentications, {} HTTP routes, {} gRPC routes)",
                 file.display(),
                 mesh.workloads.len(),
                 mesh.enrolled_count(),
                 mesh.services.len(),
+                mesh.services
+                    .iter()
+                    .filter(|s| mesh.waypoint_of(s).is_some())
+                    .count(),
                 mesh.authorization_policies.len(),
                 mesh.peer_authentications.len(),
+                mesh.http_routes.len(),
+                mesh.grpc_routes.len(),
             );
             Ok(())
         }

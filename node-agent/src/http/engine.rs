@@ -178,7 +178,15 @@ impl Engine {
     pub async fn handle(&self, ctx: &Context, mut req: Request<Incoming>) -> Response<Body> {
         let info = telemetry::start(ctx, &mut req);
         let mut record = Record::default();
-        let response = self.serve(ctx, req, &mut record).await;
+        let head = req.method() == http::Method::HEAD;
+        let mut response = self.serve(ctx, req, &mut record).await;
+        if head {
+            // A response to HEAD has no content (RFC 9110 9.3.2). hyper's
+            // HTTP/1.1 server leaves it out, its HTTP/2 server sends the body
+            // it is given: the engine's own answers (404, 5xx) have one, and
+            // the client resets the stream. The headers stay as they are.
+            *response.body_mut() = full(bytes::Bytes::new());
+        }
         telemetry::finish(info, ctx, record, response)
     }
 

@@ -250,9 +250,6 @@ impl Engine {
             record.flags = "NR";
             return error(StatusCode::INTERNAL_SERVER_ERROR, "invalid backend");
         }
-        for m in &backend.request_filters {
-            m.apply(&mut parts.headers);
-        }
         let Some((svc, balancer)) = config.view.service(&backend.service).cloned() else {
             record.flags = "NR";
             return error(StatusCode::INTERNAL_SERVER_ERROR, "backend service is gone");
@@ -339,7 +336,7 @@ impl Engine {
                 break Err(error(StatusCode::BAD_GATEWAY, "upstream reset"));
             };
             // The head is copied only while another attempt may need it.
-            let up = if attempt < attempts && body.replayable() {
+            let mut up = if attempt < attempts && body.replayable() {
                 let mut up = Request::new(b);
                 *up.method_mut() = head.method().clone();
                 *up.uri_mut() = head.uri().clone();
@@ -350,6 +347,11 @@ impl Engine {
                 let (parts, ()) = std::mem::take(&mut head).into_parts();
                 Request::from_parts(parts, b)
             };
+            // The backend's own filters go on its attempts only: `head` is
+            // what the mirrors copy, and they must not get them.
+            for m in &backend.request_filters {
+                m.apply(up.headers_mut());
+            }
             let started = Instant::now();
             let send = self.upstreams.send(&ep, proto, up);
             let sent = match (per_attempt, deadline) {

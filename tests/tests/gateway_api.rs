@@ -1012,6 +1012,9 @@ fn http_route_partially_invalid_backend_split() -> Result<()> {
 // ---------------------------------------------------------------------------
 // Mirrors
 
+/// One rule to v1 with the mirror `filters`; it sets `x-rule: all` for every
+/// request and `x-backend: to-v1` for the ones to its backend, v1: a mirror
+/// gets the first, not the second.
 fn mirror_routes(filters: &str) -> String {
     format!(
         r#"http_routes:
@@ -1020,7 +1023,12 @@ fn mirror_routes(filters: &str) -> String {
     parentRefs: [{{group: "", kind: Service, name: echo, port: 80}}]
     rules:
     - filters:
-{filters}      backendRefs: [{{name: echo-v1, port: 80}}]
+      - {{type: RequestHeaderModifier, requestHeaderModifier: {{set: [{{name: x-rule, value: all}}]}}}}
+{filters}      backendRefs:
+      - name: echo-v1
+        port: 80
+        filters:
+        - {{type: RequestHeaderModifier, requestHeaderModifier: {{set: [{{name: x-backend, value: to-v1}}]}}}}
 "#
     )
 }
@@ -1061,13 +1069,23 @@ fn http_route_request_mirror() -> Result<()> {
         assert_eq!(settled_count(&mirror, "/mirror", 10), 10);
         assert_eq!(served_path(&s.v1, "/mirror"), 10);
         let copy = &l7::served_by(&mirror)[0];
+        let header = |v: &Value, name: &str| v["headers"][name][0].as_str().map(str::to_owned);
         assert_eq!(
             (
                 copy["query"].as_str(),
-                copy["headers"]["x-sent"][0].as_str()
+                header(copy, "x-sent"),
+                header(copy, "x-rule")
             ),
-            (Some("n=1"), Some("yes")),
+            (Some("n=1"), Some("yes".into()), Some("all".into())),
             "{copy}"
+        );
+        // The backend's own filters are for requests to that backend only.
+        assert_eq!(header(copy, "x-backend"), None, "{copy}");
+        let original = &l7::served_by(&s.v1)[0];
+        assert_eq!(
+            header(original, "x-backend").as_deref(),
+            Some("to-v1"),
+            "{original}"
         );
         Ok(())
     })

@@ -801,6 +801,12 @@ fn http_route_redirect_path() -> Result<()> {
                     302,
                     "http://10.96.0.20/replacement-prefix",
                 ),
+                // The query is kept.
+                (
+                    "/original-prefix/lemon?x=1&y",
+                    302,
+                    "http://10.96.0.20/replacement-prefix/lemon?x=1&y",
+                ),
             ],
         )
     })
@@ -1416,7 +1422,15 @@ fn http_route_cors() -> Result<()> {
 // ---------------------------------------------------------------------------
 // gRPC
 
-const GRPC_ROUTES: &str = r#"grpc_routes:
+/// The GRPCRoute of the gRPC port, and an HTTPRoute on that port that would
+/// send everything to v2: GEP-1294 applies the GRPCRoute only.
+const GRPC_ROUTES: &str = r#"http_routes:
+- name: shadowed-by-grpc
+  spec:
+    parentRefs: [{group: "", kind: Service, name: echo, port: 9090}]
+    rules:
+    - backendRefs: [{name: echo-v2, port: 9090}]
+grpc_routes:
 - name: grpc-matching
   spec:
     parentRefs: [{group: "", kind: Service, name: echo, port: 9090}]

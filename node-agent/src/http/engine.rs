@@ -178,7 +178,15 @@ impl Engine {
     pub async fn handle(&self, ctx: &Context, mut req: Request<Incoming>) -> Response<Body> {
         let info = telemetry::start(ctx, &mut req);
         let mut record = Record::default();
-        let response = self.serve(ctx, req, &mut record).await;
+        let head = req.method() == http::Method::HEAD;
+        let mut response = self.serve(ctx, req, &mut record).await;
+        if head {
+            // A response to HEAD has no content (RFC 9110 9.3.2). hyper's
+            // HTTP/1.1 server leaves it out, its HTTP/2 server sends the body
+            // it is given: the engine's own answers (404, 5xx) have one, and
+            // the client resets the stream. The headers stay as they are.
+            *response.body_mut() = full(bytes::Bytes::new());
+        }
         telemetry::finish(info, ctx, record, response)
     }
 
@@ -241,9 +249,6 @@ impl Engine {
             debug!(reason = %why, "request for an invalid backend");
             record.flags = "NR";
             return error(StatusCode::INTERNAL_SERVER_ERROR, "invalid backend");
-        }
-        for m in &backend.request_filters {
-            m.apply(&mut parts.headers);
         }
         let Some((svc, balancer)) = config.view.service(&backend.service).cloned() else {
             record.flags = "NR";
@@ -331,7 +336,7 @@ impl Engine {
                 break Err(error(StatusCode::BAD_GATEWAY, "upstream reset"));
             };
             // The head is copied only while another attempt may need it.
-            let up = if attempt < attempts && body.replayable() {
+            let mut up = if attempt < attempts && body.replayable() {
                 let mut up = Request::new(b);
                 *up.method_mut() = head.method().clone();
                 *up.uri_mut() = head.uri().clone();
@@ -342,6 +347,11 @@ impl Engine {
                 let (parts, ()) = std::mem::take(&mut head).into_parts();
                 Request::from_parts(parts, b)
             };
+            // The backend's own filters go on its attempts only: `head` is
+            // what the mirrors copy, and they must not get them.
+            for m in &backend.request_filters {
+                m.apply(up.headers_mut());
+            }
             let started = Instant::now();
             let send = self.upstreams.send(&ep, proto, up);
             let sent = match (per_attempt, deadline) {

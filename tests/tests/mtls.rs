@@ -915,3 +915,33 @@ fn the_documented_root_rotation_drops_no_connection_and_the_old_root_is_refused_
     ensure!(r["ok"] == true, "the long-lived connection broke: {r}");
     Ok(())
 }
+
+#[test]
+fn a_connection_to_a_port_nobody_listens_on_is_refused_at_once() -> Result<()> {
+    if !require_privileged() {
+        return Ok(());
+    }
+    // The agent hands a connection to the application from the client's own
+    // address: the RST of a closed port must come back to the agent (it is
+    // marked like the SYN it answers), not go to the real client and be lost,
+    // which left the agent waiting out its 10 s connect timeout.
+    let c = Cluster::new("closed-port", 2, 2)?;
+    let _mesh = Mesh::start(&c, |_| true)?;
+    // curl gives up after 5 s (exit 28), well before the agent's connect
+    // timeout: the refusal must come first (a reset, 56, or a refused connect,
+    // 7), over HBONE and in-process.
+    for (from, to) in [(c.pod(0, 0), c.pod(1, 1)), (c.pod(1, 0), c.pod(1, 1))] {
+        let out = from.exec(
+            "curl",
+            ["-sS", "-m", "5", &format!("http://{}/", addr(to.ip))],
+        )?;
+        assert!(
+            matches!(out.status.code(), Some(7 | 56)),
+            "{} -> {}: {}",
+            from.name,
+            to.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}

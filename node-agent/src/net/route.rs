@@ -9,7 +9,10 @@
 //! pod is marked, so nothing else changes. (Istio's ztunnel does the same in its
 //! in-pod mode with iptables marks; here the mark rides on the socket.)
 //!
-//! Set up once per pod, inside its namespace: the sysctl through `/proc/sys`
+//! The kernel's own replies to marked packets are marked too (`fwmark_reflect`),
+//! so the RST of a closed port comes back to the agent at once.
+//!
+//! Set up once per pod, inside its namespace: the sysctls through `/proc/sys`
 //! (which follows the calling thread's namespace), the rule and the routes with
 //! three netlink messages. Hand-written rather than a netlink crate: three
 //! fixed messages do not need one, and `rtnetlink` would bring its own async
@@ -47,6 +50,24 @@ pub fn prepare_handover(netns: &Netns) -> io::Result<()> {
             .write(true)
             .open("/proc/sys/net/ipv4/tcp_fwmark_accept")?
             .write_all(b"1")?;
+        // The kernel's own replies (the RST of a port nobody listens on) carry
+        // the mark of the packet they answer, so a handover to a closed port is
+        // refused at once instead of waiting out the connect timeout: without
+        // it, the RST went to the real client's address and was lost. Only
+        // marked packets get marked replies; nothing else in the pod changes.
+        OpenOptions::new()
+            .write(true)
+            .open("/proc/sys/net/ipv4/fwmark_reflect")?
+            .write_all(b"1")?;
+        match OpenOptions::new()
+            .write(true)
+            .open("/proc/sys/net/ipv6/fwmark_reflect")
+        {
+            Ok(mut f) => f.write_all(b"1")?,
+            // No IPv6 in this namespace: nothing to reflect.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
         let nl = Netlink::open()?;
         for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
             let done = nl

@@ -440,3 +440,22 @@ fn a_stopping_waypoint_finishes_the_requests_in_flight() -> Result<()> {
     assert_eq!(stopped["connections_cut"], 0, "{stopped}");
     Ok(())
 }
+
+#[test]
+fn a_failed_connect_is_tried_on_another_endpoint_without_a_retry_policy() -> Result<()> {
+    if !require_privileged() {
+        return Ok(());
+    }
+    let c = Cluster::new("wp-conn", 2, 2)?;
+    let s = setup(&c, &echo_services())?;
+    // Only one of the two endpoints runs a server: connects to the other are
+    // refused by its application (a 503 on its HBONE stream).
+    let _server = weft_tests::l7::http_echo(c.pod(1, 0), ECHO_PORT, "up")?;
+    let client = c.pod(0, 0);
+    for _ in 0..20 {
+        let r = weft_tests::l7::curl(client, &format!("http://{VIP}/"), &[])?;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+    }
+    drop(s);
+    Ok(())
+}

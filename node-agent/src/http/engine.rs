@@ -274,9 +274,12 @@ impl Engine {
         let mirrors = rule.map_or(&[][..], |r| &r.mirrors[..]);
 
         // The body is kept (up to a bound) only when something needs it again:
-        // a retry or a mirror. Otherwise it streams through untouched.
+        // a retry or a mirror. Otherwise it streams through untouched. No body
+        // at all is kept for free: a failed connect is then always tried again.
         let wants_copy = retry.is_some() || !mirrors.is_empty();
-        let body = if wants_copy && fits(&body) {
+        let body = if body.is_end_stream() && downstream_upgrade.is_none() {
+            Replay::Kept(bytes::Bytes::new())
+        } else if wants_copy && fits(&body) {
             match Limited::new(body, MAX_REPLAY_BODY).collect().await {
                 Ok(b) => Replay::Kept(b.to_bytes()),
                 Err(_) => {
@@ -300,6 +303,7 @@ impl Engine {
         let budget = self.budget(&backend.service);
         let _active = budget.enter();
         let attempts = 1 + retry.map_or(0, |r| r.attempts);
+        let connect_attempts = 1 + svc.load_balancing.retries;
         let mut tried: Vec<WorkloadKey> = Vec::new();
         let mut body = body;
         let deadline = overall.map(|d| tokio::time::Instant::now() + d);
@@ -362,13 +366,27 @@ impl Engine {
                 (None, Some(d)) => tokio::time::timeout_at(d, send).await,
                 (None, None) => Ok(send.await),
             };
-            let retryable = match &sent {
-                Ok(Ok(r)) => retry.is_some_and(|p| p.codes.contains(&r.status().as_u16())),
-                Ok(Err(e)) => retry.is_some() || e.before_request() && body.replayable(),
-                Err(_) => retry.is_some(),
+            // A connection that failed before the request went out is safe to
+            // try on another endpoint whatever the route says, as the agent
+            // does at L4 (up to the service's `retries`); other failures only
+            // as the route's retry policy says.
+            let (retryable, limit) = match &sent {
+                Ok(Ok(r)) => (
+                    retry.is_some_and(|p| p.codes.contains(&r.status().as_u16())),
+                    attempts,
+                ),
+                Ok(Err(e)) if e.before_request() && e.blames_endpoint() => {
+                    (true, attempts.max(connect_attempts))
+                }
+                Ok(Err(_)) | Err(_) => (retry.is_some(), attempts),
             };
-            if let Ok(Ok(_)) = &sent {
-                pick.observe(started.elapsed());
+            match &sent {
+                Ok(Ok(_)) => pick.observe(started.elapsed()),
+                // A failure weighs as a very slow answer: least request then
+                // steers away at once, before outlier detection ejects it.
+                Ok(Err(e)) if e.blames_endpoint() => pick.observe(FAILURE_PENALTY),
+                Err(_) => pick.observe(FAILURE_PENALTY),
+                Ok(Err(_)) => {}
             }
             let failed = match &sent {
                 Ok(Ok(r)) => r.status().is_server_error(),
@@ -380,12 +398,12 @@ impl Engine {
             }
             let past_deadline = deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
             let may_retry = retryable
-                && attempt < attempts
+                && attempt < limit
                 && body.replayable()
                 && !past_deadline
                 && budget.allow_retry();
             if !may_retry {
-                if retryable && attempt >= attempts && attempts > 1 {
+                if retryable && attempt >= limit && limit > 1 {
                     record.flags = "URX";
                 }
                 break match sent {
@@ -548,6 +566,8 @@ pub const MAX_REPLAY_BODY: usize = 64 << 10;
 const DEFAULT_BACKOFF: Duration = Duration::from_millis(25);
 const MAX_BACKOFF_FACTOR: u32 = 8;
 const MIRROR_TIMEOUT: Duration = Duration::from_secs(30);
+/// The latency an endpoint's failure counts as in its moving average.
+const FAILURE_PENALTY: Duration = Duration::from_secs(1);
 
 /// Envoy's retry budget: retries in flight to a service may be at most 20% of
 /// its requests in flight (and always at least 3), so retries never multiply

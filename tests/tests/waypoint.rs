@@ -275,8 +275,13 @@ fn malformed_smuggling_and_oversized_requests_are_refused_counted_and_the_waypoi
     for (what, raw, want) in &cases {
         let answer = raw_exchange(client, &addr, raw)?;
         let line = status_line(&answer);
+        // The 431 goes out while the client is still sending the rest of its
+        // header, so the close that follows may reset the connection before
+        // the client reads it: for that case a reset is a refusal too (it is
+        // counted below either way).
+        let reset_ok = *want == "431" && answer.is_empty();
         assert!(
-            line.starts_with("HTTP/1.1 ") && line.contains(want),
+            reset_ok || line.starts_with("HTTP/1.1 ") && line.contains(want),
             "{what}: answered {line:?}, want {want}"
         );
         assert!(

@@ -197,6 +197,7 @@ impl Engine {
         record: &mut Record,
     ) -> Response<Body> {
         let config = self.config();
+        record.view = Some(config.view.clone());
         let downstream_upgrade = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         let table = config
@@ -332,7 +333,7 @@ impl Engine {
                 record.flags = "RBAC";
                 break Err(error(StatusCode::FORBIDDEN, "RBAC: access denied"));
             }
-            let Some(b) = body.take_for_attempt() else {
+            let Some(b) = body.take_for_attempt().map(|b| record.count_request(b)) else {
                 break Err(error(StatusCode::BAD_GATEWAY, "upstream reset"));
             };
             // The head is copied only while another attempt may need it.

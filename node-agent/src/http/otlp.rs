@@ -261,3 +261,115 @@ pub fn encode(service: &str, spans: &[Span]) -> Bytes {
     });
     Bytes::from(serde_json::to_vec(&doc).unwrap_or_default())
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+
+    fn span(parent: Option<[u8; 8]>) -> Span {
+        Span {
+            trace_id: [1; 16],
+            span_id: [2; 8],
+            parent,
+            name: "shop/web".into(),
+            start: SystemTime::UNIX_EPOCH + Duration::from_secs(1),
+            end: SystemTime::UNIX_EPOCH + Duration::from_millis(1500),
+            error: true,
+            attributes: vec![("http.response.status_code", 503.into())],
+        }
+    }
+
+    #[test]
+    fn spans_encode_as_otlp_json() {
+        let doc: Json =
+            serde_json::from_slice(&encode("default/wp", &[span(Some([3; 8]))])).unwrap();
+        let rs = &doc["resourceSpans"][0];
+        assert_eq!(
+            rs["resource"]["attributes"][0]["value"]["stringValue"],
+            "default/wp"
+        );
+        let s = &rs["scopeSpans"][0]["spans"][0];
+        assert_eq!(s["traceId"], "01".repeat(16));
+        assert_eq!(s["spanId"], "02".repeat(8));
+        assert_eq!(s["parentSpanId"], "03".repeat(8));
+        assert_eq!(s["startTimeUnixNano"], "1000000000");
+        assert_eq!(s["endTimeUnixNano"], "1500000000");
+        assert_eq!(s["status"]["code"], 2);
+        assert_eq!(s["attributes"][0]["value"]["intValue"], "503");
+        let root: Json = serde_json::from_slice(&encode("x", &[span(None)])).unwrap();
+        assert!(
+            root["resourceSpans"][0]["scopeSpans"][0]["spans"][0]
+                .get("parentSpanId")
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn endpoints_must_be_plain_http() {
+        assert_eq!(target("http://otel:4318").unwrap().path, "/v1/traces");
+        assert_eq!(target("http://otel").unwrap().authority, "otel:4318");
+        assert_eq!(target("http://otel:1/x/traces").unwrap().path, "/x/traces");
+        assert!(target("https://otel:4318").is_err());
+        assert!(target("otel:4318").is_err());
+    }
+
+    /// Reads one HTTP/1.1 request (its head and a `content-length` body).
+    async fn read_request(conn: &mut tokio::net::TcpStream) -> (String, Vec<u8>) {
+        let mut buf = Vec::new();
+        loop {
+            let mut chunk = [0; 4096];
+            let n = conn.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "closed early");
+            buf.extend_from_slice(&chunk[..n]);
+            let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                continue;
+            };
+            let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            if buf.len() >= end + 4 + len {
+                return (head, buf[end + 4..end + 4 + len].to_vec());
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn spans_are_posted_in_a_batch_and_overflow_is_counted() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let exporter = Exporter::spawn(&format!("http://{addr}"), "default/wp").unwrap();
+        for _ in 0..3 {
+            exporter.push(span(None));
+        }
+        let (mut conn, _) = listener.accept().await.unwrap();
+        let (head, body) = read_request(&mut conn).await;
+        conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(head.starts_with("post /v1/traces http/1.1"), "{head}");
+        assert!(head.contains("content-type: application/json"), "{head}");
+        let doc: Json = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            doc["resourceSpans"][0]["scopeSpans"][0]["spans"]
+                .as_array()
+                .unwrap()
+                .len(),
+            3
+        );
+        let mut patience = 100;
+        while counts(Some(&exporter)).0 < 3 && patience > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            patience -= 1;
+        }
+        assert_eq!(counts(Some(&exporter)), (3, 0));
+        // Past the queue's bound, spans are dropped and counted, never waited for.
+        for _ in 0..QUEUE + MAX_BATCH + 10 {
+            exporter.push(span(None));
+        }
+        assert!(counts(Some(&exporter)).1 >= 10);
+    }
+}

@@ -415,10 +415,10 @@ impl Exchange {
             (_, "") => "-",
             (_, f) => f,
         };
-        let grpc_status = self
-            .started
-            .grpc
-            .then(|| self.grpc_status.unwrap_or_else(|| grpc_of_http(self.status)));
+        let grpc_status = self.started.grpc.then(|| {
+            self.grpc_status
+                .unwrap_or_else(|| grpc_of_http(self.status))
+        });
         let request_bytes = self.request_bytes.as_ref().map_or(0, |n| n.load(Relaxed));
         let outcome = Outcome {
             grpc: self.started.grpc,
@@ -481,16 +481,25 @@ impl Exchange {
                 end,
                 error: self.status >= 500 || flags != "-" || grpc_status.is_some_and(|s| s != 0),
                 attributes: vec![
-                    ("http.request.method", self.started.method.to_string().into()),
+                    (
+                        "http.request.method",
+                        self.started.method.to_string().into(),
+                    ),
                     ("url.path", self.started.path.clone().into()),
                     ("server.address", self.started.authority.clone().into()),
                     ("http.response.status_code", i64::from(self.status).into()),
                     ("weft.response_flags", flags.to_owned().into()),
                     (
                         "weft.upstream",
-                        self.upstream.map(|a| a.to_string()).unwrap_or_default().into(),
+                        self.upstream
+                            .map(|a| a.to_string())
+                            .unwrap_or_default()
+                            .into(),
                     ),
-                    ("weft.source", pair.source.principal.clone().unwrap_or_default().into()),
+                    (
+                        "weft.source",
+                        pair.source.principal.clone().unwrap_or_default().into(),
+                    ),
                     ("weft.destination_service", pair.service_host.clone().into()),
                 ],
             });
@@ -718,7 +727,10 @@ impl<S: AsRef<str>> Side<S> {
             workload: self.workload.as_ref().map(|s| f(s.as_ref())),
             app: self.app.as_ref().map(|s| f(s.as_ref())),
             version: self.version.as_ref().map(|s| f(s.as_ref())),
-            principal: self.principal.as_ref().map(|p| p.each_ref().map(|s| f(s.as_ref()))),
+            principal: self
+                .principal
+                .as_ref()
+                .map(|p| p.each_ref().map(|s| f(s.as_ref()))),
         }
     }
 
@@ -767,10 +779,16 @@ fn side_of<'a>(w: &'a Workload, principal: Option<[&'a str; 3]>) -> Side<&'a str
 /// one the source proved (an address alone is not trusted to name a
 /// workload when an identity says otherwise), else what the identity says
 /// (namespace and principal).
-fn source_side<'a>(view: Option<&'a View>, peer: Option<&'a SpiffeId>, ip: IpAddr) -> Side<&'a str> {
+fn source_side<'a>(
+    view: Option<&'a View>,
+    peer: Option<&'a SpiffeId>,
+    ip: IpAddr,
+) -> Side<&'a str> {
     let principal = peer.map(|p| [p.trust_domain(), p.namespace(), p.service_account()]);
     let by_ip = view.and_then(|v| v.workload_by_address(ip)).filter(|w| {
-        peer.is_none_or(|p| p.namespace() == w.namespace && p.service_account() == w.service_account)
+        peer.is_none_or(|p| {
+            p.namespace() == w.namespace && p.service_account() == w.service_account
+        })
     });
     match by_ip {
         Some(w) => side_of(w, principal),
@@ -845,7 +863,10 @@ impl Pair {
             ",request_protocol=\"{}\",response_code=\"{}\",grpc_response_status=\"{}\",response_flags=\"{}\",connection_security_policy=\"{}\"",
             if outcome.grpc { "grpc" } else { "http" },
             outcome.code,
-            outcome.grpc_status.map(|s| s.to_string()).unwrap_or_default(),
+            outcome
+                .grpc_status
+                .map(|s| s.to_string())
+                .unwrap_or_default(),
             label(outcome.flags),
             if self.source.principal.is_some() {
                 "mutual_tls"
@@ -887,7 +908,11 @@ impl Metrics {
     fn pair(&self, ctx: &Context, record: &Record) -> Arc<Pair> {
         let view = record.view.as_deref();
         let trust_domain = view.map_or_else(
-            || ctx.peer.as_ref().map_or("cluster.local", |p| p.trust_domain()),
+            || {
+                ctx.peer
+                    .as_ref()
+                    .map_or("cluster.local", |p| p.trust_domain())
+            },
             View::trust_domain,
         );
         let destination = record.endpoint.as_ref().map_or_else(Side::default, |w| {
@@ -1043,4 +1068,450 @@ pub fn render() -> String {
         crate::telemetry::dropped_lines()
     );
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        net::Ipv4Addr,
+        task::{Context as Cx, Poll, Waker},
+    };
+
+    use http::StatusCode;
+    use http_body_util::BodyExt as _;
+
+    use super::*;
+    use crate::{
+        model::{Endpoints, Mesh, ServicePort},
+        view::Balancers,
+    };
+
+    const TP: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    #[test]
+    fn traceparent_is_read_as_the_w3c_spec_says() {
+        let trace = [
+            0x4b, 0xf9, 0x2f, 0x35, 0x77, 0xb3, 0x4d, 0xa6, 0xa3, 0xce, 0x92, 0x9d, 0x0e, 0x0e,
+            0x47, 0x36,
+        ];
+        let parent = [0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7];
+        assert_eq!(parse_traceparent(TP.as_bytes()), Some((trace, parent, 1)));
+        for (bad, why) in [
+            (
+                "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+                "uppercase",
+            ),
+            (
+                "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                "version ff",
+            ),
+            (
+                "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+                "zero trace id",
+            ),
+            (
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+                "zero parent id",
+            ),
+            (
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x",
+                "00 with more",
+            ),
+            (
+                "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+                "short trace id",
+            ),
+            (
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0g",
+                "flags not hex",
+            ),
+            (
+                "00_4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                "separator",
+            ),
+            (
+                "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01x",
+                "no dash after",
+            ),
+            ("", "empty"),
+        ] {
+            assert_eq!(parse_traceparent(bad.as_bytes()), None, "{why}: {bad}");
+        }
+        // A later version is read by its 00 fields, whatever follows a dash.
+        let later = "cc-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-03-what-ever";
+        assert_eq!(
+            parse_traceparent(later.as_bytes()),
+            Some((trace, parent, 3))
+        );
+    }
+
+    fn ctx(service: &str) -> Context {
+        let port = ServicePort {
+            port: 80,
+            target_port: 8080,
+            app_protocol: None,
+        };
+        Context::new(
+            Some(SpiffeId::new("cluster.local", "default", "client").unwrap()),
+            IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),
+            Arc::new(Service {
+                name: service.into(),
+                namespace: "shop".into(),
+                addresses: vec![],
+                ports: vec![port.clone()],
+                endpoints: Endpoints::Listed(vec![]),
+                load_balancing: Default::default(),
+                outlier_detection: Default::default(),
+                waypoint: None,
+            }),
+            port,
+        )
+    }
+
+    #[test]
+    fn start_propagates_the_trace_with_the_waypoints_span() {
+        let ctx = ctx("trace");
+        let mut req = Request::get("http://x/")
+            .header(TRACEPARENT, TP)
+            .body(())
+            .unwrap();
+        req.headers_mut()
+            .insert("tracestate", HeaderValue::from_static("k=v"));
+        let started = start(&ctx, &mut req);
+        let sent = req.headers()[TRACEPARENT].to_str().unwrap().to_owned();
+        assert_eq!(&sent[..36], &TP[..36], "same version and trace id");
+        assert_ne!(&sent[36..52], &TP[36..52], "a new span id");
+        assert_eq!(&sent[52..], "-01", "the caller's sampling kept");
+        assert_eq!(sent[36..52], Hex(&started.trace.span_id).to_string());
+        assert_eq!(
+            started.trace.parent.map(|p| Hex(&p).to_string()).as_deref(),
+            Some(&TP[36..52])
+        );
+        assert_eq!(req.headers()["tracestate"], "k=v");
+
+        // No (or an invalid, or a doubled) traceparent: a new trace, not sampled
+        // unless configured.
+        for values in [vec![], vec!["garbage"], vec![TP, TP]] {
+            let mut req = Request::get("http://x/").body(()).unwrap();
+            for v in &values {
+                req.headers_mut()
+                    .append(TRACEPARENT, HeaderValue::from_str(v).unwrap());
+            }
+            let started = start(&ctx, &mut req);
+            let sent = req.headers()[TRACEPARENT].to_str().unwrap().to_owned();
+            let (trace, parent, flags) = parse_traceparent(sent.as_bytes()).unwrap();
+            assert_eq!(trace, started.trace.trace_id);
+            assert_ne!(Hex(&trace).to_string(), TP[3..35]);
+            assert_eq!(parent, started.trace.span_id);
+            assert_eq!((started.trace.parent, flags), (None, 0), "{values:?}");
+        }
+    }
+
+    #[test]
+    fn histograms_render_cumulative_buckets_in_envoys_le_text() {
+        let h = Histogram::default();
+        for (ms, us) in [(0.2, 200), (0.5, 500), (3.0, 3000), (4e6, 4_000_000_000)] {
+            h.observe(ms, us);
+        }
+        let mut out = String::new();
+        h.render(&mut out, "m", "a=\"b\"", 1e-3);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(
+            lines[0], "m_bucket{a=\"b\",le=\"0.5\"} 2",
+            "le is inclusive"
+        );
+        assert_eq!(lines[1], "m_bucket{a=\"b\",le=\"1\"} 2");
+        assert_eq!(lines[2], "m_bucket{a=\"b\",le=\"5\"} 3");
+        assert_eq!(lines[18], "m_bucket{a=\"b\",le=\"3.6e+06\"} 3");
+        assert_eq!(lines[19], "m_bucket{a=\"b\",le=\"+Inf\"} 4");
+        assert_eq!(lines[20], "m_sum{a=\"b\"} 4000003.7");
+        assert_eq!(lines[21], "m_count{a=\"b\"} 4");
+    }
+
+    #[test]
+    fn borrowed_and_owned_keys_hash_alike() {
+        let borrowed = PairKey {
+            source: Side {
+                namespace: Some("ns"),
+                workload: None,
+                app: Some("a"),
+                version: None,
+                principal: Some(["td", "ns", "sa"]),
+            },
+            destination: Side::default(),
+            service: ["ns", "svc"],
+        };
+        let owned: PairKey<Box<str>> = borrowed.map(Box::from);
+        let h = RandomState::new();
+        assert_eq!(h.hash_one(&borrowed), h.hash_one(&owned));
+        assert_eq!(owned.map(|s| s), borrowed);
+    }
+
+    /// A view with the client at 10.0.0.1 and two servers, one with a label
+    /// value that needs escaping.
+    fn view() -> Arc<View> {
+        let w = |name: &str, ip: [u8; 4], labels: &[(&str, &str)]| Workload {
+            name: name.into(),
+            namespace: if name == "client" { "default" } else { "shop" }.into(),
+            service_account: name.into(),
+            node: "n".into(),
+            addresses: vec![IpAddr::from(ip)],
+            enrolled: true,
+            outside_mesh: Default::default(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            native_tunnel: false,
+        };
+        let mesh = Mesh {
+            workloads: vec![
+                w("client", [10, 0, 0, 1], &[("app", "client")]),
+                w(
+                    "server-v1",
+                    [10, 0, 1, 1],
+                    &[("app", "web"), ("version", "v1")],
+                ),
+                w("odd", [10, 0, 1, 2], &[("app", "we\"ird\\")]),
+            ],
+            ..Default::default()
+        };
+        Arc::new(View::new(mesh, "n", &Balancers::default()))
+    }
+
+    fn record(view: &Arc<View>, endpoint: &str) -> Record {
+        Record {
+            endpoint: view
+                .workloads()
+                .iter()
+                .find(|w| w.name == endpoint)
+                .cloned(),
+            upstream: Some("10.0.1.1:8080".parse().unwrap()),
+            view: Some(view.clone()),
+            ..Record::default()
+        }
+    }
+
+    /// The lines of `name` whose labels name service `svc`.
+    fn lines(name: &str, svc: &str) -> Vec<String> {
+        render()
+            .lines()
+            .filter(|l| {
+                l.starts_with(&format!("{name}{{"))
+                    && l.contains(&format!("destination_service_name=\"{svc}\""))
+            })
+            .map(str::to_owned)
+            .collect()
+    }
+
+    type Polled = Poll<Option<Result<Frame<Bytes>, BoxError>>>;
+
+    fn poll(body: &mut Body) -> Polled {
+        Pin::new(body).poll_frame(&mut Cx::from_waker(Waker::noop()))
+    }
+
+    fn drain(body: &mut Body) {
+        while let Poll::Ready(Some(_)) = poll(body) {}
+    }
+
+    /// A body of `chunks`, then `trailers`, that does not know its length.
+    fn streamed(chunks: &[&'static str], trailers: Option<HeaderMap>) -> Body {
+        let mut frames: Vec<Result<Frame<Bytes>, BoxError>> = chunks
+            .iter()
+            .map(|c| Ok(Frame::data(Bytes::from_static(c.as_bytes()))))
+            .collect();
+        frames.extend(trailers.map(|t| Ok(Frame::trailers(t))));
+        Iter(frames.into_iter()).boxed()
+    }
+
+    /// A ready stream of frames (no futures crate here).
+    struct Iter(std::vec::IntoIter<Result<Frame<Bytes>, BoxError>>);
+
+    impl http_body::Body for Iter {
+        type Data = Bytes;
+        type Error = BoxError;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Cx<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            Poll::Ready(self.0.next())
+        }
+    }
+
+    #[test]
+    fn a_request_is_counted_with_its_bytes_when_its_response_body_ends() {
+        let (ctx, view) = (ctx("counted"), view());
+        let mut req = Request::get("http://web/a").body(()).unwrap();
+        let started = start(&ctx, &mut req);
+        let mut rec = record(&view, "server-v1");
+        rec.route = Some("shop/web".into());
+        let mut request = rec.count_request(streamed(&["abc", "de"], None));
+        drain(&mut request);
+        let response = Response::new(streamed(&["hello", " world"], None));
+        let mut body = finish(started, &ctx, rec, response).into_body();
+        assert!(
+            lines("istio_requests_total", "counted").is_empty(),
+            "not before the end"
+        );
+        assert!(matches!(poll(&mut body), Poll::Ready(Some(Ok(_)))));
+        assert!(lines("istio_requests_total", "counted").is_empty());
+        drain(&mut body);
+        let total = lines("istio_requests_total", "counted");
+        assert_eq!(total.len(), 1, "{total:?}");
+        for want in [
+            "reporter=\"waypoint\"",
+            "source_workload=\"client\"",
+            "source_workload_namespace=\"default\"",
+            "source_principal=\"spiffe://cluster.local/ns/default/sa/client\"",
+            "source_app=\"client\"",
+            "destination_workload=\"server-v1\"",
+            "destination_workload_namespace=\"shop\"",
+            "destination_principal=\"spiffe://cluster.local/ns/shop/sa/server-v1\"",
+            "destination_app=\"web\"",
+            "destination_version=\"v1\"",
+            "destination_service=\"counted.shop.svc.cluster.local\"",
+            "destination_service_namespace=\"shop\"",
+            "request_protocol=\"http\"",
+            "response_code=\"200\"",
+            "grpc_response_status=\"\"",
+            "response_flags=\"-\"",
+            "connection_security_policy=\"mutual_tls\"",
+        ] {
+            assert!(total[0].contains(want), "{want} not in {}", total[0]);
+        }
+        assert!(total[0].ends_with(" 1"));
+        let bytes = |name: &str| {
+            lines(&format!("{name}_sum"), "counted")
+                .first()
+                .map(|l| l.rsplit(' ').next().unwrap().to_owned())
+        };
+        assert_eq!(bytes("istio_request_bytes").as_deref(), Some("5"));
+        assert_eq!(bytes("istio_response_bytes").as_deref(), Some("11"));
+        assert_eq!(
+            lines("istio_request_duration_milliseconds_count", "counted").len(),
+            1
+        );
+    }
+
+    #[test]
+    fn a_response_body_dropped_unfinished_is_flagged_dc_and_a_known_length_is_an_end() {
+        let (ctx, view) = (ctx("dropped"), view());
+        // The client goes away mid-body.
+        let started = start(&ctx, &mut Request::new(()));
+        let response = Response::new(streamed(&["part", "rest"], None));
+        let mut body = finish(started, &ctx, record(&view, "server-v1"), response).into_body();
+        let _ = poll(&mut body);
+        drop(body);
+        // A known length, all sent: hyper never polls for the end.
+        let started = start(&ctx, &mut Request::new(()));
+        let response = Response::new(super::super::upstream::full("whole"));
+        let mut body = finish(started, &ctx, record(&view, "server-v1"), response).into_body();
+        let _ = poll(&mut body);
+        drop(body);
+        // An empty body, never polled.
+        let started = start(&ctx, &mut Request::new(()));
+        let mut response = Response::new(super::super::upstream::full(""));
+        *response.status_mut() = StatusCode::NO_CONTENT;
+        drop(finish(started, &ctx, record(&view, "server-v1"), response));
+        let total = lines("istio_requests_total", "dropped");
+        let count = |code: &str, flags: &str| {
+            total
+                .iter()
+                .find(|l| {
+                    l.contains(&format!("response_code=\"{code}\""))
+                        && l.contains(&format!("response_flags=\"{flags}\""))
+                })
+                .map(|l| l.rsplit(' ').next().unwrap().to_owned())
+        };
+        assert_eq!(count("200", "DC").as_deref(), Some("1"), "{total:#?}");
+        assert_eq!(count("200", "-").as_deref(), Some("1"), "{total:#?}");
+        assert_eq!(count("204", "-").as_deref(), Some("1"), "{total:#?}");
+    }
+
+    fn grpc_request() -> Request<()> {
+        Request::post("http://web/pkg.Svc/Call")
+            .header(header::CONTENT_TYPE, "application/grpc")
+            .body(())
+            .unwrap()
+    }
+
+    #[test]
+    fn grpc_status_comes_from_the_trailers_or_a_trailers_only_head() {
+        let (ctx, view) = (ctx("grpc"), view());
+        // In trailers.
+        let started = start(&ctx, &mut grpc_request());
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", HeaderValue::from_static("5"));
+        let response = Response::new(streamed(&["msg"], Some(trailers)));
+        let mut body = finish(started, &ctx, record(&view, "server-v1"), response).into_body();
+        drain(&mut body);
+        // Trailers-only: in the head, with an empty body.
+        let started = start(&ctx, &mut grpc_request());
+        let mut response = Response::new(super::super::upstream::full(""));
+        response
+            .headers_mut()
+            .insert("grpc-status", HeaderValue::from_static("14"));
+        drop(finish(started, &ctx, record(&view, "server-v1"), response));
+        // None at all (the upstream failed): from the HTTP status.
+        let started = start(&ctx, &mut grpc_request());
+        let mut response = Response::new(super::super::upstream::full(""));
+        *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        drop(finish(started, &ctx, record(&view, "server-v1"), response));
+        let total = lines("istio_requests_total", "grpc");
+        for status in ["5", "14"] {
+            assert_eq!(
+                total
+                    .iter()
+                    .filter(
+                        |l| l.contains(&format!("grpc_response_status=\"{status}\""))
+                            && l.contains("request_protocol=\"grpc\"")
+                    )
+                    .count(),
+                if status == "14" { 2 } else { 1 },
+                "{status}: {total:#?}"
+            );
+        }
+        assert_eq!(grpc_status(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn label_values_are_escaped_and_departed_workloads_pruned() {
+        let (ctx, view) = (ctx("escaped"), view());
+        let started = start(&ctx, &mut Request::new(()));
+        let response = Response::new(super::super::upstream::full(""));
+        drop(finish(started, &ctx, record(&view, "odd"), response));
+        let total = lines("istio_requests_total", "escaped");
+        assert!(
+            total[0].contains(r#"destination_app="we\"ird\\""#),
+            "{total:?}"
+        );
+        // An unknown source address: the identity names the namespace.
+        let other = Context::new(
+            ctx.peer.clone(),
+            IpAddr::from([10, 9, 9, 9]),
+            ctx.service.clone(),
+            ctx.port.clone(),
+        );
+        let started = start(&other, &mut Request::new(()));
+        drop(finish(
+            started,
+            &other,
+            record(&view, "odd"),
+            Response::new(super::super::upstream::full("")),
+        ));
+        let total = lines("istio_requests_total", "escaped");
+        assert!(
+            total
+                .iter()
+                .any(|l| l.contains("source_workload=\"unknown\"")
+                    && l.contains("source_workload_namespace=\"default\"")),
+            "{total:#?}"
+        );
+        // "odd" leaves the model; its series go once quiet, the rest stay.
+        let present = |_: &str, name: &str| name != "odd";
+        let now = stats::clock();
+        assert_eq!(METRICS.prune_at(&present, 300, now), 0, "not quiet yet");
+        assert!(METRICS.prune_at(&present, 300, now + 300) >= 2);
+        assert!(lines("istio_requests_total", "escaped").is_empty());
+    }
 }

@@ -117,6 +117,17 @@ pub struct WaypointArgs {
     /// Connections held at once in all.
     #[arg(long, env = "WEFT_MAX_CONNECTIONS", default_value_t = 16384)]
     pub max_connections: usize,
+
+    /// An OpenTelemetry collector (`http://host:4318`; OTLP/HTTP JSON, path
+    /// `/v1/traces` unless given) to send sampled request spans to. Without
+    /// it spans are not exported (the trace context is still propagated).
+    #[arg(long, env = "WEFT_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+
+    /// Mark the traces the waypoint starts (a request without a valid
+    /// `traceparent`) sampled; a caller's sampling decision is always kept.
+    #[arg(long, env = "WEFT_TRACE_SAMPLE_NEW")]
+    pub trace_sample_new: bool,
 }
 
 #[derive(Debug, Args)]

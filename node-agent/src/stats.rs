@@ -72,15 +72,15 @@ impl Peer {
             workload: Some(w.name.clone()),
             namespace: Some(w.namespace.clone()),
             principal,
-            app: Some(canonical_name(w)),
-            version: Some(canonical_revision(&w.labels)),
+            app: Some(canonical_name(w).to_owned()),
+            version: Some(canonical_revision(&w.labels).to_owned()),
         }
     }
 }
 
 /// Istio's canonical service: the `service.istio.io/canonical-name` label, else
 /// `app.kubernetes.io/name`, else `app`, else the workload's name.
-fn canonical_name(w: &Workload) -> String {
+pub(crate) fn canonical_name(w: &Workload) -> &str {
     [
         "service.istio.io/canonical-name",
         "app.kubernetes.io/name",
@@ -88,13 +88,12 @@ fn canonical_name(w: &Workload) -> String {
     ]
     .iter()
     .find_map(|k| w.labels.get(*k))
-    .cloned()
-    .unwrap_or_else(|| w.name.clone())
+    .map_or(&w.name, |v| v)
 }
 
 /// Istio's canonical revision: `service.istio.io/canonical-revision`, else
 /// `app.kubernetes.io/version`, else `version`, else "latest".
-fn canonical_revision(labels: &Labels) -> String {
+pub(crate) fn canonical_revision(labels: &Labels) -> &str {
     [
         "service.istio.io/canonical-revision",
         "app.kubernetes.io/version",
@@ -102,8 +101,7 @@ fn canonical_revision(labels: &Labels) -> String {
     ]
     .iter()
     .find_map(|k| labels.get(*k))
-    .cloned()
-    .unwrap_or_else(|| "latest".to_owned())
+    .map_or("latest", |v| v)
 }
 
 /// A service as the metrics name it.
@@ -135,7 +133,7 @@ struct TcpCounters {
 }
 
 /// Seconds since the first call: the time `prune` compares.
-fn clock() -> u64 {
+pub(crate) fn clock() -> u64 {
     static START: LazyLock<std::time::Instant> = LazyLock::new(std::time::Instant::now);
     START.elapsed().as_secs()
 }
@@ -494,17 +492,48 @@ impl Stats {
 
 /// The label text (without braces) of one series, in ztunnel's label names.
 fn istio_labels(l: &TcpLabels) -> String {
-    const CLUSTER: &str = "Kubernetes";
-    let u = |v: &Option<String>| v.as_deref().map_or_else(|| "unknown".to_owned(), label);
     let mut s = String::with_capacity(768);
     let reporter = match l.reporter {
         Reporter::Source => "source",
         Reporter::Destination => "destination",
     };
+    write_peers(
+        &mut s,
+        reporter,
+        &l.source,
+        &l.destination,
+        l.service.as_ref(),
+    );
+    let _ = write!(
+        s,
+        ",request_protocol=\"tcp\",response_flags=\"{}\",connection_security_policy=\"{}\"",
+        l.flags.as_str(),
+        if l.mutual_tls {
+            "mutual_tls"
+        } else {
+            "unknown"
+        }
+    );
+    s
+}
+
+/// The labels Istio's TCP and request metrics share: the reporter, both
+/// workloads and the destination service, "unknown" where not known. The
+/// waypoint's request metrics (`http::telemetry`) write theirs with this too,
+/// so dashboards see one naming whichever proxy reported.
+pub(crate) fn write_peers(
+    s: &mut String,
+    reporter: &str,
+    source: &Peer,
+    destination: &Peer,
+    service: Option<&ServiceName>,
+) {
+    const CLUSTER: &str = "Kubernetes";
+    let u = |v: &Option<String>| v.as_deref().map_or_else(|| "unknown".to_owned(), label);
     let _ = write!(s, "reporter=\"{reporter}\"");
-    for (side, p) in [("source", &l.source), ("destination", &l.destination)] {
+    for (side, p) in [("source", source), ("destination", destination)] {
         if side == "destination" {
-            let (svc, ns, name) = match &l.service {
+            let (svc, ns, name) = match service {
                 Some(svc) => (
                     format!("{}.{}.svc.cluster.local", svc.name, svc.namespace),
                     svc.namespace.clone(),
@@ -534,17 +563,6 @@ fn istio_labels(l: &TcpLabels) -> String {
             if known { CLUSTER } else { "unknown" },
         );
     }
-    let _ = write!(
-        s,
-        ",request_protocol=\"tcp\",response_flags=\"{}\",connection_security_policy=\"{}\"",
-        l.flags.as_str(),
-        if l.mutual_tls {
-            "mutual_tls"
-        } else {
-            "unknown"
-        }
-    );
-    s
 }
 
 #[cfg(test)]

@@ -7,7 +7,9 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use weft_tests::{Cluster, Mesh, Pod, Proc, cluster::Host as _, eventually, require_privileged};
+use weft_tests::{
+    Cluster, Mesh, Pod, Proc, cluster::Host as _, eventually, l7, require_privileged,
+};
 
 const VIP: &str = "10.96.0.20";
 const PORT: u16 = 8080;
@@ -29,6 +31,15 @@ fn services(extra: &str) -> String {
 }
 
 fn setup<'c>(c: &'c Cluster, sections: &str) -> Result<Setup<'c>> {
+    setup_with(c, sections, |s| Ok(vec![http_server(s)?]))
+}
+
+/// [`setup`] with the servers `serve` starts in each server pod.
+fn setup_with<'c>(
+    c: &'c Cluster,
+    sections: &str,
+    serve: impl Fn(&Pod) -> Result<Vec<Proc>>,
+) -> Result<Setup<'c>> {
     let wp = c.pod(0, 1);
     let mut mesh = Mesh::new(c, |p| p.name != wp.name)?;
     mesh.set_extra(wp, "  native_tunnel: true\n  labels: {role: waypoint}\n")?;
@@ -39,7 +50,7 @@ fn setup<'c>(c: &'c Cluster, sections: &str) -> Result<Setup<'c>> {
     mesh.start_all()?;
     let mut servers = Vec::new();
     for s in [c.pod(1, 0), c.pod(1, 1)] {
-        servers.push(http_server(s)?);
+        servers.extend(serve(s)?);
     }
     let waypoint = Some(mesh.start_waypoint(wp, &[])?);
     Ok(Setup {
@@ -462,5 +473,191 @@ fn a_failed_connect_is_tried_on_another_endpoint_without_a_retry_policy() -> Res
         assert_eq!(r.status, 200, "{:?}", r.body);
     }
     drop(s);
+    Ok(())
+}
+
+const GRPC_PORT: u16 = 9000;
+
+/// The lines of `text` (a metrics page) that start with `name{` and contain
+/// every one of `labels`, summed.
+fn sum_series(text: &str, name: &str, labels: &[&str]) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && labels.iter().all(|w| l.contains(w)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[test]
+fn waypoint_telemetry_counts_logs_and_traces_each_request() -> Result<()> {
+    if !require_privileged() {
+        return Ok(());
+    }
+    let c = Cluster::new("wp-telemetry", 2, 2)?;
+    let sections = format!(
+        "services:\n\
+         - name: echo\n  addresses: [{VIP}]\n  ports: [{{port: 80, target_port: {PORT}}}, {{port: {GRPC_PORT}, target_port: {GRPC_PORT}, app_protocol: grpc}}]\n  selector: {{app: echo}}\n  waypoint: wp\n\
+         - name: wp\n  addresses: []\n  ports: []\n  selector: {{role: waypoint}}\n"
+    );
+    let s = setup_with(&c, &sections, |pod| {
+        Ok(vec![
+            l7::http_echo(pod, PORT, &pod.name)?,
+            l7::grpc_server(pod, GRPC_PORT, &pod.name)?,
+        ])
+    })?;
+    let (client, wp) = (c.pod(0, 0), c.pod(0, 1));
+    let client_id = s.mesh.identity(client);
+    let server_ids = [s.mesh.identity(c.pod(1, 0)), s.mesh.identity(c.pod(1, 1))];
+
+    for _ in 0..4 {
+        assert_eq!(
+            l7::curl(client, &format!("http://{VIP}/hello"), &[])?.status,
+            200
+        );
+    }
+    for _ in 0..3 {
+        assert_eq!(
+            l7::curl(client, &format!("http://{VIP}/status/503"), &[])?.status,
+            503
+        );
+    }
+    // A traced request: the server sees the same trace, with the waypoint's
+    // span as its parent.
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let sent = format!("00-{trace}-00f067aa0ba902b7-01");
+    let traced = l7::curl(
+        client,
+        &format!("http://{VIP}/traced"),
+        &[
+            "-H",
+            &format!("traceparent: {sent}"),
+            "-H",
+            "tracestate: k=v",
+        ],
+    )?;
+    assert_eq!(traced.status, 200);
+    let seen = traced.body["headers"]["traceparent"][0]
+        .as_str()
+        .context("no traceparent reached the server")?
+        .to_owned();
+    assert_eq!(&seen[..36], &sent[..36], "the trace id is kept: {seen}");
+    assert_ne!(
+        &seen[36..52],
+        &sent[36..52],
+        "the parent is the waypoint's span: {seen}"
+    );
+    assert_eq!(&seen[52..], "-01");
+    assert_eq!(traced.body["headers"]["tracestate"][0], "k=v");
+    // gRPC calls ending with NOT_FOUND (5).
+    for _ in 0..2 {
+        let r = l7::grpc_call(
+            client,
+            &format!("{VIP}:{GRPC_PORT}"),
+            "Say",
+            "hi",
+            &[("x-echo-grpc-status", "5")],
+        )?;
+        assert_eq!(r.code, 5, "{r:?}");
+    }
+
+    // The metrics, scraped from inside the waypoint's pod.
+    let common = [
+        "reporter=\"waypoint\"".to_owned(),
+        format!("source_workload=\"{}\"", client.name),
+        format!("source_principal=\"{client_id}\""),
+        "destination_service_name=\"echo\"".to_owned(),
+        "connection_security_policy=\"mutual_tls\"".to_owned(),
+    ];
+    let with = |extra: &[&str]| -> Vec<String> {
+        common
+            .iter()
+            .cloned()
+            .chain(extra.iter().map(|s| s.to_string()))
+            .collect()
+    };
+    let mut page = String::new();
+    let counted = eventually(Duration::from_secs(10), || {
+        page = wp
+            .exec("curl", ["-sS", "http://127.0.0.1:15020/metrics"])
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        let n = |extra: &[&str]| {
+            let labels = with(extra);
+            let refs: Vec<&str> = labels.iter().map(String::as_str).collect();
+            sum_series(&page, "istio_requests_total", &refs)
+        };
+        n(&["response_code=\"200\"", "request_protocol=\"http\""]) == 5
+            && n(&["response_code=\"503\"", "request_protocol=\"http\""]) == 3
+            && n(&["request_protocol=\"grpc\"", "grpc_response_status=\"5\""]) == 2
+    });
+    assert!(counted, "{page}");
+    for server in [c.pod(1, 0), c.pod(1, 1)] {
+        assert!(
+            page.contains(&format!("destination_workload=\"{}\"", server.name)),
+            "{page}"
+        );
+    }
+    let count = sum_series(
+        &page,
+        "istio_request_duration_milliseconds_count",
+        &["reporter=\"waypoint\""],
+    );
+    assert_eq!(count, 10, "{page}");
+    assert!(page.contains("istio_response_bytes_bucket{"), "{page}");
+
+    // One access-log line per request, with both identities.
+    let waypoint = s.waypoint.as_ref().context("the waypoint runs")?;
+    let mut lines = Vec::new();
+    let logged = eventually(Duration::from_secs(5), || {
+        lines = waypoint
+            .json_lines()
+            .into_iter()
+            .filter(|v| v["target"] == "weft::access" && v["message"] == "request")
+            .collect();
+        lines.len() >= 10
+    });
+    assert!(logged && lines.len() == 10, "{lines:#?}");
+    for l in &lines {
+        assert_eq!(l["src.identity"], client_id.as_str(), "{l}");
+        assert!(
+            server_ids.iter().any(|id| l["dst.identity"] == id.as_str()),
+            "{l}"
+        );
+        for field in [
+            "method",
+            "authority",
+            "path",
+            "status",
+            "duration_ms",
+            "dst.addr",
+            "retries",
+            "response_flags",
+            "request_bytes",
+            "response_bytes",
+            "trace_id",
+            "span_id",
+        ] {
+            assert!(l.get(field).is_some(), "no {field} in {l}");
+        }
+    }
+    let traced_line = lines
+        .iter()
+        .find(|l| l["path"] == "/traced")
+        .context("no line for the traced request")?;
+    assert_eq!(traced_line["trace_id"], trace);
+    assert_eq!(traced_line["span_id"], &seen[36..52]);
+    assert_eq!(traced_line["parent_span_id"], "00f067aa0ba902b7");
+    assert_eq!(
+        lines.iter().filter(|l| l["status"] == 503).count(),
+        3,
+        "{lines:#?}"
+    );
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| l["protocol"] == "grpc" && l["grpc_status"] == 5)
+            .count(),
+        2,
+        "{lines:#?}"
+    );
     Ok(())
 }

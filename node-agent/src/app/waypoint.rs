@@ -89,6 +89,15 @@ async fn serve(args: WaypointArgs, me: WorkloadKey) -> anyhow::Result<()> {
             ..PoolSettings::default()
         },
     );
+    let exporter = args
+        .otlp_endpoint
+        .as_deref()
+        .map(|e| crate::http::otlp::Exporter::spawn(e, &me.to_string()))
+        .transpose()?;
+    crate::http::telemetry::configure(crate::http::telemetry::Tracing {
+        sample_new: args.trace_sample_new,
+        exporter,
+    });
     let netns = Netns::open(Path::new("/proc/self/ns/net")).context("opening our own netns")?;
     let balancers = Arc::new(Balancers::default());
     let engine = Arc::new(Engine::new(
@@ -149,6 +158,7 @@ async fn serve(args: WaypointArgs, me: WorkloadKey) -> anyhow::Result<()> {
             page
         }),
     ));
+    tokio::spawn(prune_departed_series(engine.clone()));
     let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
     {
         let ready = ready.clone();
@@ -254,6 +264,32 @@ async fn serve(args: WaypointArgs, me: WorkloadKey) -> anyhow::Result<()> {
     }
     info!(connections_cut = connections.held(), "waypoint stopped");
     Ok(())
+}
+
+/// Once a minute, drops the request series of workloads no longer in the
+/// model that have been quiet for five minutes, as the agent does for its TCP
+/// series (see [`crate::http::telemetry::prune`]).
+async fn prune_departed_series(engine: Arc<Engine>) {
+    const QUIET_SECS: u64 = 300;
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let config = engine.config();
+        let present = |namespace: &str, name: &str| {
+            config
+                .view
+                .workload(&WorkloadKey {
+                    namespace: namespace.to_owned(),
+                    name: name.to_owned(),
+                })
+                .is_some()
+        };
+        let pruned = crate::http::telemetry::prune(&present, QUIET_SECS);
+        if pruned > 0 {
+            tracing::debug!(pruned, "request series of departed workloads dropped");
+        }
+    }
 }
 
 /// The mesh as the waypoint balances it: per request, round robin (the

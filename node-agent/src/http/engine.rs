@@ -197,6 +197,7 @@ impl Engine {
         record: &mut Record,
     ) -> Response<Body> {
         let config = self.config();
+        record.view = Some(config.view.clone());
         let downstream_upgrade = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         let table = config
@@ -222,7 +223,7 @@ impl Engine {
         // The policy phases, in Istio's order: request authentication (JWT),
         // authorization (CUSTOM, DENY, ALLOW), rate limit. A refusal answers here.
         if let Err(refusal) = admit(&config, ctx, &mut parts, record) {
-            return refusal;
+            return *refusal;
         }
         let origin = rule
             .and_then(|r| r.cors.as_ref())
@@ -341,7 +342,7 @@ impl Engine {
                 record.flags = "RBAC";
                 break Err(error(StatusCode::FORBIDDEN, "RBAC: access denied"));
             }
-            let Some(b) = body.take_for_attempt() else {
+            let Some(b) = body.take_for_attempt().map(|b| record.count_request(b)) else {
                 break Err(error(StatusCode::BAD_GATEWAY, "upstream reset"));
             };
             // The head is copied only while another attempt may need it.
@@ -625,7 +626,7 @@ fn admit(
     _ctx: &Context,
     _parts: &mut http::request::Parts,
     _record: &mut Record,
-) -> Result<(), Response<Body>> {
+) -> Result<(), Box<Response<Body>>> {
     Ok(())
 }
 

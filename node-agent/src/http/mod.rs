@@ -3,12 +3,14 @@
 //! table and picks the rule a request matches; `filter` holds the filters a
 //! rule applies (both pure functions over `http` types, unit-tested against the
 //! Gateway API's conformance cases); `upstream` holds the pooled connections to
-//! endpoints; `engine` runs a request through them; `telemetry` records it.
+//! endpoints; `engine` runs a request through them; `telemetry` records it
+//! (`otlp` exports its spans).
 //! Nothing here knows how a request arrived: the fronts (`waypoint`) hand it
 //! over with what they know of its source.
 
 pub mod engine;
 pub mod filter;
+pub mod otlp;
 pub mod route;
 pub mod telemetry;
 pub mod upstream;

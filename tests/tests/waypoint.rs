@@ -139,7 +139,9 @@ fn requests_to_a_bound_service_go_through_the_waypoint_per_request() -> Result<(
         .map(|p| weft_tests::l7::served_by(p).len())
         .collect();
     assert_eq!(counts.iter().sum::<usize>(), 20, "{counts:?}");
-    assert!(counts.iter().all(|&n| n >= 5), "{counts:?}");
+    // (Per connection, one endpoint would get all 20; least request weighs
+    // each endpoint's count by its latency, so the split need not be even.)
+    assert!(counts.iter().all(|&n| n >= 2), "{counts:?}");
 
     // The endpoints' agent saw the waypoint's identity, not the client's.
     let wp_id = format!("spiffe://cluster.local/ns/default/sa/{}", c.pod(0, 1).name);

@@ -121,6 +121,11 @@ impl View {
             .map(|&i| &self.mesh.workloads[i])
     }
 
+    /// The index of `key` in [`View::workloads`].
+    pub fn workload_index(&self, key: &WorkloadKey) -> Option<usize> {
+        self.by_key.get(key).copied()
+    }
+
     pub fn workload(&self, key: &WorkloadKey) -> Option<&Workload> {
         self.by_key.get(key).map(|&i| &self.mesh.workloads[i])
     }

@@ -335,7 +335,7 @@ impl Engine {
                     "no healthy upstream",
                 ));
             };
-            record.endpoint = config.view.workload(&pick.key).cloned();
+            record.endpoint = config.view.workload_index(&pick.key);
             record.upstream = Some(ep.addr);
             if let Some(why) = denied(&config.view, ctx, &pick.key, port.target_port) {
                 debug!(endpoint = %pick.key, reason = %why, "denied by the endpoint's L4 policy");

@@ -54,7 +54,8 @@ pub struct Record {
     /// The service the request was sent to (a backend of the route).
     pub backend: Option<Arc<Service>>,
     /// The endpoint that served it.
-    pub endpoint: Option<Workload>,
+    /// (Its index among the workloads of `view`: found, not copied, per request.)
+    pub endpoint: Option<usize>,
     pub upstream: Option<std::net::SocketAddr>,
     /// Attempts beyond the first.
     pub retries: u32,
@@ -71,12 +72,19 @@ pub struct Record {
     request_bytes: Option<Arc<AtomicU64>>,
 }
 
+impl Record {
+    /// The endpoint that served the request.
+    pub fn endpoint(&self) -> Option<&Workload> {
+        self.view.as_ref()?.workloads().get(self.endpoint?)
+    }
+}
+
 impl fmt::Debug for Record {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Record")
             .field("route", &self.route)
             .field("backend", &self.backend.as_ref().map(|s| s.key()))
-            .field("endpoint", &self.endpoint.as_ref().map(|w| w.key()))
+            .field("endpoint", &self.endpoint().map(|w| w.key()))
             .field("upstream", &self.upstream)
             .field("retries", &self.retries)
             .field("flags", &self.flags)
@@ -915,7 +923,7 @@ impl Metrics {
             },
             View::trust_domain,
         );
-        let destination = record.endpoint.as_ref().map_or_else(Side::default, |w| {
+        let destination = record.endpoint().map_or_else(Side::default, |w| {
             let proves = w.enrolled || w.native_tunnel;
             side_of(
                 w,
@@ -1281,11 +1289,7 @@ mod tests {
 
     fn record(view: &Arc<View>, endpoint: &str) -> Record {
         Record {
-            endpoint: view
-                .workloads()
-                .iter()
-                .find(|w| w.name == endpoint)
-                .cloned(),
+            endpoint: view.workloads().iter().position(|w| w.name == endpoint),
             upstream: Some("10.0.1.1:8080".parse().unwrap()),
             view: Some(view.clone()),
             ..Record::default()

@@ -128,13 +128,16 @@ http_routes:
   spec:
     parentRefs: [{{group: \"\", kind: Service, name: shop, port: 80}}]
     rules:
-    - matches: [{{headers: [{{name: x-canary, value: \"true\"}}]}}]
+    - name: canary
+      matches: [{{headers: [{{name: x-canary, value: \"true\"}}]}}]
       backendRefs: [{{name: shop-v2, port: 80}}]
-    - matches: [{{path: {{type: PathPrefix, value: /old}}}}]
+    - name: moved
+      matches: [{{path: {{type: PathPrefix, value: /old}}}}]
       filters:
       - type: RequestRedirect
         requestRedirect: {{path: {{type: ReplacePrefixMatch, replacePrefixMatch: /new}}, statusCode: 301}}
-    - backendRefs: [{{name: shop-v1, port: 80, weight: 90}}, {{name: shop-v2, port: 80, weight: 10}}]
+    - name: split
+      backendRefs: [{{name: shop-v1, port: 80, weight: 90}}, {{name: shop-v2, port: 80, weight: 10}}]
       retry: {{codes: [503], attempts: 2}}
 authorization_policies:
 - name: deny-{denied}
@@ -432,6 +435,7 @@ fn walkthrough(cluster: &Cluster, once: bool) -> Result<()> {
         cluster.pod(1, 3).name,
     );
     note(waypoint_steps(n0p0, _shop.get(1)));
+    note(route_counts(&waypoint));
 
     let failed = failures.len();
     if failed > 0 {
@@ -555,6 +559,32 @@ fn waypoint_steps(client: &Pod, flaky: Option<&Proc>) -> Result<()> {
     );
     if r.status != 301 {
         bail!("the redirect answered {}", r.status);
+    }
+    Ok(())
+}
+
+/// Requests per route rule and status, from the waypoint's access log (one
+/// line per request).
+fn route_counts(waypoint: &Proc) -> Result<()> {
+    let mut counts = std::collections::BTreeMap::<(String, String), (u32, u64)>::new();
+    eventually(Duration::from_secs(5), || {
+        counts.clear();
+        for v in waypoint.json_lines() {
+            if v["message"] == "request" {
+                let route = v["route"].as_str().unwrap_or("(no route)").to_owned();
+                let c = counts.entry((route, v["status"].to_string())).or_default();
+                c.0 += 1;
+                c.1 += v["retries"].as_u64().unwrap_or(0);
+            }
+        }
+        counts.values().map(|c| c.0).sum::<u32>() >= 202
+    });
+    println!("\n  per route rule, from the waypoint's access log (one line per request):");
+    for ((route, status), (n, retries)) in &counts {
+        println!("    {route:<34} {status:>4}  {n:>4} requests, {retries:>3} retried");
+    }
+    if counts.is_empty() {
+        bail!("the waypoint logged no request");
     }
     Ok(())
 }

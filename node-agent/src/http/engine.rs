@@ -216,7 +216,12 @@ impl Engine {
             }
             Selection::Default => (None, None),
             Selection::Matched(m) => {
-                record.route = Some(m.route.to_string());
+                // `kind/namespace/name`, and the rule's name when it has one
+                // (GEP-995), so logs and counts can tell the rules apart.
+                record.route = Some(match &m.rule.name {
+                    Some(rule) => format!("{}#{rule}", m.route),
+                    None => m.route.to_string(),
+                });
                 (Some(m.rule), m.matched_prefix.map(str::to_owned))
             }
         };

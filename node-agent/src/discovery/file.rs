@@ -135,6 +135,9 @@ struct File {
     http_routes: Vec<Route<route::HttpRouteSpec>>,
     #[serde(default)]
     grpc_routes: Vec<Route<route::GrpcRouteSpec>>,
+    /// Istio's RequestAuthentication, in the model's own shape (Istio's fields).
+    #[serde(default, alias = "requestAuthentications")]
+    request_authentications: Vec<model::authn::RequestAuthentication>,
 }
 
 /// Namespace-wide settings.
@@ -593,6 +596,7 @@ impl File {
                         spec: r.spec,
                     })
                     .collect(),
+                request_authentications: self.request_authentications,
                 namespaces: self
                     .namespaces
                     .into_iter()
@@ -962,6 +966,108 @@ http_routes:
             None,
             "a waypoint's own service is never bound, even by its namespace"
         );
+    }
+
+    #[test]
+    fn the_documented_request_authentication_is_valid() {
+        let doc = include_str!("../../../docs/config.md");
+        let start = doc
+            .find("```yaml\n# Request authentication")
+            .expect("the example")
+            + 8;
+        let end = start + doc[start..].find("```").expect("its end");
+        let c = parse(&doc[start..end]).unwrap().mesh;
+        let ra = &c.request_authentications;
+        assert_eq!(ra.len(), 2);
+        assert_eq!(ra[0].target_refs[0].name, "shop");
+        let rules = &ra[0].jwt_rules;
+        assert_eq!(rules[0].audiences, ["shop"]);
+        assert_eq!(rules[0].output_claim_to_headers[1].claim, "org.team");
+        assert_eq!(rules[1].from_headers[0].prefix, "Token ");
+        assert!(rules[1].forward_original_token);
+        assert_eq!(ra[1].jwt_rules[0].timeout, Some(Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn request_authentications_apply_by_target_and_mesh_wide() {
+        let c = parse(
+            r#"
+services:
+- {name: shop, addresses: [10.96.0.30], ports: [{port: 80}], selector: {app: shop}}
+- {name: cart, addresses: [10.96.0.31], ports: [{port: 80}], selector: {app: cart}}
+request_authentications:
+- {name: to-shop, targetRefs: [{kind: Service, name: shop}], jwtRules: []}
+- {name: to-waypoint, targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: wp}]}
+- {name: mesh, namespace: weft-system}
+- {name: root-selector, namespace: weft-system, selector: {app: shop}}
+- {name: namespace-wide}
+- {name: selected, selector: {app: shop}}
+"#,
+        )
+        .unwrap()
+        .mesh;
+        let applied = |svc: &str, wp: Option<&str>| -> Vec<&str> {
+            let s = c.services.iter().find(|s| s.name == svc).unwrap();
+            let wp = wp.map(|n| ("default".to_owned(), n.to_owned()));
+            c.request_authentications
+                .iter()
+                .filter(|p| p.applies_to(&c, s, wp.as_ref()))
+                .map(|p| p.name.as_str())
+                .collect()
+        };
+        assert_eq!(
+            applied("shop", Some("wp")),
+            ["to-shop", "to-waypoint", "mesh"]
+        );
+        assert_eq!(applied("cart", Some("other")), ["mesh"]);
+    }
+
+    #[test]
+    fn request_authentication_problems_name_the_field() {
+        let e = parse(
+            r#"
+request_authentications:
+- name: p
+  selector: {app: a}
+  targetRefs: [{kind: Deployment, name: x, namespace: other}]
+  jwtRules:
+  - {issuer: "", jwks: '{"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}'}
+  - {issuer: a, jwksUri: "http://keys.example/jwks"}
+  - {issuer: a}
+  - issuer: b
+    jwks: "{}"
+    jwksUri: https://x.example/k
+    fromHeaders: [{name: "bad header"}]
+    fromCookies: ["a;b"]
+    outputClaimToHeaders: [{header: "x y", claim: ""}]
+    timeout: 0s
+"#,
+        )
+        .unwrap_err()
+        .to_string();
+        for want in [
+            "request_authentications[0] (default/p): give at most one of `selector` and `targetRefs`",
+            "targetRefs[0]: /Deployment is not supported",
+            "targetRefs[0]: namespace \"other\"",
+            "jwtRules[0].issuer: must not be empty",
+            "jwtRules[0].jwks: keys[0]: symmetric (oct) keys are refused",
+            "jwtRules[1].jwksUri: \"http://keys.example/jwks\" is not an https:// URL",
+            "jwtRules[2]: give `jwks` or `jwksUri`",
+            "jwtRules[2]: issuer \"a\" has a rule already",
+            "jwtRules[3]: give one of `jwks` and `jwksUri`",
+            "jwtRules[3].fromHeaders[0].name: \"bad header\" is not a valid header name",
+            "jwtRules[3].fromCookies[0]: \"a;b\" is not a valid name",
+            "jwtRules[3].outputClaimToHeaders[0].header",
+            "jwtRules[3].outputClaimToHeaders[0].claim: must not be empty",
+            "jwtRules[3].timeout: must be more than 0s",
+        ] {
+            assert!(e.contains(want), "missing {want:?} in {e}");
+        }
+        let e =
+            parse("request_authentications:\n- {name: p, jwtRules: [{issuer: a, jwksUrl: x}]}\n")
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("jwksUrl") && e.contains("line 2"), "{e}");
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! Entries keep the order their source gave them; problems name entries by
 //! that order (`workloads[2] (shop/web-0)`), which for the file is its order.
 
+pub mod authn;
 pub mod route;
 pub mod validate;
 
@@ -36,6 +37,8 @@ pub struct Mesh {
     /// Gateway API routes; the waypoint of each parent Service applies them.
     pub http_routes: Vec<route::HttpRoute>,
     pub grpc_routes: Vec<route::GrpcRoute>,
+    /// Istio's RequestAuthentication: JWT rules, applied at waypoints.
+    pub request_authentications: Vec<authn::RequestAuthentication>,
 }
 
 /// The root namespace when a source names none.
@@ -53,6 +56,7 @@ impl Default for Mesh {
             namespaces: Vec::new(),
             http_routes: Vec::new(),
             grpc_routes: Vec::new(),
+            request_authentications: Vec::new(),
         }
     }
 }

@@ -31,6 +31,7 @@ pub fn problems(mesh: &Mesh) -> Vec<String> {
     namespace_problems(mesh, &mut problems);
     policy_problems(mesh, &mut problems);
     route_problems(mesh, &mut problems);
+    super::authn::problems(mesh, &mut problems);
     problems
 }
 

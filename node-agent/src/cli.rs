@@ -128,6 +128,15 @@ pub struct WaypointArgs {
     /// `traceparent`) sampled; a caller's sampling decision is always kept.
     #[arg(long, env = "WEFT_TRACE_SAMPLE_NEW")]
     pub trace_sample_new: bool,
+
+    /// CA certificates (PEM) that JWKS servers' certificates (`jwksUri`) must
+    /// chain to, besides the mesh's trust bundle.
+    #[arg(long, env = "WEFT_JWKS_CA_FILE")]
+    pub jwks_ca_file: Option<PathBuf>,
+
+    /// How often keys fetched from a `jwksUri` are fetched again.
+    #[arg(long, env = "WEFT_JWKS_REFRESH", default_value = "5m", value_parser = parse_duration)]
+    pub jwks_refresh: Duration,
 }
 
 #[derive(Debug, Args)]

@@ -26,6 +26,7 @@ use crate::{
     },
     http::{
         engine::{Config, Engine},
+        jwt::{self, Jwks},
         upstream::Upstreams,
     },
     identity::SpiffeId,
@@ -100,8 +101,12 @@ async fn serve(args: WaypointArgs, me: WorkloadKey) -> anyhow::Result<()> {
     });
     let netns = Netns::open(Path::new("/proc/self/ns/net")).context("opening our own netns")?;
     let balancers = Arc::new(Balancers::default());
+    let jwks = Jwks::new(Some(jwks_trust(&args)?), args.jwks_refresh);
     let engine = Arc::new(Engine::new(
-        Config::new(Arc::new(View::new(per_request(mesh), &node, &balancers))),
+        Config::new(
+            Arc::new(View::new(per_request(mesh), &node, &balancers)),
+            &jwks,
+        ),
         Upstreams::new(pool, netns, identity.clone(), args.connect_timeout),
         args.request_timeout,
     ));
@@ -235,11 +240,10 @@ async fn serve(args: WaypointArgs, me: WorkloadKey) -> anyhow::Result<()> {
         if changed.contains(&0) {
             match file::load(&args.config, args.config_max_bytes) {
                 Ok(loaded) => {
-                    engine.set_config(Config::new(Arc::new(View::new(
-                        per_request(loaded.mesh),
-                        &node,
-                        &balancers,
-                    ))));
+                    engine.set_config(Config::new(
+                        Arc::new(View::new(per_request(loaded.mesh), &node, &balancers)),
+                        &jwks,
+                    ));
                     info!(path = %args.config.display(), "config reloaded");
                 }
                 Err(e) => error!(error = %e, "config rejected; the last good config keeps serving"),
@@ -302,6 +306,23 @@ fn per_request(mut mesh: Mesh) -> Mesh {
         }
     }
     mesh
+}
+
+/// How JWKS servers are checked: the `--jwks-ca-file` roots and the mesh's
+/// trust bundle (as it is at start).
+fn jwks_trust(args: &WaypointArgs) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    let mut pems = vec![
+        std::fs::read_to_string(&args.trust_bundle)
+            .with_context(|| format!("reading {}", args.trust_bundle.display()))?,
+    ];
+    if let Some(ca) = &args.jwks_ca_file {
+        pems.push(
+            std::fs::read_to_string(ca)
+                .with_context(|| format!("reading --jwks-ca-file {}", ca.display()))?,
+        );
+    }
+    let pems: Vec<&str> = pems.iter().map(String::as_str).collect();
+    Ok(jwt::client_config(&pems)?)
 }
 
 fn mesh_trust_domain(id: &SpiffeId) -> String {

@@ -24,7 +24,7 @@ use hyper::body::Incoming;
 use tracing::{debug, warn};
 
 use super::{
-    Body,
+    Body, jwt,
     route::{Backend, RouteTable, Selection},
     telemetry::{self, Record},
     upstream::{self, Endpoint, Protocol, Upstreams, full},
@@ -81,18 +81,24 @@ pub struct Config {
     /// Each bound service's routes, by port (a map of maps, so a request
     /// looks its table up by reference, with no key to build).
     pub routes: HashMap<ServiceKey, HashMap<u16, RouteTable>>,
+    /// Each bound service's JWT rules (its request authentications), if any.
+    pub authn: HashMap<ServiceKey, Arc<jwt::Policy>>,
 }
 
 impl Config {
-    /// Compiles the routes of every service bound to a waypoint.
-    pub fn new(view: Arc<View>) -> Config {
+    /// Compiles the routes and policies of every service bound to a
+    /// waypoint; `jwks` keeps the JWKS URLs' keys across configs.
+    pub fn new(view: Arc<View>, jwks: &jwt::Jwks) -> Config {
         let mesh = view.mesh();
         let mut routes = HashMap::new();
-        for svc in mesh
-            .services
-            .iter()
-            .filter(|s| mesh.waypoint_of(s).is_some())
-        {
+        let mut authn = HashMap::new();
+        for svc in mesh.services.iter() {
+            let Some(waypoint) = mesh.waypoint_of(svc) else {
+                continue;
+            };
+            if let Some(policy) = jwt::Policy::compile(mesh, svc, Some(&waypoint), jwks) {
+                authn.insert(svc.key(), policy);
+            }
             for p in &svc.ports {
                 let table = RouteTable::compile(mesh, svc, p.port);
                 for note in &table.notes {
@@ -106,7 +112,11 @@ impl Config {
                 }
             }
         }
-        Config { view, routes }
+        Config {
+            view,
+            routes,
+            authn,
+        }
     }
 }
 
@@ -227,9 +237,10 @@ impl Engine {
         };
         // The policy phases, in Istio's order: request authentication (JWT),
         // authorization (CUSTOM, DENY, ALLOW), rate limit. A refusal answers here.
-        if let Err(refusal) = admit(&config, ctx, &mut parts, record) {
-            return *refusal;
-        }
+        let _admission = match admit(&config, ctx, &mut parts, record).await {
+            Ok(a) => a,
+            Err(refusal) => return *refusal,
+        };
         let origin = rule
             .and_then(|r| r.cors.as_ref())
             .map(|_| parts.headers.get(header::ORIGIN).cloned());
@@ -623,16 +634,33 @@ impl Drop for Counted {
     }
 }
 
+/// What the policy phases learnt of a request, for the phases after them.
+#[derive(Debug, Default)]
+pub struct Admission {
+    /// Istio's request principal, `<iss>/<sub>` of the verified JWT; `None`:
+    /// the request carried no token.
+    pub request_principal: Option<String>,
+    /// The verified JWT's claims (`request.auth.claims[...]` in policies).
+    pub claims: Option<serde_json::Value>,
+}
+
 /// The policy phases of a request (issue 21 fills them): request
 /// authentication, then authorization, then rate limiting; `Err` is the answer
 /// that refuses it (401, 403, 429).
-fn admit(
-    _config: &Config,
-    _ctx: &Context,
-    _parts: &mut http::request::Parts,
+async fn admit(
+    config: &Config,
+    ctx: &Context,
+    parts: &mut http::request::Parts,
     _record: &mut Record,
-) -> Result<(), Box<Response<Body>>> {
-    Ok(())
+) -> Result<Admission, Box<Response<Body>>> {
+    let mut admission = Admission::default();
+    if let Some(policy) = config.authn.get(&ctx.default_backend.service)
+        && let Some(a) = policy.authenticate(parts).await.map_err(Box::new)?
+    {
+        admission.request_principal = Some(a.principal);
+        admission.claims = Some(a.claims);
+    }
+    Ok(admission)
 }
 
 /// Why the endpoint's own L4 policy (its authorization policies and peer

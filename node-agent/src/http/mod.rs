@@ -2,7 +2,8 @@
 //! later). `route` compiles a parent Service's HTTPRoutes and GRPCRoutes into a
 //! table and picks the rule a request matches; `filter` holds the filters a
 //! rule applies (both pure functions over `http` types, unit-tested against the
-//! Gateway API's conformance cases); `upstream` holds the pooled connections to
+//! Gateway API's conformance cases); `jwt` authenticates requests (Istio's
+//! RequestAuthentication); `upstream` holds the pooled connections to
 //! endpoints; `engine` runs a request through them; `telemetry` records it
 //! (`otlp` exports its spans).
 //! Nothing here knows how a request arrived: the fronts (`waypoint`) hand it
@@ -10,6 +11,7 @@
 
 pub mod engine;
 pub mod filter;
+pub mod jwt;
 pub mod otlp;
 pub mod route;
 pub mod telemetry;

@@ -135,6 +135,10 @@ struct File {
     http_routes: Vec<Route<route::HttpRouteSpec>>,
     #[serde(default)]
     grpc_routes: Vec<Route<route::GrpcRouteSpec>>,
+    /// External authorization services for CUSTOM policies (Istio's
+    /// MeshConfig `extensionProviders`).
+    #[serde(default, alias = "extensionProviders")]
+    extension_providers: Vec<ExtensionProvider>,
 }
 
 /// Namespace-wide settings.
@@ -297,10 +301,29 @@ struct AuthorizationPolicy {
     namespace: String,
     #[serde(default)]
     selector: Option<Labels>,
+    #[serde(default, alias = "targetRefs")]
+    target_refs: Vec<TargetRef>,
     #[serde(default)]
     action: Action,
     #[serde(default)]
+    provider: Option<Provider>,
+    #[serde(default)]
     rules: Vec<Rule>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TargetRef {
+    #[serde(default)]
+    group: String,
+    kind: String,
+    name: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Provider {
+    name: String,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize)]
@@ -310,6 +333,10 @@ enum Action {
     Allow,
     #[serde(rename = "DENY")]
     Deny,
+    #[serde(rename = "CUSTOM")]
+    Custom,
+    #[serde(rename = "AUDIT")]
+    Audit,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -319,6 +346,8 @@ struct Rule {
     from: Vec<FromSource>,
     #[serde(default)]
     to: Vec<ToOperation>,
+    #[serde(default)]
+    when: Vec<Condition>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -334,6 +363,10 @@ struct Source {
     principals: Vec<String>,
     #[serde(default, alias = "notPrincipals")]
     not_principals: Vec<String>,
+    #[serde(default, alias = "requestPrincipals")]
+    request_principals: Vec<String>,
+    #[serde(default, alias = "notRequestPrincipals")]
+    not_request_principals: Vec<String>,
     #[serde(default)]
     namespaces: Vec<String>,
     #[serde(default, alias = "notNamespaces")]
@@ -346,6 +379,10 @@ struct Source {
     ip_blocks: Vec<model::IpNet>,
     #[serde(default, alias = "notIpBlocks", deserialize_with = "ip_nets")]
     not_ip_blocks: Vec<model::IpNet>,
+    #[serde(default, alias = "remoteIpBlocks", deserialize_with = "ip_nets")]
+    remote_ip_blocks: Vec<model::IpNet>,
+    #[serde(default, alias = "notRemoteIpBlocks", deserialize_with = "ip_nets")]
+    not_remote_ip_blocks: Vec<model::IpNet>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -361,6 +398,60 @@ struct Operation {
     ports: Vec<u16>,
     #[serde(default, alias = "notPorts")]
     not_ports: Vec<u16>,
+    #[serde(default)]
+    hosts: Vec<String>,
+    #[serde(default, alias = "notHosts")]
+    not_hosts: Vec<String>,
+    #[serde(default)]
+    methods: Vec<String>,
+    #[serde(default, alias = "notMethods")]
+    not_methods: Vec<String>,
+    #[serde(default)]
+    paths: Vec<String>,
+    #[serde(default, alias = "notPaths")]
+    not_paths: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Condition {
+    key: String,
+    #[serde(default)]
+    values: Vec<String>,
+    #[serde(default, alias = "notValues")]
+    not_values: Vec<String>,
+}
+
+/// Istio's `extensionProviders` entry, `envoyExtAuthzHttp` form.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExtensionProvider {
+    name: String,
+    #[serde(alias = "envoyExtAuthzHttp")]
+    http: ExtAuthzHttp,
+    #[serde(default, alias = "failOpen")]
+    fail_open: bool,
+    #[serde(default, alias = "statusOnError")]
+    status_on_error: Option<u16>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExtAuthzHttp {
+    service: String,
+    port: u16,
+    #[serde(default, alias = "pathPrefix")]
+    path_prefix: String,
+    #[serde(default, deserialize_with = "opt_duration")]
+    timeout: Option<Duration>,
+    #[serde(default, alias = "includeRequestHeadersInCheck")]
+    include_request_headers_in_check: Vec<String>,
+    #[serde(default, alias = "includeAdditionalHeadersInCheck")]
+    include_additional_headers_in_check: Labels,
+    #[serde(default, alias = "headersToUpstreamOnAllow")]
+    headers_to_upstream_on_allow: Vec<String>,
+    #[serde(default, alias = "headersToDownstreamOnDeny")]
+    headers_to_downstream_on_deny: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -381,6 +472,9 @@ enum PeerMode {
     #[serde(rename = "PERMISSIVE")]
     Permissive,
 }
+
+/// Istio's default for an ext_authz check when `timeout` is unset.
+const DEFAULT_EXT_AUTHZ_TIMEOUT: Duration = Duration::from_secs(600);
 
 fn opt_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     let s = String::deserialize(d)?;
@@ -517,10 +611,22 @@ impl File {
                 name: p.name,
                 namespace: p.namespace,
                 selector: p.selector,
+                target_refs: p
+                    .target_refs
+                    .into_iter()
+                    .map(|t| model::PolicyTargetRef {
+                        group: t.group,
+                        kind: t.kind,
+                        name: t.name,
+                    })
+                    .collect(),
                 action: match p.action {
                     Action::Allow => model::Action::Allow,
                     Action::Deny => model::Action::Deny,
+                    Action::Custom => model::Action::Custom,
+                    Action::Audit => model::Action::Audit,
                 },
+                provider: p.provider.map(|p| p.name),
                 rules: p
                     .rules
                     .into_iter()
@@ -533,25 +639,66 @@ impl File {
                                 model::Source {
                                     principals: s.principals,
                                     not_principals: s.not_principals,
+                                    request_principals: s.request_principals,
+                                    not_request_principals: s.not_request_principals,
                                     namespaces: s.namespaces,
                                     not_namespaces: s.not_namespaces,
                                     service_accounts: s.service_accounts,
                                     not_service_accounts: s.not_service_accounts,
                                     ip_blocks: s.ip_blocks,
                                     not_ip_blocks: s.not_ip_blocks,
+                                    remote_ip_blocks: s.remote_ip_blocks,
+                                    not_remote_ip_blocks: s.not_remote_ip_blocks,
                                 }
                             })
                             .collect(),
                         to: r
                             .to
                             .into_iter()
-                            .map(|t| model::Operation {
-                                ports: t.operation.ports,
-                                not_ports: t.operation.not_ports,
+                            .map(|t| {
+                                let o = t.operation;
+                                model::Operation {
+                                    ports: o.ports,
+                                    not_ports: o.not_ports,
+                                    hosts: o.hosts,
+                                    not_hosts: o.not_hosts,
+                                    methods: o.methods,
+                                    not_methods: o.not_methods,
+                                    paths: o.paths,
+                                    not_paths: o.not_paths,
+                                }
+                            })
+                            .collect(),
+                        when: r
+                            .when
+                            .into_iter()
+                            .map(|c| model::Condition {
+                                key: c.key,
+                                values: c.values,
+                                not_values: c.not_values,
                             })
                             .collect(),
                     })
                     .collect(),
+            })
+            .collect();
+        let extension_providers = self
+            .extension_providers
+            .into_iter()
+            .map(|p| model::ExtensionProvider {
+                name: p.name,
+                fail_open: p.fail_open,
+                status_on_error: p.status_on_error.unwrap_or(403),
+                http: model::ExtAuthzHttp {
+                    service: p.http.service,
+                    port: p.http.port,
+                    path_prefix: p.http.path_prefix,
+                    timeout: p.http.timeout.unwrap_or(DEFAULT_EXT_AUTHZ_TIMEOUT),
+                    include_request_headers_in_check: p.http.include_request_headers_in_check,
+                    include_additional_headers_in_check: p.http.include_additional_headers_in_check,
+                    headers_to_upstream_on_allow: p.http.headers_to_upstream_on_allow,
+                    headers_to_downstream_on_deny: p.http.headers_to_downstream_on_deny,
+                },
             })
             .collect();
         let peer_authentications = self
@@ -593,6 +740,7 @@ impl File {
                         spec: r.spec,
                     })
                     .collect(),
+                extension_providers,
                 namespaces: self
                     .namespaces
                     .into_iter()

@@ -24,7 +24,7 @@ use hyper::body::Incoming;
 use tracing::{debug, warn};
 
 use super::{
-    Body,
+    Body, authz,
     route::{Backend, RouteTable, Selection},
     telemetry::{self, Record},
     upstream::{self, Endpoint, Protocol, Upstreams, full},
@@ -81,6 +81,8 @@ pub struct Config {
     /// Each bound service's routes, by port (a map of maps, so a request
     /// looks its table up by reference, with no key to build).
     pub routes: HashMap<ServiceKey, HashMap<u16, RouteTable>>,
+    /// The authorization policies attached to waypoints.
+    pub authz: authz::Authz,
 }
 
 impl Config {
@@ -106,7 +108,12 @@ impl Config {
                 }
             }
         }
-        Config { view, routes }
+        let authz = authz::Authz::new(mesh);
+        Config {
+            view,
+            routes,
+            authz,
+        }
     }
 }
 
@@ -116,6 +123,7 @@ pub struct Engine {
     budgets: Mutex<HashMap<ServiceKey, Arc<Budget>>>,
     /// Per attempt, when the route sets none.
     default_timeout: Duration,
+    settings: authz::Settings,
 }
 
 impl Engine {
@@ -125,7 +133,15 @@ impl Engine {
             upstreams: Arc::new(upstreams),
             budgets: Mutex::new(HashMap::new()),
             default_timeout,
+            settings: authz::Settings::default(),
         }
+    }
+
+    /// With these policy settings (the front's: trusted `X-Forwarded-For`
+    /// hops, path normalization).
+    pub fn with_settings(mut self, settings: authz::Settings) -> Self {
+        self.settings = settings;
+        self
     }
 
     pub fn config(&self) -> Arc<Config> {
@@ -200,6 +216,11 @@ impl Engine {
         record.view = Some(config.view.clone());
         let downstream_upgrade = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
+        // Routing, the policies and the upstream all see the normalized path.
+        if let Err(e) = super::normalize::uri(&mut parts.uri, self.settings.normalization) {
+            debug!(error = %e, "path refused");
+            return error(StatusCode::BAD_REQUEST, "bad path");
+        }
         let table = config
             .routes
             .get(&ctx.default_backend.service)
@@ -227,7 +248,7 @@ impl Engine {
         };
         // The policy phases, in Istio's order: request authentication (JWT),
         // authorization (CUSTOM, DENY, ALLOW), rate limit. A refusal answers here.
-        if let Err(refusal) = admit(&config, ctx, &mut parts, record) {
+        if let Err(refusal) = self.admit(&config, ctx, &mut parts, record).await {
             return *refusal;
         }
         let origin = rule
@@ -521,6 +542,29 @@ impl Engine {
         });
     }
 
+    /// The policy phases of a request: request authentication, then
+    /// authorization, then rate limiting; `Err` is the answer that refuses it
+    /// (401, 403, 429).
+    async fn admit(
+        &self,
+        config: &Config,
+        ctx: &Context,
+        parts: &mut http::request::Parts,
+        record: &mut Record,
+    ) -> Result<(), Box<Response<Body>>> {
+        authz::admit(
+            &config.authz,
+            &config.view,
+            &self.upstreams,
+            &self.settings,
+            ctx,
+            parts,
+            record,
+        )
+        .await
+        .map_err(Box::new)
+    }
+
     fn budget(&self, key: &ServiceKey) -> Arc<Budget> {
         let mut budgets = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(b) = budgets.get(key) {
@@ -621,18 +665,6 @@ impl Drop for Counted {
         };
         c.fetch_sub(1, Relaxed);
     }
-}
-
-/// The policy phases of a request (issue 21 fills them): request
-/// authentication, then authorization, then rate limiting; `Err` is the answer
-/// that refuses it (401, 403, 429).
-fn admit(
-    _config: &Config,
-    _ctx: &Context,
-    _parts: &mut http::request::Parts,
-    _record: &mut Record,
-) -> Result<(), Box<Response<Body>>> {
-    Ok(())
 }
 
 /// Why the endpoint's own L4 policy (its authorization policies and peer

@@ -1134,6 +1134,106 @@ http_routes:
     }
 
     #[test]
+    fn l7_policy_problems_name_their_place() {
+        let e = parse(
+            r#"
+extension_providers:
+- {name: ext, http: {service: ext.default, port: 0, path_prefix: x}, status_on_error: 99}
+- {name: ext, http: {service: ext.default, port: 80}}
+authorization_policies:
+- name: a
+  selector: {app: x}
+  targetRefs: [{kind: Pod, name: web}, {kind: GatewayClass, name: istio-waypoint}, {kind: Service, group: apps, name: web}]
+  action: CUSTOM
+  provider: {name: nope}
+  rules:
+  - to: [{operation: {paths: ["/a/{**}/b"], methods: ["G*T"]}}]
+    when:
+    - {key: "request.headers[bad header]", values: [x]}
+    - {key: source.ip, values: [nope]}
+    - {key: destination.port, values: ["0"]}
+    - {key: request.body, values: [x]}
+    - {key: "request.auth.claims[groups]"}
+- {name: b, action: AUDIT, rules: [{}]}
+- {name: c, provider: {name: ext}, targetRefs: [{kind: Service, name: web}]}
+"#,
+        )
+        .unwrap_err()
+        .to_string();
+        for want in [
+            "extension_providers[0] (ext): http: needs a service and a port",
+            "extension_providers[0] (ext): http.path_prefix must start with `/`",
+            "extension_providers[0] (ext): status_on_error must be 200 to 599",
+            "extension_providers[1] (ext): needs a name of its own",
+            "authorization_policies[0] (default/a): give `selector` (a workload's policy) or `target_refs`",
+            "authorization_policies[0] (default/a): target_refs[0]: kind \"Pod\"",
+            "authorization_policies[0] (default/a): target_refs[1]: a GatewayClass is targeted from the root namespace",
+            "authorization_policies[0] (default/a): target_refs[2]: group \"apps\" does not fit kind Service",
+            "authorization_policies[0] (default/a): provider \"nope\" is not in `extension_providers`",
+            "authorization_policies[0] (default/a): rules[0].to[0].operation.paths: \"/a/{**}/b\": `{**}` must be the last segment",
+            "authorization_policies[0] (default/a): rules[0].to[0].operation.methods: \"G*T\"",
+            "authorization_policies[0] (default/a): rules[0].when[0]: request.headers[bad header]: \"bad header\" is not a valid header name",
+            "authorization_policies[0] (default/a): rules[0].when[1]: source.ip: \"nope\"",
+            "authorization_policies[0] (default/a): rules[0].when[2]: destination.port: \"0\" is not a port",
+            "authorization_policies[0] (default/a): rules[0].when[3]: key \"request.body\"",
+            "authorization_policies[0] (default/a): rules[0].when[4]: give `values` or `not_values`",
+            "authorization_policies[1] (default/b): a CUSTOM or AUDIT policy is enforced by a waypoint only",
+            "authorization_policies[2] (default/c): `provider` is for CUSTOM policies only",
+        ] {
+            assert!(e.contains(want), "{want:?} not in {e}");
+        }
+    }
+
+    #[test]
+    fn istio_camel_case_policies_parse() {
+        let c = parse(
+            r#"
+extensionProviders:
+- name: ext
+  envoyExtAuthzHttp:
+    service: ext-authz.default.svc.cluster.local
+    port: 8000
+    pathPrefix: /check
+    timeout: 2s
+    includeRequestHeadersInCheck: [x-ext-authz]
+    headersToUpstreamOnAllow: [x-user]
+  failOpen: true
+authorization_policies:
+- name: p
+  targetRefs: [{kind: Service, group: "", name: web}]
+  action: CUSTOM
+  provider: {name: ext}
+  rules:
+  - from: [{source: {requestPrincipals: ["*"], notRemoteIpBlocks: [192.0.2.0/24]}}]
+    to: [{operation: {notHosts: [a], notMethods: [PUT], notPaths: ["/x/{*}"]}}]
+    when: [{key: "request.auth.claims[iss]", notValues: [evil]}]
+"#,
+        )
+        .unwrap()
+        .mesh;
+        let x = &c.extension_providers[0];
+        assert!(x.fail_open);
+        assert_eq!(x.status_on_error, 403);
+        assert_eq!(x.http.timeout, Duration::from_secs(2));
+        assert_eq!(x.http.path_prefix, "/check");
+        let p = &c.authorization_policies[0];
+        assert_eq!(p.action, model::Action::Custom);
+        assert_eq!(p.provider.as_deref(), Some("ext"));
+        assert_eq!(p.target_refs[0].kind, "Service");
+        assert_eq!(
+            p.rules[0].l7_fields(),
+            [
+                "requestPrincipals",
+                "notRemoteIpBlocks",
+                "notHosts",
+                "notMethods",
+                "notPaths",
+                "request.auth.claims[iss]"
+            ]
+        );
+    }
+
+    #[test]
     fn every_problem_is_reported() {
         let e = parse(
             "workloads:\n- name: A\n  node: n0\n  enrolled: true\n- name: b\n  node: n0\n- name: b\n  node: n0\n",

@@ -891,3 +891,392 @@ fn claim_strings(v: &serde_json::Value) -> Vec<String> {
         v => scalar(v).into_iter().collect(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    /// Two services bound to the waypoint `wp`, and `policies`.
+    fn authz(policies: &str) -> Authz {
+        let yaml = format!(
+            r#"
+workloads:
+- {{name: wp-0, node: n0, native_tunnel: true, labels: {{app: wp}}, addresses: [10.0.0.1]}}
+- {{name: web-0, node: n0, labels: {{app: web}}, addresses: [10.0.0.2]}}
+services:
+- {{name: wp, addresses: [], ports: [], selector: {{app: wp}}}}
+- {{name: web, addresses: [10.96.0.2], ports: [{{port: 80}}], selector: {{app: web}}, waypoint: wp}}
+- {{name: api, addresses: [10.96.0.3], ports: [{{port: 80}}], selector: {{app: web}}, waypoint: wp}}
+- {{name: unbound, addresses: [10.96.0.4], ports: [{{port: 80}}], selector: {{app: web}}}}
+extension_providers:
+- {{name: ext, http: {{service: ext.default, port: 9000}}}}
+{policies}"#
+        );
+        let mesh = crate::discovery::file::parse(Path::new("t.yaml"), &yaml)
+            .unwrap()
+            .mesh;
+        Authz::new(&mesh)
+    }
+
+    const FRONT: &str = "spiffe://cluster.local/ns/front/sa/ui";
+
+    /// A request as the policies see it; change what a case needs.
+    struct Req {
+        peer: Option<SpiffeId>,
+        method: &'static str,
+        path: &'static str,
+        host: &'static str,
+        headers: HeaderMap,
+        auth: Option<RequestAuth>,
+        remote_ip: &'static str,
+    }
+
+    fn req() -> Req {
+        Req {
+            peer: Some(FRONT.parse().unwrap()),
+            method: "GET",
+            path: "/",
+            host: "web.default:80",
+            headers: HeaderMap::new(),
+            auth: None,
+            remote_ip: "10.1.0.9",
+        }
+    }
+
+    impl Req {
+        fn attrs(&self) -> Attributes<'_> {
+            Attributes {
+                peer: self.peer.as_ref(),
+                principal: self.peer.as_ref().map(|id| {
+                    format!(
+                        "{}/ns/{}/sa/{}",
+                        id.trust_domain(),
+                        id.namespace(),
+                        id.service_account()
+                    )
+                }),
+                source_ip: "10.1.0.9".parse().unwrap(),
+                remote_ip: self.remote_ip.parse().unwrap(),
+                port: 80,
+                host: self.host,
+                method: self.method,
+                path: self.path,
+                headers: &self.headers,
+                auth: self.auth.as_ref(),
+            }
+        }
+    }
+
+    fn web() -> ServiceKey {
+        ("default".to_owned(), "web".to_owned())
+    }
+
+    /// `None`: allowed; else the reason.
+    fn verdict(a: &Authz, svc: &ServiceKey, r: &Req) -> Option<String> {
+        a.decide(svc, &r.attrs()).denied
+    }
+
+    #[test]
+    fn attachment_by_service_gateway_and_gateway_class() {
+        let a = authz(
+            r#"
+authorization_policies:
+- {name: by-service, action: DENY, targetRefs: [{kind: Service, name: web}], rules: [{to: [{operation: {paths: [/s]}}]}]}
+- {name: by-gateway, action: DENY, targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: wp}], rules: [{to: [{operation: {paths: [/g]}}]}]}
+- {name: by-class, namespace: weft-system, action: DENY, targetRefs: [{kind: GatewayClass, name: istio-waypoint}], rules: [{to: [{operation: {paths: [/c]}}]}]}
+- {name: workload, action: DENY, rules: [{}]}
+"#,
+        );
+        let api = ("default".to_owned(), "api".to_owned());
+        let unbound = ("default".to_owned(), "unbound".to_owned());
+        for (path, web_denied, api_denied) in [
+            ("/s", true, false),
+            ("/g", true, true),
+            ("/c", true, true),
+            ("/x", false, false),
+        ] {
+            let r = Req { path, ..req() };
+            assert_eq!(verdict(&a, &web(), &r).is_some(), web_denied, "{path}");
+            assert_eq!(verdict(&a, &api, &r).is_some(), api_denied, "{path}");
+            // A service with no waypoint has no waypoint policies; the
+            // workload policy (no target_refs) is the agent's.
+            assert!(verdict(&a, &unbound, &r).is_none(), "{path}");
+        }
+    }
+
+    #[test]
+    fn deny_then_allow_and_audit_only_logs() {
+        let a = authz(
+            r#"
+authorization_policies:
+- name: allow-front-get
+  targetRefs: [{kind: Service, name: web}]
+  rules:
+  - from: [{source: {principals: ["cluster.local/ns/front/sa/ui"]}}]
+    to: [{operation: {methods: [GET, HEAD]}}]
+- name: deny-admin
+  action: DENY
+  targetRefs: [{kind: Service, name: web}]
+  rules: [{to: [{operation: {paths: ["/admin*"]}}]}]
+- name: audit-all
+  action: AUDIT
+  targetRefs: [{kind: Service, name: web}]
+  rules: [{}]
+"#,
+        );
+        assert_eq!(verdict(&a, &web(), &req()), None);
+        assert_eq!(
+            verdict(
+                &a,
+                &web(),
+                &Req {
+                    path: "/admin/x",
+                    ..req()
+                }
+            )
+            .as_deref(),
+            Some("denied by DENY policy default/deny-admin")
+        );
+        assert_eq!(
+            verdict(
+                &a,
+                &web(),
+                &Req {
+                    method: "POST",
+                    ..req()
+                }
+            )
+            .as_deref(),
+            Some("no ALLOW policy matches (1 applies)")
+        );
+        let other = Req {
+            peer: Some("spiffe://cluster.local/ns/bad/sa/x".parse().unwrap()),
+            ..req()
+        };
+        assert!(verdict(&a, &web(), &other).is_some());
+        assert!(
+            verdict(
+                &a,
+                &web(),
+                &Req {
+                    peer: None,
+                    ..req()
+                }
+            )
+            .is_some()
+        );
+        assert_eq!(
+            a.decide(&web(), &req().attrs()).audited,
+            ["default/audit-all"]
+        );
+    }
+
+    #[test]
+    fn custom_policies_name_their_provider_when_they_match() {
+        let a = authz(
+            r#"
+authorization_policies:
+- name: ext
+  action: CUSTOM
+  provider: {name: ext}
+  targetRefs: [{kind: Service, name: web}]
+  rules: [{to: [{operation: {paths: ["/api/*"]}}]}]
+"#,
+        );
+        let d = a.decide(
+            &web(),
+            &Req {
+                path: "/api/x",
+                ..req()
+            }
+            .attrs(),
+        );
+        assert_eq!(d.custom.len(), 1);
+        assert_eq!(d.custom[0].1.unwrap().name, "ext");
+        assert!(d.denied.is_none());
+        assert!(a.decide(&web(), &req().attrs()).custom.is_empty());
+    }
+
+    #[test]
+    fn path_patterns_and_templates() {
+        let table: &[(&str, &[(&str, bool)])] = &[
+            (
+                "/admin",
+                &[("/admin", true), ("/admin/", false), ("/ADMIN", false)],
+            ),
+            (
+                "/admin*",
+                &[
+                    ("/admin", true),
+                    ("/admin/x", true),
+                    ("/administrator", true),
+                    ("/admi", false),
+                    ("/admin;x", true),
+                ],
+            ),
+            ("*.json", &[("/a/b.json", true), ("/a/b.jsonx", false)]),
+            ("*", &[("/", true), ("/x", true)]),
+            (
+                "/a/{*}/c",
+                &[
+                    ("/a/b/c", true),
+                    ("/a//c", false),
+                    ("/a/b/x/c", false),
+                    ("/a/b/c/", false),
+                ],
+            ),
+            (
+                "/a/{**}",
+                &[
+                    ("/a/", true),
+                    ("/a/b", true),
+                    ("/a/b/c/d", true),
+                    ("/a", false),
+                    ("/ab", false),
+                ],
+            ),
+            (
+                "/a/{*}/{**}",
+                &[("/a/b/", true), ("/a/b/c/d", true), ("/a/b", false)],
+            ),
+            ("/{*}", &[("/x", true), ("/", false), ("/x/", false)]),
+        ];
+        for (pattern, cases) in table {
+            check_path_pattern(pattern).unwrap();
+            let p = PathPattern::parse(pattern);
+            for (path, want) in *cases {
+                assert_eq!(p.matches(path), *want, "{pattern} on {path}");
+            }
+        }
+        for bad in [
+            "/a/{**}/b",
+            "/a/x{*}",
+            "/a/{*}*",
+            "/a/{x}",
+            "/a*b",
+            "a/{*}",
+            "",
+        ] {
+            assert!(check_path_pattern(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn hosts_are_case_insensitive_and_match_without_the_port() {
+        let a = authz(
+            r#"
+authorization_policies:
+- {name: p, targetRefs: [{kind: Service, name: web}], rules: [{to: [{operation: {hosts: [Web.Default, "*.example.com"]}}]}]}
+"#,
+        );
+        for (host, allowed) in [
+            ("web.default", true),
+            ("WEB.default:80", true),
+            ("a.example.com:8080", true),
+            ("web.other", false),
+            ("web.default.evil", false),
+        ] {
+            assert_eq!(
+                verdict(&a, &web(), &Req { host, ..req() }).is_none(),
+                allowed,
+                "{host}"
+            );
+        }
+    }
+
+    #[test]
+    fn request_principals_and_claims() {
+        let a = authz(
+            r#"
+authorization_policies:
+- name: p
+  targetRefs: [{kind: Service, name: web}]
+  rules:
+  - from: [{source: {requestPrincipals: ["https://issuer/*"]}}]
+    when:
+    - {key: "request.auth.claims[groups]", values: [admins]}
+    - {key: "request.auth.claims[org][team]", notValues: [red]}
+    - {key: request.auth.audiences, values: [web]}
+"#,
+        );
+        let auth = |claims: serde_json::Value| RequestAuth {
+            principal: "https://issuer/alice".to_owned(),
+            audiences: vec!["api".to_owned(), "web".to_owned()],
+            presenter: None,
+            claims,
+        };
+        let with = |claims| Req {
+            auth: Some(auth(claims)),
+            ..req()
+        };
+        use serde_json::json;
+        assert!(
+            verdict(
+                &a,
+                &web(),
+                &with(json!({"groups": ["dev", "admins"], "org": {"team": "blue"}}))
+            )
+            .is_none()
+        );
+        assert!(verdict(&a, &web(), &with(json!({"groups": "admins"}))).is_none());
+        assert!(verdict(&a, &web(), &with(json!({"groups": ["dev"]}))).is_some());
+        assert!(
+            verdict(
+                &a,
+                &web(),
+                &with(json!({"groups": ["admins"], "org": {"team": "red"}}))
+            )
+            .is_some()
+        );
+        assert!(verdict(&a, &web(), &with(json!({}))).is_some());
+        // No token: no request principal, no claims.
+        assert!(verdict(&a, &web(), &req()).is_some());
+    }
+
+    #[test]
+    fn header_and_remote_ip_conditions() {
+        let a = authz(
+            r#"
+authorization_policies:
+- name: p
+  targetRefs: [{kind: Service, name: web}]
+  rules:
+  - from: [{source: {notRemoteIpBlocks: ["192.0.2.0/24"]}}]
+    when:
+    - {key: "request.headers[X-Team]", values: ["blue*"]}
+"#,
+        );
+        let mut headers = HeaderMap::new();
+        headers.insert("x-team", HeaderValue::from_static("blue-1"));
+        let ok = Req {
+            headers: headers.clone(),
+            ..req()
+        };
+        assert!(verdict(&a, &web(), &ok).is_none());
+        assert!(verdict(&a, &web(), &req()).is_some(), "no header");
+        let far = Req {
+            headers,
+            remote_ip: "192.0.2.7",
+            ..req()
+        };
+        assert!(verdict(&a, &web(), &far).is_some());
+    }
+
+    #[test]
+    fn remote_ip_trusts_only_the_given_hops() {
+        let mut h = HeaderMap::new();
+        h.append(
+            "x-forwarded-for",
+            HeaderValue::from_static("192.0.2.1, 10.0.0.1"),
+        );
+        h.append("x-forwarded-for", HeaderValue::from_static("10.0.0.2"));
+        let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        assert_eq!(remote_ip(&h, 0), None);
+        assert_eq!(remote_ip(&h, 1), ip("10.0.0.2"));
+        assert_eq!(remote_ip(&h, 3), ip("192.0.2.1"));
+        assert_eq!(remote_ip(&h, 4), None);
+        assert_eq!(remote_ip(&HeaderMap::new(), 1), None);
+    }
+}

@@ -1113,6 +1113,20 @@ http_routes:
     }
 
     #[test]
+    fn the_documented_l7_policies_are_valid() {
+        let doc = include_str!("../../../docs/config.md");
+        let start = doc.find("```yaml\n# L7 policies").expect("the example") + 8;
+        let end = start + doc[start..].find("```").expect("its end");
+        let c = parse(&doc[start..end]).unwrap().mesh;
+        assert_eq!(c.authorization_policies.len(), 4);
+        assert_eq!(
+            c.extension_providers[0].http.timeout,
+            Duration::from_millis(500)
+        );
+        assert!(c.authorization_policies.iter().all(|p| p.at_waypoint()));
+    }
+
+    #[test]
     fn waypoint_bindings_are_checked() {
         let e = parse(
             "workloads:\n- {name: w, node: n0, native_tunnel: true, enrolled: true, netns: /x, labels: {role: wp}}\n- {name: a, node: n0, addresses: [10.0.0.9], labels: {role: wp2}}\n\

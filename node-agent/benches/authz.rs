@@ -84,7 +84,7 @@ fn from(source: Source) -> Vec<Source> {
 fn ports(ports: &[u16]) -> Vec<Operation> {
     vec![Operation {
         ports: ports.to_vec(),
-        not_ports: Vec::new(),
+        ..Default::default()
     }]
 }
 
@@ -99,7 +99,9 @@ fn policy(
         name,
         namespace: namespace.to_owned(),
         selector: app.map(|a| labels(&[("app", a)])),
+        target_refs: Vec::new(),
         action,
+        provider: None,
         rules,
     }
 }
@@ -113,6 +115,7 @@ fn allow_rule(ns: usize, sa: usize, to: &[u16]) -> Rule {
             ..Default::default()
         }),
         to: ports(to),
+        when: Vec::new(),
     }
 }
 
@@ -154,6 +157,7 @@ fn config() -> Mesh {
                             ..Default::default()
                         }),
                         to: Vec::new(),
+                        when: Vec::new(),
                     }],
                 ),
                 _ => policy(
@@ -167,6 +171,7 @@ fn config() -> Mesh {
                             ..Default::default()
                         }),
                         to: Vec::new(),
+                        when: Vec::new(),
                     }],
                 ),
             };
@@ -188,6 +193,7 @@ fn config() -> Mesh {
                     ..Default::default()
                 }),
                 to: Vec::new(),
+                when: Vec::new(),
             }],
         ),
     );

@@ -9,6 +9,12 @@
 //! ALLOW policy must match. A policy matches if one of its rules does (no rules:
 //! nothing matches).
 //!
+//! Layers, as Istio ambient's ztunnel: policies with `target_refs` belong to
+//! waypoints (`http::authz`) and CUSTOM and AUDIT need a request, so none of
+//! them is enforced here. The L7 fields of the others cannot be seen here:
+//! an ALLOW rule that has any never matches, and a DENY rule keeps only its L4
+//! fields, so it matches every connection those match ([`Policy::compile`]).
+//!
 //! Cost. [`Authorizer::new`] compiles every policy once (principal and namespace
 //! patterns parsed, service accounts split, policy names formatted) and indexes
 //! them by namespace: O(P) for P policies. It then resolves, for each distinct
@@ -93,6 +99,7 @@ impl Authorizer {
         let policies: Vec<Policy> = config
             .authorization_policies
             .iter()
+            .filter(|p| enforced_at_l4(p))
             .enumerate()
             .map(|(i, p)| {
                 by_namespace
@@ -227,6 +234,8 @@ impl Authorizer {
                     // A later DENY still wins, so keep going after a match.
                     allowed = allowed || policy.matches(peer);
                 }
+                // Never compiled here (`enforced_at_l4`).
+                Action::Custom | Action::Audit => {}
             }
         }
         if allowed || allow_policies == 0 {
@@ -245,6 +254,14 @@ impl Authorizer {
             }
         }
     }
+}
+
+/// Whether an L4 enforcement point (the destination's agent) enforces `p`:
+/// a policy attached to waypoints (`target_refs`) is theirs alone, and CUSTOM
+/// and AUDIT need a request to act on, as in Istio (whose ztunnel is sent
+/// neither).
+fn enforced_at_l4(p: &model::AuthorizationPolicy) -> bool {
+    !p.at_waypoint() && matches!(p.action, Action::Allow | Action::Deny)
 }
 
 /// Maps keyed by namespace or workload name. The keys come from the config, never
@@ -351,7 +368,7 @@ impl<'a> Principal<'a> {
 
 /// A principal or namespace pattern: `*`, `prefix*`, `*suffix` or exact.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Pattern {
+pub(crate) enum Pattern {
     /// Any present value (never a plaintext peer's).
     Any,
     Exact(Box<str>),
@@ -361,7 +378,7 @@ enum Pattern {
 
 impl Pattern {
     /// Validation allows `*` only first or last; anything else is taken literally.
-    fn parse(p: &str) -> Pattern {
+    pub(crate) fn parse(p: &str) -> Pattern {
         if p == "*" {
             Pattern::Any
         } else if let Some(prefix) = p.strip_suffix('*').filter(|s| !s.contains('*')) {
@@ -373,7 +390,7 @@ impl Pattern {
         }
     }
 
-    fn matches(&self, value: &str) -> bool {
+    pub(crate) fn matches(&self, value: &str) -> bool {
         match self {
             Pattern::Any => !value.is_empty(),
             Pattern::Exact(s) => value == &**s,
@@ -402,6 +419,16 @@ struct Policy {
 }
 
 impl Policy {
+    /// Compiles `p` for an L4 enforcement point, with Istio's safe rule for the
+    /// L7 fields it cannot see (`requestPrincipals`, `remoteIpBlocks`, `hosts`,
+    /// `methods`, `paths`, their `not` forms, and `when` keys other than
+    /// [`model::L4_CONDITION_KEYS`]): in an ALLOW policy, a rule with any of
+    /// them anywhere (in `from`, `to` or `when`) is left out, so it never
+    /// matches; in a DENY policy, they are left out of their rule, which keeps
+    /// its L4 fields and so matches every connection those match (a `to`, a
+    /// `from` or a condition made only of L7 fields matches everything). Both
+    /// err towards refusing. This is istiod's translation for ztunnel
+    /// (`ambient/authorization.go`, `handleRule`).
     fn compile(p: &model::AuthorizationPolicy) -> Policy {
         Policy {
             id: format!("{}/{}", p.namespace, p.name),
@@ -410,6 +437,7 @@ impl Policy {
             rules: p
                 .rules
                 .iter()
+                .filter(|r| p.action != Action::Allow || r.l7_fields().is_empty())
                 .map(|r| Rule {
                     from: r.from.iter().map(Source::compile).collect(),
                     to: r
@@ -420,6 +448,7 @@ impl Policy {
                             not_ports: t.not_ports.clone(),
                         })
                         .collect(),
+                    when: r.when.iter().filter_map(Condition::compile).collect(),
                 })
                 .collect(),
         }
@@ -440,12 +469,65 @@ impl Policy {
 struct Rule {
     from: Vec<Source>,
     to: Vec<Operation>,
+    /// The L4 conditions; every one must hold.
+    when: Vec<Condition>,
 }
 
 impl Rule {
     fn matches(&self, peer: &Peer) -> bool {
         (self.to.is_empty() || self.to.iter().any(|o| o.matches(peer.port)))
             && (self.from.is_empty() || self.from.iter().any(|s| s.matches(peer)))
+            && self.when.iter().all(|c| c.holds(peer))
+    }
+}
+
+/// A `when` condition on what the agent knows of a connection.
+#[derive(Debug)]
+enum Condition {
+    SourceIp(Vec<IpNet>, Vec<IpNet>),
+    SourceNamespace(Vec<Pattern>, Vec<Pattern>),
+    SourcePrincipal(Vec<Pattern>, Vec<Pattern>),
+    DestinationPort(Vec<u16>, Vec<u16>),
+}
+
+impl Condition {
+    /// `None` for a key an L4 enforcement point cannot evaluate (see
+    /// [`Policy::compile`]). Validation makes every value parse; one that does
+    /// not here is left out.
+    fn compile(c: &model::Condition) -> Option<Condition> {
+        fn each<T>(v: &[String], f: impl Fn(&str) -> Option<T>) -> Vec<T> {
+            v.iter().filter_map(|s| f(s)).collect()
+        }
+        let ips = |v: &[String]| each(v, |s| s.parse().ok());
+        let patterns = |v: &[String]| each(v, |s| Some(Pattern::parse(s)));
+        let ports = |v: &[String]| each(v, |s| s.parse().ok());
+        let (yes, no) = (&c.values[..], &c.not_values[..]);
+        Some(match c.key.as_str() {
+            "source.ip" => Condition::SourceIp(ips(yes), ips(no)),
+            "source.namespace" => Condition::SourceNamespace(patterns(yes), patterns(no)),
+            "source.principal" => Condition::SourcePrincipal(patterns(yes), patterns(no)),
+            "destination.port" => Condition::DestinationPort(ports(yes), ports(no)),
+            _ => return None,
+        })
+    }
+
+    /// Some of the values match (or none are given) and none of the
+    /// `not_values` do. A plaintext peer has no namespace or principal: it
+    /// matches no value.
+    fn holds(&self, peer: &Peer) -> bool {
+        fn check<T>(yes: &[T], no: &[T], hit: impl Fn(&T) -> bool) -> bool {
+            (yes.is_empty() || yes.iter().any(&hit)) && !no.iter().any(hit)
+        }
+        match self {
+            Condition::SourceIp(yes, no) => check(yes, no, |b| b.contains(peer.ip)),
+            Condition::SourceNamespace(yes, no) => check(yes, no, |p| {
+                peer.id.is_some_and(|id| p.matches(id.namespace()))
+            }),
+            Condition::SourcePrincipal(yes, no) => check(yes, no, |p| {
+                peer.principal.is_some_and(|pr| p.matches_principal(&pr))
+            }),
+            Condition::DestinationPort(yes, no) => check(yes, no, |p| *p == peer.port),
+        }
     }
 }
 
@@ -1035,6 +1117,172 @@ authorization_policies:
             ),
             [S, P, P, P]
         );
+    }
+
+    /// Istio's safe rule for L7 fields at an L4 enforcement point
+    /// (`Policy::compile`), field by field: an ALLOW rule with one never
+    /// matches, a DENY rule with one matches what its L4 fields match.
+    #[test]
+    fn l7_fields_at_l4_allow_never_matches_deny_matches_everything() {
+        let l7: &[(&str, &str)] = &[
+            ("from", r#"{source: {requestPrincipals: ["*"]}}"#),
+            ("from", r#"{source: {notRequestPrincipals: ["*"]}}"#),
+            ("from", r#"{source: {remoteIpBlocks: ["10.0.0.0/8"]}}"#),
+            ("from", r#"{source: {notRemoteIpBlocks: ["10.0.0.0/8"]}}"#),
+            ("to", r#"{operation: {hosts: ["x"]}}"#),
+            ("to", r#"{operation: {notHosts: ["x"]}}"#),
+            ("to", r#"{operation: {methods: [GET]}}"#),
+            ("to", r#"{operation: {notMethods: [GET]}}"#),
+            ("to", r#"{operation: {paths: ["/admin*"]}}"#),
+            ("to", r#"{operation: {notPaths: ["/admin*"]}}"#),
+            ("when", r#"{key: "request.headers[x-a]", values: [b]}"#),
+            (
+                "when",
+                r#"{key: "request.auth.claims[groups]", values: [b]}"#,
+            ),
+            ("when", r#"{key: request.auth.principal, values: ["*"]}"#),
+            ("when", r#"{key: remote.ip, values: ["10.0.0.0/8"]}"#),
+        ];
+        for (place, field) in l7 {
+            let rule = format!("{{{place}: [{field}]}}");
+            // ALLOW: the rule never matches, so the policy denies everyone,
+            // even the peers a plain `{}` rule would let in.
+            let m = with(&format!(
+                "authorization_policies:\n- {{name: p, namespace: shop, rules: [{rule}]}}\n"
+            ));
+            for src in [FRONT, BAD, None] {
+                assert_eq!(
+                    m.check("shop/web", src, IP, 80),
+                    Decision::Deny {
+                        policy: String::new(),
+                        reason: "no ALLOW policy matches (1 applies)".to_owned(),
+                    },
+                    "ALLOW {rule}"
+                );
+            }
+            // Another ALLOW rule of the same policy without L7 fields still
+            // matches.
+            let m = with(&format!(
+                "authorization_policies:\n- {{name: p, namespace: shop, rules: [{rule}, {{from: [{{source: {{namespaces: [front]}}}}]}}]}}\n"
+            ));
+            assert!(
+                m.allowed("shop/web", FRONT, IP, 80),
+                "ALLOW {rule} + L4 rule"
+            );
+            assert!(
+                !m.allowed("shop/web", BAD, IP, 80),
+                "ALLOW {rule} + L4 rule"
+            );
+            // DENY: the rule matches every connection.
+            let m = with(&format!(
+                "authorization_policies:\n- {{name: p, namespace: shop, action: DENY, rules: [{rule}]}}\n"
+            ));
+            for src in [FRONT, BAD, None] {
+                assert!(!m.allowed("shop/web", src, IP, 80), "DENY {rule}");
+                assert!(!m.allowed("shop/web", src, "10.9.9.9", 8080), "DENY {rule}");
+            }
+            // Other namespaces are not concerned.
+            assert!(m.allowed("other/api", FRONT, IP, 80), "DENY {rule}");
+        }
+    }
+
+    #[test]
+    fn a_deny_rule_with_l7_fields_keeps_its_l4_fields() {
+        let m = with(
+            r#"
+authorization_policies:
+- name: deny-admin
+  namespace: shop
+  action: DENY
+  rules:
+  - from: [{source: {namespaces: [bad], requestPrincipals: ["*"]}}]
+    to: [{operation: {ports: [8080], paths: ["/admin*"]}}]
+"#,
+        );
+        // Only what the L4 fields match is refused: all of port 8080 from bad.
+        assert!(!m.allowed("shop/web", BAD, IP, 8080));
+        assert!(m.allowed("shop/web", BAD, IP, 80));
+        assert!(m.allowed("shop/web", FRONT, IP, 8080));
+        // An L4 `when` is still evaluated, an L7 one dropped.
+        let m = with(
+            r#"
+authorization_policies:
+- name: deny
+  namespace: shop
+  action: DENY
+  rules:
+  - when:
+    - {key: source.namespace, values: [bad]}
+    - {key: "request.headers[x-debug]", values: ["1"]}
+"#,
+        );
+        assert!(!m.allowed("shop/web", BAD, IP, 80));
+        assert!(m.allowed("shop/web", FRONT, IP, 80));
+    }
+
+    #[test]
+    fn l4_conditions() {
+        let m = with(
+            r#"
+authorization_policies:
+- name: p
+  namespace: shop
+  rules:
+  - when:
+    - {key: source.ip, values: ["10.1.0.0/16"], notValues: ["10.1.9.0/24"]}
+    - {key: destination.port, notValues: ["22"]}
+    - {key: source.principal, values: ["cluster.local/ns/front/*"]}
+"#,
+        );
+        assert!(m.allowed("shop/web", FRONT, "10.1.0.9", 80));
+        assert!(!m.allowed("shop/web", FRONT, "10.1.9.9", 80));
+        assert!(!m.allowed("shop/web", FRONT, "10.2.0.9", 80));
+        assert!(!m.allowed("shop/web", FRONT, "10.1.0.9", 22));
+        assert!(!m.allowed("shop/web", BAD, "10.1.0.9", 80));
+        assert!(!m.allowed("shop/web", None, "10.1.0.9", 80));
+        let m = with(
+            r#"
+authorization_policies:
+- name: p
+  namespace: shop
+  rules: [{when: [{key: source.namespace, notValues: [bad]}]}]
+"#,
+        );
+        assert!(m.allowed("shop/web", FRONT, IP, 80));
+        assert!(m.allowed("shop/web", None, IP, 80));
+        assert!(!m.allowed("shop/web", BAD, IP, 80));
+    }
+
+    #[test]
+    fn waypoint_custom_and_audit_policies_are_not_enforced_at_l4() {
+        let m = with(
+            r#"
+extension_providers:
+- {name: ext, http: {service: ext.shop, port: 80}}
+authorization_policies:
+- name: svc-deny-all
+  namespace: shop
+  action: DENY
+  targetRefs: [{kind: Service, name: web}]
+  rules: [{}]
+- name: svc-allow-none
+  namespace: shop
+  target_refs: [{kind: Service, name: web}]
+- name: custom
+  namespace: shop
+  action: CUSTOM
+  provider: {name: ext}
+  target_refs: [{kind: Service, name: web}]
+  rules: [{}]
+- name: audit
+  namespace: shop
+  action: AUDIT
+  target_refs: [{kind: Service, name: web}]
+  rules: [{}]
+"#,
+        );
+        assert!(m.allowed("shop/web", FRONT, IP, 80));
+        assert!(m.allowed("shop/web", None, IP, 80));
     }
 
     #[test]

@@ -137,6 +137,22 @@ pub struct WaypointArgs {
     /// How often keys fetched from a `jwksUri` are fetched again.
     #[arg(long, env = "WEFT_JWKS_REFRESH", default_value = "5m", value_parser = parse_duration)]
     pub jwks_refresh: Duration,
+
+    /// Proxies in front whose `X-Forwarded-For` entries are trusted: the
+    /// client (policies' `remoteIpBlocks`, `remote.ip`) is the entry this many
+    /// from the right; 0: the connection's source.
+    #[arg(long, env = "WEFT_XFF_TRUSTED_HOPS", default_value_t = 0)]
+    pub xff_trusted_hops: usize,
+
+    /// How request paths are normalized before routing and authorization
+    /// (Istio's `pathNormalization`); the upstream gets the normalized path.
+    #[arg(
+        long,
+        env = "WEFT_NORMALIZE_PATH",
+        value_enum,
+        default_value = "decode-and-merge-slashes"
+    )]
+    pub normalize_path: crate::http::normalize::Normalization,
 }
 
 #[derive(Debug, Args)]

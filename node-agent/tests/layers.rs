@@ -19,7 +19,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("telemetry", &[]),
     ("workers", &[]),
     ("tls", &["identity"]),
-    ("model", &["identity"]),
+    ("model", &["identity", "units"]),
     ("discovery", &["model", "units", "yaml"]),
     ("authz", &["identity", "model"]),
     ("lb", &["model"]),
@@ -44,7 +44,17 @@ const ALLOWED: &[(&str, &[&str])] = &[
     (
         "http",
         &[
-            "authz", "hbone", "identity", "lb", "model", "net", "stats", "view",
+            "authz",
+            "hbone",
+            "identity",
+            "lb",
+            "metrics",
+            "model",
+            "net",
+            "stats",
+            "telemetry",
+            "tls",
+            "view",
         ],
     ),
     // The waypoint's front: HBONE in, the engine behind.
@@ -71,7 +81,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
         "admin",
         &["metrics", "model", "node", "stats", "telemetry", "workers"],
     ),
-    ("cli", &["discovery", "node", "units"]),
+    ("cli", &["discovery", "http", "node", "units"]),
     // The wiring of each role may use everything below it.
     (
         "app",

@@ -102,14 +102,20 @@ async fn serve(args: WaypointArgs, me: WorkloadKey) -> anyhow::Result<()> {
     let netns = Netns::open(Path::new("/proc/self/ns/net")).context("opening our own netns")?;
     let balancers = Arc::new(Balancers::default());
     let jwks = Jwks::new(Some(jwks_trust(&args)?), args.jwks_refresh);
-    let engine = Arc::new(Engine::new(
-        Config::new(
-            Arc::new(View::new(per_request(mesh), &node, &balancers)),
-            &jwks,
-        ),
-        Upstreams::new(pool, netns, identity.clone(), args.connect_timeout),
-        args.request_timeout,
-    ));
+    let engine = Arc::new(
+        Engine::new(
+            Config::new(
+                Arc::new(View::new(per_request(mesh), &node, &balancers)),
+                &jwks,
+            ),
+            Upstreams::new(pool, netns, identity.clone(), args.connect_timeout),
+            args.request_timeout,
+        )
+        .with_settings(crate::http::authz::Settings {
+            xff_trusted_hops: args.xff_trusted_hops,
+            normalization: args.normalize_path,
+        }),
+    );
     let serves = {
         let (engine, me) = (engine.clone(), me.clone());
         Arc::new(move |waypoint: &crate::model::ServiceKey| {

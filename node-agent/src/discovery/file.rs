@@ -138,6 +138,10 @@ struct File {
     /// Istio's RequestAuthentication, in the model's own shape (Istio's fields).
     #[serde(default, alias = "requestAuthentications")]
     request_authentications: Vec<model::authn::RequestAuthentication>,
+    /// External authorization services for CUSTOM policies (Istio's
+    /// MeshConfig `extensionProviders`).
+    #[serde(default, alias = "extensionProviders")]
+    extension_providers: Vec<ExtensionProvider>,
 }
 
 /// Namespace-wide settings.
@@ -300,10 +304,29 @@ struct AuthorizationPolicy {
     namespace: String,
     #[serde(default)]
     selector: Option<Labels>,
+    #[serde(default, alias = "targetRefs")]
+    target_refs: Vec<TargetRef>,
     #[serde(default)]
     action: Action,
     #[serde(default)]
+    provider: Option<Provider>,
+    #[serde(default)]
     rules: Vec<Rule>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TargetRef {
+    #[serde(default)]
+    group: String,
+    kind: String,
+    name: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Provider {
+    name: String,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize)]
@@ -313,6 +336,10 @@ enum Action {
     Allow,
     #[serde(rename = "DENY")]
     Deny,
+    #[serde(rename = "CUSTOM")]
+    Custom,
+    #[serde(rename = "AUDIT")]
+    Audit,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -322,6 +349,8 @@ struct Rule {
     from: Vec<FromSource>,
     #[serde(default)]
     to: Vec<ToOperation>,
+    #[serde(default)]
+    when: Vec<Condition>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -337,6 +366,10 @@ struct Source {
     principals: Vec<String>,
     #[serde(default, alias = "notPrincipals")]
     not_principals: Vec<String>,
+    #[serde(default, alias = "requestPrincipals")]
+    request_principals: Vec<String>,
+    #[serde(default, alias = "notRequestPrincipals")]
+    not_request_principals: Vec<String>,
     #[serde(default)]
     namespaces: Vec<String>,
     #[serde(default, alias = "notNamespaces")]
@@ -349,6 +382,10 @@ struct Source {
     ip_blocks: Vec<model::IpNet>,
     #[serde(default, alias = "notIpBlocks", deserialize_with = "ip_nets")]
     not_ip_blocks: Vec<model::IpNet>,
+    #[serde(default, alias = "remoteIpBlocks", deserialize_with = "ip_nets")]
+    remote_ip_blocks: Vec<model::IpNet>,
+    #[serde(default, alias = "notRemoteIpBlocks", deserialize_with = "ip_nets")]
+    not_remote_ip_blocks: Vec<model::IpNet>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -364,6 +401,60 @@ struct Operation {
     ports: Vec<u16>,
     #[serde(default, alias = "notPorts")]
     not_ports: Vec<u16>,
+    #[serde(default)]
+    hosts: Vec<String>,
+    #[serde(default, alias = "notHosts")]
+    not_hosts: Vec<String>,
+    #[serde(default)]
+    methods: Vec<String>,
+    #[serde(default, alias = "notMethods")]
+    not_methods: Vec<String>,
+    #[serde(default)]
+    paths: Vec<String>,
+    #[serde(default, alias = "notPaths")]
+    not_paths: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Condition {
+    key: String,
+    #[serde(default)]
+    values: Vec<String>,
+    #[serde(default, alias = "notValues")]
+    not_values: Vec<String>,
+}
+
+/// Istio's `extensionProviders` entry, `envoyExtAuthzHttp` form.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExtensionProvider {
+    name: String,
+    #[serde(alias = "envoyExtAuthzHttp")]
+    http: ExtAuthzHttp,
+    #[serde(default, alias = "failOpen")]
+    fail_open: bool,
+    #[serde(default, alias = "statusOnError")]
+    status_on_error: Option<u16>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExtAuthzHttp {
+    service: String,
+    port: u16,
+    #[serde(default, alias = "pathPrefix")]
+    path_prefix: String,
+    #[serde(default, deserialize_with = "opt_duration")]
+    timeout: Option<Duration>,
+    #[serde(default, alias = "includeRequestHeadersInCheck")]
+    include_request_headers_in_check: Vec<String>,
+    #[serde(default, alias = "includeAdditionalHeadersInCheck")]
+    include_additional_headers_in_check: Labels,
+    #[serde(default, alias = "headersToUpstreamOnAllow")]
+    headers_to_upstream_on_allow: Vec<String>,
+    #[serde(default, alias = "headersToDownstreamOnDeny")]
+    headers_to_downstream_on_deny: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -384,6 +475,9 @@ enum PeerMode {
     #[serde(rename = "PERMISSIVE")]
     Permissive,
 }
+
+/// Istio's default for an ext_authz check when `timeout` is unset.
+const DEFAULT_EXT_AUTHZ_TIMEOUT: Duration = Duration::from_secs(600);
 
 fn opt_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     let s = String::deserialize(d)?;
@@ -520,10 +614,22 @@ impl File {
                 name: p.name,
                 namespace: p.namespace,
                 selector: p.selector,
+                target_refs: p
+                    .target_refs
+                    .into_iter()
+                    .map(|t| model::PolicyTargetRef {
+                        group: t.group,
+                        kind: t.kind,
+                        name: t.name,
+                    })
+                    .collect(),
                 action: match p.action {
                     Action::Allow => model::Action::Allow,
                     Action::Deny => model::Action::Deny,
+                    Action::Custom => model::Action::Custom,
+                    Action::Audit => model::Action::Audit,
                 },
+                provider: p.provider.map(|p| p.name),
                 rules: p
                     .rules
                     .into_iter()
@@ -536,25 +642,66 @@ impl File {
                                 model::Source {
                                     principals: s.principals,
                                     not_principals: s.not_principals,
+                                    request_principals: s.request_principals,
+                                    not_request_principals: s.not_request_principals,
                                     namespaces: s.namespaces,
                                     not_namespaces: s.not_namespaces,
                                     service_accounts: s.service_accounts,
                                     not_service_accounts: s.not_service_accounts,
                                     ip_blocks: s.ip_blocks,
                                     not_ip_blocks: s.not_ip_blocks,
+                                    remote_ip_blocks: s.remote_ip_blocks,
+                                    not_remote_ip_blocks: s.not_remote_ip_blocks,
                                 }
                             })
                             .collect(),
                         to: r
                             .to
                             .into_iter()
-                            .map(|t| model::Operation {
-                                ports: t.operation.ports,
-                                not_ports: t.operation.not_ports,
+                            .map(|t| {
+                                let o = t.operation;
+                                model::Operation {
+                                    ports: o.ports,
+                                    not_ports: o.not_ports,
+                                    hosts: o.hosts,
+                                    not_hosts: o.not_hosts,
+                                    methods: o.methods,
+                                    not_methods: o.not_methods,
+                                    paths: o.paths,
+                                    not_paths: o.not_paths,
+                                }
+                            })
+                            .collect(),
+                        when: r
+                            .when
+                            .into_iter()
+                            .map(|c| model::Condition {
+                                key: c.key,
+                                values: c.values,
+                                not_values: c.not_values,
                             })
                             .collect(),
                     })
                     .collect(),
+            })
+            .collect();
+        let extension_providers = self
+            .extension_providers
+            .into_iter()
+            .map(|p| model::ExtensionProvider {
+                name: p.name,
+                fail_open: p.fail_open,
+                status_on_error: p.status_on_error.unwrap_or(403),
+                http: model::ExtAuthzHttp {
+                    service: p.http.service,
+                    port: p.http.port,
+                    path_prefix: p.http.path_prefix,
+                    timeout: p.http.timeout.unwrap_or(DEFAULT_EXT_AUTHZ_TIMEOUT),
+                    include_request_headers_in_check: p.http.include_request_headers_in_check,
+                    include_additional_headers_in_check: p.http.include_additional_headers_in_check,
+                    headers_to_upstream_on_allow: p.http.headers_to_upstream_on_allow,
+                    headers_to_downstream_on_deny: p.http.headers_to_downstream_on_deny,
+                },
             })
             .collect();
         let peer_authentications = self
@@ -597,6 +744,7 @@ impl File {
                     })
                     .collect(),
                 request_authentications: self.request_authentications,
+                extension_providers,
                 namespaces: self
                     .namespaces
                     .into_iter()
@@ -1071,6 +1219,20 @@ request_authentications:
     }
 
     #[test]
+    fn the_documented_l7_policies_are_valid() {
+        let doc = include_str!("../../../docs/config.md");
+        let start = doc.find("```yaml\n# L7 policies").expect("the example") + 8;
+        let end = start + doc[start..].find("```").expect("its end");
+        let c = parse(&doc[start..end]).unwrap().mesh;
+        assert_eq!(c.authorization_policies.len(), 4);
+        assert_eq!(
+            c.extension_providers[0].http.timeout,
+            Duration::from_millis(500)
+        );
+        assert!(c.authorization_policies.iter().all(|p| p.at_waypoint()));
+    }
+
+    #[test]
     fn waypoint_bindings_are_checked() {
         let e = parse(
             "workloads:\n- {name: w, node: n0, native_tunnel: true, enrolled: true, netns: /x, labels: {role: wp}}\n- {name: a, node: n0, addresses: [10.0.0.9], labels: {role: wp2}}\n\
@@ -1089,6 +1251,106 @@ request_authentications:
         ] {
             assert!(e.contains(want), "{want:?} not in {e}");
         }
+    }
+
+    #[test]
+    fn l7_policy_problems_name_their_place() {
+        let e = parse(
+            r#"
+extension_providers:
+- {name: ext, http: {service: ext.default, port: 0, path_prefix: x}, status_on_error: 99}
+- {name: ext, http: {service: ext.default, port: 80}}
+authorization_policies:
+- name: a
+  selector: {app: x}
+  targetRefs: [{kind: Pod, name: web}, {kind: GatewayClass, name: istio-waypoint}, {kind: Service, group: apps, name: web}]
+  action: CUSTOM
+  provider: {name: nope}
+  rules:
+  - to: [{operation: {paths: ["/a/{**}/b"], methods: ["G*T"]}}]
+    when:
+    - {key: "request.headers[bad header]", values: [x]}
+    - {key: source.ip, values: [nope]}
+    - {key: destination.port, values: ["0"]}
+    - {key: request.body, values: [x]}
+    - {key: "request.auth.claims[groups]"}
+- {name: b, action: AUDIT, rules: [{}]}
+- {name: c, provider: {name: ext}, targetRefs: [{kind: Service, name: web}]}
+"#,
+        )
+        .unwrap_err()
+        .to_string();
+        for want in [
+            "extension_providers[0] (ext): http: needs a service and a port",
+            "extension_providers[0] (ext): http.path_prefix must start with `/`",
+            "extension_providers[0] (ext): status_on_error must be 200 to 599",
+            "extension_providers[1] (ext): needs a name of its own",
+            "authorization_policies[0] (default/a): give `selector` (a workload's policy) or `target_refs`",
+            "authorization_policies[0] (default/a): target_refs[0]: kind \"Pod\"",
+            "authorization_policies[0] (default/a): target_refs[1]: a GatewayClass is targeted from the root namespace",
+            "authorization_policies[0] (default/a): target_refs[2]: group \"apps\" does not fit kind Service",
+            "authorization_policies[0] (default/a): provider \"nope\" is not in `extension_providers`",
+            "authorization_policies[0] (default/a): rules[0].to[0].operation.paths: \"/a/{**}/b\": `{**}` must be the last segment",
+            "authorization_policies[0] (default/a): rules[0].to[0].operation.methods: \"G*T\"",
+            "authorization_policies[0] (default/a): rules[0].when[0]: request.headers[bad header]: \"bad header\" is not a valid header name",
+            "authorization_policies[0] (default/a): rules[0].when[1]: source.ip: \"nope\"",
+            "authorization_policies[0] (default/a): rules[0].when[2]: destination.port: \"0\" is not a port",
+            "authorization_policies[0] (default/a): rules[0].when[3]: key \"request.body\"",
+            "authorization_policies[0] (default/a): rules[0].when[4]: give `values` or `not_values`",
+            "authorization_policies[1] (default/b): a CUSTOM or AUDIT policy is enforced by a waypoint only",
+            "authorization_policies[2] (default/c): `provider` is for CUSTOM policies only",
+        ] {
+            assert!(e.contains(want), "{want:?} not in {e}");
+        }
+    }
+
+    #[test]
+    fn istio_camel_case_policies_parse() {
+        let c = parse(
+            r#"
+extensionProviders:
+- name: ext
+  envoyExtAuthzHttp:
+    service: ext-authz.default.svc.cluster.local
+    port: 8000
+    pathPrefix: /check
+    timeout: 2s
+    includeRequestHeadersInCheck: [x-ext-authz]
+    headersToUpstreamOnAllow: [x-user]
+  failOpen: true
+authorization_policies:
+- name: p
+  targetRefs: [{kind: Service, group: "", name: web}]
+  action: CUSTOM
+  provider: {name: ext}
+  rules:
+  - from: [{source: {requestPrincipals: ["*"], notRemoteIpBlocks: [192.0.2.0/24]}}]
+    to: [{operation: {notHosts: [a], notMethods: [PUT], notPaths: ["/x/{*}"]}}]
+    when: [{key: "request.auth.claims[iss]", notValues: [evil]}]
+"#,
+        )
+        .unwrap()
+        .mesh;
+        let x = &c.extension_providers[0];
+        assert!(x.fail_open);
+        assert_eq!(x.status_on_error, 403);
+        assert_eq!(x.http.timeout, Duration::from_secs(2));
+        assert_eq!(x.http.path_prefix, "/check");
+        let p = &c.authorization_policies[0];
+        assert_eq!(p.action, model::Action::Custom);
+        assert_eq!(p.provider.as_deref(), Some("ext"));
+        assert_eq!(p.target_refs[0].kind, "Service");
+        assert_eq!(
+            p.rules[0].l7_fields(),
+            [
+                "requestPrincipals",
+                "notRemoteIpBlocks",
+                "notHosts",
+                "notMethods",
+                "notPaths",
+                "request.auth.claims[iss]"
+            ]
+        );
     }
 
     #[test]

@@ -115,7 +115,9 @@ mod tests {
                     name: format!("p{i}"),
                     namespace: "default".into(),
                     selector: None,
+                    target_refs: vec![],
                     action: Action::Deny,
+                    provider: None,
                     rules: vec![],
                 })
                 .collect(),

@@ -24,7 +24,7 @@ use hyper::body::Incoming;
 use tracing::{debug, warn};
 
 use super::{
-    Body, jwt,
+    Body, authz, jwt,
     route::{Backend, RouteTable, Selection},
     telemetry::{self, Record},
     upstream::{self, Endpoint, Protocol, Upstreams, full},
@@ -83,6 +83,8 @@ pub struct Config {
     pub routes: HashMap<ServiceKey, HashMap<u16, RouteTable>>,
     /// Each bound service's JWT rules (its request authentications), if any.
     pub authn: HashMap<ServiceKey, Arc<jwt::Policy>>,
+    /// The authorization policies attached to waypoints.
+    pub authz: authz::Authz,
 }
 
 impl Config {
@@ -112,10 +114,12 @@ impl Config {
                 }
             }
         }
+        let authz = authz::Authz::new(mesh);
         Config {
             view,
             routes,
             authn,
+            authz,
         }
     }
 }
@@ -126,6 +130,7 @@ pub struct Engine {
     budgets: Mutex<HashMap<ServiceKey, Arc<Budget>>>,
     /// Per attempt, when the route sets none.
     default_timeout: Duration,
+    settings: authz::Settings,
 }
 
 impl Engine {
@@ -135,7 +140,15 @@ impl Engine {
             upstreams: Arc::new(upstreams),
             budgets: Mutex::new(HashMap::new()),
             default_timeout,
+            settings: authz::Settings::default(),
         }
+    }
+
+    /// With these policy settings (the front's: trusted `X-Forwarded-For`
+    /// hops, path normalization).
+    pub fn with_settings(mut self, settings: authz::Settings) -> Self {
+        self.settings = settings;
+        self
     }
 
     pub fn config(&self) -> Arc<Config> {
@@ -210,6 +223,11 @@ impl Engine {
         record.view = Some(config.view.clone());
         let downstream_upgrade = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
+        // Routing, the policies and the upstream all see the normalized path.
+        if let Err(e) = super::normalize::uri(&mut parts.uri, self.settings.normalization) {
+            debug!(error = %e, "path refused");
+            return error(StatusCode::BAD_REQUEST, "bad path");
+        }
         let table = config
             .routes
             .get(&ctx.default_backend.service)
@@ -237,10 +255,9 @@ impl Engine {
         };
         // The policy phases, in Istio's order: request authentication (JWT),
         // authorization (CUSTOM, DENY, ALLOW), rate limit. A refusal answers here.
-        let _admission = match admit(&config, ctx, &mut parts, record).await {
-            Ok(a) => a,
-            Err(refusal) => return *refusal,
-        };
+        if let Err(refusal) = self.admit(&config, ctx, &mut parts, record).await {
+            return *refusal;
+        }
         let origin = rule
             .and_then(|r| r.cors.as_ref())
             .map(|_| parts.headers.get(header::ORIGIN).cloned());
@@ -532,6 +549,50 @@ impl Engine {
         });
     }
 
+    /// The policy phases of a request: request authentication, then
+    /// authorization, then rate limiting; `Err` is the answer that refuses it
+    /// (401, 403, 429).
+    async fn admit(
+        &self,
+        config: &Config,
+        ctx: &Context,
+        parts: &mut http::request::Parts,
+        record: &mut Record,
+    ) -> Result<(), Box<Response<Body>>> {
+        // Request authentication: a bad token ends here (401); a good one is
+        // handed to authorization in the request's extensions.
+        if let Some(policy) = config.authn.get(&ctx.default_backend.service)
+            && let Some(a) = policy.authenticate(parts).await.map_err(Box::new)?
+        {
+            let audiences = match &a.claims["aud"] {
+                serde_json::Value::String(s) => vec![s.clone()],
+                serde_json::Value::Array(list) => list
+                    .iter()
+                    .filter_map(|v| v.as_str().map(str::to_owned))
+                    .collect(),
+                _ => Vec::new(),
+            };
+            let presenter = a.claims["azp"].as_str().map(str::to_owned);
+            parts.extensions.insert(authz::RequestAuth {
+                principal: a.principal,
+                audiences,
+                presenter,
+                claims: a.claims,
+            });
+        }
+        authz::admit(
+            &config.authz,
+            &config.view,
+            &self.upstreams,
+            &self.settings,
+            ctx,
+            parts,
+            record,
+        )
+        .await
+        .map_err(Box::new)
+    }
+
     fn budget(&self, key: &ServiceKey) -> Arc<Budget> {
         let mut budgets = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(b) = budgets.get(key) {
@@ -632,35 +693,6 @@ impl Drop for Counted {
         };
         c.fetch_sub(1, Relaxed);
     }
-}
-
-/// What the policy phases learnt of a request, for the phases after them.
-#[derive(Debug, Default)]
-pub struct Admission {
-    /// Istio's request principal, `<iss>/<sub>` of the verified JWT; `None`:
-    /// the request carried no token.
-    pub request_principal: Option<String>,
-    /// The verified JWT's claims (`request.auth.claims[...]` in policies).
-    pub claims: Option<serde_json::Value>,
-}
-
-/// The policy phases of a request (issue 21 fills them): request
-/// authentication, then authorization, then rate limiting; `Err` is the answer
-/// that refuses it (401, 403, 429).
-async fn admit(
-    config: &Config,
-    ctx: &Context,
-    parts: &mut http::request::Parts,
-    _record: &mut Record,
-) -> Result<Admission, Box<Response<Body>>> {
-    let mut admission = Admission::default();
-    if let Some(policy) = config.authn.get(&ctx.default_backend.service)
-        && let Some(a) = policy.authenticate(parts).await.map_err(Box::new)?
-    {
-        admission.request_principal = Some(a.principal);
-        admission.claims = Some(a.claims);
-    }
-    Ok(admission)
 }
 
 /// Why the endpoint's own L4 policy (its authorization policies and peer

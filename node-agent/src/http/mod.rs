@@ -6,12 +6,17 @@
 //! RequestAuthentication); `upstream` holds the pooled connections to
 //! endpoints; `engine` runs a request through them; `telemetry` records it
 //! (`otlp` exports its spans).
+//! `normalize` makes a path canonical before anything reads it; `authz`
+//! holds the policies attached to waypoints (Istio's AuthorizationPolicy at
+//! L7, external authorization included).
 //! Nothing here knows how a request arrived: the fronts (`waypoint`) hand it
 //! over with what they know of its source.
 
+pub mod authz;
 pub mod engine;
 pub mod filter;
 pub mod jwt;
+pub mod normalize;
 pub mod otlp;
 pub mod route;
 pub mod telemetry;

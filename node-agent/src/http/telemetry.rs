@@ -57,6 +57,8 @@ pub struct Record {
     /// (Its index among the workloads of `view`: found, not copied, per request.)
     pub endpoint: Option<usize>,
     pub upstream: Option<std::net::SocketAddr>,
+    /// Why the policies refused it (`flags` is then `RBAC` or `UAEX`).
+    pub denied: Option<String>,
     /// Attempts beyond the first.
     pub retries: u32,
     /// Envoy's response flags: `-`, `UH` (no healthy upstream), `UF`

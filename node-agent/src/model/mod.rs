@@ -39,6 +39,9 @@ pub struct Mesh {
     pub grpc_routes: Vec<route::GrpcRoute>,
     /// Istio's RequestAuthentication: JWT rules, applied at waypoints.
     pub request_authentications: Vec<authn::RequestAuthentication>,
+    /// External authorization services, named by CUSTOM policies (Istio's
+    /// MeshConfig `extensionProviders`).
+    pub extension_providers: Vec<ExtensionProvider>,
 }
 
 /// The root namespace when a source names none.
@@ -57,6 +60,7 @@ impl Default for Mesh {
             http_routes: Vec::new(),
             grpc_routes: Vec::new(),
             request_authentications: Vec::new(),
+            extension_providers: Vec::new(),
         }
     }
 }
@@ -292,7 +296,9 @@ impl Default for OutlierDetection {
     }
 }
 
-/// Istio's AuthorizationPolicy, L4 part: evaluated by the destination's agent.
+/// Istio's AuthorizationPolicy. Without `target_refs` it is a workload's
+/// policy, enforced by the destination's agent at L4 (`authz`); with them, it
+/// is enforced by the waypoint of the services it names, at L7 (`http::authz`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct AuthorizationPolicy {
     pub name: String,
@@ -300,10 +306,32 @@ pub struct AuthorizationPolicy {
     pub namespace: String,
     /// Workloads of `namespace` it applies to; `None`: all of them.
     pub selector: Option<Labels>,
+    /// What it is attached to at a waypoint (Istio ambient's `targetRefs`).
+    pub target_refs: Vec<PolicyTargetRef>,
     pub action: Action,
-    /// A connection matches the policy if it matches any rule. No rules: an ALLOW
+    /// The extension provider a CUSTOM policy asks.
+    pub provider: Option<String>,
+    /// A request matches the policy if it matches any rule. No rules: an ALLOW
     /// policy matches nothing (denies all), a DENY policy matches nothing.
     pub rules: Vec<Rule>,
+}
+
+impl AuthorizationPolicy {
+    /// Whether the waypoint enforces it (rather than the destination's agent).
+    pub fn at_waypoint(&self) -> bool {
+        !self.target_refs.is_empty()
+    }
+}
+
+/// What a policy is attached to: `Service` (a service bound to a waypoint, of
+/// the policy's namespace), `Gateway` (a waypoint, by its service's name: every
+/// service it serves) or `GatewayClass` (`istio-waypoint`, from the root
+/// namespace: every waypoint).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PolicyTargetRef {
+    pub group: String,
+    pub kind: String,
+    pub name: String,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize)]
@@ -313,15 +341,72 @@ pub enum Action {
     Allow,
     #[serde(rename = "DENY")]
     Deny,
+    /// Asks an external authorization service (the policy's `provider`).
+    #[serde(rename = "CUSTOM")]
+    Custom,
+    /// Only logs what it matches.
+    #[serde(rename = "AUDIT")]
+    Audit,
 }
 
-/// Matches if some source in `from` matches (or there is none) and some
-/// operation in `to` matches (or there is none).
+/// Matches if some source in `from` matches (or there is none), some
+/// operation in `to` matches (or there is none) and every condition in
+/// `when` holds.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Rule {
     pub from: Vec<Source>,
     pub to: Vec<Operation>,
+    pub when: Vec<Condition>,
 }
+
+impl Rule {
+    /// The L7 fields it uses (Istio's names), which an L4 enforcement point
+    /// cannot see.
+    pub fn l7_fields(&self) -> Vec<&str> {
+        let mut found = Vec::new();
+        for s in &self.from {
+            for (name, given) in [
+                ("requestPrincipals", !s.request_principals.is_empty()),
+                ("notRequestPrincipals", !s.not_request_principals.is_empty()),
+                ("remoteIpBlocks", !s.remote_ip_blocks.is_empty()),
+                ("notRemoteIpBlocks", !s.not_remote_ip_blocks.is_empty()),
+            ] {
+                if given {
+                    found.push(name);
+                }
+            }
+        }
+        for o in &self.to {
+            for (name, given) in [
+                ("hosts", !o.hosts.is_empty()),
+                ("notHosts", !o.not_hosts.is_empty()),
+                ("methods", !o.methods.is_empty()),
+                ("notMethods", !o.not_methods.is_empty()),
+                ("paths", !o.paths.is_empty()),
+                ("notPaths", !o.not_paths.is_empty()),
+            ] {
+                if given {
+                    found.push(name);
+                }
+            }
+        }
+        for c in &self.when {
+            if !L4_CONDITION_KEYS.contains(&c.key.as_str()) {
+                found.push(&c.key);
+            }
+        }
+        found
+    }
+}
+
+/// The `when` keys an L4 enforcement point can evaluate (Istio's list, less
+/// `destination.ip`, which Weft does not support).
+pub const L4_CONDITION_KEYS: &[&str] = &[
+    "source.ip",
+    "source.namespace",
+    "source.principal",
+    "destination.port",
+];
 
 /// Every field given must match. Principals (`<trust-domain>/ns/<ns>/sa/<sa>`) and
 /// namespaces may start or end with `*`; `*` alone matches any present value.
@@ -331,6 +416,9 @@ pub struct Rule {
 pub struct Source {
     pub principals: Vec<String>,
     pub not_principals: Vec<String>,
+    /// JWT principals, `<iss>/<sub>` (L7).
+    pub request_principals: Vec<String>,
+    pub not_request_principals: Vec<String>,
     pub namespaces: Vec<String>,
     pub not_namespaces: Vec<String>,
     /// `<namespace>/<service account>`.
@@ -339,13 +427,75 @@ pub struct Source {
     /// Source addresses.
     pub ip_blocks: Vec<IpNet>,
     pub not_ip_blocks: Vec<IpNet>,
+    /// The original client's address, from `X-Forwarded-For` (L7).
+    pub remote_ip_blocks: Vec<IpNet>,
+    pub not_remote_ip_blocks: Vec<IpNet>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Operation {
-    /// Destination ports (the application's port in the pod).
+    /// Destination ports (the application's port in the pod; the service's
+    /// port at a waypoint).
     pub ports: Vec<u16>,
     pub not_ports: Vec<u16>,
+    /// The request's authority, without a port (L7); case-insensitive.
+    pub hosts: Vec<String>,
+    pub not_hosts: Vec<String>,
+    /// L7.
+    pub methods: Vec<String>,
+    pub not_methods: Vec<String>,
+    /// The normalized path, without the query (L7): exact, `prefix*`,
+    /// `*suffix`, `*`, or a template with `{*}` (one segment) and `{**}` (the
+    /// rest).
+    pub paths: Vec<String>,
+    pub not_paths: Vec<String>,
+}
+
+/// A `when` condition: the key's value must be one of `values` (if given)
+/// and none of `not_values`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Condition {
+    /// `request.headers[<name>]`, `request.auth.claims[<a>][<b>]...`,
+    /// `request.auth.principal`, `request.auth.audiences`,
+    /// `request.auth.presenter`, `source.ip`, `remote.ip`, `source.namespace`,
+    /// `source.principal`, `destination.port`.
+    pub key: String,
+    pub values: Vec<String>,
+    pub not_values: Vec<String>,
+}
+
+/// An external authorization service (Istio's `envoyExtAuthzHttp`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ExtensionProvider {
+    pub name: String,
+    pub http: ExtAuthzHttp,
+    /// On an error or a timeout, allow the request (default: deny it).
+    pub fail_open: bool,
+    /// The status a request gets when the service fails and `fail_open` is
+    /// off (default 403).
+    pub status_on_error: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ExtAuthzHttp {
+    /// A mesh service, `<name>.<namespace>` (also with `.svc...` after it),
+    /// or an IP address.
+    pub service: String,
+    pub port: u16,
+    /// Put before the request's path in the check request.
+    pub path_prefix: String,
+    #[serde(serialize_with = "ser_duration")]
+    pub timeout: Duration,
+    /// Request headers copied into the check request, besides those Envoy
+    /// always copies (`host`, `authorization`); the check has the request's
+    /// method and path, and no body.
+    pub include_request_headers_in_check: Vec<String>,
+    /// Headers added to the check request.
+    pub include_additional_headers_in_check: Labels,
+    /// Headers of the service's 2xx answer copied onto the request upstream.
+    pub headers_to_upstream_on_allow: Vec<String>,
+    /// Headers of the service's denial copied onto the answer to the client.
+    pub headers_to_downstream_on_deny: Vec<String>,
 }
 
 /// Whether a workload accepts plaintext (Istio's PeerAuthentication). The most

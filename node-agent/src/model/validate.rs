@@ -246,12 +246,18 @@ fn policy_problems(mesh: &Mesh, problems: &mut Vec<String>) {
         if let Some(sel) = &p.selector {
             labels_problems(&at, "selector", sel, problems);
         }
+        target_problems(mesh, &at, p, problems);
         for (r, rule) in p.rules.iter().enumerate() {
+            for (c, cond) in rule.when.iter().enumerate() {
+                condition_problems(&format!("{at}: rules[{r}].when[{c}]"), cond, problems);
+            }
             for (f, src) in rule.from.iter().enumerate() {
                 let at = format!("{at}: rules[{r}].from[{f}].source");
                 for (field, patterns) in [
                     ("principals", &src.principals),
                     ("not_principals", &src.not_principals),
+                    ("request_principals", &src.request_principals),
+                    ("not_request_principals", &src.not_request_principals),
                     ("namespaces", &src.namespaces),
                     ("not_namespaces", &src.not_namespaces),
                 ] {
@@ -280,10 +286,48 @@ fn policy_problems(mesh: &Mesh, problems: &mut Vec<String>) {
                 }
             }
             for (t, op) in rule.to.iter().enumerate() {
+                let at = format!("{at}: rules[{r}].to[{t}].operation");
                 if op.ports.contains(&0) || op.not_ports.contains(&0) {
-                    problems.push(format!("{at}: rules[{r}].to[{t}].operation: port 0"));
+                    problems.push(format!("{at}: port 0"));
+                }
+                for (field, values) in [
+                    ("hosts", &op.hosts),
+                    ("not_hosts", &op.not_hosts),
+                    ("methods", &op.methods),
+                    ("not_methods", &op.not_methods),
+                ] {
+                    for v in values {
+                        if !is_pattern(v) {
+                            problems.push(format!(
+                                "{at}.{field}: {v:?}: `*` may only be the first or the last character"
+                            ));
+                        }
+                    }
+                }
+                for (field, paths) in [("paths", &op.paths), ("not_paths", &op.not_paths)] {
+                    for path in paths {
+                        if let Err(why) = check_path_pattern(path) {
+                            problems.push(format!("{at}.{field}: {path:?}: {why}"));
+                        }
+                    }
                 }
             }
+        }
+    }
+    let mut names = HashSet::new();
+    for (i, x) in mesh.extension_providers.iter().enumerate() {
+        let at = format!("extension_providers[{i}] ({})", x.name);
+        if x.name.is_empty() || !names.insert(&x.name) {
+            problems.push(format!("{at}: needs a name of its own"));
+        }
+        if x.http.service.is_empty() || x.http.port == 0 {
+            problems.push(format!("{at}: http: needs a service and a port"));
+        }
+        if !x.http.path_prefix.is_empty() && !x.http.path_prefix.starts_with('/') {
+            problems.push(format!("{at}: http.path_prefix must start with `/`"));
+        }
+        if !(200..=599).contains(&x.status_on_error) {
+            problems.push(format!("{at}: status_on_error must be 200 to 599"));
         }
     }
     let mut seen = HashSet::new();
@@ -309,6 +353,143 @@ fn policy_problems(mesh: &Mesh, problems: &mut Vec<String>) {
                 }
             }
         }
+    }
+}
+
+/// Where a policy applies: a workload's (`selector`) or a waypoint's
+/// (`target_refs`), not both; CUSTOM and AUDIT only at a waypoint, CUSTOM with
+/// a provider the mesh defines.
+fn target_problems(
+    mesh: &Mesh,
+    at: &str,
+    p: &super::AuthorizationPolicy,
+    problems: &mut Vec<String>,
+) {
+    use super::Action;
+    if p.selector.is_some() && p.at_waypoint() {
+        problems.push(format!(
+            "{at}: give `selector` (a workload's policy) or `target_refs` (a waypoint's), not both"
+        ));
+    }
+    for (t, r) in p.target_refs.iter().enumerate() {
+        let at = format!("{at}: target_refs[{t}]");
+        let group_ok = match r.kind.as_str() {
+            "Service" => r.group.is_empty() || r.group == "core",
+            "Gateway" | "GatewayClass" => {
+                r.group.is_empty() || r.group == "gateway.networking.k8s.io"
+            }
+            _ => {
+                problems.push(format!(
+                    "{at}: kind {:?}: Service, Gateway or GatewayClass",
+                    r.kind
+                ));
+                true
+            }
+        };
+        if !group_ok {
+            problems.push(format!(
+                "{at}: group {:?} does not fit kind {}",
+                r.group, r.kind
+            ));
+        }
+        if !is_dns_label(&r.name) {
+            problems.push(format!("{at}: name {:?} is not a DNS label", r.name));
+        }
+        if r.kind == "GatewayClass" && p.namespace != mesh.root_namespace {
+            problems.push(format!(
+                "{at}: a GatewayClass is targeted from the root namespace ({}) only",
+                mesh.root_namespace
+            ));
+        }
+    }
+    match p.action {
+        Action::Custom | Action::Audit if !p.at_waypoint() => problems.push(format!(
+            "{at}: a CUSTOM or AUDIT policy is enforced by a waypoint only: give `target_refs`"
+        )),
+        _ => {}
+    }
+    match (&p.provider, p.action) {
+        (None, Action::Custom) => {
+            problems.push(format!("{at}: a CUSTOM policy needs `provider`"));
+        }
+        (Some(name), Action::Custom) => {
+            if !mesh.extension_providers.iter().any(|x| x.name == *name) {
+                problems.push(format!(
+                    "{at}: provider {name:?} is not in `extension_providers`"
+                ));
+            }
+        }
+        (Some(_), _) => problems.push(format!("{at}: `provider` is for CUSTOM policies only")),
+        (None, _) => {}
+    }
+}
+
+/// A `when` condition: a key Weft evaluates, with values that parse for it.
+fn condition_problems(at: &str, c: &super::Condition, problems: &mut Vec<String>) {
+    if c.values.is_empty() && c.not_values.is_empty() {
+        problems.push(format!("{at}: give `values` or `not_values`"));
+    }
+    let key = c.key.as_str();
+    let bracketed = |prefix: &str| {
+        key.strip_prefix(prefix).and_then(|rest| {
+            let mut parts = Vec::new();
+            let mut rest = rest;
+            while !rest.is_empty() {
+                let (part, after) = rest.strip_prefix('[')?.split_once(']')?;
+                if part.is_empty() {
+                    return None;
+                }
+                parts.push(part);
+                rest = after;
+            }
+            Some(parts)
+        })
+    };
+    let values = c.values.iter().chain(&c.not_values);
+    match key {
+        "source.ip" | "remote.ip" => {
+            for v in values {
+                if let Err(e) = v.parse::<super::IpNet>() {
+                    problems.push(format!("{at}: {key}: {e}"));
+                }
+            }
+        }
+        "destination.port" => {
+            for v in values {
+                if !v.parse::<u16>().is_ok_and(|p| p != 0) {
+                    problems.push(format!("{at}: {key}: {v:?} is not a port"));
+                }
+            }
+        }
+        "source.namespace"
+        | "source.principal"
+        | "request.auth.principal"
+        | "request.auth.audiences"
+        | "request.auth.presenter" => {
+            for v in values {
+                if !is_pattern(v) {
+                    problems.push(format!(
+                        "{at}: {v:?}: `*` may only be the first or the last character"
+                    ));
+                }
+            }
+        }
+        _ => match (
+            bracketed("request.headers"),
+            bracketed("request.auth.claims"),
+        ) {
+            (Some(parts), _) if parts.len() == 1 => {
+                if let Err(e) = check_header_name(parts[0]) {
+                    problems.push(format!("{at}: {key}: {e}"));
+                }
+            }
+            (_, Some(parts)) if !parts.is_empty() => {}
+            _ => problems.push(format!(
+                "{at}: key {key:?}: one of request.headers[<name>], request.auth.claims[<name>]..., \
+                 request.auth.principal, request.auth.audiences, request.auth.presenter, \
+                 source.ip, remote.ip, source.namespace, source.principal, destination.port"
+            )),
+        },
     }
 }
 
@@ -1079,4 +1260,37 @@ fn duration_problems(
             None
         }
     }
+}
+
+/// Whether `p` is a path pattern Istio accepts: it starts with `/` (or is a
+/// `*` rule), and a template (`{*}`, `{**}`) has its operators as whole
+/// segments, `{**}` last, and no `*` outside them.
+pub fn check_path_pattern(p: &str) -> Result<(), &'static str> {
+    if p.is_empty() {
+        return Err("empty");
+    }
+    if !p.contains('{') && !p.contains('}') {
+        let stars = p.matches('*').count();
+        return if stars == 0 || (stars == 1 && (p.starts_with('*') || p.ends_with('*'))) {
+            Ok(())
+        } else {
+            Err("`*` may only be the first or the last character")
+        };
+    }
+    if !p.starts_with('/') {
+        return Err("a template must start with `/`");
+    }
+    let segments: Vec<&str> = p[1..].split('/').collect();
+    for (i, s) in segments.iter().enumerate() {
+        match *s {
+            "{*}" => {}
+            "{**}" if i + 1 == segments.len() => {}
+            "{**}" => return Err("`{**}` must be the last segment"),
+            s if s.contains(['{', '}', '*']) => {
+                return Err("`{*}` and `{**}` must be whole segments, and `*` cannot go with them");
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }

@@ -159,7 +159,11 @@ fn waypoint_authn() -> Result<()> {
          request_authentications:\n\
          - name: echo-jwt\n  targetRefs: [{{kind: Service, group: \"\", name: echo}}]\n  jwtRules:\n  \
          - issuer: {ISS}\n    jwksUri: https://{}:{JWKS_PORT}/keys\n    audiences: [echo]\n    \
-         outputClaimToHeaders: [{{header: x-jwt-sub, claim: sub}}]\n",
+         outputClaimToHeaders: [{{header: x-jwt-sub, claim: sub}}]\n\
+         authorization_policies:\n\
+         - name: echo-secure\n  targetRefs: [{{kind: Service, group: \"\", name: echo}}]\n  action: ALLOW\n  rules:\n  \
+         - from: [{{source: {{requestPrincipals: [\"{ISS}/alice\"]}}}}]\n    to: [{{operation: {{paths: [\"/secure*\"]}}}}]\n  \
+         - to: [{{operation: {{notPaths: [\"/secure*\"]}}}}]\n",
         keys_pod.ip
     ))?;
     mesh.start_all()?;
@@ -188,6 +192,16 @@ fn waypoint_authn() -> Result<()> {
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.body["headers"]["x-jwt-sub"][0], "alice", "{r:?}");
     assert!(r.body["headers"].get("authorization").is_none(), "{r:?}");
+
+    // Authorization sees the request principal the token proved: /secure
+    // needs alice's token; without one the request passes authentication
+    // and is denied by the ALLOW policy.
+    let secure = format!("http://{ECHO}/secure/data");
+    let r = l7::curl(client, &secure, &[])?;
+    assert_eq!(r.status, 403, "{r:?}");
+    let bearer = format!("authorization: Bearer {}", first.token(600)?);
+    let r = l7::curl(client, &secure, &["-H", &bearer])?;
+    assert_eq!(r.status, 200, "{r:?}");
 
     // A bad signature (another key under the same kid) and an expired token.
     let forged = Key {

@@ -219,7 +219,13 @@ pub fn h2load(from: &Pod, url: &str, n: u64, c: u64, h2: bool) -> Result<H2loadR
         args.push("--h1");
     }
     args.push(url);
-    let out = from.exec("h2load", &args)?;
+    h2load_with(from, &args)
+}
+
+/// Runs `h2load` in `from` with `args` as they are (the URL among them), e.g.
+/// a timed run: `-D 5 --warm-up-time 1 -c 64 -m 10 URL`.
+pub fn h2load_with(from: &Pod, args: &[&str]) -> Result<H2loadResult> {
+    let out = from.exec("h2load", args)?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     parse_h2load(&stdout).with_context(|| {
         format!(

@@ -34,12 +34,14 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};
 use weft_tests::Host as _;
-use weft_tests::l7::{self, Nginx};
+use weft_tests::l7::{self as tl7, Nginx};
 use weft_tests::{Cluster, Mesh, Pod, Proc, bin_path, eventually};
 
 use crate::cmd;
 use crate::lab::{self, Profile};
 use crate::setup;
+
+mod l7;
 
 /// `weft-tk echo` on a pool of workers: request/response and connection rate.
 const ECHO_PORT: u16 = 9000;
@@ -72,6 +74,12 @@ struct Plan {
     http_secs: u32,
     http_connections: u32,
     held: &'static [usize],
+    /// Seconds of each L7 saturation run, after a second's warm-up.
+    l7_secs: u32,
+    /// Requests of each L7 fixed-rate run.
+    l7_fixed: u32,
+    /// Idle HTTP connections held through each L7 proxy.
+    l7_held: usize,
 }
 
 impl Plan {
@@ -87,6 +95,9 @@ impl Plan {
             http_secs: 5,
             http_connections: 32,
             held: &[1000, 10_000],
+            l7_secs: 5,
+            l7_fixed: 5000,
+            l7_held: 1000,
         }
     }
 
@@ -102,6 +113,9 @@ impl Plan {
             http_secs: 2,
             http_connections: 32,
             held: &[1000],
+            l7_secs: 2,
+            l7_fixed: 2000,
+            l7_held: 1000,
         }
     }
 
@@ -119,6 +133,10 @@ impl Plan {
             "http_connections": self.http_connections,
             "http_body_bytes": HTTP_BODY,
             "held_connections": self.held,
+            "l7_saturation_seconds": self.l7_secs,
+            "l7_fixed_rate_per_s": l7::RATE,
+            "l7_fixed_count": self.l7_fixed,
+            "l7_held_connections": self.l7_held,
         })
     }
 }
@@ -276,7 +294,7 @@ impl Results {
 /// One target of the issue, judged on this run.
 #[derive(Debug)]
 struct Target {
-    what: &'static str,
+    what: String,
     goal: &'static str,
     value: Option<f64>,
     shown: String,
@@ -286,40 +304,49 @@ struct Target {
     relay_shown: String,
 }
 
-pub fn run(quick: bool, perf: bool) -> Result<()> {
+/// Which parts of the bench to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Part {
+    /// The L4 data path: Weft, direct and the minimal relay.
+    L4,
+    /// The L7 path: the waypoint, direct and nginx in its place.
+    L7,
+}
+
+pub fn run(quick: bool, perf: bool, only: Option<Part>) -> Result<()> {
     lab::require_root("bench")?;
     lab::prepare(Profile::Release)?;
     setup::packages(setup::Apt::Install, setup::BENCH_PACKAGES)?;
     let mut plan = if quick { Plan::quick() } else { Plan::full() };
     plan.perf = perf;
+    let (do_l4, do_l7) = (only != Some(Part::L7), only != Some(Part::L4));
 
-    cmd::step(&format!(
-        "benchmarking on a 2-node x 2-pod cluster: n0p0 -> n0p1 (same node) and n1p0 (cross node), \
-         {} round(s) of direct/relay/Weft{}",
-        plan.rounds,
-        if quick { " (--quick)" } else { "" }
-    ));
     let machine = machine();
     println!("  machine: {}", machine_line(&machine));
-    let cluster = Cluster::new("bench", 2, 2).context("building the virtual cluster")?;
-    let id = cluster.id().to_owned();
-    let cgroup = cluster.cgroup().to_path_buf();
-    let result = bench(&cluster, &plan);
-    drop(cluster);
-    lab::check_clean(&id, &cgroup)?;
-    let (results, proof) = result?;
-
-    let targets = targets(&results, &plan);
-    cmd::step("results (medians over rounds; spread = (max - min) / median)");
-    println!("{}", table(&results));
-    println!("{}", relay_table(&results));
-    println!("{}", targets_table(&targets));
-
     let commit = git_head();
+    let l4 = if do_l4 {
+        Some(run_l4(&plan, quick)?)
+    } else {
+        None
+    };
+    let l7 = if do_l7 { Some(l7::run(&plan)?) } else { None };
+
+    if let Some((results, _, targets)) = &l4 {
+        cmd::step("results (medians over rounds; spread = (max - min) / median)");
+        println!("{}", table(results));
+        println!("{}", relay_table(results));
+        println!("{}", targets_table(targets));
+    }
+    if let Some(l7) = &l7 {
+        cmd::step("L7 results (medians over rounds; spread = (max - min) / median)");
+        println!("{}", l7::table(&l7.results));
+        println!("{}", l7::targets_table(&l7.targets));
+    }
+
     let when = cmd::output(cmd::tool("date").args(["-u", "+%Y-%m-%dT%H:%M:%SZ"]))
         .map(|s| s.trim().to_owned())
         .unwrap_or_default();
-    let report = json!({
+    let mut report = json!({
         "what": "Weft vs direct TCP: client n0p0, servers n0p1 (same node) and n1p0 (cross node); \
                  Weft = all three enrolled (HBONE, HTTP/2 CONNECT over mutual TLS 1.3), direct = none enrolled; \
                  relay (cross node only) = none enrolled, through a minimal plaintext relay in each of the two pods",
@@ -327,17 +354,35 @@ pub fn run(quick: bool, perf: bool) -> Result<()> {
         "commit": commit,
         "machine": machine,
         "plan": plan.json(),
-        "scenarios": results.rows.iter().map(Row::json).collect::<Vec<_>>(),
-        "targets": targets.iter().map(|t| json!({
-            "what": t.what, "goal": t.goal, "value": t.value.and_then(finite_opt), "met": t.met,
-            "relay": t.relay.and_then(finite_opt),
-        })).collect::<Vec<_>>(),
-        "access_log_proof": proof,
     });
+    if let Some((results, proof, targets)) = &l4 {
+        report["scenarios"] = json!(results.rows.iter().map(Row::json).collect::<Vec<_>>());
+        report["targets"] = targets_json(targets);
+        report["access_log_proof"] = json!(proof);
+    }
+    if let Some(l7) = &l7 {
+        report["l7"] = json!({
+            "what": "HTTP through the waypoint (client n0p0 -> its agent -> HBONE -> waypoint n1p0 -> \
+                     HBONE with the waypoint's identity -> the server's agent -> server n2p0, nginx) \
+                     vs direct (client -> server) vs nginx as a reverse proxy in n1p1; in each \
+                     scenario `relay` is nginx and `weft` the waypoint",
+            "scenarios": l7.results.rows.iter().map(Row::json).collect::<Vec<_>>(),
+            "targets": targets_json(&l7.targets),
+            "access_log_proof": l7.proof,
+        });
+    }
     let dir = cmd::repo_root().join("target/bench");
     std::fs::create_dir_all(&dir)?;
     let stamp = when.replace(':', "");
-    let name = format!("bench-{}{}.json", stamp, if quick { "-quick" } else { "" });
+    let part = match only {
+        Some(Part::L4) => "-l4",
+        Some(Part::L7) => "-l7",
+        None => "",
+    };
+    let name = format!(
+        "bench-{stamp}{part}{}.json",
+        if quick { "-quick" } else { "" }
+    );
     let text = serde_json::to_string_pretty(&report)? + "\n";
     for path in [dir.join(&name), dir.join("latest.json")] {
         std::fs::write(&path, &text).with_context(|| format!("writing {}", path.display()))?;
@@ -347,18 +392,55 @@ pub fn run(quick: bool, perf: bool) -> Result<()> {
     ));
     if !quick {
         let path = cmd::repo_root().join("BENCHMARKS.md");
-        let md = markdown(
-            &results,
-            &targets,
-            &machine,
-            commit.as_deref(),
-            &when,
-            &plan,
-        );
-        update_benchmarks_md(&path, &md)?;
-        cmd::done("BENCHMARKS.md: the \"Latest results\" section is updated");
+        if let Some((results, _, targets)) = &l4 {
+            let md = markdown(results, targets, &machine, commit.as_deref(), &when, &plan);
+            update_benchmarks_md(&path, (BEGIN, END), &md)?;
+            cmd::done("BENCHMARKS.md: the \"Latest results\" section is updated");
+        }
+        if let Some(l7) = &l7 {
+            let header = format!(
+                "Run at {when} on commit `{}`: {}. {} rounds,",
+                commit.as_deref().unwrap_or("?"),
+                machine_line(&machine),
+                plan.rounds,
+            );
+            update_benchmarks_md(&path, (L7_BEGIN, L7_END), &l7::markdown(l7, &header))?;
+            cmd::done("BENCHMARKS.md: the \"Latest L7 results\" section is updated");
+        }
     }
     Ok(())
+}
+
+fn targets_json(targets: &[Target]) -> Value {
+    json!(
+        targets
+            .iter()
+            .map(|t| json!({
+                "what": t.what, "goal": t.goal, "value": t.value.and_then(finite_opt), "met": t.met,
+                "relay": t.relay.and_then(finite_opt),
+            }))
+            .collect::<Vec<_>>()
+    )
+}
+
+/// The L4 part on its own 2-node x 2-pod cluster: its rows, the access-log
+/// proof and the targets.
+fn run_l4(plan: &Plan, quick: bool) -> Result<(Results, Vec<Value>, Vec<Target>)> {
+    cmd::step(&format!(
+        "benchmarking on a 2-node x 2-pod cluster: n0p0 -> n0p1 (same node) and n1p0 (cross node), \
+         {} round(s) of direct/relay/Weft{}",
+        plan.rounds,
+        if quick { " (--quick)" } else { "" }
+    ));
+    let cluster = Cluster::new("bench", 2, 2).context("building the virtual cluster")?;
+    let id = cluster.id().to_owned();
+    let cgroup = cluster.cgroup().to_path_buf();
+    let result = bench(&cluster, plan);
+    drop(cluster);
+    lab::check_clean(&id, &cgroup)?;
+    let (results, proof) = result?;
+    let targets = targets(&results, plan);
+    Ok((results, proof, targets))
 }
 
 /// The servers of one pod, stopped when dropped.
@@ -433,7 +515,7 @@ fn start_relays(client: &Pod, server: &Pod) -> Result<Vec<Proc>> {
 /// nginx in `pod`, one worker, answering every request with a 1 KiB body.
 fn start_nginx(pod: &Pod) -> Result<Nginx> {
     let body = "w".repeat(HTTP_BODY);
-    l7::nginx(
+    tl7::nginx(
         pod,
         &format!(
             "keepalive_requests 10000000;\n\
@@ -563,7 +645,7 @@ fn scenarios(
 
     let profile = |name: &str| -> Result<Option<Profiler>> {
         if plan.perf && mode == Mode::Weft && route == Route::Cross {
-            Profiler::start(mesh, name).map(Some)
+            Profiler::start(&[mesh.agent(0).pid(), mesh.agent(1).pid()], name).map(Some)
         } else {
             Ok(None)
         }
@@ -920,10 +1002,15 @@ const PERF_STAT_EVENTS: &[&str] = &[
 ];
 
 impl Profiler {
-    fn start(mesh: &Mesh, name: &str) -> Result<Profiler> {
+    /// Records the processes `pids` as `name`.
+    fn start(pids: &[u32], name: &str) -> Result<Profiler> {
         let dir = cmd::repo_root().join("target/bench");
         std::fs::create_dir_all(&dir)?;
-        let pids = format!("{},{}", mesh.agent(0).pid(), mesh.agent(1).pid());
+        let pids = pids
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
         let child = cmd::tool("perf")
             .args([
                 "record",
@@ -1345,7 +1432,7 @@ fn targets(results: &Results, plan: &Plan) -> Vec<Target> {
              (value, relay): (Option<f64>, Option<f64>),
              unit: &str,
              ok: fn(f64) -> bool| Target {
-        what,
+        what: String::from(what),
         goal,
         value,
         shown: shown(value, unit),
@@ -1433,6 +1520,7 @@ fn show(v: f64, unit: &str) -> String {
     }
     let digits = match unit {
         "Gbit/s" | "CPU-s/GiB" | "CPU-s/10k" | "IPIs" => 2,
+        "vCPU" => 3,
         "req/s" | "conn/s" => 0,
         _ => 1,
     };
@@ -1596,19 +1684,27 @@ fn markdown(
 
 const BEGIN: &str = "<!-- bench:latest:begin (written by `cargo xtask bench`) -->";
 const END: &str = "<!-- bench:latest:end -->";
+const L7_BEGIN: &str = "<!-- bench:l7:begin (written by `cargo xtask bench`) -->";
+const L7_END: &str = "<!-- bench:l7:end -->";
 
-/// Replaces the generated section of BENCHMARKS.md (between the markers) with `md`.
-fn update_benchmarks_md(path: &Path, md: &str) -> Result<()> {
+/// Replaces a generated section of BENCHMARKS.md (between the `markers`) with `md`.
+fn update_benchmarks_md(path: &Path, markers: (&str, &str), md: &str) -> Result<()> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let new = replace_between(&text, md)
-        .with_context(|| format!("{} has no `{BEGIN}` … `{END}` section", path.display()))?;
+    let new = replace_between(&text, markers, md).with_context(|| {
+        format!(
+            "{} has no `{}` … `{}` section",
+            path.display(),
+            markers.0,
+            markers.1
+        )
+    })?;
     std::fs::write(path, new).with_context(|| format!("writing {}", path.display()))
 }
 
-fn replace_between(text: &str, md: &str) -> Option<String> {
-    let start = text.find(BEGIN)? + BEGIN.len();
-    let end = start + text[start..].find(END)?;
+fn replace_between(text: &str, (begin, end): (&str, &str), md: &str) -> Option<String> {
+    let start = text.find(begin)? + begin.len();
+    let end = start + text[start..].find(end)?;
     Some(format!("{}\n{}{}", &text[..start], md, &text[end..]))
 }
 
@@ -1868,9 +1964,9 @@ Transfer/sec:     23.55MB
     #[test]
     fn generated_section_is_replaced() {
         let text = format!("# B\n\n{BEGIN}\nold\n{END}\n\nmore\n");
-        let new = replace_between(&text, "new\n").unwrap();
+        let new = replace_between(&text, (BEGIN, END), "new\n").unwrap();
         assert_eq!(new, format!("# B\n\n{BEGIN}\nnew\n{END}\n\nmore\n"));
-        assert!(replace_between("nothing", "x").is_none());
+        assert!(replace_between("nothing", (BEGIN, END), "x").is_none());
     }
 
     #[test]

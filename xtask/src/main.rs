@@ -71,6 +71,10 @@ enum Task {
         /// cross-node Weft scenarios, into target/bench/perf-<scenario>.data.
         #[arg(long)]
         perf: bool,
+        /// Run one part only: `l4` (the data path) or `l7` (the waypoint).
+        /// A full run of one part updates only its section of BENCHMARKS.md.
+        #[arg(long, value_enum)]
+        only: Option<bench::Part>,
     },
 }
 
@@ -81,7 +85,9 @@ fn main() -> ExitCode {
         Task::BuildEbpf => build_ebpf().map(|()| ExitCode::SUCCESS),
         Task::Test { args } => test(&args),
         Task::Demo { once } => demo::run(once).map(|()| ExitCode::SUCCESS),
-        Task::Bench { quick, perf } => bench::run(quick, perf).map(|()| ExitCode::SUCCESS),
+        Task::Bench { quick, perf, only } => {
+            bench::run(quick, perf, only).map(|()| ExitCode::SUCCESS)
+        }
     };
     match result {
         Ok(code) => code,

@@ -13,6 +13,8 @@
 //! weft-tk rr --connect <addr:port> --count N [--size B] [--warmup N] [--rate R]
 //! weft-tk conn-rate --connect <addr:port> --count N [--size B]
 //! weft-tk hold --connect <addr:port> --count N [--hold-secs S]
+//! weft-tk http-rr --connect <addr:port> --count N [--h2] [--path P] [--warmup N] [--rate R]
+//! weft-tk http-hold --connect <addr:port> --count N [--hold-secs S]
 //! weft-tk relay --listen <addr:port> --connect <addr:port> [--workers N]
 //! weft-tk http-echo --port P --name NAME [--h2c-only] [--fail-every K]
 //! ```
@@ -23,7 +25,11 @@
 //! `--count` connections one after another, each with one exchange, and times
 //! the connects and the whole exchanges; `hold` opens `--count` connections,
 //! checks each with a one-byte echo, prints `{"holding": N}` and keeps them
-//! open. `echo --workers N` serves connections on N threads instead of one
+//! open. `http-rr` and `http-hold` are the same two for an HTTP server
+//! (the L7 bench): `http-rr` times GET requests one at a time on one HTTP/1.1
+//! or HTTP/2 (`--h2`, prior knowledge) connection, each latency recorded, and
+//! `http-hold` opens `--count` HTTP/1.1 keep-alive connections, makes one
+//! request on each, and holds them idle. `echo --workers N` serves connections on N threads instead of one
 //! thread per connection, and `--quiet` drops the per-connection JSON lines.
 //!
 //! `name` answers every connection with its name and a newline, then closes;
@@ -89,6 +95,8 @@ const USAGE: &str = "usage:
   weft-tk rr --connect <addr:port> --count N [--size B] [--warmup N] [--rate R] [--timeout-secs S]
   weft-tk conn-rate --connect <addr:port> --count N [--size B] [--timeout-secs S]
   weft-tk hold --connect <addr:port> --count N [--hold-secs S] [--timeout-secs S]
+  weft-tk http-rr --connect <addr:port> --count N [--h2] [--path P] [--warmup N] [--rate R] [--timeout-secs S]
+  weft-tk http-hold --connect <addr:port> --count N [--hold-secs S] [--timeout-secs S]
   weft-tk echo --listen <addr:port> [--workers N] [--quiet]
   weft-tk relay --listen <addr:port> --connect <addr:port> [--workers N]
   weft-tk http-echo --port P --name NAME [--h2c-only] [--fail-every K]
@@ -107,6 +115,8 @@ fn main() -> ExitCode {
         Some("rr") => rr(&args[1..]),
         Some("conn-rate") => conn_rate(&args[1..]),
         Some("hold") => hold(&args[1..]),
+        Some("http-rr") => http_rr(&args[1..]),
+        Some("http-hold") => http_hold(&args[1..]),
         Some("relay") => relay(&args[1..]),
         Some("http-echo") => http_echo(&args[1..]),
         Some("-h" | "--help" | "help") => {
@@ -1360,6 +1370,243 @@ fn hold(args: &[String]) -> Result<ExitCode, String> {
     thread::sleep(Duration::from_secs_f64(hold.max(0.0)));
     emit(&json!({ "ok": true, "held": held.len() }));
     Ok(ExitCode::SUCCESS)
+}
+
+// ---------------------------------------------------------------------------
+// benchmark clients for an HTTP server: http-rr, http-hold
+
+/// One HTTP connection's request sender, either protocol.
+enum HttpSender {
+    H1(hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>),
+    H2(hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>),
+}
+
+impl HttpSender {
+    async fn connect(addr: SocketAddr, h2: bool) -> Result<HttpSender, String> {
+        use hyper_util::rt::{TokioExecutor, TokioIo};
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect {addr}: {e}"))?;
+        let _ = tcp.set_nodelay(true);
+        let io = TokioIo::new(tcp);
+        let handshake = |e: hyper::Error| format!("HTTP handshake with {addr}: {e}");
+        Ok(if h2 {
+            let (sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                .await
+                .map_err(handshake)?;
+            tokio::spawn(conn);
+            HttpSender::H2(sender)
+        } else {
+            let (sender, conn) = hyper::client::conn::http1::handshake(io)
+                .await
+                .map_err(handshake)?;
+            tokio::spawn(conn);
+            HttpSender::H1(sender)
+        })
+    }
+
+    /// One GET of `path`, its whole body read; the status.
+    async fn get(&mut self, addr: SocketAddr, path: &str) -> Result<u16, String> {
+        use http_body_util::BodyExt as _;
+        let failed = |e: hyper::Error| e.to_string();
+        let response = match self {
+            HttpSender::H1(s) => {
+                s.ready().await.map_err(failed)?;
+                let req = http::Request::get(path)
+                    .header(http::header::HOST, addr.to_string())
+                    .body(http_body_util::Empty::new())
+                    .map_err(|e| e.to_string())?;
+                s.send_request(req).await.map_err(failed)?
+            }
+            HttpSender::H2(s) => {
+                s.ready().await.map_err(failed)?;
+                let req = http::Request::get(format!("http://{addr}{path}"))
+                    .version(http::Version::HTTP_2)
+                    .body(http_body_util::Empty::new())
+                    .map_err(|e| e.to_string())?;
+                s.send_request(req).await.map_err(failed)?
+            }
+        };
+        let status = response.status().as_u16();
+        response.into_body().collect().await.map_err(failed)?;
+        Ok(status)
+    }
+}
+
+/// HTTP request/response latency over one connection: GETs one at a time,
+/// back to back or paced at `--rate` per second, each timed from its send to
+/// the end of its response body.
+fn http_rr(args: &[String]) -> Result<ExitCode, String> {
+    let opts = Opts::parse(
+        args,
+        &[
+            "--connect",
+            "--count",
+            "--path",
+            "--warmup",
+            "--rate",
+            "--timeout-secs",
+        ],
+        &["--h2"],
+    )?;
+    let addr = resolve(opts.required("--connect")?)?;
+    let count = count_opt(&opts)?;
+    let path = opts.get("--path").unwrap_or("/").to_owned();
+    let warmup: usize = match opts.get("--warmup") {
+        Some(w) => w.parse().map_err(|e| format!("--warmup: {e}"))?,
+        None => count / 10,
+    };
+    let rate: f64 = opts
+        .get("--rate")
+        .unwrap_or("0")
+        .parse()
+        .map_err(|e| format!("--rate: {e}"))?;
+    let timeout = opts.timeout()?;
+    let h2 = opts.has("--h2");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    let result: Result<(Vec<f64>, f64), String> = runtime.block_on(async {
+        let mut sender = tokio::time::timeout(timeout, HttpSender::connect(addr, h2))
+            .await
+            .map_err(|_| format!("connect {addr}: timed out"))??;
+        let mut micros = Vec::with_capacity(count);
+        // As `rr`: a fixed schedule, where a late request delays the next
+        // send rather than being followed by a burst. The pause is a blocking
+        // sleep (the runtime's timer ticks in milliseconds, as long as the
+        // interval itself); nothing else is due on this thread meanwhile.
+        let interval = (rate > 0.0).then(|| Duration::from_secs_f64(1.0 / rate));
+        let mut next = Instant::now();
+        let mut timed_from = Instant::now();
+        for i in 0..warmup + count {
+            if i == warmup {
+                timed_from = Instant::now();
+                next = timed_from;
+            }
+            if let Some(interval) = interval {
+                let now = Instant::now();
+                if next > now {
+                    thread::sleep(next - now);
+                }
+                next = next.max(now) + interval;
+            }
+            let start = Instant::now();
+            let status = tokio::time::timeout(timeout, sender.get(addr, &path))
+                .await
+                .map_err(|_| "timed out".to_owned())
+                .and_then(|r| r)
+                .map_err(|e| format!("request {} of {}: {e}", i + 1, warmup + count))?;
+            if status != 200 {
+                return Err(format!(
+                    "request {} of {}: status {status}",
+                    i + 1,
+                    warmup + count
+                ));
+            }
+            if i >= warmup {
+                micros.push(start.elapsed().as_secs_f64() * 1e6);
+            }
+        }
+        Ok((micros, timed_from.elapsed().as_secs_f64()))
+    });
+    let (mut micros, elapsed) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            emit(&json!({ "ok": false, "error": e }));
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    micros.sort_by(f64::total_cmp);
+    emit(&json!({
+        "ok": true,
+        "count": count,
+        "protocol": if h2 { "h2c" } else { "http/1.1" },
+        "rate_per_s": count as f64 / elapsed,
+        "mean_us": micros.iter().sum::<f64>() / count as f64,
+        "p50_us": quantile(&micros, 0.50),
+        "p90_us": quantile(&micros, 0.90),
+        "p99_us": quantile(&micros, 0.99),
+        "p999_us": quantile(&micros, 0.999),
+        "max_us": micros[count - 1],
+    }));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Opens `--count` HTTP/1.1 keep-alive connections, makes one GET on each
+/// (its response read whole), and holds them idle.
+fn http_hold(args: &[String]) -> Result<ExitCode, String> {
+    let opts = Opts::parse(
+        args,
+        &["--connect", "--count", "--hold-secs", "--timeout-secs"],
+        &[],
+    )?;
+    let addr = resolve(opts.required("--connect")?)?;
+    let count = count_opt(&opts)?;
+    let hold: f64 = opts
+        .get("--hold-secs")
+        .unwrap_or("60")
+        .parse()
+        .map_err(|e| format!("--hold-secs: {e}"))?;
+    let timeout = opts.timeout()?;
+    weft::app::raise_fd_limit();
+    let request = format!("GET / HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    let mut held = Vec::with_capacity(count);
+    for i in 0..count {
+        let result = TcpStream::connect_timeout(&addr, timeout).and_then(|mut s| {
+            s.set_read_timeout(Some(timeout))?;
+            s.write_all(request.as_bytes())?;
+            read_http_response(&mut s)?;
+            Ok(s)
+        });
+        match result {
+            Ok(s) => held.push(s),
+            Err(e) => return Ok(connection_failed(i, count, addr, &e)),
+        }
+    }
+    emit(&json!({ "holding": held.len() }));
+    thread::sleep(Duration::from_secs_f64(hold.max(0.0)));
+    emit(&json!({ "ok": true, "held": held.len() }));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Reads one HTTP/1.1 response with a `content-length` body; fails unless
+/// its status is 200.
+fn read_http_response(s: &mut TcpStream) -> io::Result<()> {
+    let bad = |what: &str| io::Error::new(ErrorKind::InvalidData, what.to_owned());
+    let mut buf = Vec::with_capacity(2048);
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        if buf.len() > 64 << 10 {
+            return Err(bad("response head over 64 KiB"));
+        }
+        let n = s.read(&mut chunk)?;
+        if n == 0 {
+            return Err(bad("closed before the response head"));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+    if !head.starts_with("http/1.1 200") {
+        return Err(bad(head.lines().next().unwrap_or("no status line")));
+    }
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| bad("no content-length"))?;
+    let mut have = buf.len() - head_end;
+    while have < length {
+        let n = s.read(&mut chunk)?;
+        if n == 0 {
+            return Err(bad("closed inside the body"));
+        }
+        have += n;
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------

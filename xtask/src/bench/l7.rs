@@ -1,0 +1,843 @@
+//! The L7 path of `cargo xtask bench`: HTTP/1.1 and HTTP/2 through the
+//! waypoint, against direct and against nginx as a reverse proxy in the
+//! waypoint's place, in the same run.
+//!
+//! A 3-node × 2-pod virtual cluster of its own, so each hop crosses nodes: the
+//! client is `n0p0`, the waypoint `n1p0`, the nginx yardstick `n1p1` (the
+//! waypoint's node, a pod of its own), the server `n2p0` (nginx, one worker, a
+//! 1 KiB body; HTTP/1.1 on 8080, h2c on 8081). Three modes, alternating round
+//! by round as the L4 modes do:
+//!
+//! - **direct**: nothing enrolled; the client connects to the server pod.
+//! - **nginx** (the yardstick): nothing enrolled; the client connects to nginx
+//!   in `n1p1`, one worker, plaintext, which proxies to the server over
+//!   HTTP/1.1 keep-alive (nginx 1.22 cannot proxy HTTP/2 to an upstream:
+//!   `proxy_http_version` stops at 1.1), for both of its listeners.
+//! - **waypoint**: client and server enrolled, service `web` bound to
+//!   waypoint service `wp`, whose endpoint is the `weft waypoint` in `n1p0`.
+//!   The client connects to the service address; its agent carries the
+//!   connection over HBONE to the waypoint, which sends each request over
+//!   HBONE with its own identity to the server's agent (HTTP/1.1 upstream for
+//!   the `http` port, h2c for the `h2c` port).
+//!
+//! Per protocol: requests/s at saturation (`h2load`: 64 connections, 10
+//! streams each for HTTP/2, one for HTTP/1.1), latency at a fixed 1,000/s on
+//! one connection (`weft-tk http-rr`, each request timed), the proxy's CPU
+//! (the waypoint's or nginx's; the two agents' too) per 1,000 req/s at that
+//! rate and per request at saturation. Then memory: the proxy's RSS idle
+//! (freshly started) and with 1,000 idle HTTP/1.1 keep-alive connections held
+//! through it.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use serde_json::{Value, json};
+use weft_tests::Host as _;
+use weft_tests::l7::{self, Nginx};
+use weft_tests::{Cluster, Mesh, Pod, Proc, bin_path, eventually};
+
+use super::{Cpu, Mode, Plan, Profiler, Results, Row, Target, json_line, num, pct, spread};
+
+/// The bench service's address, bound to the waypoint.
+const VIP: &str = "10.96.0.30";
+/// HTTP/1.1 on the server and the yardstick (and the service port).
+const H1_PORT: u16 = 8080;
+/// h2c (prior knowledge) on the server and the yardstick.
+const H2_PORT: u16 = 8081;
+/// The fixed request rate of the latency and CPU measures.
+pub(super) const RATE: u32 = 1000;
+/// Bytes of the server's response body.
+const BODY: usize = 1024;
+/// h2load's connections at saturation, and HTTP/2 streams per connection.
+const SAT_CONNECTIONS: u32 = 64;
+const SAT_STREAMS_H2: u32 = 10;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Proto {
+    H1,
+    H2,
+}
+
+impl Proto {
+    const ALL: [Proto; 2] = [Proto::H1, Proto::H2];
+
+    fn key(self) -> &'static str {
+        match self {
+            Proto::H1 => "http1",
+            Proto::H2 => "h2c",
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Proto::H1 => "HTTP/1.1",
+            Proto::H2 => "HTTP/2",
+        }
+    }
+
+    fn port(self) -> u16 {
+        match self {
+            Proto::H1 => H1_PORT,
+            Proto::H2 => H2_PORT,
+        }
+    }
+}
+
+fn mode_name(mode: Mode) -> &'static str {
+    match mode {
+        Mode::Direct => "direct",
+        Mode::Relay => "nginx",
+        Mode::Weft => "waypoint",
+    }
+}
+
+/// What the L7 part measured: its rows (direct, nginx in the relay column,
+/// the waypoint in Weft's), its targets and the access-log proof.
+pub(super) struct L7 {
+    pub results: Results,
+    pub targets: Vec<Target>,
+    pub proof: Vec<Value>,
+}
+
+pub(super) fn run(plan: &Plan) -> Result<L7> {
+    super::cmd::step(&format!(
+        "L7: a 3-node x 2-pod cluster: client n0p0, waypoint n1p0, nginx yardstick n1p1, \
+         server n2p0; {} round(s) of direct/nginx/waypoint, HTTP/1.1 and HTTP/2",
+        plan.rounds
+    ));
+    let cluster = Cluster::new("bench-l7", 3, 2).context("building the L7 virtual cluster")?;
+    let id = cluster.id().to_owned();
+    let cgroup = cluster.cgroup().to_path_buf();
+    let result = bench(&cluster, plan);
+    drop(cluster);
+    super::lab::check_clean(&id, &cgroup)?;
+    let (results, proof) = result?;
+    let targets = targets(&results);
+    Ok(L7 {
+        results,
+        targets,
+        proof,
+    })
+}
+
+/// The pods of the L7 cluster.
+struct Pods<'c> {
+    client: &'c Pod,
+    waypoint: &'c Pod,
+    yardstick: &'c Pod,
+    server: &'c Pod,
+}
+
+fn services() -> String {
+    format!(
+        "services:\n\
+         - name: web\n  addresses: [{VIP}]\n  ports: [{{port: {H1_PORT}, target_port: {H1_PORT}, app_protocol: http}}, \
+         {{port: {H2_PORT}, target_port: {H2_PORT}, app_protocol: h2c}}]\n  selector: {{app: web}}\n  waypoint: wp\n\
+         - name: wp\n  addresses: []\n  ports: []\n  selector: {{role: waypoint}}\n"
+    )
+}
+
+/// nginx in the server pod: a 1 KiB body on both ports.
+fn start_server(pod: &Pod) -> Result<Nginx> {
+    let body = "w".repeat(BODY);
+    l7::nginx(
+        pod,
+        &format!(
+            "keepalive_requests 10000000;\n\
+             keepalive_timeout 300s;\n\
+             http2_max_concurrent_streams 1024;\n\
+             server {{\n\
+             \x20   listen {H1_PORT} reuseport;\n\
+             \x20   listen {H2_PORT} http2 reuseport;\n\
+             \x20   location / {{ return 200 \"{body}\"; }}\n\
+             }}"
+        ),
+    )
+}
+
+/// The yardstick: nginx as a reverse proxy, one worker, plaintext, HTTP/1.1
+/// keep-alive to the server for both of its listeners.
+fn start_yardstick(pod: &Pod, server: &Pod) -> Result<Nginx> {
+    l7::nginx(
+        pod,
+        &format!(
+            "keepalive_requests 10000000;\n\
+             keepalive_timeout 300s;\n\
+             http2_max_concurrent_streams 1024;\n\
+             upstream server {{\n\
+             \x20   server {}:{H1_PORT};\n\
+             \x20   keepalive 64;\n\
+             \x20   keepalive_requests 10000000;\n\
+             }}\n\
+             server {{\n\
+             \x20   listen {H1_PORT} reuseport;\n\
+             \x20   listen {H2_PORT} http2 reuseport;\n\
+             \x20   location / {{\n\
+             \x20       proxy_pass http://server;\n\
+             \x20       proxy_http_version 1.1;\n\
+             \x20       proxy_set_header Connection \"\";\n\
+             \x20   }}\n\
+             }}",
+            server.ip
+        ),
+    )
+}
+
+fn bench(cluster: &Cluster, plan: &Plan) -> Result<(Results, Vec<Value>)> {
+    let pods = Pods {
+        client: cluster.pod(0, 0),
+        waypoint: cluster.pod(1, 0),
+        yardstick: cluster.pod(1, 1),
+        server: cluster.pod(2, 0),
+    };
+    let mut mesh = Mesh::new(cluster, |_| false)?;
+    mesh.set_extra(
+        pods.waypoint,
+        "  native_tunnel: true\n  labels: {role: waypoint}\n",
+    )?;
+    mesh.set_extra(pods.server, "  labels: {app: web}\n")?;
+    mesh.set_sections(&services())?;
+    mesh.start_all().context("starting the CA and agents")?;
+    let _server = start_server(pods.server)?;
+    let mut yardstick = start_yardstick(pods.yardstick, pods.server)?;
+    let mut waypoint = mesh.start_waypoint(pods.waypoint, &[])?;
+
+    let mut results = Results::default();
+    let mut proof = Vec::new();
+    for round in 1..=plan.rounds {
+        let order = if round % 2 == 1 {
+            [Mode::Direct, Mode::Relay, Mode::Weft]
+        } else {
+            [Mode::Weft, Mode::Relay, Mode::Direct]
+        };
+        for mode in order {
+            enroll(&mut mesh, &pods, &waypoint, mode == Mode::Weft)?;
+            let before = log_counts(&mesh);
+            for proto in Proto::ALL {
+                let line = scenarios(
+                    &mesh,
+                    plan,
+                    (mode, proto),
+                    &pods,
+                    (&waypoint, &yardstick),
+                    &mut results,
+                )
+                .with_context(|| format!("round {round}, {} {}", mode_name(mode), proto.label()))?;
+                println!(
+                    "  round {round} {:<8} {:<8} {line}",
+                    mode_name(mode),
+                    proto.label()
+                );
+            }
+            proof.push(check_labels(&mesh, round, mode, before)?);
+        }
+    }
+    memory(
+        &mut mesh,
+        &pods,
+        (&mut waypoint, &mut yardstick),
+        plan,
+        &mut results,
+    )?;
+    Ok((results, proof))
+}
+
+/// Enrolls the client and the server (the waypoint mode) or neither, and
+/// waits until the waypoint has the config that says so: it reaches an
+/// enrolled server over HBONE, an unenrolled one in plaintext.
+fn enroll(mesh: &mut Mesh, pods: &Pods, waypoint: &Proc, on: bool) -> Result<()> {
+    if mesh.is_enrolled(pods.client) == on && mesh.is_enrolled(pods.server) == on {
+        return Ok(());
+    }
+    let reloaded = || {
+        waypoint
+            .json_lines()
+            .iter()
+            .filter(|v| v["message"] == "config reloaded")
+            .count()
+    };
+    let before = reloaded();
+    for pod in [pods.client, pods.server] {
+        mesh.set_enrolled(pod, on)?;
+    }
+    ensure!(
+        eventually(Duration::from_secs(10), || reloaded() > before),
+        "the waypoint did not reload the config that {} the client and the server",
+        if on { "enrolls" } else { "unenrolls" }
+    );
+    // Both pods are written in one burst or two: let a second reload land.
+    std::thread::sleep(Duration::from_millis(700));
+    Ok(())
+}
+
+/// Where the client sends `proto` in `mode`.
+fn target(mode: Mode, proto: Proto, pods: &Pods) -> String {
+    let host = match mode {
+        Mode::Direct => pods.server.ip.to_string(),
+        Mode::Relay => pods.yardstick.ip.to_string(),
+        Mode::Weft => VIP.to_owned(),
+    };
+    format!("{host}:{}", proto.port())
+}
+
+/// Runs one mode's scenarios for one protocol; a one-line summary.
+fn scenarios(
+    mesh: &Mesh,
+    plan: &Plan,
+    (mode, proto): (Mode, Proto),
+    pods: &Pods,
+    (waypoint, yardstick): (&Proc, &Nginx),
+    results: &mut Results,
+) -> Result<String> {
+    let target = target(mode, proto, pods);
+    let proxy: Vec<u32> = match mode {
+        Mode::Direct => Vec::new(),
+        Mode::Relay => vec![yardstick.proc().pid()],
+        Mode::Weft => vec![waypoint.pid()],
+    };
+    // The client's and the server's agents; the waypoint's node's agent
+    // carries nothing of this path (the waypoint speaks HBONE itself).
+    let agents: Vec<u32> = match mode {
+        Mode::Weft => vec![mesh.agent(0).pid(), mesh.agent(2).pid()],
+        Mode::Direct | Mode::Relay => Vec::new(),
+    };
+    let profile = |name: &str| -> Result<Option<Profiler>> {
+        if plan.perf && mode == Mode::Weft {
+            let mut pids = proxy.clone();
+            pids.extend(&agents);
+            Profiler::start(&pids, &format!("l7-{}-{name}", proto.key())).map(Some)
+        } else {
+            Ok(None)
+        }
+    };
+    let k = proto.key();
+    let l = proto.label();
+    let mut add = |key: &str, name: &str, unit: &'static str, value: f64| {
+        results.add(
+            &format!("l7.{k}.{key}"),
+            &format!("{l} {name}"),
+            unit,
+            mode,
+            value,
+        );
+    };
+
+    // Fill the pools (the waypoint's upstream connections, nginx's keep-alive
+    // ones) and check the path answers, before anything is timed.
+    http_rr(pods.client, &target, proto, 200, None).context("warming up")?;
+
+    // 1. Saturation.
+    let cpu0 = Cpu::now(&proxy)?;
+    let perf = profile("saturated")?;
+    let sat = h2load(pods.client, &target, proto, plan.l7_secs)?;
+    drop(perf);
+    let cpu1 = Cpu::now(&proxy)?;
+    add(
+        "rps",
+        &format!(
+            "requests/s at saturation (h2load, {SAT_CONNECTIONS} connections{})",
+            if proto == Proto::H2 {
+                format!(" x {SAT_STREAMS_H2} streams")
+            } else {
+                String::new()
+            }
+        ),
+        "req/s",
+        sat.req_per_s,
+    );
+    if mode != Mode::Direct {
+        add(
+            "proxy_cpu_per_request_saturated",
+            "proxy CPU per request at saturation",
+            "CPU-µs",
+            (cpu1.proxies - cpu0.proxies) * 1e6 / sat.succeeded as f64,
+        );
+    }
+
+    // 2. and 3. Latency at a fixed rate, and the CPU it costs.
+    let cpu0 = Cpu::now(&proxy)?;
+    let agents0 = Cpu::now(&agents)?;
+    let perf = profile("fixed")?;
+    let fixed = http_rr(pods.client, &target, proto, plan.l7_fixed, Some(RATE))?;
+    drop(perf);
+    let cpu1 = Cpu::now(&proxy)?;
+    let agents1 = Cpu::now(&agents)?;
+    // The warm-up requests (a tenth) are paced too.
+    let requests = f64::from(plan.l7_fixed) * 1.1;
+    for p in ["p50", "p90", "p99", "p999"] {
+        let shown = if p == "p999" { "p99.9" } else { p };
+        add(
+            &format!("fixed_{p}"),
+            &format!("at 1,000 req/s, {shown}"),
+            "µs",
+            num(&fixed, &format!("{p}_us"))?,
+        );
+    }
+    let per_1k = |cpu: f64| cpu / requests * f64::from(RATE);
+    if mode != Mode::Direct {
+        add(
+            "proxy_cpu_fixed",
+            "proxy CPU per 1,000 req/s (at 1,000/s)",
+            "vCPU",
+            per_1k(cpu1.proxies - cpu0.proxies),
+        );
+    }
+    if mode == Mode::Weft {
+        add(
+            "agents_cpu_fixed",
+            "the two agents' CPU per 1,000 req/s (at 1,000/s)",
+            "vCPU",
+            per_1k(agents1.proxies - agents0.proxies),
+        );
+    }
+    let mut line = format!(
+        "{:>7.0} req/s  at 1,000/s p50 {:>6.1} p99 {:>7.1} µs",
+        sat.req_per_s,
+        num(&fixed, "p50_us")?,
+        num(&fixed, "p99_us")?,
+    );
+    if mode != Mode::Direct {
+        let _ = write!(
+            line,
+            "  proxy {:.3} vCPU per 1k/s",
+            per_1k(cpu1.proxies - cpu0.proxies)
+        );
+    }
+    Ok(line)
+}
+
+/// `weft-tk http-rr` from `client`: `count` GETs on one connection, paced at
+/// `rate` per second or back to back.
+fn http_rr(
+    client: &Pod,
+    target: &str,
+    proto: Proto,
+    count: u32,
+    rate: Option<u32>,
+) -> Result<Value> {
+    let mut args = vec![
+        "http-rr".to_owned(),
+        "--connect".to_owned(),
+        target.to_owned(),
+        "--count".to_owned(),
+        count.to_string(),
+    ];
+    if proto == Proto::H2 {
+        args.push("--h2".to_owned());
+    }
+    if let Some(rate) = rate {
+        args.extend(["--rate".to_owned(), rate.to_string()]);
+    }
+    let v = json_line(&client.exec_ok(bin_path("weft-tk"), &args)?)?;
+    ensure!(v["ok"] == true, "weft-tk http-rr to {target} failed: {v}");
+    Ok(v)
+}
+
+/// h2load at saturation for `secs` seconds (after a second's warm-up); fails
+/// on any request that did not get a 2xx.
+fn h2load(client: &Pod, target: &str, proto: Proto, secs: u32) -> Result<l7::H2loadResult> {
+    let (c, d) = (SAT_CONNECTIONS.to_string(), secs.to_string());
+    let m = match proto {
+        Proto::H1 => "1".to_owned(),
+        Proto::H2 => SAT_STREAMS_H2.to_string(),
+    };
+    let url = format!("http://{target}/");
+    let mut args = vec!["-c", &c, "-m", &m, "-D", &d, "--warm-up-time", "1"];
+    if proto == Proto::H1 {
+        args.push("--h1");
+    }
+    args.push(&url);
+    let r = l7::h2load_with(client, &args)?;
+    ensure!(
+        r.succeeded > 0 && r.failed == 0 && r.errored == 0 && r.status[0] == r.succeeded,
+        "h2load to {url}: {r:?}"
+    );
+    Ok(r)
+}
+
+/// Access-log lines of the three agents so far.
+fn log_counts(mesh: &Mesh) -> [usize; 3] {
+    [0, 1, 2].map(|n| mesh.access_logs(n).len())
+}
+
+/// Proves one mode's label from the agents' access logs: in the waypoint
+/// mode the client's agent logged the connections it carried to the
+/// waypoint; in the others no agent carried anything. Agents log a
+/// connection when it closes, so the counts are read once they settle.
+fn check_labels(mesh: &Mesh, round: usize, mode: Mode, before: [usize; 3]) -> Result<Value> {
+    let mut after = log_counts(mesh);
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = log_counts(mesh);
+        if now == after {
+            break;
+        }
+        after = now;
+    }
+    let new: Vec<usize> = (0..3).map(|n| after[n] - before[n]).collect();
+    match mode {
+        Mode::Weft => ensure!(
+            new[0] > 0,
+            "round {round}: the waypoint run left no access-log line on the client's node: \
+             nothing was captured"
+        ),
+        Mode::Direct | Mode::Relay => ensure!(
+            new.iter().all(|&n| n == 0),
+            "round {round}: the {} run went through the agents ({new:?} access-log lines)",
+            mode_name(mode)
+        ),
+    }
+    let lines = mesh.access_logs(0).split_off(before[0]);
+    let to_waypoint = lines.iter().filter(|v| v.to_string().contains(VIP)).count();
+    Ok(json!({
+        "round": round,
+        "mode": mode_name(mode),
+        "new_access_log_lines": new,
+        "client_node_lines_naming_the_service": to_waypoint,
+    }))
+}
+
+/// Memory of the two proxies, each freshly started: idle, then with `held`
+/// idle HTTP/1.1 keep-alive connections through it (one request made on
+/// each). The waypoint's RSS after the load rounds is noted first.
+fn memory(
+    mesh: &mut Mesh,
+    pods: &Pods,
+    (waypoint, yardstick): (&mut Proc, &mut Nginx),
+    plan: &Plan,
+    results: &mut Results,
+) -> Result<()> {
+    results.add(
+        "l7.memory.rss_after_load",
+        "proxy RSS after the load rounds, idle",
+        "MiB",
+        Mode::Weft,
+        rss_kib(waypoint.pid())? / 1024.0,
+    );
+    results.add(
+        "l7.memory.rss_after_load",
+        "proxy RSS after the load rounds, idle",
+        "MiB",
+        Mode::Relay,
+        rss_kib(yardstick.proc().pid())? / 1024.0,
+    );
+    let n = plan.l7_held;
+    for mode in [Mode::Relay, Mode::Weft] {
+        enroll(mesh, pods, waypoint, mode == Mode::Weft)?;
+        let pid = match mode {
+            Mode::Weft => {
+                waypoint.kill()?;
+                *waypoint = mesh.start_waypoint(pods.waypoint, &[])?;
+                waypoint.pid()
+            }
+            _ => {
+                *yardstick = start_yardstick(pods.yardstick, pods.server)?;
+                yardstick.proc().pid()
+            }
+        };
+        // Let the certificate and the startup work settle.
+        std::thread::sleep(Duration::from_secs(2));
+        let idle = rss_kib(pid)?;
+        let mut c = pods.client.command(bin_path("weft-tk"));
+        c.args([
+            "http-hold",
+            "--connect",
+            &target(mode, Proto::H1, pods),
+            "--count",
+            &n.to_string(),
+            "--hold-secs",
+            "600",
+        ]);
+        let mut holder = pods.client.spawn(&mut c)?;
+        holder
+            .wait_for_json(Duration::from_secs(60), |v| {
+                v.get("holding").is_some() || v["ok"] == false
+            })
+            .with_context(|| format!("holding {n} connections: {}", holder.stderr()))?;
+        if let Some(v) = holder.json_lines().iter().find(|v| v["ok"] == false) {
+            bail!("holding {n} HTTP connections failed: {v}");
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        let held = rss_kib(pid)?;
+        holder.kill()?;
+        results.add(
+            "l7.memory.rss_idle",
+            "proxy RSS idle (freshly started)",
+            "MiB",
+            mode,
+            idle / 1024.0,
+        );
+        results.add(
+            &format!("l7.memory.rss_{n}"),
+            &format!("proxy RSS, {n} idle HTTP/1.1 keep-alive connections"),
+            "MiB",
+            mode,
+            held / 1024.0,
+        );
+        results.add(
+            &format!("l7.memory.per_connection_{n}"),
+            &format!("proxy memory per idle HTTP/1.1 keep-alive connection, {n} held"),
+            "KiB",
+            mode,
+            (held - idle) / n as f64,
+        );
+        println!(
+            "  memory, {}: idle {:.1} MiB, {n} idle connections {:.1} MiB",
+            mode_name(mode),
+            idle / 1024.0,
+            held / 1024.0
+        );
+    }
+    Ok(())
+}
+
+/// Resident memory of `pid`, in KiB.
+fn rss_kib(pid: u32) -> Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .with_context(|| format!("no VmRSS in /proc/{pid}/status"))
+}
+
+/// The issue's L7 targets, judged on this run; the relay column is nginx's
+/// value on the same measure.
+fn targets(results: &Results) -> Vec<Target> {
+    let row = |key: &str| results.get(key);
+    let shown = |value: Option<f64>, unit: &str| {
+        value.filter(|v| v.is_finite()).map_or("-".into(), |v| {
+            if unit == "x" {
+                format!("{v:.2}x")
+            } else if unit == "vCPU" {
+                format!("{v:.3} vCPU")
+            } else {
+                format!("{v:.1} {unit}")
+            }
+        })
+    };
+    let t = |what: String,
+             goal: &'static str,
+             (value, relay): (Option<f64>, Option<f64>),
+             unit: &str,
+             ok: &dyn Fn(f64) -> bool| Target {
+        what,
+        goal,
+        value,
+        shown: shown(value, unit),
+        met: value.filter(|v| v.is_finite()).map(ok),
+        relay,
+        relay_shown: shown(relay, unit),
+    };
+    let mut out = Vec::new();
+    for p in Proto::ALL {
+        let k = p.key();
+        let l = p.label();
+        out.push(t(
+            format!("{l}: waypoint req/s at saturation / nginx's"),
+            ">= 0.80x",
+            (
+                row(&format!("l7.{k}.rps")).map(|r| r.weft_median() / r.relay_median()),
+                None,
+            ),
+            "x",
+            &|v| v >= 0.8,
+        ));
+        for (p_key, p_name, goal, limit) in [
+            ("p50", "p50", "<= 300 µs", 300.0),
+            ("p99", "p99", "<= 1000 µs", 1000.0),
+        ] {
+            let r = row(&format!("l7.{k}.fixed_{p_key}"));
+            out.push(t(
+                format!("{l}: latency added at {p_name} over direct (1,000 req/s)"),
+                goal,
+                (
+                    r.map(|r| r.weft_median() - r.direct_median()),
+                    r.map(|r| r.relay_median() - r.direct_median()),
+                ),
+                "µs",
+                &move |v| v <= limit,
+            ));
+        }
+        let r = row(&format!("l7.{k}.proxy_cpu_fixed"));
+        out.push(t(
+            format!("{l}: waypoint CPU per 1,000 req/s"),
+            "<= 0.100 vCPU",
+            (r.map(Row::weft_median), r.map(Row::relay_median)),
+            "vCPU",
+            &|v| v <= 0.1,
+        ));
+    }
+    let r = row("l7.memory.rss_idle");
+    out.push(t(
+        "waypoint RSS idle".to_owned(),
+        "<= 20 MiB",
+        (r.map(Row::weft_median), r.map(Row::relay_median)),
+        "MiB",
+        &|v| v <= 20.0,
+    ));
+    let r = results
+        .rows
+        .iter()
+        .find(|r| r.key.starts_with("l7.memory.per_connection_"));
+    out.push(t(
+        "waypoint memory per idle downstream HTTP/1.1 connection".to_owned(),
+        "<= 32 KiB",
+        (r.map(Row::weft_median), r.map(Row::relay_median)),
+        "KiB",
+        &|v| v <= 32.0,
+    ));
+    out
+}
+
+/// The L7 rows: direct, nginx and the waypoint side by side, with spreads.
+pub(super) fn table(results: &Results) -> String {
+    let mut out = format!(
+        "  {:<66} {:>13} {:>13} {:>13} {:>9} {:>9} {:>16}\n",
+        "L7 (client n0p0 -> n1 -> server n2p0)",
+        "direct",
+        "nginx",
+        "waypoint",
+        "wp/nginx",
+        "wp-direct",
+        "spread d/n/w"
+    );
+    for r in &results.rows {
+        let [d, n, w, _, _, wn] = super::relay_cells(r, "x");
+        let _ = writeln!(
+            out,
+            "  {:<66} {d:>13} {n:>13} {w:>13} {wn:>9} {:>9} {:>16}",
+            r.name,
+            added(r),
+            spreads(r)
+        );
+    }
+    out
+}
+
+/// The waypoint's latency minus direct's, for latency rows.
+fn added(r: &Row) -> String {
+    let v = r.weft_median() - r.direct_median();
+    if r.is_latency() && v.is_finite() {
+        format!("{v:+.1}")
+    } else {
+        "-".into()
+    }
+}
+
+fn spreads(r: &Row) -> String {
+    [&r.direct, &r.relay, &r.weft]
+        .map(|s| {
+            if s.is_empty() {
+                "-".to_owned()
+            } else {
+                pct(spread(s))
+            }
+        })
+        .join("/")
+}
+
+pub(super) fn targets_table(targets: &[Target]) -> String {
+    let mut out = String::from("  L7 targets:\n");
+    for t in targets {
+        let verdict = match t.met {
+            Some(true) => "met",
+            Some(false) => "MISSED",
+            None => "not measured",
+        };
+        let _ = writeln!(
+            out,
+            "    {:<62} {:>12}  goal {:<14} {verdict:<8} nginx {}",
+            t.what, t.shown, t.goal, t.relay_shown
+        );
+    }
+    out
+}
+
+/// The L7 section of BENCHMARKS.md.
+pub(super) fn markdown(l7: &L7, header: &str) -> String {
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "{header} direct, nginx and the waypoint alternating; medians over rounds, \
+         spread = (max − min) / median. Client `n0p0`, waypoint `n1p0`, nginx `n1p1`, \
+         server `n2p0` (nginx, 1 KiB body).\n"
+    );
+    md.push_str(
+        "| L7 target | goal | the waypoint | | nginx in its place |\n|---|---|---|---|---|\n",
+    );
+    for t in &l7.targets {
+        let verdict = match t.met {
+            Some(true) => "met",
+            Some(false) => "**missed**",
+            None => "not measured",
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {verdict} | {} |",
+            t.what, t.goal, t.shown, t.relay_shown
+        );
+    }
+    md.push_str(
+        "\n| scenario | direct | nginx | waypoint | waypoint/nginx | waypoint − direct | \
+         spread (direct/nginx/waypoint) |\n|---|---|---|---|---|---|---|\n",
+    );
+    for r in &l7.results.rows {
+        let [d, n, w, _, _, wn] = super::relay_cells(r, "×");
+        let _ = writeln!(
+            md,
+            "| {} | {d} | {n} | {w} | {wn} | {} | {} |",
+            r.name,
+            if r.is_latency() {
+                format!("{} µs", added(r))
+            } else {
+                "-".into()
+            },
+            spreads(r)
+        );
+    }
+    md
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn l7_targets_compare_the_waypoint_with_nginx_and_direct() {
+        let mut r = Results::default();
+        for (mode, rps, p50, cpu) in [
+            (Mode::Direct, 30_000.0, 100.0, f64::NAN),
+            (Mode::Relay, 20_000.0, 250.0, 0.05),
+            (Mode::Weft, 15_000.0, 500.0, 0.12),
+        ] {
+            r.add("l7.http1.rps", "rps", "req/s", mode, rps);
+            r.add("l7.http1.fixed_p50", "p50", "µs", mode, p50);
+            if cpu.is_finite() {
+                r.add("l7.http1.proxy_cpu_fixed", "cpu", "vCPU", mode, cpu);
+            }
+        }
+        let t = targets(&r);
+        let rps = &t[0];
+        assert_eq!((rps.value, rps.met), (Some(0.75), Some(false)));
+        let p50 = t
+            .iter()
+            .find(|t| t.what.starts_with("HTTP/1.1: latency added at p50"))
+            .unwrap();
+        assert_eq!((p50.value, p50.relay), (Some(400.0), Some(150.0)));
+        assert_eq!(p50.met, Some(false));
+        let cpu = t
+            .iter()
+            .find(|t| t.what.starts_with("HTTP/1.1: waypoint CPU"))
+            .unwrap();
+        assert_eq!(cpu.shown, "0.120 vCPU");
+        assert_eq!(cpu.relay_shown, "0.050 vCPU");
+        // What was not measured is not judged.
+        assert!(
+            t.iter()
+                .any(|t| t.what.starts_with("HTTP/2") && t.met.is_none())
+        );
+        assert!(table(&r).contains("+400.0"), "{}", table(&r));
+    }
+}

@@ -435,7 +435,8 @@ fn http_rr(
 }
 
 /// h2load at saturation for `secs` seconds (after a second's warm-up); fails
-/// on any request that did not get a 2xx.
+/// on any failed request or any status but 2xx. (Its 2xx count can be one
+/// short of `succeeded`: a response that straddles the end of the run.)
 fn h2load(client: &Pod, target: &str, proto: Proto, secs: u32) -> Result<l7::H2loadResult> {
     let (c, d) = (SAT_CONNECTIONS.to_string(), secs.to_string());
     let m = match proto {
@@ -450,7 +451,7 @@ fn h2load(client: &Pod, target: &str, proto: Proto, secs: u32) -> Result<l7::H2l
     args.push(&url);
     let r = l7::h2load_with(client, &args)?;
     ensure!(
-        r.succeeded > 0 && r.failed == 0 && r.errored == 0 && r.status[0] == r.succeeded,
+        r.succeeded > 0 && r.failed == 0 && r.errored == 0 && r.status[1..] == [0, 0, 0],
         "h2load to {url}: {r:?}"
     );
     Ok(r)

@@ -80,6 +80,8 @@ struct Plan {
     l7_fixed: u32,
     /// Idle HTTP connections held through each L7 proxy.
     l7_held: usize,
+    /// Extra arguments for `weft waypoint`.
+    waypoint_args: Vec<String>,
 }
 
 impl Plan {
@@ -98,6 +100,7 @@ impl Plan {
             l7_secs: 5,
             l7_fixed: 5000,
             l7_held: 1000,
+            waypoint_args: Vec::new(),
         }
     }
 
@@ -116,6 +119,7 @@ impl Plan {
             l7_secs: 2,
             l7_fixed: 2000,
             l7_held: 1000,
+            waypoint_args: Vec::new(),
         }
     }
 
@@ -137,6 +141,7 @@ impl Plan {
             "l7_fixed_rate_per_s": l7::RATE,
             "l7_fixed_count": self.l7_fixed,
             "l7_held_connections": self.l7_held,
+            "waypoint_args": self.waypoint_args,
         })
     }
 }
@@ -313,12 +318,18 @@ pub enum Part {
     L7,
 }
 
-pub fn run(quick: bool, perf: bool, only: Option<Part>) -> Result<()> {
+pub fn run(
+    quick: bool,
+    perf: bool,
+    only: Option<Part>,
+    waypoint_args: Vec<String>,
+) -> Result<()> {
     lab::require_root("bench")?;
     lab::prepare(Profile::Release)?;
     setup::packages(setup::Apt::Install, setup::BENCH_PACKAGES)?;
     let mut plan = if quick { Plan::quick() } else { Plan::full() };
     plan.perf = perf;
+    plan.waypoint_args = waypoint_args;
     let (do_l4, do_l7) = (only != Some(Part::L7), only != Some(Part::L4));
 
     let machine = machine();

@@ -75,6 +75,10 @@ enum Task {
         /// A full run of one part updates only its section of BENCHMARKS.md.
         #[arg(long, value_enum)]
         only: Option<bench::Part>,
+        /// An argument for `weft waypoint` in the L7 part (repeatable), for
+        /// experiments: `--waypoint-arg=--workers=1`.
+        #[arg(long, allow_hyphen_values = true)]
+        waypoint_arg: Vec<String>,
     },
 }
 
@@ -85,9 +89,12 @@ fn main() -> ExitCode {
         Task::BuildEbpf => build_ebpf().map(|()| ExitCode::SUCCESS),
         Task::Test { args } => test(&args),
         Task::Demo { once } => demo::run(once).map(|()| ExitCode::SUCCESS),
-        Task::Bench { quick, perf, only } => {
-            bench::run(quick, perf, only).map(|()| ExitCode::SUCCESS)
-        }
+        Task::Bench {
+            quick,
+            perf,
+            only,
+            waypoint_arg,
+        } => bench::run(quick, perf, only, waypoint_arg).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

@@ -201,7 +201,7 @@ fn bench(cluster: &Cluster, plan: &Plan) -> Result<(Results, Vec<Value>)> {
     mesh.start_all().context("starting the CA and agents")?;
     let _server = start_server(pods.server)?;
     let mut yardstick = start_yardstick(pods.yardstick, pods.server)?;
-    let mut waypoint = mesh.start_waypoint(pods.waypoint, &[])?;
+    let mut waypoint = start_waypoint(&mesh, &pods, plan)?;
 
     let mut results = Results::default();
     let mut proof = Vec::new();
@@ -241,6 +241,12 @@ fn bench(cluster: &Cluster, plan: &Plan) -> Result<(Results, Vec<Value>)> {
         &mut results,
     )?;
     Ok((results, proof))
+}
+
+/// `weft waypoint` in its pod, with the plan's extra arguments.
+fn start_waypoint(mesh: &Mesh, pods: &Pods, plan: &Plan) -> Result<Proc> {
+    let args: Vec<&str> = plan.waypoint_args.iter().map(String::as_str).collect();
+    mesh.start_waypoint(pods.waypoint, &args)
 }
 
 /// Enrolls the client and the server (the waypoint mode) or neither, and
@@ -529,7 +535,7 @@ fn memory(
         let pid = match mode {
             Mode::Weft => {
                 waypoint.kill()?;
-                *waypoint = mesh.start_waypoint(pods.waypoint, &[])?;
+                *waypoint = start_waypoint(mesh, pods, plan)?;
                 waypoint.pid()
             }
             _ => {

@@ -318,12 +318,7 @@ pub enum Part {
     L7,
 }
 
-pub fn run(
-    quick: bool,
-    perf: bool,
-    only: Option<Part>,
-    waypoint_args: Vec<String>,
-) -> Result<()> {
+pub fn run(quick: bool, perf: bool, only: Option<Part>, waypoint_args: Vec<String>) -> Result<()> {
     lab::require_root("bench")?;
     lab::prepare(Profile::Release)?;
     setup::packages(setup::Apt::Install, setup::BENCH_PACKAGES)?;

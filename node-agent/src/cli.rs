@@ -153,6 +153,11 @@ pub struct WaypointArgs {
         default_value = "decode-and-merge-slashes"
     )]
     pub normalize_path: crate::http::normalize::Normalization,
+
+    /// The Redis server (`host:port`) that Global rate limits share; without
+    /// it, they fail as their `failure_mode` says.
+    #[arg(long, env = "WEFT_REDIS_ADDR")]
+    pub redis_addr: Option<String>,
 }
 
 #[derive(Debug, Args)]

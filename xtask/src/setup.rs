@@ -25,6 +25,8 @@ pub const PACKAGES: &[&str] = &[
     "nginx-light",
     "python3-grpcio",
     "python3-websockets",
+    // Global rate limits at the waypoint (tests start their own server).
+    "redis-server",
 ];
 
 /// What `cargo xtask bench` runs on top of [`PACKAGES`]: an HTTP load

@@ -114,7 +114,8 @@ async fn serve(args: WaypointArgs, me: WorkloadKey) -> anyhow::Result<()> {
         .with_settings(crate::http::authz::Settings {
             xff_trusted_hops: args.xff_trusted_hops,
             normalization: args.normalize_path,
-        }),
+        })
+        .with_redis(args.redis_addr.clone()),
     );
     let serves = {
         let (engine, me) = (engine.clone(), me.clone());
@@ -166,6 +167,7 @@ async fn serve(args: WaypointArgs, me: WorkloadKey) -> anyhow::Result<()> {
         Arc::new(|| {
             let mut page = crate::http::telemetry::render();
             page.push_str(&crate::waypoint::BAD.render());
+            page.push_str(&crate::http::ratelimit::render());
             page
         }),
     ));

@@ -142,6 +142,10 @@ struct File {
     /// MeshConfig `extensionProviders`).
     #[serde(default, alias = "extensionProviders")]
     extension_providers: Vec<ExtensionProvider>,
+    /// Rate limits at waypoints, in the model's own shape (Envoy Gateway's
+    /// BackendTrafficPolicy `rateLimit` fields).
+    #[serde(default, alias = "rateLimits")]
+    rate_limits: Vec<model::ratelimit::RateLimitPolicy>,
 }
 
 /// Namespace-wide settings.
@@ -744,6 +748,7 @@ impl File {
                     })
                     .collect(),
                 request_authentications: self.request_authentications,
+                rate_limits: self.rate_limits,
                 extension_providers,
                 namespaces: self
                     .namespaces
@@ -1216,6 +1221,58 @@ request_authentications:
                 .unwrap_err()
                 .to_string();
         assert!(e.contains("jwksUrl") && e.contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn the_documented_rate_limits_are_valid() {
+        let doc = include_str!("../../../docs/config.md");
+        let start = doc.find("```yaml\n# Rate limits").expect("the example") + 8;
+        let end = start + doc[start..].find("```").expect("its end");
+        let c = parse(&doc[start..end]).unwrap().mesh;
+        let rl = &c.rate_limits;
+        assert_eq!(rl.len(), 3);
+        assert_eq!(rl[0].key, ["header:x-user"]);
+        assert_eq!(rl[0].rules[0].burst, Some(5));
+        assert!(rl[0].divide_by_replicas);
+        assert_eq!(rl[1].kind, model::ratelimit::LimitType::Global);
+        assert_eq!(rl[1].timeout, Some(Duration::from_millis(20)));
+        assert_eq!(
+            rl[1].rules[0].client_selectors[0].headers[0].kind,
+            model::ratelimit::HeaderMatchType::Distinct
+        );
+        assert!(rl[2].shadow);
+    }
+
+    #[test]
+    fn rate_limit_problems_name_the_field() {
+        let err = parse(
+            "rate_limits:\n\
+             - name: a\n  target_refs: [{kind: Gateway, name: w}]\n  key: [cookie:x]\n  timeout: 10ms\n\
+             \x20 rules:\n  - limit: {requests: 0, unit: Second}\n    burst: 0\n\
+             \x20   client_selectors:\n    - headers: [{name: x, type: Distinct, value: v}, {name: y, type: RegularExpression, value: '('}]\n\
+             \x20     source_cidr: {value: nope}\n\
+             - name: a\n  type: Global\n  divide_by_replicas: true\n  target_refs: [{kind: Service, name: s}]\n  rules: [{limit: {requests: 1, unit: Hour}}]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        for want in [
+            "rate_limits[0] (default/a): target_refs[0]: kind \"Gateway\" is not supported",
+            "rate_limits[0] (default/a): key[0]: \"cookie:x\" is none of",
+            "rate_limits[0] (default/a): failure_mode and timeout are for Global limits",
+            "rate_limits[0] (default/a): rules[0].limit.requests: must be more than 0",
+            "rate_limits[0] (default/a): rules[0].burst: must be more than 0",
+            "rules[0].client_selectors[0].headers[0]: a Distinct match takes no value",
+            "rules[0].client_selectors[0].headers[1].value: \"(\" is not a valid regular expression",
+            "rules[0].client_selectors[0].source_cidr.value: \"nope\" is not a CIDR",
+            "rate_limits[1] (default/a): duplicate rate limit",
+            "rate_limits[1] (default/a): divide_by_replicas is for Local limits",
+        ] {
+            assert!(err.contains(want), "missing {want:?} in:\n{err}");
+        }
+        let err = parse("rate_limits:\n- {name: a, target_refs: [], rules: [{limit: {requests: 1, unit: Day}}]}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("Day"), "{err}");
     }
 
     #[test]

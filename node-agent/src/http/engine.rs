@@ -24,7 +24,7 @@ use hyper::body::Incoming;
 use tracing::{debug, warn};
 
 use super::{
-    Body, authz, jwt,
+    Body, authz, jwt, ratelimit,
     route::{Backend, RouteTable, Selection},
     telemetry::{self, Record},
     upstream::{self, Endpoint, Protocol, Upstreams, full},
@@ -85,6 +85,8 @@ pub struct Config {
     pub authn: HashMap<ServiceKey, Arc<jwt::Policy>>,
     /// The authorization policies attached to waypoints.
     pub authz: authz::Authz,
+    /// The rate limits (their buckets live in the engine, across configs).
+    pub ratelimit: ratelimit::Policies,
 }
 
 impl Config {
@@ -115,11 +117,13 @@ impl Config {
             }
         }
         let authz = authz::Authz::new(mesh);
+        let ratelimit = ratelimit::Policies::new(mesh);
         Config {
             view,
             routes,
             authn,
             authz,
+            ratelimit,
         }
     }
 }
@@ -131,6 +135,7 @@ pub struct Engine {
     /// Per attempt, when the route sets none.
     default_timeout: Duration,
     settings: authz::Settings,
+    limiter: ratelimit::Limiter,
 }
 
 impl Engine {
@@ -141,7 +146,14 @@ impl Engine {
             budgets: Mutex::new(HashMap::new()),
             default_timeout,
             settings: authz::Settings::default(),
+            limiter: ratelimit::Limiter::default(),
         }
+    }
+
+    /// Global rate limits ask the Redis server at `addr` (`host:port`).
+    pub fn with_redis(mut self, addr: Option<String>) -> Self {
+        self.limiter = ratelimit::Limiter::new(addr);
+        self
     }
 
     /// With these policy settings (the front's: trusted `X-Forwarded-For`
@@ -590,7 +602,11 @@ impl Engine {
             record,
         )
         .await
-        .map_err(Box::new)
+        .map_err(Box::new)?;
+        self.limiter
+            .admit(&config.ratelimit, ctx, parts, record)
+            .await
+            .map_err(Box::new)
     }
 
     fn budget(&self, key: &ServiceKey) -> Arc<Budget> {

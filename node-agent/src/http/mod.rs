@@ -8,7 +8,8 @@
 //! (`otlp` exports its spans).
 //! `normalize` makes a path canonical before anything reads it; `authz`
 //! holds the policies attached to waypoints (Istio's AuthorizationPolicy at
-//! L7, external authorization included).
+//! L7, external authorization included); `ratelimit` the rate limits (GCRA,
+//! local or shared in Redis).
 //! Nothing here knows how a request arrived: the fronts (`waypoint`) hand it
 //! over with what they know of its source.
 
@@ -18,6 +19,7 @@ pub mod filter;
 pub mod jwt;
 pub mod normalize;
 pub mod otlp;
+pub mod ratelimit;
 pub mod route;
 pub mod telemetry;
 pub mod upstream;

@@ -12,6 +12,7 @@
 //! that order (`workloads[2] (shop/web-0)`), which for the file is its order.
 
 pub mod authn;
+pub mod ratelimit;
 pub mod route;
 pub mod validate;
 
@@ -42,6 +43,8 @@ pub struct Mesh {
     /// External authorization services, named by CUSTOM policies (Istio's
     /// MeshConfig `extensionProviders`).
     pub extension_providers: Vec<ExtensionProvider>,
+    /// Rate limits at waypoints (Envoy Gateway's BackendTrafficPolicy shape).
+    pub rate_limits: Vec<ratelimit::RateLimitPolicy>,
 }
 
 /// The root namespace when a source names none.
@@ -61,6 +64,7 @@ impl Default for Mesh {
             grpc_routes: Vec::new(),
             request_authentications: Vec::new(),
             extension_providers: Vec::new(),
+            rate_limits: Vec::new(),
         }
     }
 }

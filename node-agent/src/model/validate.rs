@@ -32,6 +32,7 @@ pub fn problems(mesh: &Mesh) -> Vec<String> {
     policy_problems(mesh, &mut problems);
     route_problems(mesh, &mut problems);
     super::authn::problems(mesh, &mut problems);
+    super::ratelimit::problems(mesh, &mut problems);
     problems
 }
 

@@ -1,0 +1,1369 @@
+//! Rate limiting at the waypoint, the third policy phase (after request
+//! authentication and authorization): Envoy Gateway's local and global rate
+//! limits (`model::ratelimit` has the shape and where it differs).
+//!
+//! Which policies apply to a request for service S: those whose `target_refs`
+//! name S (a `Service` of the policy's namespace), and those naming the
+//! HTTPRoute the request matched. Each target, rule and key has its own
+//! bucket. Every matching rule of every policy is charged; the first refusal
+//! of a policy not in shadow mode answers.
+//!
+//! The algorithm is GCRA (the generic cell rate algorithm): a bucket is one
+//! number, its theoretical arrival time (TAT). A request at `now` is let
+//! through when `max(TAT, now) + T - now <= burst * T` (T = the unit divided
+//! by the requests), and then moves TAT by T. A bucket whose TAT is past is
+//! the same as no bucket at all, which is what lets the local store evict
+//! freely.
+//!
+//! Local limits are ours, not `governor`'s: its keyed limiter has no cap on
+//! distinct keys (only a `retain_recent` sweep someone must call), and it
+//! brings dashmap, quanta, futures-timer, nonzero_ext and spinning_top; GCRA
+//! itself is twenty lines. The store is sharded mutexes over hashes of keys,
+//! at most [`MAX_KEYS`] buckets (see [`Buckets`]).
+//!
+//! Global limits run the same GCRA in Redis, in one Lua script for all of a
+//! request's global buckets (one call per request at most), with Redis's
+//! clock so replicas agree. The client is ours too (EVALSHA, EVAL on
+//! NOSCRIPT, PING over RESP2): the `redis` crate with `tokio-comp` brings
+//! combine, url, futures-util, tokio-util, arc-swap and sha1_smol for three
+//! commands. A refusal is remembered (the negative cache) until its
+//! retry-after, so a client over its limit costs no Redis call.
+//!
+//! Answers: 429 with `Retry-After`, `RateLimit-Policy` and `RateLimit`
+//! (draft-ietf-httpapi-ratelimit-headers-10's structured fields) and, as an
+//! option, `X-RateLimit-*`; the record's flags are `RL`. When Redis fails and
+//! the policy fails closed: 500 and `RLSE`, as Envoy's `failure_mode_deny`.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt::Write as _,
+    hash::{BuildHasher, Hasher},
+    net::IpAddr,
+    sync::{
+        Arc, LazyLock, Mutex,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
+    time::{Duration, Instant},
+};
+
+use http::{HeaderName, HeaderValue, Response, StatusCode, header};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufStream},
+    net::TcpStream,
+};
+use tracing::{debug, info, warn};
+
+use super::{Body, authz::RequestAuth, engine::Context, telemetry::Record, upstream::full};
+use crate::model::{
+    IpNet, Mesh, ServiceKey,
+    ratelimit::{
+        DEFAULT_TIMEOUT, FailureMode, HeaderMatchType, KeyPart, LimitType, RateLimitPolicy,
+        SourceMatchType,
+    },
+};
+
+/// The most buckets the local store holds, all policies together.
+pub const MAX_KEYS: usize = 100_000;
+/// The most keys the negative cache holds.
+const MAX_NEGATIVE: usize = 10_000;
+
+// ---- GCRA ----------------------------------------------------------------------
+
+/// One limit, as GCRA sees it: nanoseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gcra {
+    /// T: the time one request costs.
+    pub interval: u64,
+    /// burst × T: how far ahead of now a bucket's TAT may run.
+    pub tolerance: u64,
+}
+
+/// What a bucket said.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    pub allowed: bool,
+    /// Requests that could still go now (after this one, if allowed).
+    pub remaining: u64,
+    /// Until the bucket is full again.
+    pub reset: Duration,
+    /// When refused: until one request may go.
+    pub retry_after: Duration,
+}
+
+impl Gcra {
+    /// `requests` per `per`, `burst` at once (at least 1), each divided by
+    /// `divide` (the replicas sharing the limit; the result at least 1).
+    pub fn new(requests: u32, per: Duration, burst: u32, divide: u32) -> Gcra {
+        let divide = u64::from(divide.max(1));
+        let requests = (u64::from(requests) / divide).max(1);
+        let burst = (u64::from(burst) / divide).max(1);
+        let interval = (per.as_nanos() as u64 / requests).max(1);
+        Gcra {
+            interval,
+            tolerance: interval.saturating_mul(burst),
+        }
+    }
+
+    /// The decision for a bucket at `tat` at time `now`, and its new TAT.
+    pub fn check(&self, tat: u64, now: u64) -> (Outcome, u64) {
+        let new = tat.max(now) + self.interval;
+        let ahead = new - now;
+        if ahead > self.tolerance {
+            let retry = ahead - self.tolerance;
+            let out = Outcome {
+                allowed: false,
+                remaining: 0,
+                reset: Duration::from_nanos(tat.saturating_sub(now)),
+                retry_after: Duration::from_nanos(retry),
+            };
+            return (out, tat);
+        }
+        let out = Outcome {
+            allowed: true,
+            remaining: (self.tolerance - ahead) / self.interval,
+            reset: Duration::from_nanos(ahead),
+            retry_after: Duration::ZERO,
+        };
+        (out, new)
+    }
+}
+
+// ---- the local store ---------------------------------------------------------
+
+const SHARDS: usize = 16;
+
+/// Local buckets: a key's hash → its TAT (ns since the store's epoch), in
+/// shards so requests on different keys rarely meet on a lock.
+///
+/// Bounded: a shard at its share of the cap first drops the buckets whose
+/// TAT is past (they hold nothing); if it is still above seven eighths full,
+/// it drops the eighth with the oldest TATs (the closest to full, so the
+/// least leniency given away). No peer can grow it past the cap, and the
+/// cost of a sweep is paid once per eighth of a shard's inserts.
+pub struct Buckets {
+    shards: Box<[Mutex<HashMap<u64, u64>>]>,
+    per_shard: usize,
+    hasher: std::hash::RandomState,
+    epoch: Instant,
+}
+
+impl Buckets {
+    pub fn new(max_keys: usize) -> Buckets {
+        Buckets {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            per_shard: (max_keys / SHARDS).max(8),
+            hasher: std::hash::RandomState::new(),
+            epoch: Instant::now(),
+        }
+    }
+
+    /// Nanoseconds since the store's epoch.
+    pub fn now(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+
+    /// The hash of a key, as the store indexes it (random per process, so a
+    /// peer cannot aim keys at one shard or one hash).
+    pub fn hash(&self, key: &[u8]) -> u64 {
+        let mut h = self.hasher.build_hasher();
+        h.write(key);
+        h.finish()
+    }
+
+    pub fn check(&self, key: u64, gcra: &Gcra, now: u64) -> Outcome {
+        let mut shard = self.shards[(key as usize) % SHARDS]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let tat = shard.get(&key).copied().unwrap_or(0);
+        let (out, new) = gcra.check(tat, now);
+        if out.allowed {
+            if shard.len() >= self.per_shard && !shard.contains_key(&key) {
+                evict(&mut shard, self.per_shard, now);
+            }
+            shard.insert(key, new);
+        }
+        out
+    }
+
+    pub fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).len())
+            .sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn evict(shard: &mut HashMap<u64, u64>, cap: usize, now: u64) {
+    shard.retain(|_, tat| *tat > now);
+    if shard.len() < cap - cap / 8 {
+        return;
+    }
+    let mut tats: Vec<u64> = shard.values().copied().collect();
+    let nth = cap / 8;
+    let (_, cut, _) = tats.select_nth_unstable(nth);
+    let cut = *cut;
+    shard.retain(|_, tat| *tat > cut);
+}
+
+// ---- compiled policies -----------------------------------------------------------
+
+/// The rate limits of one mesh, compiled; part of the engine's `Config`.
+#[derive(Default)]
+pub struct Policies {
+    policies: Vec<Policy>,
+    by_service: HashMap<ServiceKey, Vec<usize>>,
+    /// By the route's namespace and name.
+    by_route: HashMap<(String, String), Vec<usize>>,
+    /// The replicas of each bound service's waypoint, for `divide_by_replicas`.
+    replicas: HashMap<ServiceKey, u32>,
+}
+
+struct Policy {
+    /// `namespace/name`.
+    id: Arc<str>,
+    /// The name, as the `RateLimit` fields name it.
+    name: String,
+    kind: LimitType,
+    rules: Vec<Rule>,
+    key: Vec<KeyPart>,
+    shadow: bool,
+    divide: bool,
+    failure_mode: FailureMode,
+    timeout: Duration,
+    x_headers: bool,
+    counters: Arc<Counters>,
+}
+
+struct Rule {
+    selectors: Vec<Selector>,
+    requests: u32,
+    unit: Duration,
+    burst: u32,
+}
+
+struct Selector {
+    headers: Vec<(HeaderName, HeaderTest)>,
+    source: Option<(IpNet, SourceMatchType)>,
+}
+
+enum HeaderTest {
+    Exact(String),
+    Regex(regex::Regex),
+    Distinct,
+}
+
+impl Policies {
+    pub fn new(mesh: &Mesh) -> Policies {
+        let mut p = Policies::default();
+        for m in &mesh.rate_limits {
+            let Some(policy) = Policy::compile(m) else {
+                warn!(policy = %format!("{}/{}", m.namespace, m.name), "rate limit left out: invalid");
+                continue;
+            };
+            let index = p.policies.len();
+            p.policies.push(policy);
+            for t in &m.target_refs {
+                let key = (m.namespace.clone(), t.name.clone());
+                match t.kind.as_str() {
+                    "Service" => p.by_service.entry(key).or_default().push(index),
+                    "HTTPRoute" => p.by_route.entry(key).or_default().push(index),
+                    _ => {}
+                }
+            }
+        }
+        for svc in &mesh.services {
+            let Some(wp) = mesh.waypoint_of(svc) else {
+                continue;
+            };
+            let replicas = mesh
+                .services
+                .iter()
+                .find(|s| s.key() == wp)
+                .map_or(1, |w| mesh.endpoint_workloads(w).len().max(1));
+            p.replicas.insert(svc.key(), replicas as u32);
+        }
+        p
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.policies.is_empty()
+    }
+}
+
+impl Policy {
+    fn compile(m: &RateLimitPolicy) -> Option<Policy> {
+        let id: Arc<str> = format!("{}/{}", m.namespace, m.name).into();
+        let mut rules = Vec::new();
+        for r in &m.rules {
+            let mut selectors = Vec::new();
+            for s in &r.client_selectors {
+                let mut headers = Vec::new();
+                for h in &s.headers {
+                    let name = HeaderName::from_bytes(h.name.as_bytes()).ok()?;
+                    let test = match (h.kind, &h.value) {
+                        (HeaderMatchType::Distinct, _) => HeaderTest::Distinct,
+                        (HeaderMatchType::Exact, Some(v)) => HeaderTest::Exact(v.clone()),
+                        (HeaderMatchType::RegularExpression, Some(v)) => {
+                            HeaderTest::Regex(crate::model::route::compile_regex(v).ok()?)
+                        }
+                        (_, None) => return None,
+                    };
+                    headers.push((name, test));
+                }
+                let source = match &s.source_cidr {
+                    Some(src) => Some((src.value.parse().ok()?, src.kind)),
+                    None => None,
+                };
+                selectors.push(Selector { headers, source });
+            }
+            rules.push(Rule {
+                selectors,
+                requests: r.limit.requests,
+                unit: r.limit.unit.duration(),
+                burst: r.burst.unwrap_or(r.limit.requests),
+            });
+        }
+        let key = m
+            .key
+            .iter()
+            .map(|k| KeyPart::parse(k).ok())
+            .collect::<Option<Vec<_>>>()?;
+        Some(Policy {
+            counters: counters(&id),
+            id,
+            name: m.name.clone(),
+            kind: m.kind,
+            rules,
+            key,
+            shadow: m.shadow,
+            divide: m.divide_by_replicas,
+            failure_mode: m.failure_mode,
+            timeout: m.timeout.unwrap_or(DEFAULT_TIMEOUT),
+            x_headers: m.x_ratelimit_headers,
+        })
+    }
+}
+
+/// What a request is keyed and matched on.
+pub struct Attributes<'a> {
+    pub peer: Option<String>,
+    pub source_ip: IpAddr,
+    pub parts: &'a http::request::Parts,
+}
+
+impl Selector {
+    /// Whether it holds, and what it adds to the bucket's key (`Distinct`).
+    fn matches(&self, a: &Attributes, key: &mut Vec<u8>) -> bool {
+        for (name, test) in &self.headers {
+            let Some(v) = a.parts.headers.get(name) else {
+                return false;
+            };
+            match test {
+                HeaderTest::Exact(want) => {
+                    if v.as_bytes() != want.as_bytes() {
+                        return false;
+                    }
+                }
+                HeaderTest::Regex(re) => {
+                    if !v.to_str().is_ok_and(|v| re.is_match(v)) {
+                        return false;
+                    }
+                }
+                HeaderTest::Distinct => push_part(key, v.as_bytes()),
+            }
+        }
+        if let Some((net, kind)) = &self.source {
+            if !net.contains(a.source_ip) {
+                return false;
+            }
+            if *kind == SourceMatchType::Distinct {
+                push_part(key, a.source_ip.to_string().as_bytes());
+            }
+        }
+        true
+    }
+}
+
+/// Appends a length-prefixed part, so no two lists of parts make one key.
+fn push_part(key: &mut Vec<u8>, part: &[u8]) {
+    key.extend_from_slice(&(part.len() as u32).to_le_bytes());
+    key.extend_from_slice(part);
+}
+
+/// The bucket key's parts that `key` asks for.
+pub fn key_parts(parts: &[KeyPart], a: &Attributes, key: &mut Vec<u8>) {
+    for p in parts {
+        match p {
+            KeyPart::SourceIdentity => push_part(key, a.peer.as_deref().unwrap_or("").as_bytes()),
+            KeyPart::SourceIp => push_part(key, a.source_ip.to_string().as_bytes()),
+            KeyPart::Header(h) => push_part(
+                key,
+                a.parts
+                    .headers
+                    .get(h.as_str())
+                    .map_or(&b""[..], |v| v.as_bytes()),
+            ),
+            KeyPart::Claim(c) => {
+                let claims = a.parts.extensions.get::<RequestAuth>().map(|r| &r.claims);
+                let v = claims.and_then(|mut v| {
+                    for step in c.split('.') {
+                        v = v.get(step)?;
+                    }
+                    Some(match v {
+                        serde_json::Value::String(s) => s.clone(),
+                        v => v.to_string(),
+                    })
+                });
+                push_part(key, v.unwrap_or_default().as_bytes());
+            }
+            KeyPart::Path => push_part(key, a.parts.uri.path().as_bytes()),
+            KeyPart::Method => push_part(key, a.parts.method.as_str().as_bytes()),
+        }
+    }
+}
+
+// ---- the phase -------------------------------------------------------------------
+
+/// The engine's rate limit state, kept across configs: the local buckets, the
+/// negative cache and the Redis client.
+pub struct Limiter {
+    buckets: Buckets,
+    negative: Mutex<HashMap<String, Instant>>,
+    redis: Option<Redis>,
+}
+
+impl Default for Limiter {
+    fn default() -> Self {
+        Limiter::new(None)
+    }
+}
+
+/// A refusal, to answer with.
+struct Refusal<'p> {
+    policy: &'p Policy,
+    rule: &'p Rule,
+    retry_after: Duration,
+    reset: Duration,
+}
+
+/// A global bucket waiting for the Redis call.
+struct Pending<'p> {
+    policy: &'p Policy,
+    rule: &'p Rule,
+    key: String,
+    gcra: Gcra,
+}
+
+impl Limiter {
+    /// Global limits ask Redis at `redis` (`host:port`), if given.
+    pub fn new(redis: Option<String>) -> Limiter {
+        Limiter {
+            buckets: Buckets::new(MAX_KEYS),
+            negative: Mutex::new(HashMap::new()),
+            redis: redis.map(Redis::new),
+        }
+    }
+
+    /// The rate limit phase of a request: `Err` is the answer that refuses it.
+    pub async fn admit(
+        &self,
+        policies: &Policies,
+        ctx: &Context,
+        parts: &http::request::Parts,
+        record: &mut Record,
+    ) -> Result<(), Response<Body>> {
+        if policies.is_empty() {
+            return Ok(());
+        }
+        let service = &ctx.default_backend.service;
+        // `kind namespace/name[#rule]`, as the route phase wrote it.
+        let route = record.route.as_deref().and_then(|r| {
+            let r = r.strip_prefix("HTTPRoute ")?;
+            let r = r.split_once('#').map_or(r, |(r, _)| r);
+            let (ns, name) = r.split_once('/')?;
+            Some((ns.to_owned(), name.to_owned()))
+        });
+        let mut applicable: Vec<(usize, String)> = Vec::new();
+        if let Some(list) = policies.by_service.get(service) {
+            applicable.extend(
+                list.iter()
+                    .map(|&i| (i, format!("svc/{}/{}", service.0, service.1))),
+            );
+        }
+        if let Some(route) = &route
+            && let Some(list) = policies.by_route.get(route)
+        {
+            applicable.extend(
+                list.iter()
+                    .map(|&i| (i, format!("route/{}/{}", route.0, route.1))),
+            );
+        }
+        if applicable.is_empty() {
+            return Ok(());
+        }
+        let attrs = Attributes {
+            peer: ctx.peer.as_ref().map(|p| p.to_string()),
+            source_ip: ctx.source_ip,
+            parts,
+        };
+        let replicas = policies.replicas.get(service).copied().unwrap_or(1);
+        let now = self.buckets.now();
+        let mut refusal: Option<Refusal> = None;
+        let mut pending: Vec<Pending> = Vec::new();
+        for (index, target) in &applicable {
+            let policy = &policies.policies[*index];
+            for (r, rule) in policy.rules.iter().enumerate() {
+                let mut key = Vec::with_capacity(64);
+                push_part(&mut key, policy.id.as_bytes());
+                push_part(&mut key, target.as_bytes());
+                key.extend_from_slice(&(r as u32).to_le_bytes());
+                if !rule.selectors.iter().all(|s| s.matches(&attrs, &mut key)) {
+                    continue;
+                }
+                key_parts(&policy.key, &attrs, &mut key);
+                let divide = if policy.divide { replicas } else { 1 };
+                let gcra = Gcra::new(rule.requests, rule.unit, rule.burst, divide);
+                match policy.kind {
+                    LimitType::Local => {
+                        let out = self.buckets.check(self.buckets.hash(&key), &gcra, now);
+                        let refused = decide(policy, out.allowed, ctx);
+                        if refused && refusal.is_none() {
+                            refusal = Some(Refusal {
+                                policy,
+                                rule,
+                                retry_after: out.retry_after,
+                                reset: out.reset,
+                            });
+                        }
+                    }
+                    LimitType::Global => pending.push(Pending {
+                        policy,
+                        rule,
+                        key: redis_key(&key),
+                        gcra,
+                    }),
+                }
+            }
+        }
+        if let Some(r) = refusal {
+            // Global buckets are not charged for a request refused already.
+            return Err(refused(r, record));
+        }
+        if pending.is_empty() {
+            return Ok(());
+        }
+        self.global(pending, ctx, record).await
+    }
+
+    async fn global(
+        &self,
+        mut pending: Vec<Pending<'_>>,
+        ctx: &Context,
+        record: &mut Record,
+    ) -> Result<(), Response<Body>> {
+        let now = Instant::now();
+        // The negative cache: a bucket Redis refused is refused here until its
+        // retry-after, without asking again.
+        {
+            let cache = self.negative.lock().unwrap_or_else(|e| e.into_inner());
+            let mut first = None;
+            pending.retain(|p| match cache.get(&p.key) {
+                Some(until) if *until > now => {
+                    if decide(p.policy, false, ctx) && first.is_none() {
+                        first = Some(Refusal {
+                            policy: p.policy,
+                            rule: p.rule,
+                            retry_after: *until - now,
+                            reset: *until - now,
+                        });
+                    }
+                    false
+                }
+                _ => true,
+            });
+            if let Some(r) = first {
+                return Err(refused(r, record));
+            }
+        }
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let timeout = pending
+            .iter()
+            .map(|p| p.policy.timeout)
+            .min()
+            .unwrap_or(DEFAULT_TIMEOUT);
+        let answer = match &self.redis {
+            None => Err(RedisError::Unconfigured),
+            Some(redis) => {
+                let keys: Vec<&str> = pending.iter().map(|p| p.key.as_str()).collect();
+                let args: Vec<String> = pending
+                    .iter()
+                    .flat_map(|p| [(p.gcra.interval / 1000).max(1), p.gcra.tolerance / 1000])
+                    .map(|n| n.to_string())
+                    .collect();
+                match tokio::time::timeout(timeout, redis.gcra(&keys, &args)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(RedisError::Timeout),
+                }
+            }
+        };
+        let outcomes = match answer {
+            Ok(o) => o,
+            Err(e) => {
+                REDIS_ERRORS.count(&e);
+                debug!(error = %e, "redis rate limit call failed");
+                let mut closed = None;
+                for p in &pending {
+                    let c = &p.policy.counters;
+                    match p.policy.failure_mode {
+                        FailureMode::Open => c.failed_open.fetch_add(1, Relaxed),
+                        FailureMode::Closed => c.failed_closed.fetch_add(1, Relaxed),
+                    };
+                    if p.policy.failure_mode == FailureMode::Closed && !p.policy.shadow {
+                        closed.get_or_insert(p.policy);
+                    }
+                }
+                if let Some(policy) = closed {
+                    warn!(policy = %policy.id, error = %e, "rate limit service failed: refusing (failure_mode: closed)");
+                    record.flags = "RLSE";
+                    return Err(super::engine::error(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "rate limit service unavailable",
+                    ));
+                }
+                return Ok(());
+            }
+        };
+        let mut first = None;
+        for (p, (allowed, a, b)) in pending.iter().zip(outcomes) {
+            if !allowed {
+                let retry = Duration::from_micros(a);
+                let mut cache = self.negative.lock().unwrap_or_else(|e| e.into_inner());
+                if cache.len() >= MAX_NEGATIVE {
+                    cache.retain(|_, until| *until > now);
+                    if cache.len() >= MAX_NEGATIVE {
+                        cache.clear();
+                    }
+                }
+                cache.insert(p.key.clone(), now + retry);
+            }
+            if decide(p.policy, allowed, ctx) && first.is_none() {
+                first = Some(Refusal {
+                    policy: p.policy,
+                    rule: p.rule,
+                    retry_after: Duration::from_micros(a),
+                    reset: Duration::from_micros(b),
+                });
+            }
+        }
+        match first {
+            Some(r) => Err(refused(r, record)),
+            None => Ok(()),
+        }
+    }
+
+    /// The local buckets (for tests and the bench).
+    pub fn buckets(&self) -> &Buckets {
+        &self.buckets
+    }
+}
+
+/// Counts a bucket's answer; whether the request is to be refused (never in
+/// shadow mode).
+fn decide(policy: &Policy, allowed: bool, ctx: &Context) -> bool {
+    let c = &policy.counters;
+    if allowed {
+        c.allowed.fetch_add(1, Relaxed);
+        return false;
+    }
+    if policy.shadow {
+        c.shadow_limited.fetch_add(1, Relaxed);
+        info!(policy = %policy.id, source.ip = %ctx.source_ip, "over the rate limit (shadow mode: let through)");
+        return false;
+    }
+    c.limited.fetch_add(1, Relaxed);
+    true
+}
+
+/// A Redis key for a bucket: readable when short, a digest when long (keys
+/// carry header values a client chooses).
+fn redis_key(key: &[u8]) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, key);
+    let mut s = String::from("weft:rl:");
+    for b in &digest.as_ref()[..16] {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+fn refused(r: Refusal, record: &mut Record) -> Response<Body> {
+    record.flags = "RL";
+    debug!(policy = %r.policy.id, retry_after = ?r.retry_after, "rate limited");
+    let mut resp = Response::new(full("rate limited"));
+    *resp.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+    for (name, value) in headers(r.policy, r.rule, r.retry_after, r.reset) {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            resp.headers_mut().insert(name, v);
+        }
+    }
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    resp
+}
+
+/// Whole seconds, rounded up (a client that waits this long gets through).
+fn ceil_secs(d: Duration) -> u64 {
+    d.as_nanos().div_ceil(1_000_000_000) as u64
+}
+
+/// The answer's rate limit fields: `Retry-After`, the draft's
+/// `RateLimit-Policy: "<name>";q=<requests>;w=<window>` and
+/// `RateLimit: "<name>";r=0;t=<seconds>`, and `X-RateLimit-*` if asked.
+fn headers(
+    policy: &Policy,
+    rule: &Rule,
+    retry_after: Duration,
+    reset: Duration,
+) -> Vec<(HeaderName, String)> {
+    let name = sf_string(&policy.name);
+    let retry = ceil_secs(retry_after).max(1);
+    let mut out = vec![
+        (header::RETRY_AFTER, retry.to_string()),
+        (
+            HeaderName::from_static("ratelimit-policy"),
+            format!("{name};q={};w={}", rule.requests, rule.unit.as_secs()),
+        ),
+        (
+            HeaderName::from_static("ratelimit"),
+            format!("{name};r=0;t={retry}"),
+        ),
+    ];
+    if policy.x_headers {
+        out.push((
+            HeaderName::from_static("x-ratelimit-limit"),
+            rule.requests.to_string(),
+        ));
+        out.push((
+            HeaderName::from_static("x-ratelimit-remaining"),
+            "0".to_owned(),
+        ));
+        out.push((
+            HeaderName::from_static("x-ratelimit-reset"),
+            ceil_secs(reset).max(retry).to_string(),
+        ));
+    }
+    out
+}
+
+/// An RFC 8941 string: printable ASCII, `"` and `\` escaped; anything else
+/// dropped.
+fn sf_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars().filter(|c| (' '..='~').contains(c)) {
+        if c == '"' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
+    out
+}
+
+// ---- metrics -------------------------------------------------------------------------
+
+/// A policy's decisions; kept across configs by its `namespace/name`.
+#[derive(Default)]
+struct Counters {
+    allowed: AtomicU64,
+    limited: AtomicU64,
+    shadow_limited: AtomicU64,
+    failed_open: AtomicU64,
+    failed_closed: AtomicU64,
+}
+
+static COUNTERS: LazyLock<Mutex<BTreeMap<Arc<str>, Arc<Counters>>>> =
+    LazyLock::new(|| Mutex::new(BTreeMap::new()));
+
+fn counters(id: &Arc<str>) -> Arc<Counters> {
+    COUNTERS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(id.clone())
+        .or_default()
+        .clone()
+}
+
+#[derive(Default)]
+struct RedisErrors {
+    timeout: AtomicU64,
+    connect: AtomicU64,
+    io: AtomicU64,
+    protocol: AtomicU64,
+    script: AtomicU64,
+    unconfigured: AtomicU64,
+}
+
+static REDIS_ERRORS: RedisErrors = RedisErrors {
+    timeout: AtomicU64::new(0),
+    connect: AtomicU64::new(0),
+    io: AtomicU64::new(0),
+    protocol: AtomicU64::new(0),
+    script: AtomicU64::new(0),
+    unconfigured: AtomicU64::new(0),
+};
+
+impl RedisErrors {
+    fn count(&self, e: &RedisError) {
+        let c = match e {
+            RedisError::Timeout => &self.timeout,
+            RedisError::Connect(_) => &self.connect,
+            RedisError::Io(_) => &self.io,
+            RedisError::Protocol(_) => &self.protocol,
+            RedisError::Script(_) => &self.script,
+            RedisError::Unconfigured => &self.unconfigured,
+        };
+        c.fetch_add(1, Relaxed);
+    }
+}
+
+/// `weft_ratelimit_decisions_total{policy,decision}` and
+/// `weft_ratelimit_redis_errors_total{reason}`, for the metrics page.
+pub fn render() -> String {
+    let mut out = String::new();
+    out.push_str(
+        "# HELP weft_ratelimit_decisions_total Rate limit decisions at the waypoint, by policy.\n\
+         # TYPE weft_ratelimit_decisions_total counter\n",
+    );
+    for (id, c) in COUNTERS.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        for (decision, n) in [
+            ("allowed", &c.allowed),
+            ("limited", &c.limited),
+            ("shadow_limited", &c.shadow_limited),
+            ("failed_open", &c.failed_open),
+            ("failed_closed", &c.failed_closed),
+        ] {
+            let _ = writeln!(
+                out,
+                "weft_ratelimit_decisions_total{{policy=\"{id}\",decision=\"{decision}\"}} {}",
+                n.load(Relaxed)
+            );
+        }
+    }
+    out.push_str(
+        "# HELP weft_ratelimit_redis_errors_total Failed calls to Redis for global rate limits.\n\
+         # TYPE weft_ratelimit_redis_errors_total counter\n",
+    );
+    let e = &REDIS_ERRORS;
+    for (reason, n) in [
+        ("timeout", &e.timeout),
+        ("connect", &e.connect),
+        ("io", &e.io),
+        ("protocol", &e.protocol),
+        ("script", &e.script),
+        ("unconfigured", &e.unconfigured),
+    ] {
+        let _ = writeln!(
+            out,
+            "weft_ratelimit_redis_errors_total{{reason=\"{reason}\"}} {}",
+            n.load(Relaxed)
+        );
+    }
+    out
+}
+
+// ---- Redis -----------------------------------------------------------------------------
+
+/// GCRA over every key of a request at once, with Redis's clock (µs). ARGV
+/// holds each key's T and burst × T in µs. Returns three integers per key:
+/// allowed (1/0), then the budget left (allowed) or the retry-after
+/// (refused), then the time until the bucket is full. The TAT is written with
+/// `%.0f`: Lua 5.1's `tostring` keeps 14 digits, and µs since 1970 have 16.
+const SCRIPT: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local out = {}
+for i, key in ipairs(KEYS) do
+  local interval = tonumber(ARGV[2 * i - 1])
+  local tolerance = tonumber(ARGV[2 * i])
+  local tat = tonumber(redis.call('GET', key) or '0')
+  if tat < now then tat = now end
+  local new = tat + interval
+  local ahead = new - now
+  if ahead > tolerance then
+    out[#out + 1] = 0
+    out[#out + 1] = ahead - tolerance
+    out[#out + 1] = tat - now
+  else
+    redis.call('SET', key, string.format('%.0f', new), 'PX', math.floor(ahead / 1000) + 1)
+    out[#out + 1] = 1
+    out[#out + 1] = tolerance - ahead
+    out[#out + 1] = ahead
+  end
+end
+return out
+"#;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RedisError {
+    #[error("no --redis-addr is set: global rate limits cannot be checked")]
+    Unconfigured,
+    #[error("redis did not answer in time")]
+    Timeout,
+    #[error("cannot connect to redis: {0}")]
+    Connect(std::io::Error),
+    #[error("redis connection failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("redis answered something else than expected: {0}")]
+    Protocol(&'static str),
+    #[error("redis refused the script: {0}")]
+    Script(String),
+}
+
+/// A RESP2 reply.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Reply {
+    Simple(String),
+    Error(String),
+    Int(i64),
+    Bulk(Option<Vec<u8>>),
+    Array(Vec<Reply>),
+}
+
+/// A Redis client for the limiter: up to [`POOL`] connections, each used by
+/// one call at a time (a call that times out drops its connection, whose
+/// reply could otherwise be read by the next call).
+pub struct Redis {
+    addr: String,
+    idle: Mutex<Vec<BufStream<TcpStream>>>,
+    sha: String,
+    permits: tokio::sync::Semaphore,
+}
+
+const POOL: usize = 32;
+
+impl Redis {
+    pub fn new(addr: String) -> Redis {
+        let digest =
+            ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, SCRIPT.as_bytes());
+        let mut sha = String::with_capacity(40);
+        for b in digest.as_ref() {
+            let _ = write!(sha, "{b:02x}");
+        }
+        Redis {
+            addr,
+            idle: Mutex::new(Vec::new()),
+            sha,
+            permits: tokio::sync::Semaphore::new(POOL),
+        }
+    }
+
+    async fn call(&self, args: &[&[u8]]) -> Result<Reply, RedisError> {
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| RedisError::Protocol("closed"))?;
+        let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let mut conn = match idle {
+            Some(c) => c,
+            None => BufStream::new(
+                TcpStream::connect(&self.addr)
+                    .await
+                    .map_err(RedisError::Connect)?,
+            ),
+        };
+        let mut req = Vec::with_capacity(256);
+        let _ = write!(Fmt(&mut req), "*{}\r\n", args.len());
+        for a in args {
+            let _ = write!(Fmt(&mut req), "${}\r\n", a.len());
+            req.extend_from_slice(a);
+            req.extend_from_slice(b"\r\n");
+        }
+        conn.write_all(&req).await?;
+        conn.flush().await?;
+        let reply = read_reply(&mut conn, 0).await?;
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < POOL {
+            idle.push(conn);
+        }
+        Ok(reply)
+    }
+
+    pub async fn ping(&self) -> Result<(), RedisError> {
+        match self.call(&[b"PING"]).await? {
+            Reply::Simple(s) if s == "PONG" => Ok(()),
+            _ => Err(RedisError::Protocol("PING")),
+        }
+    }
+
+    /// The script over `keys`: per key, (allowed, µs, µs).
+    pub async fn gcra(
+        &self,
+        keys: &[&str],
+        args: &[String],
+    ) -> Result<Vec<(bool, u64, u64)>, RedisError> {
+        let n = keys.len().to_string();
+        let mut call: Vec<&[u8]> = vec![b"EVALSHA", self.sha.as_bytes(), n.as_bytes()];
+        call.extend(keys.iter().map(|k| k.as_bytes()));
+        call.extend(args.iter().map(|a| a.as_bytes()));
+        let mut reply = self.call(&call).await?;
+        if matches!(&reply, Reply::Error(e) if e.starts_with("NOSCRIPT")) {
+            call[0] = b"EVAL";
+            call[1] = SCRIPT.as_bytes();
+            reply = self.call(&call).await?;
+        }
+        let items = match reply {
+            Reply::Array(items) => items,
+            Reply::Error(e) => return Err(RedisError::Script(e)),
+            _ => return Err(RedisError::Protocol("the script's reply is not a list")),
+        };
+        let ints: Vec<i64> = items
+            .into_iter()
+            .map(|i| match i {
+                Reply::Int(n) => Ok(n),
+                _ => Err(RedisError::Protocol(
+                    "the script's reply holds a non-integer",
+                )),
+            })
+            .collect::<Result<_, _>>()?;
+        if ints.len() != keys.len() * 3 {
+            return Err(RedisError::Protocol(
+                "the script's reply has the wrong length",
+            ));
+        }
+        Ok(ints
+            .chunks(3)
+            .map(|c| (c[0] == 1, c[1].max(0) as u64, c[2].max(0) as u64))
+            .collect())
+    }
+}
+
+/// `write!` into a byte vector.
+struct Fmt<'a>(&'a mut Vec<u8>);
+
+impl std::fmt::Write for Fmt<'_> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.0.extend_from_slice(s.as_bytes());
+        Ok(())
+    }
+}
+
+/// Reads one reply, with bounds: a line of 512 bytes, a bulk string of 1 MiB,
+/// 4096 items, nesting 4 deep.
+pub async fn read_reply<R>(r: &mut R, depth: u8) -> Result<Reply, RedisError>
+where
+    R: tokio::io::AsyncBufRead + Unpin,
+{
+    if depth > 4 {
+        return Err(RedisError::Protocol("nested too deep"));
+    }
+    let mut line = Vec::with_capacity(32);
+    (&mut *r).take(512).read_until(b'\n', &mut line).await?;
+    if !line.ends_with(b"\r\n") {
+        return Err(RedisError::Protocol("a line without CRLF"));
+    }
+    line.truncate(line.len() - 2);
+    let (kind, rest) = line
+        .split_first()
+        .ok_or(RedisError::Protocol("an empty line"))?;
+    let text = String::from_utf8_lossy(rest).into_owned();
+    let int = || {
+        text.parse::<i64>()
+            .map_err(|_| RedisError::Protocol("not an integer"))
+    };
+    Ok(match kind {
+        b'+' => Reply::Simple(text),
+        b'-' => Reply::Error(text),
+        b':' => Reply::Int(int()?),
+        b'$' => {
+            let n = int()?;
+            if n < 0 {
+                return Ok(Reply::Bulk(None));
+            }
+            if n > 1 << 20 {
+                return Err(RedisError::Protocol("a bulk string over 1 MiB"));
+            }
+            let mut buf = vec![0; n as usize + 2];
+            r.read_exact(&mut buf).await?;
+            buf.truncate(n as usize);
+            Reply::Bulk(Some(buf))
+        }
+        b'*' => {
+            let n = int()?;
+            if n < 0 {
+                return Ok(Reply::Bulk(None));
+            }
+            if n > 4096 {
+                return Err(RedisError::Protocol("a list over 4096 items"));
+            }
+            let mut items = Vec::with_capacity(n as usize);
+            for _ in 0..n {
+                items.push(Box::pin(read_reply(r, depth + 1)).await?);
+            }
+            Reply::Array(items)
+        }
+        _ => return Err(RedisError::Protocol("an unknown reply type")),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: u64 = 1_000_000;
+
+    #[test]
+    fn gcra_lets_a_burst_through_then_the_steady_rate() {
+        // 10 per second, 5 at once: T = 100ms, burst × T = 500ms.
+        let g = Gcra::new(10, Duration::from_secs(1), 5, 1);
+        assert_eq!((g.interval, g.tolerance), (100 * MS, 500 * MS));
+        let now = 1_000 * MS;
+        let mut tat = 0;
+        let mut remaining = Vec::new();
+        for _ in 0..5 {
+            let (out, new) = g.check(tat, now);
+            assert!(out.allowed);
+            remaining.push(out.remaining);
+            tat = new;
+        }
+        assert_eq!(remaining, [4, 3, 2, 1, 0]);
+        let (out, same) = g.check(tat, now);
+        assert!(!out.allowed, "the sixth at once is refused");
+        assert_eq!(same, tat, "a refusal does not move the bucket");
+        assert_eq!(out.retry_after, Duration::from_millis(100));
+        assert_eq!(out.reset, Duration::from_millis(500));
+        // 100ms later exactly one more goes.
+        let (out, new) = g.check(tat, now + 100 * MS);
+        assert!(out.allowed);
+        let (out, _) = g.check(new, now + 100 * MS);
+        assert!(!out.allowed);
+        // Over a steady second, ten go.
+        let mut tat = new;
+        let mut allowed = 0;
+        for i in 1..=100 {
+            let (out, new) = g.check(tat, now + 100 * MS + i * 10 * MS);
+            if out.allowed {
+                allowed += 1;
+                tat = new;
+            }
+        }
+        assert_eq!(allowed, 10);
+    }
+
+    #[test]
+    fn gcra_retry_after_and_division_by_replicas() {
+        let g = Gcra::new(60, Duration::from_secs(60), 1, 1);
+        let (_, tat) = g.check(0, 0);
+        let (out, _) = g.check(tat, 250 * MS);
+        assert_eq!(out.retry_after, Duration::from_millis(750));
+        assert_eq!(ceil_secs(out.retry_after), 1);
+        // 100/s over 4 replicas: 25/s each; a burst of 10: 2 each; never 0.
+        let g = Gcra::new(100, Duration::from_secs(1), 10, 4);
+        assert_eq!((g.interval, g.tolerance), (40 * MS, 80 * MS));
+        let g = Gcra::new(1, Duration::from_secs(1), 1, 8);
+        assert_eq!((g.interval, g.tolerance), (1000 * MS, 1000 * MS));
+    }
+
+    #[test]
+    fn the_store_holds_at_most_its_cap_and_evicts_the_oldest() {
+        let b = Buckets::new(16 * 64);
+        let g = Gcra::new(1, Duration::from_secs(3600), 1, 1);
+        for i in 0..100_000u64 {
+            b.check(b.hash(&i.to_le_bytes()), &g, i);
+        }
+        assert!(b.len() <= 16 * 64, "{} buckets", b.len());
+        // The newest keys are still limited: they were not evicted.
+        let newest = b.hash(&99_999u64.to_le_bytes());
+        assert!(!b.check(newest, &g, 100_000).allowed);
+        // A past TAT is no bucket at all: the sweep frees everything.
+        let later = 10_000 * 1_000 * MS;
+        b.check(b.hash(b"fresh"), &g, later);
+        assert!(b.len() <= 16 * 64);
+    }
+
+    fn parts(req: http::Request<()>) -> http::request::Parts {
+        req.into_parts().0
+    }
+
+    #[test]
+    fn keys_tell_buckets_apart() {
+        let key = |spec: &[&str], req: http::Request<()>, ip: &str| {
+            let parts = parts(req);
+            let a = Attributes {
+                peer: Some("spiffe://cluster.local/ns/a/sa/x".into()),
+                source_ip: ip.parse().unwrap(),
+                parts: &parts,
+            };
+            let spec: Vec<KeyPart> = spec.iter().map(|s| KeyPart::parse(s).unwrap()).collect();
+            let mut k = Vec::new();
+            key_parts(&spec, &a, &mut k);
+            k
+        };
+        let get = |h: &str| {
+            http::Request::get("/a?x=1")
+                .header("x-user", h)
+                .body(())
+                .unwrap()
+        };
+        assert_eq!(
+            key(&["header:X-User"], get("one"), "10.0.0.1"),
+            key(&["header:x-user"], get("one"), "10.0.0.2")
+        );
+        assert_ne!(
+            key(&["header:x-user"], get("one"), "10.0.0.1"),
+            key(&["header:x-user"], get("two"), "10.0.0.1")
+        );
+        assert_ne!(
+            key(&["source_ip"], get("one"), "10.0.0.1"),
+            key(&["source_ip"], get("one"), "10.0.0.2")
+        );
+        assert_eq!(
+            key(&["path", "method"], get("one"), "10.0.0.1"),
+            key(&["path", "method"], get("two"), "10.0.0.1"),
+            "the path has no query"
+        );
+        // Length prefixes: ("ab", "") and ("a", "b") differ.
+        let two = |a: &str, b: &str| {
+            http::Request::get("/")
+                .header("h1", a)
+                .header("h2", b)
+                .body(())
+                .unwrap()
+        };
+        assert_ne!(
+            key(&["header:h1", "header:h2"], two("ab", ""), "10.0.0.1"),
+            key(&["header:h1", "header:h2"], two("a", "b"), "10.0.0.1")
+        );
+        // Claims, nested.
+        let mut req = get("x");
+        req.extensions_mut().insert(RequestAuth {
+            claims: serde_json::json!({"org": {"team": "blue"}, "n": 3}),
+            ..RequestAuth::default()
+        });
+        let k = key(&["claim:org.team", "claim:n"], req, "10.0.0.1");
+        assert!(k.windows(4).any(|w| w == b"blue"));
+        assert!(k.ends_with(b"3"));
+        assert!(KeyPart::parse("cookie:x").is_err());
+        assert!(KeyPart::parse("header:bad header").is_err());
+    }
+
+    #[test]
+    fn refusal_headers_follow_the_draft() {
+        let policy = Policy::compile(&serde_saphyr::from_str::<RateLimitPolicy>(
+            "{name: per-user, target_refs: [{kind: Service, name: s}], x_ratelimit_headers: true,\n\
+              rules: [{limit: {requests: 100, unit: Minute}}]}",
+        ).unwrap())
+        .unwrap();
+        let h: HashMap<String, String> = headers(
+            &policy,
+            &policy.rules[0],
+            Duration::from_millis(1500),
+            Duration::from_secs(59),
+        )
+        .into_iter()
+        .map(|(n, v)| (n.to_string(), v))
+        .collect();
+        assert_eq!(h["retry-after"], "2");
+        assert_eq!(h["ratelimit-policy"], "\"per-user\";q=100;w=60");
+        assert_eq!(h["ratelimit"], "\"per-user\";r=0;t=2");
+        assert_eq!(h["x-ratelimit-limit"], "100");
+        assert_eq!(h["x-ratelimit-remaining"], "0");
+        assert_eq!(h["x-ratelimit-reset"], "59");
+        assert_eq!(sf_string("a\"b\\c\u{e9}"), "\"a\\\"b\\\\c\"");
+    }
+
+    #[tokio::test]
+    async fn resp_replies_parse_within_bounds() {
+        let parse = |s: &'static str| async move {
+            let mut r = tokio::io::BufReader::new(s.as_bytes());
+            read_reply(&mut r, 0).await
+        };
+        assert_eq!(
+            parse("+PONG\r\n").await.unwrap(),
+            Reply::Simple("PONG".into())
+        );
+        assert_eq!(
+            parse("*3\r\n:1\r\n$2\r\nab\r\n$-1\r\n").await.unwrap(),
+            Reply::Array(vec![
+                Reply::Int(1),
+                Reply::Bulk(Some(b"ab".to_vec())),
+                Reply::Bulk(None)
+            ])
+        );
+        assert!(
+            matches!(parse("-NOSCRIPT x\r\n").await.unwrap(), Reply::Error(e) if e.starts_with("NOSCRIPT"))
+        );
+        assert!(parse("$99999999\r\n").await.is_err());
+        assert!(
+            parse("*1\r\n*1\r\n*1\r\n*1\r\n*1\r\n*1\r\n:1\r\n")
+                .await
+                .is_err()
+        );
+        assert!(parse("?\r\n").await.is_err());
+        assert!(parse(":12").await.is_err());
+    }
+
+    /// The script against a real `redis-server`, when the machine has one
+    /// (`cargo xtask setup` installs it); skipped otherwise.
+    #[tokio::test]
+    async fn the_script_limits_in_a_real_redis() {
+        let Ok(listener) = std::net::TcpListener::bind("127.0.0.1:0") else {
+            return;
+        };
+        let port = listener.local_addr().unwrap().port();
+        drop(listener);
+        let Ok(mut server) = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+        else {
+            eprintln!("no redis-server: skipped");
+            return;
+        };
+        let redis = Redis::new(format!("127.0.0.1:{port}"));
+        let mut up = false;
+        for _ in 0..50 {
+            if redis.ping().await.is_ok() {
+                up = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let g = Gcra::new(10, Duration::from_secs(60), 3, 1);
+        let args = [
+            (g.interval / 1000).to_string(),
+            (g.tolerance / 1000).to_string(),
+        ];
+        let mut seen = Vec::new();
+        if up {
+            for _ in 0..5 {
+                // The first call loads the script (NOSCRIPT, then EVAL).
+                seen.push(redis.gcra(&["weft:rl:test"], &args).await.unwrap()[0]);
+            }
+        }
+        server.kill().unwrap();
+        server.wait().unwrap();
+        assert!(up, "redis-server did not answer");
+        let allowed: Vec<bool> = seen.iter().map(|s| s.0).collect();
+        assert_eq!(allowed, [true, true, true, false, false]);
+        assert_eq!(
+            seen[0].1, 12_000_000,
+            "two more after the first, in µs of budget"
+        );
+        // Refused: retry after about T (6s), less the time the calls took.
+        assert!((5_000_000..=6_000_000).contains(&seen[3].1), "{seen:?}");
+    }
+}

@@ -7,7 +7,8 @@
 //! agents' metrics; then commands to try by hand while new access-log lines and
 //! per-service counts stream in, until Ctrl-C. Section 7 adds a waypoint: an
 //! HTTPRoute split 90/10 with retries hiding a flaky replica, a header route
-//! and a redirect, live through `weft waypoint`. Teardown is the harness's: dropping the `Mesh` kills the agents
+//! and a redirect, live through `weft waypoint`; section 8 its policies: a 401
+//! for a bad token, a 403 for a denied path however it is spelled, and 429s. Teardown is the harness's: dropping the `Mesh` kills the agents
 //! and uninstalls their programs, dropping the `Cluster` removes namespaces and
 //! cgroups, on every path out of here (errors and panics included).
 
@@ -139,7 +140,26 @@ http_routes:
     - name: split
       backendRefs: [{{name: shop-v1, port: 80, weight: 90}}, {{name: shop-v2, port: 80, weight: 10}}]
       retry: {{codes: [503], attempts: 2}}
+request_authentications:
+- name: shop-jwt
+  targetRefs: [{{kind: Service, group: \"\", name: shop}}]
+  jwtRules:
+  - issuer: https://login.demo.weft
+    jwks: '{{\"keys\": [{{\"kty\": \"OKP\", \"crv\": \"Ed25519\", \"kid\": \"k1\", \"x\": \"11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo\"}}]}}'
+rate_limits:
+- name: per-user
+  target_refs: [{{kind: Service, name: shop}}]
+  type: Local
+  key: [header:x-user]
+  rules:
+  - client_selectors: [{{headers: [{{name: x-user, type: Distinct}}]}}]
+    limit: {{requests: 5, unit: Second}}
+    burst: 5
 authorization_policies:
+- name: shop-no-admin
+  targetRefs: [{{kind: Service, group: \"\", name: shop}}]
+  action: DENY
+  rules: [{{to: [{{operation: {{paths: [\"/admin*\"]}}}}]}}]
 - name: deny-{denied}
   selector: {{app: hello}}
   action: DENY
@@ -437,9 +457,17 @@ fn walkthrough(cluster: &Cluster, once: bool) -> Result<()> {
     note(waypoint_steps(n0p0, _shop.get(1)));
     note(route_counts(&waypoint));
 
+    section("8. Policies at the waypoint: JWT, L7 authorization, rate limits");
+    println!(
+        "  On service shop, at its waypoint: a RequestAuthentication (JWT, an Ed25519 key\n  \
+         inline), an AuthorizationPolicy denying /admin*, and a local rate limit of 5 requests\n  \
+         a second (burst 5) per x-user."
+    );
+    note(policy_steps(n0p0));
+
     let failed = failures.len();
     if failed > 0 {
-        bail!("{failed} of 7 demo steps failed");
+        bail!("{failed} of 8 demo steps failed");
     }
     if once {
         return Ok(());
@@ -559,6 +587,59 @@ fn waypoint_steps(client: &Pod, flaky: Option<&Proc>) -> Result<()> {
     );
     if r.status != 301 {
         bail!("the redirect answered {}", r.status);
+    }
+    Ok(())
+}
+
+/// A bad token (401), a denied path however it is spelled (403), and a client
+/// over its limit (429), live through the waypoint.
+fn policy_steps(client: &Pod) -> Result<()> {
+    let url = format!("http://{SHOP_VIP}/");
+    let r = weft_tests::l7::curl(client, &url, &["-H", "authorization: Bearer not.a.jwt"])?;
+    println!(
+        "\n  $ curl -H 'authorization: Bearer not.a.jwt' {url}\n    {} {:?}  (request authentication: an invalid token is refused; no token passes)",
+        r.status,
+        r.header("www-authenticate").unwrap_or("-")
+    );
+    if r.status != 401 {
+        bail!("a bad token answered {}", r.status);
+    }
+    for path in ["/admin", "/%61dmin/users", "//admin", "/x/../admin"] {
+        let r = weft_tests::l7::curl(
+            client,
+            &format!("http://{SHOP_VIP}{path}"),
+            &["--path-as-is"],
+        )?;
+        println!(
+            "  $ curl --path-as-is http://{SHOP_VIP}{path}\n    {} {}",
+            r.status,
+            r.body.as_str().unwrap_or_default()
+        );
+        if r.status != 403 {
+            bail!("{path} answered {}", r.status);
+        }
+    }
+    let mut codes = std::collections::BTreeMap::<u16, u32>::new();
+    let mut retry_after = String::new();
+    for _ in 0..15 {
+        let r = weft_tests::l7::curl(client, &url, &["-H", "x-user: alice"])?;
+        if r.status == 429 {
+            retry_after = format!(
+                "retry-after: {}, ratelimit: {}",
+                r.header("retry-after").unwrap_or("-"),
+                r.header("ratelimit").unwrap_or("-")
+            );
+        }
+        *codes.entry(r.status).or_default() += 1;
+    }
+    let bob = weft_tests::l7::curl(client, &url, &["-H", "x-user: bob"])?;
+    println!(
+        "\n  15 requests as x-user: alice, back to back: {codes:?}\n    the 429s say {retry_after}\n  \
+         and bob, meanwhile: {} (his own bucket)",
+        bob.status
+    );
+    if !codes.contains_key(&429) || bob.status != 200 {
+        bail!("the rate limit did not hold: {codes:?}, bob {}", bob.status);
     }
     Ok(())
 }

@@ -116,6 +116,21 @@ impl Authz {
         authz
     }
 
+    /// DENY then ALLOW for a request, as [`admit`] decides them but without
+    /// asking the providers of CUSTOM policies (nor logging AUDIT matches):
+    /// `Some(reason)` when denied. For `benches/policy.rs`, which cannot give
+    /// [`admit`] the upstream pool only CUSTOM uses; not the waypoint's path.
+    #[doc(hidden)]
+    pub fn denied(
+        &self,
+        settings: &Settings,
+        ctx: &Context,
+        parts: &http::request::Parts,
+    ) -> Option<String> {
+        let attrs = Attributes::of(ctx, parts, settings.xff_trusted_hops);
+        self.decide(&ctx.default_backend.service, &attrs).denied
+    }
+
     /// The decision for `req` on the policies of `service`, CUSTOM ones
     /// aside: their providers are returned for the caller to ask.
     fn decide<'s>(&'s self, service: &ServiceKey, req: &Attributes) -> Decision<'s> {

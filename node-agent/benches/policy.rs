@@ -217,7 +217,11 @@ impl Waypoint {
         if let Some(a) = ready(self.authn.authenticate(parts)).map_err(|_| "authn")? {
             parts.extensions.insert(request_auth(a));
         }
-        if self.authz.denied(&self.settings, &self.ctx, parts).is_some() {
+        if self
+            .authz
+            .denied(&self.settings, &self.ctx, parts)
+            .is_some()
+        {
             return Err("authz");
         }
         let mut record = Record::default();
@@ -265,6 +269,43 @@ fn bench(c: &mut Criterion) {
             )
         });
     }
+
+    // The floor: ring's signature check alone, on a message of a token's size.
+    let msg = token(&ec).into_bytes();
+    let rng = SystemRandom::new();
+    let p256 =
+        signature::EcdsaKeyPair::generate_pkcs8(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
+            .unwrap();
+    let p256 = signature::EcdsaKeyPair::from_pkcs8(
+        &signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+        p256.as_ref(),
+        &rng,
+    )
+    .unwrap();
+    let sig = p256.sign(&rng, &msg).unwrap();
+    let public = signature::UnparsedPublicKey::new(
+        &signature::ECDSA_P256_SHA256_FIXED,
+        p256.public_key().as_ref().to_vec(),
+    );
+    c.bench_function("policy/ring_verify_only/es256", |b| {
+        b.iter(|| {
+            public
+                .verify(black_box(&msg), black_box(sig.as_ref()))
+                .unwrap()
+        })
+    });
+    let der = pem::parse(RSA_PEM).unwrap().into_contents();
+    let pair = signature::RsaKeyPair::from_der(&der).unwrap();
+    let mut sig = vec![0; pair.public().modulus_len()];
+    pair.sign(&signature::RSA_PKCS1_SHA256, &rng, &msg, &mut sig)
+        .unwrap();
+    let public = signature::UnparsedPublicKey::new(
+        &signature::RSA_PKCS1_2048_8192_SHA256,
+        pair.public().as_ref().to_vec(),
+    );
+    c.bench_function("policy/ring_verify_only/rs256", |b| {
+        b.iter(|| public.verify(black_box(&msg), black_box(&sig)).unwrap())
+    });
 
     // Authorization alone: the claims the token would give, already in place.
     let authed = |path: &str| {

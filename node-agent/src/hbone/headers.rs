@@ -21,17 +21,24 @@ pub fn connect_request(
         .uri(authority.to_string())
         .header("traceparent", traceparent());
     if let Some(ip) = source {
-        let value = match ip {
-            IpAddr::V4(ip) => format!("for={ip}"),
-            IpAddr::V6(ip) => format!("for=\"[{ip}]\""),
-        };
-        req = req.header("forwarded", value);
+        req = req.header("forwarded", forwarded(ip));
     }
     if let Some(baggage) = baggage {
         req = req.header("baggage", baggage);
     }
     // Only a malformed header value could fail here, and ours are all well formed.
     req.body(()).unwrap_or_default()
+}
+
+/// `forwarded: for=<ip>` (RFC 7239; an IPv6 address quoted in brackets): on a
+/// CONNECT, and on each request a waypoint sends on.
+pub fn forwarded(ip: IpAddr) -> HeaderValue {
+    let value = match ip {
+        IpAddr::V4(ip) => format!("for={ip}"),
+        IpAddr::V6(ip) => format!("for=\"[{ip}]\""),
+    };
+    // Digits, dots, colons, brackets and quotes: always a valid header value.
+    HeaderValue::try_from(value).unwrap_or(HeaderValue::from_static("for=unknown"))
 }
 
 /// What ztunnel sends as `baggage` for a source workload (its cluster,

@@ -863,13 +863,8 @@ fn prepare<B>(req: &mut Request<B>, proto: Protocol, ctx: &Context, upgrade: boo
             }
         }
     }
-    let value = match ctx.source_ip {
-        IpAddr::V4(ip) => format!("for={ip}"),
-        IpAddr::V6(ip) => format!("for=\"[{ip}]\""),
-    };
-    if let Ok(v) = HeaderValue::try_from(value) {
-        req.headers_mut().append("forwarded", v);
-    }
+    req.headers_mut()
+        .append("forwarded", crate::hbone::headers::forwarded(ctx.source_ip));
 }
 
 /// The streaming body of a request or response, boxed as the engine's body;

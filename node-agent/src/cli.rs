@@ -18,7 +18,7 @@ pub enum Command {
     /// Run the node agent: load and attach the eBPF programs, serve enrolled pods.
     Agent(Box<AgentArgs>),
     /// Run the certificate authority: sign workload certificates for node agents.
-    Ca(CaArgs),
+    Ca(Box<CaArgs>),
     /// Run a waypoint: the L7 proxy (HTTP routing) of the services bound to it.
     /// It runs as a workload of the mesh (`native_tunnel: true`), in its own pod.
     Waypoint(Box<WaypointArgs>),
@@ -73,8 +73,9 @@ pub struct WaypointArgs {
     pub readiness_addr: SocketAddr,
 
     /// The CA that signs this waypoint's certificate.
+    /// `host:port`: an address, or a name resolved at each connection.
     #[arg(long, env = "WEFT_CA_ADDR", default_value = "127.0.0.1:15012")]
-    pub ca_addr: SocketAddr,
+    pub ca_addr: crate::ca::client::CaAddr,
 
     /// A file holding the CA token of this waypoint's node.
     #[arg(long, env = "WEFT_CA_TOKEN_FILE")]
@@ -173,10 +174,42 @@ pub struct CaArgs {
     #[arg(long, env = "WEFT_CA_CONFIG")]
     pub config: PathBuf,
 
-    /// The node-token file (YAML, `node-name: token`): how agents prove their node.
-    /// Watched.
+    /// The node-token file (YAML, `node-name: token`): how agents prove their node
+    /// in local mode. Watched. Required with `--agent-auth node-tokens`.
     #[arg(long, env = "WEFT_CA_NODE_TOKENS")]
-    pub node_tokens: PathBuf,
+    pub node_tokens: Option<PathBuf>,
+
+    /// How agents prove their node: `node-tokens` (local mode, `--node-tokens`);
+    /// `service-account` (Kubernetes: the agent pod's projected token, verified
+    /// here with the issuer's keys from the API server, or from `--sa-jwks-file`);
+    /// `token-review` (Kubernetes: the API server checks each token).
+    #[arg(long, env = "WEFT_CA_AGENT_AUTH", value_enum, default_value_t = AgentAuthMode::NodeTokens)]
+    pub agent_auth: AgentAuthMode,
+
+    /// The audience the agents' service-account tokens are projected for.
+    #[arg(long, env = "WEFT_CA_TOKEN_AUDIENCE", default_value = "weft-ca")]
+    pub token_audience: String,
+
+    /// The service-account issuer (the API server's `--service-account-issuer`).
+    #[arg(
+        long,
+        env = "WEFT_CA_SA_ISSUER",
+        default_value = "https://kubernetes.default.svc.cluster.local"
+    )]
+    pub sa_issuer: String,
+
+    /// The issuer's JWKS as a file, instead of `GET /openid/v1/jwks` from the API
+    /// server (`--agent-auth service-account`).
+    #[arg(long, env = "WEFT_CA_SA_JWKS_FILE")]
+    pub sa_jwks_file: Option<PathBuf>,
+
+    /// The agents' service account, `namespace/name`: only its tokens prove a node.
+    #[arg(
+        long,
+        env = "WEFT_CA_AGENT_SERVICE_ACCOUNT",
+        default_value = "weft-system/weft-agent"
+    )]
+    pub agent_service_account: String,
 
     /// Where the gRPC endpoint (TLS) listens.
     #[arg(long, env = "WEFT_CA_LISTEN", default_value = "127.0.0.1:15012")]
@@ -213,6 +246,14 @@ pub struct CaArgs {
     /// A node's connection is closed this long after its last answered request.
     #[arg(long, env = "WEFT_CA_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     pub idle_timeout: Duration,
+}
+
+/// How agents prove their node to the CA (`weft ca --agent-auth`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AgentAuthMode {
+    NodeTokens,
+    ServiceAccount,
+    TokenReview,
 }
 
 #[derive(Debug, Args)]
@@ -266,8 +307,10 @@ pub struct AgentArgs {
     pub admin_addr: std::net::SocketAddr,
 
     /// The CA (`weft ca`) that signs this node's workload certificates.
+    /// `host:port`: an address, or a name resolved at each connection (in a
+    /// cluster, the CA's Service: `weft-ca.weft-system.svc:15012`).
     #[arg(long, env = "WEFT_CA_ADDR", default_value = "127.0.0.1:15012")]
-    pub ca_addr: std::net::SocketAddr,
+    pub ca_addr: crate::ca::client::CaAddr,
 
     /// A file holding this node's token for the CA. With `--embedded-ca-dir`,
     /// defaults to this node's entry in `--embedded-ca-node-tokens`.

@@ -26,6 +26,7 @@ pub mod ebpf;
 pub mod hbone;
 pub mod http;
 pub mod identity;
+pub mod jwk;
 pub mod lb;
 pub mod metrics;
 pub mod model;

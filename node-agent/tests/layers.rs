@@ -15,6 +15,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("yaml", &[]),
     ("net", &[]),
     ("identity", &[]),
+    ("jwk", &[]),
     ("metrics", &["net"]),
     ("telemetry", &[]),
     ("workers", &[]),
@@ -31,6 +32,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
         &[
             "discovery",
             "identity",
+            "jwk",
             "metrics",
             "model",
             "net",
@@ -47,6 +49,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "authz",
             "hbone",
             "identity",
+            "jwk",
             "lb",
             "metrics",
             "model",
@@ -81,7 +84,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
         "admin",
         &["metrics", "model", "node", "stats", "telemetry", "workers"],
     ),
-    ("cli", &["discovery", "http", "node", "units"]),
+    ("cli", &["ca", "discovery", "http", "node", "units"]),
     // The wiring of each role may use everything below it.
     (
         "app",

@@ -75,8 +75,8 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
             None => None,
         };
         let ca_addr = match &embedded {
-            Some(ca) => ca.local_addr().map(connectable)?,
-            None => args.ca_addr,
+            Some(ca) => ca.local_addr().map(connectable)?.into(),
+            None => args.ca_addr.clone(),
         };
         let bundle_path = match (&args.trust_bundle, &args.embedded_ca_dir) {
             (Some(path), _) => path.clone(),
@@ -108,7 +108,10 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
                 let _ = ca_stopping.await;
             }))
         });
-        let ca = CaClient::new(ca_addr, token, bundle.clone(), &loaded.mesh.trust_domain)?;
+        let mut ca = CaClient::new(ca_addr, token, bundle.clone(), &loaded.mesh.trust_domain)?;
+        if let Some(path) = &args.ca_token_file {
+            ca = ca.with_token_file(path.clone());
+        }
         let bundle = Arc::new(RwLock::new(bundle));
         // One bundle for everything: a root added or removed counts for the CA
         // client as for every listener and the pool.
@@ -359,8 +362,11 @@ async fn embedded_ca(args: &AgentArgs, dir: &Path, config: &Path) -> anyhow::Res
     let opts = CaOptions {
         dir: dir.to_owned(),
         config: config.to_owned(),
-        node_tokens,
-        listen: args.ca_addr,
+        auth: crate::ca::server::AgentAuth::NodeTokens(node_tokens),
+        listen: args
+            .ca_addr
+            .socket_addr()
+            .context("--ca-addr is where the embedded CA listens: an address, not a name")?,
         metrics_addr: Some(args.embedded_ca_metrics_addr),
         max_ttl: args.embedded_ca_cert_ttl,
         config_max_bytes: args.config_max_bytes,

@@ -1,15 +1,21 @@
 //! `weft ca`: the certificate authority as its own process.
 
+use anyhow::Context as _;
+
 use crate::{
-    ca::server::{CaOptions, CaServer, Limits},
-    cli::CaArgs,
+    ca::{
+        satoken::{Check, SaOptions},
+        server::{AgentAuth, CaOptions, CaServer, Limits},
+    },
+    cli::{AgentAuthMode, CaArgs},
 };
 
 pub fn run(args: CaArgs) -> anyhow::Result<()> {
+    let auth = agent_auth(&args)?;
     let opts = CaOptions {
         dir: args.dir,
         config: args.config,
-        node_tokens: args.node_tokens,
+        auth,
         listen: args.listen,
         metrics_addr: Some(args.metrics_addr),
         max_ttl: args.cert_ttl,
@@ -40,4 +46,38 @@ pub fn run(args: CaArgs) -> anyhow::Result<()> {
             .await?;
         anyhow::Ok(())
     })
+}
+
+/// How agents prove their node, from the flags.
+fn agent_auth(args: &CaArgs) -> anyhow::Result<AgentAuth> {
+    if args.agent_auth == AgentAuthMode::NodeTokens {
+        let path = args
+            .node_tokens
+            .clone()
+            .context("--node-tokens is required with --agent-auth node-tokens")?;
+        return Ok(AgentAuth::NodeTokens(path));
+    }
+    if args.node_tokens.is_some() {
+        anyhow::bail!("--node-tokens is for --agent-auth node-tokens only");
+    }
+    let (ns, sa) = args
+        .agent_service_account
+        .split_once('/')
+        .filter(|(ns, sa)| !ns.is_empty() && !sa.is_empty() && !sa.contains('/'))
+        .context("--agent-service-account is namespace/name")?;
+    let check = match (args.agent_auth, &args.sa_jwks_file) {
+        (AgentAuthMode::TokenReview, None) => Check::TokenReview,
+        (AgentAuthMode::TokenReview, Some(_)) => {
+            anyhow::bail!("--sa-jwks-file is for --agent-auth service-account")
+        }
+        (_, Some(path)) => Check::JwksFile(path.clone()),
+        (_, None) => Check::ApiServerJwks,
+    };
+    Ok(AgentAuth::ServiceAccounts(SaOptions {
+        check,
+        issuer: args.sa_issuer.clone(),
+        audience: args.token_audience.clone(),
+        agent_namespace: ns.to_owned(),
+        agent_service_account: sa.to_owned(),
+    }))
 }

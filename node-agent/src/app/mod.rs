@@ -15,7 +15,7 @@ pub use agent::raise_fd_limit;
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Agent(args) => agent::run(*args),
-        Command::Ca(args) => ca::run(args),
+        Command::Ca(args) => ca::run(*args),
         Command::Waypoint(args) => waypoint::run(*args),
         Command::Status(args) => {
             let (code, body) =

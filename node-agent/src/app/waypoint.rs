@@ -79,7 +79,13 @@ async fn serve(args: WaypointArgs, me: WorkloadKey) -> anyhow::Result<()> {
         warn!(%problem, "a node-token file others may read");
     }
     let token = crate::ca::tokens::read_token_file(&args.ca_token_file)?;
-    let ca = CaClient::new(args.ca_addr, token, bundle.clone(), &mesh.trust_domain)?;
+    let ca = CaClient::new(
+        args.ca_addr.clone(),
+        token,
+        bundle.clone(),
+        &mesh.trust_domain,
+    )?
+    .with_token_file(args.ca_token_file.clone());
     let bundle = Arc::new(RwLock::new(bundle));
     let certs = CertManager::new(Arc::new(ca.following(bundle.clone())), args.cert_ttl);
     let pool = Pool::new(

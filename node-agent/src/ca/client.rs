@@ -42,7 +42,7 @@ pub enum Error {
     Setup(String),
     #[error("cannot connect to the CA at {addr}: {source}")]
     Connect {
-        addr: SocketAddr,
+        addr: CaAddr,
         source: std::io::Error,
     },
     #[error(
@@ -50,16 +50,16 @@ pub enum Error {
          certificate from a root in the trust bundle): {source}"
     )]
     Tls {
-        addr: SocketAddr,
+        addr: CaAddr,
         expected: String,
         source: std::io::Error,
     },
     #[error("the CA at {addr} did not answer within {timeout:?}")]
-    Timeout { addr: SocketAddr, timeout: Duration },
+    Timeout { addr: CaAddr, timeout: Duration },
     #[error("HTTP/2 with the CA at {addr}: {source}")]
-    H2 { addr: SocketAddr, source: h2::Error },
+    H2 { addr: CaAddr, source: h2::Error },
     #[error("the CA at {addr} answered something that is not a certificate: {message}")]
-    Protocol { addr: SocketAddr, message: String },
+    Protocol { addr: CaAddr, message: String },
     /// The CA answered, and said no.
     #[error("the CA refused: {code}: {message}")]
     Refused { code: Code, message: String },
@@ -84,11 +84,80 @@ impl Error {
     }
 }
 
+/// Where the CA is: `host:port`, with a name (the CA's Service in a cluster,
+/// resolved at each connection) or an address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaAddr {
+    host: String,
+    port: u16,
+}
+
+impl std::str::FromStr for CaAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Ok(addr) = s.parse::<SocketAddr>() {
+            return Ok(addr.into());
+        }
+        let (host, port) = s
+            .rsplit_once(':')
+            .ok_or_else(|| format!("{s:?} is not host:port"))?;
+        let port = port
+            .parse()
+            .map_err(|_| format!("{s:?}: the port is not a number"))?;
+        let name_ok = !host.is_empty()
+            && host.len() <= 253
+            && host.split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            });
+        if !name_ok {
+            return Err(format!(
+                "{s:?}: {host:?} is neither an address nor a DNS name"
+            ));
+        }
+        Ok(CaAddr {
+            host: host.to_ascii_lowercase(),
+            port,
+        })
+    }
+}
+
+impl From<SocketAddr> for CaAddr {
+    fn from(a: SocketAddr) -> Self {
+        CaAddr {
+            host: a.ip().to_string(),
+            port: a.port(),
+        }
+    }
+}
+
+impl std::fmt::Display for CaAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl CaAddr {
+    /// The address itself, when it is one (an embedded CA binds it).
+    pub fn socket_addr(&self) -> Option<SocketAddr> {
+        let ip = self.host.parse::<std::net::IpAddr>().ok()?;
+        Some(SocketAddr::new(ip, self.port))
+    }
+}
+
 /// A client of one CA. Cheap to clone: the TLS config is shared.
 #[derive(Clone)]
 pub struct CaClient {
-    addr: SocketAddr,
+    addr: CaAddr,
     authorization: HeaderValue,
+    /// Where the token is read again at each call: a projected service-account
+    /// token, which the kubelet replaces before it expires.
+    token_file: Option<std::path::PathBuf>,
     /// The trust bundle in force: each call builds its TLS config from it, so
     /// a CA serving under a root newly added to the bundle is trusted, and one
     /// under a root since removed is not, without a restart.
@@ -112,7 +181,7 @@ impl CaClient {
     /// A client of the CA at `addr` for `trust_domain`, trusting `bundle` and
     /// authenticating with this node's `token`.
     pub fn new(
-        addr: SocketAddr,
+        addr: impl Into<CaAddr>,
         token: String,
         bundle: TrustBundle,
         trust_domain: &str,
@@ -125,8 +194,9 @@ impl CaClient {
         tls::anonymous_client_config(&bundle, expected.clone())
             .map_err(|e| Error::Setup(e.to_string()))?;
         Ok(CaClient {
-            addr,
+            addr: addr.into(),
             authorization,
+            token_file: None,
             bundle: Arc::new(std::sync::RwLock::new(bundle)),
             expected,
             timeout: DEFAULT_TIMEOUT,
@@ -141,14 +211,33 @@ impl CaClient {
         self
     }
 
+    /// Reads the token from `path` at each call instead of using the one given
+    /// at creation (which was read from it too): the file may be rotated.
+    pub fn with_token_file(mut self, path: std::path::PathBuf) -> Self {
+        self.token_file = Some(path);
+        self
+    }
+
+    fn authorization(&self) -> Result<HeaderValue, Error> {
+        let Some(path) = &self.token_file else {
+            return Ok(self.authorization.clone());
+        };
+        let token =
+            super::tokens::read_token_file(path).map_err(|e| Error::Setup(e.to_string()))?;
+        let mut value = HeaderValue::try_from(format!("Bearer {token}"))
+            .map_err(|_| Error::Setup("the token is not a valid header value".into()))?;
+        value.set_sensitive(true);
+        Ok(value)
+    }
+
     /// Bounds every call to `timeout` (default [`DEFAULT_TIMEOUT`]).
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
     }
 
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
+    pub fn addr(&self) -> &CaAddr {
+        &self.addr
     }
 
     /// Asks the CA to sign `csr_pem` for `id`, valid for `ttl` (the CA may shorten
@@ -169,7 +258,7 @@ impl CaClient {
         match tokio::time::timeout(self.timeout, call).await {
             Ok(result) => result,
             Err(_) => Err(Error::Timeout {
-                addr: self.addr,
+                addr: self.addr.clone(),
                 timeout: self.timeout,
             }),
         }
@@ -258,15 +347,20 @@ impl CaClient {
     /// that the returned guard aborts when dropped, so a timed-out call leaves
     /// nothing behind.
     pub(crate) async fn connect(&self) -> Result<(SendRequest<Bytes>, AbortOnDrop), Error> {
-        let tcp = TcpStream::connect(self.addr)
+        // A name is resolved at each connection: the CA's Service may move.
+        let tcp = TcpStream::connect((self.addr.host.as_str(), self.addr.port))
             .await
             .map_err(|source| Error::Connect {
-                addr: self.addr,
+                addr: self.addr.clone(),
                 source,
             })?;
         let _ = tcp.set_nodelay(true);
         // No SNI for an IP address; the verifier checks the SPIFFE ID, not a name.
-        let name = ServerName::IpAddress(self.addr.ip().into());
+        let name = match self.addr.host.parse::<std::net::IpAddr>() {
+            Ok(ip) => ServerName::IpAddress(ip.into()),
+            Err(_) => ServerName::try_from(self.addr.host.clone())
+                .map_err(|e| Error::Setup(format!("--ca-addr {}: {e}", self.addr)))?,
+        };
         // A config per call (microseconds, next to a CA round trip): the
         // bundle of this moment.
         let config =
@@ -276,7 +370,7 @@ impl CaClient {
             .connect(name, tcp)
             .await
             .map_err(|source| Error::Tls {
-                addr: self.addr,
+                addr: self.addr.clone(),
                 expected: self.expected.to_string(),
                 source,
             })?;
@@ -302,21 +396,21 @@ impl CaClient {
             .uri(uri)
             .header(header::CONTENT_TYPE, "application/grpc")
             .header(header::TE, "trailers")
-            .header(header::AUTHORIZATION, self.authorization.clone())
+            .header(header::AUTHORIZATION, self.authorization()?)
             .body(())
             .map_err(|e| Error::Setup(e.to_string()))
     }
 
     fn h2(&self, source: h2::Error) -> Error {
         Error::H2 {
-            addr: self.addr,
+            addr: self.addr.clone(),
             source,
         }
     }
 
     fn protocol(&self, message: String) -> Error {
         Error::Protocol {
-            addr: self.addr,
+            addr: self.addr.clone(),
             message,
         }
     }

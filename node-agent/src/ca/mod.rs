@@ -15,6 +15,7 @@
 
 pub mod client;
 pub mod proto;
+pub mod satoken;
 pub mod server;
 pub mod store;
 pub mod tokens;

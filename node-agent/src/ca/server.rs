@@ -24,7 +24,7 @@ use std::{
     future::Future,
     io,
     net::SocketAddr,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{
         Arc, RwLock,
         atomic::{AtomicU64, Ordering},
@@ -50,6 +50,7 @@ use tracing::{Instrument as _, debug, error, info, info_span, warn};
 use super::{
     Authority, new_key_and_csr,
     proto::{self, CertificateRequest, CertificateResponse, Code},
+    satoken::{self, SaOptions, SaVerifier},
     store,
     tokens::{self, NodeTokens},
 };
@@ -102,8 +103,8 @@ pub struct CaOptions {
     pub dir: PathBuf,
     /// The mesh config: which identities live on which node. Polled.
     pub config: PathBuf,
-    /// The node-token file (`node-name: token` per line, YAML). Polled.
-    pub node_tokens: PathBuf,
+    /// How agents prove their node.
+    pub auth: AgentAuth,
     pub listen: SocketAddr,
     /// Where `GET /metrics` is served (plain HTTP); `None` for nowhere.
     pub metrics_addr: Option<SocketAddr>,
@@ -114,6 +115,32 @@ pub struct CaOptions {
     pub config_max_bytes: u64,
     /// Connection caps and deadlines.
     pub limits: Limits,
+}
+
+/// How agents prove which node they serve.
+#[derive(Debug, Clone)]
+pub enum AgentAuth {
+    /// A node-token file (`node-name: token` per line, YAML), watched: local
+    /// mode.
+    NodeTokens(PathBuf),
+    /// Kubernetes: the agent pod's projected service-account token.
+    ServiceAccounts(SaOptions),
+}
+
+impl AgentAuth {
+    fn node_tokens(&self) -> Option<&Path> {
+        match self {
+            AgentAuth::NodeTokens(p) => Some(p),
+            AgentAuth::ServiceAccounts(_) => None,
+        }
+    }
+}
+
+/// The checker of agents' tokens in force.
+enum Auth {
+    /// Reloaded when the file changes.
+    Nodes(RwLock<Arc<NodeTokens>>),
+    Agents(Box<SaVerifier>),
 }
 
 /// How many connections the CA holds, and for how long (`weft ca` flags).
@@ -185,7 +212,7 @@ struct Shared {
     trust_domain: String,
     max_ttl: Duration,
     mesh: RwLock<Arc<Mesh>>,
-    tokens: RwLock<Arc<NodeTokens>>,
+    auth: Auth,
     counters: Counters,
     limits: Limits,
     /// The connections held, in all and per peer address.
@@ -204,12 +231,34 @@ impl CaServer {
         }
         opts.limits.check().map_err(Error::Options)?;
         // Watch before reading: a change in between is then seen.
-        let watch = Watch::new(&[&opts.config, &opts.node_tokens]);
+        let mut watched = vec![opts.config.as_path()];
+        watched.extend(opts.auth.node_tokens());
+        let watch = Watch::new(&watched);
         let mesh = file::load(&opts.config, opts.config_max_bytes)?.mesh;
-        let tokens = NodeTokens::load(&opts.node_tokens)?;
-        if let Some(problem) = tokens::loose_permissions(&opts.node_tokens) {
-            warn!(%problem, "a node-token file others may read");
-        }
+        let auth = match &opts.auth {
+            AgentAuth::NodeTokens(path) => {
+                let tokens = NodeTokens::load(path)?;
+                if let Some(problem) = tokens::loose_permissions(path) {
+                    warn!(%problem, "a node-token file others may read");
+                }
+                Auth::Nodes(RwLock::new(Arc::new(tokens)))
+            }
+            AgentAuth::ServiceAccounts(sa) => {
+                let client = match sa.check {
+                    satoken::Check::JwksFile(_) => None,
+                    _ => Some(kube::Client::try_default().await.map_err(|e| {
+                        Error::Options(format!(
+                            "no Kubernetes client (in-cluster config or KUBECONFIG): {e}"
+                        ))
+                    })?),
+                };
+                Auth::Agents(Box::new(
+                    SaVerifier::start(sa.clone(), client)
+                        .await
+                        .map_err(|e| Error::Options(e.to_string()))?,
+                ))
+            }
+        };
         let trust_domain = mesh.trust_domain.clone();
 
         let authority = store::load_authority(&opts.dir, &trust_domain)?;
@@ -239,7 +288,7 @@ impl CaServer {
                 trust_domain,
                 max_ttl: opts.max_ttl,
                 mesh: RwLock::new(Arc::new(mesh)),
-                tokens: RwLock::new(Arc::new(tokens)),
+                auth,
                 counters: Counters::default(),
                 limits: opts.limits,
                 connections: Limit::new(
@@ -642,16 +691,27 @@ async fn create_certificate(
             "missing `authorization: Bearer <node token>` header",
         )
     })?;
-    let tokens = read_lock(&shared.tokens);
-    let node = tokens.node_for(token).ok_or_else(|| {
-        Refusal::new(
-            Outcome::Unauthenticated,
-            Code::UNAUTHENTICATED,
-            "the node token is not one this CA knows (check the CA's node-token file)",
-        )
-    })?;
-    caller.node = Some(node.to_owned());
-    drop(tokens);
+    let node = match &shared.auth {
+        Auth::Nodes(tokens) => read_lock(tokens).node_for(token).ok_or_else(|| {
+            Refusal::new(
+                Outcome::Unauthenticated,
+                Code::UNAUTHENTICATED,
+                "the node token is not one this CA knows (check the CA's node-token file)",
+            )
+        })?,
+        Auth::Agents(verifier) => {
+            let agent = verifier.agent_of(token).await.map_err(|why| {
+                Refusal::new(
+                    Outcome::Unauthenticated,
+                    Code::UNAUTHENTICATED,
+                    format!("the service-account token is refused: {why}"),
+                )
+            })?;
+            debug!(pod = %agent.pod, node = %agent.node, "agent authenticated");
+            agent.node
+        }
+    };
+    caller.node = Some(node);
 
     let message = match tokio::time::timeout(IO_TIMEOUT, read_message(body)).await {
         Ok(message) => message?,
@@ -884,15 +944,13 @@ async fn watch_files(opts: CaOptions, shared: Arc<Shared>, mut watch: Watch) {
                 }
             }
         }
-        if changed.contains(&1) {
-            match NodeTokens::load(&opts.node_tokens) {
+        if changed.contains(&1)
+            && let (Some(path), Auth::Nodes(current)) = (opts.auth.node_tokens(), &shared.auth)
+        {
+            match NodeTokens::load(path) {
                 Ok(t) => {
-                    info!(
-                        path = %opts.node_tokens.display(),
-                        nodes = t.len(),
-                        "node tokens reloaded"
-                    );
-                    write_lock(&shared.tokens, Arc::new(t));
+                    info!(path = %path.display(), nodes = t.len(), "node tokens reloaded");
+                    write_lock(current, Arc::new(t));
                 }
                 Err(e) => {
                     error!(error = %e, "node tokens rejected; the last good ones keep serving")
@@ -1065,7 +1123,7 @@ mod tests {
         CaOptions {
             dir: tmp.0.join("ca"),
             config,
-            node_tokens,
+            auth: AgentAuth::NodeTokens(node_tokens),
             listen: "127.0.0.1:0".parse().unwrap(),
             metrics_addr: Some("127.0.0.1:0".parse().unwrap()),
             max_ttl: HOUR,
@@ -1308,6 +1366,45 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn in_kubernetes_an_agent_proves_its_node_with_its_pods_projected_token() {
+        use super::satoken::tests::{Issuer, claims, options as sa_options};
+        let tmp = TempDir::new();
+        let issuer = Issuer::new("sa-key-1");
+        let jwks = tmp.0.join("jwks.json");
+        std::fs::write(&jwks, &issuer.jwks).unwrap();
+        let mut opts = options(&tmp);
+        opts.auth = AgentAuth::ServiceAccounts(sa_options(satoken::Check::JwksFile(jwks)));
+        let ca = Running::start(opts).await;
+
+        // The agent reads its token file at each call, as the kubelet rotates it.
+        let token_file = tmp.0.join("token");
+        let write_token = |node: &str| {
+            std::fs::write(&token_file, issuer.sign(&claims(node, "weft-agent-abcde"))).unwrap()
+        };
+        write_token("n1");
+        let agent = ca.client("unused").with_token_file(token_file.clone());
+        sign(&agent, &id("web"), HOUR).await.unwrap();
+        let (code, why) = refused(sign(&agent, &id("db"), HOUR).await);
+        assert_eq!(code, Code::PERMISSION_DENIED, "{why}");
+        assert!(why.contains("node n1 may not have"), "{why}");
+
+        // Rotated to a token of a pod on n2: now it is n2's agent.
+        write_token("n2");
+        sign(&agent, &id("db"), HOUR).await.unwrap();
+        assert!(sign(&agent, &id("web"), HOUR).await.is_err());
+
+        // A node token means nothing here, nor does a token for another audience.
+        let (code, why) = refused(sign(&ca.client(N1), &id("web"), HOUR).await);
+        assert_eq!(code, Code::UNAUTHENTICATED, "{why}");
+        let mut other = claims("n1", "weft-agent-abcde");
+        other["aud"] = serde_json::json!(["https://kubernetes.default.svc"]);
+        let (code, why) = refused(sign(&ca.client(&issuer.sign(&other)), &id("web"), HOUR).await);
+        assert_eq!(code, Code::UNAUTHENTICATED);
+        assert!(why.contains("audience"), "{why}");
+        ca.stop().await;
+    }
+
+    #[tokio::test]
     async fn refuses_unknown_or_missing_tokens() {
         let tmp = TempDir::new();
         let ca = Running::start(options(&tmp)).await;
@@ -1363,7 +1460,7 @@ mod tests {
         ca.stop().await;
         let e = sign(&other_td.clone(), &id("web"), HOUR).await.unwrap_err();
         assert!(
-            matches!(e, client::Error::Connect { addr: a, .. } if a == addr),
+            matches!(&e, client::Error::Connect { addr: a, .. } if *a == addr.into()),
             "{e}"
         );
     }
@@ -1479,7 +1576,7 @@ mod tests {
 
         let tmp = TempDir::new();
         let opts = options(&tmp);
-        std::fs::write(&opts.node_tokens, "n1: short\n").unwrap();
+        std::fs::write(opts.auth.node_tokens().unwrap(), "n1: short\n").unwrap();
         assert!(matches!(
             CaServer::bind(opts).await,
             Err(Error::Tokens { .. })
@@ -1504,13 +1601,13 @@ mod tests {
 
         // A broken file changes nothing.
         std::fs::write(&opts.config, "workloads: [nonsense").unwrap();
-        std::fs::write(&opts.node_tokens, "n1: short\n").unwrap();
+        std::fs::write(opts.auth.node_tokens().unwrap(), "n1: short\n").unwrap();
         tokio::time::sleep(Duration::from_millis(200)).await;
         sign(&n2, &id("web"), HOUR).await.unwrap();
 
         // n2's token is replaced.
         std::fs::write(
-            &opts.node_tokens,
+            opts.auth.node_tokens().unwrap(),
             format!("n1: {N1}\nn2: n2-new-token-0123456789\n"),
         )
         .unwrap();

@@ -31,14 +31,15 @@ use std::{
 
 use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode, header, request::Parts};
 use http_body_util::BodyExt as _;
-use jsonwebtoken::{
-    Algorithm, DecodingKey, Validation,
-    jwk::{AlgorithmParameters, EllipticCurve, Jwk, KeyAlgorithm, PublicKeyUse},
-};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use tracing::{debug, warn};
 
 use super::{Body, upstream::full};
-use crate::model::{Mesh, Service, ServiceKey, authn};
+pub use crate::jwk::KeySet;
+use crate::{
+    jwk::{self, Invalid},
+    model::{Mesh, Service, ServiceKey, authn},
+};
 
 /// Clock skew allowed on `exp` and `nbf`.
 pub const CLOCK_SKEW: Duration = Duration::from_secs(60);
@@ -52,19 +53,6 @@ pub const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 const RETRY: Duration = Duration::from_secs(5);
 /// The largest JWKS document read.
 const MAX_JWKS_BYTES: usize = 256 << 10;
-
-/// The algorithms a token may be signed with.
-const ALLOWED: [Algorithm; 9] = [
-    Algorithm::RS256,
-    Algorithm::RS384,
-    Algorithm::RS512,
-    Algorithm::PS256,
-    Algorithm::PS384,
-    Algorithm::PS512,
-    Algorithm::ES256,
-    Algorithm::ES384,
-    Algorithm::EdDSA,
-];
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -115,160 +103,6 @@ pub enum Reject {
     Audience,
     #[error("{0}")]
     Other(String),
-}
-
-// ---- keys -----------------------------------------------------------------------
-
-/// A public key of a JWKS, checked for use with a token's algorithm.
-struct Key {
-    kid: Option<String>,
-    /// The key's own `alg`, if it names one.
-    alg: Option<Algorithm>,
-    kind: KeyKind,
-    decoding: DecodingKey,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum KeyKind {
-    Rsa,
-    /// An EC key, with the one algorithm its curve serves.
-    Ec(Algorithm),
-    Ed25519,
-}
-
-impl Key {
-    fn fits(&self, alg: Algorithm) -> bool {
-        let kind = match self.kind {
-            KeyKind::Rsa => matches!(
-                alg,
-                Algorithm::RS256
-                    | Algorithm::RS384
-                    | Algorithm::RS512
-                    | Algorithm::PS256
-                    | Algorithm::PS384
-                    | Algorithm::PS512
-            ),
-            KeyKind::Ec(a) => a == alg,
-            KeyKind::Ed25519 => alg == Algorithm::EdDSA,
-        };
-        kind && self.alg.is_none_or(|a| a == alg)
-    }
-}
-
-/// The usable keys of a JWKS.
-pub struct KeySet {
-    keys: Vec<Key>,
-}
-
-impl std::fmt::Debug for KeySet {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let kids: Vec<_> = self.keys.iter().map(|k| k.kid.as_deref()).collect();
-        write!(f, "KeySet({kids:?})")
-    }
-}
-
-impl KeySet {
-    /// Parses a JWKS document, keeping the public signing keys it can use and
-    /// leaving the others out (logged); an error if none is left.
-    pub fn parse(text: &str) -> Result<KeySet, String> {
-        let doc: serde_json::Value =
-            serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
-        let list = doc
-            .get("keys")
-            .and_then(|k| k.as_array())
-            .ok_or("a JWKS is an object with a `keys` list")?;
-        let mut keys = Vec::new();
-        for (i, v) in list.iter().enumerate() {
-            match key(v) {
-                Ok(k) => keys.push(k),
-                Err(why) => debug!(index = i, reason = %why, "JWKS key left out"),
-            }
-        }
-        if keys.is_empty() {
-            return Err("no usable public key".into());
-        }
-        Ok(KeySet { keys })
-    }
-
-    pub fn len(&self) -> usize {
-        self.keys.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.keys.is_empty()
-    }
-
-    fn has_kid(&self, kid: &str) -> bool {
-        self.keys.iter().any(|k| k.kid.as_deref() == Some(kid))
-    }
-}
-
-fn key(v: &serde_json::Value) -> Result<Key, String> {
-    let jwk: Jwk = serde_json::from_value(v.clone()).map_err(|e| e.to_string())?;
-    if matches!(jwk.common.public_key_use, Some(PublicKeyUse::Encryption)) {
-        return Err("an encryption key".into());
-    }
-    let alg = match jwk.common.key_algorithm {
-        None => None,
-        Some(a) => Some(signing(a).ok_or_else(|| format!("alg {a:?} is refused"))?),
-    };
-    let (kind, decoding) = match &jwk.algorithm {
-        AlgorithmParameters::RSA(p) => (
-            KeyKind::Rsa,
-            DecodingKey::from_rsa_components(&p.n, &p.e).map_err(|e| e.to_string())?,
-        ),
-        AlgorithmParameters::EllipticCurve(p) => {
-            let alg = match p.curve {
-                EllipticCurve::P256 => Algorithm::ES256,
-                EllipticCurve::P384 => Algorithm::ES384,
-                ref c => return Err(format!("curve {c:?} is not supported")),
-            };
-            (
-                KeyKind::Ec(alg),
-                DecodingKey::from_ec_components(&p.x, &p.y).map_err(|e| e.to_string())?,
-            )
-        }
-        AlgorithmParameters::OctetKeyPair(p) => {
-            if p.curve != EllipticCurve::Ed25519 {
-                return Err(format!("curve {:?} is not supported", p.curve));
-            }
-            (
-                KeyKind::Ed25519,
-                DecodingKey::from_ed_components(&p.x).map_err(|e| e.to_string())?,
-            )
-        }
-        AlgorithmParameters::OctetKey(_) => {
-            return Err("a symmetric key: public keys only".into());
-        }
-    };
-    let key = Key {
-        kid: jwk.common.key_id,
-        alg,
-        kind,
-        decoding,
-    };
-    if let Some(a) = alg
-        && !key.fits(a)
-    {
-        return Err(format!("alg {a:?} does not fit a key of kind {kind:?}"));
-    }
-    Ok(key)
-}
-
-/// The signing algorithm a JWK's `alg` names, if it is one we accept.
-fn signing(a: KeyAlgorithm) -> Option<Algorithm> {
-    Some(match a {
-        KeyAlgorithm::RS256 => Algorithm::RS256,
-        KeyAlgorithm::RS384 => Algorithm::RS384,
-        KeyAlgorithm::RS512 => Algorithm::RS512,
-        KeyAlgorithm::PS256 => Algorithm::PS256,
-        KeyAlgorithm::PS384 => Algorithm::PS384,
-        KeyAlgorithm::PS512 => Algorithm::PS512,
-        KeyAlgorithm::ES256 => Algorithm::ES256,
-        KeyAlgorithm::ES384 => Algorithm::ES384,
-        KeyAlgorithm::EdDSA => Algorithm::EdDSA,
-        _ => return None,
-    })
 }
 
 // ---- remote key sets ---------------------------------------------------------------
@@ -580,7 +414,7 @@ impl Provider {
             jsonwebtoken::errors::ErrorKind::Json(_) => Reject::Algorithm("unknown or none".into()),
             _ => Reject::Malformed,
         })?;
-        if !ALLOWED.contains(&head.alg) {
+        if !jwk::ALLOWED.contains(&head.alg) {
             return Err(Reject::Algorithm(format!("{:?}", head.alg)));
         }
         let keys = match &self.keys {
@@ -605,32 +439,15 @@ impl Provider {
         validation.validate_nbf = true;
         // Checked below, with Istio's rule (one of the token's audiences is listed).
         validation.validate_aud = false;
-        let mut outcome = Err(Reject::NoKey);
-        for k in keys
-            .keys
-            .iter()
-            .filter(|k| head.kid.is_none() || k.kid == head.kid)
-            .filter(|k| k.fits(head.alg))
-        {
-            use jsonwebtoken::errors::ErrorKind as K;
-            match jsonwebtoken::decode::<serde_json::Value>(token, &k.decoding, &validation) {
-                Ok(data) => {
-                    outcome = Ok(data.claims);
-                    break;
-                }
-                Err(e) => {
-                    outcome = Err(match e.kind() {
-                        K::InvalidSignature | K::InvalidEcdsaKey | K::InvalidRsaKey(_) => {
-                            Reject::Signature
-                        }
-                        K::ExpiredSignature => return Err(Reject::Expired),
-                        K::ImmatureSignature => return Err(Reject::NotYetValid),
-                        other => return Err(Reject::Other(format!("{other:?}"))),
-                    });
-                }
-            }
-        }
-        let claims = outcome?;
+        let claims = keys
+            .verify(token, &head, &validation)
+            .map_err(|e| match e {
+                Invalid::NoKey => Reject::NoKey,
+                Invalid::Signature => Reject::Signature,
+                Invalid::Expired => Reject::Expired,
+                Invalid::NotYetValid => Reject::NotYetValid,
+                Invalid::Other(why) => Reject::Other(why),
+            })?;
         let claims = self.checked(claims)?;
         self.verified.put(token, &keys, &claims);
         Ok(claims)
@@ -1026,6 +843,7 @@ mod tests {
         time::{SystemTime, UNIX_EPOCH},
     };
 
+    use crate::jwk::b64url as b64;
     use jsonwebtoken::{EncodingKey, Header};
     use ring::{
         rand::SystemRandom,
@@ -1039,21 +857,6 @@ mod tests {
     const RSA_PEM: &str = include_str!("testdata/rsa-2048.pem");
 
     const ISS: &str = "https://issuer.example";
-
-    fn b64(bytes: &[u8]) -> String {
-        const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-        let mut out = String::new();
-        for chunk in bytes.chunks(3) {
-            let n = chunk
-                .iter()
-                .enumerate()
-                .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
-            for i in 0..=chunk.len() {
-                out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
-            }
-        }
-        out
-    }
 
     /// A private key, its algorithm, and its public half as a JWK.
     struct Signer {

@@ -203,6 +203,17 @@ pub struct CaArgs {
     #[arg(long, env = "WEFT_CA_SA_JWKS_FILE")]
     pub sa_jwks_file: Option<PathBuf>,
 
+    /// In a cluster: the Secret (`namespace/name`) that holds the mesh's root.
+    /// At start its root is written into `--dir`; on the mesh's first start the
+    /// root made there is stored in it. Every replica signs with the same root.
+    #[arg(long, env = "WEFT_CA_ROOT_SECRET")]
+    pub root_secret: Option<String>,
+
+    /// In a cluster: the ConfigMap (`namespace/name`) the trust bundle is
+    /// published in (key `roots.pem`), for agents and waypoints to mount.
+    #[arg(long, env = "WEFT_CA_BUNDLE_CONFIGMAP")]
+    pub bundle_configmap: Option<String>,
+
     /// The agents' service account, `namespace/name`: only its tokens prove a node.
     #[arg(
         long,

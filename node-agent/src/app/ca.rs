@@ -4,6 +4,7 @@ use anyhow::Context as _;
 
 use crate::{
     ca::{
+        cluster,
         satoken::{Check, SaOptions},
         server::{AgentAuth, CaOptions, CaServer, Limits},
     },
@@ -12,6 +13,12 @@ use crate::{
 
 pub fn run(args: CaArgs) -> anyhow::Result<()> {
     let auth = agent_auth(&args)?;
+    let root_secret = args.root_secret.as_deref().map(namespaced).transpose()?;
+    let bundle_configmap = args
+        .bundle_configmap
+        .as_deref()
+        .map(namespaced)
+        .transpose()?;
     let opts = CaOptions {
         dir: args.dir,
         config: args.config,
@@ -35,7 +42,22 @@ pub fn run(args: CaArgs) -> anyhow::Result<()> {
         use tokio::signal::unix::{SignalKind, signal};
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
+        let cluster = match (&root_secret, &bundle_configmap) {
+            (None, None) => None,
+            _ => Some(kube::Client::try_default().await.context(
+                "--root-secret and --bundle-configmap need a Kubernetes client (in-cluster or KUBECONFIG)",
+            )?),
+        };
+        if let (Some(client), Some((ns, name))) = (&cluster, &root_secret) {
+            let trust_domain = crate::discovery::file::load(&opts.config, opts.config_max_bytes)?
+                .mesh
+                .trust_domain;
+            cluster::root_from_secret(client, ns, name, &opts.dir, &trust_domain).await?;
+        }
         let server = CaServer::bind(opts).await?;
+        if let (Some(client), Some((ns, name))) = (&cluster, &bundle_configmap) {
+            cluster::publish_bundle(client, ns, name, &server.bundle_pem()).await?;
+        }
         server
             .run(async move {
                 tokio::select! {
@@ -46,6 +68,16 @@ pub fn run(args: CaArgs) -> anyhow::Result<()> {
             .await?;
         anyhow::Ok(())
     })
+}
+
+/// `namespace/name`, split.
+fn namespaced(s: &str) -> anyhow::Result<(String, String)> {
+    match s.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+            Ok((ns.to_owned(), name.to_owned()))
+        }
+        _ => anyhow::bail!("{s:?} is not namespace/name"),
+    }
 }
 
 /// How agents prove their node, from the flags.
@@ -60,11 +92,7 @@ fn agent_auth(args: &CaArgs) -> anyhow::Result<AgentAuth> {
     if args.node_tokens.is_some() {
         anyhow::bail!("--node-tokens is for --agent-auth node-tokens only");
     }
-    let (ns, sa) = args
-        .agent_service_account
-        .split_once('/')
-        .filter(|(ns, sa)| !ns.is_empty() && !sa.is_empty() && !sa.contains('/'))
-        .context("--agent-service-account is namespace/name")?;
+    let (ns, sa) = namespaced(&args.agent_service_account).context("--agent-service-account")?;
     let check = match (args.agent_auth, &args.sa_jwks_file) {
         (AgentAuthMode::TokenReview, None) => Check::TokenReview,
         (AgentAuthMode::TokenReview, Some(_)) => {
@@ -77,7 +105,7 @@ fn agent_auth(args: &CaArgs) -> anyhow::Result<AgentAuth> {
         check,
         issuer: args.sa_issuer.clone(),
         audience: args.token_audience.clone(),
-        agent_namespace: ns.to_owned(),
-        agent_service_account: sa.to_owned(),
+        agent_namespace: ns,
+        agent_service_account: sa,
     }))
 }

@@ -14,6 +14,7 @@
 //! old one once no certificate it signed is alive.
 
 pub mod client;
+pub mod cluster;
 pub mod proto;
 pub mod satoken;
 pub mod server;

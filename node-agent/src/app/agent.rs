@@ -361,7 +361,7 @@ async fn embedded_ca(args: &AgentArgs, dir: &Path, config: &Path) -> anyhow::Res
         .context("--embedded-ca-node-tokens is required with --embedded-ca-dir")?;
     let opts = CaOptions {
         dir: dir.to_owned(),
-        config: config.to_owned(),
+        mesh: crate::ca::server::MeshSource::File(config.to_owned()),
         auth: crate::ca::server::AgentAuth::NodeTokens(node_tokens),
         listen: args
             .ca_addr

@@ -6,7 +6,7 @@ use crate::{
     ca::{
         cluster,
         satoken::{Check, SaOptions},
-        server::{AgentAuth, CaOptions, CaServer, Limits},
+        server::{AgentAuth, CaOptions, CaServer, Limits, MeshSource},
     },
     cli::{AgentAuthMode, CaArgs},
 };
@@ -21,7 +21,7 @@ pub fn run(args: CaArgs) -> anyhow::Result<()> {
         .transpose()?;
     let opts = CaOptions {
         dir: args.dir,
-        config: args.config,
+        mesh: MeshSource::File(args.config),
         auth,
         listen: args.listen,
         metrics_addr: Some(args.metrics_addr),
@@ -49,9 +49,14 @@ pub fn run(args: CaArgs) -> anyhow::Result<()> {
             )?),
         };
         if let (Some(client), Some((ns, name))) = (&cluster, &root_secret) {
-            let trust_domain = crate::discovery::file::load(&opts.config, opts.config_max_bytes)?
-                .mesh
-                .trust_domain;
+            let trust_domain = match &opts.mesh {
+                MeshSource::File(path) => {
+                    crate::discovery::file::load(path, opts.config_max_bytes)?
+                        .mesh
+                        .trust_domain
+                }
+                MeshSource::Updates { trust_domain, .. } => trust_domain.clone(),
+            };
             cluster::root_from_secret(client, ns, name, &opts.dir, &trust_domain).await?;
         }
         let server = CaServer::bind(opts).await?;

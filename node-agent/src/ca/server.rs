@@ -101,8 +101,8 @@ pub enum Error {
 pub struct CaOptions {
     /// The state directory (root, trusted roots, bundle, addr).
     pub dir: PathBuf,
-    /// The mesh config: which identities live on which node. Polled.
-    pub config: PathBuf,
+    /// Where the mesh comes from: which identities live on which node.
+    pub mesh: MeshSource,
     /// How agents prove their node.
     pub auth: AgentAuth,
     pub listen: SocketAddr,
@@ -115,6 +115,30 @@ pub struct CaOptions {
     pub config_max_bytes: u64,
     /// Connection caps and deadlines.
     pub limits: Limits,
+}
+
+/// Where the CA learns which identities live on which node.
+#[derive(Debug, Clone)]
+pub enum MeshSource {
+    /// The mesh file, watched.
+    File(PathBuf),
+    /// A source that publishes whole meshes (Kubernetes discovery), `None` until
+    /// it has listed everything once. The CA starts serving only then: before,
+    /// it would refuse every node. A newer mesh applies as it arrives, so a pod
+    /// gone from a node stops being signed for it at once.
+    Updates {
+        trust_domain: String,
+        updates: tokio::sync::watch::Receiver<Option<Arc<Mesh>>>,
+    },
+}
+
+impl MeshSource {
+    fn file(&self) -> Option<&Path> {
+        match self {
+            MeshSource::File(p) => Some(p),
+            MeshSource::Updates { .. } => None,
+        }
+    }
 }
 
 /// How agents prove which node they serve.
@@ -231,10 +255,37 @@ impl CaServer {
         }
         opts.limits.check().map_err(Error::Options)?;
         // Watch before reading: a change in between is then seen.
-        let mut watched = vec![opts.config.as_path()];
-        watched.extend(opts.auth.node_tokens());
-        let watch = Watch::new(&watched);
-        let mesh = file::load(&opts.config, opts.config_max_bytes)?.mesh;
+        // What `watch_files` follows, in this order (see `watched`).
+        let files: Vec<&Path> = opts
+            .mesh
+            .file()
+            .into_iter()
+            .chain(opts.auth.node_tokens())
+            .collect();
+        let watch = Watch::new(&files);
+        let mesh = match &opts.mesh {
+            MeshSource::File(path) => file::load(path, opts.config_max_bytes)?.mesh,
+            MeshSource::Updates {
+                trust_domain,
+                updates,
+            } => {
+                let mut updates = updates.clone();
+                info!("waiting for the first complete mesh from discovery");
+                let mesh = updates
+                    .wait_for(Option::is_some)
+                    .await
+                    .map_err(|_| Error::Options("discovery stopped before its first mesh".into()))?
+                    .clone()
+                    .unwrap_or_default();
+                if mesh.trust_domain != *trust_domain {
+                    return Err(Error::Options(format!(
+                        "discovery's trust domain {:?} is not the CA's {trust_domain:?}",
+                        mesh.trust_domain
+                    )));
+                }
+                Arc::unwrap_or_clone(mesh)
+            }
+        };
         let auth = match &opts.auth {
             AgentAuth::NodeTokens(path) => {
                 let tokens = NodeTokens::load(path)?;
@@ -339,6 +390,9 @@ impl CaServer {
 
         let mut background = JoinSet::new();
         background.spawn(watch_files(opts.clone(), shared.clone(), watch));
+        if let MeshSource::Updates { updates, .. } = &opts.mesh {
+            background.spawn(follow_updates(updates.clone(), shared.clone()));
+        }
         let metrics_addr = metrics
             .as_ref()
             .and_then(|l| l.local_addr().ok())
@@ -907,17 +961,46 @@ fn send_http_status(respond: &mut SendResponse<Bytes>, status: StatusCode) {
 
 // ---- files ---------------------------------------------------------------------
 
+/// The indexes, in the CA's [`Watch`], of the mesh file and the node-token
+/// file, each if there is one.
+fn watched(opts: &CaOptions) -> (Option<usize>, Option<usize>) {
+    let mesh = opts.mesh.file().map(|_| 0);
+    let tokens = opts.auth.node_tokens().map(|_| usize::from(mesh.is_some()));
+    (mesh, tokens)
+}
+
+/// Applies each mesh a discovery source publishes.
+async fn follow_updates(
+    mut updates: tokio::sync::watch::Receiver<Option<Arc<Mesh>>>,
+    shared: Arc<Shared>,
+) {
+    while updates.changed().await.is_ok() {
+        let Some(mesh) = updates.borrow_and_update().clone() else {
+            continue;
+        };
+        if mesh.trust_domain != shared.trust_domain {
+            error!(from = %shared.trust_domain, to = %mesh.trust_domain, "mesh rejected: the trust domain changed; restart the CA to change it");
+            continue;
+        }
+        debug!(workloads = mesh.workloads.len(), "mesh updated");
+        write_lock(&shared.mesh, mesh);
+    }
+}
+
 /// Follows the mesh config and the node tokens; a file that fails to load (or
 /// a mesh change the guard refuses) is reported and the last good version keeps
 /// serving.
 async fn watch_files(opts: CaOptions, shared: Arc<Shared>, mut watch: Watch) {
     loop {
         let changed = watch.changed().await;
-        if changed.contains(&0) {
+        let (mesh_file, tokens_file) = watched(&opts);
+        if let Some(config) = opts.mesh.file()
+            && mesh_file.is_some_and(|i| changed.contains(&i))
+        {
             let current = read_lock(&shared.mesh);
-            match file::load(&opts.config, opts.config_max_bytes) {
+            match file::load(config, opts.config_max_bytes) {
                 Ok(c) if c.mesh.trust_domain != shared.trust_domain => error!(
-                    path = %opts.config.display(),
+                    path = %config.display(),
                     from = %shared.trust_domain,
                     to = %c.mesh.trust_domain,
                     "mesh config rejected: the trust domain changed; restart the CA to change it \
@@ -925,13 +1008,13 @@ async fn watch_files(opts: CaOptions, shared: Arc<Shared>, mut watch: Watch) {
                 ),
                 Ok(c) => match discovery::guard(&current, &c.mesh, c.allow_shrink) {
                     Err(e) => error!(
-                        path = %opts.config.display(),
+                        path = %config.display(),
                         error = %e,
                         "mesh config rejected; the last good config keeps serving (put `allow_shrink: true` in the file if the change is meant)"
                     ),
                     Ok(()) if *current != c.mesh => {
                         info!(
-                            path = %opts.config.display(),
+                            path = %config.display(),
                             workloads = c.mesh.workloads.len(),
                             "mesh config reloaded"
                         );
@@ -944,7 +1027,7 @@ async fn watch_files(opts: CaOptions, shared: Arc<Shared>, mut watch: Watch) {
                 }
             }
         }
-        if changed.contains(&1)
+        if tokens_file.is_some_and(|i| changed.contains(&i))
             && let (Some(path), Auth::Nodes(current)) = (opts.auth.node_tokens(), &shared.auth)
         {
             match NodeTokens::load(path) {
@@ -1122,7 +1205,7 @@ mod tests {
         std::fs::write(&node_tokens, format!("n1: {N1}\nn2: {N2}\n")).unwrap();
         CaOptions {
             dir: tmp.0.join("ca"),
-            config,
+            mesh: MeshSource::File(config),
             auth: AgentAuth::NodeTokens(node_tokens),
             listen: "127.0.0.1:0".parse().unwrap(),
             metrics_addr: Some("127.0.0.1:0".parse().unwrap()),
@@ -1300,7 +1383,7 @@ mod tests {
         let ca_id = ca_identity(TD).unwrap();
 
         // A mesh file that gives a workload the CA's identity does not load...
-        std::fs::write(&opts.config, &with_ca).unwrap();
+        std::fs::write(opts.mesh.file().unwrap(), &with_ca).unwrap();
         let e = CaServer::bind(opts.clone())
             .await
             .err()
@@ -1312,10 +1395,10 @@ mod tests {
         );
 
         // ...nor reload, and the CA never signs its identity for a node.
-        std::fs::write(&opts.config, MESH).unwrap();
+        std::fs::write(opts.mesh.file().unwrap(), MESH).unwrap();
         let ca = Running::start(opts.clone()).await;
         let n1 = ca.client(N1);
-        std::fs::write(&opts.config, &with_ca).unwrap();
+        std::fs::write(opts.mesh.file().unwrap(), &with_ca).unwrap();
         tokio::time::sleep(Duration::from_millis(300)).await;
         let (code, message) = refused(sign(&n1, &ca_id, HOUR).await);
         assert_eq!(code, Code::PERMISSION_DENIED);
@@ -1401,6 +1484,47 @@ mod tests {
         let (code, why) = refused(sign(&ca.client(&issuer.sign(&other)), &id("web"), HOUR).await);
         assert_eq!(code, Code::UNAUTHENTICATED);
         assert!(why.contains("audience"), "{why}");
+        ca.stop().await;
+    }
+
+    #[tokio::test]
+    async fn with_a_discovery_source_the_ca_serves_once_synced_and_follows_each_mesh() {
+        let tmp = TempDir::new();
+        let mut opts = options(&tmp);
+        let parse = |text: &str| Arc::new(file::parse(Path::new("mesh"), text).unwrap().mesh);
+        let (tx, rx) = tokio::sync::watch::channel(None);
+        opts.mesh = MeshSource::Updates {
+            trust_domain: TD.into(),
+            updates: rx,
+        };
+        // Not synced yet: the CA does not listen.
+        let binding = tokio::spawn(CaServer::bind(opts));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            !binding.is_finished(),
+            "the CA bound before discovery synced"
+        );
+        tx.send_replace(Some(parse(MESH)));
+        let server = binding.await.unwrap().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let ca = Running {
+            addr: server.local_addr().unwrap(),
+            metrics: server.metrics_addr().unwrap(),
+            bundle: server.bundle_pem(),
+            stop,
+            task: tokio::spawn(server.run(async {
+                let _ = stopped.await;
+            })),
+        };
+        let (n1, n2) = (ca.client(N1), ca.client(N2));
+        sign(&n1, &id("web"), HOUR).await.unwrap();
+        // web's pod is rescheduled on n2: n1 loses it at once.
+        tx.send_replace(Some(parse(&MESH.replace("node: n1", "node: n2"))));
+        eventually("n1 loses web", || async {
+            sign(&n1, &id("web"), HOUR).await.is_err()
+        })
+        .await;
+        sign(&n2, &id("web"), HOUR).await.unwrap();
         ca.stop().await;
     }
 
@@ -1592,7 +1716,11 @@ mod tests {
         sign(&n1, &id("web"), HOUR).await.unwrap();
 
         // web moves to n2.
-        std::fs::write(&opts.config, MESH.replace("node: n1", "node: n2")).unwrap();
+        std::fs::write(
+            opts.mesh.file().unwrap(),
+            MESH.replace("node: n1", "node: n2"),
+        )
+        .unwrap();
         eventually("n1 loses web", || async {
             sign(&n1, &id("web"), HOUR).await.is_err()
         })
@@ -1600,7 +1728,7 @@ mod tests {
         sign(&n2, &id("web"), HOUR).await.unwrap();
 
         // A broken file changes nothing.
-        std::fs::write(&opts.config, "workloads: [nonsense").unwrap();
+        std::fs::write(opts.mesh.file().unwrap(), "workloads: [nonsense").unwrap();
         std::fs::write(opts.auth.node_tokens().unwrap(), "n1: short\n").unwrap();
         tokio::time::sleep(Duration::from_millis(200)).await;
         sign(&n2, &id("web"), HOUR).await.unwrap();

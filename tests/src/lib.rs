@@ -23,6 +23,7 @@
 
 pub mod cluster;
 pub mod http_echo;
+pub mod jwt;
 pub mod l7;
 pub mod mesh;
 pub mod probe;
@@ -105,22 +106,6 @@ macro_rules! assert_eventually {
     ($cond:expr, $($arg:tt)+) => {
         $crate::assert_eventually!(within $crate::PATIENCE, $cond, $($arg)+)
     };
-}
-
-/// Base64url without padding (JWKs, JWTs).
-pub fn base64url(bytes: &[u8]) -> String {
-    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
-        for i in 0..=chunk.len() {
-            out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
-        }
-    }
-    out
 }
 
 /// Writes a secret (a node token) readable by its owner only: created `0600`, and

@@ -8,37 +8,27 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Result, ensure};
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use ring::{rand::SystemRandom, signature};
 use serde_json::{Value, json};
-use weft_tests::{Cluster, Mesh, PATIENCE, eventually, require_privileged, tk};
+use weft_tests::{
+    Cluster, Mesh, PATIENCE, eventually,
+    jwt::{EsKey, jwks},
+    require_privileged, tk,
+};
 
 const PORT: u16 = 9000;
 const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
 
 /// The service-account issuer: an ES256 key and its JWKS.
 struct Issuer {
-    enc: EncodingKey,
+    key: EsKey,
     jwks: String,
 }
 
 impl Issuer {
     fn new() -> Result<Issuer> {
-        use signature::KeyPair as _;
-        let alg = &signature::ECDSA_P256_SHA256_FIXED_SIGNING;
-        let rng = SystemRandom::new();
-        let pkcs8 = signature::EcdsaKeyPair::generate_pkcs8(alg, &rng)
-            .map_err(|_| anyhow::anyhow!("generating a P-256 key"))?;
-        let pair = signature::EcdsaKeyPair::from_pkcs8(alg, pkcs8.as_ref(), &rng)
-            .map_err(|_| anyhow::anyhow!("reading the P-256 key"))?;
-        let public = pair.public_key().as_ref();
-        let b64 = weft_tests::base64url;
-        Ok(Issuer {
-            enc: EncodingKey::from_ec_der(pkcs8.as_ref()),
-            jwks: json!({"keys": [{"kty": "EC", "crv": "P-256", "kid": "sa-1", "alg": "ES256",
-                "use": "sig", "x": b64(&public[1..33]), "y": b64(&public[33..])}]})
-            .to_string(),
-        })
+        let key = EsKey::new("sa-1")?;
+        let jwks = jwks(&[&key]);
+        Ok(Issuer { key, jwks })
     }
 
     /// A projected token of agent pod `pod` on `node`, for `audience`.
@@ -54,9 +44,7 @@ impl Issuer {
             },
             "sub": "system:serviceaccount:weft-system:weft-agent"
         });
-        let mut h = Header::new(Algorithm::ES256);
-        h.kid = Some("sa-1".into());
-        Ok(jsonwebtoken::encode(&h, &claims, &self.enc)?)
+        self.key.sign(&claims)
     }
 }
 

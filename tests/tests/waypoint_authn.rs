@@ -13,9 +13,7 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Result;
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use ring::{rand::SystemRandom, signature};
-use serde_json::{Value, json};
+use serde_json::json;
 use weft_tests::{Cluster, Mesh, Pod, Proc, eventually, l7, require_privileged};
 
 const ECHO: &str = "10.96.0.20";
@@ -23,44 +21,13 @@ const HTTP: u16 = 8080;
 const JWKS_PORT: u16 = 8443;
 const ISS: &str = "https://issuer.weft.test";
 
-/// An ES256 key: its private half for signing, its public half as a JWK.
-struct Key {
-    enc: EncodingKey,
-    kid: String,
-    jwk: Value,
-}
+use weft_tests::jwt::{EsKey as Key, jwks};
 
-use weft_tests::base64url as b64;
-
-impl Key {
-    fn new(kid: &str) -> Result<Key> {
-        use signature::KeyPair as _;
-        let alg = &signature::ECDSA_P256_SHA256_FIXED_SIGNING;
-        let rng = SystemRandom::new();
-        let pkcs8 = signature::EcdsaKeyPair::generate_pkcs8(alg, &rng)
-            .map_err(|_| anyhow::anyhow!("generating a P-256 key"))?;
-        let pair = signature::EcdsaKeyPair::from_pkcs8(alg, pkcs8.as_ref(), &rng)
-            .map_err(|_| anyhow::anyhow!("reading the P-256 key"))?;
-        let public = pair.public_key().as_ref();
-        Ok(Key {
-            enc: EncodingKey::from_ec_der(pkcs8.as_ref()),
-            kid: kid.to_owned(),
-            jwk: json!({"kty": "EC", "crv": "P-256", "kid": kid, "alg": "ES256",
-                "x": b64(&public[1..33]), "y": b64(&public[33..])}),
-        })
-    }
-
-    fn token(&self, exp_in: i64) -> Result<String> {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs() as i64;
-        let mut h = Header::new(Algorithm::ES256);
-        h.kid = Some(self.kid.clone());
-        let claims = json!({"iss": ISS, "sub": "alice", "aud": "echo", "exp": now + exp_in});
-        Ok(jsonwebtoken::encode(&h, &claims, &self.enc)?)
-    }
-}
-
-fn jwks(keys: &[&Key]) -> String {
-    json!({"keys": keys.iter().map(|k| k.jwk.clone()).collect::<Vec<_>>()}).to_string()
+/// A token of `key` for the issuer and audience of these tests, expiring in
+/// `exp_in` seconds (negative: expired).
+fn token(key: &Key, exp_in: i64) -> Result<String> {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs() as i64;
+    key.sign(&json!({"iss": ISS, "sub": "alice", "aud": "echo", "exp": now + exp_in}))
 }
 
 /// Python's HTTPS server in `pod`, serving `dir/keys` (read per request, so
@@ -175,7 +142,7 @@ fn waypoint_authn() -> Result<()> {
     assert!(r.body["headers"].get("x-jwt-sub").is_none(), "{r:?}");
 
     // A valid token: passes, its claim reaches the server, the token does not.
-    let r = get(client, Some(&first.token(600)?))?;
+    let r = get(client, Some(&token(&first, 600)?))?;
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.body["headers"]["x-jwt-sub"][0], "alice", "{r:?}");
     assert!(r.body["headers"].get("authorization").is_none(), "{r:?}");
@@ -186,7 +153,7 @@ fn waypoint_authn() -> Result<()> {
     let secure = format!("http://{ECHO}/secure/data");
     let r = l7::curl(client, &secure, &[])?;
     assert_eq!(r.status, 403, "{r:?}");
-    let bearer = format!("authorization: Bearer {}", first.token(600)?);
+    let bearer = format!("authorization: Bearer {}", token(&first, 600)?);
     let r = l7::curl(client, &secure, &["-H", &bearer])?;
     assert_eq!(r.status, 200, "{r:?}");
 
@@ -196,8 +163,8 @@ fn waypoint_authn() -> Result<()> {
         ..Key::new("forged")?
     };
     for (what, token) in [
-        ("bad signature", forged.token(600)?),
-        ("expired", first.token(-3600)?),
+        ("bad signature", token(&forged, 600)?),
+        ("expired", token(&first, -3600)?),
     ] {
         let r = get(client, Some(&token))?;
         assert_eq!(r.status, 401, "{what}: {r:?}");
@@ -213,7 +180,7 @@ fn waypoint_authn() -> Result<()> {
     // The issuer rotates its keys: a token with the new kid is accepted once
     // the waypoint has fetched them again (the unknown kid asks for it).
     std::fs::write(dir.join("keys"), jwks(&[&second]))?;
-    let token = second.token(600)?;
+    let token = token(&second, 600)?;
     let mut last = None;
     let accepted = eventually(Duration::from_secs(30), || {
         let r = get(client, Some(&token));

@@ -23,6 +23,7 @@ pub mod certs;
 pub mod cli;
 pub mod discovery;
 pub mod ebpf;
+pub mod grpc;
 pub mod hbone;
 pub mod http;
 pub mod identity;

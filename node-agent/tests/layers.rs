@@ -14,6 +14,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("units", &[]),
     ("yaml", &[]),
     ("net", &[]),
+    ("grpc", &[]),
     ("identity", &[]),
     ("jwk", &[]),
     ("metrics", &["net"]),
@@ -31,6 +32,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
         "ca",
         &[
             "discovery",
+            "grpc",
             "identity",
             "jwk",
             "metrics",
@@ -47,6 +49,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
         "http",
         &[
             "authz",
+            "grpc",
             "hbone",
             "identity",
             "jwk",

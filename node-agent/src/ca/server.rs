@@ -855,7 +855,7 @@ async fn read_message(mut body: RecvStream) -> Result<Vec<u8>, Refusal> {
             return Err(too_large(buf.len() + chunk.len()));
         }
         buf.extend_from_slice(&chunk);
-        if let Err(proto::Error::TooLarge(n)) = proto::unframe(&buf) {
+        if let Err(proto::Error::TooLarge { len: n, .. }) = proto::unframe(&buf) {
             return Err(too_large(n));
         }
     }

@@ -242,6 +242,80 @@ authorization_policies:
     })
 }
 
+/// The same CUSTOM policy with Envoy's gRPC protocol, against a real gRPC
+/// ext_authz server (`weft-tk ext-authz-grpc`): the check carries the
+/// client's identity and headers; an allow adds the server's header upstream;
+/// a denial answers the server's status and header; a gRPC error fails closed.
+#[test]
+fn custom_ext_authz_over_grpc() -> Result<()> {
+    privileged(|| {
+        let c = Cluster::new("az-grpc", 2, 3)?;
+        let policies = format!(
+            r#"extension_providers:
+- name: ext
+  envoyExtAuthzGrpc: {{service: ext-authz.default, port: {EXT}, timeout: 2s}}
+authorization_policies:
+- name: ext
+  action: CUSTOM
+  provider: {{name: ext}}
+  target_refs: [{{kind: Service, name: echo}}]
+  rules: [{{to: [{{operation: {{paths: ["/api*"]}}}}]}}]
+"#
+        );
+        let s = Az::start(&c, &policies, false)?;
+        let pod = c.pod(1, 2);
+        let mut cmd = pod.command(weft_tests::bin_path("weft-tk"));
+        cmd.args(["ext-authz-grpc", "--port", &EXT.to_string()]);
+        let server = pod.spawn(&mut cmd)?;
+        server.wait_for_json(std::time::Duration::from_secs(10), |v| {
+            v.get("listening").is_some()
+        })?;
+
+        ensure!(s.get("/free", &[])?.status == 200, "not matched: no check");
+        let r = s.get("/api/x?q=1", &["-H", "x-ext-authz: allow"])?;
+        ensure!(r.status == 200 && r.body["path"] == "/api/x", "{r:?}");
+        let client = weft_tests::mesh::identity(c.pod(0, 0));
+        ensure!(
+            r.body["headers"]["x-ext-authz-user"][0] == client.as_str(),
+            "the allow's header upstream, naming the client: {r:?}"
+        );
+        let checks: Vec<_> = server
+            .json_lines()
+            .into_iter()
+            .filter(|v| v.get("check").is_some())
+            .collect();
+        ensure!(checks.len() == 1, "one check for two requests: {checks:?}");
+        ensure!(
+            checks[0]["check"] == "/api/x?q=1" && checks[0]["method"] == "GET",
+            "{checks:?}"
+        );
+        ensure!(checks[0]["principal"] == client.as_str(), "{checks:?}");
+        ensure!(
+            checks[0]["source"] == c.pod(0, 0).ip.to_string(),
+            "{checks:?}"
+        );
+
+        let r = s.get("/api/x", &["-H", "x-ext-authz: no"])?;
+        ensure!(r.status == 403, "{r:?}");
+        ensure!(
+            r.headers
+                .get("x-ext-authz-check-result")
+                .is_some_and(|v| v.iter().any(|x| x == "denied")),
+            "{r:?}"
+        );
+        ensure!(
+            r.body == "RBAC: access denied",
+            "no body of the authorizer's leaks: {r:?}"
+        );
+        let r = s.get("/api/x", &["-H", "x-ext-authz: error"])?;
+        ensure!(r.status == 403, "a gRPC error fails closed: {r:?}");
+        drop(server);
+        let r = s.get("/api/x", &["-H", "x-ext-authz: allow"])?;
+        ensure!(r.status == 403, "the server down fails closed: {r:?}");
+        Ok(())
+    })
+}
+
 #[test]
 fn l7_fields_at_the_agent() -> Result<()> {
     privileged(|| {

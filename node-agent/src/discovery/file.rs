@@ -429,17 +429,30 @@ struct Condition {
     not_values: Vec<String>,
 }
 
-/// Istio's `extensionProviders` entry, `envoyExtAuthzHttp` form.
+/// Istio's `extensionProviders` entry: `envoyExtAuthzHttp` or
+/// `envoyExtAuthzGrpc`, exactly one.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ExtensionProvider {
     name: String,
-    #[serde(alias = "envoyExtAuthzHttp")]
-    http: ExtAuthzHttp,
+    #[serde(default, alias = "envoyExtAuthzHttp")]
+    http: Option<ExtAuthzHttp>,
+    #[serde(default, alias = "envoyExtAuthzGrpc")]
+    grpc: Option<ExtAuthzGrpc>,
     #[serde(default, alias = "failOpen")]
     fail_open: bool,
     #[serde(default, alias = "statusOnError")]
     status_on_error: Option<u16>,
+}
+
+/// Istio's `envoyExtAuthzGrpc`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExtAuthzGrpc {
+    service: String,
+    port: u16,
+    #[serde(default, deserialize_with = "opt_duration")]
+    timeout: Option<Duration>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -512,6 +525,14 @@ impl File {
                 let at = format!("services[{i}] ({}/{})", svc.namespace, svc.name);
                 problems.push(format!(
                     "{at}: give exactly one of `selector` and `endpoints`"
+                ));
+            }
+        }
+        for (i, x) in self.extension_providers.iter().enumerate() {
+            if x.http.is_some() == x.grpc.is_some() {
+                problems.push(format!(
+                    "extension_providers[{i}] ({}): give exactly one of `envoyExtAuthzHttp` and `envoyExtAuthzGrpc`",
+                    x.name
                 ));
             }
         }
@@ -692,20 +713,49 @@ impl File {
         let extension_providers = self
             .extension_providers
             .into_iter()
-            .map(|p| model::ExtensionProvider {
-                name: p.name,
-                fail_open: p.fail_open,
-                status_on_error: p.status_on_error.unwrap_or(403),
-                http: model::ExtAuthzHttp {
-                    service: p.http.service,
-                    port: p.http.port,
-                    path_prefix: p.http.path_prefix,
-                    timeout: p.http.timeout.unwrap_or(DEFAULT_EXT_AUTHZ_TIMEOUT),
-                    include_request_headers_in_check: p.http.include_request_headers_in_check,
-                    include_additional_headers_in_check: p.http.include_additional_headers_in_check,
-                    headers_to_upstream_on_allow: p.http.headers_to_upstream_on_allow,
-                    headers_to_downstream_on_deny: p.http.headers_to_downstream_on_deny,
-                },
+            .map(|p| {
+                let grpc = p.grpc.is_some();
+                let http = match (p.http, p.grpc) {
+                    (Some(h), _) => h,
+                    (None, Some(g)) => ExtAuthzHttp {
+                        service: g.service,
+                        port: g.port,
+                        timeout: g.timeout,
+                        path_prefix: String::new(),
+                        include_request_headers_in_check: Vec::new(),
+                        include_additional_headers_in_check: Labels::new(),
+                        headers_to_upstream_on_allow: Vec::new(),
+                        headers_to_downstream_on_deny: Vec::new(),
+                    },
+                    // Reported by `problems`; this entry is never used.
+                    (None, None) => ExtAuthzHttp {
+                        service: String::new(),
+                        port: 0,
+                        timeout: None,
+                        path_prefix: String::new(),
+                        include_request_headers_in_check: Vec::new(),
+                        include_additional_headers_in_check: Labels::new(),
+                        headers_to_upstream_on_allow: Vec::new(),
+                        headers_to_downstream_on_deny: Vec::new(),
+                    },
+                };
+                model::ExtensionProvider {
+                    name: p.name,
+                    fail_open: p.fail_open,
+                    status_on_error: p.status_on_error.unwrap_or(403),
+                    grpc,
+                    http: model::ExtAuthzHttp {
+                        service: http.service,
+                        port: http.port,
+                        path_prefix: http.path_prefix,
+                        timeout: http.timeout.unwrap_or(DEFAULT_EXT_AUTHZ_TIMEOUT),
+                        include_request_headers_in_check: http.include_request_headers_in_check,
+                        include_additional_headers_in_check: http
+                            .include_additional_headers_in_check,
+                        headers_to_upstream_on_allow: http.headers_to_upstream_on_allow,
+                        headers_to_downstream_on_deny: http.headers_to_downstream_on_deny,
+                    },
+                }
             })
             .collect();
         let peer_authentications = self

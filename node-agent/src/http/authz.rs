@@ -220,7 +220,12 @@ pub async fn admit(
                 "its provider is not defined",
             ));
         };
-        match check(view, upstreams, provider, parts).await {
+        let checked = if provider.grpc {
+            check_grpc(view, upstreams, provider, ctx, parts).await
+        } else {
+            check(view, upstreams, provider, parts).await
+        };
+        match checked {
             Ok(Checked::Allowed(headers)) => {
                 for (name, value) in headers {
                     parts.headers.insert(name, value);
@@ -353,6 +358,139 @@ async fn check(
     // Read the (small) answer to its end, so its connection is reused.
     let _ = http_body_util::BodyExt::collect(answer.into_body()).await;
     Ok(checked)
+}
+
+/// Asks `provider` about a request with Envoy's gRPC protocol
+/// ([`super::extauthz`]): the source's address and principal, the request's
+/// method, path, host, scheme, protocol and headers, no body. An OK status
+/// allows, with the answer's headers set on the request upstream; any other
+/// denies, with the answer's HTTP status (403 if it gives none) and headers.
+/// A transport error, a gRPC error status or an unreadable answer is `Err`.
+async fn check_grpc(
+    view: &View,
+    upstreams: &Upstreams,
+    provider: &ExtensionProvider,
+    ctx: &Context,
+    parts: &http::request::Parts,
+) -> Result<Checked, String> {
+    use super::extauthz::{CHECK, CheckRequest, CheckResponse, MAX_MESSAGE};
+    let target = &provider.http;
+    let ep = provider_endpoint(view, target).ok_or_else(|| {
+        format!(
+            "no endpoint of {}:{} can be reached",
+            target.service, target.port
+        )
+    })?;
+    let mut headers: Vec<(String, String)> = Vec::with_capacity(parts.headers.keys_len() + 3);
+    for name in parts.headers.keys() {
+        let joined = parts
+            .headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect::<Vec<_>>()
+            .join(",");
+        headers.push((name.as_str().to_owned(), joined));
+    }
+    let host = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| {
+            parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+        })
+        .unwrap_or_default()
+        .to_owned();
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    headers.push((":method".into(), parts.method.as_str().to_owned()));
+    headers.push((":path".into(), path.clone()));
+    headers.push((":authority".into(), host.clone()));
+    let message = CheckRequest {
+        source: Some(std::net::SocketAddr::new(ctx.source_ip, 0)),
+        source_principal: ctx.peer.as_ref().map(|p| p.to_string()).unwrap_or_default(),
+        destination: None,
+        id: String::new(),
+        method: parts.method.as_str().to_owned(),
+        headers,
+        path,
+        host,
+        scheme: "http".into(),
+        protocol: match parts.version {
+            http::Version::HTTP_2 => "HTTP/2",
+            http::Version::HTTP_10 => "HTTP/1.0",
+            _ => "HTTP/1.1",
+        }
+        .into(),
+    }
+    .encode();
+    let mut req = Request::new(full(bytes::Bytes::from(crate::grpc::frame(&message))));
+    *req.method_mut() = http::Method::POST;
+    *req.uri_mut() = CHECK.parse().map_err(|e| format!("{e}"))?;
+    let h = req.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    h.insert(header::TE, HeaderValue::from_static("trailers"));
+    let call = async {
+        let answer = upstreams
+            .send(&ep, Protocol::H2c, req)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (head, body) = answer.into_parts();
+        let collected =
+            http_body_util::BodyExt::collect(http_body_util::Limited::new(body, MAX_MESSAGE + 5))
+                .await
+                .map_err(|e| format!("reading the answer: {e}"))?;
+        let trailers = collected.trailers().cloned().unwrap_or_default();
+        let bytes = collected.to_bytes();
+        Ok::<_, String>((head, trailers, bytes))
+    };
+    let (head, trailers, bytes) = tokio::time::timeout(target.timeout, call)
+        .await
+        .map_err(|_| format!("no answer within {:?}", target.timeout))??;
+    if head.status != StatusCode::OK {
+        return Err(format!("HTTP status {}", head.status));
+    }
+    // Trailers-only answers carry the status in the headers.
+    let status = trailers
+        .get("grpc-status")
+        .or_else(|| head.headers.get("grpc-status"))
+        .and_then(|v| crate::grpc::Code::parse(v.as_bytes()))
+        .ok_or("no grpc-status")?;
+    if status != crate::grpc::Code::OK {
+        return Err(format!("gRPC status {status}"));
+    }
+    let (message, _) = crate::grpc::unframe(&bytes, MAX_MESSAGE)
+        .map_err(|e| e.to_string())?
+        .ok_or("an incomplete answer")?;
+    let answer = CheckResponse::decode(message).map_err(|e| e.to_string())?;
+    let pairs = |list: &[(String, String)]| {
+        list.iter()
+            .filter_map(|(k, v)| {
+                Some((
+                    HeaderName::from_bytes(k.as_bytes()).ok()?,
+                    HeaderValue::try_from(v.as_str()).ok()?,
+                ))
+            })
+            .collect::<Vec<_>>()
+    };
+    Ok(if answer.code == 0 {
+        Checked::Allowed(pairs(&answer.ok_headers))
+    } else {
+        let status = StatusCode::from_u16(answer.denied_status)
+            .ok()
+            .filter(|s| s.as_u16() >= 200)
+            .unwrap_or(StatusCode::FORBIDDEN);
+        Checked::Denied(status, pairs(&answer.denied_headers))
+    })
 }
 
 /// Where a provider's checks go: an address, or an endpoint of a mesh service

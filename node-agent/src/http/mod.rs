@@ -15,6 +15,7 @@
 
 pub mod authz;
 pub mod engine;
+pub mod extauthz;
 pub mod filter;
 pub mod jwt;
 pub mod normalize;

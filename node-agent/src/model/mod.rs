@@ -468,11 +468,17 @@ pub struct Condition {
     pub not_values: Vec<String>,
 }
 
-/// An external authorization service (Istio's `envoyExtAuthzHttp`).
+/// An external authorization service (Istio's `envoyExtAuthzHttp` or
+/// `envoyExtAuthzGrpc`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ExtensionProvider {
     pub name: String,
+    /// Where the service is and how long a check may take; the HTTP form's
+    /// other fields apply to it only.
     pub http: ExtAuthzHttp,
+    /// Envoy's gRPC protocol (`envoy.service.auth.v3.Authorization/Check`)
+    /// instead of the HTTP form.
+    pub grpc: bool,
     /// On an error or a timeout, allow the request (default: deny it).
     pub fail_open: bool,
     /// The status a request gets when the service fails and `fail_open` is

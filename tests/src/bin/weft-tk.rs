@@ -100,6 +100,7 @@ const USAGE: &str = "usage:
   weft-tk echo --listen <addr:port> [--workers N] [--quiet]
   weft-tk relay --listen <addr:port> --connect <addr:port> [--workers N]
   weft-tk http-echo --port P --name NAME [--h2c-only] [--fail-every K]
+  weft-tk ext-authz-grpc --port P
 sizes accept K/M/G suffixes (binary)";
 
 fn main() -> ExitCode {
@@ -119,6 +120,7 @@ fn main() -> ExitCode {
         Some("http-hold") => http_hold(&args[1..]),
         Some("relay") => relay(&args[1..]),
         Some("http-echo") => http_echo(&args[1..]),
+        Some("ext-authz-grpc") => ext_authz_grpc(&args[1..]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;
@@ -568,6 +570,30 @@ fn http_echo(args: &[String]) -> Result<ExitCode, String> {
         let listener = tokio::net::TcpListener::from_std(listener).map_err(|e| e.to_string())?;
         emit(&json!({ "listening": local.to_string(), "name": config.name }));
         weft_tests::http_echo::serve(listener, config)
+            .await
+            .map_err(|e| e.to_string())
+    })?;
+    Ok(ExitCode::FAILURE)
+}
+
+/// A gRPC ext_authz server (see [`weft_tests::ext_authz`]).
+fn ext_authz_grpc(args: &[String]) -> Result<ExitCode, String> {
+    let opts = Opts::parse(args, &["--port"], &[])?;
+    let port: u16 = opts
+        .required("--port")?
+        .parse()
+        .map_err(|e| format!("--port: {e}"))?;
+    let addr = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port));
+    let listener = listen(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::from_std(listener).map_err(|e| e.to_string())?;
+        emit(&json!({ "listening": port }));
+        weft_tests::ext_authz::serve(listener)
             .await
             .map_err(|e| e.to_string())
     })?;

@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Result;
 use serde_json::json;
-use weft_tests::{Cluster, Mesh, Pod, Proc, eventually, l7, require_privileged};
+use weft_tests::{Cluster, Host as _, Mesh, Pod, Proc, eventually, l7, require_privileged};
 
 const ECHO: &str = "10.96.0.20";
 const HTTP: u16 = 8080;
@@ -195,5 +195,35 @@ fn waypoint_authn() -> Result<()> {
         .filter(|l| *l == "fetched")
         .count();
     assert!(fetches >= 2, "{fetches} fetches");
+
+    // The waypoint counted what it verified and refused, and its fetches.
+    let page = c
+        .pod(0, 1)
+        .exec("curl", ["-sS", "http://127.0.0.1:15020/metrics"])?;
+    let page = String::from_utf8_lossy(&page.stdout).into_owned();
+    let count = |series: &str| {
+        page.lines()
+            .find_map(|l| l.strip_prefix(series))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    for (series, at_least) in [
+        (r#"weft_jwt_tokens_total{result="verified",reason=""}"#, 3),
+        (
+            r#"weft_jwt_tokens_total{result="refused",reason="signature"}"#,
+            1,
+        ),
+        (
+            r#"weft_jwt_tokens_total{result="refused",reason="expired"}"#,
+            1,
+        ),
+        (
+            r#"weft_jwt_tokens_total{result="refused",reason="unknown_kid"}"#,
+            1,
+        ),
+        (r#"weft_jwks_fetches_total{result="ok"}"#, 2),
+    ] {
+        assert!(count(series) >= at_least, "{series} < {at_least}:\n{page}");
+    }
     Ok(())
 }

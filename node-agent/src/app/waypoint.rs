@@ -174,6 +174,7 @@ async fn serve(args: WaypointArgs, me: WorkloadKey) -> anyhow::Result<()> {
             let mut page = crate::http::telemetry::render();
             page.push_str(&crate::waypoint::BAD.render());
             page.push_str(&crate::http::ratelimit::render());
+            page.push_str(&crate::http::jwt::render());
             page
         }),
     ));

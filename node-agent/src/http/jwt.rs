@@ -25,7 +25,10 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex, RwLock, Weak},
+    sync::{
+        Arc, Mutex, RwLock, Weak,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
     time::{Duration, Instant},
 };
 
@@ -103,6 +106,94 @@ pub enum Reject {
     Audience,
     #[error("{0}")]
     Other(String),
+}
+
+// ---- metrics -------------------------------------------------------------------------
+
+/// Process-wide counts, for the metrics page: a waypoint has one engine.
+struct Metrics {
+    verified: AtomicU64,
+    /// Per [`Reject::index`].
+    rejected: [AtomicU64; Reject::LABELS.len()],
+    jwks_fetched: AtomicU64,
+    jwks_failed: AtomicU64,
+}
+
+static METRICS: Metrics = Metrics {
+    verified: AtomicU64::new(0),
+    rejected: [const { AtomicU64::new(0) }; Reject::LABELS.len()],
+    jwks_fetched: AtomicU64::new(0),
+    jwks_failed: AtomicU64::new(0),
+};
+
+impl Reject {
+    /// The `reason` label of each kind, in [`Reject::index`] order.
+    const LABELS: [&'static str; 11] = [
+        "malformed",
+        "algorithm",
+        "unknown_issuer",
+        "unknown_kid",
+        "no_key",
+        "no_keys",
+        "signature",
+        "expired",
+        "not_yet_valid",
+        "audience",
+        "other",
+    ];
+
+    fn index(&self) -> usize {
+        match self {
+            Reject::Malformed => 0,
+            Reject::Algorithm(_) => 1,
+            Reject::UnknownIssuer(_) => 2,
+            Reject::UnknownKid(_) => 3,
+            Reject::NoKey => 4,
+            Reject::NoKeys => 5,
+            Reject::Signature => 6,
+            Reject::Expired => 7,
+            Reject::NotYetValid => 8,
+            Reject::Audience => 9,
+            Reject::Other(_) => 10,
+        }
+    }
+}
+
+/// `weft_jwt_tokens_total{result,reason}` (tokens verified or refused, with
+/// why) and `weft_jwks_fetches_total{result}`, for the metrics page.
+pub fn render() -> String {
+    use std::fmt::Write as _;
+    let mut out = String::from(
+        "# HELP weft_jwt_tokens_total Tokens the waypoint's request authentication verified or refused (401), by reason.\n\
+         # TYPE weft_jwt_tokens_total counter\n",
+    );
+    let _ = writeln!(
+        out,
+        "weft_jwt_tokens_total{{result=\"verified\",reason=\"\"}} {}",
+        METRICS.verified.load(Relaxed)
+    );
+    for (label, n) in Reject::LABELS.iter().zip(&METRICS.rejected) {
+        let _ = writeln!(
+            out,
+            "weft_jwt_tokens_total{{result=\"refused\",reason=\"{label}\"}} {}",
+            n.load(Relaxed)
+        );
+    }
+    out.push_str(
+        "# HELP weft_jwks_fetches_total JWKS fetches from issuers; a failed one keeps the last good keys.\n\
+         # TYPE weft_jwks_fetches_total counter\n",
+    );
+    let _ = writeln!(
+        out,
+        "weft_jwks_fetches_total{{result=\"ok\"}} {}",
+        METRICS.jwks_fetched.load(Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "weft_jwks_fetches_total{{result=\"failed\"}} {}",
+        METRICS.jwks_failed.load(Relaxed)
+    );
+    out
 }
 
 // ---- remote key sets ---------------------------------------------------------------
@@ -235,10 +326,12 @@ async fn keep(
         };
         match fetched {
             Ok(set) => {
+                METRICS.jwks_fetched.fetch_add(1, Relaxed);
                 debug!(uri = %shared.uri, keys = set.len(), "JWKS fetched");
                 *shared.keys.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(set));
             }
             Err(e) => {
+                METRICS.jwks_failed.fetch_add(1, Relaxed);
                 warn!(uri = %shared.uri, error = %e, "JWKS fetch failed; the last good keys stay in use");
             }
         }
@@ -633,9 +726,13 @@ impl Policy {
         let mut authenticated = None;
         for (loc, token) in found {
             let verified = match self.verify(&loc, &token).await {
-                Ok(v) => v,
+                Ok(v) => {
+                    METRICS.verified.fetch_add(1, Relaxed);
+                    v
+                }
                 Err(why) => {
                     debug!(reason = %why, "JWT refused");
+                    METRICS.rejected[why.index()].fetch_add(1, Relaxed);
                     return Err(unauthorized(parts));
                 }
             };

@@ -150,9 +150,17 @@ fn local_limit_holds_with_its_headers() -> Result<()> {
         ensure!(r.header("ratelimit") == Some("\"ten\";r=0;t=1"), "{r:?}");
         ensure!(r.header("x-ratelimit-limit") == Some("10"), "{r:?}");
         ensure!(r.header("x-ratelimit-remaining") == Some("0"), "{r:?}");
-        // After a quiet second the burst is back.
+        // After a quiet second the burst is back, and an allowed answer says
+        // what is left of it, so a client can pace itself.
         std::thread::sleep(Duration::from_millis(1100));
-        ensure!(s.get(&[])?.status == 200);
+        let r = s.get(&[])?;
+        ensure!(r.status == 200, "{r:?}");
+        ensure!(
+            r.header("ratelimit-policy") == Some("\"ten\";q=10;w=1"),
+            "{r:?}"
+        );
+        ensure!(r.header("ratelimit") == Some("\"ten\";r=4;t=1"), "{r:?}");
+        ensure!(r.header("x-ratelimit-remaining") == Some("4"), "{r:?}");
         Ok(())
     })
 }
@@ -244,7 +252,13 @@ fn global_limit_across_two_replicas_and_redis_failures() -> Result<()> {
         };
         // 40 requests, each a new connection (spread over both replicas):
         // 20 a minute, all at once, in all; one more may refill (one per 3s).
-        let [ok, limited, _] = count("open", 40)?;
+        let first = s.get(&["-H", "x-mode: open"])?;
+        ensure!(
+            first.status == 200 && first.header("ratelimit") == Some("\"shared\";r=19;t=3"),
+            "the first request of 20 a minute leaves 19, full in 3s: {first:?}"
+        );
+        let [ok, limited, _] = count("open", 39)?;
+        let ok = ok + 1;
         ensure!((20..=22).contains(&ok), "{ok} passed, {limited} limited");
         // Redis killed: open lets everything through, closed refuses (500).
         redis_proc.kill()?;

@@ -215,6 +215,11 @@ impl Engine {
         let mut record = Record::default();
         let head = req.method() == http::Method::HEAD;
         let mut response = self.serve(ctx, req, &mut record).await;
+        for (name, value) in std::mem::take(&mut record.rate_limit_headers) {
+            if !response.headers().contains_key(&name) {
+                response.headers_mut().insert(name, value);
+            }
+        }
         if head {
             // A response to HEAD has no content (RFC 9110 9.3.2). hyper's
             // HTTP/1.1 server leaves it out, its HTTP/2 server sends the body

@@ -513,6 +513,7 @@ impl Limiter {
         let replicas = policies.replicas.get(service).copied().unwrap_or(1);
         let now = self.buckets.now();
         let mut refusal: Option<Refusal> = None;
+        let mut used: Option<Used> = None;
         let mut pending: Vec<Pending> = Vec::new();
         for (index, target) in &applicable {
             let policy = &policies.policies[*index];
@@ -530,6 +531,9 @@ impl Limiter {
                 match policy.kind {
                     LimitType::Local => {
                         let out = self.buckets.check(self.buckets.hash(&key), &gcra, now);
+                        if out.allowed && !policy.shadow {
+                            tighten(&mut used, policy, rule, out.remaining, out.reset);
+                        }
                         let refused = decide(policy, out.allowed, ctx);
                         if refused && refusal.is_none() {
                             refusal = Some(Refusal {
@@ -553,17 +557,21 @@ impl Limiter {
             // Global buckets are not charged for a request refused already.
             return Err(refused(r, record));
         }
-        if pending.is_empty() {
-            return Ok(());
+        if !pending.is_empty() {
+            self.global(pending, ctx, record, &mut used).await?;
         }
-        self.global(pending, ctx, record).await
+        if let Some(u) = used {
+            record.rate_limit_headers = quota_headers(u.policy, u.rule, u.remaining, u.reset);
+        }
+        Ok(())
     }
 
-    async fn global(
+    async fn global<'p>(
         &self,
-        mut pending: Vec<Pending<'_>>,
+        mut pending: Vec<Pending<'p>>,
         ctx: &Context,
         record: &mut Record,
+        used: &mut Option<Used<'p>>,
     ) -> Result<(), Response<Body>> {
         let now = Instant::now();
         // The negative cache: a bucket Redis refused is refused here until its
@@ -641,6 +649,16 @@ impl Limiter {
         };
         let mut first = None;
         for (p, (allowed, a, b)) in pending.iter().zip(outcomes) {
+            if allowed && !p.policy.shadow {
+                let interval_us = (p.gcra.interval / 1000).max(1);
+                tighten(
+                    used,
+                    p.policy,
+                    p.rule,
+                    a / interval_us,
+                    Duration::from_micros(b),
+                );
+            }
             if !allowed {
                 let retry = Duration::from_micros(a);
                 let mut cache = self.negative.lock().unwrap_or_else(|e| e.into_inner());
@@ -714,6 +732,72 @@ fn refused(r: Refusal, record: &mut Record) -> Response<Body> {
     resp.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     resp
+}
+
+/// The quota an allowed request used that has the least left: what its
+/// response's `RateLimit` fields describe.
+struct Used<'p> {
+    policy: &'p Policy,
+    rule: &'p Rule,
+    remaining: u64,
+    reset: Duration,
+}
+
+fn tighten<'p>(
+    used: &mut Option<Used<'p>>,
+    policy: &'p Policy,
+    rule: &'p Rule,
+    remaining: u64,
+    reset: Duration,
+) {
+    if used.as_ref().is_none_or(|u| remaining < u.remaining) {
+        *used = Some(Used {
+            policy,
+            rule,
+            remaining,
+            reset,
+        });
+    }
+}
+
+/// The fields of an allowed response: the draft's `RateLimit-Policy` and
+/// `RateLimit: "<name>";r=<left>;t=<seconds until full>`, and `X-RateLimit-*`
+/// if asked, so a client can pace itself before it is refused.
+fn quota_headers(
+    policy: &Policy,
+    rule: &Rule,
+    remaining: u64,
+    reset: Duration,
+) -> Vec<(HeaderName, HeaderValue)> {
+    let name = sf_string(&policy.name);
+    let reset = ceil_secs(reset);
+    let mut out = vec![
+        (
+            HeaderName::from_static("ratelimit-policy"),
+            format!("{name};q={};w={}", rule.requests, rule.unit.as_secs()),
+        ),
+        (
+            HeaderName::from_static("ratelimit"),
+            format!("{name};r={remaining};t={reset}"),
+        ),
+    ];
+    if policy.x_headers {
+        out.push((
+            HeaderName::from_static("x-ratelimit-limit"),
+            rule.requests.to_string(),
+        ));
+        out.push((
+            HeaderName::from_static("x-ratelimit-remaining"),
+            remaining.to_string(),
+        ));
+        out.push((
+            HeaderName::from_static("x-ratelimit-reset"),
+            reset.to_string(),
+        ));
+    }
+    out.into_iter()
+        .filter_map(|(k, v)| Some((k, HeaderValue::from_str(&v).ok()?)))
+        .collect()
 }
 
 /// Whole seconds, rounded up (a client that waits this long gets through).

@@ -61,6 +61,9 @@ pub struct Record {
     pub denied: Option<String>,
     /// Attempts beyond the first.
     pub retries: u32,
+    /// The `RateLimit` fields of an allowed request's answer (the rate limit
+    /// phase writes them; the engine adds them to the response).
+    pub rate_limit_headers: Vec<(http::HeaderName, http::HeaderValue)>,
     /// Envoy's response flags: `-`, `UH` (no healthy upstream), `UF`
     /// (upstream connect failure), `UT` (timeout), `UC` (upstream reset),
     /// `NR` (no route), `URX` (retries exhausted). `DC` (the client went

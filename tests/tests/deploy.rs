@@ -877,6 +877,11 @@ fn the_image_is_named_in_one_place_and_everything_is_labelled() {
         image["newTag"].as_str().unwrap()
     );
     assert_eq!(images, BTreeSet::from([expected.as_str()]));
+    // What `cargo xtask image` tags by default.
+    assert_eq!(
+        expected,
+        format!("localhost/weft:{}", env!("CARGO_PKG_VERSION"))
+    );
     // The sources all say `image: weft` and leave the rest to the component.
     let mut sources = Vec::new();
     collect_yaml(&deploy_dir(), &mut sources);

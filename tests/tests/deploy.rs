@@ -751,6 +751,10 @@ fn the_agent_daemonset_runs_on_every_node_with_its_mounts() {
     assert_eq!(token["audience"], "weft-ca");
     assert_eq!(token["path"], "token");
     assert!(token["expirationSeconds"].as_i64().unwrap() <= 3600);
+    assert_eq!(
+        mounts["/var/run/secrets/weft"].1["projected"]["defaultMode"],
+        0o400
+    );
     let bundle = &mounts["/var/run/weft/bundle"].1["configMap"];
     assert_eq!(bundle["name"], "weft-trust-bundle");
     assert_eq!(bundle["optional"], true);

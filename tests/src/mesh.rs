@@ -52,6 +52,10 @@ pub struct Mesh<'c> {
     pub agent_args: Vec<String>,
     /// Extra environment for every agent (e.g. `RUST_LOG`).
     pub agent_env: Vec<(String, String)>,
+    /// A program (and its arguments) that every agent runs under, given the
+    /// `weft` command line after them: `setpriv` with the DaemonSet's
+    /// capabilities, say. Empty: the agent runs directly.
+    pub agent_wrapper: Vec<String>,
     /// Extra arguments for the CA.
     pub ca_args: Vec<String>,
     /// Run the CA inside node 0's agent (`--embedded-ca-dir`) instead of as its
@@ -108,6 +112,7 @@ impl<'c> Mesh<'c> {
             ca: None,
             agent_args: Vec::new(),
             agent_env: Vec::new(),
+            agent_wrapper: Vec::new(),
             ca_args: Vec::new(),
             embedded_ca: false,
         };
@@ -346,7 +351,14 @@ impl<'c> Mesh<'c> {
     /// every pod cgroup).
     pub fn agent_command(&self, node: usize) -> Command {
         let n = self.cluster.node(node);
-        let mut cmd = n.command(&self.weft);
+        let mut cmd = match self.agent_wrapper.split_first() {
+            Some((program, args)) => {
+                let mut cmd = n.command(program);
+                cmd.args(args).arg(&self.weft);
+                cmd
+            }
+            None => n.command(&self.weft),
+        };
         cmd.env("LOG_FORMAT", "json")
             .env("RUST_LOG", "info")
             .arg("agent")

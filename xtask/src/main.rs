@@ -9,6 +9,8 @@
 //! - `test`: the project's one test command (setup, eBPF, binaries, `cargo test`).
 //! - `demo`: a two-node virtual cluster with the mesh, sample traffic and live
 //!   access logs.
+//! - `image`: the OCI image of `weft` (static, FROM scratch) with buildah,
+//!   smoke-tested under podman (see `image.rs`).
 //! - `bench`: throughput, latency, connection rate, HTTP, CPU and memory through
 //!   Weft versus direct TCP (see `bench.rs` and BENCHMARKS.md).
 //!
@@ -19,6 +21,7 @@
 mod bench;
 mod cmd;
 mod demo;
+mod image;
 mod lab;
 mod setup;
 
@@ -59,6 +62,14 @@ enum Task {
         #[arg(long)]
         once: bool,
     },
+    /// Build the OCI image of `weft` (static binary, FROM scratch, non-root by
+    /// default) with buildah, and smoke-test it under podman (needs root).
+    Image {
+        /// The image reference (default: localhost/weft:<version>, as
+        /// deploy/image/kustomization.yaml names it).
+        #[arg(long)]
+        tag: Option<String>,
+    },
     /// Benchmark Weft against direct TCP on a virtual cluster (needs root; release
     /// builds): throughput, latency, connection rate, HTTP, CPU and memory. Writes
     /// target/bench/*.json and the latest results into BENCHMARKS.md.
@@ -89,6 +100,7 @@ fn main() -> ExitCode {
         Task::BuildEbpf => build_ebpf().map(|()| ExitCode::SUCCESS),
         Task::Test { args } => test(&args),
         Task::Demo { once } => demo::run(once).map(|()| ExitCode::SUCCESS),
+        Task::Image { tag } => image::run(tag).map(|()| ExitCode::SUCCESS),
         Task::Bench {
             quick,
             perf,

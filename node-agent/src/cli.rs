@@ -282,6 +282,12 @@ pub struct AgentArgs {
     #[arg(long, env = "WEFT_CGROUP")]
     pub cgroup: Option<PathBuf>,
 
+    /// The procfs the agent writes pods' sysctls through and finds running pods
+    /// in. In a container, the host's `/proc` mounted writable (the container's
+    /// own `/proc/sys` is read-only).
+    #[arg(long, env = "WEFT_PROC_DIR", default_value = "/proc")]
+    pub proc_dir: PathBuf,
+
     /// Where programs, links and maps are pinned on bpffs.
     #[arg(long, env = "WEFT_BPF_PIN_DIR", default_value = "/sys/fs/bpf/weft")]
     pub bpf_pin_dir: PathBuf,

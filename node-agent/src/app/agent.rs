@@ -57,6 +57,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         None => cgroup2_root().context("--cgroup not given and no cgroup2 mount found")?,
     };
     raise_fd_limit();
+    crate::net::route::set_proc_dir(args.proc_dir.clone());
 
     // The data path runs on the workers; this runtime has the control plane.
     let workers = args
@@ -89,6 +90,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         let mut watch = Watch::new(&[&config_path, &bundle_path]);
         // The first config must be good: there is no last good one to fall back on.
         let loaded = file::load(&config_path, args.config_max_bytes)?;
+        wait_for_bundle(&bundle_path).await;
         let bundle = load_bundle(&bundle_path)?;
         let token = match (&args.ca_token_file, &args.embedded_ca_node_tokens) {
             (Some(path), _) => {
@@ -390,6 +392,21 @@ fn connectable(addr: std::net::SocketAddr) -> std::net::SocketAddr {
             SocketAddr::new(Ipv6Addr::LOCALHOST.into(), addr.port())
         }
         _ => addr,
+    }
+}
+
+/// Waits until the trust bundle exists: in a cluster it is a ConfigMap the CA
+/// publishes on its first start, which may come after the agents (a missing
+/// one would otherwise restart the agent in a loop). A bundle that exists but
+/// does not load is an error, as before.
+pub(super) async fn wait_for_bundle(path: &Path) {
+    let mut waited = 0u32;
+    while !path.exists() {
+        if waited.is_multiple_of(30) {
+            warn!(path = %path.display(), "waiting for the trust bundle (the CA publishes it)");
+        }
+        waited += 1;
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 

@@ -74,6 +74,7 @@ async fn serve(args: WaypointArgs, me: WorkloadKey) -> anyhow::Result<()> {
     let identity = workload.identity(&mesh.trust_domain)?;
     let node = workload.node.clone();
 
+    super::agent::wait_for_bundle(&args.trust_bundle).await;
     let bundle = super::agent::load_bundle(&args.trust_bundle)?;
     if let Some(problem) = crate::ca::tokens::loose_permissions(&args.ca_token_file) {
         warn!(%problem, "a node-token file others may read");

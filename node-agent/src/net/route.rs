@@ -23,6 +23,8 @@ use std::{
     fs::OpenOptions,
     io::{self, Write},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    path::{Path, PathBuf},
+    sync::OnceLock,
 };
 
 use weft_common::HANDOVER_MARK;
@@ -41,6 +43,21 @@ const FRA_FWMASK: u16 = 16;
 const FR_ACT_TO_TBL: u8 = 1;
 const LOOPBACK_IFINDEX: u32 = 1;
 
+/// The procfs the sysctls are written through: `/proc`, unless the agent runs
+/// in a container, whose own `/proc/sys` is read-only; it then writes through
+/// the host's procfs mounted elsewhere (`--proc-dir`). Either way the
+/// `sys/net` entries follow the writing thread's network namespace.
+static PROC: OnceLock<PathBuf> = OnceLock::new();
+
+/// Sets the procfs for [`prepare_handover`]'s sysctls, once, at start.
+pub fn set_proc_dir(dir: PathBuf) {
+    let _ = PROC.set(dir);
+}
+
+fn proc_dir() -> &'static Path {
+    PROC.get().map_or(Path::new("/proc"), PathBuf::as_path)
+}
+
 /// Prepares `netns` for handovers: the sysctl, the rule and the `local` routes,
 /// for IPv4 and IPv6 (IPv6 only where the pod has it).
 pub fn prepare_handover(netns: &Netns) -> io::Result<()> {
@@ -48,7 +65,7 @@ pub fn prepare_handover(netns: &Netns) -> io::Result<()> {
         // /proc/sys/net follows the namespace of the thread that opens it.
         OpenOptions::new()
             .write(true)
-            .open("/proc/sys/net/ipv4/tcp_fwmark_accept")?
+            .open(proc_dir().join("sys/net/ipv4/tcp_fwmark_accept"))?
             .write_all(b"1")?;
         // The kernel's own replies (the RST of a port nobody listens on) carry
         // the mark of the packet they answer, so a handover to a closed port is
@@ -57,11 +74,11 @@ pub fn prepare_handover(netns: &Netns) -> io::Result<()> {
         // marked packets get marked replies; nothing else in the pod changes.
         OpenOptions::new()
             .write(true)
-            .open("/proc/sys/net/ipv4/fwmark_reflect")?
+            .open(proc_dir().join("sys/net/ipv4/fwmark_reflect"))?
             .write_all(b"1")?;
         match OpenOptions::new()
             .write(true)
-            .open("/proc/sys/net/ipv6/fwmark_reflect")
+            .open(proc_dir().join("sys/net/ipv6/fwmark_reflect"))
         {
             Ok(mut f) => f.write_all(b"1")?,
             // No IPv6 in this namespace: nothing to reflect.

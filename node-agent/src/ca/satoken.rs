@@ -85,6 +85,11 @@ pub struct AgentPod {
     pub node: String,
     pub pod: String,
     pub pod_uid: String,
+    /// `None` for the agents' service account. `Some((namespace, account))`
+    /// for any other: a workload's own token (a waypoint's, which speaks
+    /// HBONE itself and asks for its certificate), which may have only its own
+    /// identity, and only as the pod the token is bound to.
+    pub own: Option<(String, String)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -284,15 +289,13 @@ fn check_agent(
     node: Option<String>,
     opts: &SaOptions,
 ) -> Result<AgentPod, String> {
-    let want = format!(
-        "system:serviceaccount:{}:{}",
-        opts.agent_namespace, opts.agent_service_account
-    );
-    if username != want {
-        return Err(format!(
-            "the token is {username:?}'s, not the agents' service account {want:?}"
-        ));
-    }
+    let (ns, sa) = username
+        .strip_prefix("system:serviceaccount:")
+        .and_then(|rest| rest.split_once(':'))
+        .filter(|(ns, sa)| !ns.is_empty() && !sa.is_empty() && !sa.contains(':'))
+        .ok_or_else(|| format!("the token is {username:?}'s, not a service account's"))?;
+    let own = (ns != opts.agent_namespace || sa != opts.agent_service_account)
+        .then(|| (ns.to_owned(), sa.to_owned()));
     let (Some(pod), Some(pod_uid)) = (pod, pod_uid) else {
         return Err(
             "the token is not bound to a pod (use a projected service-account token, not a \
@@ -303,7 +306,12 @@ fn check_agent(
     let node = node.filter(|n| !n.is_empty()).ok_or(
         "the token names no node (Kubernetes puts the node in pod-bound tokens from 1.30 on)",
     )?;
-    Ok(AgentPod { node, pod, pod_uid })
+    Ok(AgentPod {
+        node,
+        pod,
+        pod_uid,
+        own,
+    })
 }
 
 fn digest(token: &str) -> [u8; 32] {
@@ -482,9 +490,15 @@ pub(crate) mod tests {
             AgentPod {
                 node: "node-a".into(),
                 pod: "weft-agent-x7k2p".into(),
-                pod_uid: "uid-weft-agent-x7k2p".into()
+                pod_uid: "uid-weft-agent-x7k2p".into(),
+                own: None,
             }
         );
+        // Another service account's token: that workload's own.
+        let mut c = claims("node-a", "wp-5d9f");
+        c["sub"] = json!("system:serviceaccount:shop:waypoint");
+        let pod = v.agent_of(issuer.sign(&c).as_bytes()).await.unwrap();
+        assert_eq!(pod.own, Some(("shop".into(), "waypoint".into())));
     }
 
     #[tokio::test]
@@ -508,8 +522,8 @@ pub(crate) mod tests {
                 Box::new(move |c| c["nbf"] = json!(now + 600)),
             ),
             (
-                "not the agents' service account",
-                Box::new(|c| c["sub"] = json!("system:serviceaccount:default:default")),
+                "not a service account's",
+                Box::new(|c| c["sub"] = json!("system:admin")),
             ),
             (
                 "not bound to a pod",

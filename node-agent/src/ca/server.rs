@@ -745,6 +745,8 @@ async fn create_certificate(
             "missing `authorization: Bearer <node token>` header",
         )
     })?;
+    // A workload's own token (not an agent's): namespace, account, pod.
+    let mut own: Option<(String, String, String)> = None;
     let node = match &shared.auth {
         Auth::Nodes(tokens) => read_lock(tokens).node_for(token).ok_or_else(|| {
             Refusal::new(
@@ -762,6 +764,7 @@ async fn create_certificate(
                 )
             })?;
             debug!(pod = %agent.pod, node = %agent.node, "agent authenticated");
+            own = agent.own.map(|(ns, sa)| (ns, sa, agent.pod));
             agent.node
         }
     };
@@ -793,6 +796,9 @@ async fn create_certificate(
     let node = caller.node.as_deref().unwrap_or_default();
     let mesh = read_lock(&shared.mesh);
     authorize(&mesh, &id, node)?;
+    if let Some((ns, sa, pod)) = &own {
+        authorize_own(&mesh, &id, node, ns, sa, pod)?;
+    }
 
     let ttl = match u64::try_from(request.validity_secs) {
         Ok(0) => shared.max_ttl,
@@ -829,6 +835,40 @@ fn authorize(mesh: &Mesh, id: &SpiffeId, node: &str) -> Result<(), Refusal> {
         return Err(denied(format!(
             "node {node} may not have {id}: the mesh config places no workload with \
              that identity on it"
+        )));
+    }
+    Ok(())
+}
+
+/// A workload that asks with its own token (a waypoint) may have only its
+/// own identity, as the pod the token is bound to, and only if that pod speaks
+/// HBONE itself (`native_tunnel`): any other pod's certificates are its
+/// agent's to ask for.
+fn authorize_own(
+    mesh: &Mesh,
+    id: &SpiffeId,
+    node: &str,
+    ns: &str,
+    sa: &str,
+    pod: &str,
+) -> Result<(), Refusal> {
+    let denied = |reason: String| Refusal::new(Outcome::Denied, Code::PERMISSION_DENIED, reason);
+    if id.namespace() != ns || id.service_account() != sa {
+        return Err(denied(format!(
+            "a token of {ns}/{sa} may have only its own identity, not {id}"
+        )));
+    }
+    let ok = mesh.workloads.iter().any(|w| {
+        w.namespace == ns
+            && w.name == pod
+            && w.service_account == sa
+            && w.node == node
+            && w.native_tunnel
+    });
+    if !ok {
+        return Err(denied(format!(
+            "pod {ns}/{pod} on {node} is not a workload that speaks HBONE itself \
+             (a waypoint): its agent asks for its certificates"
         )));
     }
     Ok(())
@@ -1484,6 +1524,42 @@ mod tests {
         let (code, why) = refused(sign(&ca.client(&issuer.sign(&other)), &id("web"), HOUR).await);
         assert_eq!(code, Code::UNAUTHENTICATED);
         assert!(why.contains("audience"), "{why}");
+        ca.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_waypoint_gets_only_its_own_identity_with_its_own_token() {
+        use super::satoken::tests::{Issuer, claims, options as sa_options};
+        let tmp = TempDir::new();
+        let issuer = Issuer::new("sa-key-1");
+        let jwks = tmp.0.join("jwks.json");
+        std::fs::write(&jwks, &issuer.jwks).unwrap();
+        let mut opts = options(&tmp);
+        std::fs::write(
+            opts.mesh.file().unwrap(),
+            format!("{MESH}- {{name: wp-0, namespace: shop, service_account: waypoint, node: n1, native_tunnel: true}}\n"),
+        )
+        .unwrap();
+        opts.auth = AgentAuth::ServiceAccounts(sa_options(satoken::Check::JwksFile(jwks)));
+        let ca = Running::start(opts).await;
+        let token = |pod: &str, sa: &str, node: &str| {
+            let mut c = claims(node, pod);
+            c["sub"] = serde_json::json!(format!("system:serviceaccount:shop:{sa}"));
+            issuer.sign(&c)
+        };
+        let wp = ca.client(&token("wp-0", "waypoint", "n1"));
+        sign(&wp, &id("waypoint"), HOUR).await.unwrap();
+        let (code, why) = refused(sign(&wp, &id("web"), HOUR).await);
+        assert_eq!(code, Code::PERMISSION_DENIED, "{why}");
+        assert!(why.contains("only its own identity"), "{why}");
+        // An ordinary pod's token gets nothing: its agent asks for it.
+        let web = ca.client(&token("web-0", "web", "n1"));
+        let (code, why) = refused(sign(&web, &id("web"), HOUR).await);
+        assert_eq!(code, Code::PERMISSION_DENIED, "{why}");
+        assert!(why.contains("speaks HBONE itself"), "{why}");
+        // The waypoint's token names another node than its pod's: refused.
+        let moved = ca.client(&token("wp-0", "waypoint", "n2"));
+        assert!(sign(&moved, &id("waypoint"), HOUR).await.is_err());
         ca.stop().await;
     }
 

@@ -401,9 +401,9 @@ struct ToOperation {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Operation {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "ports")]
     ports: Vec<u16>,
-    #[serde(default, alias = "notPorts")]
+    #[serde(default, alias = "notPorts", deserialize_with = "ports")]
     not_ports: Vec<u16>,
     #[serde(default)]
     hosts: Vec<String>,
@@ -493,6 +493,98 @@ enum PeerMode {
     Permissive,
 }
 
+impl AuthorizationPolicy {
+    fn into_model(self) -> model::AuthorizationPolicy {
+        let p = self;
+        model::AuthorizationPolicy {
+            name: p.name,
+            namespace: p.namespace,
+            selector: p.selector,
+            target_refs: p
+                .target_refs
+                .into_iter()
+                .map(|t| model::PolicyTargetRef {
+                    group: t.group,
+                    kind: t.kind,
+                    name: t.name,
+                })
+                .collect(),
+            action: match p.action {
+                Action::Allow => model::Action::Allow,
+                Action::Deny => model::Action::Deny,
+                Action::Custom => model::Action::Custom,
+                Action::Audit => model::Action::Audit,
+            },
+            provider: p.provider.map(|p| p.name),
+            rules: p
+                .rules
+                .into_iter()
+                .map(|r| model::Rule {
+                    from: r
+                        .from
+                        .into_iter()
+                        .map(|f| {
+                            let s = f.source;
+                            model::Source {
+                                principals: s.principals,
+                                not_principals: s.not_principals,
+                                request_principals: s.request_principals,
+                                not_request_principals: s.not_request_principals,
+                                namespaces: s.namespaces,
+                                not_namespaces: s.not_namespaces,
+                                service_accounts: s.service_accounts,
+                                not_service_accounts: s.not_service_accounts,
+                                ip_blocks: s.ip_blocks,
+                                not_ip_blocks: s.not_ip_blocks,
+                                remote_ip_blocks: s.remote_ip_blocks,
+                                not_remote_ip_blocks: s.not_remote_ip_blocks,
+                            }
+                        })
+                        .collect(),
+                    to: r
+                        .to
+                        .into_iter()
+                        .map(|t| {
+                            let o = t.operation;
+                            model::Operation {
+                                ports: o.ports,
+                                not_ports: o.not_ports,
+                                hosts: o.hosts,
+                                not_hosts: o.not_hosts,
+                                methods: o.methods,
+                                not_methods: o.not_methods,
+                                paths: o.paths,
+                                not_paths: o.not_paths,
+                            }
+                        })
+                        .collect(),
+                    when: r
+                        .when
+                        .into_iter()
+                        .map(|c| model::Condition {
+                            key: c.key,
+                            values: c.values,
+                            not_values: c.not_values,
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// An AuthorizationPolicy in the file's shape (Istio's fields, camelCase or
+/// snake_case, with `name`, `namespace` and `selector` as plain labels), from
+/// any serde value: Kubernetes discovery reads a policy object's `spec` with
+/// the same types as the file, so the two sources cannot drift apart.
+pub(crate) fn authorization_policy(
+    value: serde_json::Value,
+) -> Result<model::AuthorizationPolicy, String> {
+    serde_json::from_value::<AuthorizationPolicy>(value)
+        .map(AuthorizationPolicy::into_model)
+        .map_err(|e| e.to_string())
+}
+
 /// Istio's default for an ext_authz check when `timeout` is unset.
 const DEFAULT_EXT_AUTHZ_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -501,6 +593,26 @@ fn opt_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duratio
     crate::units::parse_duration(&s)
         .map(Some)
         .map_err(serde::de::Error::custom)
+}
+
+/// Ports as numbers or as strings of digits: Istio's API writes them as
+/// strings (`ports: ["8080"]`), so a policy pasted from a cluster reads as is.
+fn ports<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u16>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Port {
+        Number(u16),
+        Text(String),
+    }
+    Vec::<Port>::deserialize(d)?
+        .into_iter()
+        .map(|p| match p {
+            Port::Number(n) => Ok(n),
+            Port::Text(s) => s
+                .parse()
+                .map_err(|_| serde::de::Error::custom(format!("{s:?} is not a port"))),
+        })
+        .collect()
 }
 
 fn ip_nets<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<model::IpNet>, D::Error> {
@@ -635,80 +747,7 @@ impl File {
         let authorization_policies = self
             .authorization_policies
             .into_iter()
-            .map(|p| model::AuthorizationPolicy {
-                name: p.name,
-                namespace: p.namespace,
-                selector: p.selector,
-                target_refs: p
-                    .target_refs
-                    .into_iter()
-                    .map(|t| model::PolicyTargetRef {
-                        group: t.group,
-                        kind: t.kind,
-                        name: t.name,
-                    })
-                    .collect(),
-                action: match p.action {
-                    Action::Allow => model::Action::Allow,
-                    Action::Deny => model::Action::Deny,
-                    Action::Custom => model::Action::Custom,
-                    Action::Audit => model::Action::Audit,
-                },
-                provider: p.provider.map(|p| p.name),
-                rules: p
-                    .rules
-                    .into_iter()
-                    .map(|r| model::Rule {
-                        from: r
-                            .from
-                            .into_iter()
-                            .map(|f| {
-                                let s = f.source;
-                                model::Source {
-                                    principals: s.principals,
-                                    not_principals: s.not_principals,
-                                    request_principals: s.request_principals,
-                                    not_request_principals: s.not_request_principals,
-                                    namespaces: s.namespaces,
-                                    not_namespaces: s.not_namespaces,
-                                    service_accounts: s.service_accounts,
-                                    not_service_accounts: s.not_service_accounts,
-                                    ip_blocks: s.ip_blocks,
-                                    not_ip_blocks: s.not_ip_blocks,
-                                    remote_ip_blocks: s.remote_ip_blocks,
-                                    not_remote_ip_blocks: s.not_remote_ip_blocks,
-                                }
-                            })
-                            .collect(),
-                        to: r
-                            .to
-                            .into_iter()
-                            .map(|t| {
-                                let o = t.operation;
-                                model::Operation {
-                                    ports: o.ports,
-                                    not_ports: o.not_ports,
-                                    hosts: o.hosts,
-                                    not_hosts: o.not_hosts,
-                                    methods: o.methods,
-                                    not_methods: o.not_methods,
-                                    paths: o.paths,
-                                    not_paths: o.not_paths,
-                                }
-                            })
-                            .collect(),
-                        when: r
-                            .when
-                            .into_iter()
-                            .map(|c| model::Condition {
-                                key: c.key,
-                                values: c.values,
-                                not_values: c.not_values,
-                            })
-                            .collect(),
-                    })
-                    .collect(),
-            })
+            .map(AuthorizationPolicy::into_model)
             .collect();
         let extension_providers = self
             .extension_providers
@@ -1458,6 +1497,25 @@ authorization_policies:
                 "request.auth.claims[iss]"
             ]
         );
+    }
+
+    #[test]
+    fn ports_may_be_written_as_istio_writes_them() {
+        let c = parse(
+            "authorization_policies:\n- name: p\n  selector: {app: a}\n  rules:\n  - to: [{operation: {ports: [\"8080\", 9090], notPorts: [\"1\"]}}]\n",
+        )
+        .unwrap()
+        .mesh;
+        let op = &c.authorization_policies[0].rules[0].to[0];
+        assert_eq!(
+            (op.ports.as_slice(), op.not_ports.as_slice()),
+            (&[8080, 9090][..], &[1][..])
+        );
+        let e = parse(
+            "authorization_policies:\n- name: p\n  selector: {app: a}\n  rules:\n  - to: [{operation: {ports: [\"http\"]}}]\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("\"http\" is not a port"), "{e}");
     }
 
     #[test]

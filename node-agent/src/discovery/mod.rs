@@ -8,6 +8,7 @@
 //! more often a truncated file or a broken generator than an intent.
 
 pub mod file;
+pub mod kube;
 pub mod watch;
 
 use crate::model::Mesh;

@@ -1,0 +1,99 @@
+//! Kubernetes discovery: the mesh model from the API server, the second source
+//! beside the mesh file.
+//!
+//! ```ignore
+//! let source = discovery::kube::start(client, KubeOptions { kinds: Kinds::All, ..Default::default() });
+//! let mut updates = source.updates; // watch::Receiver<Option<Arc<Mesh>>>
+//! ```
+//!
+//! [`start`] watches (kube's `watcher`, list then watch, re-listing after a
+//! disconnect or a `410 Gone`) every kind [`Kinds`] names, and publishes the
+//! mesh they describe on a `watch` channel: `None` until every kind has been
+//! listed completely once (a partial mesh is never published), then a new
+//! `Arc<Mesh>` whenever it changed, at most every [`COALESCE`]. The agent
+//! watches [`Kinds::All`]; the CA needs only [`Kinds::WorkloadsOnly`] (pods and
+//! namespaces: which identities run on which node).
+//!
+//! - Pods → workloads (every pod of the cluster, as ztunnel does: any of them may
+//!   be a peer), enrolled by label ([`labels`]); Namespaces → enrollment and
+//!   waypoint bindings; Services with cluster IPs → services, their endpoints
+//!   the ready pods of their EndpointSlices.
+//! - HTTPRoute and GRPCRoute (`gateway.networking.k8s.io/v1`) with a Service
+//!   parent; AuthorizationPolicy, PeerAuthentication, RequestAuthentication in
+//!   `weft.dev/v1` and in Istio's `security.istio.io/v1`. A kind whose CRD is not
+//!   installed counts as empty and is looked for again every minute.
+//! - Each object is translated as it arrives and dropped ([`translate`]); the
+//!   state keeps only the model's entries, per kind ([`state`]).
+//! - An object that cannot be translated, or that model validation faults, is
+//!   left out, logged once with its reason and counted in
+//!   `weft_discovery_invalid_objects{kind}` ([`Source::invalid`]); the rest
+//!   applies.
+//!
+//! Network namespaces are not the API's to know: in Kubernetes mode they reach
+//! the node's registry from the CNI plugin and a scan of `/proc`.
+//!
+//! No API server can run where this is built and tested: the tests feed
+//! `kubectl get -o yaml` fixtures (`testdata/`) through the same event path the
+//! watches use.
+
+pub mod labels;
+mod run;
+pub mod state;
+pub mod translate;
+
+#[cfg(test)]
+mod tests;
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::sync::{mpsc, watch};
+
+pub use state::{Change, Group, Invalid, Kinds, Res, State};
+
+use crate::model::Mesh;
+
+/// A new mesh is published at most this often: a burst of changes (a
+/// deployment rolling, a node draining) is one rebuild, not hundreds.
+pub const COALESCE: Duration = Duration::from_millis(100);
+
+/// What a source watches and the settings its model carries.
+#[derive(Debug, Clone)]
+pub struct KubeOptions {
+    pub kinds: Kinds,
+    pub trust_domain: String,
+    /// Policies here apply mesh-wide (Istio's root namespace).
+    pub root_namespace: String,
+}
+
+impl Default for KubeOptions {
+    fn default() -> Self {
+        let mesh = Mesh::default();
+        KubeOptions {
+            kinds: Kinds::All,
+            trust_domain: mesh.trust_domain,
+            root_namespace: mesh.root_namespace,
+        }
+    }
+}
+
+/// A running source.
+pub struct Source {
+    /// `None` until synced, then the latest mesh.
+    pub updates: watch::Receiver<Option<Arc<Mesh>>>,
+    /// Objects skipped as invalid, per kind (for the metrics page).
+    pub invalid: Arc<Invalid>,
+}
+
+/// Starts the watches and the publisher on the current tokio runtime. They run
+/// until the runtime stops; watch failures are retried, never fatal.
+pub fn start(client: kube::Client, opts: KubeOptions) -> Source {
+    let state = State::new(opts.kinds, &opts.trust_domain, &opts.root_namespace);
+    let invalid = state.counts.clone();
+    let (tx, updates) = watch::channel(None);
+    // Bounded: a publisher busy assembling makes the watches wait (their
+    // streams then buffer in the API server's watch cache, not here).
+    let (changes, rx) = mpsc::channel(1024);
+    run::spawn_all(&client, &opts.kinds.watched(), &changes);
+    tokio::spawn(run::publish(state, rx, tx));
+    Source { updates, invalid }
+}

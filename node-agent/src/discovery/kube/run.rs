@@ -1,0 +1,180 @@
+//! The watches and the publisher: one task per watched kind turns its watch
+//! stream into translated [`Change`]s; one task applies them to the [`State`]
+//! and publishes a new mesh at most every [`super::COALESCE`].
+
+use std::{fmt::Debug, sync::Arc, time::Duration};
+
+use futures_util::StreamExt as _;
+use k8s_openapi::api::{
+    core::v1::{Namespace, Pod, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    Api, Client,
+    core::{ApiResource, DynamicObject, GroupVersionKind},
+    runtime::watcher,
+};
+use serde::de::DeserializeOwned;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+
+use super::{
+    COALESCE,
+    state::{Change, Res, State, change},
+    translate::{self, Entry},
+};
+use crate::model::Mesh;
+
+/// After a failed watch, the first retry waits this long, doubling up to
+/// [`MAX_BACKOFF`].
+const MIN_BACKOFF: Duration = Duration::from_millis(500);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A kind whose CRD is not installed is looked for again this often.
+const ABSENT_RETRY: Duration = Duration::from_secs(60);
+
+pub(super) fn spawn_all(client: &Client, kinds: &[Res], tx: &mpsc::Sender<(Res, Change)>) {
+    for &res in kinds {
+        let tx = tx.clone();
+        match res {
+            Res::Namespace => spawn(
+                Api::<Namespace>::all(client.clone()),
+                res,
+                translate::namespace,
+                tx,
+            ),
+            Res::Pod => spawn(Api::<Pod>::all(client.clone()), res, translate::pod, tx),
+            Res::Service => spawn(
+                Api::<Service>::all(client.clone()),
+                res,
+                translate::service,
+                tx,
+            ),
+            Res::EndpointSlice => spawn(
+                Api::<EndpointSlice>::all(client.clone()),
+                res,
+                translate::endpoint_slice,
+                tx,
+            ),
+            _ => {
+                let (group, version) = res.api_version().split_once('/').unwrap_or(("", "v1"));
+                let gvk = GroupVersionKind::gvk(group, version, res.kind());
+                let plural = format!("{}s", res.kind().to_ascii_lowercase());
+                let ar = ApiResource::from_gvk_with_plural(&gvk, &plural);
+                let api = Api::<DynamicObject>::all_with(client.clone(), &ar);
+                let translate: fn(&DynamicObject) -> Entry = match res {
+                    Res::HttpRoute => translate::http_route,
+                    Res::GrpcRoute => translate::grpc_route,
+                    Res::AuthorizationPolicy(_) => translate::authorization_policy,
+                    Res::PeerAuthentication(_) => translate::peer_authentication,
+                    _ => translate::request_authentication,
+                };
+                spawn(api, res, translate, tx);
+            }
+        }
+    }
+}
+
+fn spawn<K>(api: Api<K>, res: Res, translate: fn(&K) -> Entry, tx: mpsc::Sender<(Res, Change)>)
+where
+    K: kube::Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(watcher(api, watcher::Config::default()));
+        let mut backoff = MIN_BACKOFF;
+        let mut absent = false;
+        while let Some(item) = stream.next().await {
+            let change = match item {
+                Ok(ev) => {
+                    backoff = MIN_BACKOFF;
+                    if absent {
+                        info!(
+                            kind = res.kind(),
+                            api = res.api_version(),
+                            "now served; watching it"
+                        );
+                        absent = false;
+                    }
+                    change(ev, translate)
+                }
+                Err(e) if res.optional() && not_found(&e) => {
+                    if !absent {
+                        info!(
+                            kind = res.kind(),
+                            api = res.api_version(),
+                            retry_secs = ABSENT_RETRY.as_secs(),
+                            "not served by this cluster (its CRD is not installed); taken as none"
+                        );
+                        absent = true;
+                    }
+                    if tx.send((res, Change::Absent)).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(ABSENT_RETRY).await;
+                    continue;
+                }
+                Err(e) => {
+                    warn!(kind = res.kind(), api = res.api_version(), error = %e, retry_ms = backoff.as_millis() as u64, "watch failed; the last good objects keep serving");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    continue;
+                }
+            };
+            if tx.send((res, change)).await.is_err() {
+                return;
+            }
+        }
+    });
+}
+
+pub(super) fn not_found(e: &watcher::Error) -> bool {
+    match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s)) => s.code == 404,
+        watcher::Error::WatchError(s) => s.code == 404,
+        _ => false,
+    }
+}
+
+/// Applies changes as they come and publishes the assembled mesh when it
+/// changed, at most every [`COALESCE`], and never before every kind is synced.
+pub(super) async fn publish(
+    mut state: State,
+    mut rx: mpsc::Receiver<(Res, Change)>,
+    tx: watch::Sender<Option<Arc<Mesh>>>,
+) {
+    let mut last = tokio::time::Instant::now() - COALESCE;
+    let mut waiting_logged = tokio::time::Instant::now();
+    loop {
+        let ready = state.dirty() && state.synced();
+        tokio::select! {
+            msg = rx.recv() => {
+                let Some((res, c)) = msg else { return };
+                state.apply(res, c);
+                // Take whatever else is queued before looking at the clock: a
+                // burst becomes one mesh.
+                for _ in 0..4096 {
+                    match rx.try_recv() {
+                        Ok((res, c)) => state.apply(res, c),
+                        Err(_) => break,
+                    }
+                }
+                if !state.synced() && waiting_logged.elapsed() > Duration::from_secs(10) {
+                    let kinds: Vec<String> = state.unsynced().iter().map(|r| format!("{} ({})", r.kind(), r.api_version())).collect();
+                    info!(?kinds, "waiting for the first complete list; nothing is published until then");
+                    waiting_logged = tokio::time::Instant::now();
+                }
+            }
+            _ = tokio::time::sleep_until(last + COALESCE), if ready => {
+                let started = std::time::Instant::now();
+                if let Some(mesh) = state.build() {
+                    let same = tx.borrow().as_deref() == Some(&mesh);
+                    if !same {
+                        debug!(workloads = mesh.workloads.len(), services = mesh.services.len(), build_ms = started.elapsed().as_millis() as u64, "mesh assembled");
+                        tx.send_replace(Some(Arc::new(mesh)));
+                    }
+                }
+                last = tokio::time::Instant::now();
+            }
+        }
+    }
+}

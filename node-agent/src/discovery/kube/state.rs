@@ -1,0 +1,595 @@
+//! The incremental state: per kind, the translated entry of each object, fed
+//! by watch events, and the assembly of the mesh model from it.
+//!
+//! An event costs the translation of its one object and a map update; nothing
+//! else is touched until a mesh is assembled (at most every
+//! [`super::COALESCE`]). A pod change touches no service: services list their
+//! endpoints by pod name (from their EndpointSlices), resolved at assembly.
+//!
+//! Re-lists (after a disconnect or a `410 Gone`) fill a second map while the
+//! first keeps serving, swapped in whole at `InitDone`, as kube's own reflector
+//! store does: an object that went away while the watch was down disappears
+//! then, and never is a half-listed kind published.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    sync::Mutex,
+};
+
+use kube::runtime::watcher;
+use tracing::warn;
+
+use super::translate::{Entry, Key, SliceEntry};
+use crate::model::{self, Mesh};
+
+/// A kind of object that is watched. Policies are watched in two API groups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Res {
+    Namespace,
+    Pod,
+    Service,
+    EndpointSlice,
+    HttpRoute,
+    GrpcRoute,
+    AuthorizationPolicy(Group),
+    PeerAuthentication(Group),
+    RequestAuthentication(Group),
+}
+
+/// Where a policy kind comes from: Weft's CRDs, or Istio's (read as well, so a
+/// cluster can move over).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Group {
+    Weft,
+    Istio,
+}
+
+impl Group {
+    pub fn api_group(self) -> &'static str {
+        match self {
+            Group::Weft => "weft.dev",
+            Group::Istio => "security.istio.io",
+        }
+    }
+}
+
+impl Res {
+    /// The object kind, as the API names it (and as the invalid-objects metric
+    /// labels it).
+    pub fn kind(self) -> &'static str {
+        match self {
+            Res::Namespace => "Namespace",
+            Res::Pod => "Pod",
+            Res::Service => "Service",
+            Res::EndpointSlice => "EndpointSlice",
+            Res::HttpRoute => "HTTPRoute",
+            Res::GrpcRoute => "GRPCRoute",
+            Res::AuthorizationPolicy(_) => "AuthorizationPolicy",
+            Res::PeerAuthentication(_) => "PeerAuthentication",
+            Res::RequestAuthentication(_) => "RequestAuthentication",
+        }
+    }
+
+    /// `group/version` of the API serving it.
+    pub fn api_version(self) -> &'static str {
+        match self {
+            Res::Namespace | Res::Pod | Res::Service => "v1",
+            Res::EndpointSlice => "discovery.k8s.io/v1",
+            Res::HttpRoute | Res::GrpcRoute => "gateway.networking.k8s.io/v1",
+            Res::AuthorizationPolicy(g)
+            | Res::PeerAuthentication(g)
+            | Res::RequestAuthentication(g) => match g {
+                Group::Weft => "weft.dev/v1",
+                Group::Istio => "security.istio.io/v1",
+            },
+        }
+    }
+
+    /// Served by a CRD that may not be installed: a 404 means "none of them".
+    pub fn optional(self) -> bool {
+        !matches!(
+            self,
+            Res::Namespace | Res::Pod | Res::Service | Res::EndpointSlice
+        )
+    }
+}
+
+/// Which kinds a source watches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kinds {
+    /// Everything the agent's model holds.
+    All,
+    /// Pods and namespaces: which identities run on which node (the CA).
+    WorkloadsOnly,
+}
+
+impl Kinds {
+    pub fn watched(self) -> Vec<Res> {
+        let mut list = vec![Res::Namespace, Res::Pod];
+        if self == Kinds::All {
+            list.extend([
+                Res::Service,
+                Res::EndpointSlice,
+                Res::HttpRoute,
+                Res::GrpcRoute,
+            ]);
+            for g in [Group::Weft, Group::Istio] {
+                list.extend([
+                    Res::AuthorizationPolicy(g),
+                    Res::PeerAuthentication(g),
+                    Res::RequestAuthentication(g),
+                ]);
+            }
+        }
+        list
+    }
+}
+
+/// A watch event with its object already translated (and the object dropped),
+/// or the news that the kind's CRD is not installed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    Apply(Key, Entry),
+    Delete(Key),
+    Init,
+    InitApply(Key, Entry),
+    InitDone,
+    /// The kind's API answered 404 (its CRD is not installed): there are none.
+    Absent,
+}
+
+/// Translates a watcher event: `translate` sees the object, which is dropped
+/// right after.
+pub fn change<K: kube::Resource>(ev: watcher::Event<K>, translate: impl Fn(&K) -> Entry) -> Change {
+    use super::translate::key_of;
+    match ev {
+        watcher::Event::Apply(o) => Change::Apply(key_of(&o), translate(&o)),
+        watcher::Event::Delete(o) => Change::Delete(key_of(&o)),
+        watcher::Event::Init => Change::Init,
+        watcher::Event::InitApply(o) => Change::InitApply(key_of(&o), translate(&o)),
+        watcher::Event::InitDone => Change::InitDone,
+    }
+}
+
+#[derive(Debug, Default)]
+struct Objects {
+    /// Listed completely at least once (or known absent).
+    synced: bool,
+    live: BTreeMap<Key, Entry>,
+    /// A re-list in progress.
+    relist: Option<BTreeMap<Key, Entry>>,
+}
+
+/// Objects that could not be used, per kind, as the metric
+/// `weft_discovery_invalid_objects{kind}` reports them (a gauge: how many are
+/// invalid now). Shared with whoever exports metrics.
+#[derive(Debug, Default)]
+pub struct Invalid {
+    counts: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+impl Invalid {
+    /// The current count per kind.
+    pub fn counts(&self) -> BTreeMap<&'static str, u64> {
+        self.counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The Prometheus text of the gauge.
+    pub fn render(&self) -> String {
+        let mut out = String::from(
+            "# HELP weft_discovery_invalid_objects Kubernetes objects skipped because they are invalid.\n\
+             # TYPE weft_discovery_invalid_objects gauge\n",
+        );
+        for (kind, n) in self.counts() {
+            out.push_str(&format!(
+                "weft_discovery_invalid_objects{{kind=\"{kind}\"}} {n}\n"
+            ));
+        }
+        out
+    }
+
+    fn set(&self, counts: BTreeMap<&'static str, u64>) {
+        *self.counts.lock().unwrap_or_else(|e| e.into_inner()) = counts;
+    }
+}
+
+/// The translated objects of every watched kind.
+#[derive(Debug)]
+pub struct State {
+    trust_domain: String,
+    root_namespace: String,
+    kinds: BTreeMap<Res, Objects>,
+    /// Service (namespace, name) → its EndpointSlices' names.
+    slices_of: HashMap<Key, BTreeSet<String>>,
+    dirty: bool,
+    /// Invalid objects at the last assembly: (kind, namespace/name) → why.
+    invalid: BTreeMap<(&'static str, String), String>,
+    pub(super) counts: std::sync::Arc<Invalid>,
+}
+
+impl State {
+    pub fn new(kinds: Kinds, trust_domain: &str, root_namespace: &str) -> State {
+        State {
+            trust_domain: trust_domain.to_owned(),
+            root_namespace: root_namespace.to_owned(),
+            kinds: kinds
+                .watched()
+                .into_iter()
+                .map(|r| (r, Objects::default()))
+                .collect(),
+            slices_of: HashMap::new(),
+            dirty: false,
+            invalid: BTreeMap::new(),
+            counts: Default::default(),
+        }
+    }
+
+    /// Whether every watched kind has been listed completely once.
+    pub fn synced(&self) -> bool {
+        self.kinds.values().all(|o| o.synced)
+    }
+
+    /// Whether something changed since the last [`State::build`].
+    pub fn dirty(&self) -> bool {
+        self.dirty
+    }
+
+    /// The kinds not listed yet (for the log while waiting).
+    pub fn unsynced(&self) -> Vec<Res> {
+        self.kinds
+            .iter()
+            .filter(|(_, o)| !o.synced)
+            .map(|(r, _)| *r)
+            .collect()
+    }
+
+    /// How many objects of `res` are held.
+    pub fn len(&self, res: Res) -> usize {
+        self.kinds.get(&res).map_or(0, |o| o.live.len())
+    }
+
+    /// Applies one change of kind `res`.
+    pub fn apply(&mut self, res: Res, change: Change) {
+        let Some(objects) = self.kinds.get_mut(&res) else {
+            return;
+        };
+        let slices = res == Res::EndpointSlice;
+        match change {
+            Change::Apply(key, Entry::Skip) | Change::Delete(key) => {
+                if let Some(old) = objects.live.remove(&key) {
+                    if slices {
+                        unindex(&mut self.slices_of, &key, &old);
+                    }
+                    self.dirty = true;
+                }
+            }
+            Change::Apply(key, entry) => {
+                if slices {
+                    index(&mut self.slices_of, &key, &entry);
+                }
+                let old = objects.live.insert(key.clone(), entry);
+                if slices && let Some(old) = &old {
+                    // A slice moved to another service (never in practice, but the
+                    // label can be edited).
+                    let now = &objects.live[&key];
+                    if slice_service(old) != slice_service(now) {
+                        unindex(&mut self.slices_of, &key, old);
+                    }
+                }
+                if old.as_ref() != objects.live.get(&key) {
+                    self.dirty = true;
+                }
+            }
+            Change::Init => objects.relist = Some(BTreeMap::new()),
+            Change::InitApply(_, Entry::Skip) => {}
+            Change::InitApply(key, entry) => {
+                objects.relist.get_or_insert_default().insert(key, entry);
+            }
+            Change::InitDone => {
+                let listed = objects.relist.take().unwrap_or_default();
+                if !objects.synced || listed != objects.live {
+                    objects.live = listed;
+                    self.dirty = true;
+                    if slices {
+                        self.slices_of.clear();
+                        for (k, e) in &objects.live {
+                            index(&mut self.slices_of, k, e);
+                        }
+                    }
+                }
+                objects.synced = true;
+            }
+            Change::Absent => {
+                objects.relist = None;
+                if !objects.synced || !objects.live.is_empty() {
+                    objects.live.clear();
+                    self.dirty = true;
+                }
+                objects.synced = true;
+            }
+        }
+    }
+
+    fn live(&self, res: Res) -> impl Iterator<Item = (&Key, &Entry)> {
+        self.kinds.get(&res).into_iter().flat_map(|o| o.live.iter())
+    }
+
+    /// The mesh the objects describe, without the invalid ones (each logged
+    /// once, and counted); `None` until every kind is synced. Clears
+    /// [`State::dirty`].
+    pub fn build(&mut self) -> Option<Mesh> {
+        if !self.synced() {
+            return None;
+        }
+        self.dirty = false;
+        let mut invalid = BTreeMap::new();
+        let mut mesh = Mesh {
+            trust_domain: self.trust_domain.clone(),
+            root_namespace: self.root_namespace.clone(),
+            ..Mesh::default()
+        };
+        let mut ns_mesh: HashMap<&str, Option<bool>> = HashMap::new();
+        for ((_, name), e) in self.live(Res::Namespace) {
+            if let Entry::Namespace(ns) = e {
+                ns_mesh.insert(name, ns.mesh);
+                if ns.waypoint.is_some() {
+                    mesh.namespaces.push(model::Namespace {
+                        name: name.clone(),
+                        waypoint: ns.waypoint.clone(),
+                    });
+                }
+            }
+        }
+        for ((ns, name), e) in self.live(Res::Pod) {
+            match e {
+                Entry::Pod(p) => {
+                    let mut w = p.workload.clone();
+                    let ns_mode = ns_mesh.get(ns.as_str()).copied().flatten();
+                    w.enrolled = super::labels::enrolled(p.mesh, ns_mode, w.native_tunnel);
+                    mesh.workloads.push(w);
+                }
+                Entry::Invalid(why) => {
+                    invalid.insert(("Pod", format!("{ns}/{name}")), why.clone());
+                }
+                _ => {}
+            }
+        }
+        let pods = self.kinds.get(&Res::Pod).map(|o| &o.live);
+        let slices = self.kinds.get(&Res::EndpointSlice).map(|o| &o.live);
+        for ((ns, name), e) in self.live(Res::Service) {
+            match e {
+                Entry::Service(s) => {
+                    let mut svc = s.service.clone();
+                    let key = (ns.clone(), name.clone());
+                    let mine: Vec<&SliceEntry> = self
+                        .slices_of
+                        .get(&key)
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|slice| match slices?.get(&(ns.clone(), slice.clone()))? {
+                            Entry::Slice(s) => Some(&**s),
+                            _ => None,
+                        })
+                        .collect();
+                    let mut seen = HashSet::new();
+                    let mut endpoints = Vec::new();
+                    for pod in mine.iter().flat_map(|s| &s.pods) {
+                        let present = pods.is_some_and(|p| {
+                            matches!(p.get(&(ns.clone(), pod.clone())), Some(Entry::Pod(_)))
+                        });
+                        if present && seen.insert(pod) {
+                            endpoints.push(model::Endpoint {
+                                workload: pod.clone(),
+                                weight: 1,
+                            });
+                        }
+                    }
+                    svc.endpoints = model::Endpoints::Listed(endpoints);
+                    for (port, (port_name, target)) in svc.ports.iter_mut().zip(&s.targets) {
+                        // The slices say what a name resolved to; for a number they
+                        // say the same number.
+                        let resolved = mine
+                            .iter()
+                            .flat_map(|s| &s.ports)
+                            .find(|(n, _)| n == port_name)
+                            .map(|(_, p)| *p);
+                        port.target_port = match (target, resolved) {
+                            (_, Some(p)) => p,
+                            (super::translate::Target::Number(n), None) => *n,
+                            (super::translate::Target::Named(_), None) => port.port,
+                        };
+                    }
+                    mesh.services.push(svc);
+                }
+                Entry::Invalid(why) => {
+                    invalid.insert(("Service", format!("{ns}/{name}")), why.clone());
+                }
+                _ => {}
+            }
+        }
+        // A waypoint's Service (as Istio deploys one) lists the ports its
+        // replicas listen on, 15008 among them: the model reaches waypoints on
+        // 15008 by their endpoints and has no use for them, and would refuse
+        // them as ports of a service.
+        let waypoints: HashSet<(String, String)> = mesh
+            .services
+            .iter()
+            .map(|s| &s.waypoint)
+            .chain(mesh.namespaces.iter().map(|n| &n.waypoint))
+            .filter_map(|b| match b {
+                Some(model::UseWaypoint::Service { namespace, name }) => {
+                    Some((namespace.clone(), name.clone()))
+                }
+                _ => None,
+            })
+            .collect();
+        for svc in &mut mesh.services {
+            if waypoints.contains(&(svc.namespace.clone(), svc.name.clone())) {
+                svc.ports
+                    .retain(|p| !weft_common::is_mesh_port(p.target_port));
+            }
+        }
+        // Weft's policies first: a same-named Istio one is then the duplicate
+        // that validation drops.
+        let kinds: Vec<Res> = self.kinds.keys().copied().collect();
+        for res in kinds {
+            for ((ns, name), e) in self.live(res) {
+                match e {
+                    Entry::HttpRoute(r) => mesh.http_routes.push((**r).clone()),
+                    Entry::GrpcRoute(r) => mesh.grpc_routes.push((**r).clone()),
+                    Entry::AuthorizationPolicy(p) => {
+                        mesh.authorization_policies.push((**p).clone())
+                    }
+                    Entry::PeerAuthentication(p) => mesh.peer_authentications.push((**p).clone()),
+                    Entry::RequestAuthentication(p) => {
+                        mesh.request_authentications.push((**p).clone())
+                    }
+                    Entry::Invalid(why) if !matches!(res, Res::Pod | Res::Service) => {
+                        invalid.insert((res.kind(), format!("{ns}/{name}")), why.clone());
+                    }
+                    _ => {}
+                }
+            }
+        }
+        prune(&mut mesh, &mut invalid);
+        for ((kind, name), why) in &invalid {
+            if self.invalid.get(&(kind, name.clone())) != Some(why) {
+                warn!(kind, object = %name, reason = %why, "invalid object skipped; the rest of the mesh applies");
+            }
+        }
+        let mut counts: BTreeMap<&'static str, u64> = BTreeMap::new();
+        for (kind, _) in invalid.keys() {
+            *counts.entry(kind).or_default() += 1;
+        }
+        self.counts.set(counts);
+        self.invalid = invalid;
+        Some(mesh)
+    }
+
+    /// The invalid objects at the last assembly: (kind, `namespace/name`) → why.
+    pub fn invalid(&self) -> &BTreeMap<(&'static str, String), String> {
+        &self.invalid
+    }
+}
+
+fn slice_service(e: &Entry) -> Option<&str> {
+    match e {
+        Entry::Slice(s) => Some(&s.service),
+        _ => None,
+    }
+}
+
+fn index(slices_of: &mut HashMap<Key, BTreeSet<String>>, key: &Key, e: &Entry) {
+    if let Some(svc) = slice_service(e) {
+        slices_of
+            .entry((key.0.clone(), svc.to_owned()))
+            .or_default()
+            .insert(key.1.clone());
+    }
+}
+
+fn unindex(slices_of: &mut HashMap<Key, BTreeSet<String>>, key: &Key, e: &Entry) {
+    if let Some(svc) = slice_service(e) {
+        let svc_key = (key.0.clone(), svc.to_owned());
+        if let Some(set) = slices_of.get_mut(&svc_key) {
+            set.remove(&key.1);
+            if set.is_empty() {
+                slices_of.remove(&svc_key);
+            }
+        }
+    }
+}
+
+/// Drops the entries model validation finds fault with, until none is left
+/// (dropping one can fault another: a service bound to a dropped waypoint),
+/// recording each as an invalid object of its kind. Problems that name no
+/// entry cannot be dropped; they are left for the caller's check.
+fn prune(mesh: &mut Mesh, invalid: &mut BTreeMap<(&'static str, String), String>) {
+    for _ in 0..8 {
+        let problems = model::validate::problems(mesh);
+        let mut drop: BTreeMap<&str, BTreeMap<usize, String>> = BTreeMap::new();
+        for p in &problems {
+            if let Some((section, i, why)) = locate(p) {
+                drop.entry(section).or_default().entry(i).or_insert(why);
+            }
+        }
+        if drop.is_empty() {
+            return;
+        }
+        for (section, entries) in drop {
+            for (i, why) in entries.into_iter().rev() {
+                let (kind, name) = match section {
+                    "workloads" => ("Pod", mesh.workloads.remove(i).key().to_string()),
+                    "services" => {
+                        let s = mesh.services.remove(i);
+                        ("Service", format!("{}/{}", s.namespace, s.name))
+                    }
+                    "namespaces" => ("Namespace", mesh.namespaces.remove(i).name),
+                    "authorization_policies" => {
+                        let p = mesh.authorization_policies.remove(i);
+                        ("AuthorizationPolicy", format!("{}/{}", p.namespace, p.name))
+                    }
+                    "peer_authentications" => {
+                        let p = mesh.peer_authentications.remove(i);
+                        ("PeerAuthentication", format!("{}/{}", p.namespace, p.name))
+                    }
+                    "request_authentications" => {
+                        let p = mesh.request_authentications.remove(i);
+                        (
+                            "RequestAuthentication",
+                            format!("{}/{}", p.namespace, p.name),
+                        )
+                    }
+                    "http_routes" => {
+                        let r = mesh.http_routes.remove(i);
+                        ("HTTPRoute", format!("{}/{}", r.namespace, r.name))
+                    }
+                    "grpc_routes" => {
+                        let r = mesh.grpc_routes.remove(i);
+                        ("GRPCRoute", format!("{}/{}", r.namespace, r.name))
+                    }
+                    _ => continue,
+                };
+                invalid.insert((kind, name), why);
+            }
+        }
+        // A dropped pod is no service's endpoint any more.
+        let present: HashSet<(&str, &str)> = mesh
+            .workloads
+            .iter()
+            .map(|w| (w.namespace.as_str(), w.name.as_str()))
+            .collect();
+        let services = std::mem::take(&mut mesh.services);
+        mesh.services = services
+            .into_iter()
+            .map(|mut s| {
+                if let model::Endpoints::Listed(list) = &mut s.endpoints {
+                    list.retain(|e| present.contains(&(s.namespace.as_str(), e.workload.as_str())));
+                }
+                s
+            })
+            .collect();
+    }
+}
+
+/// `services[3] (shop/web): why` → ("services", 3, "why").
+fn locate(problem: &str) -> Option<(&'static str, usize, String)> {
+    const SECTIONS: &[&str] = &[
+        "workloads",
+        "services",
+        "namespaces",
+        "authorization_policies",
+        "peer_authentications",
+        "request_authentications",
+        "http_routes",
+        "grpc_routes",
+    ];
+    let (section, rest) = problem.split_once('[')?;
+    let section = SECTIONS.iter().find(|s| **s == section)?;
+    let (i, rest) = rest.split_once(']')?;
+    let why = rest.split_once("): ").map_or(rest, |(_, why)| why);
+    Some((section, i.parse().ok()?, why.to_owned()))
+}

@@ -267,11 +267,35 @@ pub enum AgentAuthMode {
     TokenReview,
 }
 
+/// Where the agent learns the mesh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Discovery {
+    /// The mesh file (`--config`), watched.
+    File,
+    /// The Kubernetes API (in cluster, or `KUBECONFIG`): pods, services,
+    /// EndpointSlices, namespaces, Gateway API routes and policy CRDs.
+    Kubernetes,
+}
+
 #[derive(Debug, Args)]
 pub struct AgentArgs {
     /// The mesh config file (local mode). Watched: changes apply without a restart.
+    /// Required with `--discovery file`.
     #[arg(long, env = "WEFT_CONFIG")]
     pub config: Option<PathBuf>,
+
+    /// Where the mesh comes from: the `--config` file, or the Kubernetes API.
+    #[arg(long, env = "WEFT_DISCOVERY", value_enum, default_value_t = Discovery::File)]
+    pub discovery: Discovery,
+
+    /// The trust domain of the mesh read from Kubernetes (a file names its own).
+    #[arg(long, env = "WEFT_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+
+    /// The root namespace of the mesh read from Kubernetes: its policies apply
+    /// mesh-wide (a file names its own).
+    #[arg(long, env = "WEFT_ROOT_NAMESPACE", default_value = "weft-system")]
+    pub root_namespace: String,
 
     /// This node's name; the agent serves the workloads the config places on it.
     #[arg(long, env = "WEFT_NODE")]

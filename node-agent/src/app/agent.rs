@@ -23,7 +23,7 @@ use crate::{
         server::{CaOptions, CaServer},
     },
     certs::CertManager,
-    cli::AgentArgs,
+    cli::{AgentArgs, Discovery},
     discovery::{self, file, watch::Watch},
     ebpf::{self, Capture},
     hbone::{PoolSettings, client::Pool},
@@ -44,10 +44,15 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     ebpf::object()?;
-    let config_path = args
-        .config
-        .clone()
-        .context("--config is required (the mesh config file)")?;
+    // The mesh file, or none when the mesh comes from Kubernetes.
+    let config_path = match args.discovery {
+        Discovery::File => Some(
+            args.config
+                .clone()
+                .context("--config is required (the mesh config file)")?,
+        ),
+        Discovery::Kubernetes => None,
+    };
     let node = match &args.node {
         Some(n) => n.clone(),
         None => hostname().context("--node not given and the hostname is unreadable")?,
@@ -72,7 +77,12 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
     runtime.block_on(async move {
         // An embedded CA binds first: it writes the bundle this agent then reads.
         let embedded = match &args.embedded_ca_dir {
-            Some(dir) => Some(embedded_ca(&args, dir, &config_path).await?),
+            Some(dir) => {
+                let config = config_path.as_deref().context(
+                    "--embedded-ca-dir signs from the mesh file: give --config, or run `weft ca` beside a Kubernetes agent",
+                )?;
+                Some(embedded_ca(&args, dir, config).await?)
+            }
             None => None,
         };
         let ca_addr = match &embedded {
@@ -86,10 +96,19 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
                 "--trust-bundle is required (the CA writes it as bundle.pem)"
             ),
         };
-        // Watch before reading: a change in between is then seen.
-        let mut watch = Watch::new(&[&config_path, &bundle_path]);
+        // Watch before reading: a change in between is then seen. The bundle is
+        // the last path watched.
+        let mut watched: Vec<&Path> = config_path.iter().map(PathBuf::as_path).collect();
+        watched.push(&bundle_path);
+        let mut watch = Watch::new(&watched);
         // The first config must be good: there is no last good one to fall back on.
-        let loaded = file::load(&config_path, args.config_max_bytes)?;
+        let (loaded, kube) = match &config_path {
+            Some(path) => (file::load(path, args.config_max_bytes)?, None),
+            None => {
+                let (loaded, source) = first_from_kubernetes(&args).await?;
+                (loaded, Some(source))
+            }
+        };
         wait_for_bundle(&bundle_path).await;
         let bundle = load_bundle(&bundle_path)?;
         let token = match (&args.ca_token_file, &args.embedded_ca_node_tokens) {
@@ -170,16 +189,22 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         let admin_listener = bind(args.admin_addr, "admin").await?;
         let certs_view = shared.certs.clone();
         let pool_view = shared.pool.clone();
+        let invalid_view = kube.as_ref().map(|k| k.invalid.clone());
         let render: crate::metrics::Render = Arc::new(move || {
             let mut page = crate::stats::STATS.render();
             page.push_str(&certs_view.render_metrics());
             page.push_str(&pool_view.render_metrics());
+            if let Some(invalid) = &invalid_view {
+                page.push_str(&invalid.render());
+            }
             page
         });
         let admin = Arc::new(Admin::new(
             shared.clone(),
             node.clone(),
-            config_path.clone(),
+            config_path
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("kubernetes")),
             render.clone(),
         ));
         tokio::spawn(return_memory_after_floods(shared.clone()));
@@ -217,13 +242,25 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         );
         admin.set_ready();
         let follow = Follow {
-            config: &config_path,
+            config: config_path.as_deref(),
             bundle: &bundle_path,
             node: &node,
             max_bytes: args.config_max_bytes,
         };
+        let mut kube = kube.map(|k| KubeFollow {
+            updates: k.updates,
+            refused_since: None,
+        });
         follow
-            .run(&mut watch, &mut pods, &mut registry, &shared, &admin, &bundle)
+            .run(
+                &mut watch,
+                &mut kube,
+                &mut pods,
+                &mut registry,
+                &shared,
+                &admin,
+                &bundle,
+            )
             .await?;
         pods.shutdown();
         let left = node::access::drain(Duration::from_millis(args.drain_ms)).await;
@@ -259,9 +296,68 @@ fn node_netns(loaded: &file::Loaded, node: &str) -> BTreeMap<WorkloadKey, PathBu
         .collect()
 }
 
+/// Starts Kubernetes discovery and waits for its first complete mesh: until
+/// every kind has been listed the agent serves nothing (it is not ready, so the
+/// CNI plugin holds new pods back). Network namespaces are not the API's to
+/// know: they reach the registry from the CNI plugin and the `/proc` scan.
+async fn first_from_kubernetes(
+    args: &AgentArgs,
+) -> anyhow::Result<(file::Loaded, discovery::kube::Source)> {
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API (in cluster, or KUBECONFIG)")?;
+    let mut source = discovery::kube::start(
+        client,
+        discovery::kube::KubeOptions {
+            kinds: discovery::kube::Kinds::All,
+            trust_domain: args.trust_domain.clone(),
+            root_namespace: args.root_namespace.clone(),
+        },
+    );
+    info!("waiting for the first complete list from the Kubernetes API");
+    let mesh = source
+        .updates
+        .wait_for(Option::is_some)
+        .await
+        .context("Kubernetes discovery stopped before its first list")?
+        .clone()
+        .context("a published mesh")?;
+    let problems = crate::model::validate::problems(&mesh);
+    anyhow::ensure!(
+        problems.is_empty(),
+        "the mesh from Kubernetes is invalid: {}",
+        problems.join("; ")
+    );
+    info!(
+        workloads = mesh.workloads.len(),
+        services = mesh.services.len(),
+        "mesh listed from Kubernetes"
+    );
+    let loaded = file::Loaded {
+        mesh: (*mesh).clone(),
+        netns: BTreeMap::new(),
+        allow_shrink: false,
+    };
+    Ok((loaded, source))
+}
+
+/// How long the Kubernetes source must keep saying a sharp shrink (see
+/// [`discovery::guard`]) before it is applied. The source never publishes a
+/// half-listed kind, so a shrink it holds for this long is the cluster's
+/// state (a namespace deleted, a deployment scaled down), not a lost list; the
+/// wait only keeps a glitch from unenrolling most of a node at once.
+const KUBE_SHRINK_SETTLE: Duration = Duration::from_secs(10);
+
+/// The Kubernetes source as the follow loop sees it.
+struct KubeFollow {
+    updates: tokio::sync::watch::Receiver<Option<Arc<crate::model::Mesh>>>,
+    /// When the guard first refused the latest mesh.
+    refused_since: Option<tokio::time::Instant>,
+}
+
 /// What the agent follows after start: its files, by event.
 struct Follow<'a> {
-    config: &'a Path,
+    config: Option<&'a Path>,
     bundle: &'a Path,
     node: &'a str,
     max_bytes: u64,
@@ -271,9 +367,14 @@ impl Follow<'_> {
     /// Applies changes of the mesh file and the trust bundle until a shutdown
     /// signal. A bad file, or a change the guard refuses, is reported and the
     /// last good one keeps serving. Nothing is rebuilt while nothing changed.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the follow loop's inputs and outputs"
+    )]
     async fn run(
         &self,
         watch: &mut Watch,
+        kube: &mut Option<KubeFollow>,
         pods: &mut Pods,
         registry: &mut Registry,
         shared: &Shared,
@@ -287,10 +388,28 @@ impl Follow<'_> {
         count.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut revisit = tokio::time::interval(REVISIT_EVERY);
         revisit.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let bundle_index = usize::from(self.config.is_some());
         loop {
+            let shrink_deadline = kube
+                .as_ref()
+                .and_then(|k| k.refused_since)
+                .map(|t| t + KUBE_SHRINK_SETTLE);
             let changed = tokio::select! {
                 _ = term.recv() => return Ok(()),
                 _ = int.recv() => return Ok(()),
+                r = kube_changed(kube), if kube.is_some() => {
+                    r.context("Kubernetes discovery stopped")?;
+                    if let Some(k) = kube.as_mut() {
+                        self.apply_kube(k, false, pods, registry, shared, admin);
+                    }
+                    continue;
+                }
+                _ = tokio::time::sleep_until(shrink_deadline.unwrap_or_else(tokio::time::Instant::now)), if shrink_deadline.is_some() => {
+                    if let Some(k) = kube.as_mut() {
+                        self.apply_kube(k, true, pods, registry, shared, admin);
+                    }
+                    continue;
+                }
                 _ = count.tick() => {
                     pods.count_map_entries();
                     continue;
@@ -302,10 +421,12 @@ impl Follow<'_> {
                 }
                 changed = watch.changed() => changed,
             };
-            if changed.contains(&0) {
-                self.reload(pods, registry, shared, admin);
+            if let Some(config) = self.config
+                && changed.contains(&0)
+            {
+                self.reload(config, pods, registry, shared, admin);
             }
-            if changed.contains(&1) {
+            if changed.contains(&bundle_index) {
                 match load_bundle(self.bundle) {
                     Ok(b) => {
                         info!(path = %self.bundle.display(), roots = b.len(), "trust bundle reloaded");
@@ -319,9 +440,58 @@ impl Follow<'_> {
         }
     }
 
-    fn reload(&self, pods: &mut Pods, registry: &mut Registry, shared: &Shared, admin: &Admin) {
+    /// Applies the Kubernetes source's latest mesh, through the same guard as
+    /// the file: a sharp shrink waits [`KUBE_SHRINK_SETTLE`] (`settled`: the
+    /// wait is over), and the last good mesh serves meanwhile.
+    fn apply_kube(
+        &self,
+        kube: &mut KubeFollow,
+        settled: bool,
+        pods: &mut Pods,
+        registry: &Registry,
+        shared: &Shared,
+        admin: &Admin,
+    ) {
+        let Some(next) = kube.updates.borrow_and_update().clone() else {
+            return;
+        };
         let current = shared.view();
-        let loaded = match file::load(self.config, self.max_bytes) {
+        if !settled && let Err(e) = discovery::guard(current.mesh(), &next, false) {
+            if kube.refused_since.is_none() {
+                kube.refused_since = Some(tokio::time::Instant::now());
+            }
+            let e = format!(
+                "kubernetes: {e}; applied if the API server still says so in {} s",
+                KUBE_SHRINK_SETTLE.as_secs()
+            );
+            warn!(error = %e, "mesh change held back; the last good mesh keeps serving");
+            admin.config_rejected(e);
+            return;
+        }
+        kube.refused_since = None;
+        if *next != *current.mesh() {
+            info!(
+                workloads = next.workloads.len(),
+                services = next.services.len(),
+                "mesh changed in Kubernetes, applying"
+            );
+            let view = shared.set_view((*next).clone());
+            pods.apply(&view, registry);
+        }
+        admin.config_applied(false);
+        admin.set_enrolled(pods.enrolled_pods());
+    }
+
+    fn reload(
+        &self,
+        config: &Path,
+        pods: &mut Pods,
+        registry: &mut Registry,
+        shared: &Shared,
+        admin: &Admin,
+    ) {
+        let current = shared.view();
+        let loaded = match file::load(config, self.max_bytes) {
             Ok(loaded) => loaded,
             Err(e) => {
                 error!(error = %e, "config rejected; the last good config keeps serving");
@@ -332,7 +502,7 @@ impl Follow<'_> {
         if let Err(e) = discovery::guard(current.mesh(), &loaded.mesh, loaded.allow_shrink) {
             let e = format!(
                 "{}: {e}; put `allow_shrink: true` in the file if the change is meant",
-                self.config.display()
+                config.display()
             );
             error!(error = %e, "config rejected; the last good config keeps serving");
             admin.config_rejected(e);
@@ -345,13 +515,23 @@ impl Follow<'_> {
             r
         };
         if loaded.mesh != *current.mesh() || new_registry != *registry {
-            info!(path = %self.config.display(), "config changed, applying");
+            info!(path = %config.display(), "config changed, applying");
             *registry = new_registry;
             let view = shared.set_view(loaded.mesh);
             pods.apply(&view, registry);
         }
         admin.config_applied(loaded.allow_shrink);
         admin.set_enrolled(pods.enrolled_pods());
+    }
+}
+
+/// The Kubernetes source's next change; never, without one.
+async fn kube_changed(
+    kube: &mut Option<KubeFollow>,
+) -> Result<(), tokio::sync::watch::error::RecvError> {
+    match kube {
+        Some(k) => k.updates.changed().await,
+        None => std::future::pending().await,
     }
 }
 

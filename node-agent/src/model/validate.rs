@@ -132,6 +132,25 @@ fn service_problems(
     problems: &mut Vec<String>,
 ) {
     let mut seen = HashSet::new();
+    // Indexed once: a cluster's services list their endpoints by name, and a
+    // scan per endpoint is quadratic (10,000 pods took a second).
+    let workloads: HashSet<(&str, &str)> = mesh
+        .workloads
+        .iter()
+        .map(|w| (w.namespace.as_str(), w.name.as_str()))
+        .collect();
+    let waypoints: HashSet<(&str, &str)> = mesh
+        .services
+        .iter()
+        .map(|s| &s.waypoint)
+        .chain(mesh.namespaces.iter().map(|n| &n.waypoint))
+        .filter_map(|b| match b {
+            Some(UseWaypoint::Service { namespace, name }) => {
+                Some((namespace.as_str(), name.as_str()))
+            }
+            _ => None,
+        })
+        .collect();
     for (i, svc) in mesh.services.iter().enumerate() {
         let at = format!("services[{i}] ({}/{})", svc.namespace, svc.name);
         if !is_dns_label(&svc.name) || !is_dns_label(&svc.namespace) {
@@ -142,7 +161,7 @@ fn service_problems(
         }
         // A waypoint's service only names its replicas: no VIP or port of its
         // own is needed (they are reached on 15008).
-        let waypoint = mesh.is_waypoint(svc);
+        let waypoint = waypoints.contains(&(svc.namespace.as_str(), svc.name.as_str()));
         if svc.addresses.is_empty() && !waypoint {
             problems.push(format!("{at}: needs at least one address (its VIP)"));
         }
@@ -188,11 +207,7 @@ fn service_problems(
             Endpoints::Selector(sel) => labels_problems(&at, "selector", sel, problems),
             Endpoints::Listed(eps) => {
                 for (j, ep) in eps.iter().enumerate() {
-                    if !mesh
-                        .workloads
-                        .iter()
-                        .any(|w| w.namespace == svc.namespace && w.name == ep.workload)
-                    {
+                    if !workloads.contains(&(svc.namespace.as_str(), ep.workload.as_str())) {
                         problems.push(format!(
                             "{at}: endpoints[{j}]: no workload {}/{}",
                             svc.namespace, ep.workload

@@ -343,10 +343,10 @@ impl State {
                 }
             }
         }
-        for ((ns, name), e) in self.live(Res::Pod) {
+        for (key @ (ns, name), e) in self.live(Res::Pod) {
             match e {
                 Entry::Pod(p) => {
-                    let mut w = p.workload.clone();
+                    let mut w = p.workload(key);
                     let ns_mode = ns_mesh.get(ns.as_str()).copied().flatten();
                     w.enrolled = super::labels::enrolled(p.mesh, ns_mode, w.native_tunnel);
                     mesh.workloads.push(w);

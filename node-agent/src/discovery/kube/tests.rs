@@ -565,7 +565,13 @@ fn what_a_pod_keeps_is_the_model_entry_only() {
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect();
-    assert_eq!(p.workload.labels, expected);
+    let w = p.workload(&("shop".to_owned(), "web-0".to_owned()));
+    assert_eq!(w.labels, expected);
+    assert_eq!((w.namespace.as_str(), w.name.as_str()), ("shop", "web-0"));
+    assert!(
+        p.partial.name.is_empty() && p.partial.labels.is_empty(),
+        "kept once, in the key"
+    );
     assert_eq!(p.mesh, None);
     let bad = {
         let mut p = pod("web-0");

@@ -1,0 +1,365 @@
+//! Kubernetes discovery at scale: a synthetic cluster of 10,000 and 100,000 pods
+//! and 10,000 services (with their EndpointSlices), fed to
+//! `discovery::kube::State` as the watches feed it (a list: `Init`,
+//! `InitApply`..., `InitDone`), each object translated and dropped as it
+//! arrives.
+//!
+//! Prints, per size:
+//! - the memory the discovery state holds per pod (bytes still allocated after
+//!   the list, counted by the global allocator, over the pod count; the objects
+//!   themselves were freed);
+//! - the time of the initial list (translation of every object) and of the
+//!   first assembly of the mesh (`State::build`, with validation);
+//! - the initial `View::new` (what the agent compiles from that mesh);
+//! - one pod changing (its labels): the event's translation and apply, then
+//!   what publishing it costs (`State::build`), then the agent's `View::new`.
+//!
+//! `cargo bench -p weft --bench discovery` (`-- --quick`: 10,000 pods only).
+//! Not criterion: one list of 100,000 pods is itself the measurement.
+
+use std::{
+    alloc::{GlobalAlloc, Layout, System},
+    collections::BTreeMap,
+    hint::black_box,
+    sync::atomic::{AtomicI64, Ordering},
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::{
+    api::{
+        core::v1::{
+            Container, ContainerPort, Namespace, ObjectReference, Pod, PodIP, PodSpec, PodStatus,
+            Service, ServicePort, ServiceSpec,
+        },
+        discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
+    },
+    apimachinery::pkg::{
+        apis::meta::v1::{ManagedFieldsEntry, ObjectMeta},
+        util::intstr::IntOrString,
+    },
+};
+use kube::runtime::watcher::Event;
+use weft::{
+    discovery::kube::{
+        Change, Kinds, Res, State,
+        state::change,
+        translate::{self, Entry},
+    },
+    view::{Balancers, View},
+};
+
+/// The system allocator, keeping the count of bytes allocated and not freed.
+struct Counting;
+
+static LIVE: AtomicI64 = AtomicI64::new(0);
+
+// SAFETY: every call is forwarded unchanged to the system allocator.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LIVE.fetch_add(layout.size() as i64, Ordering::Relaxed);
+        // SAFETY: the caller upholds `GlobalAlloc::alloc`'s contract, which is System's.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size() as i64, Ordering::Relaxed);
+        // SAFETY: `ptr` came from `alloc` above, that is from System, with `layout`.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+fn live() -> i64 {
+    LIVE.load(Ordering::Relaxed)
+}
+
+const SERVICES: usize = 10_000;
+const NODES: usize = 5_000;
+/// Pods per namespace.
+const PER_NAMESPACE: usize = 100;
+
+fn labels(pairs: &[(&str, String)]) -> Option<BTreeMap<String, String>> {
+    Some(
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), v.clone()))
+            .collect(),
+    )
+}
+
+fn namespace_of(i: usize) -> String {
+    format!("team-{}", i / PER_NAMESPACE)
+}
+
+/// A pod as the API server sends it: labels of a Deployment's pod, managed
+/// fields, a container, status with its IP.
+fn pod(i: usize, services: usize, rev: u32) -> Pod {
+    let svc = i % services;
+    let ip = format!("10.{}.{}.{}", 64 + (i >> 16), (i >> 8) & 255, i & 255);
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(format!("app-{svc}-7d9c8b6f5-{i:05x}")),
+            namespace: Some(namespace_of(i)),
+            labels: labels(&[
+                ("app", format!("app-{svc}")),
+                ("pod-template-hash", "7d9c8b6f5".into()),
+                ("version", format!("v{rev}")),
+            ]),
+            managed_fields: Some(vec![ManagedFieldsEntry {
+                api_version: Some("v1".into()),
+                fields_type: Some("FieldsV1".into()),
+                manager: Some("kube-controller-manager".into()),
+                operation: Some("Update".into()),
+                ..Default::default()
+            }]),
+            resource_version: Some(format!("{}", 100_000 + i)),
+            uid: Some(format!("9e8d7c6b-{i:08x}-4a3b-9c8d-7e6f5a4b3c2d")),
+            ..Default::default()
+        },
+        spec: Some(PodSpec {
+            containers: vec![Container {
+                name: "app".into(),
+                image: Some("registry.example/app:1.4.2".into()),
+                ports: Some(vec![ContainerPort {
+                    container_port: 8080,
+                    name: Some("http".into()),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }],
+            node_name: Some(format!("node-{}", i % NODES)),
+            service_account_name: Some(format!("app-{svc}")),
+            ..Default::default()
+        }),
+        status: Some(PodStatus {
+            phase: Some("Running".into()),
+            pod_ip: Some(ip.clone()),
+            pod_ips: Some(vec![PodIP { ip }]),
+            host_ip: Some("192.168.0.1".into()),
+            ..Default::default()
+        }),
+    }
+}
+
+/// Service `s` selects the pods `i` with `i % services == s`: they live in
+/// the namespace of pod `s` only when there are no more pods than services,
+/// so each service is put in the namespace of its first pod and lists the
+/// pods of that namespace it selects.
+fn service(s: usize) -> Service {
+    Service {
+        metadata: ObjectMeta {
+            name: Some(format!("app-{s}")),
+            namespace: Some(namespace_of(s)),
+            ..Default::default()
+        },
+        spec: Some(ServiceSpec {
+            cluster_ip: Some(format!("10.96.{}.{}", s >> 8, s & 255)),
+            cluster_ips: Some(vec![format!("10.96.{}.{}", s >> 8, s & 255)]),
+            ports: Some(vec![ServicePort {
+                name: Some("http".into()),
+                port: 80,
+                target_port: Some(IntOrString::String("http".into())),
+                app_protocol: Some("http".into()),
+                ..Default::default()
+            }]),
+            selector: labels(&[("app", format!("app-{s}"))]),
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+fn slice(s: usize, pods: usize) -> EndpointSlice {
+    let ns = namespace_of(s);
+    let members: Vec<usize> = (s..pods)
+        .step_by(SERVICES.min(pods))
+        .filter(|i| namespace_of(*i) == ns)
+        .collect();
+    EndpointSlice {
+        address_type: "IPv4".into(),
+        endpoints: members
+            .iter()
+            .map(|&i| Endpoint {
+                addresses: vec![format!(
+                    "10.{}.{}.{}",
+                    64 + (i >> 16),
+                    (i >> 8) & 255,
+                    i & 255
+                )],
+                conditions: Some(EndpointConditions {
+                    ready: Some(true),
+                    serving: Some(true),
+                    terminating: Some(false),
+                }),
+                target_ref: Some(ObjectReference {
+                    kind: Some("Pod".into()),
+                    name: pod(i, SERVICES.min(pods), 0).metadata.name,
+                    namespace: Some(ns.clone()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .collect(),
+        metadata: ObjectMeta {
+            name: Some(format!("app-{s}-x7k2p")),
+            namespace: Some(ns),
+            labels: labels(&[("kubernetes.io/service-name", format!("app-{s}"))]),
+            ..Default::default()
+        },
+        ports: Some(vec![EndpointPort {
+            name: Some("http".into()),
+            port: Some(8080),
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }]),
+    }
+}
+
+fn list<K: kube::Resource>(
+    state: &mut State,
+    res: Res,
+    n: usize,
+    make: impl Fn(usize) -> K,
+    f: fn(&K) -> Entry,
+) {
+    state.apply(res, Change::Init);
+    for i in 0..n {
+        // Made, translated and dropped one at a time, as a watch page is read.
+        state.apply(res, change(Event::InitApply(make(i)), f));
+    }
+    state.apply(res, Change::InitDone);
+}
+
+fn mib(bytes: i64) -> f64 {
+    bytes as f64 / (1 << 20) as f64
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn run(pods: usize) {
+    let services = SERVICES.min(pods);
+    let namespaces = pods.div_ceil(PER_NAMESPACE);
+    println!("\n== {pods} pods, {services} services, {namespaces} namespaces, {NODES} nodes ==");
+    let base = live();
+    let mut state = State::new(Kinds::All, "cluster.local", "weft-system");
+    let started = Instant::now();
+    list(
+        &mut state,
+        Res::Namespace,
+        namespaces,
+        |i| Namespace {
+            metadata: ObjectMeta {
+                name: Some(format!("team-{i}")),
+                labels: labels(&[("weft.dev/mesh", "enabled".into())]),
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+        translate::namespace,
+    );
+    let before_pods = live();
+    list(
+        &mut state,
+        Res::Pod,
+        pods,
+        |i| pod(i, services, 0),
+        translate::pod,
+    );
+    let pods_bytes = live() - before_pods;
+    list(
+        &mut state,
+        Res::Service,
+        services,
+        service,
+        translate::service,
+    );
+    list(
+        &mut state,
+        Res::EndpointSlice,
+        services,
+        |s| slice(s, pods),
+        translate::endpoint_slice,
+    );
+    for res in state.unsynced() {
+        state.apply(res, Change::Absent);
+    }
+    let listed = started.elapsed();
+    let state_bytes = live() - base;
+    println!(
+        "discovery state: {:.1} MiB in all, {:.1} MiB for the pods: {} B per pod (pods only), {} B per pod (all kinds)",
+        mib(state_bytes),
+        mib(pods_bytes),
+        pods_bytes / pods as i64,
+        state_bytes / pods as i64,
+    );
+    println!(
+        "initial list (translate every object): {:.0} ms",
+        ms(listed)
+    );
+
+    let before_mesh = live();
+    let t = Instant::now();
+    let mesh = state.build().expect("synced");
+    let build = t.elapsed();
+    let mesh_bytes = live() - before_mesh;
+    assert_eq!(mesh.workloads.len(), pods);
+    assert_eq!(mesh.services.len(), services);
+    assert!(state.invalid().is_empty(), "{:?}", state.invalid());
+    println!(
+        "first mesh (State::build, with validation): {:.0} ms; the mesh: {:.1} MiB, {} B per pod",
+        ms(build),
+        mib(mesh_bytes),
+        mesh_bytes / pods as i64
+    );
+
+    let balancers = Balancers::default();
+    let t = Instant::now();
+    let view = View::new(mesh.clone(), "node-0", &balancers);
+    println!("initial View::new: {:.0} ms", ms(t.elapsed()));
+    black_box(&view);
+    drop(view);
+
+    // One pod changes, over and over (a label flips): the event alone, then
+    // the publish (assembly), then the agent's rebuild.
+    let rounds = if pods > 20_000 { 5 } else { 15 };
+    let mut apply = Vec::new();
+    let mut publish = Vec::new();
+    let mut rebuild = Vec::new();
+    for r in 1..=rounds {
+        let changed = pod(pods / 2, services, r);
+        let t = Instant::now();
+        state.apply(Res::Pod, change(Event::Apply(changed), translate::pod));
+        apply.push(t.elapsed());
+        let t = Instant::now();
+        let mesh = state.build().expect("synced");
+        publish.push(t.elapsed());
+        let t = Instant::now();
+        let view = View::new(mesh, "node-0", &balancers);
+        rebuild.push(t.elapsed());
+        black_box(view);
+    }
+    println!(
+        "one pod change: translate + apply {:.1} µs; publish (State::build) {:.0} ms; View::new {:.0} ms (medians of {rounds})",
+        median(apply).as_secs_f64() * 1e6,
+        ms(median(publish)),
+        ms(median(rebuild)),
+    );
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    // `cargo bench` passes `--bench`; anything else is for criterion benches.
+    run(10_000);
+    if !quick {
+        run(100_000);
+    }
+}

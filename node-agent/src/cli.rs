@@ -170,9 +170,20 @@ pub struct CaArgs {
     pub dir: PathBuf,
 
     /// The mesh config: a node gets signed only identities of workloads the file
-    /// places on it. Watched: changes apply without a restart.
+    /// places on it. Watched: changes apply without a restart. Required with
+    /// `--discovery file`.
     #[arg(long, env = "WEFT_CA_CONFIG")]
-    pub config: PathBuf,
+    pub config: Option<PathBuf>,
+
+    /// Where the CA learns which pods run on which node: the `--config` file,
+    /// or the Kubernetes API (pods and namespaces; it serves once it has listed
+    /// them).
+    #[arg(long, env = "WEFT_CA_DISCOVERY", value_enum, default_value_t = Discovery::File)]
+    pub discovery: Discovery,
+
+    /// The trust domain, with `--discovery kubernetes` (a file names its own).
+    #[arg(long, env = "WEFT_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
 
     /// The node-token file (YAML, `node-name: token`): how agents prove their node
     /// in local mode. Watched. Required with `--agent-auth node-tokens`.

@@ -8,7 +8,7 @@ use crate::{
         satoken::{Check, SaOptions},
         server::{AgentAuth, CaOptions, CaServer, Limits, MeshSource},
     },
-    cli::{AgentAuthMode, CaArgs},
+    cli::{AgentAuthMode, CaArgs, Discovery},
 };
 
 pub fn run(args: CaArgs) -> anyhow::Result<()> {
@@ -19,21 +19,12 @@ pub fn run(args: CaArgs) -> anyhow::Result<()> {
         .as_deref()
         .map(namespaced)
         .transpose()?;
-    let opts = CaOptions {
-        dir: args.dir,
-        mesh: MeshSource::File(args.config),
-        auth,
-        listen: args.listen,
-        metrics_addr: Some(args.metrics_addr),
-        max_ttl: args.cert_ttl,
-        config_max_bytes: args.config_max_bytes,
-        limits: Limits {
-            max_connections: args.max_connections,
-            max_connections_per_peer: args.max_connections_per_peer,
-            first_request_timeout: args.first_request_timeout,
-            idle_timeout: args.idle_timeout,
-        },
-    };
+    let kubernetes = args.discovery == Discovery::Kubernetes;
+    match (kubernetes, &args.config) {
+        (true, Some(_)) => anyhow::bail!("--config is for --discovery file"),
+        (false, None) => anyhow::bail!("--config is required with --discovery file"),
+        _ => {}
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("weft-ca")
@@ -42,25 +33,59 @@ pub fn run(args: CaArgs) -> anyhow::Result<()> {
         use tokio::signal::unix::{SignalKind, signal};
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
-        let cluster = match (&root_secret, &bundle_configmap) {
-            (None, None) => None,
-            _ => Some(kube::Client::try_default().await.context(
-                "--root-secret and --bundle-configmap need a Kubernetes client (in-cluster or KUBECONFIG)",
+        let needs_client = kubernetes || root_secret.is_some() || bundle_configmap.is_some();
+        let client = match needs_client {
+            false => None,
+            true => Some(kube::Client::try_default().await.context(
+                "--discovery kubernetes, --root-secret and --bundle-configmap need a Kubernetes \
+                 client (in cluster, or KUBECONFIG)",
             )?),
         };
-        if let (Some(client), Some((ns, name))) = (&cluster, &root_secret) {
-            let trust_domain = match &opts.mesh {
-                MeshSource::File(path) => {
-                    crate::discovery::file::load(path, opts.config_max_bytes)?
-                        .mesh
-                        .trust_domain
-                }
-                MeshSource::Updates { trust_domain, .. } => trust_domain.clone(),
-            };
-            cluster::root_from_secret(client, ns, name, &opts.dir, &trust_domain).await?;
+        let (mesh, trust_domain) = match (&client, args.config) {
+            (Some(client), None) => {
+                // Pods and namespaces: which identities run on which node.
+                let source = crate::discovery::kube::start(
+                    client.clone(),
+                    crate::discovery::kube::KubeOptions {
+                        kinds: crate::discovery::kube::Kinds::WorkloadsOnly,
+                        trust_domain: args.trust_domain.clone(),
+                        ..Default::default()
+                    },
+                );
+                let updates = MeshSource::Updates {
+                    trust_domain: args.trust_domain.clone(),
+                    updates: source.updates,
+                };
+                (updates, args.trust_domain)
+            }
+            (_, Some(path)) => {
+                let trust_domain = crate::discovery::file::load(&path, args.config_max_bytes)?
+                    .mesh
+                    .trust_domain;
+                (MeshSource::File(path), trust_domain)
+            }
+            (None, None) => unreachable!("checked above"),
+        };
+        if let (Some(client), Some((ns, name))) = (&client, &root_secret) {
+            cluster::root_from_secret(client, ns, name, &args.dir, &trust_domain).await?;
         }
-        let server = CaServer::bind(opts).await?;
-        if let (Some(client), Some((ns, name))) = (&cluster, &bundle_configmap) {
+        let server = CaServer::bind(CaOptions {
+            dir: args.dir,
+            mesh,
+            auth,
+            listen: args.listen,
+            metrics_addr: Some(args.metrics_addr),
+            max_ttl: args.cert_ttl,
+            config_max_bytes: args.config_max_bytes,
+            limits: Limits {
+                max_connections: args.max_connections,
+                max_connections_per_peer: args.max_connections_per_peer,
+                first_request_timeout: args.first_request_timeout,
+                idle_timeout: args.idle_timeout,
+            },
+        })
+        .await?;
+        if let (Some(client), Some((ns, name))) = (&client, &bundle_configmap) {
             cluster::publish_bundle(client, ns, name, &server.bundle_pem()).await?;
         }
         server

@@ -20,7 +20,7 @@ use kube::runtime::watcher;
 use tracing::warn;
 
 use super::translate::{Entry, Key, SliceEntry};
-use crate::model::{self, Mesh};
+use crate::model::{self, Mesh, authn};
 
 /// A kind of object that is watched. Policies are watched in two API groups.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -207,7 +207,20 @@ pub struct State {
     dirty: bool,
     /// Invalid objects at the last assembly: (kind, namespace/name) → why.
     invalid: BTreeMap<(&'static str, String), String>,
+    /// The policies of the last mesh built, by (kind, `namespace/name`). A
+    /// policy edited into an invalid one keeps its last good version in force
+    /// until it is fixed or deleted: fail closed, so a mistyped edit of a DENY
+    /// policy does not open what it closed.
+    last_good: HashMap<(&'static str, String), Kept>,
     pub(super) counts: std::sync::Arc<Invalid>,
+}
+
+/// A policy as it last applied.
+#[derive(Debug, Clone)]
+enum Kept {
+    Authz(model::AuthorizationPolicy),
+    Peer(model::PeerAuthentication),
+    Request(authn::RequestAuthentication),
 }
 
 impl State {
@@ -223,6 +236,7 @@ impl State {
             slices_of: HashMap::new(),
             dirty: false,
             invalid: BTreeMap::new(),
+            last_good: HashMap::new(),
             counts: Default::default(),
         }
     }
@@ -455,6 +469,49 @@ impl State {
             }
         }
         prune(&mut mesh, &mut invalid);
+        // Invalid now, good before: the last good version stays.
+        let mut restored = false;
+        for ((kind, name), why) in invalid.iter_mut() {
+            let Some(kept) = self.last_good.get(&(*kind, name.clone())) else {
+                continue;
+            };
+            match kept.clone() {
+                Kept::Authz(p) => mesh.authorization_policies.push(p),
+                Kept::Peer(p) => mesh.peer_authentications.push(p),
+                Kept::Request(p) => mesh.request_authentications.push(p),
+            }
+            why.push_str("; its last good version stays in force");
+            restored = true;
+        }
+        if restored {
+            let mut again = BTreeMap::new();
+            prune(&mut mesh, &mut again);
+        }
+        self.last_good = mesh
+            .authorization_policies
+            .iter()
+            .map(|p| {
+                (
+                    ("AuthorizationPolicy", format!("{}/{}", p.namespace, p.name)),
+                    Kept::Authz(p.clone()),
+                )
+            })
+            .chain(mesh.peer_authentications.iter().map(|p| {
+                (
+                    ("PeerAuthentication", format!("{}/{}", p.namespace, p.name)),
+                    Kept::Peer(p.clone()),
+                )
+            }))
+            .chain(mesh.request_authentications.iter().map(|p| {
+                (
+                    (
+                        "RequestAuthentication",
+                        format!("{}/{}", p.namespace, p.name),
+                    ),
+                    Kept::Request(p.clone()),
+                )
+            }))
+            .collect();
         for ((kind, name), why) in &invalid {
             if self.invalid.get(&(kind, name.clone())) != Some(why) {
                 warn!(kind, object = %name, reason = %why, "invalid object skipped; the rest of the mesh applies");

@@ -439,6 +439,44 @@ fn an_invalid_authorization_policy_is_skipped_and_the_rest_applies() {
     );
     assert_eq!(c.mesh().authorization_policies.len(), 3);
     assert_eq!(c.state.counts.counts()["AuthorizationPolicy"], 1);
+
+    // Edited into an invalid one, a policy that applied keeps its last good
+    // version in force (fail closed: the DENY stays); it is reported all the
+    // same. Deleted, it is gone.
+    let broken: DynamicObject = serde_json::from_value(serde_json::json!({
+        "apiVersion": "weft.dev/v1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "port-zero", "namespace": "shop"},
+        "spec": {"action": "DENY", "selector": {"matchLabels": {"app": "web"}},
+                 "rules": [{"to": [{"operation": {"ports": ["0"]}}]}]}
+    }))
+    .unwrap();
+    c.event(
+        Res::AuthorizationPolicy(Group::Weft),
+        Event::Apply(broken.clone()),
+        translate::authorization_policy,
+    );
+    let mesh = c.mesh();
+    let kept = mesh
+        .authorization_policies
+        .iter()
+        .find(|p| p.name == "port-zero")
+        .expect("the last good version");
+    assert_eq!(kept.rules[0].to[0].ports, [22]);
+    assert!(
+        c.state.invalid()[&("AuthorizationPolicy", "shop/port-zero".to_owned())]
+            .contains("last good version stays")
+    );
+    c.event(
+        Res::AuthorizationPolicy(Group::Weft),
+        Event::Delete(broken),
+        translate::authorization_policy,
+    );
+    assert!(
+        !c.mesh()
+            .authorization_policies
+            .iter()
+            .any(|p| p.name == "port-zero")
+    );
 }
 
 #[test]

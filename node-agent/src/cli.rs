@@ -51,9 +51,23 @@ pub struct StatusArgs {
 #[derive(Debug, Args)]
 pub struct WaypointArgs {
     /// The mesh config file. Watched: a change applies without a restart, and
-    /// one that does not validate keeps the last good one serving.
+    /// one that does not validate keeps the last good one serving. Required
+    /// with `--discovery file`.
     #[arg(long, env = "WEFT_CONFIG")]
-    pub config: PathBuf,
+    pub config: Option<PathBuf>,
+
+    /// Where the mesh comes from: the `--config` file, or the Kubernetes API
+    /// (as the agent reads it).
+    #[arg(long, env = "WEFT_DISCOVERY", value_enum, default_value_t = Discovery::File)]
+    pub discovery: Discovery,
+
+    /// The trust domain of the mesh read from Kubernetes (a file names its own).
+    #[arg(long, env = "WEFT_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+
+    /// The root namespace of the mesh read from Kubernetes.
+    #[arg(long, env = "WEFT_ROOT_NAMESPACE", default_value = "weft-system")]
+    pub root_namespace: String,
 
     /// This waypoint's workload in the config, `<namespace>/<name>`: its
     /// identity and node.

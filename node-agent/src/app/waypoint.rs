@@ -17,7 +17,7 @@ use tracing::{error, info, warn};
 use crate::{
     ca::client::CaClient,
     certs::CertManager,
-    cli::WaypointArgs,
+    cli::{Discovery, WaypointArgs},
     discovery::{file, watch::Watch},
     hbone::{
         PoolSettings,
@@ -58,15 +58,73 @@ pub fn run(args: WaypointArgs) -> anyhow::Result<()> {
     runtime.block_on(serve(args, me))
 }
 
+/// Where the waypoint's mesh comes from.
+enum Source {
+    /// The file, index 0 of the watch (the bundle is index 1).
+    File(std::path::PathBuf),
+    Kubernetes(crate::discovery::kube::Source),
+}
+
+impl Source {
+    async fn start(args: &WaypointArgs) -> anyhow::Result<(Source, Mesh)> {
+        match (args.discovery, &args.config) {
+            (Discovery::File, Some(path)) => {
+                let mesh = file::load(path, args.config_max_bytes)?.mesh;
+                Ok((Source::File(path.clone()), mesh))
+            }
+            (Discovery::File, None) => anyhow::bail!("--config is required with --discovery file"),
+            (Discovery::Kubernetes, Some(_)) => anyhow::bail!("--config is for --discovery file"),
+            (Discovery::Kubernetes, None) => {
+                let client = kube::Client::try_default()
+                    .await
+                    .context("connecting to the Kubernetes API (in cluster, or KUBECONFIG)")?;
+                let mut source = crate::discovery::kube::start(
+                    client,
+                    crate::discovery::kube::KubeOptions {
+                        kinds: crate::discovery::kube::Kinds::All,
+                        trust_domain: args.trust_domain.clone(),
+                        root_namespace: args.root_namespace.clone(),
+                    },
+                );
+                info!("waiting for the first complete list from the Kubernetes API");
+                let mesh = source
+                    .updates
+                    .wait_for(Option::is_some)
+                    .await
+                    .context("Kubernetes discovery stopped before its first list")?
+                    .clone()
+                    .context("a published mesh")?;
+                Ok((Source::Kubernetes(source), Arc::unwrap_or_clone(mesh)))
+            }
+        }
+    }
+
+    /// The next mesh from Kubernetes (never, for a file: the watch says).
+    async fn next(&mut self) -> Option<Arc<Mesh>> {
+        match self {
+            Source::File(_) => std::future::pending().await,
+            Source::Kubernetes(s) => {
+                s.updates.changed().await.ok()?;
+                s.updates.borrow_and_update().clone()
+            }
+        }
+    }
+}
+
 async fn serve(args: WaypointArgs, me: WorkloadKey) -> anyhow::Result<()> {
-    let mut watch = Watch::new(&[&args.config, &args.trust_bundle]);
-    let loaded = file::load(&args.config, args.config_max_bytes)?;
-    let mesh = loaded.mesh;
+    let (mut source, mesh) = Source::start(&args).await?;
+    // Index 0: the mesh file (a placeholder in Kubernetes mode: never written);
+    // index 1: the trust bundle.
+    let config_path = match &source {
+        Source::File(p) => p.clone(),
+        Source::Kubernetes(_) => args.trust_bundle.clone(),
+    };
+    let mut watch = Watch::new(&[&config_path, &args.trust_bundle]);
     let workload = mesh
         .workloads
         .iter()
         .find(|w| w.key() == me)
-        .with_context(|| format!("workload {me} is not in {}", args.config.display()))?;
+        .with_context(|| format!("workload {me} is not in the mesh"))?;
     anyhow::ensure!(
         workload.native_tunnel,
         "workload {me} must be `native_tunnel: true` to run a waypoint (it speaks HBONE itself)"
@@ -252,15 +310,30 @@ async fn serve(args: WaypointArgs, me: WorkloadKey) -> anyhow::Result<()> {
             _ = term.recv() => break,
             _ = int.recv() => break,
             changed = watch.changed() => changed,
+            Some(mesh) = source.next() => {
+                let problems = crate::model::validate::problems(&mesh);
+                if problems.is_empty() {
+                    engine.set_config(Config::new(
+                        Arc::new(View::new(per_request(Arc::unwrap_or_clone(mesh)), &node, &balancers)),
+                        &jwks,
+                    ));
+                    info!("mesh updated from Kubernetes");
+                } else {
+                    error!(problems = %problems.join("; "), "mesh from Kubernetes rejected; the last good one keeps serving");
+                }
+                continue;
+            }
         };
-        if changed.contains(&0) {
-            match file::load(&args.config, args.config_max_bytes) {
+        if let Source::File(path) = &source
+            && changed.contains(&0)
+        {
+            match file::load(path, args.config_max_bytes) {
                 Ok(loaded) => {
                     engine.set_config(Config::new(
                         Arc::new(View::new(per_request(loaded.mesh), &node, &balancers)),
                         &jwks,
                     ));
-                    info!(path = %args.config.display(), "config reloaded");
+                    info!(path = %path.display(), "config reloaded");
                 }
                 Err(e) => error!(error = %e, "config rejected; the last good config keeps serving"),
             }

@@ -64,11 +64,39 @@ pub fn run(apt: Apt) -> Result<Toolchain> {
     let start = Instant::now();
     let toolchain = toolchain()?;
     packages(apt, PACKAGES)?;
+    kubectl(apt)?;
     cmd::done(&format!(
         "setup complete in {:.1} s",
         start.elapsed().as_secs_f64()
     ));
     Ok(toolchain)
+}
+
+/// `kubectl` for the `deploy/` tests (`kubectl kustomize`): Debian's own
+/// (`kubernetes-client`, 1.20) is too old for the manifests' kustomize, so a
+/// newer one must be there (the `kubectl` package of Kubernetes' or Google's
+/// apt repository, as on the machines Weft is tested on). Tried with apt-get
+/// when missing; the tests say what is missing if it still is.
+fn kubectl(apt: Apt) -> Result<()> {
+    let works = || {
+        std::process::Command::new("kubectl")
+            .args(["version", "--client"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if works() {
+        return Ok(());
+    }
+    if apt == Apt::Install {
+        let _ = cmd::run(cmd::tool("apt-get").args(["install", "-y", "-q", "kubectl"]));
+    }
+    if !works() {
+        eprintln!(
+            "warning: no kubectl ≥ 1.27 on PATH: the deploy/ tests need `kubectl kustomize` \
+             (install the `kubectl` package from the Kubernetes apt repository)"
+        );
+    }
+    Ok(())
 }
 
 /// The toolchain checks: nightly present, its rust-src, a matching bpf-linker.

@@ -27,6 +27,9 @@ pub const PACKAGES: &[&str] = &[
     "python3-websockets",
     // Global rate limits at the waypoint (tests start their own server).
     "redis-server",
+    // The CNI reference plugins (bridge, host-local in /usr/lib/cni): the
+    // chain `weft cni` is tested behind (tests/src/cni.rs).
+    "containernetworking-plugins",
 ];
 
 /// What `cargo xtask bench` runs on top of [`PACKAGES`]: an HTTP load

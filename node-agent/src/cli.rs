@@ -25,6 +25,10 @@ pub enum Command {
     /// Print a node's view (pods, identities, services, connections) from its
     /// agent's admin endpoint.
     Status(StatusArgs),
+    /// The chained CNI plugin (run by the container runtime, with the CNI
+    /// environment and config; also installed as `weft-cni`), and its install
+    /// into a node's CNI directories.
+    Cni(CniArgs),
     /// Work with configuration files.
     Config {
         #[command(subcommand)]
@@ -36,6 +40,47 @@ pub enum Command {
 pub enum ConfigCommand {
     /// Check a mesh config file and print every error with its location.
     Validate { file: PathBuf },
+}
+
+#[derive(Debug, Args)]
+pub struct CniArgs {
+    /// Without a subcommand: act as the plugin.
+    #[command(subcommand)]
+    pub command: Option<CniCommand>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CniCommand {
+    /// Copy this binary into the CNI bin dir as `weft-cni` and chain it at the
+    /// end of the conflist the runtime uses (idempotent).
+    Install {
+        /// The node's CNI bin dir (mounted from the host).
+        #[arg(long, env = "WEFT_CNI_BIN_DIR", default_value = "/opt/cni/bin")]
+        bin_dir: PathBuf,
+        /// The node's CNI config dir (mounted from the host).
+        #[arg(long, env = "WEFT_CNI_CONF_DIR", default_value = "/etc/cni/net.d")]
+        conf_dir: PathBuf,
+        /// The agent's socket, as the plugin will reach it on the node.
+        #[arg(long, env = "WEFT_CNI_SOCKET", default_value = crate::cni::proto::DEFAULT_SOCKET)]
+        agent_socket: PathBuf,
+        /// Namespaces whose pods the plugin never sends to the agent: the
+        /// cluster's own, which must start even while the mesh is down.
+        #[arg(
+            long,
+            env = "WEFT_CNI_EXCLUDE_NAMESPACES",
+            value_delimiter = ',',
+            default_value = "kube-system,weft-system"
+        )]
+        exclude_namespaces: Vec<String>,
+    },
+    /// Take the plugin out of every conflist in the conf dir (and the binary
+    /// out of the bin dir, if given).
+    Uninstall {
+        #[arg(long, env = "WEFT_CNI_BIN_DIR")]
+        bin_dir: Option<PathBuf>,
+        #[arg(long, env = "WEFT_CNI_CONF_DIR", default_value = "/etc/cni/net.d")]
+        conf_dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -512,4 +557,10 @@ pub struct AgentArgs {
     /// (its streams fail) and the next stream to that peer opens a fresh one.
     #[arg(long, env = "WEFT_HBONE_PING_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub hbone_ping_timeout: std::time::Duration,
+
+    /// Where the chained CNI plugin (`weft cni`) reaches this agent to hand
+    /// it each new pod's network namespace (a Unix socket, mode 0600, root
+    /// peers only). Off when not given.
+    #[arg(long, env = "WEFT_CNI_SOCKET")]
+    pub cni_socket: Option<PathBuf>,
 }

@@ -14,6 +14,8 @@
 //! - `ca/`: the CA; `certs`, `tls`, `identity`: certificates and identities.
 //! - `admin`, `metrics`, `stats`, `telemetry`: operators' endpoints, metrics, logs.
 //! - `workers`: the data-path threads.
+//! - `cni`: the chained CNI plugin (`weft cni`) and its install; the agent's
+//!   side of its socket is `node::cni`.
 
 pub mod admin;
 pub mod app;
@@ -21,6 +23,7 @@ pub mod authz;
 pub mod ca;
 pub mod certs;
 pub mod cli;
+pub mod cni;
 pub mod discovery;
 pub mod ebpf;
 pub mod grpc;

@@ -28,6 +28,8 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("stats", &["metrics", "model", "net", "telemetry"]),
     ("view", &["authz", "lb", "model", "stats"]),
     ("ebpf", &["net"]),
+    // The CNI plugin and its protocol: the agent's side is node::cni.
+    ("cni", &[]),
     (
         "ca",
         &[
@@ -87,7 +89,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
         "admin",
         &["metrics", "model", "node", "stats", "telemetry", "workers"],
     ),
-    ("cli", &["ca", "discovery", "http", "node", "units"]),
+    ("cli", &["ca", "cni", "discovery", "http", "node", "units"]),
     // The wiring of each role may use everything below it.
     (
         "app",
@@ -96,6 +98,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "ca",
             "certs",
             "cli",
+            "cni",
             "discovery",
             "ebpf",
             "hbone",

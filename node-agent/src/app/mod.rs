@@ -8,7 +8,7 @@ mod waypoint;
 
 use anyhow::Context as _;
 
-use crate::cli::{Cli, Command, ConfigCommand};
+use crate::cli::{Cli, CniArgs, CniCommand, Command, ConfigCommand};
 
 pub use agent::raise_fd_limit;
 
@@ -17,6 +17,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Agent(args) => agent::run(*args),
         Command::Ca(args) => ca::run(*args),
         Command::Waypoint(args) => waypoint::run(*args),
+        Command::Cni(args) => cni(args),
         Command::Status(args) => {
             let (code, body) =
                 crate::metrics::get(args.admin_addr, "/status").with_context(|| {
@@ -56,6 +57,41 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 mesh.http_routes.len(),
                 mesh.grpc_routes.len(),
             );
+            Ok(())
+        }
+    }
+}
+
+/// `weft cni install` / `uninstall` (the plugin itself never gets here: see
+/// `main.rs`).
+fn cni(args: CniArgs) -> anyhow::Result<()> {
+    use crate::cni::install;
+    match args.command {
+        None => anyhow::bail!("`weft cni` runs as a plugin only from main"),
+        Some(CniCommand::Install {
+            bin_dir,
+            conf_dir,
+            agent_socket,
+            exclude_namespaces,
+        }) => {
+            let exe = std::env::current_exe().context("finding this executable")?;
+            let entry = install::Entry {
+                agent_socket,
+                exclude_namespaces,
+            };
+            let (list, changed) = install::install(&exe, &bin_dir, &conf_dir, &entry)?;
+            tracing::info!(
+                binary = %bin_dir.join(install::PLUGIN_TYPE).display(),
+                conflist = %list.display(),
+                changed,
+                "weft-cni installed"
+            );
+            Ok(())
+        }
+        Some(CniCommand::Uninstall { bin_dir, conf_dir }) => {
+            let changed = install::uninstall(bin_dir.as_deref(), &conf_dir)?;
+            let changed: Vec<String> = changed.iter().map(|p| p.display().to_string()).collect();
+            tracing::info!(?changed, "weft-cni uninstalled");
             Ok(())
         }
     }

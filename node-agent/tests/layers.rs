@@ -72,6 +72,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
         &[
             "authz",
             "certs",
+            "cni",
             "ebpf",
             "hbone",
             "identity",

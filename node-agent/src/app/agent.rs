@@ -28,7 +28,7 @@ use crate::{
     ebpf::{self, Capture},
     hbone::{PoolSettings, client::Pool},
     model::WorkloadKey,
-    node::{self, Shared, pods::Pods, registry::Registry},
+    node::{self, Shared, cni::Cni, pods::Pods, registry::Registry, scan::Scanner},
     tls::TrustBundle,
 };
 
@@ -222,6 +222,9 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         registry.replace(node_netns(&loaded, &node));
         let allowed_shrink = loaded.allow_shrink;
         let view = shared.set_view(loaded.mesh);
+        // Pods that run already and that no source names: found in /proc.
+        let mut scanner = Scanner::new(&node, &cgroup);
+        scanner.scan_if_needed(&view, &mut registry, true);
         pods.apply(&view, &registry);
         admin.config_loaded(allowed_shrink);
         admin.set_enrolled(pods.enrolled_pods());
@@ -240,6 +243,18 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
             workers,
             "agent ready"
         );
+        // The CNI plugin's requests are answered from here on: the agent has
+        // its model and serves its pods.
+        let mut cni = match &args.cni_socket {
+            Some(path) => {
+                let (server, cni) = node::cni::CniServer::bind(path, &node)
+                    .with_context(|| format!("binding the CNI socket {}", path.display()))?;
+                tokio::spawn(server.run());
+                cni
+            }
+            None => Cni::off(&node),
+        };
+        cni.set_ready();
         admin.set_ready();
         let follow = Follow {
             config: config_path.as_deref(),
@@ -257,6 +272,8 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
                 &mut kube,
                 &mut pods,
                 &mut registry,
+                &mut cni,
+                &mut scanner,
                 &shared,
                 &admin,
                 &bundle,
@@ -377,6 +394,8 @@ impl Follow<'_> {
         kube: &mut Option<KubeFollow>,
         pods: &mut Pods,
         registry: &mut Registry,
+        cni: &mut Cni,
+        scanner: &mut Scanner,
         shared: &Shared,
         admin: &Admin,
         bundle: &RwLock<TrustBundle>,
@@ -402,20 +421,30 @@ impl Follow<'_> {
                     if let Some(k) = kube.as_mut() {
                         self.apply_kube(k, false, pods, registry, shared, admin);
                     }
+                    model_applied(shared, pods, registry, cni, scanner);
                     continue;
                 }
                 _ = tokio::time::sleep_until(shrink_deadline.unwrap_or_else(tokio::time::Instant::now)), if shrink_deadline.is_some() => {
                     if let Some(k) = kube.as_mut() {
                         self.apply_kube(k, true, pods, registry, shared, admin);
                     }
+                    model_applied(shared, pods, registry, cni, scanner);
                     continue;
                 }
                 _ = count.tick() => {
                     pods.count_map_entries();
                     continue;
                 }
-                _ = revisit.tick(), if pods.needs_revisit() => {
-                    pods.revisit(&shared.view(), registry);
+                _ = revisit.tick(), if pods.needs_revisit() || cni.waiting() => {
+                    let view = shared.view();
+                    cni.expire(&view, registry);
+                    scanner.scan_if_needed(&view, registry, false);
+                    pods.revisit(&view, registry);
+                    admin.set_enrolled(pods.enrolled_pods());
+                    continue;
+                }
+                call = cni.next() => {
+                    cni.handle(call, &shared.view(), pods, registry);
                     admin.set_enrolled(pods.enrolled_pods());
                     continue;
                 }
@@ -425,6 +454,7 @@ impl Follow<'_> {
                 && changed.contains(&0)
             {
                 self.reload(config, pods, registry, shared, admin);
+                model_applied(shared, pods, registry, cni, scanner);
             }
             if changed.contains(&bundle_index) {
                 match load_bundle(self.bundle) {
@@ -533,6 +563,22 @@ async fn kube_changed(
         Some(k) => k.updates.changed().await,
         None => std::future::pending().await,
     }
+}
+
+/// After a model is applied: pods it enrolls whose namespace no source has
+/// named are looked for in /proc, and the CNI ADDs waiting for the model get
+/// their answer if it now has one.
+fn model_applied(
+    shared: &Shared,
+    pods: &mut Pods,
+    registry: &mut Registry,
+    cni: &mut Cni,
+    scanner: &mut Scanner,
+) {
+    let view = shared.view();
+    scanner.scan_if_needed(&view, registry, false);
+    pods.revisit(&view, registry);
+    cni.model_changed(&view, pods);
 }
 
 /// Binds the CA that runs inside this agent (`--embedded-ca-dir`).

@@ -73,6 +73,23 @@ impl Netns {
         (held.dev(), held.ino()) == (now.dev(), now.ino())
     }
 
+    /// The namespace's inode: what `/proc/<pid>/ns/net` of every process in it
+    /// names, and what tells two paths to one namespace apart from two
+    /// namespaces.
+    pub fn inode(&self) -> io::Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        Ok(self.file.metadata()?.ino())
+    }
+
+    /// Whether `path` names this very namespace.
+    pub fn is_at(&self, path: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let (Ok(held), Ok(there)) = (self.file.metadata(), std::fs::metadata(path)) else {
+            return false;
+        };
+        (held.dev(), held.ino()) == (there.dev(), there.ino())
+    }
+
     /// Runs `f` with the current thread inside this namespace, then returns the
     /// thread home. Keep `f` to socket creation: it must not block or yield.
     pub fn run<T>(&self, f: impl FnOnce() -> T) -> io::Result<T> {

@@ -15,6 +15,7 @@
 
 pub mod access;
 pub mod admit;
+pub mod cni;
 pub mod hbone_in;
 pub mod inbound;
 pub(crate) mod listener;
@@ -23,6 +24,7 @@ pub mod outbound;
 pub mod pod;
 pub mod pods;
 pub mod registry;
+pub mod scan;
 
 use std::{
     collections::HashMap,

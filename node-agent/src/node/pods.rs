@@ -58,6 +58,9 @@ pub struct Pods {
     /// Namespaces a previous run enrolled that the config no longer names but
     /// that live on: kept captured (warned about once).
     kept: BTreeSet<u64>,
+    /// Why the last attempt to enroll a pending workload failed: what the CNI
+    /// plugin reports to the runtime.
+    failures: BTreeMap<WorkloadKey, String>,
 }
 
 impl Pods {
@@ -71,6 +74,7 @@ impl Pods {
             orphans: BTreeSet::new(),
             pending: BTreeSet::new(),
             kept: BTreeSet::new(),
+            failures: BTreeMap::new(),
         }
     }
 
@@ -82,6 +86,24 @@ impl Pods {
 
     pub fn enrolled(&self) -> impl Iterator<Item = &WorkloadKey> {
         self.pods.keys()
+    }
+
+    /// The network namespace `pod` is enrolled in, if it is.
+    pub fn netns_of(&self, pod: &WorkloadKey) -> Option<&Netns> {
+        self.pods.get(pod).map(|p| &p.netns)
+    }
+
+    /// Why `pod` could not be enrolled at the last attempt, if it could not.
+    pub fn failure(&self, pod: &WorkloadKey) -> Option<&str> {
+        self.failures.get(pod).map(String::as_str)
+    }
+
+    /// Unenrolls `pod` whatever the model says: the container runtime has
+    /// deleted its sandbox (a CNI DEL), so what the model still says of it is
+    /// about to change. Applying the model again enrolls it anew where its
+    /// namespace is known.
+    pub fn release(&mut self, pod: &WorkloadKey, why: &str) {
+        self.remove(pod, why);
     }
 
     /// Entries per eBPF map, into the metrics.
@@ -103,6 +125,7 @@ impl Pods {
         let mesh = view.mesh();
         let mut desired: BTreeMap<WorkloadKey, (PathBuf, SpiffeId)> = BTreeMap::new();
         self.pending.clear();
+        self.failures.clear();
         for w in mesh.enrolled_on(&self.node) {
             let Ok(id) = w.identity(&mesh.trust_domain) else {
                 continue;
@@ -173,6 +196,7 @@ impl Pods {
                 }
                 Err(e) => {
                     error!(workload = %key, error = %e, "cannot enroll pod; will retry");
+                    self.failures.insert(key.clone(), e.to_string());
                     self.pending.insert(key);
                 }
             }

@@ -22,6 +22,7 @@
 //! ```
 
 pub mod cluster;
+pub mod cni;
 pub mod ext_authz;
 pub mod http_echo;
 pub mod jwt;

@@ -46,6 +46,9 @@ pub struct Mesh<'c> {
     namespaces: std::collections::BTreeMap<String, String>,
     /// YAML appended after the workloads: `services:`, `authorization_policies:`...
     sections: String,
+    /// Workload entries of pods the cluster did not make (a CNI sandbox),
+    /// listed after the cluster's pods.
+    more_workloads: String,
     agents: Vec<Option<Proc>>,
     ca: Option<Proc>,
     /// Extra arguments for every agent.
@@ -61,6 +64,8 @@ pub struct Mesh<'c> {
     /// Run the CA inside node 0's agent (`--embedded-ca-dir`) instead of as its
     /// own `weft ca` process. Set before `start_all`.
     pub embedded_ca: bool,
+    /// Give each agent a CNI socket (`--cni-socket`, at [`Mesh::cni_socket`]).
+    pub cni_sockets: bool,
 }
 
 /// Where the CA listens: node 0's uplink, reachable from every node.
@@ -108,6 +113,7 @@ impl<'c> Mesh<'c> {
             extra: Default::default(),
             namespaces: Default::default(),
             sections: String::new(),
+            more_workloads: String::new(),
             agents: (0..cluster.nodes().len()).map(|_| None).collect(),
             ca: None,
             agent_args: Vec::new(),
@@ -115,6 +121,7 @@ impl<'c> Mesh<'c> {
             agent_wrapper: Vec::new(),
             ca_args: Vec::new(),
             embedded_ca: false,
+            cni_sockets: false,
         };
         mesh.write_config()?;
         let mut tokens = String::new();
@@ -157,6 +164,11 @@ impl<'c> Mesh<'c> {
         )?)
     }
 
+    /// Node `node`'s agent's CNI socket (with `cni_sockets`).
+    pub fn cni_socket(&self, node: usize) -> PathBuf {
+        self.dir.join(format!("run-n{node}/cni.sock"))
+    }
+
     pub fn bundle_path(&self) -> PathBuf {
         self.ca_dir().join("bundle.pem")
     }
@@ -192,6 +204,13 @@ impl<'c> Mesh<'c> {
             self.namespace(pod),
             pod.name
         )
+    }
+
+    /// Adds workload entries (YAML list items, `- name: ...`) for pods the
+    /// cluster did not make, and rewrites the config.
+    pub fn add_workloads(&mut self, yaml: &str) -> Result<()> {
+        self.more_workloads.push_str(yaml);
+        self.write_config()
     }
 
     /// Replaces the YAML after the workloads (services, policies, peer
@@ -274,6 +293,7 @@ impl<'c> Mesh<'c> {
                 self.extra.get(&pod.name).map(String::as_str).unwrap_or(""),
             );
         }
+        out.push_str(&self.more_workloads);
         out.push_str(&self.sections);
         out
     }
@@ -383,6 +403,9 @@ impl<'c> Mesh<'c> {
                 .arg(self.token_path(node))
                 .arg("--trust-bundle")
                 .arg(self.bundle_path());
+        }
+        if self.cni_sockets {
+            cmd.arg("--cni-socket").arg(self.cni_socket(node));
         }
         cmd.args(&self.agent_args);
         cmd.envs(self.agent_env.iter().map(|(k, v)| (k, v)));

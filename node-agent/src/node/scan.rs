@@ -49,14 +49,18 @@ pub struct Found {
 pub struct Scanner {
     node: String,
     cgroup: PathBuf,
+    proc: PathBuf,
     last: Option<Instant>,
 }
 
 impl Scanner {
-    pub fn new(node: &str, cgroup: &Path) -> Scanner {
+    /// `proc`: the node's `/proc` (the host's, mounted into the agent's
+    /// container, when the agent has a PID namespace of its own).
+    pub fn new(node: &str, cgroup: &Path, proc: &Path) -> Scanner {
         Scanner {
             node: node.to_owned(),
             cgroup: cgroup.to_owned(),
+            proc: proc.to_owned(),
             last: None,
         }
     }
@@ -82,7 +86,7 @@ impl Scanner {
         }
         self.last = Some(Instant::now());
         let started = Instant::now();
-        let found = namespaces(&self.cgroup);
+        let found = namespaces(&self.cgroup, &self.proc);
         let alive: BTreeSet<u64> = found.iter().map(|f| f.inode).collect();
         registry.retain_released(|i| alive.contains(&i));
         let mut candidates: BTreeMap<WorkloadKey, Vec<PathBuf>> = BTreeMap::new();
@@ -140,12 +144,24 @@ impl Scanner {
 }
 
 /// The network namespaces of the processes in the cgroup subtree at
-/// `cgroup`, once each, without the agent's own.
-pub fn namespaces(cgroup: &Path) -> Vec<Found> {
+/// `cgroup`, once each, without the agent's own; `proc` is where the node's
+/// processes are listed.
+///
+/// Below the cgroup2 root that is every process in `proc` (the production
+/// case: the host's /proc works from any PID namespace). Below another
+/// cgroup, its subtree's `cgroup.procs` say which (their pids are the
+/// agent's PID namespace's, which must then be the one `proc` shows).
+pub fn namespaces(cgroup: &Path, proc: &Path) -> Vec<Found> {
     let own = std::fs::metadata("/proc/self/ns/net").map(|m| (m.dev(), m.ino()));
     let mut seen: BTreeMap<(u64, u64), PathBuf> = BTreeMap::new();
-    for pid in cgroup_pids(cgroup) {
-        let path = PathBuf::from(format!("/proc/{pid}/ns/net"));
+    // Only a non-root cgroup has `cgroup.type`.
+    let pids = if cgroup.join("cgroup.type").exists() {
+        cgroup_pids(cgroup)
+    } else {
+        all_pids(proc)
+    };
+    for pid in pids {
+        let path = proc.join(pid.to_string()).join("ns/net");
         let Ok(m) = std::fs::metadata(&path) else {
             continue;
         };
@@ -163,7 +179,7 @@ pub fn namespaces(cgroup: &Path) -> Vec<Found> {
         for entry in entries.flatten() {
             if let Ok(m) = std::fs::metadata(entry.path())
                 && let Some(path) = seen.get_mut(&(m.dev(), m.ino()))
-                && path.starts_with("/proc")
+                && path.starts_with(proc)
             {
                 *path = entry.path();
             }
@@ -172,6 +188,18 @@ pub fn namespaces(cgroup: &Path) -> Vec<Found> {
     seen.into_iter()
         .map(|((_, inode), path)| Found { inode, path })
         .collect()
+}
+
+/// Every pid `proc` lists.
+fn all_pids(proc: &Path) -> Vec<u32> {
+    std::fs::read_dir(proc)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Every pid in the cgroup subtree at `root`.
@@ -213,12 +241,24 @@ mod tests {
         }) else {
             return;
         };
+        // The root is told apart by the file only non-root cgroups have; from
+        // it, every process counts.
+        assert!(!Path::new(root).join("cgroup.type").exists());
+        let own = std::fs::metadata("/proc/self/ns/net").unwrap().ino();
+        assert!(
+            namespaces(Path::new(root), Path::new("/proc"))
+                .iter()
+                .all(|f| f.inode != own && f.path.exists())
+        );
         let dir = Path::new(root).join(rel.trim_start_matches('/'));
         if !dir.exists() {
             return; // a cgroup namespace that hides the path
         }
         assert!(cgroup_pids(&dir).contains(&std::process::id()));
-        let own = std::fs::metadata("/proc/self/ns/net").unwrap().ino();
-        assert!(namespaces(&dir).iter().all(|f| f.inode != own));
+        assert!(
+            namespaces(&dir, Path::new("/proc"))
+                .iter()
+                .all(|f| f.inode != own)
+        );
     }
 }

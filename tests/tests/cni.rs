@@ -132,6 +132,44 @@ fn add_enrolls_the_pod_and_del_releases_it() -> Result<()> {
         );
     }
 
+    // Only root is answered: with the socket opened to everyone, a peer of
+    // another uid is cut off without a word (SO_PEERCRED), and logged.
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let set = |mode| std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(mode));
+        set(0o666)?;
+        let script = format!(
+            "import socket\ns = socket.socket(socket.AF_UNIX)\ns.connect({:?})\n\
+             try:\n  s.sendall(b'{{}}\\n')\n  r = s.recv(4096)\n\
+             except (ConnectionResetError, BrokenPipeError):\n  r = b''\nprint(repr(r))\n",
+            socket.display().to_string()
+        );
+        let out = std::process::Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "/usr/bin/python3",
+                "-c",
+            ])
+            .arg(&script)
+            .output()?;
+        set(0o600)?;
+        ensure!(out.status.success(), "{out:?}");
+        ensure!(
+            String::from_utf8_lossy(&out.stdout).trim() == "b''",
+            "{out:?}"
+        );
+        ensure!(
+            eventually(PATIENCE, || !mesh
+                .logs(0, |v| v["message"]
+                    == "CNI socket: a peer that is not root; closed"
+                    && v["uid"] == 65534)
+                .is_empty()),
+            "the refusal was not logged"
+        );
+    }
+
     let result = rt
         .add(&mut sandbox)?
         .map_err(|f| anyhow::anyhow!("ADD failed: {f}"))?;

@@ -195,6 +195,7 @@ pub struct Stats {
     no_waypoint: Family,
     denied: Family,
     map_entries: Family,
+    cni_requests: Family,
     /// Connections and streams a listener's limits refused, by listener and reason.
     refused: [[AtomicU64; Refused::ALL.len()]; Listener::ALL.len()],
     idle_closed: AtomicU64,
@@ -355,6 +356,18 @@ impl Stats {
         self.idle_closed.fetch_add(1, Relaxed);
     }
 
+    /// A request on the CNI socket was answered (or cut off), by command and
+    /// result.
+    pub fn cni_request(&self, command: &'static str, result: &'static str) {
+        self.cni_requests.add(
+            vec![
+                ("command", command.to_owned()),
+                ("result", result.to_owned()),
+            ],
+            1,
+        );
+    }
+
     /// The current entry count of each eBPF map.
     pub fn set_map_entries(&self, counts: &[(&'static str, usize)]) {
         self.map_entries.clear();
@@ -439,6 +452,12 @@ impl Stats {
             &mut out,
             "weft_connections_denied_total",
             "Inbound connections refused by policy, by destination workload and reason.",
+            "counter",
+        );
+        self.cni_requests.render(
+            &mut out,
+            "weft_cni_requests_total",
+            "Requests of the chained CNI plugin, by command and result (refused, not_ready: the pod does not start; bad_request, not_root: cut off).",
             "counter",
         );
         self.map_entries.render(

@@ -191,6 +191,18 @@ fn add_enrolls_the_pod_and_del_releases_it() -> Result<()> {
     say_over_mtls(&mesh, &pod, server, "through the CNI chain")?;
     rt.check(&sandbox)?
         .map_err(|f| anyhow::anyhow!("CHECK failed: {f}"))?;
+    // Each request counted by command and result, the bad ones too.
+    let metrics = c
+        .node(0)
+        .exec_ok("curl", ["-sS", "http://127.0.0.1:15020/metrics"])?;
+    for series in [
+        r#"weft_cni_requests_total{command="unknown",result="bad_request"} 1"#,
+        r#"weft_cni_requests_total{command="unknown",result="not_root"} 1"#,
+        r#"weft_cni_requests_total{command="add",result="enrolled"} 1"#,
+        r#"weft_cni_requests_total{command="check",result="enrolled"} 1"#,
+    ] {
+        ensure!(metrics.contains(series), "no {series} in:\n{metrics}");
+    }
 
     rt.del(&mut sandbox)?;
     ensure!(

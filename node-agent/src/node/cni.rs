@@ -39,6 +39,7 @@ use super::{
 use crate::{
     cni::proto::{self, Command, Request, Response},
     model::WorkloadKey,
+    stats::STATS,
     view::View,
 };
 
@@ -165,26 +166,40 @@ async fn serve(mut stream: UnixStream, ready: &AtomicBool, calls: &mpsc::Sender<
                 pid = cred.pid(),
                 "CNI socket: a peer that is not root; closed"
             );
+            STATS.cni_request("unknown", "not_root");
             return;
         }
         Err(e) => {
             warn!(error = %e, "CNI socket: cannot tell who the peer is; closed");
+            STATS.cni_request("unknown", "not_root");
             return;
         }
     }
+    let command;
     let response = match tokio::time::timeout(READ_TIMEOUT, read_request(&mut stream)).await {
         Err(_) => {
             warn!("CNI socket: no whole request in time; closed");
+            STATS.cni_request("unknown", "bad_request");
             return;
         }
         Ok(Err(e)) => {
             warn!(error = %e, "CNI socket: bad request");
-            Response::Refused {
-                reason: format!("bad request: {e}"),
-            }
+            STATS.cni_request("unknown", "bad_request");
+            let _ = tokio::time::timeout(
+                READ_TIMEOUT,
+                stream.write_all(&proto::encode(&Response::Refused {
+                    reason: format!("bad request: {e}"),
+                })),
+            )
+            .await;
+            return;
         }
-        Ok(Ok(_)) if !ready.load(Ordering::Acquire) => Response::NotReady,
+        Ok(Ok(request)) if !ready.load(Ordering::Acquire) => {
+            command = command_name(request.command);
+            Response::NotReady
+        }
         Ok(Ok(request)) => {
+            command = command_name(request.command);
             let (reply, answer) = oneshot::channel();
             let queued = calls.try_send(Call { request, reply });
             match queued {
@@ -202,7 +217,26 @@ async fn serve(mut stream: UnixStream, ready: &AtomicBool, calls: &mpsc::Sender<
             }
         }
     };
+    STATS.cni_request(command, result_name(&response));
     let _ = tokio::time::timeout(READ_TIMEOUT, stream.write_all(&proto::encode(&response))).await;
+}
+
+fn command_name(c: Command) -> &'static str {
+    match c {
+        Command::Add => "add",
+        Command::Del => "del",
+        Command::Check => "check",
+    }
+}
+
+fn result_name(r: &Response) -> &'static str {
+    match r {
+        Response::Enrolled => "enrolled",
+        Response::NotMeshed => "not_meshed",
+        Response::Released => "released",
+        Response::NotReady => "not_ready",
+        Response::Refused { .. } => "refused",
+    }
 }
 
 async fn read_request(stream: &mut UnixStream) -> Result<Request, proto::Error> {

@@ -116,7 +116,22 @@ pub fn run(env: &BTreeMap<String, String>, stdin: impl std::io::Read) -> Outcome
     }
     // Until the config is read, errors carry the newest version we speak.
     let mut version = "1.0.0".to_owned();
-    let result = read_conf(stdin).and_then(|conf| {
+    // A command we do not know is an error before stdin is read: run by
+    // hand on a terminal, the plugin must not sit waiting for input.
+    let known = match command {
+        "ADD" | "DEL" | "CHECK" => Ok(()),
+        "" => Err(CniError::new(
+            code::INVALID_ENV,
+            "CNI_COMMAND is not set",
+            "weft-cni is a CNI plugin: the container runtime runs it with CNI_COMMAND (ADD, DEL, CHECK, VERSION) and the network config on stdin",
+        )),
+        other => Err(CniError::new(
+            code::INVALID_ENV,
+            "unknown CNI_COMMAND",
+            format!("{other:?} is not ADD, DEL, CHECK or VERSION"),
+        )),
+    };
+    let result = known.and_then(|()| read_conf(stdin)).and_then(|conf| {
         version = conf.cni_version.clone();
         if !SUPPORTED_VERSIONS.contains(&conf.cni_version.as_str()) {
             return Err(CniError::new(
@@ -135,19 +150,17 @@ pub fn run(env: &BTreeMap<String, String>, stdin: impl std::io::Read) -> Outcome
                 del(env, &conf);
                 Ok(String::new())
             }
-            "CHECK" => check(env, &conf).map(|()| String::new()),
-            "" => Err(CniError::new(
-                code::INVALID_ENV,
-                "CNI_COMMAND is not set",
-                "weft-cni is a CNI plugin: the container runtime runs it with CNI_COMMAND (ADD, DEL, CHECK, VERSION) and the network config on stdin",
-            )),
-            other => Err(CniError::new(
-                code::INVALID_ENV,
-                "unknown CNI_COMMAND",
-                format!("{other:?} is not ADD, DEL, CHECK or VERSION"),
-            )),
+            _ => check(env, &conf).map(|()| String::new()),
         }
     });
+    // A DEL succeeds whatever its input: a pod whose teardown failed here would
+    // be stuck for good, and there is nothing of ours it could leave behind
+    // that the agent does not clean up when the namespace goes.
+    let result = if command == "DEL" {
+        Ok(String::new())
+    } else {
+        result
+    };
     match result {
         Ok(stdout) => Outcome {
             stdout,
@@ -588,6 +601,21 @@ mod tests {
             (no_command, good.clone(), code::INVALID_ENV, "CNI_COMMAND"),
             (odd_command, good.clone(), code::INVALID_ENV, "unknown"),
         ];
+        // A DEL succeeds even so.
+        let mut del = add_env();
+        del.insert("CNI_COMMAND".into(), "DEL".into());
+        assert!(run(&del, &b"garbage"[..]).success);
+        // An unknown command is refused before stdin is read (a terminal
+        // would block).
+        struct Unreadable;
+        impl std::io::Read for Unreadable {
+            fn read(&mut self, _: &mut [u8]) -> std::io::Result<usize> {
+                panic!("stdin read for a command that needs none");
+            }
+        }
+        let mut odd = add_env();
+        odd.insert("CNI_COMMAND".into(), "FROB".into());
+        assert!(!run(&odd, Unreadable).success);
         for (env, stdin, want_code, want_msg) in cases {
             let out = run(&env, stdin.as_bytes());
             assert!(!out.success, "{env:?}");

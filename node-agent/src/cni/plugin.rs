@@ -504,6 +504,26 @@ mod tests {
     }
 
     #[test]
+    fn a_0_4_0_chain_is_spoken_too() {
+        // 0.4.0 results carry `version` per address; the rest is the same.
+        let prev = r#"{"cniVersion":"0.4.0","interfaces":[{"name":"eth0"}],"ips":[{"version":"4","address":"10.1.200.6/24","interface":0}]}"#;
+        let (socket, agent) = agent(Response::NotMeshed);
+        let stdin = format!(
+            r#"{{"cniVersion":"0.4.0","name":"k8s","type":"weft-cni","agent_socket":{:?},"prevResult":{prev}}}"#,
+            socket.display().to_string()
+        );
+        let out = run(&add_env(), stdin.as_bytes());
+        let req = agent.join().unwrap();
+        let _ = std::fs::remove_file(&socket);
+        assert!(out.success, "{}", out.stdout);
+        assert_eq!(
+            serde_json::from_str::<Value>(&out.stdout).unwrap(),
+            serde_json::from_str::<Value>(prev).unwrap()
+        );
+        assert_eq!(req.ips, vec!["10.1.200.6".parse::<IpAddr>().unwrap()]);
+    }
+
+    #[test]
     fn add_fails_closed() {
         // Refused, not ready, and no agent at all: each an error on stdout.
         for (answer, code) in [

@@ -295,6 +295,45 @@ fn without_an_agent_the_add_fails_and_the_chain_is_undone() -> Result<()> {
     Ok(())
 }
 
+/// The runtime may run a pod's ADD before the agent's model knows the pod
+/// (in Kubernetes the API watch trails the kubelet): the ADD waits for the
+/// model, and is answered as soon as a model that has the pod is applied.
+#[test]
+fn an_add_waits_for_the_model_to_learn_the_pod() -> Result<()> {
+    if !require_privileged() {
+        return Ok(());
+    }
+    let c = Cluster::new("cni_wait", 2, 1)?;
+    let mut mesh = Mesh::new(&c, |_| true)?;
+    mesh.cni_sockets = true;
+    mesh.start_all()?;
+    let rt = Runtime::new(&c, 0, SUBNET, POD_IP, &mesh.cni_socket(0))?;
+    let mut sandbox = rt.sandbox(&c, "default", POD)?;
+    let started = std::time::Instant::now();
+    let added = std::thread::scope(|s| {
+        let add = s.spawn(|| rt.add(&mut sandbox));
+        // The model learns of the pod a second after the runtime asked.
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        let learned = mesh.add_workloads(&format!(
+            "- name: {POD}\n  namespace: default\n  service_account: {POD}\n  node: {}\n  addresses: [{POD_IP}]\n  enrolled: true\n",
+            c.node(0).name
+        ));
+        (learned, add.join().expect("the ADD thread panicked"))
+    });
+    let (learned, added) = added;
+    learned?;
+    added?.map_err(|f| anyhow::anyhow!("ADD failed: {f}"))?;
+    let took = started.elapsed();
+    ensure!(
+        took >= std::time::Duration::from_secs(1),
+        "answered before the model knew the pod ({took:?})"
+    );
+    ensure!(eventually(PATIENCE, || {
+        mesh.logs(0, |v| is_event(v, "pod enrolled", POD)).len() == 1
+    }));
+    Ok(())
+}
+
 /// The file host-local keeps for an allocated address, if there is one.
 fn ipam_holds(rt: &Runtime, ip: Ipv4Addr) -> Option<PathBuf> {
     let dir = std::fs::read_dir(rt.ipam_dir()).ok()?;

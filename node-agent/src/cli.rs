@@ -563,10 +563,4 @@ pub struct AgentArgs {
     /// peers only). Off when not given.
     #[arg(long, env = "WEFT_CNI_SOCKET")]
     pub cni_socket: Option<PathBuf>,
-
-    /// The node's /proc, where the agent finds the network namespaces of pods
-    /// that ran before it: the host's, mounted into the agent's container,
-    /// when the agent does not share the host's PID namespace.
-    #[arg(long, env = "WEFT_HOST_PROC", default_value = "/proc")]
-    pub host_proc: PathBuf,
 }

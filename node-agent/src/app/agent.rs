@@ -223,7 +223,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         let allowed_shrink = loaded.allow_shrink;
         let view = shared.set_view(loaded.mesh);
         // Pods that run already and that no source names: found in /proc.
-        let mut scanner = Scanner::new(&node, &cgroup, &args.host_proc);
+        let mut scanner = Scanner::new(&node, &cgroup, &args.proc_dir);
         scanner.scan_if_needed(&view, &mut registry, true);
         pods.apply(&view, &registry);
         admin.config_loaded(allowed_shrink);

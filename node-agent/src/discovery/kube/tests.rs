@@ -305,6 +305,21 @@ fn a_pod_moving_ip_frees_its_old_address() {
 }
 
 #[test]
+fn a_pod_without_an_address_yet_is_known_so_its_cni_add_can_be_answered() {
+    // The CNI ADD comes before the kubelet reports the IP that ADD gives.
+    let mut c = Cluster::synced();
+    let mut web1 = pod("web-1");
+    let status = web1.status.as_mut().unwrap();
+    status.pod_ip = None;
+    status.pod_ips = None;
+    status.phase = Some("Pending".into());
+    c.event(Res::Pod, Event::Apply(web1), translate::pod);
+    let mesh = c.mesh();
+    let w = workload(&mesh, "shop", "web-1").expect("the pod is in the model");
+    assert!(w.addresses.is_empty() && w.enrolled, "{w:?}");
+}
+
+#[test]
 fn two_pods_claiming_one_address_leave_out_one_and_say_why() {
     let mut c = Cluster::synced();
     let mut job = pod("job-0");

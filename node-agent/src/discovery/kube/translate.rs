@@ -159,9 +159,10 @@ pub fn pod(p: &Pod) -> Entry {
             Err(_) => return Entry::Invalid(format!("status.podIPs: {ip:?} is not an IP address")),
         }
     }
-    if addresses.is_empty() {
-        return Entry::Skip;
-    }
+    // A pod without an address yet is kept: the CNI plugin asks about the pod
+    // before the kubelet has reported its IP (the IP comes from that very CNI
+    // ADD), and the agent answers only for pods its model knows. Others reach
+    // it by address once the API has one.
     let labels = p.labels();
     Entry::Pod(Box::new(PodEntry {
         mesh: labels::mesh_mode(labels),

@@ -331,14 +331,10 @@ async fn first_from_kubernetes(
             root_namespace: args.root_namespace.clone(),
         },
     );
-    info!("waiting for the first complete list from the Kubernetes API");
     let mesh = source
-        .updates
-        .wait_for(Option::is_some)
+        .first()
         .await
-        .context("Kubernetes discovery stopped before its first list")?
-        .clone()
-        .context("a published mesh")?;
+        .context("Kubernetes discovery stopped before its first list")?;
     let problems = crate::model::validate::problems(&mesh);
     anyhow::ensure!(
         problems.is_empty(),

@@ -86,14 +86,10 @@ impl Source {
                         root_namespace: args.root_namespace.clone(),
                     },
                 );
-                info!("waiting for the first complete list from the Kubernetes API");
                 let mesh = source
-                    .updates
-                    .wait_for(Option::is_some)
+                    .first()
                     .await
-                    .context("Kubernetes discovery stopped before its first list")?
-                    .clone()
-                    .context("a published mesh")?;
+                    .context("Kubernetes discovery stopped before its first list")?;
                 Ok((Source::Kubernetes(source), Arc::unwrap_or_clone(mesh)))
             }
         }

@@ -296,18 +296,7 @@ async fn check(
         .parse()
         .map_err(|e| format!("check path: {e}"))?;
     let headers = req.headers_mut();
-    let host = parts
-        .uri
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .or_else(|| {
-            parts
-                .headers
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_owned)
-        });
-    if let Some(v) = host.and_then(|h| HeaderValue::try_from(h).ok()) {
+    if let Some(v) = host_of(parts).and_then(|h| HeaderValue::try_from(h).ok()) {
         headers.insert(header::HOST, v);
     }
     let wanted = http
@@ -392,18 +381,7 @@ async fn check_grpc(
             .join(",");
         headers.push((name.as_str().to_owned(), joined));
     }
-    let host = parts
-        .uri
-        .authority()
-        .map(|a| a.as_str())
-        .or_else(|| {
-            parts
-                .headers
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-        })
-        .unwrap_or_default()
-        .to_owned();
+    let host = host_of(parts).unwrap_or_default().to_owned();
     let path = parts
         .uri
         .path_and_query()
@@ -493,6 +471,16 @@ async fn check_grpc(
     })
 }
 
+/// The request's host: its URI's authority (HTTP/2), else its `host` header.
+fn host_of(parts: &http::request::Parts) -> Option<&str> {
+    parts.uri.authority().map(|a| a.as_str()).or_else(|| {
+        parts
+            .headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+    })
+}
+
 /// Where a provider's checks go: an address, or an endpoint of a mesh service
 /// named `<name>.<namespace>[.svc[.<domain>]]`.
 fn provider_endpoint(view: &View, http: &model::ExtAuthzHttp) -> Option<Endpoint> {
@@ -537,17 +525,7 @@ struct Attributes<'a> {
 
 impl<'a> Attributes<'a> {
     fn of(ctx: &'a Context, parts: &'a http::request::Parts, xff_hops: usize) -> Self {
-        let host = parts
-            .uri
-            .authority()
-            .map(|a| a.as_str())
-            .or_else(|| {
-                parts
-                    .headers
-                    .get(header::HOST)
-                    .and_then(|h| h.to_str().ok())
-            })
-            .unwrap_or("");
+        let host = host_of(parts).unwrap_or("");
         Attributes {
             peer: ctx.peer.as_ref(),
             principal: ctx.peer.as_ref().map(|id| {

@@ -94,13 +94,18 @@ fn peer(addr: Option<SocketAddr>, principal: &str) -> Vec<u8> {
     p
 }
 
+/// A message of two strings, fields 1 and 2.
+fn pair(k: &str, v: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(k.len() + v.len() + 4);
+    put_str(&mut out, 1, k);
+    put_str(&mut out, 2, v);
+    out
+}
+
 fn header_options(out: &mut Vec<u8>, field: u64, headers: &[(String, String)]) {
     for (k, v) in headers {
-        let mut hv = Vec::new();
-        put_str(&mut hv, 1, k);
-        put_str(&mut hv, 2, v);
         let mut opt = Vec::new();
-        put_bytes(&mut opt, 1, &hv);
+        put_bytes(&mut opt, 1, &pair(k, v));
         put_bytes(out, field, &opt);
     }
 }
@@ -158,23 +163,28 @@ fn read_peer(buf: &[u8]) -> Result<(Option<SocketAddr>, String), Error> {
     Ok((addr, principal))
 }
 
+/// A message of two strings, fields 1 and 2: a map entry, a `HeaderValue`.
+fn read_pair(buf: &[u8]) -> Result<(String, String), Error> {
+    let (mut k, mut v) = (String::new(), String::new());
+    fields(buf, |f, wt, b| match (f, wt) {
+        (1, LEN) => {
+            k = get_string(b, f)?;
+            Ok(true)
+        }
+        (2, LEN) => {
+            v = get_string(b, f)?;
+            Ok(true)
+        }
+        _ => Ok(false),
+    })?;
+    Ok((k, v))
+}
+
 fn read_header_option(buf: &[u8]) -> Result<Option<(String, String)>, Error> {
     let mut out = None;
     fields(buf, |f, wt, b| match (f, wt) {
         (1, LEN) => {
-            let (mut k, mut v) = (String::new(), String::new());
-            fields(get_len(b)?, |f, wt, b| match (f, wt) {
-                (1, LEN) => {
-                    k = get_string(b, f)?;
-                    Ok(true)
-                }
-                (2, LEN) => {
-                    v = get_string(b, f)?;
-                    Ok(true)
-                }
-                _ => Ok(false),
-            })?;
-            out = Some((k, v));
+            out = Some(read_pair(get_len(b)?)?);
             Ok(true)
         }
         _ => Ok(false),
@@ -188,10 +198,7 @@ impl CheckRequest {
         put_str(&mut http, 1, &self.id);
         put_str(&mut http, 2, &self.method);
         for (k, v) in &self.headers {
-            let mut entry = Vec::with_capacity(k.len() + v.len() + 4);
-            put_str(&mut entry, 1, k);
-            put_str(&mut entry, 2, v);
-            put_bytes(&mut http, 3, &entry);
+            put_bytes(&mut http, 3, &pair(k, v));
         }
         put_str(&mut http, 4, &self.path);
         put_str(&mut http, 5, &self.host);
@@ -252,21 +259,7 @@ impl CheckRequest {
             match f {
                 1 => self.id = get_string(b, f)?,
                 2 => self.method = get_string(b, f)?,
-                3 => {
-                    let (mut k, mut v) = (String::new(), String::new());
-                    fields(get_len(b)?, |f, wt, b| match (f, wt) {
-                        (1, LEN) => {
-                            k = get_string(b, f)?;
-                            Ok(true)
-                        }
-                        (2, LEN) => {
-                            v = get_string(b, f)?;
-                            Ok(true)
-                        }
-                        _ => Ok(false),
-                    })?;
-                    self.headers.push((k, v));
-                }
+                3 => self.headers.push(read_pair(get_len(b)?)?),
                 4 => self.path = get_string(b, f)?,
                 5 => self.host = get_string(b, f)?,
                 6 => self.scheme = get_string(b, f)?,

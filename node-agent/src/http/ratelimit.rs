@@ -725,9 +725,7 @@ fn refused(r: Refusal, record: &mut Record) -> Response<Body> {
     let mut resp = Response::new(full("rate limited"));
     *resp.status_mut() = StatusCode::TOO_MANY_REQUESTS;
     for (name, value) in headers(r.policy, r.rule, r.retry_after, r.reset) {
-        if let Ok(v) = HeaderValue::from_str(&value) {
-            resp.headers_mut().insert(name, v);
-        }
+        resp.headers_mut().insert(name, value);
     }
     resp.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
@@ -760,17 +758,48 @@ fn tighten<'p>(
     }
 }
 
-/// The fields of an allowed response: the draft's `RateLimit-Policy` and
-/// `RateLimit: "<name>";r=<left>;t=<seconds until full>`, and `X-RateLimit-*`
-/// if asked, so a client can pace itself before it is refused.
+/// The fields of an allowed response, for the quota with the least left, so a
+/// client can pace itself before it is refused.
 fn quota_headers(
     policy: &Policy,
     rule: &Rule,
     remaining: u64,
     reset: Duration,
 ) -> Vec<(HeaderName, HeaderValue)> {
-    let name = sf_string(&policy.name);
     let reset = ceil_secs(reset);
+    fields(policy, rule, remaining, reset, reset)
+}
+
+/// Whole seconds, rounded up (a client that waits this long gets through).
+fn ceil_secs(d: Duration) -> u64 {
+    d.as_nanos().div_ceil(1_000_000_000) as u64
+}
+
+/// A refusal's rate limit fields: `Retry-After`, then [`fields`] with nothing
+/// left until the retry.
+fn headers(
+    policy: &Policy,
+    rule: &Rule,
+    retry_after: Duration,
+    reset: Duration,
+) -> Vec<(HeaderName, HeaderValue)> {
+    let retry = ceil_secs(retry_after).max(1);
+    let mut out = vec![(header::RETRY_AFTER, HeaderValue::from(retry))];
+    out.extend(fields(policy, rule, 0, retry, ceil_secs(reset).max(retry)));
+    out
+}
+
+/// The draft's `RateLimit-Policy: "<name>";q=<requests>;w=<window>` and
+/// `RateLimit: "<name>";r=<left>;t=<seconds>`, and `X-RateLimit-Limit`,
+/// `-Remaining`, `-Reset` if the policy asks for them.
+fn fields(
+    policy: &Policy,
+    rule: &Rule,
+    remaining: u64,
+    t: u64,
+    x_reset: u64,
+) -> Vec<(HeaderName, HeaderValue)> {
+    let name = sf_string(&policy.name);
     let mut out = vec![
         (
             HeaderName::from_static("ratelimit-policy"),
@@ -778,7 +807,7 @@ fn quota_headers(
         ),
         (
             HeaderName::from_static("ratelimit"),
-            format!("{name};r={remaining};t={reset}"),
+            format!("{name};r={remaining};t={t}"),
         ),
     ];
     if policy.x_headers {
@@ -792,56 +821,12 @@ fn quota_headers(
         ));
         out.push((
             HeaderName::from_static("x-ratelimit-reset"),
-            reset.to_string(),
+            x_reset.to_string(),
         ));
     }
     out.into_iter()
         .filter_map(|(k, v)| Some((k, HeaderValue::from_str(&v).ok()?)))
         .collect()
-}
-
-/// Whole seconds, rounded up (a client that waits this long gets through).
-fn ceil_secs(d: Duration) -> u64 {
-    d.as_nanos().div_ceil(1_000_000_000) as u64
-}
-
-/// The answer's rate limit fields: `Retry-After`, the draft's
-/// `RateLimit-Policy: "<name>";q=<requests>;w=<window>` and
-/// `RateLimit: "<name>";r=0;t=<seconds>`, and `X-RateLimit-*` if asked.
-fn headers(
-    policy: &Policy,
-    rule: &Rule,
-    retry_after: Duration,
-    reset: Duration,
-) -> Vec<(HeaderName, String)> {
-    let name = sf_string(&policy.name);
-    let retry = ceil_secs(retry_after).max(1);
-    let mut out = vec![
-        (header::RETRY_AFTER, retry.to_string()),
-        (
-            HeaderName::from_static("ratelimit-policy"),
-            format!("{name};q={};w={}", rule.requests, rule.unit.as_secs()),
-        ),
-        (
-            HeaderName::from_static("ratelimit"),
-            format!("{name};r=0;t={retry}"),
-        ),
-    ];
-    if policy.x_headers {
-        out.push((
-            HeaderName::from_static("x-ratelimit-limit"),
-            rule.requests.to_string(),
-        ));
-        out.push((
-            HeaderName::from_static("x-ratelimit-remaining"),
-            "0".to_owned(),
-        ));
-        out.push((
-            HeaderName::from_static("x-ratelimit-reset"),
-            ceil_secs(reset).max(retry).to_string(),
-        ));
-    }
-    out
 }
 
 /// An RFC 8941 string: printable ASCII, `"` and `\` escaped; anything else
@@ -1351,7 +1336,7 @@ mod tests {
             Duration::from_secs(59),
         )
         .into_iter()
-        .map(|(n, v)| (n.to_string(), v))
+        .map(|(n, v)| (n.to_string(), v.to_str().unwrap().to_owned()))
         .collect();
         assert_eq!(h["retry-after"], "2");
         assert_eq!(h["ratelimit-policy"], "\"per-user\";q=100;w=60");

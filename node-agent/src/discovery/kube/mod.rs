@@ -84,6 +84,15 @@ pub struct Source {
     pub invalid: Arc<Invalid>,
 }
 
+impl Source {
+    /// Waits for the first complete mesh (none is published before every kind
+    /// has been listed); `None` if the source stopped first.
+    pub async fn first(&mut self) -> Option<Arc<Mesh>> {
+        tracing::info!("waiting for the first complete list from the Kubernetes API");
+        self.updates.wait_for(Option::is_some).await.ok()?.clone()
+    }
+}
+
 /// Starts the watches and the publisher on the current tokio runtime. They run
 /// until the runtime stops; watch failures are retried, never fatal.
 pub fn start(client: kube::Client, opts: KubeOptions) -> Source {

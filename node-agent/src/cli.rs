@@ -101,18 +101,8 @@ pub struct WaypointArgs {
     #[arg(long, env = "WEFT_CONFIG")]
     pub config: Option<PathBuf>,
 
-    /// Where the mesh comes from: the `--config` file, or the Kubernetes API
-    /// (as the agent reads it).
-    #[arg(long, env = "WEFT_DISCOVERY", value_enum, default_value_t = Discovery::File)]
-    pub discovery: Discovery,
-
-    /// The trust domain of the mesh read from Kubernetes (a file names its own).
-    #[arg(long, env = "WEFT_TRUST_DOMAIN", default_value = "cluster.local")]
-    pub trust_domain: String,
-
-    /// The root namespace of the mesh read from Kubernetes.
-    #[arg(long, env = "WEFT_ROOT_NAMESPACE", default_value = "weft-system")]
-    pub root_namespace: String,
+    #[command(flatten)]
+    pub source: Source,
 
     /// This waypoint's workload in the config, `<namespace>/<name>`: its
     /// identity and node.
@@ -347,13 +337,9 @@ pub enum Discovery {
     Kubernetes,
 }
 
-#[derive(Debug, Args)]
-pub struct AgentArgs {
-    /// The mesh config file (local mode). Watched: changes apply without a restart.
-    /// Required with `--discovery file`.
-    #[arg(long, env = "WEFT_CONFIG")]
-    pub config: Option<PathBuf>,
-
+/// Where the agent and a waypoint learn the mesh (one set of flags for both).
+#[derive(Debug, Clone, Args)]
+pub struct Source {
     /// Where the mesh comes from: the `--config` file, or the Kubernetes API.
     #[arg(long, env = "WEFT_DISCOVERY", value_enum, default_value_t = Discovery::File)]
     pub discovery: Discovery,
@@ -366,6 +352,28 @@ pub struct AgentArgs {
     /// mesh-wide (a file names its own).
     #[arg(long, env = "WEFT_ROOT_NAMESPACE", default_value = "weft-system")]
     pub root_namespace: String,
+}
+
+impl Source {
+    /// The Kubernetes source's options: every kind, these settings.
+    pub fn kube_options(&self) -> crate::discovery::kube::KubeOptions {
+        crate::discovery::kube::KubeOptions {
+            kinds: crate::discovery::kube::Kinds::All,
+            trust_domain: self.trust_domain.clone(),
+            root_namespace: self.root_namespace.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// The mesh config file (local mode). Watched: changes apply without a restart.
+    /// Required with `--discovery file`.
+    #[arg(long, env = "WEFT_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub source: Source,
 
     /// This node's name; the agent serves the workloads the config places on it.
     #[arg(long, env = "WEFT_NODE")]

@@ -45,7 +45,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
     }
     ebpf::object()?;
     // The mesh file, or none when the mesh comes from Kubernetes.
-    let config_path = match args.discovery {
+    let config_path = match args.source.discovery {
         Discovery::File => Some(
             args.config
                 .clone()
@@ -323,14 +323,7 @@ async fn first_from_kubernetes(
     let client = kube::Client::try_default()
         .await
         .context("connecting to the Kubernetes API (in cluster, or KUBECONFIG)")?;
-    let mut source = discovery::kube::start(
-        client,
-        discovery::kube::KubeOptions {
-            kinds: discovery::kube::Kinds::All,
-            trust_domain: args.trust_domain.clone(),
-            root_namespace: args.root_namespace.clone(),
-        },
-    );
+    let mut source = discovery::kube::start(client, args.source.kube_options());
     let mesh = source
         .first()
         .await

@@ -67,7 +67,7 @@ enum Source {
 
 impl Source {
     async fn start(args: &WaypointArgs) -> anyhow::Result<(Source, Mesh)> {
-        match (args.discovery, &args.config) {
+        match (args.source.discovery, &args.config) {
             (Discovery::File, Some(path)) => {
                 let mesh = file::load(path, args.config_max_bytes)?.mesh;
                 Ok((Source::File(path.clone()), mesh))
@@ -78,14 +78,7 @@ impl Source {
                 let client = kube::Client::try_default()
                     .await
                     .context("connecting to the Kubernetes API (in cluster, or KUBECONFIG)")?;
-                let mut source = crate::discovery::kube::start(
-                    client,
-                    crate::discovery::kube::KubeOptions {
-                        kinds: crate::discovery::kube::Kinds::All,
-                        trust_domain: args.trust_domain.clone(),
-                        root_namespace: args.root_namespace.clone(),
-                    },
-                );
+                let mut source = crate::discovery::kube::start(client, args.source.kube_options());
                 let mesh = source
                     .first()
                     .await

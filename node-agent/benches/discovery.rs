@@ -10,9 +10,14 @@
 //!   themselves were freed);
 //! - the time of the initial list (translation of every object) and of the
 //!   first assembly of the mesh (`State::build`, with validation);
-//! - the initial `View::new` (what the agent compiles from that mesh);
-//! - one pod changing (its labels): the event's translation and apply, then
-//!   what publishing it costs (`State::build`), then the agent's `View::new`.
+//! - the initial `View::new` (what the agent compiles from that mesh), and
+//!   what the agent holds in all (the state and the view: the mesh is moved
+//!   into the view);
+//! - one pod changing (its labels): the event's translation and apply, the
+//!   update the agent's ordered source sends for it (`State::next_update`: a
+//!   delta of that workload), and the agent applying it
+//!   (`View::with_workloads`); then, for comparison, what a change of another
+//!   kind costs, a whole mesh (`State::build`) and `View::new`.
 //!
 //! `cargo bench -p weft --bench discovery` (`-- --quick`: 10,000 pods only).
 //! Not criterion: one list of 100,000 pods is itself the measurement.
@@ -41,7 +46,7 @@ use k8s_openapi::{
 use kube::runtime::watcher::Event;
 use weft::{
     discovery::kube::{
-        Change, Kinds, Res, State,
+        Change, Kinds, Res, State, Update,
         state::change,
         translate::{self, Entry},
     },
@@ -250,7 +255,7 @@ fn run(pods: usize) {
     let namespaces = pods.div_ceil(PER_NAMESPACE);
     println!("\n== {pods} pods, {services} services, {namespaces} namespaces, {NODES} nodes ==");
     let base = live();
-    let mut state = State::new(Kinds::All, "cluster.local", "weft-system");
+    let mut state = State::new(Kinds::All, "cluster.local", "weft-system").with_deltas();
     let started = Instant::now();
     list(
         &mut state,
@@ -308,7 +313,10 @@ fn run(pods: usize) {
 
     let before_mesh = live();
     let t = Instant::now();
-    let mesh = state.build().expect("synced");
+    let Some(Update::Mesh(mesh)) = state.next_update() else {
+        panic!("the first update is a whole mesh")
+    };
+    let mesh = std::sync::Arc::unwrap_or_clone(mesh);
     let build = t.elapsed();
     let mesh_bytes = live() - before_mesh;
     assert_eq!(mesh.workloads.len(), pods);
@@ -322,37 +330,85 @@ fn run(pods: usize) {
     );
 
     let balancers = Balancers::default();
+    let before_view = live();
     let t = Instant::now();
-    let view = View::new(mesh.clone(), "node-0", &balancers);
+    // The agent moves the mesh into its view.
+    let mut view = View::new(mesh, "node-0", &balancers);
     println!("initial View::new: {:.0} ms", ms(t.elapsed()));
-    black_box(&view);
-    drop(view);
+    let agent_bytes = live() - base;
+    println!(
+        "the view: {} B per pod; the agent in all (state and view): {:.1} MiB, {} B per pod",
+        (live() - before_view + mesh_bytes) / pods as i64,
+        mib(agent_bytes),
+        agent_bytes / pods as i64
+    );
 
-    // One pod changes, over and over (a label flips): the event alone, then
-    // the publish (assembly), then the agent's rebuild.
-    let rounds = if pods > 20_000 { 5 } else { 15 };
+    // One pod changes, over and over (a label flips; a different pod each
+    // time): the event, the delta the source sends, the agent's new view.
+    let rounds = 200;
     let mut apply = Vec::new();
     let mut publish = Vec::new();
     let mut rebuild = Vec::new();
     for r in 1..=rounds {
-        let changed = pod(pods / 2, services, r);
+        let changed = pod((pods / 2 + r as usize * 7) % pods, services, r);
         let t = Instant::now();
         state.apply(Res::Pod, change(Event::Apply(changed), translate::pod));
         apply.push(t.elapsed());
         let t = Instant::now();
+        let Some(Update::Workloads(delta)) = state.next_update() else {
+            panic!("a pod's change alone is a delta")
+        };
+        publish.push(t.elapsed());
+        assert_eq!(delta.upserts.len(), 1);
+        let t = Instant::now();
+        view = view.with_workloads(delta, &balancers);
+        rebuild.push(t.elapsed());
+    }
+    let (apply, publish, rebuild) = (tail(apply), tail(publish), tail(rebuild));
+    println!(
+        "one pod change (median / p99 of {rounds}): translate + apply {:.1} / {:.1} µs; \
+         the delta (State::next_update) {:.1} / {:.1} µs; View::with_workloads {:.1} / {:.1} µs; \
+         in all {:.1} µs at the median",
+        apply.0,
+        apply.1,
+        publish.0,
+        publish.1,
+        rebuild.0,
+        rebuild.1,
+        apply.0 + publish.0 + rebuild.0,
+    );
+    let agent_after = live() - base;
+    println!(
+        "the agent after {rounds} changes: {} B per pod",
+        agent_after / pods as i64
+    );
+    black_box(&view);
+
+    // A change of another kind is still a whole mesh and a whole view.
+    let rounds = if pods > 20_000 { 3 } else { 10 };
+    let mut publish = Vec::new();
+    let mut rebuild = Vec::new();
+    for _ in 0..rounds {
+        let t = Instant::now();
         let mesh = state.build().expect("synced");
         publish.push(t.elapsed());
         let t = Instant::now();
-        let view = View::new(mesh, "node-0", &balancers);
+        let whole = View::new(mesh, "node-0", &balancers);
         rebuild.push(t.elapsed());
-        black_box(view);
+        black_box(whole);
     }
     println!(
-        "one pod change: translate + apply {:.1} µs; publish (State::build) {:.0} ms; View::new {:.0} ms (medians of {rounds})",
-        median(apply).as_secs_f64() * 1e6,
+        "a change of another kind: a whole mesh (State::build) {:.0} ms; View::new {:.0} ms (medians of {rounds})",
         ms(median(publish)),
         ms(median(rebuild)),
     );
+}
+
+/// The median and the 99th percentile, in µs.
+fn tail(mut v: Vec<Duration>) -> (f64, f64) {
+    v.sort();
+    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize].as_secs_f64() * 1e6;
+    (at(0.5), at(0.99))
 }
 
 fn main() {

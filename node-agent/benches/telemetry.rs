@@ -40,7 +40,7 @@ use weft::{
         upstream::full,
     },
     identity::SpiffeId,
-    model::{Endpoints, Mesh, Service, ServicePort, Workload},
+    model::{Endpoints, Mesh, Service, ServicePort, Workload, WorkloadKey},
     view::{Balancers, View},
 };
 
@@ -89,7 +89,7 @@ fn workload(namespace: &str, name: &str, ip: [u8; 4]) -> Workload {
 struct Fixture {
     ctx: Context,
     view: Arc<View>,
-    endpoint: usize,
+    endpoint: Arc<Workload>,
 }
 
 fn fixture() -> Fixture {
@@ -122,7 +122,12 @@ fn fixture() -> Fixture {
             }),
             port,
         ),
-        endpoint: 1,
+        endpoint: view
+            .workload_arc(&WorkloadKey {
+                namespace: "shop".into(),
+                name: "web".into(),
+            })
+            .unwrap(),
         view,
     }
 }
@@ -137,10 +142,10 @@ fn one(f: &Fixture) {
         .body(())
         .unwrap();
     let started = telemetry::start(&f.ctx, &mut req);
-    // The engine puts the view (a refcount) and the endpoint's index on the
-    // record per request; counted here as part of the cost.
+    // The engine puts the view and the endpoint (two refcounts) on the record
+    // per request; counted here as part of the cost.
     let mut record = Record::default();
-    record.endpoint = Some(f.endpoint);
+    record.endpoint = Some(f.endpoint.clone());
     record.view = Some(f.view.clone());
     record.upstream = Some("10.0.1.1:8080".parse().unwrap());
     let response = telemetry::finish(started, &f.ctx, record, Response::new(full("hello")));

@@ -182,7 +182,7 @@ impl Admin {
             "node": self.node,
             "file": self.config_path.display().to_string(),
             "status": status,
-            "config": view.mesh(),
+            "config": view.to_mesh(),
         })
     }
 
@@ -219,9 +219,7 @@ impl Admin {
             .filter_map(|(id, s)| Some((id.to_string(), unix(s.svid?.not_after))))
             .collect();
         let pods = view
-            .workloads()
-            .iter()
-            .filter(|w| w.node == self.node)
+            .local()
             .map(|w| {
                 let identity = w
                     .identity(view.trust_domain())

@@ -223,7 +223,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         let allowed_shrink = loaded.allow_shrink;
         let view = shared.set_view(loaded.mesh);
         // Pods that run already and that no source names: found in /proc.
-        let mut scanner = Scanner::new(&node, &cgroup, &args.proc_dir);
+        let mut scanner = Scanner::new(&cgroup, &args.proc_dir);
         scanner.scan_if_needed(&view, &mut registry, true);
         pods.apply(&view, &registry);
         admin.config_loaded(allowed_shrink);
@@ -264,6 +264,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         };
         let mut kube = kube.map(|k| KubeFollow {
             updates: k.updates,
+            held: None,
             refused_since: None,
         });
         follow
@@ -319,11 +320,11 @@ fn node_netns(loaded: &file::Loaded, node: &str) -> BTreeMap<WorkloadKey, PathBu
 /// know: they reach the registry from the CNI plugin and the `/proc` scan.
 async fn first_from_kubernetes(
     args: &AgentArgs,
-) -> anyhow::Result<(file::Loaded, discovery::kube::Source)> {
+) -> anyhow::Result<(file::Loaded, discovery::kube::OrderedSource)> {
     let client = kube::Client::try_default()
         .await
         .context("connecting to the Kubernetes API (in cluster, or KUBECONFIG)")?;
-    let mut source = discovery::kube::start(client, args.source.kube_options());
+    let mut source = discovery::kube::start_ordered(client, args.source.kube_options());
     let mesh = source
         .first()
         .await
@@ -340,7 +341,7 @@ async fn first_from_kubernetes(
         "mesh listed from Kubernetes"
     );
     let loaded = file::Loaded {
-        mesh: (*mesh).clone(),
+        mesh: Arc::unwrap_or_clone(mesh),
         netns: BTreeMap::new(),
         allow_shrink: false,
     };
@@ -356,8 +357,11 @@ const KUBE_SHRINK_SETTLE: Duration = Duration::from_secs(10);
 
 /// The Kubernetes source as the follow loop sees it.
 struct KubeFollow {
-    updates: tokio::sync::watch::Receiver<Option<Arc<crate::model::Mesh>>>,
-    /// When the guard first refused the latest mesh.
+    updates: tokio::sync::mpsc::Receiver<discovery::kube::Update>,
+    /// A whole mesh the guard refused, with the changes since applied to it:
+    /// applied once the source has said it for [`KUBE_SHRINK_SETTLE`].
+    held: Option<crate::model::Mesh>,
+    /// When the guard first refused the held mesh.
     refused_since: Option<tokio::time::Instant>,
 }
 
@@ -405,17 +409,17 @@ impl Follow<'_> {
             let changed = tokio::select! {
                 _ = term.recv() => return Ok(()),
                 _ = int.recv() => return Ok(()),
-                r = kube_changed(kube), if kube.is_some() => {
-                    r.context("Kubernetes discovery stopped")?;
+                update = kube_next(kube), if kube.is_some() => {
+                    let update = update.context("Kubernetes discovery stopped")?;
                     if let Some(k) = kube.as_mut() {
-                        self.apply_kube(k, false, pods, registry, shared, admin);
+                        self.apply_kube(k, Some(update), false, pods, registry, shared, admin);
                     }
                     model_applied(shared, pods, registry, cni, scanner);
                     continue;
                 }
                 _ = tokio::time::sleep_until(shrink_deadline.unwrap_or_else(tokio::time::Instant::now)), if shrink_deadline.is_some() => {
                     if let Some(k) = kube.as_mut() {
-                        self.apply_kube(k, true, pods, registry, shared, admin);
+                        self.apply_kube(k, None, true, pods, registry, shared, admin);
                     }
                     model_applied(shared, pods, registry, cni, scanner);
                     continue;
@@ -459,23 +463,50 @@ impl Follow<'_> {
         }
     }
 
-    /// Applies the Kubernetes source's latest mesh, through the same guard as
-    /// the file: a sharp shrink waits [`KUBE_SHRINK_SETTLE`] (`settled`: the
-    /// wait is over), and the last good mesh serves meanwhile.
+    /// Applies an update of the Kubernetes source. Changed workloads apply to
+    /// the view in force at their cost. A whole mesh goes through the same
+    /// guard as the file: a sharp shrink waits [`KUBE_SHRINK_SETTLE`]
+    /// (`settled`: the wait is over; `update` is then `None`), and the last good
+    /// mesh serves meanwhile.
+    #[allow(clippy::too_many_arguments)]
     fn apply_kube(
         &self,
         kube: &mut KubeFollow,
+        update: Option<discovery::kube::Update>,
         settled: bool,
         pods: &mut Pods,
         registry: &Registry,
         shared: &Shared,
         admin: &Admin,
     ) {
-        let Some(next) = kube.updates.borrow_and_update().clone() else {
+        match update {
+            Some(discovery::kube::Update::Workloads(delta)) => match kube.held.as_mut() {
+                // Relative to the held mesh, which is the source's latest.
+                Some(held) => held.apply_workloads(delta),
+                None => {
+                    tracing::debug!(
+                        changed = delta.upserts.len(),
+                        removed = delta.removes.len(),
+                        "workloads changed in Kubernetes, applying"
+                    );
+                    let view = shared.apply_workloads(delta);
+                    pods.apply(&view, registry);
+                    admin.config_applied(false);
+                    admin.set_enrolled(pods.enrolled_pods());
+                    return;
+                }
+            },
+            Some(discovery::kube::Update::Mesh(m)) => kube.held = Some(Arc::unwrap_or_clone(m)),
+            None => {}
+        }
+        let Some(next) = kube.held.as_ref() else {
             return;
         };
         let current = shared.view();
-        if !settled && let Err(e) = discovery::guard(current.mesh(), &next, false) {
+        let policies = current.config().authorization_policies.len();
+        if !settled
+            && let Err(e) = discovery::guard_workloads(current.workloads(), policies, next, false)
+        {
             if kube.refused_since.is_none() {
                 kube.refused_since = Some(tokio::time::Instant::now());
             }
@@ -488,13 +519,16 @@ impl Follow<'_> {
             return;
         }
         kube.refused_since = None;
-        if *next != *current.mesh() {
+        let Some(next) = kube.held.take() else {
+            return;
+        };
+        if !current.is_of(&next) {
             info!(
                 workloads = next.workloads.len(),
                 services = next.services.len(),
                 "mesh changed in Kubernetes, applying"
             );
-            let view = shared.set_view((*next).clone());
+            let view = shared.set_view(next);
             pods.apply(&view, registry);
         }
         admin.config_applied(false);
@@ -518,7 +552,13 @@ impl Follow<'_> {
                 return;
             }
         };
-        if let Err(e) = discovery::guard(current.mesh(), &loaded.mesh, loaded.allow_shrink) {
+        let policies = current.config().authorization_policies.len();
+        if let Err(e) = discovery::guard_workloads(
+            current.workloads(),
+            policies,
+            &loaded.mesh,
+            loaded.allow_shrink,
+        ) {
             let e = format!(
                 "{}: {e}; put `allow_shrink: true` in the file if the change is meant",
                 config.display()
@@ -533,7 +573,7 @@ impl Follow<'_> {
             r.replace(netns);
             r
         };
-        if loaded.mesh != *current.mesh() || new_registry != *registry {
+        if !current.is_of(&loaded.mesh) || new_registry != *registry {
             info!(path = %config.display(), "config changed, applying");
             *registry = new_registry;
             let view = shared.set_view(loaded.mesh);
@@ -544,12 +584,11 @@ impl Follow<'_> {
     }
 }
 
-/// The Kubernetes source's next change; never, without one.
-async fn kube_changed(
-    kube: &mut Option<KubeFollow>,
-) -> Result<(), tokio::sync::watch::error::RecvError> {
+/// The Kubernetes source's next update (`None`: it stopped); never, without
+/// one.
+async fn kube_next(kube: &mut Option<KubeFollow>) -> Option<discovery::kube::Update> {
     match kube {
-        Some(k) => k.updates.changed().await,
+        Some(k) => k.updates.recv().await,
         None => std::future::pending().await,
     }
 }

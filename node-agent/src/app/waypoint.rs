@@ -177,8 +177,7 @@ async fn serve(args: WaypointArgs, me: WorkloadKey) -> anyhow::Result<()> {
             let config = engine.config();
             let view = &config.view;
             view.service(waypoint).is_some_and(|(svc, _)| {
-                view.mesh()
-                    .endpoint_workloads(svc)
+                view.endpoint_workloads(svc)
                     .iter()
                     .any(|(w, _)| w.key() == me)
             })

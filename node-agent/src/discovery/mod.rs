@@ -11,7 +11,7 @@ pub mod file;
 pub mod kube;
 pub mod watch;
 
-use crate::model::Mesh;
+use crate::model::{Mesh, Workload};
 
 /// Why a new mesh was refused by [`guard`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -46,20 +46,38 @@ pub enum Shrink {
 /// explicit change and always passes, as do small changes (a pod or two, one
 /// policy): churn is normal.
 pub fn guard(current: &Mesh, next: &Mesh, allowed: bool) -> Result<(), Shrink> {
+    guard_workloads(
+        &current.workloads,
+        current.authorization_policies.len(),
+        next,
+        allowed,
+    )
+}
+
+/// [`guard`], with the mesh in force given as its workloads and its number of
+/// authorization policies (a view holds them apart).
+pub fn guard_workloads<'a>(
+    current: impl IntoIterator<Item = &'a Workload>,
+    policies: usize,
+    next: &Mesh,
+    allowed: bool,
+) -> Result<(), Shrink> {
     if allowed {
         return Ok(());
     }
-    let before = current.enrolled_count();
-    let removed: Vec<String> = current
+    // Indexed: a scan of `next` per workload is quadratic (100,000 pods:
+    // minutes).
+    let kept: std::collections::HashSet<(&str, &str)> = next
         .workloads
         .iter()
+        .map(|w| (w.namespace.as_str(), w.name.as_str()))
+        .collect();
+    let mut before = 0;
+    let removed: Vec<String> = current
+        .into_iter()
         .filter(|w| w.enrolled)
-        .filter(|w| {
-            !next
-                .workloads
-                .iter()
-                .any(|n| n.namespace == w.namespace && n.name == w.name)
-        })
+        .inspect(|_| before += 1)
+        .filter(|w| !kept.contains(&(w.namespace.as_str(), w.name.as_str())))
         .map(|w| w.key().to_string())
         .collect();
     if before > 0 && removed.len() == before {
@@ -81,7 +99,6 @@ pub fn guard(current: &Mesh, next: &Mesh, allowed: bool) -> Result<(), Shrink> {
             names,
         });
     }
-    let policies = current.authorization_policies.len();
     if policies > 0 && next.authorization_policies.is_empty() {
         return Err(Shrink::NoPolicies { before: policies });
     }

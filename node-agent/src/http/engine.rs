@@ -93,7 +93,7 @@ impl Config {
     /// Compiles the routes and policies of every service bound to a
     /// waypoint; `jwks` keeps the JWKS URLs' keys across configs.
     pub fn new(view: Arc<View>, jwks: &jwt::Jwks) -> Config {
-        let mesh = view.mesh();
+        let mesh = view.config();
         let mut routes = HashMap::new();
         let mut authn = HashMap::new();
         for svc in mesh.services.iter() {
@@ -385,7 +385,7 @@ impl Engine {
                     "no healthy upstream",
                 ));
             };
-            record.endpoint = config.view.workload_index(&pick.key);
+            record.endpoint = config.view.workload_arc(&pick.key);
             record.upstream = Some(ep.addr);
             if let Some(why) = denied(&config.view, ctx, &pick.key, port.target_port) {
                 debug!(endpoint = %pick.key, reason = %why, "denied by the endpoint's L4 policy");

@@ -54,8 +54,8 @@ pub struct Record {
     /// The service the request was sent to (a backend of the route).
     pub backend: Option<Arc<Service>>,
     /// The endpoint that served it.
-    /// (Its index among the workloads of `view`: found, not copied, per request.)
-    pub endpoint: Option<usize>,
+    /// (Shared with the view: a refcount per request, not a copy.)
+    pub endpoint: Option<Arc<Workload>>,
     pub upstream: Option<std::net::SocketAddr>,
     /// Why the policies refused it (`flags` is then `RBAC` or `UAEX`).
     pub denied: Option<String>,
@@ -80,7 +80,7 @@ pub struct Record {
 impl Record {
     /// The endpoint that served the request.
     pub fn endpoint(&self) -> Option<&Workload> {
-        self.view.as_ref()?.workloads().get(self.endpoint?)
+        self.endpoint.as_deref()
     }
 }
 
@@ -1294,7 +1294,10 @@ mod tests {
 
     fn record(view: &Arc<View>, endpoint: &str) -> Record {
         Record {
-            endpoint: view.workloads().iter().position(|w| w.name == endpoint),
+            endpoint: view
+                .workloads()
+                .find(|w| w.name == endpoint)
+                .map(|w| view.workload_arc(&w.key()).unwrap()),
             upstream: Some("10.0.1.1:8080".parse().unwrap()),
             view: Some(view.clone()),
             ..Record::default()

@@ -47,6 +47,22 @@ pub struct Mesh {
     pub rate_limits: Vec<ratelimit::RateLimitPolicy>,
 }
 
+/// Workloads that changed since the mesh before: what a source that knows
+/// its changes (Kubernetes) sends instead of a whole mesh when nothing else
+/// changed. `upserts` are whole workloads, new or replacing the one of their
+/// key; `removes` are keys gone.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WorkloadDelta {
+    pub upserts: Vec<Workload>,
+    pub removes: Vec<WorkloadKey>,
+}
+
+impl WorkloadDelta {
+    pub fn is_empty(&self) -> bool {
+        self.upserts.is_empty() && self.removes.is_empty()
+    }
+}
+
 /// The root namespace when a source names none.
 pub const DEFAULT_ROOT_NAMESPACE: &str = "weft-system";
 
@@ -606,6 +622,47 @@ fn ser_opt_duration<S: serde::Serializer>(v: &Option<Duration>, s: S) -> Result<
 }
 
 impl Mesh {
+    /// Applies `delta` (a scan of the workloads: for a mesh held aside, not
+    /// the data path's view).
+    pub fn apply_workloads(&mut self, delta: WorkloadDelta) {
+        let gone: std::collections::HashSet<WorkloadKey> = delta
+            .removes
+            .into_iter()
+            .chain(delta.upserts.iter().map(Workload::key))
+            .collect();
+        self.workloads.retain(|w| !gone.contains(&w.key()));
+        self.workloads.extend(delta.upserts);
+    }
+
+    /// Whether the two meshes are equal in everything but their workloads.
+    pub fn eq_without_workloads(&self, other: &Mesh) -> bool {
+        let Mesh {
+            trust_domain,
+            root_namespace,
+            workloads: _,
+            services,
+            authorization_policies,
+            peer_authentications,
+            namespaces,
+            http_routes,
+            grpc_routes,
+            request_authentications,
+            extension_providers,
+            rate_limits,
+        } = self;
+        *trust_domain == other.trust_domain
+            && *root_namespace == other.root_namespace
+            && *services == other.services
+            && *authorization_policies == other.authorization_policies
+            && *peer_authentications == other.peer_authentications
+            && *namespaces == other.namespaces
+            && *http_routes == other.http_routes
+            && *grpc_routes == other.grpc_routes
+            && *request_authentications == other.request_authentications
+            && *extension_providers == other.extension_providers
+            && *rate_limits == other.rate_limits
+    }
+
     /// The workload that owns `ip`, if any (a scan: the data path asks
     /// `view::View`, which indexes them).
     pub fn workload_by_address(&self, ip: IpAddr) -> Option<&Workload> {

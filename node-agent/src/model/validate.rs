@@ -44,27 +44,9 @@ fn workload_problems(
     let mut seen = HashSet::new();
     for (i, w) in mesh.workloads.iter().enumerate() {
         let at = format!("workloads[{i}] ({}/{})", w.namespace, w.name);
-        if !is_dns_label(&w.name) {
-            problems.push(format!("{at}: name must be a DNS label (a-z, 0-9, '-')"));
-        }
-        if !is_dns_label(&w.namespace) {
-            problems.push(format!("{at}: namespace must be a DNS label"));
-        }
-        if !is_dns_label(&w.service_account) {
-            problems.push(format!("{at}: service_account must be a DNS label"));
-        }
-        if w.node.is_empty() {
-            problems.push(format!("{at}: node must not be empty"));
-        }
+        workload_entry(w, &mut |p| problems.push(format!("{at}: {p}")));
         if !seen.insert(w.key()) {
             problems.push(format!("{at}: duplicate workload"));
-        }
-        if identity::is_ca(&w.namespace, &w.service_account) {
-            problems.push(format!(
-                "{at}: service account {}/{} is the CA's identity, which no workload may \
-                 have (agents send their node tokens to whoever proves it)",
-                w.namespace, w.service_account
-            ));
         }
         let me = w.key().to_string();
         for a in &w.addresses {
@@ -74,12 +56,42 @@ fn workload_problems(
                 problems.push(format!("{at}: address {a} is also {other}'s"));
             }
         }
-        labels_problems(&at, "labels", &w.labels, problems);
-        if w.native_tunnel && w.enrolled {
-            problems.push(format!(
-                "{at}: a `native_tunnel` workload (a waypoint) speaks HBONE itself and is never captured: it cannot be `enrolled`"
-            ));
-        }
+    }
+}
+
+/// What must hold of one workload by itself (uniqueness of its key and
+/// addresses is the mesh's to check): each problem, without the workload's
+/// place, to `report`.
+pub fn workload_entry(w: &super::Workload, report: &mut dyn FnMut(String)) {
+    if !is_dns_label(&w.name) {
+        report("name must be a DNS label (a-z, 0-9, '-')".to_owned());
+    }
+    if !is_dns_label(&w.namespace) {
+        report("namespace must be a DNS label".to_owned());
+    }
+    if !is_dns_label(&w.service_account) {
+        report("service_account must be a DNS label".to_owned());
+    }
+    if w.node.is_empty() {
+        report("node must not be empty".to_owned());
+    }
+    if identity::is_ca(&w.namespace, &w.service_account) {
+        report(format!(
+            "service account {}/{} is the CA's identity, which no workload may \
+             have (agents send their node tokens to whoever proves it)",
+            w.namespace, w.service_account
+        ));
+    }
+    let mut labels = Vec::new();
+    labels_problems("", "labels", &w.labels, &mut labels);
+    for p in labels {
+        report(p.trim_start_matches(": ").to_owned());
+    }
+    if w.native_tunnel && w.enrolled {
+        report(
+            "a `native_tunnel` workload (a waypoint) speaks HBONE itself and is never captured: it cannot be `enrolled`"
+                .to_owned(),
+        );
     }
 }
 

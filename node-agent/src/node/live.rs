@@ -158,9 +158,16 @@ impl LiveConns {
 
     /// Checks every connection against `view`; closes the ones it denies.
     pub fn recheck(&self, view: &View) {
+        self.recheck_to(view, |_| true);
+    }
+
+    /// [`LiveConns::recheck`], for the connections to workloads `to` picks
+    /// (those a change of workloads alone can affect: the policies are the
+    /// same, and only a destination's labels choose among them).
+    pub fn recheck_to(&self, view: &View, to: impl Fn(&WorkloadKey) -> bool) {
         let map = self.0.map.lock().unwrap_or_else(|e| e.into_inner());
         let mut closed = 0usize;
-        for e in map.values() {
+        for e in map.values().filter(|e| to(&e.facts.workload)) {
             if let Some((_, reason)) = e.facts.denied_by(view) {
                 *e.kill.reason.lock().unwrap_or_else(|e| e.into_inner()) =
                     Some(format!("closed by a policy change: {reason}"));

@@ -122,12 +122,13 @@ impl Pods {
     /// Brings the enrolled set in line with `view` (already in force) and
     /// `registry`.
     pub fn apply(&mut self, view: &View, registry: &Registry) {
-        let mesh = view.mesh();
         let mut desired: BTreeMap<WorkloadKey, (PathBuf, SpiffeId)> = BTreeMap::new();
         self.pending.clear();
         self.failures.clear();
-        for w in mesh.enrolled_on(&self.node) {
-            let Ok(id) = w.identity(&mesh.trust_domain) else {
+        // The view indexes its node's workloads: this walks a few dozen pods,
+        // not the cluster, so it runs on every change of the model.
+        for w in view.enrolled_here() {
+            let Ok(id) = w.identity(view.trust_domain()) else {
                 continue;
             };
             match registry.netns(&w.key()) {
@@ -163,7 +164,7 @@ impl Pods {
                 );
                 continue;
             }
-            match mesh.workloads.iter().find(|w| w.key() == key) {
+            match view.workload(&key) {
                 Some(w) if !w.enrolled => {
                     self.remove(&key, "the config says `enrolled: false`");
                 }
@@ -290,10 +291,8 @@ impl Pods {
         }
         // The namespaces the config explicitly unenrolls.
         let released: BTreeSet<u64> = view
-            .mesh()
-            .workloads
-            .iter()
-            .filter(|w| !w.enrolled && w.node == self.node)
+            .local()
+            .filter(|w| !w.enrolled)
             .filter_map(|w| Netns::open(registry.netns(&w.key())?).ok())
             .map(|netns| netns.cookie())
             .collect();

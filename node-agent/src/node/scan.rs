@@ -47,7 +47,6 @@ pub struct Found {
 }
 
 pub struct Scanner {
-    node: String,
     cgroup: PathBuf,
     proc: PathBuf,
     last: Option<Instant>,
@@ -56,9 +55,8 @@ pub struct Scanner {
 impl Scanner {
     /// `proc`: the node's `/proc` (the host's, mounted into the agent's
     /// container, when the agent has a PID namespace of its own).
-    pub fn new(node: &str, cgroup: &Path, proc: &Path) -> Scanner {
+    pub fn new(cgroup: &Path, proc: &Path) -> Scanner {
         Scanner {
-            node: node.to_owned(),
             cgroup: cgroup.to_owned(),
             proc: proc.to_owned(),
             last: None,
@@ -69,9 +67,8 @@ impl Scanner {
     /// registry and the last scan is [`SCAN_EVERY`] old (or `force`); files
     /// what it finds in the registry. Returns how many workloads it found.
     pub fn scan_if_needed(&mut self, view: &View, registry: &mut Registry, force: bool) -> usize {
-        let mesh = view.mesh();
         let mut wanted: BTreeMap<IpAddr, WorkloadKey> = BTreeMap::new();
-        for w in mesh.enrolled_on(&self.node) {
+        for w in view.enrolled_here() {
             if registry.netns(&w.key()).is_none() {
                 for a in &w.addresses {
                     wanted.insert(a.to_canonical(), w.key());

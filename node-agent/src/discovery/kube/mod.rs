@@ -10,9 +10,15 @@
 //! disconnect or a `410 Gone`) every kind [`Kinds`] names, and publishes the
 //! mesh they describe on a `watch` channel: `None` until every kind has been
 //! listed completely once (a partial mesh is never published), then a new
-//! `Arc<Mesh>` whenever it changed, at most every [`COALESCE`]. The agent
-//! watches [`Kinds::All`]; the CA needs only [`Kinds::WorkloadsOnly`] (pods and
-//! namespaces: which identities run on which node).
+//! `Arc<Mesh>` whenever it changed, at most every [`COALESCE`]. The CA needs
+//! only [`Kinds::WorkloadsOnly`] (pods and namespaces: which identities run on
+//! which node); the waypoint watches [`Kinds::All`].
+//!
+//! [`start_ordered`] is the agent's: every update in order on a channel, the
+//! first a whole mesh, then, when only pods changed, just the workloads that
+//! did ([`Update::Workloads`]), which the agent applies to its view at the cost
+//! of the change (`View::with_workloads`) instead of compiling
+//! the whole cluster again.
 //!
 //! - Pods → workloads (every pod of the cluster, as ztunnel does: any of them may
 //!   be a peer), enrolled by label ([`labels`]); Namespaces → enrollment and
@@ -48,7 +54,7 @@ use std::{sync::Arc, time::Duration};
 
 use tokio::sync::{mpsc, watch};
 
-pub use state::{Change, Group, Invalid, Kinds, Res, State};
+pub use state::{Change, Group, Invalid, Kinds, MAX_DELTA, Res, State, Update};
 
 use crate::model::Mesh;
 
@@ -103,6 +109,41 @@ pub fn start(client: kube::Client, opts: KubeOptions) -> Source {
     // streams then buffer in the API server's watch cache, not here).
     let (changes, rx) = mpsc::channel(1024);
     run::spawn_all(&client, &opts.kinds.watched(), &changes);
-    tokio::spawn(run::publish(state, rx, tx));
+    tokio::spawn(run::publish(state, rx, run::Out::Latest(tx)));
     Source { updates, invalid }
+}
+
+/// A running ordered source: every update, in order.
+pub struct OrderedSource {
+    /// A whole mesh first (once synced), then an [`Update`] per change, at most
+    /// every [`COALESCE`]. Each delta is relative to the update before it: a
+    /// receiver must apply every one.
+    pub updates: mpsc::Receiver<Update>,
+    pub invalid: Arc<Invalid>,
+}
+
+impl OrderedSource {
+    /// Waits for the first complete mesh; `None` if the source stopped first.
+    pub async fn first(&mut self) -> Option<Arc<Mesh>> {
+        tracing::info!("waiting for the first complete list from the Kubernetes API");
+        loop {
+            // The first update is always a whole mesh.
+            if let Update::Mesh(m) = self.updates.recv().await? {
+                return Some(m);
+            }
+        }
+    }
+}
+
+/// [`start`], with deltas: see [`OrderedSource`].
+pub fn start_ordered(client: kube::Client, opts: KubeOptions) -> OrderedSource {
+    let state = State::new(opts.kinds, &opts.trust_domain, &opts.root_namespace).with_deltas();
+    let invalid = state.counts.clone();
+    // One update in flight: a receiver busy applying makes the publisher
+    // wait, and the changes meanwhile coalesce into the next update.
+    let (tx, updates) = mpsc::channel(1);
+    let (changes, rx) = mpsc::channel(1024);
+    run::spawn_all(&client, &opts.kinds.watched(), &changes);
+    tokio::spawn(run::publish(state, rx, run::Out::Ordered(tx)));
+    OrderedSource { updates, invalid }
 }

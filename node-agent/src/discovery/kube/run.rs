@@ -20,7 +20,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     COALESCE,
-    state::{Change, Res, State, change},
+    state::{Change, Res, State, Update, change},
     translate::{self, Entry},
 };
 use crate::model::Mesh;
@@ -135,13 +135,17 @@ pub(super) fn not_found(e: &watcher::Error) -> bool {
     }
 }
 
+/// Where the publisher sends.
+pub(super) enum Out {
+    /// The latest whole mesh.
+    Latest(watch::Sender<Option<Arc<Mesh>>>),
+    /// Every update, in order.
+    Ordered(mpsc::Sender<Update>),
+}
+
 /// Applies changes as they come and publishes the assembled mesh when it
 /// changed, at most every [`COALESCE`], and never before every kind is synced.
-pub(super) async fn publish(
-    mut state: State,
-    mut rx: mpsc::Receiver<(Res, Change)>,
-    tx: watch::Sender<Option<Arc<Mesh>>>,
-) {
+pub(super) async fn publish(mut state: State, mut rx: mpsc::Receiver<(Res, Change)>, out: Out) {
     let mut last = tokio::time::Instant::now() - COALESCE;
     let mut waiting_logged = tokio::time::Instant::now();
     loop {
@@ -166,11 +170,26 @@ pub(super) async fn publish(
             }
             _ = tokio::time::sleep_until(last + COALESCE), if ready => {
                 let started = std::time::Instant::now();
-                if let Some(mesh) = state.build() {
-                    let same = tx.borrow().as_deref() == Some(&mesh);
-                    if !same {
-                        debug!(workloads = mesh.workloads.len(), services = mesh.services.len(), build_ms = started.elapsed().as_millis() as u64, "mesh assembled");
-                        tx.send_replace(Some(Arc::new(mesh)));
+                match &out {
+                    Out::Latest(tx) => {
+                        if let Some(mesh) = state.build() {
+                            let same = tx.borrow().as_deref() == Some(&mesh);
+                            if !same {
+                                debug!(workloads = mesh.workloads.len(), services = mesh.services.len(), build_ms = started.elapsed().as_millis() as u64, "mesh assembled");
+                                tx.send_replace(Some(Arc::new(mesh)));
+                            }
+                        }
+                    }
+                    Out::Ordered(tx) => {
+                        if let Some(update) = state.next_update() {
+                            match &update {
+                                Update::Mesh(m) => debug!(workloads = m.workloads.len(), services = m.services.len(), build_ms = started.elapsed().as_millis() as u64, "mesh assembled"),
+                                Update::Workloads(d) => debug!(changed = d.upserts.len(), removed = d.removes.len(), build_us = started.elapsed().as_micros() as u64, "workloads changed"),
+                            }
+                            if tx.send(update).await.is_err() {
+                                return;
+                            }
+                        }
                     }
                 }
                 last = tokio::time::Instant::now();

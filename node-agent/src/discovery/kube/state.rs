@@ -10,17 +10,43 @@
 //! first keeps serving, swapped in whole at `InitDone`, as kube's own reflector
 //! store does: an object that went away while the watch was down disappears
 //! then, and never is a half-listed kind published.
+//!
+//! Most changes in a cluster are pods. When only pods changed since the last
+//! update, [`State::next_update`] sends just those workloads
+//! ([`Update::Workloads`]), checked as validation checks a whole mesh (their
+//! own fields, their addresses against every other workload's and service's,
+//! and against what EndpointSlices say of them), at a cost of the pods that
+//! changed, not of the cluster. Anything it cannot decide that way (another
+//! kind changed, an invalid pod, an address taken, an endpoint appearing or
+//! disappearing, a burst of more than [`MAX_DELTA`] pods) is a whole mesh,
+//! assembled and validated as before.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
-    sync::Mutex,
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet, hash_map::RandomState},
+    hash::BuildHasher,
+    net::IpAddr,
+    sync::{Arc, Mutex},
 };
 
 use kube::runtime::watcher;
 use tracing::warn;
 
 use super::translate::{Entry, Key, SliceEntry};
-use crate::model::{self, Mesh, authn};
+use crate::model::{self, Mesh, WorkloadDelta, authn};
+
+/// At most this many pods in one [`Update::Workloads`] (nor more than a
+/// quarter of the pods, so that a delta never carries a shrink the whole
+/// mesh's guard would hold back); more is a whole mesh.
+pub const MAX_DELTA: usize = 1000;
+
+/// What an ordered source publishes ([`super::start_ordered`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Update {
+    /// A whole mesh: the first, and after any change but of pods.
+    Mesh(Arc<Mesh>),
+    /// Only these workloads changed since the update before.
+    Workloads(WorkloadDelta),
+}
 
 /// A kind of object that is watched. Policies are watched in two API groups.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -213,7 +239,38 @@ pub struct State {
     /// policy does not open what it closed.
     last_good: HashMap<(&'static str, String), Kept>,
     pub(super) counts: std::sync::Arc<Invalid>,
+    /// Whether [`State::next_update`] may send deltas (an ordered source):
+    /// `published` is kept only then.
+    deltas: bool,
+    /// Pods changed since the last update, with their entry as it was then
+    /// (`None`: there was none).
+    pending: BTreeMap<Key, Option<Entry>>,
+    /// Something else than a pod changed since the last update, or pods were
+    /// listed again: the next one is a whole mesh.
+    others_changed: bool,
+    /// What the updates published so far hold, to check a delta against;
+    /// `None` before the first whole mesh.
+    published: Option<Published>,
 }
+
+/// The facts a delta is checked against (kept small: hashes, not names).
+#[derive(Debug)]
+struct Published {
+    /// Every address of a workload or a service, and a hash of its owner.
+    addrs: HashMap<IpAddr, u64>,
+    /// Hashes of the pods that EndpointSlices name.
+    named: HashSet<u64>,
+    /// How many workloads there are.
+    pods: usize,
+}
+
+/// The hash that stands for a pod, or a service (`svc` true), in [`Published`].
+/// Keyed per process (`RandomState`): no one can choose names that collide.
+fn owner(hasher: &RandomState, (ns, name): (&str, &str), svc: bool) -> u64 {
+    hasher.hash_one((svc, ns, name))
+}
+
+static OWNERS: std::sync::LazyLock<RandomState> = std::sync::LazyLock::new(RandomState::new);
 
 /// A policy as it last applied.
 #[derive(Debug, Clone)]
@@ -238,7 +295,18 @@ impl State {
             invalid: BTreeMap::new(),
             last_good: HashMap::new(),
             counts: Default::default(),
+            deltas: false,
+            pending: BTreeMap::new(),
+            others_changed: false,
+            published: None,
         }
+    }
+
+    /// A state whose [`State::next_update`] sends deltas when only pods
+    /// changed.
+    pub fn with_deltas(mut self) -> State {
+        self.deltas = true;
+        self
     }
 
     /// Whether every watched kind has been listed completely once.
@@ -267,6 +335,28 @@ impl State {
 
     /// Applies one change of kind `res`.
     pub fn apply(&mut self, res: Res, change: Change) {
+        let Some(objects) = self.kinds.get_mut(&res) else {
+            return;
+        };
+        let was_dirty = std::mem::replace(&mut self.dirty, false);
+        let pod = res == Res::Pod;
+        if pod
+            && self.deltas
+            && let Change::Apply(key, _) | Change::Delete(key) = &change
+            && !self.pending.contains_key(key)
+        {
+            self.pending
+                .insert(key.clone(), objects.live.get(key).cloned());
+        }
+        let relist = matches!(change, Change::InitDone | Change::Absent);
+        self.apply_to(res, change);
+        if self.dirty && (!pod || relist) {
+            self.others_changed = true;
+        }
+        self.dirty |= was_dirty;
+    }
+
+    fn apply_to(&mut self, res: Res, change: Change) {
         let Some(objects) = self.kinds.get_mut(&res) else {
             return;
         };
@@ -523,7 +613,171 @@ impl State {
         }
         self.counts.set(counts);
         self.invalid = invalid;
+        self.pending.clear();
+        self.others_changed = false;
+        if self.deltas {
+            self.published = Some(self.index(&mesh));
+        }
         Some(mesh)
+    }
+
+    /// What an ordered source sends next, if anything changed: only the
+    /// workloads that did when nothing else changed and they check out, else
+    /// the whole mesh ([`State::build`]). `None` until synced. Clears
+    /// [`State::dirty`].
+    pub fn next_update(&mut self) -> Option<Update> {
+        if !self.synced() || !self.dirty {
+            return None;
+        }
+        if let Some(delta) = self.delta() {
+            self.dirty = false;
+            self.pending.clear();
+            return (!delta.is_empty()).then_some(Update::Workloads(delta));
+        }
+        self.build().map(|m| Update::Mesh(Arc::new(m)))
+    }
+
+    /// The pods changed since the last update as a delta, if it can be
+    /// checked without assembling the mesh; `None`: assemble it. Cost: the
+    /// changed pods.
+    fn delta(&mut self) -> Option<WorkloadDelta> {
+        let published = self.published.as_mut()?;
+        if self.others_changed
+            || self.pending.len() > MAX_DELTA
+            || self.pending.len() * 4 > published.pods
+            // A pod left out as invalid may be valid now that another
+            // changed (an address freed): the whole mesh decides.
+            || self.invalid.keys().any(|(kind, _)| *kind == "Pod")
+        {
+            return None;
+        }
+        let pods = &self.kinds.get(&Res::Pod)?.live;
+        let namespaces = self.kinds.get(&Res::Namespace).map(|o| &o.live);
+        let hasher = &*OWNERS;
+        // The workloads as they were and are. An invalid entry now is for
+        // the whole mesh to report.
+        let mut changes = Vec::with_capacity(self.pending.len());
+        for (key, old) in &self.pending {
+            let now = pods.get(key);
+            if now == old.as_ref() {
+                continue;
+            }
+            let workload = |e: Option<&Entry>| match e {
+                Some(Entry::Pod(p)) => {
+                    let mut w = p.workload(key);
+                    let ns_mode = namespaces
+                        .and_then(|n| n.get(&(String::new(), key.0.clone())))
+                        .and_then(|e| match e {
+                            Entry::Namespace(ns) => ns.mesh,
+                            _ => None,
+                        });
+                    w.enrolled = super::labels::enrolled(p.mesh, ns_mode, w.native_tunnel);
+                    Some(w)
+                }
+                _ => None,
+            };
+            if matches!(now, Some(Entry::Invalid(_))) {
+                return None;
+            }
+            changes.push((key, workload(old.as_ref()), workload(now)));
+        }
+        // Addresses the changed pods held are free first: two pods trading
+        // addresses in one batch is no conflict. One a service claims too
+        // (which was left out for it) is for the whole mesh.
+        for (key, old, _) in &changes {
+            let me = owner(hasher, (&key.0, &key.1), false);
+            for a in old.iter().flat_map(|w| &w.addresses) {
+                let a = a.to_canonical();
+                match published.addrs.get(&a) {
+                    Some(o) if *o == me => {
+                        published.addrs.remove(&a);
+                    }
+                    Some(_) => return None,
+                    None => {}
+                }
+            }
+        }
+        let mut delta = WorkloadDelta::default();
+        for (key, old, now) in changes {
+            let me = owner(hasher, (&key.0, &key.1), false);
+            if published.named.contains(&me) {
+                // What a service's endpoints are (and what validation checks
+                // of a waypoint's) changes with these: the whole mesh.
+                let shape = |w: &Option<model::Workload>| {
+                    w.as_ref()
+                        .map(|w| (w.native_tunnel, w.addresses.is_empty()))
+                };
+                if shape(&old) != shape(&now) {
+                    return None;
+                }
+            }
+            match now {
+                Some(w) => {
+                    let mut bad = false;
+                    model::validate::workload_entry(&w, &mut |_| bad = true);
+                    for a in &w.addresses {
+                        let a = a.to_canonical();
+                        match published.addrs.get(&a) {
+                            Some(o) if *o != me => bad = true,
+                            _ => {
+                                published.addrs.insert(a, me);
+                            }
+                        }
+                    }
+                    if bad {
+                        return None;
+                    }
+                    published.pods += usize::from(old.is_none());
+                    delta.upserts.push(w);
+                }
+                None if old.is_some() => {
+                    published.pods -= 1;
+                    delta.removes.push(model::WorkloadKey {
+                        namespace: key.0.clone(),
+                        name: key.1.clone(),
+                    });
+                }
+                None => {}
+            }
+        }
+        Some(delta)
+    }
+
+    /// The facts of `mesh` a delta is checked against.
+    fn index(&self, mesh: &Mesh) -> Published {
+        let hasher = &*OWNERS;
+        let mut addrs = HashMap::new();
+        // Every service's, also of those left out: one left out because a pod
+        // holds its address comes back when the pod lets it go, which only a
+        // whole mesh sees (the pod then holds an address that is not its own
+        // here).
+        for ((ns, name), e) in self.live(Res::Service) {
+            if let Entry::Service(s) = e {
+                let me = owner(hasher, (ns, name), true);
+                for a in &s.service.addresses {
+                    addrs.insert(a.to_canonical(), me);
+                }
+            }
+        }
+        for w in &mesh.workloads {
+            let me = owner(hasher, (&w.namespace, &w.name), false);
+            for a in &w.addresses {
+                addrs.entry(a.to_canonical()).or_insert(me);
+            }
+        }
+        let named = self
+            .live(Res::EndpointSlice)
+            .filter_map(|((ns, _), e)| match e {
+                Entry::Slice(s) => Some((ns, s)),
+                _ => None,
+            })
+            .flat_map(|(ns, s)| s.pods.iter().map(move |p| owner(hasher, (ns, p), false)))
+            .collect();
+        Published {
+            addrs,
+            named,
+            pods: mesh.workloads.len(),
+        }
     }
 
     /// The invalid objects at the last assembly: (kind, `namespace/name`) → why.

@@ -655,7 +655,7 @@ async fn the_publisher_waits_for_a_full_list_and_coalesces_bursts() {
     let state = State::new(Kinds::WorkloadsOnly, "cluster.local", "weft-system");
     let (changes, rx) = tokio::sync::mpsc::channel(1024);
     let (tx, mut updates) = tokio::sync::watch::channel(None);
-    tokio::spawn(super::run::publish(state, rx, tx));
+    tokio::spawn(super::run::publish(state, rx, super::run::Out::Latest(tx)));
     let send = |res, c| {
         let changes = changes.clone();
         async move { changes.send((res, c)).await.unwrap() }

@@ -44,7 +44,9 @@ pub struct View {
     config: Arc<Mesh>,
     /// This agent's node.
     pub node: String,
-    workloads: Table<WorkloadKey, Arc<Workload>>,
+    /// Workloads by key (the key is the workload: a copied shard costs a
+    /// refcount per entry, not two strings).
+    workloads: Table<ByKey, ()>,
     /// Workloads by each of their addresses (canonical).
     by_addr: Table<IpAddr, Arc<Workload>>,
     /// The workloads of this node (a few dozen): what enrollment, the /proc
@@ -98,8 +100,8 @@ impl View {
             }
             view.index(&w);
             // A duplicate key is refused by validation; the last one wins here.
-            if let Some(old) = view.workloads.insert(w.key(), w) {
-                view.enrolled -= usize::from(old.enrolled);
+            if let Some(old) = view.workloads.replace(ByKey(w)) {
+                view.enrolled -= usize::from(old.0.enrolled);
             }
         }
         view.local = Arc::new(local);
@@ -198,7 +200,7 @@ impl View {
         };
         let mut local = BTreeMap::clone(&view.local);
         for key in &delta.removes {
-            if let Some(old) = view.workloads.remove(key) {
+            if let Some(ByKey(old)) = view.workloads.take(key as &dyn KeyView) {
                 view.unindex(&old);
                 view.enrolled -= usize::from(old.enrolled);
                 local_changed |= local.remove(key).is_some();
@@ -208,7 +210,7 @@ impl View {
         for w in delta.upserts {
             let w = Arc::new(w);
             let key = w.key();
-            if let Some(old) = view.workloads.insert(key.clone(), w.clone()) {
+            if let Some(ByKey(old)) = view.workloads.replace(ByKey(w.clone())) {
                 view.unindex(&old);
                 view.enrolled -= usize::from(old.enrolled);
                 local_changed |= local.remove(&key).is_some();
@@ -267,17 +269,17 @@ impl View {
     }
 
     pub fn workload(&self, key: &WorkloadKey) -> Option<&Workload> {
-        self.workloads.get(key).map(|w| &**w)
+        self.workloads.key(key as &dyn KeyView).map(|w| &*w.0)
     }
 
     /// The workload `key`, shared (for records that outlive a borrow).
     pub fn workload_arc(&self, key: &WorkloadKey) -> Option<Arc<Workload>> {
-        self.workloads.get(key).cloned()
+        self.workloads.key(key as &dyn KeyView).map(|w| w.0.clone())
     }
 
     /// Every workload, in no order.
     pub fn workloads(&self) -> impl Iterator<Item = &Workload> {
-        self.workloads.values().map(|w| &**w)
+        self.workloads.keys().map(|w| &*w.0)
     }
 
     pub fn workload_count(&self) -> usize {
@@ -424,11 +426,13 @@ pub fn service_name(svc: &Service) -> ServiceName {
 }
 
 /// A hash map that is cheap to copy and to change in a copy: its entries are
-/// spread over shards of about [`Table::SHARD`] entries, each behind an
-/// `Arc`. A copy shares every shard; a change copies the one shard it touches
-/// (`Arc::make_mut`), which the copy's other owners keep. At 100,000
-/// workloads a copy is ~3,000 refcounts and a change one shard of ~32
-/// entries: microseconds, where a `HashMap` copy is tens of milliseconds.
+/// spread over about √n shards of about √n entries, each behind an `Arc`. A
+/// copy shares every shard (a refcount each); a change copies the one shard
+/// it touches (`Arc::make_mut`), which the copy's other owners keep. Both
+/// are O(√n): at 100,000 workloads, 512 refcounts and a shard of ~200
+/// entries, some microseconds, where a `HashMap` copy is tens of
+/// milliseconds. (√n balances the two: more, smaller shards make the copy
+/// dearer, fewer and bigger ones the change.)
 ///
 /// Ours rather than a persistent map crate's (`imbl`'s HAMT): that copies a
 /// path of nodes of up to 64 entries per change, cloning their keys, which
@@ -442,13 +446,10 @@ pub struct Table<K, V> {
 }
 
 impl<K: Hash + Eq + Clone, V: Clone> Table<K, V> {
-    /// Entries per shard the table is sized for.
-    const SHARD: usize = 32;
-
     /// Sized for `n` entries. A table grown far past that by changes still
     /// works, with bigger shards; the next whole view sizes it again.
     pub fn with_capacity(n: usize) -> Self {
-        let shards = (n / Self::SHARD).next_power_of_two().clamp(16, 1 << 16);
+        let shards = (n.isqrt()).next_power_of_two().clamp(16, 1 << 12);
         Table {
             shards: (0..shards).map(|_| Arc::new(HashMap::new())).collect(),
             hasher: RandomState::new(),
@@ -492,11 +493,111 @@ impl<K: Hash + Eq + Clone, V: Clone> Table<K, V> {
         self.shards.iter().flat_map(|s| s.values())
     }
 
+    pub fn keys(&self) -> impl Iterator<Item = &K> {
+        self.shards.iter().flat_map(|s| s.keys())
+    }
+
+    /// The key held that equals `key`.
+    pub fn key<Q>(&self, key: &Q) -> Option<&K>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        self.shards[self.shard(key)]
+            .get_key_value(key)
+            .map(|(k, _)| k)
+    }
+
     pub fn len(&self) -> usize {
         self.len
+    }
+}
+
+impl<K: Hash + Eq + Clone> Table<K, ()> {
+    /// Puts `key` in, in place of an equal one, which it returns.
+    pub fn replace(&mut self, key: K) -> Option<K> {
+        let i = self.shard(&key);
+        let shard = Arc::make_mut(&mut self.shards[i]);
+        let old = shard.remove_entry(&key).map(|(k, ())| k);
+        shard.insert(key, ());
+        self.len += usize::from(old.is_none());
+        old
+    }
+
+    /// Takes the key equal to `key` out.
+    pub fn take<Q>(&mut self, key: &Q) -> Option<K>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let i = self.shard(key);
+        self.shards[i].get(key)?;
+        let old = Arc::make_mut(&mut self.shards[i])
+            .remove_entry(key)
+            .map(|(k, ())| k);
+        self.len -= usize::from(old.is_some());
+        old
     }
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+}
+
+/// A workload as the key of its table: equal, and hashed, as its
+/// (namespace, name), so that a `&WorkloadKey` finds it (through
+/// [`KeyView`]).
+#[derive(Clone)]
+struct ByKey(Arc<Workload>);
+
+/// What a workload's key and a [`WorkloadKey`] have in common.
+trait KeyView {
+    fn parts(&self) -> (&str, &str);
+}
+
+impl KeyView for ByKey {
+    fn parts(&self) -> (&str, &str) {
+        (&self.0.namespace, &self.0.name)
+    }
+}
+
+impl KeyView for WorkloadKey {
+    fn parts(&self) -> (&str, &str) {
+        (&self.namespace, &self.name)
+    }
+}
+
+impl Hash for dyn KeyView + '_ {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.parts().hash(h)
+    }
+}
+
+impl PartialEq for dyn KeyView + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.parts() == other.parts()
+    }
+}
+
+impl Eq for dyn KeyView + '_ {}
+
+impl Hash for ByKey {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        // The same as a `dyn KeyView`'s, which `Borrow` requires.
+        (self as &dyn KeyView).hash(h)
+    }
+}
+
+impl PartialEq for ByKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.parts() == other.parts()
+    }
+}
+
+impl Eq for ByKey {}
+
+impl<'a> Borrow<dyn KeyView + 'a> for ByKey {
+    fn borrow(&self) -> &(dyn KeyView + 'a) {
+        self
     }
 }

@@ -220,6 +220,11 @@ impl<'c> Mesh<'c> {
         self.write_config()
     }
 
+    /// The YAML after the workloads, as last set.
+    pub fn sections(&self) -> &str {
+        &self.sections
+    }
+
     /// Starts the CA (in node 0's namespace) and waits until it serves.
     pub fn start_ca(&mut self) -> Result<()> {
         if self.ca.is_some() {

@@ -26,8 +26,13 @@
 //! clock so replicas agree. The client is ours too (EVALSHA, EVAL on
 //! NOSCRIPT, PING over RESP2): the `redis` crate with `tokio-comp` brings
 //! combine, url, futures-util, tokio-util, arc-swap and sha1_smol for three
-//! commands. A refusal is remembered (the negative cache) until its
-//! retry-after, so a client over its limit costs no Redis call.
+//! commands. It pipelines: two connections, each driven by a task that writes
+//! every call queued since its last write in one write and hands the replies
+//! back in order (see [`Redis`]), so a request waits for one Redis round trip
+//! when idle and shares it with the others under load, with no pool of
+//! connections for Redis to juggle. A refusal is remembered (the negative
+//! cache) until its retry-after, so a client over its limit costs no Redis
+//! call.
 //!
 //! Answers: 429 with `Retry-After`, `RateLimit-Policy` and `RateLimit`
 //! (draft-ietf-httpapi-ratelimit-headers-10's structured fields) and, as an
@@ -41,14 +46,14 @@ use std::{
     net::IpAddr,
     sync::{
         Arc, LazyLock, Mutex,
-        atomic::{AtomicU64, Ordering::Relaxed},
+        atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed},
     },
     time::{Duration, Instant},
 };
 
 use http::{HeaderName, HeaderValue, Response, StatusCode, header};
 use tokio::{
-    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufStream},
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
 };
 use tracing::{debug, info, warn};
@@ -875,6 +880,7 @@ struct RedisErrors {
     io: AtomicU64,
     protocol: AtomicU64,
     script: AtomicU64,
+    busy: AtomicU64,
     unconfigured: AtomicU64,
 }
 
@@ -884,6 +890,7 @@ static REDIS_ERRORS: RedisErrors = RedisErrors {
     io: AtomicU64::new(0),
     protocol: AtomicU64::new(0),
     script: AtomicU64::new(0),
+    busy: AtomicU64::new(0),
     unconfigured: AtomicU64::new(0),
 };
 
@@ -895,6 +902,7 @@ impl RedisErrors {
             RedisError::Io(_) => &self.io,
             RedisError::Protocol(_) => &self.protocol,
             RedisError::Script(_) => &self.script,
+            RedisError::Busy => &self.busy,
             RedisError::Unconfigured => &self.unconfigured,
         };
         c.fetch_add(1, Relaxed);
@@ -935,6 +943,7 @@ pub fn render() -> String {
         ("io", &e.io),
         ("protocol", &e.protocol),
         ("script", &e.script),
+        ("busy", &e.busy),
         ("unconfigured", &e.unconfigured),
     ] {
         let _ = writeln!(
@@ -988,6 +997,8 @@ pub enum RedisError {
     Connect(std::io::Error),
     #[error("redis connection failed: {0}")]
     Io(#[from] std::io::Error),
+    #[error("too many calls wait for redis already")]
+    Busy,
     #[error("redis answered something else than expected: {0}")]
     Protocol(&'static str),
     #[error("redis refused the script: {0}")]
@@ -1004,17 +1015,61 @@ pub enum Reply {
     Array(Vec<Reply>),
 }
 
-/// A Redis client for the limiter: up to [`POOL`] connections, each used by
-/// one call at a time (a call that times out drops its connection, whose
-/// reply could otherwise be read by the next call).
+/// A Redis client for the limiter, pipelined: [`CONNS`] connections, each
+/// driven by one task that takes the calls queued by every request, writes
+/// all of those waiting in one write (under load many calls share a write and
+/// a Redis read: that is the pipelining), and hands the replies back in the
+/// order it wrote the calls, which is the order Redis answers them in.
+///
+/// A caller that gives up (its `timeout` passed) drops its end of the
+/// channel: its reply is still read, in its turn, and thrown away, so the
+/// next caller gets its own answer. A connection that breaks fails every call
+/// written on it and not yet answered (`Io`); the next call connects again.
 pub struct Redis {
-    addr: String,
-    idle: Mutex<Vec<BufStream<TcpStream>>>,
+    addr: Arc<str>,
     sha: String,
-    permits: tokio::sync::Semaphore,
+    /// Each connection's queue, with its task started by the first call (the
+    /// client is made where there may be no runtime yet), and again when the
+    /// task is gone (its runtime ended).
+    conns: [Mutex<Option<tokio::sync::mpsc::Sender<Call>>>; CONNS],
+    next: AtomicUsize,
+    /// Writes to Redis, all connections together: calls per write is how much
+    /// pipelining did.
+    writes: Arc<AtomicU64>,
 }
 
-const POOL: usize = 32;
+/// Two connections. Redis runs commands one at a time on one thread, so more
+/// connections add no capacity there; what a connection costs us is a task
+/// that encodes, writes and parses for every call it carries, and one such
+/// task keeps up with more calls than Redis does. The second one is there so
+/// that this work is shared by two of the waypoint's threads when they are
+/// busy, at the price of batches half as large; more would shrink the batches
+/// (and so the saving of syscalls on both sides) for nothing.
+const CONNS: usize = 2;
+
+/// The most calls one connection's queue holds: a caller past it is refused
+/// at once (`Busy`) rather than held in memory, since the queue grows only
+/// when Redis answers slower than requests come, and then every call behind
+/// it would miss its timeout anyway. With [`IN_FLIGHT`] that bounds a
+/// connection's calls, each under a few hundred bytes.
+const QUEUE: usize = 4096;
+/// The most calls written on one connection and not yet answered; the task
+/// stops taking more from the queue until replies come.
+const IN_FLIGHT: usize = 4096;
+/// One write gathers queued calls up to about this many bytes.
+const BATCH: usize = 64 * 1024;
+/// A connect that takes longer fails the calls waiting for it.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// After a failed connect, calls fail at once (`Connect`) for this long
+/// instead of each trying again: a Redis that is down costs no connect per
+/// request. Short, so a restarted Redis is used again at once.
+const BACKOFF: Duration = Duration::from_millis(100);
+
+/// One command for a connection's task: its bytes and where its reply goes.
+struct Call {
+    req: Vec<u8>,
+    reply: tokio::sync::oneshot::Sender<Result<Reply, RedisError>>,
+}
 
 impl Redis {
     pub fn new(addr: String) -> Redis {
@@ -1025,28 +1080,15 @@ impl Redis {
             let _ = write!(sha, "{b:02x}");
         }
         Redis {
-            addr,
-            idle: Mutex::new(Vec::new()),
+            addr: addr.into(),
             sha,
-            permits: tokio::sync::Semaphore::new(POOL),
+            conns: std::array::from_fn(|_| Mutex::new(None)),
+            next: AtomicUsize::new(0),
+            writes: Arc::new(AtomicU64::new(0)),
         }
     }
 
     async fn call(&self, args: &[&[u8]]) -> Result<Reply, RedisError> {
-        let _permit = self
-            .permits
-            .acquire()
-            .await
-            .map_err(|_| RedisError::Protocol("closed"))?;
-        let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        let mut conn = match idle {
-            Some(c) => c,
-            None => BufStream::new(
-                TcpStream::connect(&self.addr)
-                    .await
-                    .map_err(RedisError::Connect)?,
-            ),
-        };
         let mut req = Vec::with_capacity(256);
         let _ = write!(Fmt(&mut req), "*{}\r\n", args.len());
         for a in args {
@@ -1054,14 +1096,29 @@ impl Redis {
             req.extend_from_slice(a);
             req.extend_from_slice(b"\r\n");
         }
-        conn.write_all(&req).await?;
-        conn.flush().await?;
-        let reply = read_reply(&mut conn, 0).await?;
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        if idle.len() < POOL {
-            idle.push(conn);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let call = Call { req, reply: tx };
+        // Round robin over the connections.
+        let slot = &self.conns[self.next.fetch_add(1, Relaxed) % CONNS];
+        {
+            let mut queue = slot.lock().unwrap_or_else(|e| e.into_inner());
+            let queue = match &*queue {
+                Some(q) if !q.is_closed() => q,
+                _ => queue.insert(self.start()),
+            };
+            queue.try_send(call).map_err(|e| match e {
+                tokio::sync::mpsc::error::TrySendError::Full(_) => RedisError::Busy,
+                tokio::sync::mpsc::error::TrySendError::Closed(_) => RedisError::Io(gone()),
+            })?;
         }
-        Ok(reply)
+        rx.await.unwrap_or_else(|_| Err(RedisError::Io(gone())))
+    }
+
+    /// A connection's task, and its queue.
+    fn start(&self) -> tokio::sync::mpsc::Sender<Call> {
+        let (tx, rx) = tokio::sync::mpsc::channel(QUEUE);
+        tokio::spawn(drive(self.addr.clone(), rx, self.writes.clone()));
+        tx
     }
 
     pub async fn ping(&self) -> Result<(), RedisError> {
@@ -1113,6 +1170,141 @@ impl Redis {
     }
 }
 
+/// The error of a call whose connection's task ended under it.
+fn gone() -> std::io::Error {
+    std::io::Error::other("the redis connection closed")
+}
+
+/// A connection's task: connects when a call comes (not before, and not in a
+/// loop: with no calls, a Redis that is down costs nothing), serves calls
+/// until the connection breaks, then waits for the next call. Ends when the
+/// client is dropped.
+async fn drive(
+    addr: Arc<str>,
+    mut calls: tokio::sync::mpsc::Receiver<Call>,
+    writes: Arc<AtomicU64>,
+) {
+    let mut retry_at: Option<Instant> = None;
+    while let Some(first) = calls.recv().await {
+        let failed = if retry_at.is_some_and(|t| Instant::now() < t) {
+            Some(std::io::Error::new(
+                std::io::ErrorKind::ConnectionRefused,
+                "the last connect failed; trying again shortly",
+            ))
+        } else {
+            match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&*addr)).await {
+                Ok(Ok(stream)) => {
+                    retry_at = None;
+                    let _ = stream.set_nodelay(true);
+                    if !serve(stream, first, &mut calls, &writes).await {
+                        return;
+                    }
+                    continue;
+                }
+                Ok(Err(e)) => Some(e),
+                Err(_) => Some(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "connect timed out",
+                )),
+            }
+        };
+        let Some(e) = failed else { continue };
+        if retry_at.is_none() {
+            debug!(redis = %addr, error = %e, "cannot connect to redis");
+            retry_at = Some(Instant::now() + BACKOFF);
+        }
+        // This call and those queued behind it fail alike.
+        let mut fail = Some(first);
+        while let Some(c) = fail.take().or_else(|| calls.try_recv().ok()) {
+            let _ = c.reply.send(Err(RedisError::Connect(std::io::Error::new(
+                e.kind(),
+                e.to_string(),
+            ))));
+        }
+    }
+}
+
+/// Serves calls on one connection until it breaks (then `true`) or the client
+/// is dropped (`false`). The replies are read by a task of their own, since a
+/// reply half read cannot be put back (a `select!` would lose it); this one
+/// writes and matches replies to callers, in order.
+async fn serve(
+    stream: TcpStream,
+    first: Call,
+    calls: &mut tokio::sync::mpsc::Receiver<Call>,
+    writes: &AtomicU64,
+) -> bool {
+    let (read, mut write) = stream.into_split();
+    let (replies_tx, mut replies) = tokio::sync::mpsc::unbounded_channel();
+    // Unbounded, but never holds more replies than calls written.
+    let reader = tokio::spawn(async move {
+        let mut read = tokio::io::BufReader::new(read);
+        loop {
+            let reply = read_reply(&mut read, 0).await;
+            let broke = reply.is_err();
+            if replies_tx.send(reply).is_err() || broke {
+                return;
+            }
+        }
+    });
+    let mut waiting = std::collections::VecDeque::new();
+    let mut next = Some(first);
+    let mut buf = Vec::with_capacity(BATCH);
+    let (broke, open) = loop {
+        if let Some(c) = next.take() {
+            // This call and every one queued behind it, in one write. A call
+            // whose caller has already given up is not sent at all.
+            buf.clear();
+            let mut c = Some(c);
+            while let Some(call) = c.take() {
+                if !call.reply.is_closed() {
+                    buf.extend_from_slice(&call.req);
+                    waiting.push_back(call.reply);
+                }
+                if buf.len() < BATCH && waiting.len() < IN_FLIGHT {
+                    c = calls.try_recv().ok();
+                }
+            }
+            if buf.is_empty() {
+                continue;
+            }
+            if let Err(e) = write.write_all(&buf).await {
+                break (RedisError::Io(e), true);
+            }
+            writes.fetch_add(1, Relaxed);
+            continue;
+        }
+        tokio::select! {
+            reply = replies.recv() => match reply {
+                Some(Ok(reply)) => match waiting.pop_front() {
+                    // Sent even when the caller is gone: the reply is
+                    // consumed in its turn either way.
+                    Some(tx) => drop(tx.send(Ok(reply))),
+                    None => break (RedisError::Protocol("a reply to no call"), true),
+                },
+                Some(Err(e)) => break (e, true),
+                None => break (RedisError::Io(gone()), true),
+            },
+            call = calls.recv(), if waiting.len() < IN_FLIGHT => match call {
+                Some(c) => next = Some(c),
+                None => break (RedisError::Io(gone()), false),
+            },
+        }
+    };
+    reader.abort();
+    if !waiting.is_empty() {
+        debug!(error = %broke, calls = waiting.len(), "redis connection broke");
+    }
+    // The first call waiting gets what went wrong; the others were written
+    // on a connection that is gone.
+    let mut broke = Some(broke);
+    for tx in waiting {
+        let e = broke.take().unwrap_or_else(|| RedisError::Io(gone()));
+        let _ = tx.send(Err(e));
+    }
+    open
+}
+
 /// `write!` into a byte vector.
 struct Fmt<'a>(&'a mut Vec<u8>);
 
@@ -1134,6 +1326,11 @@ where
     }
     let mut line = Vec::with_capacity(32);
     (&mut *r).take(512).read_until(b'\n', &mut line).await?;
+    if line.is_empty() && depth == 0 {
+        // The end of the stream between replies: the connection closed, which
+        // is not a malformed reply.
+        return Err(RedisError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+    }
     if !line.ends_with(b"\r\n") {
         return Err(RedisError::Protocol("a line without CRLF"));
     }
@@ -1378,16 +1575,23 @@ mod tests {
         assert!(parse(":12").await.is_err());
     }
 
-    /// The script against a real `redis-server` (`cargo xtask setup` installs
-    /// it); skipped without one, except under `CI=true`, where it must run.
-    #[tokio::test]
-    async fn the_script_limits_in_a_real_redis() {
-        let Ok(listener) = std::net::TcpListener::bind("127.0.0.1:0") else {
-            return;
-        };
+    /// A real `redis-server` (`cargo xtask setup` installs it) on a free
+    /// port, killed when dropped, and a client for it; `None` (the test is
+    /// skipped) without one, except under `CI=true`, where it must run.
+    struct Server(std::process::Child);
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    async fn redis_server() -> Option<(Server, Redis)> {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").ok()?;
         let port = listener.local_addr().unwrap().port();
         drop(listener);
-        let Ok(mut server) = std::process::Command::new("redis-server")
+        let Ok(child) = std::process::Command::new("redis-server")
             .args([
                 "--port",
                 &port.to_string(),
@@ -1404,32 +1608,47 @@ mod tests {
                 "CI=true: redis-server must be installed (cargo xtask setup)"
             );
             eprintln!("no redis-server: skipped");
-            return;
+            return None;
         };
-        let redis = Redis::new(format!("127.0.0.1:{port}"));
-        let mut up = false;
-        for _ in 0..50 {
-            if redis.ping().await.is_ok() {
-                up = true;
-                break;
+        let server = Server(child);
+        listening(&port.to_string()).await;
+        Some((server, Redis::new(format!("127.0.0.1:{port}"))))
+    }
+
+    /// Waits for redis-server to listen, without the client (whose connects
+    /// that fail would start its backoff).
+    async fn listening(port: &str) {
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(format!("127.0.0.1:{port}"))
+                .await
+                .is_ok()
+            {
+                return;
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let g = Gcra::new(10, Duration::from_secs(60), 3, 1);
-        let args = [
+        panic!("redis-server did not listen");
+    }
+
+    /// The args of [`SCRIPT`] for one limit.
+    fn args(g: &Gcra) -> [String; 2] {
+        [
             (g.interval / 1000).to_string(),
             (g.tolerance / 1000).to_string(),
-        ];
+        ]
+    }
+
+    #[tokio::test]
+    async fn the_script_limits_in_a_real_redis() {
+        let Some((_server, redis)) = redis_server().await else {
+            return;
+        };
+        let args = args(&Gcra::new(10, Duration::from_secs(60), 3, 1));
         let mut seen = Vec::new();
-        if up {
-            for _ in 0..5 {
-                // The first call loads the script (NOSCRIPT, then EVAL).
-                seen.push(redis.gcra(&["weft:rl:test"], &args).await.unwrap()[0]);
-            }
+        for _ in 0..5 {
+            // The first call loads the script (NOSCRIPT, then EVAL).
+            seen.push(redis.gcra(&["weft:rl:test"], &args).await.unwrap()[0]);
         }
-        server.kill().unwrap();
-        server.wait().unwrap();
-        assert!(up, "redis-server did not answer");
         let allowed: Vec<bool> = seen.iter().map(|s| s.0).collect();
         assert_eq!(allowed, [true, true, true, false, false]);
         assert_eq!(
@@ -1438,5 +1657,106 @@ mod tests {
         );
         // Refused: retry after about T (6s), less the time the calls took.
         assert!((5_000_000..=6_000_000).contains(&seen[3].1), "{seen:?}");
+    }
+
+    /// Many callers at once: each gets its own answer (every key has its own
+    /// rate, so a reply handed to the wrong caller shows), and they share
+    /// writes (pipelining), which one call per connection would not.
+    #[tokio::test]
+    async fn concurrent_calls_are_pipelined_and_each_gets_its_answer() {
+        let Some((_server, redis)) = redis_server().await else {
+            return;
+        };
+        let redis = Arc::new(redis);
+        // Loaded once, so each call below is one EVALSHA.
+        redis
+            .gcra(
+                &["weft:rl:warm"],
+                &args(&Gcra::new(1, Duration::from_secs(1), 1, 1)),
+            )
+            .await
+            .unwrap();
+        let before = redis.writes.load(Relaxed);
+        const N: u32 = 200;
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..N {
+            let redis = redis.clone();
+            tasks.spawn(async move {
+                // i + 1 an hour, a burst of 3: T = 3600 s / (i + 1).
+                let g = Gcra::new(i + 1, Duration::from_secs(3600), 3, 1);
+                let got = redis.gcra(&[&format!("weft:rl:many:{i}")], &args(&g)).await;
+                let (t, burst) = (g.interval / 1000, g.tolerance / 1000);
+                assert_eq!(got.unwrap(), [(true, burst - t, t)], "caller {i}");
+            });
+        }
+        while let Some(r) = tasks.join_next().await {
+            r.unwrap();
+        }
+        let writes = redis.writes.load(Relaxed) - before;
+        assert!(writes * 4 <= u64::from(N), "{N} calls took {writes} writes");
+    }
+
+    /// A caller that gives up before its reply comes does not shift the
+    /// replies: the next callers on every connection get their own.
+    #[tokio::test]
+    async fn a_caller_that_times_out_does_not_desync_the_next() {
+        let Some((_server, redis)) = redis_server().await else {
+            return;
+        };
+        // Busy for 200ms in Redis, then a reply no other call would expect.
+        let slow = "local s = redis.call('TIME')\n\
+                    local start = s[1] * 1000000 + s[2]\n\
+                    repeat local t = redis.call('TIME') until t[1] * 1000000 + t[2] - start > 200000\n\
+                    return 'slow'";
+        for _ in 0..CONNS {
+            let late = tokio::time::timeout(
+                Duration::from_millis(20),
+                redis.call(&[b"EVAL", slow.as_bytes(), b"0"]),
+            )
+            .await;
+            assert!(late.is_err(), "the slow script answered in 20ms");
+        }
+        let g = Gcra::new(10, Duration::from_secs(60), 3, 1);
+        for i in 0..2 * CONNS {
+            redis.ping().await.unwrap();
+            let got = redis
+                .gcra(&[&format!("weft:rl:after:{i}")], &args(&g))
+                .await;
+            assert_eq!(got.unwrap(), [(true, 12_000_000, 6_000_000)]);
+        }
+    }
+
+    /// Redis killed: the calls fail (`Io` on the open connection, then
+    /// `Connect`) without hanging; restarted on the same port, every call
+    /// after the backoff connects again.
+    #[tokio::test]
+    async fn the_client_reconnects_after_redis_restarts() {
+        let Some((server, redis)) = redis_server().await else {
+            return;
+        };
+        let port = redis.addr.rsplit(':').next().unwrap().to_owned();
+        drop(server);
+        for _ in 0..2 * CONNS {
+            let e = tokio::time::timeout(Duration::from_secs(1), redis.ping())
+                .await
+                .expect("a call to a dead redis fails at once")
+                .unwrap_err();
+            assert!(
+                matches!(e, RedisError::Io(_) | RedisError::Connect(_)),
+                "{e}"
+            );
+        }
+        let _server = Server(
+            std::process::Command::new("redis-server")
+                .args(["--port", &port, "--save", "", "--appendonly", "no"])
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        listening(&port).await;
+        tokio::time::sleep(BACKOFF).await;
+        for _ in 0..2 * CONNS {
+            redis.ping().await.unwrap();
+        }
     }
 }

@@ -13,7 +13,7 @@
 //! weft-tk rr --connect <addr:port> --count N [--size B] [--warmup N] [--rate R]
 //! weft-tk conn-rate --connect <addr:port> --count N [--size B]
 //! weft-tk hold --connect <addr:port> --count N [--hold-secs S]
-//! weft-tk http-rr --connect <addr:port> --count N [--h2] [--path P] [--warmup N] [--rate R]
+//! weft-tk http-rr --connect <addr:port> --count N [--h2] [--path P] [--header 'name: value'] [--warmup N] [--rate R]
 //! weft-tk http-hold --connect <addr:port> --count N [--hold-secs S]
 //! weft-tk relay --listen <addr:port> --connect <addr:port> [--workers N]
 //! weft-tk http-echo --port P --name NAME [--h2c-only] [--fail-every K]
@@ -95,7 +95,7 @@ const USAGE: &str = "usage:
   weft-tk rr --connect <addr:port> --count N [--size B] [--warmup N] [--rate R] [--timeout-secs S]
   weft-tk conn-rate --connect <addr:port> --count N [--size B] [--timeout-secs S]
   weft-tk hold --connect <addr:port> --count N [--hold-secs S] [--timeout-secs S]
-  weft-tk http-rr --connect <addr:port> --count N [--h2] [--path P] [--warmup N] [--rate R] [--timeout-secs S]
+  weft-tk http-rr --connect <addr:port> --count N [--h2] [--path P] [--header 'name: value'] [--warmup N] [--rate R] [--timeout-secs S]
   weft-tk http-hold --connect <addr:port> --count N [--hold-secs S] [--timeout-secs S]
   weft-tk echo --listen <addr:port> [--workers N] [--quiet]
   weft-tk relay --listen <addr:port> --connect <addr:port> [--workers N]
@@ -1431,23 +1431,36 @@ impl HttpSender {
         })
     }
 
-    /// One GET of `path`, its whole body read; the status.
-    async fn get(&mut self, addr: SocketAddr, path: &str) -> Result<u16, String> {
+    /// One GET of `path` with `header` (name, value) if any, its whole body
+    /// read; the status.
+    async fn get(
+        &mut self,
+        addr: SocketAddr,
+        path: &str,
+        header: Option<&(String, String)>,
+    ) -> Result<u16, String> {
         use http_body_util::BodyExt as _;
         let failed = |e: hyper::Error| e.to_string();
         let response = match self {
             HttpSender::H1(s) => {
                 s.ready().await.map_err(failed)?;
-                let req = http::Request::get(path)
-                    .header(http::header::HOST, addr.to_string())
+                let mut req = http::Request::get(path).header(http::header::HOST, addr.to_string());
+                if let Some((name, value)) = header {
+                    req = req.header(name, value);
+                }
+                let req = req
                     .body(http_body_util::Empty::new())
                     .map_err(|e| e.to_string())?;
                 s.send_request(req).await.map_err(failed)?
             }
             HttpSender::H2(s) => {
                 s.ready().await.map_err(failed)?;
-                let req = http::Request::get(format!("http://{addr}{path}"))
-                    .version(http::Version::HTTP_2)
+                let mut req = http::Request::get(format!("http://{addr}{path}"))
+                    .version(http::Version::HTTP_2);
+                if let Some((name, value)) = header {
+                    req = req.header(name, value);
+                }
+                let req = req
                     .body(http_body_util::Empty::new())
                     .map_err(|e| e.to_string())?;
                 s.send_request(req).await.map_err(failed)?
@@ -1469,12 +1482,24 @@ fn http_rr(args: &[String]) -> Result<ExitCode, String> {
             "--connect",
             "--count",
             "--path",
+            "--header",
             "--warmup",
             "--rate",
             "--timeout-secs",
         ],
         &["--h2"],
     )?;
+    // One header for every request, e.g. a bearer token (the L7 bench's
+    // policies).
+    let header = match opts.get("--header") {
+        Some(h) => {
+            let (name, value) = h
+                .split_once(':')
+                .ok_or_else(|| format!("--header {h}: not `name: value`"))?;
+            Some((name.trim().to_owned(), value.trim().to_owned()))
+        }
+        None => None,
+    };
     let addr = resolve(opts.required("--connect")?)?;
     let count = count_opt(&opts)?;
     let path = opts.get("--path").unwrap_or("/").to_owned();
@@ -1518,7 +1543,7 @@ fn http_rr(args: &[String]) -> Result<ExitCode, String> {
                 next = next.max(now) + interval;
             }
             let start = Instant::now();
-            let status = tokio::time::timeout(timeout, sender.get(addr, &path))
+            let status = tokio::time::timeout(timeout, sender.get(addr, &path, header.as_ref()))
                 .await
                 .map_err(|_| "timed out".to_owned())
                 .and_then(|r| r)

@@ -19,6 +19,22 @@
 //!   connection over HBONE to the waypoint, which sends each request over
 //!   HBONE with its own identity to the server's agent (HTTP/1.1 upstream for
 //!   the `http` port, h2c for the `h2c` port).
+//! - **waypoint+policies** (issue 21), right after the waypoint in each round:
+//!   the same waypoint and path, with the waypoint's policy phases on every
+//!   request: a `RequestAuthentication` (ES256, its key inline; the client
+//!   sends a bearer token the bench minted, so after the first request each
+//!   check is a hit of the waypoint's cache of verified tokens, as for a
+//!   client that keeps its token), an ALLOW `AuthorizationPolicy` of 100
+//!   rules of which only the last matches the request's path (as
+//!   `benches/policy.rs`), a Local rate limit keyed by the token's `sub` and a
+//!   Global one (Redis, `failure_mode: closed`), both too high to refuse. The
+//!   Redis is a `redis-server` in `n2p1` (outside the mesh; the waypoint gets
+//!   `--redis-addr`). Its rows sit in the waypoint column under their own
+//!   names; the waypoint's metrics must show a verified token and two allowed
+//!   limit decisions per request sent, else the run fails. The Redis round
+//!   trip from the waypoint's pod (`redis-benchmark`, PING, one connection) is
+//!   measured in the same round, to judge "the Redis limit adds no more than
+//!   one Redis round trip at p50".
 //!
 //! Per protocol: requests/s at saturation (`h2load`: 64 connections, 10
 //! streams each for HTTP/2, one for HTTP/1.1), latency at a fixed 1,000/s on
@@ -34,6 +50,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};
 use weft_tests::Host as _;
+use weft_tests::jwt::{EsKey, jwks};
 use weft_tests::l7::{self, Nginx};
 use weft_tests::{Cluster, Mesh, Pod, Proc, bin_path, eventually};
 
@@ -45,6 +62,12 @@ const VIP: &str = "10.96.0.30";
 const H1_PORT: u16 = 8080;
 /// h2c (prior knowledge) on the server and the yardstick.
 const H2_PORT: u16 = 8081;
+/// `redis-server` in the Redis pod, for the global limit.
+const REDIS_PORT: u16 = 6379;
+/// The issuer of the bench's tokens.
+const ISS: &str = "https://issuer.bench";
+/// The path of the policies pass: only the last of the 100 rules matches it.
+const POLICY_PATH: &str = "/api/v2/items99";
 /// The fixed request rate of the latency and CPU measures.
 pub(super) const RATE: u32 = 1000;
 /// Bytes of the server's response body.
@@ -127,6 +150,8 @@ struct Pods<'c> {
     waypoint: &'c Pod,
     yardstick: &'c Pod,
     server: &'c Pod,
+    /// `redis-server`, outside the mesh, for the global limit.
+    redis: &'c Pod,
 }
 
 fn services() -> String {
@@ -136,6 +161,83 @@ fn services() -> String {
          {{port: {H2_PORT}, target_port: {H2_PORT}, app_protocol: h2c}}]\n  selector: {{app: web}}\n  waypoint: wp\n\
          - name: wp\n  addresses: []\n  ports: []\n  selector: {{role: waypoint}}\n"
     )
+}
+
+/// The policies pass: its mesh sections and the header its client sends.
+struct Policies {
+    sections: String,
+    authorization: String,
+}
+
+/// Request authentication with an ES256 key inline and a token for it, an
+/// ALLOW policy of 100 rules (each: `requestPrincipals`, two methods, two
+/// paths; [`POLICY_PATH`] matches the last only), a Local limit per `sub` and
+/// a Global one, neither of which ever refuses. Shapes as in docs/config.md
+/// and `benches/policy.rs`.
+fn policies() -> Result<Policies> {
+    let key = EsKey::new("bench")?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let token = key.sign(
+        &json!({"iss": ISS, "sub": "alice", "aud": ["web"], "iat": now,
+        "exp": now + 24 * 3600}),
+    )?;
+    let mut rules = String::new();
+    for i in 0..100 {
+        let _ = write!(
+            rules,
+            "  - from: [{{source: {{requestPrincipals: [\"{ISS}/*\"]}}}}]\n    \
+             to: [{{operation: {{methods: [GET, HEAD], paths: [\"/api/v1/items{i}/*\", \"/api/v2/items{i}\"]}}}}]\n"
+        );
+    }
+    let sections = format!(
+        "{}request_authentications:\n\
+         - name: web-jwt\n  targetRefs: [{{kind: Service, group: \"\", name: web}}]\n  jwtRules:\n  \
+         - issuer: {ISS}\n    audiences: [web]\n    jwks: '{}'\n\
+         authorization_policies:\n\
+         - name: web-api\n  targetRefs: [{{kind: Service, group: \"\", name: web}}]\n  action: ALLOW\n  rules:\n\
+         {rules}\
+         rate_limits:\n\
+         - name: bench-local\n  target_refs: [{{kind: Service, name: web}}]\n  type: Local\n  key: [\"claim:sub\"]\n  \
+         rules: [{{limit: {{requests: 1000000000, unit: Second}}}}]\n\
+         - name: bench-global\n  target_refs: [{{kind: Service, name: web}}]\n  type: Global\n  failure_mode: closed\n  \
+         timeout: 1s\n  key: [\"claim:sub\"]\n  rules: [{{limit: {{requests: 1000000000, unit: Second}}}}]\n",
+        services(),
+        jwks(&[&key]),
+    );
+    Ok(Policies {
+        sections,
+        authorization: format!("authorization: Bearer {token}"),
+    })
+}
+
+/// `redis-server` in its pod, without persistence; killed when dropped.
+fn start_redis(pod: &Pod) -> Result<Proc> {
+    let mut cmd = pod.command("redis-server");
+    let port = REDIS_PORT.to_string();
+    cmd.args([
+        "--port",
+        &port,
+        "--bind",
+        "0.0.0.0",
+        "--protected-mode",
+        "no",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+    ]);
+    let p = pod.spawn(&mut cmd)?;
+    ensure!(
+        eventually(Duration::from_secs(10), || {
+            pod.exec("redis-cli", ["-p", &port, "PING"])
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("PONG"))
+        }),
+        "redis-server in {} did not answer",
+        pod.name
+    );
+    Ok(p)
 }
 
 /// nginx in the server pod: a 1 KiB body on both ports.
@@ -190,6 +292,7 @@ fn bench(cluster: &Cluster, plan: &Plan) -> Result<(Results, Vec<Value>)> {
         waypoint: cluster.pod(1, 0),
         yardstick: cluster.pod(1, 1),
         server: cluster.pod(2, 0),
+        redis: cluster.pod(2, 1),
     };
     let mut mesh = Mesh::new(cluster, |_| false)?;
     mesh.set_extra(
@@ -200,42 +303,79 @@ fn bench(cluster: &Cluster, plan: &Plan) -> Result<(Results, Vec<Value>)> {
     mesh.set_sections(&services())?;
     mesh.start_all().context("starting the CA and agents")?;
     let _server = start_server(pods.server)?;
+    let _redis = start_redis(pods.redis)?;
     let mut yardstick = start_yardstick(pods.yardstick, pods.server)?;
     let mut waypoint = start_waypoint(&mesh, &pods, plan)?;
+    let policies = policies()?;
 
     let mut results = Results::default();
     let mut proof = Vec::new();
     for round in 1..=plan.rounds {
-        let order = if round % 2 == 1 {
-            [Mode::Direct, Mode::Relay, Mode::Weft]
-        } else {
-            [Mode::Weft, Mode::Relay, Mode::Direct]
-        };
-        for mode in order {
+        // (mode, policies on): the policies pass next to the plain waypoint.
+        let mut order = vec![
+            (Mode::Direct, false),
+            (Mode::Relay, false),
+            (Mode::Weft, false),
+            (Mode::Weft, true),
+        ];
+        if round % 2 == 0 {
+            order.reverse();
+        }
+        for (mode, with_policies) in order {
             enroll(&mut mesh, &pods, &waypoint, mode == Mode::Weft)?;
+            set_policies(&mut mesh, &waypoint, &policies, with_policies)?;
             let before = log_counts(&mesh);
+            let metrics_before = with_policies
+                .then(|| PolicyCounts::scrape(&pods))
+                .transpose()?;
+            let mut sent = 0;
+            let name = if with_policies {
+                "wp+pol"
+            } else {
+                mode_name(mode)
+            };
             for proto in Proto::ALL {
-                let line = scenarios(
+                let (line, n) = scenarios(
                     &mesh,
                     plan,
                     (mode, proto),
                     &pods,
                     (&waypoint, &yardstick),
+                    with_policies.then_some(&policies),
                     &mut results,
                 )
-                .with_context(|| format!("round {round}, {} {}", mode_name(mode), proto.label()))?;
-                println!(
-                    "  round {round} {:<8} {:<8} {line}",
-                    mode_name(mode),
-                    proto.label()
-                );
+                .with_context(|| format!("round {round}, {name} {}", proto.label()))?;
+                sent += n;
+                println!("  round {round} {name:<8} {:<8} {line}", proto.label());
                 // Its access log (a line per request) is not needed: keep the
                 // bench's memory flat.
                 waypoint.forget_stdout_before(waypoint.stdout_end());
             }
             proof.push(check_labels(&mesh, round, mode, before)?);
+            if let Some(before) = metrics_before {
+                let p = PolicyCounts::scrape(&pods)?.check_since(&before, sent)?;
+                println!("  round {round} {name:<8} checked: {p}");
+                proof.push(p);
+                // And the authorization policy is one: a path no rule names
+                // is refused, with the same token.
+                let url = format!("http://{VIP}:{H1_PORT}/api/v3/none");
+                let r = l7::curl(pods.client, &url, &["-H", &policies.authorization])?;
+                ensure!(r.status == 403, "{url} with a valid token: {r:?}, not 403");
+                let rtt = redis_rtt(&pods)?;
+                println!(
+                    "  round {round} Redis round trip from the waypoint's pod, p50 {rtt:.1} µs"
+                );
+                results.add(
+                    "l7.redis.rtt_p50",
+                    "+policies: the Redis round trip from the waypoint's pod (PING, one connection), p50",
+                    "µs",
+                    Mode::Weft,
+                    rtt,
+                );
+            }
         }
     }
+    set_policies(&mut mesh, &waypoint, &policies, false)?;
     memory(
         &mut mesh,
         &pods,
@@ -246,10 +386,141 @@ fn bench(cluster: &Cluster, plan: &Plan) -> Result<(Results, Vec<Value>)> {
     Ok((results, proof))
 }
 
-/// `weft waypoint` in its pod, with the plan's extra arguments.
+/// `weft waypoint` in its pod, with the Redis of the global limit and the
+/// plan's extra arguments.
 fn start_waypoint(mesh: &Mesh, pods: &Pods, plan: &Plan) -> Result<Proc> {
-    let args: Vec<&str> = plan.waypoint_args.iter().map(String::as_str).collect();
+    let redis = format!("{}:{REDIS_PORT}", pods.redis.ip);
+    let mut args = vec!["--redis-addr", &redis];
+    args.extend(plan.waypoint_args.iter().map(String::as_str));
     mesh.start_waypoint(pods.waypoint, &args)
+}
+
+/// Writes the mesh config with the policies or without, and waits for the
+/// waypoint to load it (as [`enroll`]).
+fn set_policies(mesh: &mut Mesh, waypoint: &Proc, policies: &Policies, on: bool) -> Result<()> {
+    let sections = if on {
+        policies.sections.clone()
+    } else {
+        services()
+    };
+    if mesh.sections() == sections {
+        return Ok(());
+    }
+    let from = waypoint.stdout_end();
+    mesh.set_sections(&sections)?;
+    ensure!(
+        eventually(Duration::from_secs(10), || {
+            waypoint
+                .json_lines_after(from)
+                .0
+                .iter()
+                .any(|v| v["message"] == "config reloaded")
+        }),
+        "the waypoint did not reload the config that turns the policies {}",
+        if on { "on" } else { "off" }
+    );
+    Ok(())
+}
+
+/// The waypoint's counters that prove the policies ran.
+struct PolicyCounts {
+    verified: u64,
+    local: u64,
+    global: u64,
+    refused: u64,
+    redis_errors: u64,
+}
+
+impl PolicyCounts {
+    /// From the waypoint's metrics page, read inside its pod.
+    fn scrape(pods: &Pods) -> Result<PolicyCounts> {
+        let out = pods
+            .waypoint
+            .exec_ok("curl", ["-sS", "http://127.0.0.1:15020/metrics"])?;
+        let sum = |f: &dyn Fn(&str) -> bool| -> u64 {
+            out.lines()
+                .filter(|l| !l.starts_with('#') && f(l))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                .sum()
+        };
+        let allowed = |policy: &str| {
+            sum(&|l: &str| {
+                l.starts_with("weft_ratelimit_decisions_total{")
+                    && l.contains(policy)
+                    && l.contains("decision=\"allowed\"")
+            })
+        };
+        Ok(PolicyCounts {
+            verified: sum(&|l: &str| l.starts_with("weft_jwt_tokens_total{result=\"verified\"")),
+            refused: sum(&|l: &str| l.starts_with("weft_jwt_tokens_total{result=\"refused\"")),
+            local: allowed("bench-local"),
+            global: allowed("bench-global"),
+            redis_errors: sum(&|l: &str| l.starts_with("weft_ratelimit_redis_errors_total{")),
+        })
+    }
+
+    /// Fails unless every one of the `sent` requests had its token verified
+    /// and was let through by both limits (h2load may count a request or two
+    /// fewer than the waypoint served: those in flight at its end).
+    fn check_since(&self, before: &PolicyCounts, sent: u64) -> Result<Value> {
+        let d = |a: u64, b: u64| a.saturating_sub(b);
+        let (verified, local, global) = (
+            d(self.verified, before.verified),
+            d(self.local, before.local),
+            d(self.global, before.global),
+        );
+        let (refused, errors) = (
+            d(self.refused, before.refused),
+            d(self.redis_errors, before.redis_errors),
+        );
+        let slack = sent / 100 + SAT_CONNECTIONS as u64 * SAT_STREAMS_H2 as u64;
+        for (what, n) in [
+            ("verified tokens", verified),
+            ("local limit decisions", local),
+            ("global limit decisions", global),
+        ] {
+            ensure!(
+                n + slack / 10 >= sent && n <= sent + slack,
+                "the policies were not applied to every request: {n} {what} for {sent} requests sent"
+            );
+        }
+        ensure!(
+            refused == 0 && errors == 0,
+            "{refused} tokens refused, {errors} Redis errors during the policies pass"
+        );
+        Ok(json!({
+            "mode": "waypoint+policies",
+            "requests_sent": sent,
+            "tokens_verified": verified,
+            "local_limit_allowed": local,
+            "global_limit_allowed": global,
+        }))
+    }
+}
+
+/// The p50 of a Redis round trip from the waypoint's pod: `redis-benchmark`,
+/// PING (RESP multi-bulk), one connection, one at a time; µs.
+fn redis_rtt(pods: &Pods) -> Result<f64> {
+    let port = REDIS_PORT.to_string();
+    let host = pods.redis.ip.to_string();
+    let out = pods.waypoint.exec_ok(
+        "redis-benchmark",
+        [
+            "-h", &host, "-p", &port, "-c", "1", "-n", "5000", "-t", "ping", "--csv",
+        ],
+    )?;
+    // "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms",...
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("\"PING_MBULK\""))
+        .with_context(|| format!("redis-benchmark printed no PING_MBULK line:\n{out}"))?;
+    let p50: f64 = line
+        .split(',')
+        .nth(4)
+        .map(|v| v.trim_matches('"'))
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("no p50 in redis-benchmark's {line}"))?;
+    Ok(p50 * 1000.0)
 }
 
 /// Enrolls the client and the server (the waypoint mode) or neither, and
@@ -291,16 +562,23 @@ fn target(mode: Mode, proto: Proto, pods: &Pods) -> String {
     format!("{host}:{}", proto.port())
 }
 
-/// Runs one mode's scenarios for one protocol; a one-line summary.
+/// Runs one mode's scenarios for one protocol, with the policies' token and
+/// path if given (their rows are the waypoint's, named apart); a one-line
+/// summary and the requests sent.
 fn scenarios(
     mesh: &Mesh,
     plan: &Plan,
     (mode, proto): (Mode, Proto),
     pods: &Pods,
     (waypoint, yardstick): (&Proc, &Nginx),
+    policies: Option<&Policies>,
     results: &mut Results,
-) -> Result<String> {
+) -> Result<(String, u64)> {
     let target = target(mode, proto, pods);
+    let req = Req {
+        path: if policies.is_some() { POLICY_PATH } else { "/" },
+        header: policies.map(|p| p.authorization.as_str()),
+    };
     let proxy: Vec<u32> = match mode {
         Mode::Direct => Vec::new(),
         Mode::Relay => vec![yardstick.proc().pid()],
@@ -316,13 +594,19 @@ fn scenarios(
         if plan.perf && mode == Mode::Weft {
             let mut pids = proxy.clone();
             pids.extend(&agents);
-            Profiler::start(&pids, &format!("l7-{}-{name}", proto.key())).map(Some)
+            let pol = if policies.is_some() { "-policies" } else { "" };
+            Profiler::start(&pids, &format!("l7-{}{pol}-{name}", proto.key())).map(Some)
         } else {
             Ok(None)
         }
     };
-    let k = proto.key();
-    let l = proto.label();
+    let (k, l) = match policies {
+        None => (proto.key().to_owned(), proto.label().to_owned()),
+        Some(_) => (
+            format!("{}.policies", proto.key()),
+            format!("{} +policies:", proto.label()),
+        ),
+    };
     let mut add = |key: &str, name: &str, unit: &'static str, value: f64| {
         results.add(
             &format!("l7.{k}.{key}"),
@@ -335,12 +619,14 @@ fn scenarios(
 
     // Fill the pools (the waypoint's upstream connections, nginx's keep-alive
     // ones) and check the path answers, before anything is timed.
-    http_rr(pods.client, &target, proto, 200, None).context("warming up")?;
+    http_rr(pods.client, &target, proto, &req, 200, None).context("warming up")?;
+    let mut sent = 220;
 
     // 1. Saturation.
     let cpu0 = Cpu::now(&proxy)?;
     let perf = profile("saturated")?;
-    let sat = h2load(pods.client, &target, proto, plan.l7_secs)?;
+    let sat = h2load(pods.client, &target, proto, &req, plan.l7_secs)?;
+    sent += sat.succeeded;
     drop(perf);
     let cpu1 = Cpu::now(&proxy)?;
     add(
@@ -369,7 +655,8 @@ fn scenarios(
     let cpu0 = Cpu::now(&proxy)?;
     let agents0 = Cpu::now(&agents)?;
     let perf = profile("fixed")?;
-    let fixed = http_rr(pods.client, &target, proto, plan.l7_fixed, Some(RATE))?;
+    let fixed = http_rr(pods.client, &target, proto, &req, plan.l7_fixed, Some(RATE))?;
+    sent += u64::from(plan.l7_fixed) * 11 / 10;
     drop(perf);
     let cpu1 = Cpu::now(&proxy)?;
     let agents1 = Cpu::now(&agents)?;
@@ -414,7 +701,14 @@ fn scenarios(
             per_1k(cpu1.proxies - cpu0.proxies)
         );
     }
-    Ok(line)
+    Ok((line, sent))
+}
+
+/// What each request of a scenario carries.
+struct Req<'a> {
+    path: &'a str,
+    /// `name: value`
+    header: Option<&'a str>,
 }
 
 /// `weft-tk http-rr` from `client`: `count` GETs on one connection, paced at
@@ -423,6 +717,7 @@ fn http_rr(
     client: &Pod,
     target: &str,
     proto: Proto,
+    req: &Req,
     count: u32,
     rate: Option<u32>,
 ) -> Result<Value> {
@@ -432,7 +727,12 @@ fn http_rr(
         target.to_owned(),
         "--count".to_owned(),
         count.to_string(),
+        "--path".to_owned(),
+        req.path.to_owned(),
     ];
+    if let Some(h) = req.header {
+        args.extend(["--header".to_owned(), h.to_owned()]);
+    }
     if proto == Proto::H2 {
         args.push("--h2".to_owned());
     }
@@ -447,16 +747,25 @@ fn http_rr(
 /// h2load at saturation for `secs` seconds; fails
 /// on any failed request or any status but 2xx. (Its 2xx count can be one
 /// short of `succeeded`: a response that straddles the end of the run.)
-fn h2load(client: &Pod, target: &str, proto: Proto, secs: u32) -> Result<l7::H2loadResult> {
+fn h2load(
+    client: &Pod,
+    target: &str,
+    proto: Proto,
+    req: &Req,
+    secs: u32,
+) -> Result<l7::H2loadResult> {
     let (c, d) = (SAT_CONNECTIONS.to_string(), secs.to_string());
     let m = match proto {
         Proto::H1 => "1".to_owned(),
         Proto::H2 => SAT_STREAMS_H2.to_string(),
     };
-    let url = format!("http://{target}/");
+    let url = format!("http://{target}{}", req.path);
     // No `--warm-up-time`: its second would be inside the CPU window but not
     // in the request count. The requests before it have filled the pools.
     let mut args = vec!["-c", &c, "-m", &m, "-D", &d];
+    if let Some(h) = req.header {
+        args.extend(["-H", h]);
+    }
     if proto == Proto::H1 {
         args.push("--h1");
     }
@@ -681,6 +990,39 @@ fn targets(results: &Results) -> Vec<Target> {
             "vCPU",
             &|v| v <= 0.1,
         ));
+    }
+    // The policies pass against the plain waypoint of the same rounds.
+    let rtt = row("l7.redis.rtt_p50").map(Row::weft_median);
+    for p in Proto::ALL {
+        let (k, l) = (p.key(), p.label());
+        let plain = |key: &str| row(&format!("l7.{k}.{key}")).map(Row::weft_median);
+        let with = |key: &str| row(&format!("l7.{k}.policies.{key}")).map(Row::weft_median);
+        let key = "proxy_cpu_per_request_saturated";
+        out.push(t(
+            format!(
+                "{l}: waypoint CPU per request added by JWT + 100-rule authz + local limit \
+                 (+ the Redis limit), at saturation"
+            ),
+            "<= 20 µs",
+            (with(key).zip(plain(key)).map(|(w, p)| w - p), None),
+            "µs",
+            &|v| v <= 20.0,
+        ));
+        let added = with("fixed_p50")
+            .zip(plain("fixed_p50"))
+            .map(|(w, p)| w - p);
+        let mut target = t(
+            format!("{l}: p50 added by the policies with the Redis limit (1,000 req/s)"),
+            "<= 1 Redis round trip",
+            (added, None),
+            "µs",
+            &|_| true,
+        );
+        target.met = added.zip(rtt).map(|(a, r)| a <= r);
+        if let Some(r) = rtt {
+            target.shown = format!("{} (round trip {r:.1} µs)", target.shown);
+        }
+        out.push(target);
     }
     let r = row("l7.memory.rss_idle");
     out.push(t(

@@ -270,7 +270,9 @@ pub struct CaArgs {
     pub root_secret: Option<String>,
 
     /// In a cluster: the ConfigMap (`namespace/name`) the trust bundle is
-    /// published in (key `roots.pem`), for agents and waypoints to mount.
+    /// published in (key `roots.pem`), for agents and waypoints to mount. With
+    /// `--discovery kubernetes`, also under that name in every namespace where a
+    /// waypoint pod (`weft.dev/role: waypoint`) runs.
     #[arg(long, env = "WEFT_CA_BUNDLE_CONFIGMAP")]
     pub bundle_configmap: Option<String>,
 

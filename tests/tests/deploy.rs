@@ -543,12 +543,15 @@ fn rbac_is_least_privilege() {
     .map(String::from)
     .collect();
     assert_eq!(agent, expected);
-    // The CA: pods and namespaces, TokenReviews, and its two objects.
+    // The CA: pods and namespaces, TokenReviews, the bundle by name in any
+    // namespace (where waypoints run), and its two objects.
     assert_eq!(
         rules("ClusterRole/weft-ca"),
         [
             json!({"apiGroups": [""], "resources": ["pods", "namespaces"], "verbs": ["get", "list", "watch"]}),
             json!({"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]}),
+            json!({"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["weft-trust-bundle"], "verbs": ["patch"]}),
+            json!({"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]}),
         ]
     );
     let role = find(&deploy, "Role/weft-ca");

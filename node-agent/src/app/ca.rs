@@ -41,6 +41,9 @@ pub fn run(args: CaArgs) -> anyhow::Result<()> {
                  client (in cluster, or KUBECONFIG)",
             )?),
         };
+        // With Kubernetes discovery: the mesh, for the bundle to follow
+        // waypoints into their namespaces.
+        let mut waypoints = None;
         let (mesh, trust_domain) = match (&client, args.config) {
             (Some(client), None) => {
                 // Pods and namespaces: which identities run on which node.
@@ -52,6 +55,7 @@ pub fn run(args: CaArgs) -> anyhow::Result<()> {
                         ..Default::default()
                     },
                 );
+                waypoints = Some(source.updates.clone());
                 let updates = MeshSource::Updates {
                     trust_domain: args.trust_domain.clone(),
                     updates: source.updates,
@@ -87,6 +91,15 @@ pub fn run(args: CaArgs) -> anyhow::Result<()> {
         .await?;
         if let (Some(client), Some((ns, name))) = (&client, &bundle_configmap) {
             cluster::publish_bundle(client, ns, name, &server.bundle_pem()).await?;
+            if let Some(mesh) = waypoints {
+                tokio::spawn(cluster::follow_waypoints(
+                    client.clone(),
+                    name.clone(),
+                    server.bundle_pem(),
+                    mesh,
+                    [ns.clone()].into(),
+                ));
+            }
         }
         server
             .run(async move {

@@ -3,13 +3,18 @@
 //! published in a ConfigMap that agents and waypoints mount (the kubelet
 //! updates the mounted file, which they already watch).
 //!
+//! A pod mounts only ConfigMaps of its own namespace, and waypoints run in the
+//! namespaces they serve: with Kubernetes discovery, the CA publishes the
+//! bundle too in every namespace where a waypoint pod runs
+//! ([`follow_waypoints`]), as istiod publishes its root in every namespace.
+//!
 //! The state directory ([`super::store`]) stays the CA's working copy: at
 //! start the Secret is written into it, or, on the very first start of the
 //! mesh, the root the directory makes is stored in the Secret. Two replicas
 //! starting at once race on the Secret's creation; the one that loses takes
 //! the winner's root, so there is only ever one.
 
-use std::path::Path;
+use std::{collections::BTreeSet, path::Path, sync::Arc, time::Duration};
 
 use k8s_openapi::{
     ByteString,
@@ -19,9 +24,10 @@ use kube::{
     Api,
     api::{Patch, PatchParams, PostParams},
 };
-use tracing::info;
+use tracing::{info, warn};
 
 use super::{Authority, store};
+use crate::model::Mesh;
 
 /// The keys of the root Secret, the file names of the state directory.
 const CERT: &str = "root.pem";
@@ -108,6 +114,60 @@ pub async fn publish_bundle(
     })?;
     info!(namespace, name, "trust bundle published");
     Ok(())
+}
+
+/// How soon a namespace the bundle could not be published in is tried again.
+const REPUBLISH_AFTER: Duration = Duration::from_secs(30);
+
+/// Publishes the bundle as ConfigMap `name` in every namespace of `mesh`'s
+/// waypoint pods (`native_tunnel` workloads: the label `weft.dev/role:
+/// waypoint`), once per namespace, as they appear; a failed publication is
+/// tried again after [`REPUBLISH_AFTER`] or at the next change. Runs until
+/// the mesh's sender is gone. The waypoint mounts the ConfigMap as
+/// optional and waits for the file, which the kubelet writes once it exists.
+pub async fn follow_waypoints(
+    client: kube::Client,
+    name: String,
+    bundle_pem: String,
+    mut mesh: tokio::sync::watch::Receiver<Option<Arc<Mesh>>>,
+    mut done: BTreeSet<String>,
+) {
+    loop {
+        let wanted: BTreeSet<String> = mesh
+            .borrow_and_update()
+            .as_ref()
+            .map(|m| {
+                m.workloads
+                    .iter()
+                    .filter(|w| w.native_tunnel)
+                    .map(|w| w.namespace.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut failed = false;
+        for ns in wanted.difference(&done.clone()) {
+            match publish_bundle(&client, ns, &name, &bundle_pem).await {
+                Ok(()) => {
+                    done.insert(ns.clone());
+                }
+                Err(e) => {
+                    warn!(error = %e, "cannot publish the trust bundle for a waypoint; will retry");
+                    failed = true;
+                }
+            }
+        }
+        let retry = async {
+            if failed {
+                tokio::time::sleep(REPUBLISH_AFTER).await
+            } else {
+                std::future::pending().await
+            }
+        };
+        tokio::select! {
+            changed = mesh.changed() => if changed.is_err() { return },
+            () = retry => {}
+        }
+    }
 }
 
 fn root_secret(name: &str, authority: &Authority) -> Secret {
@@ -204,5 +264,101 @@ mod tests {
 
         let map = bundle_config_map("weft-trust-bundle", authority.root_pem());
         assert_eq!(map.data.unwrap()[BUNDLE_KEY], authority.root_pem());
+    }
+
+    /// The bundle goes to each namespace where a waypoint runs, once, by
+    /// server-side apply; a namespace whose publication failed is tried
+    /// again; ordinary pods' namespaces get nothing.
+    #[tokio::test]
+    async fn the_bundle_follows_waypoints_into_their_namespaces() {
+        use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+
+        use crate::model::Workload;
+
+        // The first apply in `shop` fails (403, as with a missing RBAC rule).
+        let refused_once = Arc::new(AtomicBool::new(false));
+        let bodies = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (refused, seen_bodies) = (refused_once.clone(), bodies.clone());
+        let (client, seen) = super::super::testapi::serve(move |parts, body| {
+            let path = parts.uri.path();
+            if path.contains("/namespaces/shop/") && !refused.swap(true, Relaxed) {
+                return (403, r#"{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"Forbidden","code":403,"message":"configmaps is forbidden"}"#.to_owned());
+            }
+            seen_bodies.lock().unwrap().push((parts.uri.to_string(), body.to_vec()));
+            (200, String::from_utf8(body.to_vec()).unwrap())
+        })
+        .await;
+        let w = |ns: &str, name: &str, waypoint: bool| Workload {
+            name: name.into(),
+            namespace: ns.into(),
+            service_account: "default".into(),
+            node: "node-a".into(),
+            addresses: vec![],
+            enrolled: !waypoint,
+            outside_mesh: Default::default(),
+            labels: Default::default(),
+            native_tunnel: waypoint,
+        };
+        let mesh = |ws: Vec<Workload>| {
+            Some(Arc::new(Mesh {
+                workloads: ws,
+                ..Mesh::default()
+            }))
+        };
+        let (tx, rx) = tokio::sync::watch::channel(mesh(vec![
+            w("shop", "shop-waypoint-0", true),
+            w("shop", "web-0", false),
+            w("batch", "job-0", false),
+        ]));
+        let task = tokio::spawn(follow_waypoints(
+            client,
+            "weft-trust-bundle".into(),
+            "PEM".into(),
+            rx,
+            ["weft-system".to_owned()].into(),
+        ));
+        let calls = |seen: &std::sync::Mutex<Vec<String>>| seen.lock().unwrap().clone();
+        let path = |ns: &str| format!("PATCH /api/v1/namespaces/{ns}/configmaps/weft-trust-bundle");
+        // Refused, then (a change comes first) applied.
+        for _ in 0..100 {
+            if !calls(&seen).is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(calls(&seen), [path("shop")]);
+        tx.send_replace(mesh(vec![
+            w("shop", "shop-waypoint-0", true),
+            w("shop", "shop-waypoint-1", true),
+            w("legacy", "legacy-waypoint-0", true),
+            w("batch", "job-0", false),
+            w("weft-system", "w", true),
+        ]));
+        for _ in 0..100 {
+            if calls(&seen).len() >= 3 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Once per namespace, never `batch`, never the home namespace again.
+        let mut got = calls(&seen);
+        got[1..].sort();
+        assert_eq!(got, [path("shop"), path("legacy"), path("shop")]);
+        tx.send_replace(mesh(vec![w("shop", "shop-waypoint-2", true)]));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(calls(&seen).len(), 3, "published once per namespace");
+        // What was applied: the bundle, by the CA's field manager, forced.
+        let (uri, body) = bodies.lock().unwrap()[0].clone();
+        assert!(
+            uri.contains("fieldManager=weft-ca") && uri.contains("force=true"),
+            "{uri}"
+        );
+        let applied: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(applied["data"][BUNDLE_KEY], "PEM");
+        drop(tx);
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("stops when the mesh's sender is gone")
+            .unwrap();
     }
 }

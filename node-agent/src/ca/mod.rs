@@ -19,6 +19,8 @@ pub mod proto;
 pub mod satoken;
 pub mod server;
 pub mod store;
+#[cfg(test)]
+mod testapi;
 pub mod tokens;
 
 use std::time::Duration;

@@ -573,94 +573,42 @@ pub(crate) mod tests {
         assert!(v.agent_of(&vec![b'a'; MAX_TOKEN_BYTES + 1]).await.is_err());
     }
 
-    /// An HTTPS endpoint on the loopback that answers the two API-server calls
-    /// the CA makes, `GET /openid/v1/jwks` and `POST .../tokenreviews`, as the
-    /// API server does (the TokenReview accepts `good` tokens only, with the
-    /// `extra` of a pod-bound token); a kube client for it. No API server runs
-    /// here: this checks our client side over real TLS and real kube-rs.
+    /// The API-server calls the CA makes, `GET /openid/v1/jwks` and `POST
+    /// .../tokenreviews`, answered as the API server does (the TokenReview
+    /// accepts `good` tokens only, with the `extra` of a pod-bound token),
+    /// over real TLS to real kube-rs ([`super::super::testapi`]); the calls
+    /// seen.
     async fn api_server(jwks: String) -> (kube::Client, Arc<Mutex<Vec<String>>>) {
-        use http_body_util::{BodyExt as _, Full};
-        use rcgen::{CertificateParams, KeyPair};
-        let key = KeyPair::generate().unwrap();
-        let cert = CertificateParams::new(vec!["127.0.0.1".to_owned()])
-            .unwrap()
-            .self_signed(&key)
-            .unwrap();
-        let config = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(
-                vec![cert.der().clone()],
-                rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
-            )
-            .unwrap();
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let log = seen.clone();
-        tokio::spawn(async move {
-            while let Ok((tcp, _)) = listener.accept().await {
-                let Ok(tls) = acceptor.accept(tcp).await else {
-                    continue;
+        super::super::testapi::serve(move |parts, body| {
+            (200, answer(&jwks, parts.uri.path(), body))
+        })
+        .await
+    }
+
+    fn answer(jwks: &str, path: &str, body: &[u8]) -> String {
+        match path {
+            "/openid/v1/jwks" => jwks.to_owned(),
+            "/apis/authentication.k8s.io/v1/tokenreviews" => {
+                let review: Value = serde_json::from_slice(body).unwrap();
+                let mut out = review.clone();
+                out["status"] = if review["spec"]["token"] == "good" {
+                    json!({"authenticated": true, "audiences": review["spec"]["audiences"],
+                    "user": {"username": "system:serviceaccount:weft-system:weft-agent",
+                        "uid": "0e9f8a7b-sa",
+                        "groups": ["system:serviceaccounts", "system:authenticated"],
+                        "extra": {
+                            "authentication.kubernetes.io/credential-id": ["JTI=8c4f"],
+                            "authentication.kubernetes.io/node-name": ["node-b"],
+                            "authentication.kubernetes.io/node-uid": ["6f1d"],
+                            "authentication.kubernetes.io/pod-name": ["weft-agent-q2w3e"],
+                            "authentication.kubernetes.io/pod-uid": ["a1b2"]}}})
+                } else {
+                    json!({"user": {}, "error": "[invalid bearer token, service account token has been invalidated]"})
                 };
-                let (jwks, log) = (jwks.clone(), log.clone());
-                let service = hyper::service::service_fn(
-                    move |req: http::Request<hyper::body::Incoming>| {
-                        let (jwks, log) = (jwks.clone(), log.clone());
-                        async move {
-                            let (parts, body) = req.into_parts();
-                            let body = body.collect().await.unwrap().to_bytes();
-                            log.lock().unwrap().push(format!(
-                                "{} {}",
-                                parts.method,
-                                parts.uri.path()
-                            ));
-                            let answer = match parts.uri.path() {
-                                "/openid/v1/jwks" => jwks,
-                                "/apis/authentication.k8s.io/v1/tokenreviews" => {
-                                    let review: Value = serde_json::from_slice(&body).unwrap();
-                                    let mut out = review.clone();
-                                    out["status"] = if review["spec"]["token"] == "good" {
-                                        json!({"authenticated": true, "audiences": review["spec"]["audiences"],
-                                        "user": {"username": "system:serviceaccount:weft-system:weft-agent",
-                                            "uid": "0e9f8a7b-sa",
-                                            "groups": ["system:serviceaccounts", "system:authenticated"],
-                                            "extra": {
-                                                "authentication.kubernetes.io/credential-id": ["JTI=8c4f"],
-                                                "authentication.kubernetes.io/node-name": ["node-b"],
-                                                "authentication.kubernetes.io/node-uid": ["6f1d"],
-                                                "authentication.kubernetes.io/pod-name": ["weft-agent-q2w3e"],
-                                                "authentication.kubernetes.io/pod-uid": ["a1b2"]}}})
-                                    } else {
-                                        json!({"user": {}, "error": "[invalid bearer token, service account token has been invalidated]"})
-                                    };
-                                    out.to_string()
-                                }
-                                _ => String::from("{}"),
-                            };
-                            Ok::<_, std::convert::Infallible>(
-                                http::Response::builder()
-                                    .header("content-type", "application/json")
-                                    .body(Full::new(bytes::Bytes::from(answer)))
-                                    .unwrap(),
-                            )
-                        }
-                    },
-                );
-                tokio::spawn(
-                    hyper_util::server::conn::auto::Builder::new(
-                        hyper_util::rt::TokioExecutor::new(),
-                    )
-                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
-                    .into_owned(),
-                );
+                out.to_string()
             }
-        });
-        let mut config = kube::Config::new(format!("https://127.0.0.1:{port}").parse().unwrap());
-        config.root_cert = Some(vec![cert.der().to_vec()]);
-        (kube::Client::try_from(config).unwrap(), seen)
+            _ => String::from("{}"),
+        }
     }
 
     #[tokio::test]

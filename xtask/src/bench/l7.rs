@@ -163,6 +163,14 @@ fn services() -> String {
     )
 }
 
+/// The sections without the policies. `allow_shrink`: turning the policies
+/// off removes every authorization policy, which the agents' guard holds back
+/// unless the file says it is meant (they would keep the policies' config,
+/// and every later change, enrollment included, with it).
+fn plain_sections() -> String {
+    format!("{}allow_shrink: true\n", services())
+}
+
 /// The policies pass: its mesh sections and the header its client sends.
 struct Policies {
     sections: String,
@@ -300,7 +308,7 @@ fn bench(cluster: &Cluster, plan: &Plan) -> Result<(Results, Vec<Value>)> {
         "  native_tunnel: true\n  labels: {role: waypoint}\n",
     )?;
     mesh.set_extra(pods.server, "  labels: {app: web}\n")?;
-    mesh.set_sections(&services())?;
+    mesh.set_sections(&plain_sections())?;
     mesh.start_all().context("starting the CA and agents")?;
     let _server = start_server(pods.server)?;
     let _redis = start_redis(pods.redis)?;
@@ -401,7 +409,7 @@ fn set_policies(mesh: &mut Mesh, waypoint: &Proc, policies: &Policies, on: bool)
     let sections = if on {
         policies.sections.clone()
     } else {
-        services()
+        plain_sections()
     };
     if mesh.sections() == sections {
         return Ok(());

@@ -87,7 +87,7 @@ pub(crate) fn canonical_name(w: &Workload) -> &str {
         "app",
     ]
     .iter()
-    .find_map(|k| w.labels.get(*k))
+    .find_map(|k| w.labels.get(k))
     .map_or(&w.name, |v| v)
 }
 
@@ -100,7 +100,7 @@ pub(crate) fn canonical_revision(labels: &Labels) -> &str {
         "version",
     ]
     .iter()
-    .find_map(|k| labels.get(*k))
+    .find_map(|k| labels.get(k))
     .map_or("latest", |v| v)
 }
 

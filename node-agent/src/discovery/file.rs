@@ -467,7 +467,7 @@ struct ExtAuthzHttp {
     #[serde(default, alias = "includeRequestHeadersInCheck")]
     include_request_headers_in_check: Vec<String>,
     #[serde(default, alias = "includeAdditionalHeadersInCheck")]
-    include_additional_headers_in_check: Labels,
+    include_additional_headers_in_check: BTreeMap<String, String>,
     #[serde(default, alias = "headersToUpstreamOnAllow")]
     headers_to_upstream_on_allow: Vec<String>,
     #[serde(default, alias = "headersToDownstreamOnDeny")]
@@ -758,7 +758,7 @@ impl File {
                         timeout: g.timeout,
                         path_prefix: String::new(),
                         include_request_headers_in_check: Vec::new(),
-                        include_additional_headers_in_check: Labels::new(),
+                        include_additional_headers_in_check: BTreeMap::new(),
                         headers_to_upstream_on_allow: Vec::new(),
                         headers_to_downstream_on_deny: Vec::new(),
                     },
@@ -769,7 +769,7 @@ impl File {
                         timeout: None,
                         path_prefix: String::new(),
                         include_request_headers_in_check: Vec::new(),
-                        include_additional_headers_in_check: Labels::new(),
+                        include_additional_headers_in_check: BTreeMap::new(),
                         headers_to_upstream_on_allow: Vec::new(),
                         headers_to_downstream_on_deny: Vec::new(),
                     },

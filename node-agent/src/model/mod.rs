@@ -85,8 +85,133 @@ impl Default for Mesh {
     }
 }
 
-/// Labels of a workload, and label selectors (every listed label must match).
-pub type Labels = BTreeMap<String, String>;
+/// Labels of a workload, and label selectors (every listed label must match):
+/// a list sorted by key, keys unique. Not a `BTreeMap<String, String>`: every
+/// workload of a cluster carries its labels, and a `BTreeMap` of two labels
+/// allocates a node of eleven slots, about 550 bytes, before the strings;
+/// this is two words and the strings. Lookups are a binary search over a
+/// handful of entries.
+#[derive(Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Labels(Box<[(Box<str>, Box<str>)]>);
+
+impl Labels {
+    pub fn new() -> Labels {
+        Labels::default()
+    }
+
+    /// The value of `key`, if it is there.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0
+            .binary_search_by(|(k, _)| (**k).cmp(key))
+            .ok()
+            .map(|i| &*self.0[i].1)
+    }
+
+    pub fn contains_key(&self, key: &str) -> bool {
+        self.get(key).is_some()
+    }
+
+    /// `(key, value)`, by key.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(k, v)| (&**k, &**v))
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Sets `key` to `value` (a copy of the list: for building, not for a
+    /// hot path).
+    pub fn insert(&mut self, key: impl Into<Box<str>>, value: impl Into<Box<str>>) {
+        let mut v = std::mem::take(&mut self.0).into_vec();
+        v.push((key.into(), value.into()));
+        *self = v.into_iter().collect();
+    }
+
+    /// Takes `key` out, with its value.
+    pub fn remove(&mut self, key: &str) -> Option<Box<str>> {
+        let i = self.0.binary_search_by(|(k, _)| (**k).cmp(key)).ok()?;
+        let mut v = std::mem::take(&mut self.0).into_vec();
+        let (_, value) = v.remove(i);
+        self.0 = v.into_boxed_slice();
+        Some(value)
+    }
+}
+
+/// Later pairs win over earlier ones with the same key, as a map's inserts.
+impl<K: Into<Box<str>>, V: Into<Box<str>>> FromIterator<(K, V)> for Labels {
+    fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Labels {
+        let mut v: Vec<(Box<str>, Box<str>)> = iter
+            .into_iter()
+            .map(|(k, v)| (k.into(), v.into()))
+            .collect();
+        // Stable: of equal keys, the last one is kept below.
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut out: Vec<(Box<str>, Box<str>)> = Vec::with_capacity(v.len());
+        for pair in v {
+            match out.last_mut() {
+                Some(last) if last.0 == pair.0 => *last = pair,
+                _ => out.push(pair),
+            }
+        }
+        Labels(out.into_boxed_slice())
+    }
+}
+
+impl<K: Into<Box<str>>, V: Into<Box<str>>, const N: usize> From<[(K, V); N]> for Labels {
+    fn from(pairs: [(K, V); N]) -> Labels {
+        pairs.into_iter().collect()
+    }
+}
+
+impl From<BTreeMap<String, String>> for Labels {
+    fn from(map: BTreeMap<String, String>) -> Labels {
+        map.into_iter().collect()
+    }
+}
+
+/// `labels["app"]`: the value, or a panic if the key is not there (as a map's).
+impl std::ops::Index<&str> for Labels {
+    type Output = str;
+
+    fn index(&self, key: &str) -> &str {
+        self.get(key).unwrap_or_else(|| panic!("no label {key:?}"))
+    }
+}
+
+impl<'a> IntoIterator for &'a Labels {
+    type Item = (&'a str, &'a str);
+    type IntoIter = std::iter::Map<
+        std::slice::Iter<'a, (Box<str>, Box<str>)>,
+        fn(&'a (Box<str>, Box<str>)) -> (&'a str, &'a str),
+    >;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter().map(|(k, v)| (&**k, &**v))
+    }
+}
+
+impl fmt::Debug for Labels {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map().entries(self.iter()).finish()
+    }
+}
+
+impl Serialize for Labels {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.iter())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Labels {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Labels, D::Error> {
+        BTreeMap::<String, String>::deserialize(d).map(Labels::from)
+    }
+}
 
 /// Whether `labels` carry every key and value of `selector`.
 pub fn selects(selector: &Labels, labels: &Labels) -> bool {
@@ -517,7 +642,7 @@ pub struct ExtAuthzHttp {
     /// method and path, and no body.
     pub include_request_headers_in_check: Vec<String>,
     /// Headers added to the check request.
-    pub include_additional_headers_in_check: Labels,
+    pub include_additional_headers_in_check: BTreeMap<String, String>,
     /// Headers of the service's 2xx answer copied onto the request upstream.
     pub headers_to_upstream_on_allow: Vec<String>,
     /// Headers of the service's denial copied onto the answer to the client.

@@ -189,7 +189,7 @@ fn a_labelled_namespace_enrolls_its_pods_and_a_pod_label_opts_in_or_out() {
         web.addresses,
         ["10.244.1.10".parse::<std::net::IpAddr>().unwrap()]
     );
-    assert_eq!(web.labels["app"], "web");
+    assert_eq!(&web.labels["app"], "web");
     assert!(
         workload(&mesh, "shop", "node-exporter-0").is_none(),
         "host-network pods are not the mesh's"
@@ -267,7 +267,7 @@ fn a_pod_relabelled_out_of_a_service_leaves_its_endpoints() {
     );
     let mesh = c.mesh();
     assert_eq!(
-        workload(&mesh, "shop", "web-1").unwrap().labels["app"],
+        &workload(&mesh, "shop", "web-1").unwrap().labels["app"],
         "debug"
     );
     assert_eq!(endpoints(&mesh, "shop", "web"), ["web-0"]);
@@ -418,7 +418,7 @@ fn an_invalid_authorization_policy_is_skipped_and_the_rest_applies() {
         .collect();
     assert_eq!(names, ["shop/web-allow-frontend", "legacy/api-deny-batch"]);
     let allow = &mesh.authorization_policies[0];
-    assert_eq!(allow.selector.as_ref().unwrap()["app"], "web");
+    assert_eq!(&allow.selector.as_ref().unwrap()["app"], "web");
     assert_eq!(
         allow.rules[0].to[0].ports,
         [8080],
@@ -619,10 +619,10 @@ fn what_a_pod_keeps_is_the_model_entry_only() {
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect();
     let w = p.workload(&("shop".to_owned(), "web-0".to_owned()));
-    assert_eq!(w.labels, expected);
+    assert_eq!(w.labels, expected.into());
     assert_eq!((w.namespace.as_str(), w.name.as_str()), ("shop", "web-0"));
     assert!(
-        p.partial.name.is_empty() && p.partial.labels.is_empty(),
+        p.partial.name.is_empty() && p.partial.namespace.is_empty(),
         "kept once, in the key"
     );
     assert_eq!(p.mesh, None);
@@ -721,7 +721,7 @@ async fn the_publisher_waits_for_a_full_list_and_coalesces_bursts() {
     );
     let last = updates.borrow().clone().unwrap();
     assert_eq!(
-        workload(&last, "shop", "web-0").unwrap().labels["rev"],
+        &workload(&last, "shop", "web-0").unwrap().labels["rev"],
         "199"
     );
 }

@@ -61,14 +61,12 @@ pub struct NsEntry {
 /// A pod: its workload, enrolled or not once its namespace is known.
 ///
 /// Held for every pod of the cluster, so kept small: the name and namespace
-/// are the entry's key (not repeated here), and the labels a flat list (a
-/// `BTreeMap` of three labels allocates a node of eleven slots, 600 bytes).
+/// are the entry's key (not repeated here).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodEntry {
-    /// Without name, namespace and labels (see [`PodEntry::workload`]);
-    /// `enrolled` is left false: it depends on the namespace.
+    /// Without name and namespace (see [`PodEntry::workload`]); `enrolled` is
+    /// left false: it depends on the namespace.
     pub partial: model::Workload,
-    pub labels: Box<[(Box<str>, Box<str>)]>,
     /// The pod's own enrollment label.
     pub mesh: Option<bool>,
 }
@@ -79,11 +77,6 @@ impl PodEntry {
         let mut w = self.partial.clone();
         w.namespace.clone_from(namespace);
         w.name.clone_from(name);
-        w.labels = self
-            .labels
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
         w
     }
 }
@@ -166,10 +159,6 @@ pub fn pod(p: &Pod) -> Entry {
     let labels = p.labels();
     Entry::Pod(Box::new(PodEntry {
         mesh: labels::mesh_mode(labels),
-        labels: labels
-            .iter()
-            .map(|(k, v)| (k.as_str().into(), v.as_str().into()))
-            .collect(),
         partial: model::Workload {
             name: String::new(),
             namespace: String::new(),
@@ -183,7 +172,10 @@ pub fn pod(p: &Pod) -> Entry {
             enrolled: false,
             outside_mesh: model::OutsideMesh::Passthrough,
             native_tunnel: labels::is_waypoint(labels),
-            labels: model::Labels::new(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect(),
         },
     }))
 }

@@ -50,6 +50,7 @@ use weft::{
         telemetry::Record,
     },
     model::Mesh,
+    view::{Balancers, View},
 };
 
 const RSA_PEM: &str = include_str!("../src/http/testdata/rsa-2048.pem");
@@ -237,7 +238,7 @@ fn bench(c: &mut Criterion) {
             .expect("the request authentication compiles"),
         authz: Authz::new(&mesh),
         settings: Settings::default(),
-        limits: Policies::new(&mesh),
+        limits: Policies::new(&View::new(mesh.clone(), "n0", &Balancers::default())),
         limiter: Limiter::new(None),
     };
     let tokens = [("es256", token(&ec)), ("rs256", token(&rsa))];

@@ -12,13 +12,13 @@ use std::{
 use anyhow::Context as _;
 use rustls::{server::ResolvesServerCert, sign::CertifiedKey};
 use tokio_rustls::TlsAcceptor;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     ca::client::CaClient,
     certs::CertManager,
     cli::{Discovery, WaypointArgs},
-    discovery::{file, watch::Watch},
+    discovery::{file, kube::Update, watch::Watch},
     hbone::{
         PoolSettings,
         client::Pool,
@@ -62,7 +62,8 @@ pub fn run(args: WaypointArgs) -> anyhow::Result<()> {
 enum Source {
     /// The file, index 0 of the watch (the bundle is index 1).
     File(std::path::PathBuf),
-    Kubernetes(crate::discovery::kube::Source),
+    /// Ordered: a change of pods alone comes as the workloads that changed.
+    Kubernetes(crate::discovery::kube::OrderedSource),
 }
 
 impl Source {
@@ -78,7 +79,8 @@ impl Source {
                 let client = kube::Client::try_default()
                     .await
                     .context("connecting to the Kubernetes API (in cluster, or KUBECONFIG)")?;
-                let mut source = crate::discovery::kube::start(client, args.source.kube_options());
+                let mut source =
+                    crate::discovery::kube::start_ordered(client, args.source.kube_options());
                 let mesh = source
                     .first()
                     .await
@@ -88,14 +90,11 @@ impl Source {
         }
     }
 
-    /// The next mesh from Kubernetes (never, for a file: the watch says).
-    async fn next(&mut self) -> Option<Arc<Mesh>> {
+    /// The next update from Kubernetes (never, for a file: the watch says).
+    async fn next(&mut self) -> Option<Update> {
         match self {
             Source::File(_) => std::future::pending().await,
-            Source::Kubernetes(s) => {
-                s.updates.changed().await.ok()?;
-                s.updates.borrow_and_update().clone()
-            }
+            Source::Kubernetes(s) => s.updates.recv().await,
         }
     }
 }
@@ -298,16 +297,28 @@ async fn serve(args: WaypointArgs, me: WorkloadKey) -> anyhow::Result<()> {
             _ = term.recv() => break,
             _ = int.recv() => break,
             changed = watch.changed() => changed,
-            Some(mesh) = source.next() => {
-                let problems = crate::model::validate::problems(&mesh);
-                if problems.is_empty() {
-                    engine.set_config(Config::new(
-                        Arc::new(View::new(per_request(Arc::unwrap_or_clone(mesh)), &node, &balancers)),
-                        &jwks,
-                    ));
-                    info!("mesh updated from Kubernetes");
-                } else {
-                    error!(problems = %problems.join("; "), "mesh from Kubernetes rejected; the last good one keeps serving");
+            Some(update) = source.next() => {
+                match update {
+                    // Routes, policies and limits name services: only the
+                    // view changes (at the cost of the change).
+                    Update::Workloads(delta) => {
+                        let config = engine.config();
+                        let view = config.view.with_workloads(delta, &balancers);
+                        engine.set_config(config.with_view(Arc::new(view)));
+                        debug!("workloads updated from Kubernetes");
+                    }
+                    Update::Mesh(mesh) => {
+                        let problems = crate::model::validate::problems(&mesh);
+                        if problems.is_empty() {
+                            engine.set_config(Config::new(
+                                Arc::new(View::new(per_request(Arc::unwrap_or_clone(mesh)), &node, &balancers)),
+                                &jwks,
+                            ));
+                            info!("mesh updated from Kubernetes");
+                        } else {
+                            error!(problems = %problems.join("; "), "mesh from Kubernetes rejected; the last good one keeps serving");
+                        }
+                    }
                 }
                 continue;
             }

@@ -75,18 +75,20 @@ impl Context {
 }
 
 /// The engine's compiled configuration: the mesh view (services, their
-/// balancers, workloads). Swapped whole on a model change.
+/// balancers, workloads) and what is compiled from it. Swapped whole on a
+/// model change; a change of workloads alone keeps the compiled parts
+/// ([`Config::with_view`]).
 pub struct Config {
     pub view: Arc<View>,
     /// Each bound service's routes, by port (a map of maps, so a request
     /// looks its table up by reference, with no key to build).
-    pub routes: HashMap<ServiceKey, HashMap<u16, RouteTable>>,
+    pub routes: Arc<HashMap<ServiceKey, HashMap<u16, RouteTable>>>,
     /// Each bound service's JWT rules (its request authentications), if any.
-    pub authn: HashMap<ServiceKey, Arc<jwt::Policy>>,
+    pub authn: Arc<HashMap<ServiceKey, Arc<jwt::Policy>>>,
     /// The authorization policies attached to waypoints.
-    pub authz: authz::Authz,
+    pub authz: Arc<authz::Authz>,
     /// The rate limits (their buckets live in the engine, across configs).
-    pub ratelimit: ratelimit::Policies,
+    pub ratelimit: Arc<ratelimit::Policies>,
 }
 
 impl Config {
@@ -117,13 +119,33 @@ impl Config {
             }
         }
         let authz = authz::Authz::new(mesh);
-        let ratelimit = ratelimit::Policies::new(mesh);
+        let ratelimit = ratelimit::Policies::new(&view);
         Config {
             view,
-            routes,
-            authn,
-            authz,
+            routes: Arc::new(routes),
+            authn: Arc::new(authn),
+            authz: Arc::new(authz),
+            ratelimit: Arc::new(ratelimit),
+        }
+    }
+
+    /// This config on `view`, which differs from its own only in workloads
+    /// (routes, policies and limits name services, never workloads): what is
+    /// compiled is shared, not compiled again.
+    /// The one exception: limits divided among a waypoint's replicas are
+    /// made again when their number changed.
+    pub fn with_view(&self, view: Arc<View>) -> Config {
+        let ratelimit = if self.ratelimit.hold_for(&view) {
+            self.ratelimit.clone()
+        } else {
+            Arc::new(ratelimit::Policies::new(&view))
+        };
+        Config {
+            routes: self.routes.clone(),
+            authn: self.authn.clone(),
+            authz: self.authz.clone(),
             ratelimit,
+            view,
         }
     }
 }

@@ -60,12 +60,13 @@ use tracing::{debug, info, warn};
 
 use super::{Body, authz::RequestAuth, engine::Context, telemetry::Record, upstream::full};
 use crate::model::{
-    IpNet, Mesh, ServiceKey,
+    IpNet, ServiceKey,
     ratelimit::{
         DEFAULT_TIMEOUT, FailureMode, HeaderMatchType, KeyPart, LimitType, RateLimitPolicy,
         SourceMatchType,
     },
 };
+use crate::view::View;
 
 /// The most buckets the local store holds, all policies together.
 pub const MAX_KEYS: usize = 100_000;
@@ -262,7 +263,9 @@ enum HeaderTest {
 }
 
 impl Policies {
-    pub fn new(mesh: &Mesh) -> Policies {
+    /// The limits of `view`'s mesh.
+    pub fn new(view: &View) -> Policies {
+        let mesh = view.config();
         let mut p = Policies::default();
         for m in &mesh.rate_limits {
             let Some(policy) = Policy::compile(m) else {
@@ -280,18 +283,30 @@ impl Policies {
                 }
             }
         }
-        for svc in &mesh.services {
-            let Some(wp) = mesh.waypoint_of(svc) else {
-                continue;
-            };
-            let replicas = mesh
-                .services
-                .iter()
-                .find(|s| s.key() == wp)
-                .map_or(1, |w| mesh.endpoint_workloads(w).len().max(1));
-            p.replicas.insert(svc.key(), replicas as u32);
+        if p.policies.iter().any(|p| p.divide) {
+            p.replicas = Policies::replicas(view);
         }
         p
+    }
+
+    /// Per service bound to a waypoint, how many replicas its waypoint has
+    /// (its endpoints in `view`), at least 1.
+    fn replicas(view: &View) -> HashMap<ServiceKey, u32> {
+        view.config()
+            .services
+            .iter()
+            .filter_map(|svc| {
+                let (wp, _) = view.waypoint_of(svc)?;
+                let n = view.endpoint_workloads(wp).len().max(1);
+                Some((svc.key(), n as u32))
+            })
+            .collect()
+    }
+
+    /// Whether these policies hold for `view` as they are: no limit is
+    /// divided among replicas, or their numbers did not change.
+    pub fn hold_for(&self, view: &View) -> bool {
+        !self.policies.iter().any(|p| p.divide) || self.replicas == Policies::replicas(view)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -1434,6 +1449,45 @@ mod tests {
         assert_eq!((g.interval, g.tolerance), (40 * MS, 80 * MS));
         let g = Gcra::new(1, Duration::from_secs(1), 1, 8);
         assert_eq!((g.interval, g.tolerance), (1000 * MS, 1000 * MS));
+    }
+
+    /// A limit divided among a waypoint's replicas counts them in the view,
+    /// and follows them when only workloads change (a replica added).
+    #[test]
+    fn replicas_are_counted_in_the_view_and_follow_its_changes() {
+        use crate::view::{Balancers, View};
+        let mesh = crate::discovery::file::parse(
+            std::path::Path::new("t.yaml"),
+            "workloads:\n\
+             - {name: web-0, node: n0, addresses: [10.0.0.2], labels: {app: web}}\n\
+             - {name: wp-0, node: n0, addresses: [10.0.0.3], native_tunnel: true, labels: {role: wp}}\n\
+             - {name: wp-1, node: n1, addresses: [10.0.0.4], native_tunnel: true, labels: {role: wp}}\n\
+             services:\n\
+             - {name: web, addresses: [10.96.0.1], ports: [{port: 80}], selector: {app: web}, waypoint: wp}\n\
+             - {name: wp, addresses: [], ports: [], selector: {role: wp}}\n\
+             rate_limits:\n\
+             - {name: per-replica, type: Local, divide_by_replicas: true, target_refs: [{kind: Service, name: web}], rules: [{limit: {requests: 10, unit: Second}}]}\n",
+        )
+        .unwrap()
+        .mesh;
+        let balancers = Balancers::default();
+        let view = View::new(mesh.clone(), "n0", &balancers);
+        let web = ("default".to_owned(), "web".to_owned());
+        let p = Policies::new(&view);
+        assert_eq!(p.replicas.get(&web), Some(&2));
+        assert!(p.hold_for(&view));
+        let mut third = mesh.workloads[2].clone();
+        third.name = "wp-2".into();
+        third.addresses = vec!["10.0.0.5".parse().unwrap()];
+        let grown = view.with_workloads(
+            crate::model::WorkloadDelta {
+                upserts: vec![third],
+                removes: vec![],
+            },
+            &balancers,
+        );
+        assert!(!p.hold_for(&grown), "three replicas now");
+        assert_eq!(Policies::new(&grown).replicas.get(&web), Some(&3));
     }
 
     #[test]

@@ -155,12 +155,9 @@ impl View {
             *all = kept;
         }
         services.waypoints = mesh
-            .services
-            .iter()
-            .map(|s| {
-                mesh.waypoint_of(s)
-                    .and_then(|k| services.by_key.get(&k).copied())
-            })
+            .waypoints()
+            .into_iter()
+            .map(|k| k.and_then(|k| services.by_key.get(&k).copied()))
             .collect();
         view.services = Arc::new(services);
         view.config = Arc::new(mesh);

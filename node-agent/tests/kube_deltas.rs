@@ -241,6 +241,13 @@ fn workloads_sent_as_deltas_add_up_to_the_whole_mesh() {
             kept.eq_without_workloads(&expected),
             "step {step}: the rest"
         );
+        // The bindings to waypoints at once, as one by one.
+        let one_by_one: Vec<_> = expected
+            .services
+            .iter()
+            .map(|s| expected.waypoint_of(s))
+            .collect();
+        assert_eq!(expected.waypoints(), one_by_one, "step {step}: waypoints");
         assert_eq!(
             ordered.state.invalid(),
             whole.state.invalid(),

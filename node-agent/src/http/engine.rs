@@ -99,7 +99,7 @@ impl Config {
         let mut routes = HashMap::new();
         let mut authn = HashMap::new();
         for svc in mesh.services.iter() {
-            let Some(waypoint) = mesh.waypoint_of(svc) else {
+            let Some(waypoint) = view.waypoint_of(svc).map(|(w, _)| w.key()) else {
                 continue;
             };
             if let Some(policy) = jwt::Policy::compile(mesh, svc, Some(&waypoint), jwks) {

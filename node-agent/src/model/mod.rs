@@ -824,6 +824,46 @@ impl Mesh {
         }
     }
 
+    /// [`Mesh::waypoint_of`] of every service, in order, at once: O(services
+    /// + namespaces), where a call per service is quadratic.
+    pub fn waypoints(&self) -> Vec<Option<ServiceKey>> {
+        let by_namespace: std::collections::HashMap<&str, &UseWaypoint> = self
+            .namespaces
+            .iter()
+            .filter_map(|n| Some((n.name.as_str(), n.waypoint.as_ref()?)))
+            .collect();
+        // Some service's waypoint (never bound itself).
+        let waypoints: std::collections::HashSet<(&str, &str)> = self
+            .services
+            .iter()
+            .filter_map(|s| s.waypoint.as_ref())
+            .chain(self.namespaces.iter().filter_map(|n| n.waypoint.as_ref()))
+            .filter_map(|b| match b {
+                UseWaypoint::Service { namespace, name } => {
+                    Some((namespace.as_str(), name.as_str()))
+                }
+                UseWaypoint::None => None,
+            })
+            .collect();
+        self.services
+            .iter()
+            .map(|svc| {
+                let binding = svc
+                    .waypoint
+                    .as_ref()
+                    .or_else(|| by_namespace.get(svc.namespace.as_str()).copied())?;
+                match binding {
+                    UseWaypoint::None => None,
+                    UseWaypoint::Service { namespace, name } => {
+                        let me = (svc.namespace.as_str(), svc.name.as_str());
+                        ((namespace.as_str(), name.as_str()) != me && !waypoints.contains(&me))
+                            .then(|| (namespace.clone(), name.clone()))
+                    }
+                }
+            })
+            .collect()
+    }
+
     /// A service's endpoints with their weights: its listed workloads, or those
     /// of its namespace its selector picks; only workloads with an address
     /// can be one.

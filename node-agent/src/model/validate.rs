@@ -97,6 +97,7 @@ pub fn workload_entry(w: &super::Workload, report: &mut dyn FnMut(String)) {
 
 fn namespace_problems(mesh: &Mesh, problems: &mut Vec<String>) {
     let mut seen = HashSet::new();
+    let services = service_index(mesh);
     for (i, ns) in mesh.namespaces.iter().enumerate() {
         let at = format!("namespaces[{i}] ({})", ns.name);
         if !is_dns_label(&ns.name) {
@@ -105,15 +106,26 @@ fn namespace_problems(mesh: &Mesh, problems: &mut Vec<String>) {
         if !seen.insert(&ns.name) {
             problems.push(format!("{at}: duplicate namespace"));
         }
-        waypoint_problem(mesh, ns.waypoint.as_ref(), &ns.name, &mut |p| {
+        waypoint_problem(&services, ns.waypoint.as_ref(), &ns.name, &mut |p| {
             problems.push(format!("{at}: waypoint: {p}"))
         });
     }
 }
 
+/// The services by (namespace, name): made once per check, as a binding per
+/// service looked up by a scan is quadratic (10,000 services: a second).
+type ServiceIndex<'a> = HashMap<(&'a str, &'a str), &'a super::Service>;
+
+fn service_index(mesh: &Mesh) -> ServiceIndex<'_> {
+    mesh.services
+        .iter()
+        .map(|s| ((s.namespace.as_str(), s.name.as_str()), s))
+        .collect()
+}
+
 /// Reports what is wrong with a binding to a waypoint; true if something was.
 fn waypoint_problem(
-    mesh: &Mesh,
+    services: &ServiceIndex,
     binding: Option<&UseWaypoint>,
     _namespace: &str,
     report: &mut dyn FnMut(String),
@@ -121,11 +133,7 @@ fn waypoint_problem(
     let Some(UseWaypoint::Service { namespace, name }) = binding else {
         return false;
     };
-    let Some(wp) = mesh
-        .services
-        .iter()
-        .find(|s| s.namespace == *namespace && s.name == *name)
-    else {
+    let Some(wp) = services.get(&(namespace.as_str(), name.as_str())) else {
         report(format!("no service {namespace}/{name}"));
         return true;
     };
@@ -144,6 +152,7 @@ fn service_problems(
     problems: &mut Vec<String>,
 ) {
     let mut seen = HashSet::new();
+    let index = service_index(mesh);
     // Indexed once: a cluster's services list their endpoints by name, and a
     // scan per endpoint is quadratic (10,000 pods took a second).
     let workloads: HashSet<(&str, &str)> = mesh
@@ -188,7 +197,7 @@ fn service_problems(
         if svc.ports.is_empty() && !waypoint {
             problems.push(format!("{at}: needs at least one port"));
         }
-        waypoint_problem(mesh, svc.waypoint.as_ref(), &svc.namespace, &mut |p| {
+        waypoint_problem(&index, svc.waypoint.as_ref(), &svc.namespace, &mut |p| {
             problems.push(format!("{at}: waypoint: {p}"))
         });
         if waypoint {

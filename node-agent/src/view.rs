@@ -29,7 +29,10 @@ use std::{
 use crate::{
     authz::Authorizer,
     lb::{Balancer, EndpointSpec},
-    model::{Endpoints, Mesh, Service, ServiceKey, Workload, WorkloadDelta, WorkloadKey, selects},
+    model::{
+        Endpoints, Mesh, Service, ServiceKey, Workload, WorkloadDelta, WorkloadKey, endpoints_of,
+        selects,
+    },
     stats::ServiceName,
 };
 
@@ -354,28 +357,13 @@ impl View {
     /// A service's endpoints that are workloads of this view, with their
     /// weights.
     pub fn endpoint_workloads<'a>(&'a self, svc: &'a Service) -> Vec<(&'a Workload, u32)> {
-        match &svc.endpoints {
-            // A selector (the file's form) is a scan of the workloads.
-            Endpoints::Selector(sel) => self
-                .workloads()
-                .filter(|w| {
-                    w.namespace == svc.namespace
-                        && !w.addresses.is_empty()
-                        && selects(sel, &w.labels)
-                })
-                .map(|w| (w, 1))
-                .collect(),
-            Endpoints::Listed(list) => list
-                .iter()
-                .filter_map(|ep| {
-                    let w = self.workload(&WorkloadKey {
-                        namespace: svc.namespace.clone(),
-                        name: ep.workload.clone(),
-                    })?;
-                    (!w.addresses.is_empty()).then_some((w, ep.weight))
-                })
-                .collect(),
-        }
+        // A selector (the file's form) is a scan of the workloads.
+        endpoints_of(svc, self.workloads(), |name| {
+            self.workload(&WorkloadKey {
+                namespace: svc.namespace.clone(),
+                name: name.to_owned(),
+            })
+        })
     }
 
     /// A service's endpoints, as its balancer takes them.

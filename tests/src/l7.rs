@@ -480,6 +480,35 @@ pub fn ws_echo_roundtrip(from: &Pod, url: &str, messages: &[&str]) -> Result<Vec
         .collect()
 }
 
+/// `redis-server` in `pod` on `port` (all addresses, no persistence), once it
+/// answers PING; killed when dropped.
+pub fn redis_server(pod: &Pod, port: u16) -> Result<Proc> {
+    let port = port.to_string();
+    let mut cmd = pod.command("redis-server");
+    cmd.args([
+        "--port",
+        &port,
+        "--bind",
+        "0.0.0.0",
+        "--protected-mode",
+        "no",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+    ]);
+    let p = pod.spawn(&mut cmd)?;
+    ensure!(
+        eventually(std::time::Duration::from_secs(10), || {
+            pod.exec("redis-cli", ["-p", &port, "PING"])
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("PONG"))
+        }),
+        "redis-server in {} did not answer",
+        pod.name
+    );
+    Ok(p)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use weft_tests::l7::{self, CurlResult};
-use weft_tests::{Cluster, Host as _, Mesh, Proc, require_privileged};
+use weft_tests::{Cluster, Mesh, Proc, require_privileged};
 
 const ECHO: &str = "10.96.0.20";
 const HTTP: u16 = 8080;
@@ -71,30 +71,7 @@ impl<'c> Rl<'c> {
 /// A `redis-server` in pod (1,1), on [`REDIS`], without persistence; killed
 /// when dropped.
 fn redis(c: &Cluster) -> Result<Proc> {
-    let pod = c.pod(1, 1);
-    let mut cmd = pod.command("redis-server");
-    cmd.args([
-        "--port",
-        &REDIS.to_string(),
-        "--bind",
-        "0.0.0.0",
-        "--protected-mode",
-        "no",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-    ]);
-    let p = pod.spawn(&mut cmd)?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let out = pod.exec("redis-cli", ["-p", &REDIS.to_string(), "PING"])?;
-        if String::from_utf8_lossy(&out.stdout).contains("PONG") {
-            return Ok(p);
-        }
-        ensure!(Instant::now() < deadline, "redis-server did not answer");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    weft_tests::l7::redis_server(c.pod(1, 1), REDIS)
 }
 
 fn privileged(test: impl FnOnce() -> Result<()>) -> Result<()> {

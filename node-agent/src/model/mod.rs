@@ -213,6 +213,31 @@ impl<'de> serde::Deserialize<'de> for Labels {
     }
 }
 
+/// A service's endpoints with their weights, among `all` (scanned for a
+/// selector) and through `find` (a workload of its namespace by name, as the
+/// caller indexes them): only workloads with an address can be one.
+pub fn endpoints_of<'a>(
+    svc: &Service,
+    all: impl Iterator<Item = &'a Workload>,
+    find: impl Fn(&str) -> Option<&'a Workload>,
+) -> Vec<(&'a Workload, u32)> {
+    match &svc.endpoints {
+        Endpoints::Selector(sel) => all
+            .filter(|w| {
+                w.namespace == svc.namespace && !w.addresses.is_empty() && selects(sel, &w.labels)
+            })
+            .map(|w| (w, 1))
+            .collect(),
+        Endpoints::Listed(list) => list
+            .iter()
+            .filter_map(|ep| {
+                let w = find(&ep.workload)?;
+                (!w.addresses.is_empty()).then_some((w, ep.weight))
+            })
+            .collect(),
+    }
+}
+
 /// Whether `labels` carry every key and value of `selector`.
 pub fn selects(selector: &Labels, labels: &Labels) -> bool {
     selector.iter().all(|(k, v)| labels.get(k) == Some(v))
@@ -868,31 +893,11 @@ impl Mesh {
     /// of its namespace its selector picks; only workloads with an address
     /// can be one.
     pub fn endpoint_workloads<'a>(&'a self, svc: &'a Service) -> Vec<(&'a Workload, u32)> {
-        match &svc.endpoints {
-            Endpoints::Selector(sel) => self
-                .workloads
+        endpoints_of(svc, self.workloads.iter(), |name| {
+            self.workloads
                 .iter()
-                .filter(|w| {
-                    w.namespace == svc.namespace
-                        && !w.addresses.is_empty()
-                        && selects(sel, &w.labels)
-                })
-                .map(|w| (w, 1))
-                .collect(),
-            Endpoints::Listed(list) => list
-                .iter()
-                .filter_map(|ep| {
-                    self.workloads
-                        .iter()
-                        .find(|w| {
-                            w.namespace == svc.namespace
-                                && w.name == ep.workload
-                                && !w.addresses.is_empty()
-                        })
-                        .map(|w| (w, ep.weight))
-                })
-                .collect(),
-        }
+                .find(|w| w.namespace == svc.namespace && w.name == name)
+        })
     }
 
     /// Whether `svc` is some service's waypoint.

@@ -220,34 +220,6 @@ fn policies() -> Result<Policies> {
     })
 }
 
-/// `redis-server` in its pod, without persistence; killed when dropped.
-fn start_redis(pod: &Pod) -> Result<Proc> {
-    let mut cmd = pod.command("redis-server");
-    let port = REDIS_PORT.to_string();
-    cmd.args([
-        "--port",
-        &port,
-        "--bind",
-        "0.0.0.0",
-        "--protected-mode",
-        "no",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-    ]);
-    let p = pod.spawn(&mut cmd)?;
-    ensure!(
-        eventually(Duration::from_secs(10), || {
-            pod.exec("redis-cli", ["-p", &port, "PING"])
-                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("PONG"))
-        }),
-        "redis-server in {} did not answer",
-        pod.name
-    );
-    Ok(p)
-}
-
 /// nginx in the server pod: a 1 KiB body on both ports.
 fn start_server(pod: &Pod) -> Result<Nginx> {
     let body = "w".repeat(BODY);
@@ -311,7 +283,7 @@ fn bench(cluster: &Cluster, plan: &Plan) -> Result<(Results, Vec<Value>)> {
     mesh.set_sections(&plain_sections())?;
     mesh.start_all().context("starting the CA and agents")?;
     let _server = start_server(pods.server)?;
-    let _redis = start_redis(pods.redis)?;
+    let _redis = l7::redis_server(pods.redis, REDIS_PORT)?;
     let mut yardstick = start_yardstick(pods.yardstick, pods.server)?;
     let mut waypoint = start_waypoint(&mesh, &pods, plan)?;
     let policies = policies()?;

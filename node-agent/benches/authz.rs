@@ -202,9 +202,11 @@ fn config() -> Mesh {
     for n in 0..NAMESPACES {
         for a in 0..5 {
             let app = format!("app-{a}");
-            config
-                .workloads
-                .push(workload(&format!("ns-{n}"), &app, &app));
+            config.workloads.push(std::sync::Arc::new(workload(
+                &format!("ns-{n}"),
+                &app,
+                &app,
+            )));
         }
     }
     config.peer_authentications.push(PeerAuthentication {
@@ -246,7 +248,7 @@ fn main() {
         .iter()
         .find(|w| w.namespace == "ns-7" && w.name == "app-0")
         .unwrap();
-    let mut unlisted = dst.clone();
+    let mut unlisted = (**dst).clone();
     unlisted.name = "not-in-the-config".to_owned();
     // ns-7's allow-app-0-47 allows ns-55/sa-47 on 8080.
     let good: SpiffeId = "spiffe://cluster.local/ns/ns-55/sa/sa-47".parse().unwrap();

@@ -12,8 +12,8 @@ use std::{
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use weft::{
-    lb::{Balancer, EndpointSpec},
-    model::{LbPolicy, OutlierDetection, WorkloadKey},
+    lb::{Balancer, EndpointSpec, UNTRIED},
+    model::{LbPolicy, OutlierDetection, Workload, WorkloadKey},
 };
 
 const POLICIES: [(&str, LbPolicy); 3] = [
@@ -33,7 +33,17 @@ fn key(i: usize) -> WorkloadKey {
 fn endpoints(n: usize) -> Vec<EndpointSpec> {
     (0..n)
         .map(|i| EndpointSpec {
-            key: key(i),
+            workload: std::sync::Arc::new(Workload {
+                name: key(i).name,
+                namespace: "shop".to_owned(),
+                service_account: "checkout".to_owned(),
+                node: "n".to_owned(),
+                addresses: vec![],
+                enrolled: true,
+                outside_mesh: Default::default(),
+                labels: Default::default(),
+                native_tunnel: false,
+            }),
             weight: 1,
             same_node: false,
         })
@@ -70,7 +80,7 @@ fn pick(c: &mut Criterion) {
             group.bench_function(BenchmarkId::new(name, n), |bench| {
                 bench.iter(|| {
                     i = i.wrapping_add(1);
-                    b.pick(black_box(client(i)), &[], now)
+                    b.pick(black_box(client(i)), UNTRIED, now)
                 })
             });
         }
@@ -91,7 +101,7 @@ fn pick(c: &mut Criterion) {
         group.bench_function(name, |bench| {
             bench.iter(|| {
                 i = i.wrapping_add(1);
-                b.pick(black_box(client(i)), &[], now)
+                b.pick(black_box(client(i)), UNTRIED, now)
             })
         });
     }

@@ -100,8 +100,8 @@ fn fixture() -> Fixture {
     };
     let mesh = Mesh {
         workloads: vec![
-            workload("default", "client", [10, 0, 0, 1]),
-            workload("shop", "web", [10, 0, 1, 1]),
+            Arc::new(workload("default", "client", [10, 0, 0, 1])),
+            Arc::new(workload("shop", "web", [10, 0, 1, 1])),
         ],
         ..Default::default()
     };

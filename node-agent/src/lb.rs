@@ -33,7 +33,7 @@ use std::{
 
 use ring::rand::{SecureRandom, SystemRandom};
 
-use crate::model::{LbPolicy, OutlierDetection, WorkloadKey};
+use crate::model::{LbPolicy, OutlierDetection, Workload, WorkloadId, WorkloadKey};
 
 /// Hash-ring points per unit of weight. An endpoint's share of the ring is the sum of
 /// the arcs ending at its points; with `p` points it deviates from its due by about
@@ -54,7 +54,10 @@ const LONGEST_EJECTION: Duration = Duration::from_secs(100 * 365 * 86_400);
 /// An endpoint as the balancer sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EndpointSpec {
-    pub key: WorkloadKey,
+    /// The view's workload, shared (a refcount: every pod of a cluster is
+    /// some service's endpoint, and a copy of its key is ~80 bytes), and
+    /// handed to each [`Pick`] without copying a string.
+    pub workload: Arc<Workload>,
     /// Relative share of connections; 0 counts as 1 (validation allows 1 to 1000).
     pub weight: u32,
     /// Whether it runs on this agent's node (for `prefer_same_node`).
@@ -66,14 +69,30 @@ pub struct EndpointSpec {
 /// long as the connection.
 #[derive(Debug)]
 pub struct Pick {
-    pub key: WorkloadKey,
+    pub workload: Arc<Workload>,
     /// Chosen in panic mode: every endpoint not yet tried is ejected.
     pub panic: bool,
-    /// The endpoint's active count, shared with the balancer; outlives the
+    /// The endpoint's counters, shared with the balancer; outlive the
     /// endpoint's removal by `update`.
-    active: Arc<AtomicUsize>,
-    /// The endpoint's latency EWMA, in microseconds (0: none observed).
-    latency: Arc<AtomicU64>,
+    load: Arc<Load>,
+}
+
+impl WorkloadId for Pick {
+    fn id(&self) -> (&str, &str) {
+        self.workload.id()
+    }
+}
+
+/// No endpoint tried yet: `tried` of a first [`Balancer::pick`].
+pub const UNTRIED: &[WorkloadKey] = &[];
+
+/// An endpoint's counters, shared by the balancer and its live picks.
+#[derive(Debug, Default)]
+struct Load {
+    /// Live picks.
+    active: AtomicUsize,
+    /// Latency EWMA in µs, fed by L7 picks ([`Pick::observe`]); 0: none.
+    latency: AtomicU64,
 }
 
 impl Pick {
@@ -84,7 +103,7 @@ impl Pick {
     /// no such measure and never calls this: it balances on counts alone.
     pub fn observe(&self, took: std::time::Duration) {
         let sample = (took.as_micros() as u64).max(1);
-        let old = self.latency.load(Relaxed);
+        let old = self.load.latency.load(Relaxed);
         // Peak-sensitive: a slower sample counts at once, a faster one decays
         // in (weight 1/4), so a replica that stalls is avoided quickly and
         // trusted again gradually.
@@ -93,13 +112,13 @@ impl Pick {
         } else {
             old - (old - sample) / 4
         };
-        self.latency.store(new, Relaxed);
+        self.load.latency.store(new, Relaxed);
     }
 }
 
 impl Drop for Pick {
     fn drop(&mut self) {
-        self.active.fetch_sub(1, Relaxed);
+        self.load.active.fetch_sub(1, Relaxed);
     }
 }
 
@@ -149,9 +168,7 @@ struct Inner {
 
 struct Endpoint {
     spec: EndpointSpec,
-    active: Arc<AtomicUsize>,
-    /// Latency EWMA in µs, fed by L7 picks (`Pick::observe`); 0: none.
-    latency: Arc<AtomicU64>,
+    load: Arc<Load>,
     /// Smooth weighted round robin's current weight (nginx's `current_weight`).
     current: i64,
     consecutive_failures: u32,
@@ -166,8 +183,7 @@ impl Endpoint {
     fn new(spec: EndpointSpec) -> Self {
         Endpoint {
             spec,
-            active: Arc::new(AtomicUsize::new(0)),
-            latency: Arc::new(AtomicU64::new(0)),
+            load: Arc::default(),
             current: 0,
             consecutive_failures: 0,
             backoff: 0,
@@ -242,8 +258,8 @@ impl Balancer {
             spec.weight = spec.weight.max(1);
         }
         // Stable, so of two entries with one key the first stays.
-        specs.sort_by(|a, b| a.key.cmp(&b.key));
-        specs.dedup_by(|later, earlier| later.key == earlier.key);
+        specs.sort_by(|a, b| a.workload.id().cmp(&b.workload.id()));
+        specs.dedup_by(|later, earlier| later.workload.id() == earlier.workload.id());
 
         // The ring is a pure function of the keys and weights: reuse it when they
         // did not change, and build it outside the lock when they did, so that picks
@@ -266,8 +282,9 @@ impl Balancer {
         inner.endpoints = specs
             .into_iter()
             .map(|spec| {
-                while old.next_if(|ep| ep.spec.key < spec.key).is_some() {}
-                match old.next_if(|ep| ep.spec.key == spec.key) {
+                let id = spec.workload.id();
+                while old.next_if(|ep| ep.spec.workload.id() < id).is_some() {}
+                match old.next_if(|ep| ep.spec.workload.id() == id) {
                     Some(mut ep) => {
                         ep.spec = spec;
                         ep
@@ -282,24 +299,15 @@ impl Balancer {
     /// address; consistent hash uses it), skipping `tried`. `None` only when every
     /// endpoint is tried or there is none: when all untried ones are ejected, one of
     /// them is picked anyway (panic mode, flagged on the [`Pick`]).
-    pub fn pick(&self, client: IpAddr, tried: &[WorkloadKey], now: Instant) -> Option<Pick> {
-        let (active, key, panic) = {
-            let mut inner = self.lock();
-            let (i, panic) = inner.choose(client, tried, now)?;
-            let ep = &inner.endpoints[i];
-            ep.active.fetch_add(1, Relaxed);
-            (
-                (ep.active.clone(), ep.latency.clone()),
-                ep.spec.key.clone(),
-                panic,
-            )
-        };
-        let (active, latency) = active;
+    pub fn pick(&self, client: IpAddr, tried: &[impl WorkloadId], now: Instant) -> Option<Pick> {
+        let mut inner = self.lock();
+        let (i, panic) = inner.choose(client, tried, now)?;
+        let ep = &inner.endpoints[i];
+        ep.load.active.fetch_add(1, Relaxed);
         Some(Pick {
-            key,
+            workload: ep.spec.workload.clone(),
             panic,
-            active,
-            latency,
+            load: ep.load.clone(),
         })
     }
 
@@ -317,7 +325,7 @@ impl Balancer {
     /// Reports about an endpoint no longer in the set are ignored.
     ///
     /// Returns the ejection this report caused, if any.
-    pub fn report(&self, key: &WorkloadKey, ok: bool, now: Instant) -> Option<Ejection> {
+    pub fn report(&self, key: &impl WorkloadId, ok: bool, now: Instant) -> Option<Ejection> {
         let mut inner = self.lock();
         let i = inner.position(key)?;
         let od = inner.outlier;
@@ -358,7 +366,7 @@ impl Balancer {
             ep.backoff = ep.backoff.saturating_add(1);
         }
         let ejection = Ejection {
-            key: ep.spec.key.clone(),
+            key: ep.spec.workload.key(),
             duration,
             consecutive_failures: ep.consecutive_failures,
         };
@@ -375,10 +383,10 @@ impl Balancer {
             .endpoints
             .iter()
             .map(|ep| EndpointState {
-                key: ep.spec.key.clone(),
+                key: ep.spec.workload.key(),
                 weight: ep.spec.weight,
                 same_node: ep.spec.same_node,
-                active: ep.active.load(Relaxed),
+                active: ep.load.active.load(Relaxed),
                 consecutive_failures: ep.consecutive_failures,
                 ejected_until: ep.ejected_until.filter(|until| *until > now),
                 ejections: ep.ejections,
@@ -395,9 +403,10 @@ impl Balancer {
 }
 
 impl Inner {
-    fn position(&self, key: &WorkloadKey) -> Option<usize> {
+    fn position(&self, key: &impl WorkloadId) -> Option<usize> {
+        let id = key.id();
         self.endpoints
-            .binary_search_by(|ep| ep.spec.key.cmp(key))
+            .binary_search_by(|ep| ep.spec.workload.id().cmp(&id))
             .ok()
     }
 
@@ -405,7 +414,7 @@ impl Inner {
     fn choose(
         &mut self,
         client: IpAddr,
-        tried: &[WorkloadKey],
+        tried: &[impl WorkloadId],
         now: Instant,
     ) -> Option<(usize, bool)> {
         let tried: Vec<usize> = tried.iter().filter_map(|k| self.position(k)).collect();
@@ -493,10 +502,10 @@ impl Inner {
         // a.active / a.weight <= b.active / b.weight, without division; at L7
         // each side's (active + 1) is weighed by its latency EWMA (an endpoint
         // not yet measured counts as the fastest, so it gets measured).
-        let (la, lb) = (a.latency.load(Relaxed), b.latency.load(Relaxed));
+        let (la, lb) = (a.load.latency.load(Relaxed), b.load.latency.load(Relaxed));
         let measured = la != 0 || lb != 0;
         let load = |ep: &Endpoint, lat: u64, other: &Endpoint| {
-            let active = ep.active.load(Relaxed) as u64;
+            let active = ep.load.active.load(Relaxed) as u64;
             let cost = if measured {
                 u128::from(active + 1) * u128::from(lat.max(1))
             } else {
@@ -546,7 +555,7 @@ impl Inner {
 /// every agent builds the same ring from the same endpoints.
 struct Ring {
     /// What it was built from, to reuse it across reloads that keep them.
-    members: Vec<(WorkloadKey, u32)>,
+    members: Vec<(Arc<Workload>, u32)>,
     /// `(point, endpoint index)`, sorted. Indices follow key order, so two endpoints
     /// on one point (rare, but possible in 32 bits) are ordered the same everywhere.
     points: Vec<(u32, u32)>,
@@ -567,12 +576,15 @@ impl Ring {
         let mut points =
             Vec::with_capacity(specs.iter().map(|s| points_for(s.weight)).sum::<u64>() as usize);
         for (i, spec) in specs.iter().enumerate() {
-            let seed = key_seed(&spec.key);
+            let seed = key_seed(spec.workload.id());
             points.extend((0..points_for(spec.weight)).map(|v| (vnode_point(seed, v), i as u32)));
         }
         points.sort_unstable();
         Ring {
-            members: specs.iter().map(|s| (s.key.clone(), s.weight)).collect(),
+            members: specs
+                .iter()
+                .map(|s| (s.workload.clone(), s.weight))
+                .collect(),
             points,
         }
     }
@@ -583,7 +595,7 @@ impl Ring {
                 .members
                 .iter()
                 .zip(specs)
-                .all(|((key, weight), s)| *key == s.key && *weight == s.weight)
+                .all(|((w, weight), s)| w.id() == s.workload.id() && *weight == s.weight)
     }
 
     fn lookup(&self, hash: u32, mut admits: impl FnMut(usize) -> bool) -> Option<usize> {
@@ -627,9 +639,9 @@ fn client_point(client: IpAddr) -> u32 {
 }
 
 /// Over `namespace/name` (neither may contain a `/`).
-fn key_seed(key: &WorkloadKey) -> u64 {
-    let hash = fnv1a(FNV_OFFSET, key.namespace.as_bytes());
-    fnv1a(fnv1a(hash, b"/"), key.name.as_bytes())
+fn key_seed((namespace, name): (&str, &str)) -> u64 {
+    let hash = fnv1a(FNV_OFFSET, namespace.as_bytes());
+    fnv1a(fnv1a(hash, b"/"), name.as_bytes())
 }
 
 /// The `v`-th point of an endpoint: the SplitMix64 sequence seeded by its key.
@@ -696,7 +708,17 @@ mod tests {
 
     fn ep(name: &str, weight: u32) -> EndpointSpec {
         EndpointSpec {
-            key: key(name),
+            workload: Arc::new(Workload {
+                name: name.to_owned(),
+                namespace: "default".to_owned(),
+                service_account: "default".to_owned(),
+                node: "n".to_owned(),
+                addresses: vec![],
+                enrolled: true,
+                outside_mesh: Default::default(),
+                labels: Default::default(),
+                native_tunnel: false,
+            }),
             weight,
             same_node: false,
         }
@@ -734,7 +756,7 @@ mod tests {
     ];
 
     fn name(pick: &Pick) -> &str {
-        &pick.key.name
+        &pick.workload.name
     }
 
     /// Fails `name` until it is ejected; returns the ejection.
@@ -770,7 +792,7 @@ mod tests {
         );
         let now = Instant::now();
         let picks: Vec<String> = (0..3000)
-            .map(|_| name(&b.pick(CLIENT, &[], now).unwrap()).to_owned())
+            .map(|_| name(&b.pick(CLIENT, UNTRIED, now).unwrap()).to_owned())
             .collect();
         assert_eq!(&picks[..6], ["a", "b", "c", "a", "b", "c"]);
         let counts = counts(picks);
@@ -789,7 +811,7 @@ mod tests {
                 .map(|_| {
                     s.spawn(|| {
                         (0..750)
-                            .map(|_| name(&b.pick(CLIENT, &[], now).unwrap()).to_owned())
+                            .map(|_| name(&b.pick(CLIENT, UNTRIED, now).unwrap()).to_owned())
                             .collect::<Vec<_>>()
                     })
                 })
@@ -808,7 +830,7 @@ mod tests {
         let b = balancer(LbPolicy::RoundRobin, vec![ep("a", 3), ep("b", 1)]);
         let now = Instant::now();
         let picks: Vec<String> = (0..4000)
-            .map(|_| name(&b.pick(CLIENT, &[], now).unwrap()).to_owned())
+            .map(|_| name(&b.pick(CLIENT, UNTRIED, now).unwrap()).to_owned())
             .collect();
         // Every window of four holds exactly one b, and a never runs three times in
         // a row before b: a a b a, a a b a, ...
@@ -829,7 +851,7 @@ mod tests {
         );
         let now = Instant::now();
         let held: Vec<Pick> = (0..3000)
-            .map(|_| b.pick(CLIENT, &[], now).unwrap())
+            .map(|_| b.pick(CLIENT, UNTRIED, now).unwrap())
             .collect();
         let counts = counts(held.iter().map(|p| name(p).to_owned()));
         assert!(
@@ -847,7 +869,7 @@ mod tests {
         let b = balancer(LbPolicy::LeastRequest, vec![ep("a", 2), ep("b", 1)]);
         let now = Instant::now();
         let held: Vec<Pick> = (0..3000)
-            .map(|_| b.pick(CLIENT, &[], now).unwrap())
+            .map(|_| b.pick(CLIENT, UNTRIED, now).unwrap())
             .collect();
         let counts = counts(held.iter().map(|p| name(p).to_owned()));
         assert!(counts["a"].abs_diff(2000) <= 100, "{counts:?}");
@@ -862,11 +884,13 @@ mod tests {
             .map(|_| b.pick(CLIENT, &[key("b")], now).unwrap())
             .collect();
         assert!(on_a.iter().all(|p| name(p) == "a"));
-        let on_b: Vec<Pick> = (0..5).map(|_| b.pick(CLIENT, &[], now).unwrap()).collect();
+        let on_b: Vec<Pick> = (0..5)
+            .map(|_| b.pick(CLIENT, UNTRIED, now).unwrap())
+            .collect();
         assert!(on_b.iter().all(|p| name(p) == "b"));
         // Once a's connections close, a is the less loaded.
         drop(on_a);
-        assert_eq!(name(&b.pick(CLIENT, &[], now).unwrap()), "a");
+        assert_eq!(name(&b.pick(CLIENT, UNTRIED, now).unwrap()), "a");
     }
 
     #[test]
@@ -885,20 +909,20 @@ mod tests {
             .map(|_| b.pick(CLIENT, &[key("a")], now).unwrap())
             .collect();
         for _ in 0..20 {
-            assert_eq!(name(&b.pick(CLIENT, &[], now).unwrap()), "b");
+            assert_eq!(name(&b.pick(CLIENT, UNTRIED, now).unwrap()), "b");
         }
         drop(held);
         // A faster sample decays in; a slower one counts at once.
         let p = b.pick(CLIENT, &[key("b")], now).unwrap();
         p.observe(std::time::Duration::from_millis(2));
-        assert_eq!(p.latency.load(Relaxed), 8_000);
+        assert_eq!(p.load.latency.load(Relaxed), 8_000);
         p.observe(std::time::Duration::from_millis(50));
-        assert_eq!(p.latency.load(Relaxed), 50_000);
+        assert_eq!(p.load.latency.load(Relaxed), 50_000);
     }
 
     fn placements(b: &Balancer, now: Instant) -> Vec<String> {
         (0..1000)
-            .map(|i| name(&b.pick(client(i), &[], now).unwrap()).to_owned())
+            .map(|i| name(&b.pick(client(i), UNTRIED, now).unwrap()).to_owned())
             .collect()
     }
 
@@ -958,7 +982,7 @@ mod tests {
             client_point("::ffff:10.1.0.7".parse().unwrap()),
             client_point("10.1.0.7".parse().unwrap())
         );
-        assert_eq!(vnode_point(key_seed(&key("a")), 0), 0x4da5_a4f2);
+        assert_eq!(vnode_point(key_seed(key("a").id()), 0), 0x4da5_a4f2);
     }
 
     #[test]
@@ -1054,7 +1078,7 @@ mod tests {
             let now = Instant::now();
             for i in 0..100 {
                 assert_eq!(
-                    name(&b.pick(client(i), &[], now).unwrap()),
+                    name(&b.pick(client(i), UNTRIED, now).unwrap()),
                     "b",
                     "{policy:?}"
                 );
@@ -1063,7 +1087,7 @@ mod tests {
             let picked = b.pick(CLIENT, &[key("b")], now).unwrap();
             assert_ne!(name(&picked), "b", "{policy:?}");
             eject(&b, "b", now);
-            let picked = b.pick(CLIENT, &[], now).unwrap();
+            let picked = b.pick(CLIENT, UNTRIED, now).unwrap();
             assert_ne!(name(&picked), "b", "{policy:?}");
             assert!(!picked.panic);
 
@@ -1075,8 +1099,9 @@ mod tests {
                 vec![ep("a", 1), local("b"), ep("c", 1)],
             );
             let later = now + Duration::from_secs(10);
-            let picked =
-                counts((0..300).map(|i| name(&b.pick(client(i), &[], later).unwrap()).to_owned()));
+            let picked = counts(
+                (0..300).map(|i| name(&b.pick(client(i), UNTRIED, later).unwrap()).to_owned()),
+            );
             assert_eq!(picked.len(), 3, "{policy:?}: {picked:?}");
         }
     }
@@ -1095,14 +1120,14 @@ mod tests {
             // A retry sequence visits each once, then there is nothing left.
             let mut tried = Vec::new();
             while let Some(p) = b.pick(CLIENT, &tried, now) {
-                assert!(!tried.contains(&p.key), "{policy:?}");
-                tried.push(p.key.clone());
+                assert!(!tried.contains(&p.workload.key()), "{policy:?}");
+                tried.push(p.workload.key());
             }
             assert_eq!(tried.len(), 3, "{policy:?}");
             // Unknown keys in `tried` are ignored.
             assert!(b.pick(CLIENT, &[key("zz")], now).is_some());
             let empty = balancer(policy, vec![]);
-            assert!(empty.pick(CLIENT, &[], now).is_none());
+            assert!(empty.pick(CLIENT, UNTRIED, now).is_none());
         }
     }
 
@@ -1126,7 +1151,7 @@ mod tests {
         );
         // Ejected: never picked, and reports change nothing.
         for _ in 0..10 {
-            assert_eq!(name(&b.pick(CLIENT, &[], now).unwrap()), "b");
+            assert_eq!(name(&b.pick(CLIENT, UNTRIED, now).unwrap()), "b");
             assert_eq!(b.report(&key("a"), false, now), None);
         }
         let state = &b.snapshot(now)[0];
@@ -1205,7 +1230,7 @@ mod tests {
         for _ in 0..10 {
             assert_eq!(b.report(&key("a"), false, now), None);
         }
-        let p = b.pick(CLIENT, &[], now).unwrap();
+        let p = b.pick(CLIENT, UNTRIED, now).unwrap();
         assert!(!p.panic);
         assert_eq!(b.snapshot(now)[0].consecutive_failures, 10);
     }
@@ -1217,10 +1242,12 @@ mod tests {
             let now = Instant::now();
             eject(&b, "a", now);
             eject(&b, "b", now);
-            let p = b.pick(CLIENT, &[], now).unwrap();
+            let p = b.pick(CLIENT, UNTRIED, now).unwrap();
             assert!(p.panic, "{policy:?}");
             let other = if name(&p) == "a" { "b" } else { "a" };
-            let retry = b.pick(CLIENT, std::slice::from_ref(&p.key), now).unwrap();
+            let retry = b
+                .pick(CLIENT, std::slice::from_ref(&p.workload), now)
+                .unwrap();
             assert_eq!(name(&retry), other, "{policy:?}");
             assert!(b.pick(CLIENT, &[key("a"), key("b")], now).is_none());
 
@@ -1229,7 +1256,7 @@ mod tests {
             eject(&b, "a", now);
             let p = b.pick(CLIENT, &[key("b")], now).unwrap();
             assert_eq!((name(&p), p.panic), ("a", true), "{policy:?}");
-            let p = b.pick(CLIENT, &[], now).unwrap();
+            let p = b.pick(CLIENT, UNTRIED, now).unwrap();
             assert_eq!((name(&p), p.panic), ("b", false), "{policy:?}");
         }
     }
@@ -1300,7 +1327,7 @@ mod tests {
             vec![ep("a", 1), ep("b", 1), ep("c", 1)],
         );
         let now = Instant::now();
-        let p = |b: &Balancer| name(&b.pick(CLIENT, &[], now).unwrap()).to_owned();
+        let p = |b: &Balancer| name(&b.pick(CLIENT, UNTRIED, now).unwrap()).to_owned();
         assert_eq!((p(&b), p(&b)), ("a".into(), "b".into()));
         // A reload that changes nothing does not restart the rotation.
         b.update(
@@ -1322,7 +1349,8 @@ mod tests {
         let state = b.snapshot(now);
         assert_eq!(state.len(), 2);
         assert_eq!(state[0].weight, 1);
-        let counts = counts((0..100).map(|_| name(&b.pick(CLIENT, &[], now).unwrap()).to_owned()));
+        let counts =
+            counts((0..100).map(|_| name(&b.pick(CLIENT, UNTRIED, now).unwrap()).to_owned()));
         assert_eq!(counts["a"], 50);
     }
 }

@@ -20,7 +20,10 @@
 
 use std::{
     borrow::Borrow,
-    collections::{BTreeMap, BTreeSet, HashMap, hash_map::RandomState},
+    collections::{
+        BTreeMap, BTreeSet, HashMap,
+        hash_map::{Entry, RandomState},
+    },
     hash::{BuildHasher, Hash},
     net::IpAddr,
     sync::{Arc, Mutex},
@@ -30,8 +33,8 @@ use crate::{
     authz::Authorizer,
     lb::{Balancer, EndpointSpec},
     model::{
-        Endpoints, Mesh, Service, ServiceKey, Workload, WorkloadDelta, WorkloadKey, endpoints_of,
-        selects,
+        Endpoints, Mesh, Service, ServiceKey, Workload, WorkloadDelta, WorkloadId, WorkloadKey,
+        endpoints_of, selects,
     },
     stats::ServiceName,
 };
@@ -71,8 +74,16 @@ struct Services {
     by_key: HashMap<ServiceKey, usize>,
     /// Per service: the index of the waypoint service it is bound to.
     waypoints: Vec<Option<usize>>,
-    /// Per workload that services list as an endpoint: those services.
-    naming: HashMap<WorkloadKey, Vec<usize>>,
+    /// Per workload that services list as an endpoint (by a hash of its
+    /// key, [`Services::named`]): the first service that does, and in
+    /// `naming_more` any others. A hash, not the key: every pod of a cluster
+    /// is some service's endpoint, and two strings per pod are ~100 bytes
+    /// where this is 16; two keys that collide only make a change update one
+    /// balancer more.
+    naming: HashMap<u64, u32>,
+    naming_more: HashMap<u64, Vec<u32>>,
+    /// Keyed per process: no one can choose names that collide.
+    hasher: RandomState,
     /// The services whose endpoints are a label selector (the file's form;
     /// Kubernetes services list theirs).
     selecting: Vec<usize>,
@@ -97,7 +108,6 @@ impl View {
         };
         let mut local = BTreeMap::new();
         for w in list {
-            let w = Arc::new(w);
             if w.node == node {
                 local.insert(w.key(), w.clone());
             }
@@ -119,13 +129,19 @@ impl View {
                 match &svc.endpoints {
                     Endpoints::Listed(eps) => {
                         for ep in eps {
-                            let key = WorkloadKey {
-                                namespace: svc.namespace.clone(),
-                                name: ep.workload.clone(),
-                            };
-                            let naming = services.naming.entry(key).or_default();
-                            if naming.last() != Some(&i) {
-                                naming.push(i);
+                            let named = services.named(&svc.namespace, &ep.workload);
+                            let i = i as u32;
+                            match services.naming.entry(named) {
+                                Entry::Vacant(e) => {
+                                    e.insert(i);
+                                }
+                                Entry::Occupied(e) if *e.get() == i => {}
+                                Entry::Occupied(_) => {
+                                    let more = services.naming_more.entry(named).or_default();
+                                    if more.last() != Some(&i) {
+                                        more.push(i);
+                                    }
+                                }
                             }
                         }
                     }
@@ -187,7 +203,11 @@ impl View {
         let mut touched = BTreeSet::new();
         let mut local_changed = false;
         let changed = |view: &View, w: &Workload, touched: &mut BTreeSet<usize>| {
-            touched.extend(view.services.naming.get(&w.key()).into_iter().flatten());
+            let named = view.services.named(&w.namespace, &w.name);
+            let s = &view.services;
+            let first = s.naming.get(&named).into_iter();
+            let more = s.naming_more.get(&named).into_iter().flatten();
+            touched.extend(first.chain(more).map(|&i| i as usize));
             for &i in &view.services.selecting {
                 let svc = &view.services.list[i].0;
                 if let Endpoints::Selector(sel) = &svc.endpoints
@@ -200,7 +220,7 @@ impl View {
         };
         let mut local = BTreeMap::clone(&view.local);
         for key in &delta.removes {
-            if let Some(ByKey(old)) = view.workloads.take(key as &dyn KeyView) {
+            if let Some(ByKey(old)) = view.workloads.take(key as &dyn WorkloadId) {
                 view.unindex(&old);
                 view.enrolled -= usize::from(old.enrolled);
                 local_changed |= local.remove(key).is_some();
@@ -208,7 +228,6 @@ impl View {
             }
         }
         for w in delta.upserts {
-            let w = Arc::new(w);
             let key = w.key();
             if let Some(ByKey(old)) = view.workloads.replace(ByKey(w.clone())) {
                 view.unindex(&old);
@@ -268,13 +287,15 @@ impl View {
         self.by_addr.get(&ip.to_canonical()).map(|w| &**w)
     }
 
-    pub fn workload(&self, key: &WorkloadKey) -> Option<&Workload> {
-        self.workloads.key(key as &dyn KeyView).map(|w| &*w.0)
+    pub fn workload(&self, key: &impl WorkloadId) -> Option<&Workload> {
+        self.workloads.key(key as &dyn WorkloadId).map(|w| &*w.0)
     }
 
     /// The workload `key`, shared (for records that outlive a borrow).
-    pub fn workload_arc(&self, key: &WorkloadKey) -> Option<Arc<Workload>> {
-        self.workloads.key(key as &dyn KeyView).map(|w| w.0.clone())
+    pub fn workload_arc(&self, key: &impl WorkloadId) -> Option<Arc<Workload>> {
+        self.workloads
+            .key(key as &dyn WorkloadId)
+            .map(|w| w.0.clone())
     }
 
     /// Every workload, in no order.
@@ -329,7 +350,7 @@ impl View {
     /// The whole mesh in force, workloads by key (for the status page; a copy).
     pub fn to_mesh(&self) -> Mesh {
         let mut mesh = Mesh::clone(&self.config);
-        mesh.workloads = self.workloads().cloned().collect();
+        mesh.workloads = self.workloads.keys().map(|w| w.0.clone()).collect();
         mesh.workloads
             .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         mesh
@@ -342,7 +363,7 @@ impl View {
             && mesh
                 .workloads
                 .iter()
-                .all(|w| self.workload(&w.key()) == Some(w))
+                .all(|w| self.workload(&w.key()) == Some(&**w))
             && self.config.eq_without_workloads(mesh)
     }
 
@@ -356,13 +377,13 @@ impl View {
 
     /// A service's endpoints that are workloads of this view, with their
     /// weights.
-    pub fn endpoint_workloads<'a>(&'a self, svc: &'a Service) -> Vec<(&'a Workload, u32)> {
+    pub fn endpoint_workloads<'a>(&'a self, svc: &'a Service) -> Vec<(&'a Arc<Workload>, u32)> {
         // A selector (the file's form) is a scan of the workloads.
-        endpoints_of(svc, self.workloads(), |name| {
-            self.workload(&WorkloadKey {
-                namespace: svc.namespace.clone(),
-                name: name.to_owned(),
-            })
+        let all = self.workloads.keys().map(|w| &w.0);
+        endpoints_of(svc, all, |name| {
+            self.workloads
+                .key(&(svc.namespace.as_str(), name) as &dyn WorkloadId)
+                .map(|w| &w.0)
         })
     }
 
@@ -371,7 +392,7 @@ impl View {
         self.endpoint_workloads(svc)
             .into_iter()
             .map(|(w, weight)| EndpointSpec {
-                key: w.key(),
+                workload: w.clone(),
                 weight,
                 same_node: w.node == self.node,
             })
@@ -387,8 +408,15 @@ impl Services {
             by_key: HashMap::new(),
             waypoints: Vec::new(),
             naming: HashMap::new(),
+            naming_more: HashMap::new(),
+            hasher: RandomState::new(),
             selecting: Vec::new(),
         }
+    }
+
+    /// What stands for the workload `namespace/name` in `naming`.
+    fn named(&self, namespace: &str, name: &str) -> u64 {
+        self.hasher.hash_one((namespace, name))
     }
 }
 
@@ -531,58 +559,47 @@ impl<K: Hash + Eq + Clone> Table<K, ()> {
 
 /// A workload as the key of its table: equal, and hashed, as its
 /// (namespace, name), so that a `&WorkloadKey` finds it (through
-/// [`KeyView`]).
+/// [`WorkloadId`]).
 #[derive(Clone)]
 struct ByKey(Arc<Workload>);
 
-/// What a workload's key and a [`WorkloadKey`] have in common.
-trait KeyView {
-    fn parts(&self) -> (&str, &str);
-}
-
-impl KeyView for ByKey {
-    fn parts(&self) -> (&str, &str) {
+impl WorkloadId for ByKey {
+    fn id(&self) -> (&str, &str) {
         (&self.0.namespace, &self.0.name)
     }
 }
 
-impl KeyView for WorkloadKey {
-    fn parts(&self) -> (&str, &str) {
-        (&self.namespace, &self.name)
-    }
-}
-
-impl Hash for dyn KeyView + '_ {
+impl Hash for dyn WorkloadId + '_ {
     fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
-        self.parts().hash(h)
+        self.id().hash(h)
     }
 }
 
-impl PartialEq for dyn KeyView + '_ {
+impl PartialEq for dyn WorkloadId + '_ {
     fn eq(&self, other: &Self) -> bool {
-        self.parts() == other.parts()
+        self.id() == other.id()
     }
 }
 
-impl Eq for dyn KeyView + '_ {}
+impl Eq for dyn WorkloadId + '_ {}
 
 impl Hash for ByKey {
     fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
-        // The same as a `dyn KeyView`'s, which `Borrow` requires.
-        (self as &dyn KeyView).hash(h)
+        // The same as a `dyn WorkloadId`'s, which `Borrow` requires.
+        (self as &dyn WorkloadId).hash(h)
     }
 }
 
 impl PartialEq for ByKey {
     fn eq(&self, other: &Self) -> bool {
-        self.parts() == other.parts()
+        self.id() == other.id()
     }
 }
 
 impl Eq for ByKey {}
 
-impl<'a> Borrow<dyn KeyView + 'a> for ByKey {
-    fn borrow(&self) -> &(dyn KeyView + 'a) {
+impl<'a> Borrow<dyn WorkloadId + 'a> for ByKey {
+    fn borrow(&self) -> &(dyn WorkloadId + 'a) {
         self
     }
 }

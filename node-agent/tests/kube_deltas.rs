@@ -233,7 +233,7 @@ fn workloads_sent_as_deltas_add_up_to_the_whole_mesh() {
         let expected = whole.state.build().unwrap();
         let sorted = |m: &Mesh| {
             let mut w = m.workloads.clone();
-            w.sort_by_key(Workload::key);
+            w.sort_by_key(|w| w.key());
             w
         };
         assert_eq!(sorted(&kept), sorted(&expected), "step {step}: workloads");
@@ -256,7 +256,7 @@ fn workloads_sent_as_deltas_add_up_to_the_whole_mesh() {
 
         // The view made by changes answers as one made whole.
         let fresh = View::new(expected.clone(), "node-1", &Balancers::default());
-        let all: Vec<&Workload> = expected.workloads.iter().collect();
+        let all: Vec<&Workload> = expected.workloads.iter().map(|w| &**w).collect();
         assert_eq!(view.workload_count(), all.len(), "step {step}");
         assert_eq!(view.enrolled_count(), fresh.enrolled_count(), "step {step}");
         for w in &all {

@@ -301,7 +301,7 @@ mod tests {
         };
         let mesh = |ws: Vec<Workload>| {
             Some(Arc::new(Mesh {
-                workloads: ws,
+                workloads: ws.into_iter().map(Arc::new).collect(),
                 ..Mesh::default()
             }))
         };

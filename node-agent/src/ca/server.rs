@@ -1447,8 +1447,9 @@ mod tests {
 
         // Even a model that slipped past validation does not get it.
         let mut mesh = file::parse(Path::new("mesh.yaml"), MESH).unwrap().mesh;
-        mesh.workloads[0].namespace = CA_NAMESPACE.into();
-        mesh.workloads[0].service_account = CA_SERVICE_ACCOUNT.into();
+        let w = std::sync::Arc::make_mut(&mut mesh.workloads[0]);
+        w.namespace = CA_NAMESPACE.into();
+        w.service_account = CA_SERVICE_ACCOUNT.into();
         assert!(mesh.identity_on_node(&ca_id, "n1"));
         let refusal = authorize(&mesh, &ca_id, "n1").err().unwrap();
         assert_eq!(refusal.code, Code::PERMISSION_DENIED);

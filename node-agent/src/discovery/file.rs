@@ -674,7 +674,7 @@ impl File {
                 {
                     netns.insert(w_model.key(), path);
                 }
-                w_model
+                std::sync::Arc::new(w_model)
             })
             .collect();
         let lb_defaults = model::LoadBalancing::default();

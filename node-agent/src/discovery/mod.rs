@@ -47,7 +47,7 @@ pub enum Shrink {
 /// policy): churn is normal.
 pub fn guard(current: &Mesh, next: &Mesh, allowed: bool) -> Result<(), Shrink> {
     guard_workloads(
-        &current.workloads,
+        current.workloads.iter().map(|w| &**w),
         current.authorization_policies.len(),
         next,
         allowed,
@@ -127,6 +127,7 @@ mod tests {
                 .iter()
                 .map(|n| w(n, true))
                 .chain(others.iter().map(|n| w(n, false)))
+                .map(std::sync::Arc::new)
                 .collect(),
             authorization_policies: (0..policies)
                 .map(|i| AuthorizationPolicy {

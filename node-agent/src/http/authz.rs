@@ -494,8 +494,12 @@ fn provider_endpoint(view: &View, http: &model::ExtAuthzHttp) -> Option<Endpoint
     let (name, namespace) = (labels.next()?, labels.next().unwrap_or("default"));
     let (svc, balancer) = view.service(&(namespace.to_owned(), name.to_owned()))?;
     let port = svc.ports.iter().find(|p| p.port == http.port)?;
-    let pick = balancer.pick(IpAddr::from([0, 0, 0, 0]), &[], Instant::now())?;
-    let w = view.workload(&pick.key)?;
+    let pick = balancer.pick(
+        IpAddr::from([0, 0, 0, 0]),
+        crate::lb::UNTRIED,
+        Instant::now(),
+    )?;
+    let w = view.workload(&pick.workload)?;
     let ip = *w.addresses.first()?;
     let identity = if w.enrolled || w.native_tunnel {
         w.identity(view.trust_domain()).ok()

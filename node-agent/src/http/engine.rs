@@ -31,7 +31,7 @@ use super::{
 };
 use crate::{
     identity::SpiffeId,
-    model::{AppProtocol, Service, ServiceKey, ServicePort, WorkloadKey},
+    model::{AppProtocol, Service, ServiceKey, ServicePort},
     view::View,
 };
 
@@ -203,25 +203,29 @@ impl Engine {
         let (_, balancer) = config.view.service(&ctx.default_backend.service)?.clone();
         let mut tried = Vec::new();
         while let Some(pick) = balancer.pick(ctx.source_ip, &tried, Instant::now()) {
-            tried.push(pick.key.clone());
-            let Some(ep) = endpoint(&config.view, &pick.key, ctx.port.target_port, ctx.source_ip)
-            else {
+            tried.push(pick.workload.clone());
+            let Some(ep) = endpoint(
+                &config.view,
+                &pick.workload,
+                ctx.port.target_port,
+                ctx.source_ip,
+            ) else {
                 continue;
             };
-            if let Some(why) = denied(&config.view, ctx, &pick.key, ctx.port.target_port) {
-                debug!(endpoint = %pick.key, reason = %why, "TCP stream denied by the endpoint's L4 policy");
+            if let Some(why) = denied(&config.view, ctx, &pick.workload, ctx.port.target_port) {
+                debug!(endpoint = %pick.workload.key(), reason = %why, "TCP stream denied by the endpoint's L4 policy");
                 continue;
             }
             match self.upstreams.connect(&ep).await {
                 Ok(conn) => {
-                    balancer.report(&pick.key, true, Instant::now());
+                    balancer.report(&pick.workload, true, Instant::now());
                     return Some(conn);
                 }
                 Err(e) => {
                     if e.blames_endpoint() {
-                        balancer.report(&pick.key, false, Instant::now());
+                        balancer.report(&pick.workload, false, Instant::now());
                     }
-                    debug!(endpoint = %pick.key, error = %e, "TCP upstream connect failed");
+                    debug!(endpoint = %pick.workload.key(), error = %e, "TCP upstream connect failed");
                 }
             }
         }
@@ -382,7 +386,7 @@ impl Engine {
         let _active = budget.enter();
         let attempts = 1 + retry.map_or(0, |r| r.attempts);
         let connect_attempts = 1 + svc.load_balancing.retries;
-        let mut tried: Vec<WorkloadKey> = Vec::new();
+        let mut tried: Vec<Arc<crate::model::Workload>> = Vec::new();
         let mut body = body;
         let deadline = overall.map(|d| tokio::time::Instant::now() + d);
         let mut attempt = 0;
@@ -390,7 +394,7 @@ impl Engine {
             attempt += 1;
             let pick = balancer
                 .pick(ctx.source_ip, &tried, Instant::now())
-                .or_else(|| balancer.pick(ctx.source_ip, &[], Instant::now()));
+                .or_else(|| balancer.pick(ctx.source_ip, crate::lb::UNTRIED, Instant::now()));
             let Some(pick) = pick else {
                 record.flags = "UH";
                 break Err(error(
@@ -398,19 +402,23 @@ impl Engine {
                     "no healthy upstream",
                 ));
             };
-            tried.push(pick.key.clone());
-            let Some(ep) = endpoint(&config.view, &pick.key, port.target_port, ctx.source_ip)
-            else {
+            tried.push(pick.workload.clone());
+            let Some(ep) = endpoint(
+                &config.view,
+                &pick.workload,
+                port.target_port,
+                ctx.source_ip,
+            ) else {
                 record.flags = "UH";
                 break Err(error(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "no healthy upstream",
                 ));
             };
-            record.endpoint = config.view.workload_arc(&pick.key);
+            record.endpoint = config.view.workload_arc(&pick.workload);
             record.upstream = Some(ep.addr);
-            if let Some(why) = denied(&config.view, ctx, &pick.key, port.target_port) {
-                debug!(endpoint = %pick.key, reason = %why, "denied by the endpoint's L4 policy");
+            if let Some(why) = denied(&config.view, ctx, &pick.workload, port.target_port) {
+                debug!(endpoint = %pick.workload.key(), reason = %why, "denied by the endpoint's L4 policy");
                 record.flags = "RBAC";
                 break Err(error(StatusCode::FORBIDDEN, "RBAC: access denied"));
             }
@@ -471,8 +479,8 @@ impl Engine {
                 Ok(Err(e)) => e.blames_endpoint(),
                 Err(_) => true,
             };
-            if let Some(ej) = balancer.report(&pick.key, !failed, Instant::now()) {
-                warn!(endpoint = %pick.key, ejected_for_ms = ej.duration.as_millis() as u64, "endpoint ejected");
+            if let Some(ej) = balancer.report(&pick.workload, !failed, Instant::now()) {
+                warn!(endpoint = %pick.workload.key(), ejected_for_ms = ej.duration.as_millis() as u64, "endpoint ejected");
             }
             let past_deadline = deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
             let may_retry = retryable
@@ -559,10 +567,15 @@ impl Engine {
         let Some(port) = svc.ports.iter().find(|p| p.port == backend.port) else {
             return;
         };
-        let Some(pick) = balancer.pick(ctx.source_ip, &[], Instant::now()) else {
+        let Some(pick) = balancer.pick(ctx.source_ip, crate::lb::UNTRIED, Instant::now()) else {
             return;
         };
-        let Some(ep) = endpoint(&config.view, &pick.key, port.target_port, ctx.source_ip) else {
+        let Some(ep) = endpoint(
+            &config.view,
+            &pick.workload,
+            port.target_port,
+            ctx.source_ip,
+        ) else {
             return;
         };
         let mut up = Request::new(full(body));
@@ -743,7 +756,12 @@ impl Drop for Counted {
 /// waypoint applies them with the client's identity, so a policy written for
 /// the pods holds through the waypoint too (the endpoint's agent then sees the
 /// waypoint's identity, and checks that).
-fn denied(view: &View, ctx: &Context, key: &WorkloadKey, port: u16) -> Option<String> {
+fn denied(
+    view: &View,
+    ctx: &Context,
+    key: &impl crate::model::WorkloadId,
+    port: u16,
+) -> Option<String> {
     let w = view.workload(key)?;
     if ctx.peer.is_none() && view.authz.peer_mode(w) == crate::model::PeerMode::Strict {
         return Some("plaintext refused: peer authentication is STRICT".into());
@@ -788,7 +806,12 @@ async fn splice(down: hyper::upgrade::OnUpgrade, up: hyper::upgrade::OnUpgrade) 
 }
 
 /// The endpoint's application address and how it is reached.
-fn endpoint(view: &View, key: &WorkloadKey, port: u16, like: IpAddr) -> Option<Endpoint> {
+fn endpoint(
+    view: &View,
+    key: &impl crate::model::WorkloadId,
+    port: u16,
+    like: IpAddr,
+) -> Option<Endpoint> {
     let w = view.workload(key)?;
     let ip = w
         .addresses

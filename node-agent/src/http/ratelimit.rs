@@ -1476,12 +1476,12 @@ mod tests {
         let p = Policies::new(&view);
         assert_eq!(p.replicas.get(&web), Some(&2));
         assert!(p.hold_for(&view));
-        let mut third = mesh.workloads[2].clone();
+        let mut third = (*mesh.workloads[2]).clone();
         third.name = "wp-2".into();
         third.addresses = vec!["10.0.0.5".parse().unwrap()];
         let grown = view.with_workloads(
             crate::model::WorkloadDelta {
-                upserts: vec![third],
+                upserts: vec![std::sync::Arc::new(third)],
                 removes: vec![],
             },
             &balancers,

@@ -1286,7 +1286,10 @@ mod tests {
                     &[("app", "web"), ("version", "v1")],
                 ),
                 w("odd", [10, 0, 1, 2], &[("app", "we\"ird\\")]),
-            ],
+            ]
+            .into_iter()
+            .map(Arc::new)
+            .collect(),
             ..Default::default()
         };
         Arc::new(View::new(mesh, "n", &Balancers::default()))

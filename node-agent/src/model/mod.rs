@@ -16,7 +16,7 @@ pub mod ratelimit;
 pub mod route;
 pub mod validate;
 
-use std::{collections::BTreeMap, fmt, net::IpAddr, time::Duration};
+use std::{collections::BTreeMap, fmt, net::IpAddr, sync::Arc, time::Duration};
 
 use serde::Serialize;
 
@@ -29,7 +29,7 @@ pub struct Mesh {
     pub trust_domain: String,
     /// Policies in this namespace apply to every workload (Istio's root namespace).
     pub root_namespace: String,
-    pub workloads: Vec<Workload>,
+    pub workloads: Vec<Arc<Workload>>,
     pub services: Vec<Service>,
     pub authorization_policies: Vec<AuthorizationPolicy>,
     pub peer_authentications: Vec<PeerAuthentication>,
@@ -53,7 +53,7 @@ pub struct Mesh {
 /// key; `removes` are keys gone.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WorkloadDelta {
-    pub upserts: Vec<Workload>,
+    pub upserts: Vec<Arc<Workload>>,
     pub removes: Vec<WorkloadKey>,
 }
 
@@ -90,9 +90,49 @@ impl Default for Mesh {
 /// workload of a cluster carries its labels, and a `BTreeMap` of two labels
 /// allocates a node of eleven slots, about 550 bytes, before the strings;
 /// this is two words and the strings. Lookups are a binary search over a
-/// handful of entries.
+/// handful of entries. Shared (an `Arc`): the pods of a Deployment carry the
+/// same labels, which a source can hold once for all ([`LabelSets`]).
 #[derive(Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Labels(Box<[(Box<str>, Box<str>)]>);
+pub struct Labels(Arc<[(Box<str>, Box<str>)]>);
+
+/// Label sets held once, for a source that keeps many workloads: the pods of
+/// one Deployment, ReplicaSet or DaemonSet carry equal labels (down to
+/// `pod-template-hash`), so 100,000 pods hold a few thousand sets, not
+/// 100,000 (~150 bytes each for three labels).
+#[derive(Debug, Default)]
+pub struct LabelSets {
+    held: std::collections::HashSet<Labels>,
+    /// Sets no workload holds any more are dropped when `held` reaches this.
+    prune_at: usize,
+}
+
+impl LabelSets {
+    /// Makes `labels` the set held for its value (a refcount), holding it
+    /// if it is new.
+    pub fn intern(&mut self, labels: &mut Labels) {
+        if let Some(held) = self.held.get(labels) {
+            if !Arc::ptr_eq(&held.0, &labels.0) {
+                *labels = held.clone();
+            }
+            return;
+        }
+        if self.held.len() >= self.prune_at {
+            self.held.retain(|l| Arc::strong_count(&l.0) > 1);
+            // Amortized: a prune per as many new sets as are kept.
+            self.prune_at = (self.held.len() * 2).max(64);
+        }
+        self.held.insert(labels.clone());
+    }
+
+    /// How many sets are held.
+    pub fn len(&self) -> usize {
+        self.held.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.held.is_empty()
+    }
+}
 
 impl Labels {
     pub fn new() -> Labels {
@@ -127,7 +167,7 @@ impl Labels {
     /// Sets `key` to `value` (a copy of the list: for building, not for a
     /// hot path).
     pub fn insert(&mut self, key: impl Into<Box<str>>, value: impl Into<Box<str>>) {
-        let mut v = std::mem::take(&mut self.0).into_vec();
+        let mut v = self.0.to_vec();
         v.push((key.into(), value.into()));
         *self = v.into_iter().collect();
     }
@@ -135,9 +175,9 @@ impl Labels {
     /// Takes `key` out, with its value.
     pub fn remove(&mut self, key: &str) -> Option<Box<str>> {
         let i = self.0.binary_search_by(|(k, _)| (**k).cmp(key)).ok()?;
-        let mut v = std::mem::take(&mut self.0).into_vec();
+        let mut v = self.0.to_vec();
         let (_, value) = v.remove(i);
-        self.0 = v.into_boxed_slice();
+        self.0 = v.into();
         Some(value)
     }
 }
@@ -158,7 +198,7 @@ impl<K: Into<Box<str>>, V: Into<Box<str>>> FromIterator<(K, V)> for Labels {
                 _ => out.push(pair),
             }
         }
-        Labels(out.into_boxed_slice())
+        Labels(out.into())
     }
 }
 
@@ -218,9 +258,9 @@ impl<'de> serde::Deserialize<'de> for Labels {
 /// caller indexes them): only workloads with an address can be one.
 pub fn endpoints_of<'a>(
     svc: &Service,
-    all: impl Iterator<Item = &'a Workload>,
-    find: impl Fn(&str) -> Option<&'a Workload>,
-) -> Vec<(&'a Workload, u32)> {
+    all: impl Iterator<Item = &'a Arc<Workload>>,
+    find: impl Fn(&str) -> Option<&'a Arc<Workload>>,
+) -> Vec<(&'a Arc<Workload>, u32)> {
     match &svc.endpoints {
         Endpoints::Selector(sel) => all
             .filter(|w| {
@@ -263,6 +303,37 @@ pub struct Workload {
     /// It speaks HBONE itself on port 15008 (a waypoint): reached over HBONE
     /// with its identity, never captured (so never `enrolled`).
     pub native_tunnel: bool,
+}
+
+/// What names a workload: its namespace and name, whether from a key, the
+/// workload or a handle to it (lookups by any of them copy no string).
+pub trait WorkloadId {
+    fn id(&self) -> (&str, &str);
+}
+
+impl WorkloadId for WorkloadKey {
+    fn id(&self) -> (&str, &str) {
+        (&self.namespace, &self.name)
+    }
+}
+
+impl WorkloadId for Workload {
+    fn id(&self) -> (&str, &str) {
+        (&self.namespace, &self.name)
+    }
+}
+
+/// `(namespace, name)`.
+impl WorkloadId for (&str, &str) {
+    fn id(&self) -> (&str, &str) {
+        *self
+    }
+}
+
+impl WorkloadId for Arc<Workload> {
+    fn id(&self) -> (&str, &str) {
+        (&self.namespace, &self.name)
+    }
 }
 
 /// A workload's key: namespace and name.
@@ -778,7 +849,7 @@ impl Mesh {
         let gone: std::collections::HashSet<WorkloadKey> = delta
             .removes
             .into_iter()
-            .chain(delta.upserts.iter().map(Workload::key))
+            .chain(delta.upserts.iter().map(|w| w.key()))
             .collect();
         self.workloads.retain(|w| !gone.contains(&w.key()));
         self.workloads.extend(delta.upserts);
@@ -817,7 +888,10 @@ impl Mesh {
     /// `view::View`, which indexes them).
     pub fn workload_by_address(&self, ip: IpAddr) -> Option<&Workload> {
         let ip = ip.to_canonical();
-        self.workloads.iter().find(|w| w.addresses.contains(&ip))
+        self.workloads
+            .iter()
+            .find(|w| w.addresses.contains(&ip))
+            .map(|w| &**w)
     }
 
     /// Whether some workload on `node` has identity `id` (what the CA signs for
@@ -892,7 +966,7 @@ impl Mesh {
     /// A service's endpoints with their weights: its listed workloads, or those
     /// of its namespace its selector picks; only workloads with an address
     /// can be one.
-    pub fn endpoint_workloads<'a>(&'a self, svc: &'a Service) -> Vec<(&'a Workload, u32)> {
+    pub fn endpoint_workloads<'a>(&'a self, svc: &'a Service) -> Vec<(&'a Arc<Workload>, u32)> {
         endpoints_of(svc, self.workloads.iter(), |name| {
             self.workloads
                 .iter()
@@ -914,6 +988,7 @@ impl Mesh {
     pub fn enrolled_on<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Workload> + 'a {
         self.workloads
             .iter()
+            .map(|w| &**w)
             .filter(move |w| w.enrolled && w.node == node)
     }
 

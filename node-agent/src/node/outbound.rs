@@ -36,7 +36,7 @@ use crate::{
         stream,
     },
     identity::SpiffeId,
-    model::{OutsideMesh, WorkloadKey},
+    model::{OutsideMesh, Workload},
     net::{
         copy,
         limit::Limit,
@@ -590,7 +590,7 @@ async fn to_service(
         .unwrap_or(shared.settings.connect_timeout);
     let attempts = 1 + lb.retries as usize;
     let client = from.ip.unwrap_or(dst.ip());
-    let mut tried: Vec<WorkloadKey> = Vec::new();
+    let mut tried: Vec<Arc<Workload>> = Vec::new();
     let mut last: Option<String> = None;
     let mut early = Early::default();
     loop {
@@ -636,7 +636,8 @@ async fn to_service(
             reset(down);
             return;
         };
-        let key = pick.key.clone();
+        // A refcount, not a copy of the name: this is per connection.
+        let key = pick.workload.clone();
         tried.push(key.clone());
         let Some(w) = view.workload(&key) else {
             continue;
@@ -652,7 +653,10 @@ async fn to_service(
         };
         let ep = if waypoint.is_some() {
             if !w.native_tunnel {
-                last = Some(format!("{key} is not a waypoint (not native_tunnel)"));
+                last = Some(format!(
+                    "{} is not a waypoint (not native_tunnel)",
+                    key.key()
+                ));
                 continue;
             }
             Endpoint::of(shared, &view, w, dst).map(|mut ep| {
@@ -661,7 +665,10 @@ async fn to_service(
             })
         } else {
             if !w.enrolled && outside == OutsideMesh::Refuse {
-                last = Some(format!("{key} is outside the mesh (outside_mesh: refuse)"));
+                last = Some(format!(
+                    "{} is outside the mesh (outside_mesh: refuse)",
+                    key.key()
+                ));
                 continue;
             }
             Endpoint::of(shared, &view, w, SocketAddr::new(ip, port.target_port))
@@ -692,14 +699,14 @@ async fn to_service(
                 if let Some(ej) = balancer.report(&key, false, Instant::now()) {
                     warn!(
                         service = %name,
-                        endpoint = %key,
+                        endpoint = %key.key(),
                         ejected_for_ms = ej.duration.as_millis() as u64,
                         consecutive_failures = ej.consecutive_failures,
                         "endpoint ejected"
                     );
-                    STATS.ejection(&name, &key.to_string());
+                    STATS.ejection(&name, &key.key().to_string());
                 }
-                debug!(service = %name, endpoint = %key, error = %e, early_bytes = early.len(), "connect failed; trying another endpoint");
+                debug!(service = %name, endpoint = %key.key(), error = %e, early_bytes = early.len(), "connect failed; trying another endpoint");
                 if tried.len() >= attempts {
                     log.set_dst(ep.addr);
                     log.identities(&ep);

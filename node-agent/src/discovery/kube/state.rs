@@ -31,7 +31,7 @@ use std::{
 use kube::runtime::watcher;
 use tracing::warn;
 
-use super::translate::{Entry, Key, SliceEntry};
+use super::translate::{Entry, Key, PodEntry, SliceEntry};
 use crate::model::{self, Mesh, WorkloadDelta, authn};
 
 /// At most this many pods in one [`Update::Workloads`] (nor more than a
@@ -251,6 +251,8 @@ pub struct State {
     /// What the updates published so far hold, to check a delta against;
     /// `None` before the first whole mesh.
     published: Option<Published>,
+    /// The pods' label sets, each held once.
+    labels: model::LabelSets,
 }
 
 /// The facts a delta is checked against (kept small: hashes, not names).
@@ -299,6 +301,7 @@ impl State {
             pending: BTreeMap::new(),
             others_changed: false,
             published: None,
+            labels: model::LabelSets::default(),
         }
     }
 
@@ -334,12 +337,18 @@ impl State {
     }
 
     /// Applies one change of kind `res`.
-    pub fn apply(&mut self, res: Res, change: Change) {
+    pub fn apply(&mut self, res: Res, mut change: Change) {
+        let pod = res == Res::Pod;
+        if pod
+            && let Change::Apply(_, Entry::Pod(p)) | Change::InitApply(_, Entry::Pod(p)) =
+                &mut change
+        {
+            self.settle(p);
+        }
         let Some(objects) = self.kinds.get_mut(&res) else {
             return;
         };
         let was_dirty = std::mem::replace(&mut self.dirty, false);
-        let pod = res == Res::Pod;
         if pod
             && self.deltas
             && let Change::Apply(key, _) | Change::Delete(key) = &change
@@ -354,6 +363,25 @@ impl State {
             self.others_changed = true;
         }
         self.dirty |= was_dirty;
+    }
+
+    /// Sets a new pod's `enrolled` as its namespace says now, so that the
+    /// meshes made from it share its workload (a namespace relabelled later
+    /// is settled by [`State::build`]), and its labels to the set held for
+    /// their value.
+    fn settle(&mut self, p: &mut PodEntry) {
+        let Some(w) = Arc::get_mut(&mut p.workload) else {
+            return;
+        };
+        self.labels.intern(&mut w.labels);
+        let namespaces = self.kinds.get(&Res::Namespace).map(|o| &o.live);
+        let ns_mode = namespaces
+            .and_then(|n| n.get(&(String::new(), w.namespace.clone())))
+            .and_then(|e| match e {
+                Entry::Namespace(ns) => ns.mesh,
+                _ => None,
+            });
+        w.enrolled = super::labels::enrolled(p.mesh, ns_mode, w.native_tunnel);
     }
 
     fn apply_to(&mut self, res: Res, change: Change) {
@@ -447,12 +475,17 @@ impl State {
                 }
             }
         }
+        // Pods whose namespace changed their enrollment since they were
+        // settled: their entry takes the new workload, so that the next mesh
+        // shares it again.
+        let mut settled = Vec::new();
         for (key @ (ns, name), e) in self.live(Res::Pod) {
             match e {
                 Entry::Pod(p) => {
-                    let mut w = p.workload(key);
-                    let ns_mode = ns_mesh.get(ns.as_str()).copied().flatten();
-                    w.enrolled = super::labels::enrolled(p.mesh, ns_mode, w.native_tunnel);
+                    let w = p.in_namespace(ns_mesh.get(ns.as_str()).copied().flatten());
+                    if !Arc::ptr_eq(&w, &p.workload) {
+                        settled.push((key.clone(), w.clone()));
+                    }
                     mesh.workloads.push(w);
                 }
                 Entry::Invalid(why) => {
@@ -613,6 +646,13 @@ impl State {
         }
         self.counts.set(counts);
         self.invalid = invalid;
+        if let Some(pods) = self.kinds.get_mut(&Res::Pod) {
+            for (key, w) in settled {
+                if let Some(Entry::Pod(p)) = pods.live.get_mut(&key) {
+                    p.workload = w;
+                }
+            }
+        }
         self.pending.clear();
         self.others_changed = false;
         if self.deltas {
@@ -663,17 +703,16 @@ impl State {
                 continue;
             }
             let workload = |e: Option<&Entry>| match e {
-                Some(Entry::Pod(p)) => {
-                    let mut w = p.workload(key);
-                    let ns_mode = namespaces
-                        .and_then(|n| n.get(&(String::new(), key.0.clone())))
-                        .and_then(|e| match e {
-                            Entry::Namespace(ns) => ns.mesh,
-                            _ => None,
-                        });
-                    w.enrolled = super::labels::enrolled(p.mesh, ns_mode, w.native_tunnel);
-                    Some(w)
-                }
+                Some(Entry::Pod(p)) => Some(
+                    p.in_namespace(
+                        namespaces
+                            .and_then(|n| n.get(&(String::new(), key.0.clone())))
+                            .and_then(|e| match e {
+                                Entry::Namespace(ns) => ns.mesh,
+                                _ => None,
+                            }),
+                    ),
+                ),
                 _ => None,
             };
             if matches!(now, Some(Entry::Invalid(_))) {
@@ -703,7 +742,7 @@ impl State {
             if published.named.contains(&me) {
                 // What a service's endpoints are (and what validation checks
                 // of a waypoint's) changes with these: the whole mesh.
-                let shape = |w: &Option<model::Workload>| {
+                let shape = |w: &Option<Arc<model::Workload>>| {
                     w.as_ref()
                         .map(|w| (w.native_tunnel, w.addresses.is_empty()))
                 };

@@ -8,7 +8,7 @@
 //! serde types as the mesh file (`model::route`, `file::authorization_policy`,
 //! `model::authn`), so the two sources accept exactly the same shapes.
 
-use std::net::IpAddr;
+use std::{net::IpAddr, sync::Arc};
 
 use k8s_openapi::{
     api::{
@@ -34,8 +34,10 @@ pub fn key_of<K: kube::Resource>(o: &K) -> Key {
 /// What an object becomes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Entry {
-    Namespace(NsEntry),
-    Pod(Box<PodEntry>),
+    /// Boxed, as every kind but pods: an entry is as large as its largest
+    /// kind, and 100,000 pods each pay for it.
+    Namespace(Box<NsEntry>),
+    Pod(PodEntry),
     Service(Box<SvcEntry>),
     Slice(Box<SliceEntry>),
     HttpRoute(Box<route::HttpRoute>),
@@ -60,24 +62,30 @@ pub struct NsEntry {
 
 /// A pod: its workload, enrolled or not once its namespace is known.
 ///
-/// Held for every pod of the cluster, so kept small: the name and namespace
-/// are the entry's key (not repeated here).
+/// Held for every pod of the cluster, and shared with the meshes and views
+/// made from it (one allocation per pod for all of them: a mesh or a view
+/// holds a refcount, not a copy).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodEntry {
-    /// Without name and namespace (see [`PodEntry::workload`]); `enrolled` is
-    /// left false: it depends on the namespace.
-    pub partial: model::Workload,
+    /// The workload, `enrolled` as its namespace said when the entry was
+    /// last settled ([`PodEntry::in_namespace`]).
+    pub workload: Arc<model::Workload>,
     /// The pod's own enrollment label.
     pub mesh: Option<bool>,
 }
 
 impl PodEntry {
-    /// The whole workload of the pod keyed `(namespace, name)`.
-    pub fn workload(&self, (namespace, name): &Key) -> model::Workload {
-        let mut w = self.partial.clone();
-        w.namespace.clone_from(namespace);
-        w.name.clone_from(name);
-        w
+    /// The workload, enrolled as the pod's label or else its namespace's
+    /// (`ns_mode`) says: the one held when its flag says so already (a
+    /// refcount), else a copy with the flag set.
+    pub fn in_namespace(&self, ns_mode: Option<bool>) -> Arc<model::Workload> {
+        let enrolled = labels::enrolled(self.mesh, ns_mode, self.workload.native_tunnel);
+        if self.workload.enrolled == enrolled {
+            return self.workload.clone();
+        }
+        let mut w = (*self.workload).clone();
+        w.enrolled = enrolled;
+        Arc::new(w)
     }
 }
 
@@ -117,10 +125,10 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 pub fn namespace(ns: &Namespace) -> Entry {
     let labels = ns.labels();
-    Entry::Namespace(NsEntry {
+    Entry::Namespace(Box::new(NsEntry {
         mesh: labels::mesh_mode(labels),
         waypoint: labels::use_waypoint(labels, &ns.name_any()),
-    })
+    }))
 }
 
 /// A pod in the model has an address and may still run: pods that finished keep
@@ -157,11 +165,11 @@ pub fn pod(p: &Pod) -> Entry {
     // ADD), and the agent answers only for pods its model knows. Others reach
     // it by address once the API has one.
     let labels = p.labels();
-    Entry::Pod(Box::new(PodEntry {
+    Entry::Pod(PodEntry {
         mesh: labels::mesh_mode(labels),
-        partial: model::Workload {
-            name: String::new(),
-            namespace: String::new(),
+        workload: Arc::new(model::Workload {
+            name: p.name_any(),
+            namespace: p.namespace().unwrap_or_default(),
             service_account: spec
                 .service_account_name
                 .clone()
@@ -176,8 +184,8 @@ pub fn pod(p: &Pod) -> Entry {
                 .iter()
                 .map(|(k, v)| (k.as_str(), v.as_str()))
                 .collect(),
-        },
-    }))
+        }),
+    })
 }
 
 /// A service with cluster IPs. Headless and ExternalName services have no

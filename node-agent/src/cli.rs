@@ -363,6 +363,7 @@ impl Source {
             kinds: crate::discovery::kube::Kinds::All,
             trust_domain: self.trust_domain.clone(),
             root_namespace: self.root_namespace.clone(),
+            own_namespace: None,
         }
     }
 }
@@ -573,4 +574,25 @@ pub struct AgentArgs {
     /// peers only). Off when not given.
     #[arg(long, env = "WEFT_CNI_SOCKET")]
     pub cni_socket: Option<PathBuf>,
+
+    /// Weft's own namespace, where this agent's DaemonSet lives (with
+    /// `--discovery kubernetes`). Deleting it is uninstalling Weft: an agent
+    /// that saw it being deleted takes itself out of the node as it stops,
+    /// as `weft cni uninstall` and `weft agent --uninstall` do (the plugin's
+    /// entry in `--cni-conf-dir`, its binary in `--cni-bin-dir`, the
+    /// capture), so that the node's new pods can start without it. An agent
+    /// stopped for any other reason (an upgrade, a restart, an eviction)
+    /// leaves all of it in place: new pods wait for the next agent.
+    #[arg(long, env = "WEFT_NAMESPACE")]
+    pub namespace: Option<String>,
+
+    /// The node's CNI conf dir, where `weft cni install` put the plugin's
+    /// entry: taken out of it on an uninstall (see `--namespace`).
+    #[arg(long, env = "WEFT_CNI_CONF_DIR")]
+    pub cni_conf_dir: Option<PathBuf>,
+
+    /// The node's CNI bin dir, where `weft cni install` copied the plugin:
+    /// removed from it on an uninstall (see `--namespace`).
+    #[arg(long, env = "WEFT_CNI_BIN_DIR")]
+    pub cni_bin_dir: Option<PathBuf>,
 }

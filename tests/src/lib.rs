@@ -26,6 +26,7 @@ pub mod cni;
 pub mod ext_authz;
 pub mod http_echo;
 pub mod jwt;
+pub mod kubeapi;
 pub mod l7;
 pub mod mesh;
 pub mod probe;

@@ -766,7 +766,10 @@ fn the_agent_daemonset_runs_on_every_node_with_its_mounts() {
     assert_eq!(bundle["optional"], true);
     assert_eq!(
         agent["env"],
-        json!([{"name": "WEFT_NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}])
+        json!([
+            {"name": "WEFT_NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+            {"name": "WEFT_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}
+        ])
     );
     let args = strings(&agent["args"]);
     for flag in [
@@ -774,9 +777,15 @@ fn the_agent_daemonset_runs_on_every_node_with_its_mounts() {
         "--trust-bundle=/var/run/weft/bundle/roots.pem",
         "--cni-socket=/var/run/weft/cni.sock",
         "--cgroup=/host/sys/fs/cgroup",
+        // Where it takes the plugin out of on an uninstall: where the init
+        // container put it (below).
+        "--cni-conf-dir=/host/etc/cni/net.d",
+        "--cni-bin-dir=/host/opt/cni/bin",
     ] {
         assert!(args.contains(&flag), "agent lacks {flag}");
     }
+    assert_eq!(host("/host/etc/cni/net.d"), "/etc/cni/net.d");
+    assert_eq!(host("/host/opt/cni/bin"), "/opt/cni/bin");
     let init = &pod["initContainers"][0];
     assert_eq!(
         strings(&init["args"]),

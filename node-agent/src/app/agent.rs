@@ -262,6 +262,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
             node: &node,
             max_bytes: args.config_max_bytes,
         };
+        let uninstalling = kube.as_ref().map(|k| k.uninstalling.clone());
         let mut kube = kube.map(|k| KubeFollow {
             updates: k.updates,
             held: None,
@@ -280,8 +281,21 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
                 &bundle,
             )
             .await?;
+        // Weft's namespace is being deleted: this agent is not coming back.
+        // Looked at again after the drain, in case the deletion reached this
+        // agent after its stop did.
+        let going = || uninstalling.as_ref().is_some_and(|u| *u.borrow());
+        let mut cni_left = false;
+        if going() {
+            leave_cni(&args);
+            cni_left = true;
+        }
         pods.shutdown();
         let left = node::access::drain(Duration::from_millis(args.drain_ms)).await;
+        let leaving = going();
+        if leaving && !cni_left {
+            leave_cni(&args);
+        }
         let _ = ca_stop.send(());
         if let Some(task) = ca_task {
             match task.await {
@@ -290,10 +304,21 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
                 Err(e) => error!(error = %e, "the embedded CA task failed"),
             }
         }
-        info!(
-            connections_cut = left,
-            "agent stopped; capture stays pinned (use --uninstall to remove it)"
-        );
+        if leaving {
+            match ebpf::uninstall(&args.bpf_pin_dir) {
+                Ok(removed) => info!(
+                    connections_cut = left,
+                    removed,
+                    "agent stopped and uninstalled from the node (Weft's namespace is being deleted): capture removed"
+                ),
+                Err(e) => error!(error = %e, "agent stopped; removing the capture failed: run `weft agent --uninstall` on the node"),
+            }
+        } else {
+            info!(
+                connections_cut = left,
+                "agent stopped; capture stays pinned (use --uninstall to remove it)"
+            );
+        }
         anyhow::Ok(())
     })
 }
@@ -324,7 +349,9 @@ async fn first_from_kubernetes(
     let client = kube::Client::try_default()
         .await
         .context("connecting to the Kubernetes API (in cluster, or KUBECONFIG)")?;
-    let mut source = discovery::kube::start_ordered(client, args.source.kube_options());
+    let mut opts = args.source.kube_options();
+    opts.own_namespace = args.namespace.clone();
+    let mut source = discovery::kube::start_ordered(client, opts);
     let mesh = source
         .first()
         .await
@@ -346,6 +373,28 @@ async fn first_from_kubernetes(
         allow_shrink: false,
     };
     Ok((loaded, source))
+}
+
+/// Takes the chained CNI plugin out of the node (its entry, its binary), as
+/// `weft cni uninstall` does: first of all on an uninstall, so that no new pod
+/// waits for an agent that is not coming back. Without `--cni-conf-dir` the
+/// entry stays, and new pods on this node cannot start until it is removed.
+fn leave_cni(args: &AgentArgs) {
+    let Some(conf_dir) = &args.cni_conf_dir else {
+        warn!(
+            "Weft's namespace is being deleted, but without --cni-conf-dir the CNI plugin's entry stays: new pods on this node wait until `weft cni uninstall` removes it"
+        );
+        return;
+    };
+    match crate::cni::install::uninstall(args.cni_bin_dir.as_deref(), conf_dir) {
+        Ok(changed) => info!(
+            ?changed,
+            "Weft's namespace is being deleted: the CNI plugin is taken out of the node"
+        ),
+        Err(e) => {
+            error!(error = %e, conf_dir = %conf_dir.display(), "Weft's namespace is being deleted, but the CNI plugin could not be taken out: new pods on this node wait until `weft cni uninstall` removes it")
+        }
+    }
 }
 
 /// How long the Kubernetes source must keep saying a sharp shrink (see

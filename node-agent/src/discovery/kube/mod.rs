@@ -69,6 +69,9 @@ pub struct KubeOptions {
     pub trust_domain: String,
     /// Policies here apply mesh-wide (Istio's root namespace).
     pub root_namespace: String,
+    /// Weft's own namespace, whose deletion [`OrderedSource::uninstalling`]
+    /// reports.
+    pub own_namespace: Option<String>,
 }
 
 impl Default for KubeOptions {
@@ -78,6 +81,7 @@ impl Default for KubeOptions {
             kinds: Kinds::All,
             trust_domain: mesh.trust_domain,
             root_namespace: mesh.root_namespace,
+            own_namespace: None,
         }
     }
 }
@@ -109,7 +113,7 @@ pub fn start(client: kube::Client, opts: KubeOptions) -> Source {
     // streams then buffer in the API server's watch cache, not here).
     let (changes, rx) = mpsc::channel(1024);
     run::spawn_all(&client, &opts.kinds.watched(), &changes);
-    tokio::spawn(run::publish(state, rx, run::Out::Latest(tx)));
+    tokio::spawn(run::publish(state, rx, run::Out::Latest(tx), None));
     Source { updates, invalid }
 }
 
@@ -120,6 +124,9 @@ pub struct OrderedSource {
     /// receiver must apply every one.
     pub updates: mpsc::Receiver<Update>,
     pub invalid: Arc<Invalid>,
+    /// True while [`KubeOptions::own_namespace`] is being deleted (or is
+    /// gone): Weft is being uninstalled.
+    pub uninstalling: watch::Receiver<bool>,
 }
 
 impl OrderedSource {
@@ -144,6 +151,15 @@ pub fn start_ordered(client: kube::Client, opts: KubeOptions) -> OrderedSource {
     let (tx, updates) = mpsc::channel(1);
     let (changes, rx) = mpsc::channel(1024);
     run::spawn_all(&client, &opts.kinds.watched(), &changes);
-    tokio::spawn(run::publish(state, rx, run::Out::Ordered(tx)));
-    OrderedSource { updates, invalid }
+    let (going_tx, uninstalling) = watch::channel(false);
+    let going = opts.own_namespace.map(|namespace| run::Going {
+        namespace,
+        tx: going_tx,
+    });
+    tokio::spawn(run::publish(state, rx, run::Out::Ordered(tx), going));
+    OrderedSource {
+        updates,
+        invalid,
+        uninstalling,
+    }
 }

@@ -143,9 +143,20 @@ pub(super) enum Out {
     Ordered(mpsc::Sender<Update>),
 }
 
+/// A namespace whose deletion is watched for ([`State::namespace_going`]).
+pub(super) struct Going {
+    pub namespace: String,
+    pub tx: watch::Sender<bool>,
+}
+
 /// Applies changes as they come and publishes the assembled mesh when it
 /// changed, at most every [`COALESCE`], and never before every kind is synced.
-pub(super) async fn publish(mut state: State, mut rx: mpsc::Receiver<(Res, Change)>, out: Out) {
+pub(super) async fn publish(
+    mut state: State,
+    mut rx: mpsc::Receiver<(Res, Change)>,
+    out: Out,
+    going: Option<Going>,
+) {
     let mut last = tokio::time::Instant::now() - COALESCE;
     let mut waiting_logged = tokio::time::Instant::now();
     loop {
@@ -160,6 +171,12 @@ pub(super) async fn publish(mut state: State, mut rx: mpsc::Receiver<(Res, Chang
                     match rx.try_recv() {
                         Ok((res, c)) => state.apply(res, c),
                         Err(_) => break,
+                    }
+                }
+                if let Some(g) = &going {
+                    let now = state.namespace_going(&g.namespace);
+                    if g.tx.send_if_modified(|was| std::mem::replace(was, now) != now) && now {
+                        info!(namespace = %g.namespace, "Weft's namespace is being deleted");
                     }
                 }
                 if !state.synced() && waiting_logged.elapsed() > Duration::from_secs(10) {

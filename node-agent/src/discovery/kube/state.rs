@@ -819,6 +819,23 @@ impl State {
         }
     }
 
+    /// Whether the namespace `name` is being deleted or is gone, once
+    /// namespaces are listed: for Weft's own namespace, an uninstall under
+    /// way (`kubectl delete -k deploy/` deletes it first, before the RBAC
+    /// that lets the agent ask, and its DaemonSet goes with it), which the
+    /// agent tells apart from a restart or an upgrade as it stops.
+    pub fn namespace_going(&self, name: &str) -> bool {
+        let Some(namespaces) = self.kinds.get(&Res::Namespace) else {
+            return false;
+        };
+        namespaces.synced
+            && match namespaces.live.get(&(String::new(), name.to_owned())) {
+                Some(Entry::Namespace(ns)) => ns.deleting,
+                Some(_) => false,
+                None => true,
+            }
+    }
+
     /// The invalid objects at the last assembly: (kind, `namespace/name`) → why.
     pub fn invalid(&self) -> &BTreeMap<(&'static str, String), String> {
         &self.invalid

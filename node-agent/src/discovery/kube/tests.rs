@@ -652,7 +652,12 @@ async fn the_publisher_waits_for_a_full_list_and_coalesces_bursts() {
     let state = State::new(Kinds::WorkloadsOnly, "cluster.local", "weft-system");
     let (changes, rx) = tokio::sync::mpsc::channel(1024);
     let (tx, mut updates) = tokio::sync::watch::channel(None);
-    tokio::spawn(super::run::publish(state, rx, super::run::Out::Latest(tx)));
+    tokio::spawn(super::run::publish(
+        state,
+        rx,
+        super::run::Out::Latest(tx),
+        None,
+    ));
     let send = |res, c| {
         let changes = changes.clone();
         async move { changes.send((res, c)).await.unwrap() }
@@ -731,4 +736,123 @@ fn a_pods_entry_is_small() {
         "{}",
         std::mem::size_of::<Entry>()
     );
+}
+
+/// Weft's own namespace, as `kubectl get ns weft-system -o yaml` prints it,
+/// and as it prints it once `kubectl delete -k deploy/` has deleted it (its
+/// DaemonSet and the agents go with it).
+const WEFT_SYSTEM: &str = "\
+apiVersion: v1
+kind: Namespace
+metadata:
+  creationTimestamp: \"2026-12-01T09:00:00Z\"
+  labels:
+    kubernetes.io/metadata.name: weft-system
+  name: weft-system
+  resourceVersion: \"812\"
+  uid: 0f4c2a8e-3b1d-4e5f-9a7b-6c8d9e0f1a2b
+spec:
+  finalizers:
+  - kubernetes
+status:
+  phase: Active
+";
+
+fn terminating(mut ns: Namespace) -> Namespace {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    ns.metadata.deletion_timestamp = Some(Time("2026-12-07T12:00:00Z".parse().unwrap()));
+    ns.status.get_or_insert_default().phase = Some("Terminating".into());
+    ns
+}
+
+#[test]
+fn weft_s_own_namespace_being_deleted_is_an_uninstall() {
+    let weft: Namespace = crate::yaml::from_str(WEFT_SYSTEM).unwrap();
+    let mut state = State::new(Kinds::WorkloadsOnly, "cluster.local", "weft-system");
+    // Not listed yet: nothing is known, so nothing is torn down.
+    assert!(!state.namespace_going("weft-system"));
+    state.apply(Res::Namespace, Change::Init);
+    for n in items::<Namespace>(NAMESPACES)
+        .into_iter()
+        .chain([weft.clone()])
+    {
+        state.apply(
+            Res::Namespace,
+            change(Event::InitApply(n), translate::namespace),
+        );
+    }
+    state.apply(Res::Namespace, Change::InitDone);
+    assert!(!state.namespace_going("weft-system"), "it lives");
+    // Another namespace deleted is not Weft's.
+    state.apply(
+        Res::Namespace,
+        change(Event::Apply(terminating(ns("shop"))), translate::namespace),
+    );
+    assert!(!state.namespace_going("weft-system"));
+    state.apply(
+        Res::Namespace,
+        change(
+            Event::Apply(terminating(weft.clone())),
+            translate::namespace,
+        ),
+    );
+    assert!(state.namespace_going("weft-system"), "being deleted");
+    state.apply(
+        Res::Namespace,
+        change(Event::Delete(terminating(weft)), translate::namespace),
+    );
+    assert!(state.namespace_going("weft-system"), "gone");
+}
+
+/// The ordered source tells the agent as the deletion arrives.
+#[tokio::test]
+async fn the_ordered_publisher_reports_weft_s_namespace_being_deleted() {
+    use std::time::Duration;
+    let weft: Namespace = crate::yaml::from_str(WEFT_SYSTEM).unwrap();
+    let state = State::new(Kinds::WorkloadsOnly, "cluster.local", "weft-system").with_deltas();
+    let (changes, rx) = tokio::sync::mpsc::channel(1024);
+    let (tx, mut updates) = tokio::sync::mpsc::channel(1);
+    let (going, mut uninstalling) = tokio::sync::watch::channel(false);
+    tokio::spawn(super::run::publish(
+        state,
+        rx,
+        super::run::Out::Ordered(tx),
+        Some(super::run::Going {
+            namespace: "weft-system".into(),
+            tx: going,
+        }),
+    ));
+    let send = |res, c| {
+        let changes = changes.clone();
+        async move { changes.send((res, c)).await.unwrap() }
+    };
+    send(Res::Namespace, Change::Init).await;
+    for n in items::<Namespace>(NAMESPACES)
+        .into_iter()
+        .chain([weft.clone()])
+    {
+        send(
+            Res::Namespace,
+            change(Event::InitApply(n), translate::namespace),
+        )
+        .await;
+    }
+    send(Res::Namespace, Change::InitDone).await;
+    send(Res::Pod, Change::Init).await;
+    send(Res::Pod, Change::InitDone).await;
+    tokio::time::timeout(Duration::from_secs(5), updates.recv())
+        .await
+        .expect("the first mesh")
+        .unwrap();
+    assert!(!*uninstalling.borrow_and_update(), "it lives");
+    send(
+        Res::Namespace,
+        change(Event::Apply(terminating(weft)), translate::namespace),
+    )
+    .await;
+    tokio::time::timeout(Duration::from_secs(5), uninstalling.changed())
+        .await
+        .expect("reported")
+        .unwrap();
+    assert!(*uninstalling.borrow());
 }

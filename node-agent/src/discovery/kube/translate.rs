@@ -58,6 +58,9 @@ pub struct NsEntry {
     /// Its enrollment label ([`labels::mesh_mode`]).
     pub mesh: Option<bool>,
     pub waypoint: Option<model::UseWaypoint>,
+    /// It is being deleted (`metadata.deletionTimestamp`): for Weft's own,
+    /// an uninstall ([`super::State::namespace_going`]).
+    pub deleting: bool,
 }
 
 /// A pod: its workload, enrolled or not once its namespace is known.
@@ -128,6 +131,7 @@ pub fn namespace(ns: &Namespace) -> Entry {
     Entry::Namespace(Box::new(NsEntry {
         mesh: labels::mesh_mode(labels),
         waypoint: labels::use_waypoint(labels, &ns.name_any()),
+        deleting: ns.metadata.deletion_timestamp.is_some(),
     }))
 }
 

@@ -1,0 +1,164 @@
+//! The agent in its Kubernetes mode (`--discovery kubernetes`), end to end in
+//! the virtual cluster, against `weft_tests::kubeapi` (list and watch over
+//! HTTP, as the API server serves them; no API server can run here) with a
+//! real kubeconfig and kube's real watcher in the agent.
+//!
+//! An uninstall (`kubectl delete -k deploy/`) deletes Weft's namespace; an
+//! agent that saw it go takes itself out of its node as it stops: the chained
+//! CNI plugin (which would otherwise fail every new pod's ADD, fail closed,
+//! for an agent that never comes back) and the capture. Any other stop leaves
+//! both in place.
+
+use std::{path::Path, time::Duration};
+
+use anyhow::{Context, Result, ensure};
+use serde_json::{Value, json};
+use weft_tests::{Cluster, Mesh, PATIENCE, eventually, kubeapi::FakeApi, require_privileged};
+
+const NAMESPACES: &str = "/api/v1/namespaces";
+
+fn namespace(name: &str) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {"name": name, "uid": format!("uid-{name}"),
+                     "labels": {"kubernetes.io/metadata.name": name}},
+        "spec": {"finalizers": ["kubernetes"]},
+        "status": {"phase": "Active"},
+    })
+}
+
+/// As the API server shows a namespace once deleted, while its pods go.
+fn terminating(mut ns: Value) -> Value {
+    ns["metadata"]["deletionTimestamp"] = json!("2026-12-07T12:00:00Z");
+    ns["status"]["phase"] = json!("Terminating");
+    ns
+}
+
+/// A node's CNI directories with a bridge conflist, and `weft cni install`
+/// run into them as the DaemonSet's init container runs it.
+fn install_cni(bin: &Path, conf: &Path) -> Result<String> {
+    std::fs::create_dir_all(bin)?;
+    std::fs::create_dir_all(conf)?;
+    std::fs::write(
+        conf.join("10-bridge.conflist"),
+        r#"{"cniVersion": "1.0.0", "name": "cbr0", "plugins": [
+  {"type": "bridge", "bridge": "cni0", "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.244.1.0/24"}]]}}
+]}"#,
+    )?;
+    let out = std::process::Command::new(weft_tests::bin_path("weft"))
+        .args(["cni", "install", "--bin-dir"])
+        .arg(bin)
+        .arg("--conf-dir")
+        .arg(conf)
+        .output()?;
+    ensure!(out.status.success(), "weft cni install: {out:?}");
+    let list = std::fs::read_to_string(conf.join("10-bridge.conflist"))?;
+    ensure!(list.contains("weft-cni"), "{list}");
+    Ok(list)
+}
+
+/// Stops node 0's agent (SIGTERM, as the kubelet stops a pod) and returns
+/// its last line, written once it has done all it does on a stop.
+fn stop(mesh: &mut Mesh) -> Result<Value> {
+    mesh.agent(0).signal(libc::SIGTERM)?;
+    let last = mesh.agent(0).wait_for_json(Duration::from_secs(20), |v| {
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("agent stopped"))
+    })?;
+    mesh.stop_agent(0, false)?;
+    Ok(last)
+}
+
+fn chained(conf: &Path) -> Result<bool> {
+    Ok(std::fs::read_to_string(conf.join("10-bridge.conflist"))?.contains("weft-cni"))
+}
+
+#[test]
+fn an_agent_leaves_its_node_when_weft_s_namespace_is_deleted_and_only_then() -> Result<()> {
+    if !require_privileged() {
+        return Ok(());
+    }
+    let c = Cluster::new("kube_leave", 1, 1)?;
+    // Nothing enrolled: the API lists no pod.
+    let mut mesh = Mesh::new(&c, |_| false)?;
+    let dir = mesh.token_path(0).with_file_name("kube-agent");
+    std::fs::create_dir_all(&dir)?;
+    let (bin, conf) = (dir.join("opt-cni-bin"), dir.join("etc-cni-net.d"));
+    install_cni(&bin, &conf)?;
+
+    let api = FakeApi::start_in(&c.node(0).netns_path)?;
+    api.put(NAMESPACES, namespace("weft-system"))?;
+    api.put(NAMESPACES, namespace("default"))?;
+    let kubeconfig = api.kubeconfig(&dir)?;
+    mesh.agent_args = [
+        "--discovery",
+        "kubernetes",
+        "--namespace",
+        "weft-system",
+        "--cni-conf-dir",
+    ]
+    .map(String::from)
+    .to_vec();
+    mesh.agent_args.push(conf.display().to_string());
+    mesh.agent_args.push("--cni-bin-dir".into());
+    mesh.agent_args.push(bin.display().to_string());
+    mesh.agent_env
+        .push(("KUBECONFIG".into(), kubeconfig.display().to_string()));
+    mesh.start_ca()?;
+    let pins = mesh.pin_dir(0);
+
+    // A stop that is not an uninstall (an upgrade, a restart): the plugin
+    // stays chained (new pods wait for the next agent) and the capture
+    // stays pinned for it.
+    mesh.start_agent(0)?;
+    let listed = mesh.logs(0, |v| v["message"] == "mesh listed from Kubernetes");
+    ensure!(listed.len() == 1, "{listed:?}");
+    let last = stop(&mut mesh)?;
+    ensure!(
+        last["message"] == "agent stopped; capture stays pinned (use --uninstall to remove it)",
+        "{last}"
+    );
+    ensure!(chained(&conf)?, "a restart took the plugin out");
+    ensure!(bin.join("weft-cni").exists());
+    ensure!(pins.join("maps").exists(), "a restart removed the capture");
+
+    // The uninstall: Weft's namespace is deleted (another namespace's
+    // deletion first, which is not it).
+    mesh.start_agent(0)?;
+    api.put(NAMESPACES, terminating(namespace("default")))?;
+    api.put(NAMESPACES, terminating(namespace("weft-system")))?;
+    eventually(PATIENCE, || {
+        !mesh
+            .logs(0, |v| v["message"] == "Weft's namespace is being deleted")
+            .is_empty()
+    });
+    let seen = mesh.logs(0, |v| v["message"] == "Weft's namespace is being deleted");
+    ensure!(seen.len() == 1, "{seen:?}");
+    ensure!(seen[0]["namespace"] == "weft-system", "{}", seen[0]);
+    let last = stop(&mut mesh)?;
+    ensure!(
+        last["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("agent stopped and uninstalled")),
+        "{last}"
+    );
+    ensure!(
+        !chained(&conf)?,
+        "the plugin is still chained after an uninstall"
+    );
+    ensure!(!bin.join("weft-cni").exists(), "the plugin's binary stayed");
+    ensure!(
+        !pins.exists(),
+        "the capture stayed pinned after an uninstall"
+    );
+    let list: Value = serde_json::from_str(
+        &std::fs::read_to_string(conf.join("10-bridge.conflist")).context("the conflist")?,
+    )?;
+    ensure!(
+        list["plugins"].as_array().map(Vec::len) == Some(1),
+        "{list}"
+    );
+    Ok(())
+}

@@ -13,7 +13,7 @@
 use std::{
     collections::BTreeMap,
     io::{BufRead, BufReader, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     os::fd::AsRawFd,
     path::{Path, PathBuf},
     sync::{
@@ -65,6 +65,12 @@ impl FakeApi {
     /// Listens on loopback inside the network namespace at `netns` (where
     /// the agent that talks to it runs).
     pub fn start_in(netns: &Path) -> Result<FakeApi> {
+        FakeApi::start_at(netns, Ipv4Addr::LOCALHOST.into())
+    }
+
+    /// Listens on `ip` (any port) inside the network namespace at `netns`:
+    /// a node's uplink address, which every node reaches.
+    pub fn start_at(netns: &Path, ip: IpAddr) -> Result<FakeApi> {
         let ns =
             std::fs::File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
         // The socket keeps the namespace it was made in: a thread that joins
@@ -79,7 +85,7 @@ impl FakeApi {
                         std::io::Error::last_os_error()
                     );
                 }
-                Ok(TcpListener::bind("127.0.0.1:0")?)
+                Ok(TcpListener::bind((ip, 0))?)
             })
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic))

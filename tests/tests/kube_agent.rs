@@ -13,9 +13,13 @@ use std::{path::Path, time::Duration};
 
 use anyhow::{Context, Result, ensure};
 use serde_json::{Value, json};
-use weft_tests::{Cluster, Mesh, PATIENCE, eventually, kubeapi::FakeApi, require_privileged};
+use weft_tests::{
+    Cluster, Mesh, PATIENCE, Pod, eventually, kubeapi::FakeApi, require_privileged, tk,
+};
 
 const NAMESPACES: &str = "/api/v1/namespaces";
+const PODS: &str = "/api/v1/pods";
+const PORT: u16 = 9000;
 
 fn namespace(name: &str) -> Value {
     json!({
@@ -25,6 +29,40 @@ fn namespace(name: &str) -> Value {
                      "labels": {"kubernetes.io/metadata.name": name}},
         "spec": {"finalizers": ["kubernetes"]},
         "status": {"phase": "Active"},
+    })
+}
+
+/// A namespace whose pods are meshed (`weft.dev/mesh: enabled`).
+fn meshed(name: &str) -> Value {
+    let mut ns = namespace(name);
+    ns["metadata"]["labels"]["weft.dev/mesh"] = json!("enabled");
+    ns
+}
+
+/// The cluster's pod `pod` as the API server shows it running: its node,
+/// its addresses, the service account whose identity the harness's CA signs
+/// for it (`spiffe://cluster.local/ns/default/sa/<name>`).
+fn pod_object(c: &Cluster, pod: &Pod) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": pod.name, "namespace": "default", "uid": format!("uid-{}", pod.name),
+            "labels": {"app": pod.name, "pod-template-hash": "5d8f7c9b6"},
+            "managedFields": [{"manager": "kubelet", "operation": "Update", "apiVersion": "v1"}],
+        },
+        "spec": {
+            "nodeName": c.node(pod.node).name,
+            "serviceAccountName": pod.name,
+            "containers": [{"name": "app", "image": "registry.example/app:1.0",
+                            "ports": [{"containerPort": PORT, "protocol": "TCP"}]}],
+        },
+        "status": {
+            "phase": "Running",
+            "hostIP": c.node(pod.node).ip.to_string(),
+            "podIP": pod.ip.to_string(),
+            "podIPs": [{"ip": pod.ip.to_string()}, {"ip": pod.ip6.to_string()}],
+        },
     })
 }
 
@@ -159,6 +197,89 @@ fn an_agent_leaves_its_node_when_weft_s_namespace_is_deleted_and_only_then() -> 
     ensure!(
         list["plugins"].as_array().map(Vec::len) == Some(1),
         "{list}"
+    );
+    Ok(())
+}
+
+/// Two nodes whose agents learn the mesh from the API alone (the harness's
+/// mesh file only tells its CA which identities run where): a pod of a
+/// labelled namespace, running before its agent, is found in /proc and
+/// enrolled, and talks to a pod on the other node over mutual TLS with the
+/// identity of its service account; relabelled out of the mesh (a change of
+/// one pod: a delta), it is unenrolled and its traffic goes plain.
+#[test]
+fn agents_on_kubernetes_mesh_the_pods_the_api_lists() -> Result<()> {
+    if !require_privileged() {
+        return Ok(());
+    }
+    let c = Cluster::new("kube_mesh", 2, 1)?;
+    let (client, server) = (c.pod(0, 0), c.pod(1, 0));
+    let mut mesh = Mesh::new(&c, |_| true)?;
+    let dir = mesh.token_path(0).with_file_name("kube-agent");
+    std::fs::create_dir_all(&dir)?;
+    // On node 0's uplink: both nodes reach it, as they reach the CA.
+    let api = FakeApi::start_at(&c.node(0).netns_path, c.node(0).ip.into())?;
+    api.put(NAMESPACES, namespace("weft-system"))?;
+    api.put(NAMESPACES, meshed("default"))?;
+    for p in [client, server] {
+        api.put(PODS, pod_object(&c, p))?;
+    }
+    mesh.agent_args = ["--discovery", "kubernetes"].map(String::from).to_vec();
+    mesh.agent_env.push((
+        "KUBECONFIG".into(),
+        api.kubeconfig(&dir)?.display().to_string(),
+    ));
+    // The pods run before their agents: only /proc tells where.
+    let _echo = tk::echo(server, PORT)?;
+    let _client_app = tk::echo(client, PORT)?;
+    mesh.start_ca()?;
+    mesh.start_agent(0)?;
+    mesh.start_agent(1)?;
+    for (node, pod) in [(0, client), (1, server)] {
+        let enrolled = mesh.logs(node, |v| {
+            v["message"] == "pod enrolled" && v["workload"] == format!("default/{}", pod.name)
+        });
+        ensure!(
+            enrolled.len() == 1,
+            "{} not enrolled: {enrolled:?}",
+            pod.name
+        );
+    }
+
+    let to = std::net::SocketAddr::new(server.ip.into(), PORT).to_string();
+    let r = tk::say(client, &to, "meshed", &[])?;
+    ensure!(r["ok"] == true, "{r}");
+    let over_mtls = |v: &Value| {
+        v["direction"] == "inbound"
+            && v["security"] == "mutual_tls"
+            && v["src.identity"] == weft_tests::mesh::identity(client)
+    };
+    ensure!(
+        eventually(PATIENCE, || mesh.access_logs(1).iter().any(over_mtls)),
+        "no inbound mutual TLS from the client: {:#?}",
+        mesh.access_logs(1)
+    );
+
+    // The pod opts out (its own label wins over its namespace's): one pod
+    // changed, which the agent applies as a delta.
+    let mut out = pod_object(&c, client);
+    out["metadata"]["labels"]["weft.dev/mesh"] = json!("disabled");
+    api.put(PODS, out)?;
+    ensure!(
+        eventually(PATIENCE, || !mesh
+            .logs(0, |v| v["message"] == "pod unenrolled"
+                && v["workload"] == format!("default/{}", client.name))
+            .is_empty()),
+        "the client was not unenrolled"
+    );
+    let before = mesh.access_logs(1).len();
+    let r = tk::say(client, &to, "plain", &[])?;
+    ensure!(r["ok"] == true, "{r}");
+    let plain = |v: &Value| v["direction"] == "inbound" && v["security"] != "mutual_tls";
+    ensure!(
+        eventually(PATIENCE, || mesh.access_logs(1)[before..].iter().any(plain)),
+        "the unenrolled client's connection should arrive plain: {:#?}",
+        &mesh.access_logs(1)[before..]
     );
     Ok(())
 }

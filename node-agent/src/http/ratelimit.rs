@@ -1030,49 +1030,50 @@ pub enum Reply {
     Array(Vec<Reply>),
 }
 
-/// A Redis client for the limiter, pipelined: [`CONNS`] connections, each
-/// driven by one task that takes the calls queued by every request, writes
-/// all of those waiting in one write (under load many calls share a write and
-/// a Redis read: that is the pipelining), and hands the replies back in the
-/// order it wrote the calls, which is the order Redis answers them in.
+/// A Redis client for the limiter, pipelined: [`CONNS`] connections, with
+/// the calls of every request queued on them and written out by whoever
+/// comes first, and each connection's replies read by a task of its own and
+/// handed back in the order the calls were written, which is the order Redis
+/// answers them in.
+///
+/// Who writes: a call made when its connection has nothing in flight writes
+/// itself out at once, from the request's own task (no hand-off to another
+/// task: each hand-off is a wake-up, on this VM tens of µs across CPUs, and
+/// at a thousand requests a second that is most calls). A call made while
+/// others are in flight is queued, and written with every call queued
+/// meanwhile when the next reply comes, by the reader that reads it (awake
+/// anyway): under load many calls share one write and one Redis read (the
+/// pipelining), and no task is woken to write. An earlier version had a
+/// writer task per connection that every call was handed to and that handed
+/// each reply back through the reader: three wake-ups per call, which doubled
+/// the round trip at p50 (the bench's policies pass).
 ///
 /// A caller that gives up (its `timeout` passed) drops its end of the
 /// channel: its reply is still read, in its turn, and thrown away, so the
-/// next caller gets its own answer. A connection that breaks fails every call
-/// written on it and not yet answered (`Io`); the next call connects again.
+/// next caller gets its own answer. One that gives up while it writes for
+/// others hands the rest of the writing to a task ([`Flusher`]), and closes
+/// the connection if its write was cut short. A connection that breaks fails
+/// every call written on it and not yet answered (`Io`); the next call
+/// connects again.
 pub struct Redis {
-    addr: Arc<str>,
     sha: String,
-    /// Each connection's queue, with its task started by the first call (the
-    /// client is made where there may be no runtime yet), and again when the
-    /// task is gone (its runtime ended).
-    conns: [Mutex<Option<tokio::sync::mpsc::Sender<Call>>>; CONNS],
+    conns: [Arc<Conn>; CONNS],
     next: AtomicUsize,
-    /// Writes to Redis, all connections together: calls per write is how much
-    /// pipelining did.
-    writes: Arc<AtomicU64>,
 }
 
 /// Two connections. Redis runs commands one at a time on one thread, so more
-/// connections add no capacity there; what a connection costs us is a task
-/// that encodes, writes and parses for every call it carries, and one such
-/// task keeps up with more calls than Redis does. The second one is there so
-/// that this work is shared by two of the waypoint's threads when they are
-/// busy, at the price of batches half as large; more would shrink the batches
-/// (and so the saving of syscalls on both sides) for nothing.
+/// connections add no capacity there; the second one lets two of the
+/// waypoint's threads write and read at once when they are busy, at the price
+/// of batches half as large; more would shrink the batches (and so the saving
+/// of syscalls on both sides) for nothing.
 const CONNS: usize = 2;
 
-/// The most calls one connection's queue holds: a caller past it is refused
-/// at once (`Busy`) rather than held in memory, since the queue grows only
-/// when Redis answers slower than requests come, and then every call behind
-/// it would miss its timeout anyway. With [`IN_FLIGHT`] that bounds a
-/// connection's calls, each under a few hundred bytes.
-const QUEUE: usize = 4096;
-/// The most calls written on one connection and not yet answered; the task
-/// stops taking more from the queue until replies come.
+/// The most calls one connection holds, queued and in flight: a caller past
+/// it is refused at once (`Busy`) rather than held in memory, since they pile
+/// up only when Redis answers slower than requests come, and then every call
+/// behind them would miss its timeout anyway. Each is under a few hundred
+/// bytes.
 const IN_FLIGHT: usize = 4096;
-/// One write gathers queued calls up to about this many bytes.
-const BATCH: usize = 64 * 1024;
 /// A connect that takes longer fails the calls waiting for it.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// After a failed connect, calls fail at once (`Connect`) for this long
@@ -1080,10 +1081,43 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// request. Short, so a restarted Redis is used again at once.
 const BACKOFF: Duration = Duration::from_millis(100);
 
-/// One command for a connection's task: its bytes and where its reply goes.
-struct Call {
-    req: Vec<u8>,
-    reply: tokio::sync::oneshot::Sender<Result<Reply, RedisError>>,
+type ReplyTx = tokio::sync::oneshot::Sender<Result<Reply, RedisError>>;
+
+/// One connection.
+struct Conn {
+    addr: Arc<str>,
+    /// Writes to Redis, all connections together: calls per write is how
+    /// much pipelining did.
+    writes: Arc<AtomicU64>,
+    state: Mutex<ConnState>,
+    /// The write half, used by the flusher of the moment only (one at a
+    /// time: `ConnState::flushing`), so the lock is never waited for.
+    link: tokio::sync::Mutex<Link>,
+}
+
+/// What callers, the flusher and the reader share, under one lock: whether a
+/// call is written at once, queued, or picked up by the reader is decided
+/// with the queue and the calls in flight in view together, so no call is
+/// ever left queued with no one to write it.
+#[derive(Default)]
+struct ConnState {
+    /// Calls not written yet, back to back, and where their replies go, in
+    /// the same order.
+    queued: Vec<u8>,
+    queued_replies: Vec<ReplyTx>,
+    /// Calls written and not answered yet, in the order written.
+    waiting: std::collections::VecDeque<ReplyTx>,
+    /// Someone (a caller or the reader) is writing the queue out.
+    flushing: bool,
+    /// The connection of generation `epoch` is up and its reader reads.
+    open: bool,
+    epoch: u64,
+}
+
+struct Link {
+    write: Option<tokio::net::tcp::OwnedWriteHalf>,
+    /// No connect before this (the last one failed).
+    retry_at: Option<Instant>,
 }
 
 impl Redis {
@@ -1094,46 +1128,52 @@ impl Redis {
         for b in digest.as_ref() {
             let _ = write!(sha, "{b:02x}");
         }
+        let addr: Arc<str> = addr.into();
+        let writes = Arc::new(AtomicU64::new(0));
         Redis {
-            addr: addr.into(),
+            conns: std::array::from_fn(|_| {
+                Arc::new(Conn {
+                    addr: addr.clone(),
+                    writes: writes.clone(),
+                    state: Mutex::new(ConnState::default()),
+                    link: tokio::sync::Mutex::new(Link {
+                        write: None,
+                        retry_at: None,
+                    }),
+                })
+            }),
             sha,
-            conns: std::array::from_fn(|_| Mutex::new(None)),
             next: AtomicUsize::new(0),
-            writes: Arc::new(AtomicU64::new(0)),
         }
     }
 
     async fn call(&self, args: &[&[u8]]) -> Result<Reply, RedisError> {
-        let mut req = Vec::with_capacity(256);
-        let _ = write!(Fmt(&mut req), "*{}\r\n", args.len());
-        for a in args {
-            let _ = write!(Fmt(&mut req), "${}\r\n", a.len());
-            req.extend_from_slice(a);
-            req.extend_from_slice(b"\r\n");
-        }
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let call = Call { req, reply: tx };
         // Round robin over the connections.
-        let slot = &self.conns[self.next.fetch_add(1, Relaxed) % CONNS];
-        {
-            let mut queue = slot.lock().unwrap_or_else(|e| e.into_inner());
-            let queue = match &*queue {
-                Some(q) if !q.is_closed() => q,
-                _ => queue.insert(self.start()),
-            };
-            queue.try_send(call).map_err(|e| match e {
-                tokio::sync::mpsc::error::TrySendError::Full(_) => RedisError::Busy,
-                tokio::sync::mpsc::error::TrySendError::Closed(_) => RedisError::Io(gone()),
-            })?;
+        let conn = &self.conns[self.next.fetch_add(1, Relaxed) % CONNS];
+        let flush = {
+            let mut s = conn.lock();
+            if s.queued_replies.len() + s.waiting.len() >= IN_FLIGHT {
+                return Err(RedisError::Busy);
+            }
+            // Encoded straight into the queue: no buffer of its own.
+            let _ = write!(Fmt(&mut s.queued), "*{}\r\n", args.len());
+            for a in args {
+                let _ = write!(Fmt(&mut s.queued), "${}\r\n", a.len());
+                s.queued.extend_from_slice(a);
+                s.queued.extend_from_slice(b"\r\n");
+            }
+            s.queued_replies.push(tx);
+            // Nothing in flight (or no connection yet): written now, by this
+            // task. Else the next reply's reader writes it, with the others.
+            let flush = !s.flushing && (s.waiting.is_empty() || !s.open);
+            s.flushing |= flush;
+            flush
+        };
+        if flush {
+            Flusher::new(conn.clone()).run().await;
         }
         rx.await.unwrap_or_else(|_| Err(RedisError::Io(gone())))
-    }
-
-    /// A connection's task, and its queue.
-    fn start(&self) -> tokio::sync::mpsc::Sender<Call> {
-        let (tx, rx) = tokio::sync::mpsc::channel(QUEUE);
-        tokio::spawn(drive(self.addr.clone(), rx, self.writes.clone()));
-        tx
     }
 
     pub async fn ping(&self) -> Result<(), RedisError> {
@@ -1185,139 +1225,269 @@ impl Redis {
     }
 }
 
-/// The error of a call whose connection's task ended under it.
+/// The error of a call whose connection went away under it.
 fn gone() -> std::io::Error {
     std::io::Error::other("the redis connection closed")
 }
 
-/// A connection's task: connects when a call comes (not before, and not in a
-/// loop: with no calls, a Redis that is down costs nothing), serves calls
-/// until the connection breaks, then waits for the next call. Ends when the
-/// client is dropped.
-async fn drive(
-    addr: Arc<str>,
-    mut calls: tokio::sync::mpsc::Receiver<Call>,
-    writes: Arc<AtomicU64>,
-) {
-    let mut retry_at: Option<Instant> = None;
-    while let Some(first) = calls.recv().await {
-        let failed = if retry_at.is_some_and(|t| Instant::now() < t) {
-            Some(std::io::Error::new(
+/// Fails `replies`: the first with `first`, the others with `gone`.
+fn fail_all(replies: impl IntoIterator<Item = ReplyTx>, first: RedisError) {
+    let mut first = Some(first);
+    for tx in replies {
+        let e = first.take().unwrap_or_else(|| RedisError::Io(gone()));
+        let _ = tx.send(Err(e));
+    }
+}
+
+impl Conn {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ConnState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The generation of the open connection, connecting first if there is
+    /// none (and no backoff forbids it).
+    async fn open(self: &Arc<Self>, link: &mut Link) -> Result<u64, RedisError> {
+        {
+            let s = self.lock();
+            if s.open && link.write.is_some() {
+                return Ok(s.epoch);
+            }
+        }
+        if link.retry_at.is_some_and(|t| Instant::now() < t) {
+            return Err(RedisError::Connect(std::io::Error::new(
                 std::io::ErrorKind::ConnectionRefused,
                 "the last connect failed; trying again shortly",
-            ))
-        } else {
-            match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&*addr)).await {
-                Ok(Ok(stream)) => {
-                    retry_at = None;
-                    let _ = stream.set_nodelay(true);
-                    if !serve(stream, first, &mut calls, &writes).await {
-                        return;
+            )));
+        }
+        let stream =
+            match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&*self.addr)).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => return Err(self.connect_failed(link, e)),
+                Err(_) => {
+                    let e = std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out");
+                    return Err(self.connect_failed(link, e));
+                }
+            };
+        link.retry_at = None;
+        let _ = stream.set_nodelay(true);
+        let (read, write) = stream.into_split();
+        let epoch = {
+            let mut s = self.lock();
+            s.epoch += 1;
+            s.open = true;
+            s.epoch
+        };
+        link.write = Some(write);
+        tokio::spawn(read_replies(self.clone(), read, epoch));
+        Ok(epoch)
+    }
+
+    fn connect_failed(&self, link: &mut Link, e: std::io::Error) -> RedisError {
+        if link.retry_at.is_none() {
+            debug!(redis = %self.addr, error = %e, "cannot connect to redis");
+        }
+        link.retry_at = Some(Instant::now() + BACKOFF);
+        RedisError::Connect(e)
+    }
+
+    /// The connection of generation `epoch` is gone: its calls in flight fail
+    /// (the first with `e`), and the next flush connects again. Dropping the
+    /// write half (the caller's part) closes it, which ends its reader.
+    fn broke(&self, epoch: u64, e: RedisError) {
+        let lost = {
+            let mut s = self.lock();
+            if s.epoch != epoch || !s.open {
+                return;
+            }
+            s.open = false;
+            std::mem::take(&mut s.waiting)
+        };
+        if !lost.is_empty() {
+            debug!(error = %e, calls = lost.len(), "redis connection broke");
+        }
+        fail_all(lost, e);
+    }
+}
+
+/// Writes a connection's queue out until it is empty, then lets go of
+/// `ConnState::flushing`, which its maker set. Dropped before that (the
+/// caller that flushes gave up), it hands the rest to a task: `flushing`
+/// must not stay set with no one writing; and a write it cut short leaves a
+/// partial command on the connection, which is then closed.
+struct Flusher {
+    conn: Arc<Conn>,
+    /// Set while a write is under way (and after one was cut short).
+    writing: Option<u64>,
+    done: bool,
+    /// A task taking over from a flusher dropped midway does not hand over
+    /// again: dropped unfinished itself, its runtime is going away.
+    takes_over: bool,
+}
+
+impl Flusher {
+    fn new(conn: Arc<Conn>) -> Flusher {
+        Flusher {
+            conn,
+            writing: None,
+            done: false,
+            takes_over: false,
+        }
+    }
+
+    async fn run(mut self) {
+        self.flush().await;
+        self.done = true;
+    }
+
+    async fn flush(&mut self) {
+        let conn = self.conn.clone();
+        let mut link = conn.link.lock().await;
+        if let Some(epoch) = self.writing.take() {
+            // A write of this generation was cut short.
+            link.write = None;
+            conn.broke(epoch, RedisError::Io(gone()));
+        }
+        let mut batch = Vec::new();
+        let mut replies = Vec::new();
+        loop {
+            {
+                let mut s = conn.lock();
+                if s.queued_replies.is_empty() {
+                    s.flushing = false;
+                    // The next calls encode into this one's buffers.
+                    if s.queued.capacity() == 0 {
+                        std::mem::swap(&mut s.queued, &mut batch);
+                        std::mem::swap(&mut s.queued_replies, &mut replies);
                     }
+                    return;
+                }
+                std::mem::swap(&mut s.queued, &mut batch);
+                std::mem::swap(&mut s.queued_replies, &mut replies);
+            }
+            let epoch = match conn.open(&mut link).await {
+                Ok(epoch) => epoch,
+                Err(e) => {
+                    // These calls and those queued behind them fail alike
+                    // (the backoff makes the next ones fail at once).
+                    batch.clear();
+                    fail_all(replies.drain(..), e);
                     continue;
                 }
-                Ok(Err(e)) => Some(e),
-                Err(_) => Some(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "connect timed out",
-                )),
+            };
+            let stale = {
+                let mut s = conn.lock();
+                let stale = s.epoch != epoch || !s.open;
+                if stale {
+                    // Its reader saw it break since: back in front of the
+                    // queue, for a new connection.
+                    s.queued.splice(0..0, batch.drain(..));
+                    s.queued_replies.splice(0..0, replies.drain(..));
+                } else {
+                    // In flight before the write: the reply may come
+                    // before the write returns.
+                    s.waiting.extend(replies.drain(..));
+                }
+                stale
+            };
+            if stale {
+                link.write = None;
+                continue;
             }
-        };
-        let Some(e) = failed else { continue };
-        if retry_at.is_none() {
-            debug!(redis = %addr, error = %e, "cannot connect to redis");
-            retry_at = Some(Instant::now() + BACKOFF);
-        }
-        // This call and those queued behind it fail alike.
-        let mut fail = Some(first);
-        while let Some(c) = fail.take().or_else(|| calls.try_recv().ok()) {
-            let _ = c.reply.send(Err(RedisError::Connect(std::io::Error::new(
-                e.kind(),
-                e.to_string(),
-            ))));
+            let Some(write) = link.write.as_mut() else {
+                // Not after `open`; were it so, the calls fail, not hang.
+                conn.broke(epoch, RedisError::Io(gone()));
+                batch.clear();
+                continue;
+            };
+            self.writing = Some(epoch);
+            let written = write.write_all(&batch).await;
+            self.writing = None;
+            batch.clear();
+            match written {
+                Ok(()) => {
+                    conn.writes.fetch_add(1, Relaxed);
+                }
+                Err(e) => {
+                    link.write = None;
+                    conn.broke(epoch, RedisError::Io(e));
+                }
+            }
         }
     }
 }
 
-/// Serves calls on one connection until it breaks (then `true`) or the client
-/// is dropped (`false`). The replies are read by a task of their own, since a
-/// reply half read cannot be put back (a `select!` would lose it); this one
-/// writes and matches replies to callers, in order.
-async fn serve(
-    stream: TcpStream,
-    first: Call,
-    calls: &mut tokio::sync::mpsc::Receiver<Call>,
-    writes: &AtomicU64,
-) -> bool {
-    let (read, mut write) = stream.into_split();
-    let (replies_tx, mut replies) = tokio::sync::mpsc::unbounded_channel();
-    // Unbounded, but never holds more replies than calls written.
-    let reader = tokio::spawn(async move {
+impl Drop for Flusher {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        let rt = tokio::runtime::Handle::try_current();
+        if let (false, Ok(rt)) = (self.takes_over, rt) {
+            let rest = Flusher {
+                conn: self.conn.clone(),
+                writing: self.writing,
+                done: false,
+                takes_over: true,
+            };
+            rt.spawn(rest.run());
+        } else {
+            // No runtime left to write on: the calls queued fail, and a
+            // connection with a write cut short is not used again.
+            if let Some(epoch) = self.writing {
+                self.conn.broke(epoch, RedisError::Io(gone()));
+            }
+            let failed = {
+                let mut s = self.conn.lock();
+                s.flushing = false;
+                s.queued.clear();
+                std::mem::take(&mut s.queued_replies)
+            };
+            fail_all(failed, RedisError::Io(gone()));
+        }
+    }
+}
+
+/// A connection's reader: hands each reply to its call, in order, and when
+/// calls were queued while others were in flight, writes them out (it is
+/// awake anyway: that is the pipelining). Ends when the connection breaks
+/// or is replaced.
+///
+/// Boxed, with its type named: a flush may connect, which starts a reader,
+/// so the reader's future would otherwise be part of its own type.
+fn read_replies(
+    conn: Arc<Conn>,
+    read: tokio::net::tcp::OwnedReadHalf,
+    epoch: u64,
+) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> {
+    Box::pin(async move {
         let mut read = tokio::io::BufReader::new(read);
         loop {
-            let reply = read_reply(&mut read, 0).await;
-            let broke = reply.is_err();
-            if replies_tx.send(reply).is_err() || broke {
-                return;
-            }
-        }
-    });
-    let mut waiting = std::collections::VecDeque::new();
-    let mut next = Some(first);
-    let mut buf = Vec::with_capacity(BATCH);
-    let (broke, open) = loop {
-        if let Some(c) = next.take() {
-            // This call and every one queued behind it, in one write. A call
-            // whose caller has already given up is not sent at all.
-            buf.clear();
-            let mut c = Some(c);
-            while let Some(call) = c.take() {
-                if !call.reply.is_closed() {
-                    buf.extend_from_slice(&call.req);
-                    waiting.push_back(call.reply);
+            let reply = match read_reply(&mut read, 0).await {
+                Ok(reply) => reply,
+                Err(e) => return conn.broke(epoch, e),
+            };
+            let (tx, flush) = {
+                let mut s = conn.lock();
+                if s.epoch != epoch || !s.open {
+                    return;
                 }
-                if buf.len() < BATCH && waiting.len() < IN_FLIGHT {
-                    c = calls.try_recv().ok();
-                }
+                let tx = s.waiting.pop_front();
+                let flush = !s.flushing && !s.queued_replies.is_empty();
+                s.flushing |= flush;
+                (tx, flush)
+            };
+            let Some(tx) = tx else {
+                return conn.broke(epoch, RedisError::Protocol("a reply to no call"));
+            };
+            // Sent even when the caller is gone: the reply is consumed in its
+            // turn either way.
+            let _ = tx.send(Ok(reply));
+            if flush {
+                Flusher::new(conn.clone()).run().await;
             }
-            if buf.is_empty() {
-                continue;
-            }
-            if let Err(e) = write.write_all(&buf).await {
-                break (RedisError::Io(e), true);
-            }
-            writes.fetch_add(1, Relaxed);
-            continue;
         }
-        tokio::select! {
-            reply = replies.recv() => match reply {
-                Some(Ok(reply)) => match waiting.pop_front() {
-                    // Sent even when the caller is gone: the reply is
-                    // consumed in its turn either way.
-                    Some(tx) => drop(tx.send(Ok(reply))),
-                    None => break (RedisError::Protocol("a reply to no call"), true),
-                },
-                Some(Err(e)) => break (e, true),
-                None => break (RedisError::Io(gone()), true),
-            },
-            call = calls.recv(), if waiting.len() < IN_FLIGHT => match call {
-                Some(c) => next = Some(c),
-                None => break (RedisError::Io(gone()), false),
-            },
-        }
-    };
-    reader.abort();
-    if !waiting.is_empty() {
-        debug!(error = %broke, calls = waiting.len(), "redis connection broke");
-    }
-    // The first call waiting gets what went wrong; the others were written
-    // on a connection that is gone.
-    let mut broke = Some(broke);
-    for tx in waiting {
-        let e = broke.take().unwrap_or_else(|| RedisError::Io(gone()));
-        let _ = tx.send(Err(e));
-    }
-    open
+    })
 }
 
 /// `write!` into a byte vector.
@@ -1730,7 +1900,7 @@ mod tests {
             )
             .await
             .unwrap();
-        let before = redis.writes.load(Relaxed);
+        let before = redis.conns[0].writes.load(Relaxed);
         const N: u32 = 200;
         let mut tasks = tokio::task::JoinSet::new();
         for i in 0..N {
@@ -1746,7 +1916,7 @@ mod tests {
         while let Some(r) = tasks.join_next().await {
             r.unwrap();
         }
-        let writes = redis.writes.load(Relaxed) - before;
+        let writes = redis.conns[0].writes.load(Relaxed) - before;
         assert!(writes * 4 <= u64::from(N), "{N} calls took {writes} writes");
     }
 
@@ -1780,6 +1950,46 @@ mod tests {
         }
     }
 
+    /// A caller that gives up while it is writing (Redis stopped reading:
+    /// the socket is full) leaves part of a command on the connection: that
+    /// connection is closed, and the calls after it, on a new one, get their
+    /// own answers.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_caller_that_gives_up_mid_write_does_not_corrupt_the_connection() {
+        let Some((server, redis)) = redis_server().await else {
+            return;
+        };
+        let redis = Arc::new(redis);
+        for _ in 0..CONNS {
+            redis.ping().await.unwrap();
+        }
+        let pid = server.0.id() as i32;
+        // SAFETY: signals to the child this test started.
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
+        let big = vec![b'x'; 32 << 20];
+        for _ in 0..CONNS {
+            let cut = tokio::time::timeout(
+                Duration::from_millis(200),
+                redis.call(&[b"SET", b"weft:big", &big]),
+            )
+            .await;
+            assert!(cut.is_err(), "32 MiB written to a stopped redis");
+        }
+        // SAFETY: as above.
+        unsafe { libc::kill(pid, libc::SIGCONT) };
+        let g = Gcra::new(10, Duration::from_secs(60), 3, 1);
+        for i in 0..2 * CONNS {
+            let got = tokio::time::timeout(
+                Duration::from_secs(5),
+                redis.gcra(&[&format!("weft:rl:cut:{i}")], &args(&g)),
+            )
+            .await
+            .expect("answered");
+            assert_eq!(got.unwrap(), [(true, 12_000_000, 6_000_000)], "call {i}");
+            redis.ping().await.unwrap();
+        }
+    }
+
     /// Redis killed: the calls fail (`Io` on the open connection, then
     /// `Connect`) without hanging; restarted on the same port, every call
     /// after the backoff connects again.
@@ -1788,7 +1998,7 @@ mod tests {
         let Some((server, redis)) = redis_server().await else {
             return;
         };
-        let port = redis.addr.rsplit(':').next().unwrap().to_owned();
+        let port = redis.conns[0].addr.rsplit(':').next().unwrap().to_owned();
         drop(server);
         for _ in 0..2 * CONNS {
             let e = tokio::time::timeout(Duration::from_secs(1), redis.ping())

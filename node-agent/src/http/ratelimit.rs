@@ -634,10 +634,13 @@ impl Limiter {
                     .flat_map(|p| [(p.gcra.interval / 1000).max(1), p.gcra.tolerance / 1000])
                     .map(|n| n.to_string())
                     .collect();
-                match tokio::time::timeout(timeout, redis.gcra(&keys, &args)).await {
+                let started = Instant::now();
+                let answer = match tokio::time::timeout(timeout, redis.gcra(&keys, &args)).await {
                     Ok(r) => r,
                     Err(_) => Err(RedisError::Timeout),
-                }
+                };
+                CALL_TIMES.observe(started.elapsed());
+                answer
             }
         };
         let outcomes = match answer {
@@ -924,8 +927,67 @@ impl RedisErrors {
     }
 }
 
-/// `weft_ratelimit_decisions_total{policy,decision}` and
-/// `weft_ratelimit_redis_errors_total{reason}`, for the metrics page.
+/// How long calls to Redis take, as the waypoint waits for them (from the
+/// call to its answer, its wait in the client's queue included; failed and
+/// timed-out calls too): `weft_ratelimit_redis_call_seconds`. The buckets
+/// are fine below a millisecond, where a healthy Redis answers.
+struct CallTimes {
+    counts: [AtomicU64; CALL_BUCKETS.len() + 1],
+    sum_ns: AtomicU64,
+}
+
+/// Upper bounds in µs, and as the `le` label (seconds).
+const CALL_BUCKETS: [(u64, &str); 14] = [
+    (50, "5e-05"),
+    (100, "0.0001"),
+    (150, "0.00015"),
+    (200, "0.0002"),
+    (300, "0.0003"),
+    (500, "0.0005"),
+    (1_000, "0.001"),
+    (2_500, "0.0025"),
+    (5_000, "0.005"),
+    (10_000, "0.01"),
+    (25_000, "0.025"),
+    (50_000, "0.05"),
+    (100_000, "0.1"),
+    (1_000_000, "1"),
+];
+
+static CALL_TIMES: CallTimes = CallTimes {
+    counts: [const { AtomicU64::new(0) }; CALL_BUCKETS.len() + 1],
+    sum_ns: AtomicU64::new(0),
+};
+
+impl CallTimes {
+    fn observe(&self, took: Duration) {
+        let us = took.as_micros() as u64;
+        let i = CALL_BUCKETS.partition_point(|(le, _)| *le < us);
+        self.counts[i].fetch_add(1, Relaxed);
+        self.sum_ns.fetch_add(took.as_nanos() as u64, Relaxed);
+    }
+
+    fn render(&self, out: &mut String) {
+        let name = "weft_ratelimit_redis_call_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Calls to Redis for global rate limits, from the call to its answer.\n# TYPE {name} histogram"
+        );
+        let mut total = 0;
+        for (i, count) in self.counts.iter().enumerate() {
+            total += count.load(Relaxed);
+            let le = CALL_BUCKETS.get(i).map_or("+Inf", |(_, le)| le);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {total}");
+        }
+        let sum = self.sum_ns.load(Relaxed) as f64 / 1e9;
+        let _ = writeln!(out, "{name}_sum {sum}");
+        let _ = writeln!(out, "{name}_count {total}");
+    }
+}
+
+/// `weft_ratelimit_decisions_total{policy,decision}`,
+/// `weft_ratelimit_redis_errors_total{reason}` and
+/// `weft_ratelimit_redis_call_seconds`, for the metrics page.
 pub fn render() -> String {
     let mut out = String::new();
     out.push_str(
@@ -967,6 +1029,7 @@ pub fn render() -> String {
             n.load(Relaxed)
         );
     }
+    CALL_TIMES.render(&mut out);
     out
 }
 
@@ -1948,6 +2011,42 @@ mod tests {
                 .await;
             assert_eq!(got.unwrap(), [(true, 12_000_000, 6_000_000)]);
         }
+    }
+
+    #[test]
+    fn redis_call_times_render_as_a_prometheus_histogram() {
+        let times = CallTimes {
+            counts: [const { AtomicU64::new(0) }; CALL_BUCKETS.len() + 1],
+            sum_ns: AtomicU64::new(0),
+        };
+        times.observe(Duration::from_micros(120));
+        times.observe(Duration::from_micros(150));
+        times.observe(Duration::from_millis(3));
+        times.observe(Duration::from_secs(2));
+        let mut out = String::new();
+        times.render(&mut out);
+        let line = |le: &str| {
+            let want = format!("weft_ratelimit_redis_call_seconds_bucket{{le=\"{le}\"}} ");
+            out.lines()
+                .find_map(|l| l.strip_prefix(&want))
+                .unwrap_or_else(|| panic!("no bucket {le} in\n{out}"))
+                .to_owned()
+        };
+        // Cumulative; a bound is inclusive (150 µs is in le=0.00015).
+        assert_eq!(line("0.0001"), "0");
+        assert_eq!(line("0.00015"), "2");
+        assert_eq!(line("0.005"), "3");
+        assert_eq!(line("1"), "3");
+        assert_eq!(line("+Inf"), "4");
+        assert!(
+            out.contains("weft_ratelimit_redis_call_seconds_count 4\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("weft_ratelimit_redis_call_seconds_sum 2.00327\n"),
+            "{out}"
+        );
+        assert!(out.starts_with("# HELP weft_ratelimit_redis_call_seconds "));
     }
 
     /// A caller that gives up while it is writing (Redis stopped reading:

@@ -478,6 +478,65 @@ impl PolicyCounts {
     }
 }
 
+/// The waypoint's `weft_ratelimit_redis_call_seconds` buckets: (upper bound
+/// in µs, cumulative count), `+Inf` last.
+fn redis_call_times(pods: &Pods) -> Result<Vec<(f64, u64)>> {
+    let out = pods
+        .waypoint
+        .exec_ok("curl", ["-sS", "http://127.0.0.1:15020/metrics"])?;
+    let buckets: Vec<(f64, u64)> = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("weft_ratelimit_redis_call_seconds_bucket{le=\""))
+        .filter_map(|l| {
+            let (le, rest) = l.split_once("\"} ")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse::<f64>().ok()? * 1e6
+            };
+            Some((le, rest.trim().parse().ok()?))
+        })
+        .collect();
+    ensure!(
+        !buckets.is_empty(),
+        "the waypoint exports no weft_ratelimit_redis_call_seconds"
+    );
+    Ok(buckets)
+}
+
+/// The median of the observations between two scrapes of one histogram,
+/// interpolated linearly inside its bucket (as Prometheus's
+/// `histogram_quantile`); `None` without observations.
+fn histogram_p50(before: &[(f64, u64)], after: &[(f64, u64)]) -> Option<f64> {
+    let counts: Vec<(f64, u64)> = after
+        .iter()
+        .zip(before)
+        .map(|((le, a), (_, b))| (*le, a.saturating_sub(*b)))
+        .collect();
+    let total = counts.last()?.1;
+    if total == 0 {
+        return None;
+    }
+    let rank = total as f64 / 2.0;
+    let mut lower = (0.0, 0u64);
+    for &(le, n) in &counts {
+        if n as f64 >= rank {
+            if le.is_infinite() {
+                return Some(lower.0);
+            }
+            let within = (n - lower.1) as f64;
+            let share = if within > 0.0 {
+                (rank - lower.1 as f64) / within
+            } else {
+                1.0
+            };
+            return Some(lower.0 + (le - lower.0) * share);
+        }
+        lower = (le, n);
+    }
+    None
+}
+
 /// The p50 of a Redis round trip from the waypoint's pod: `redis-benchmark`,
 /// PING (RESP multi-bulk), one connection, one at a time; µs.
 fn redis_rtt(pods: &Pods) -> Result<f64> {
@@ -634,10 +693,24 @@ fn scenarios(
     // 2. and 3. Latency at a fixed rate, and the CPU it costs.
     let cpu0 = Cpu::now(&proxy)?;
     let agents0 = Cpu::now(&agents)?;
+    let calls0 = policies.map(|_| redis_call_times(pods)).transpose()?;
     let perf = profile("fixed")?;
     let fixed = http_rr(pods.client, &target, proto, &req, plan.l7_fixed, Some(RATE))?;
     sent += u64::from(plan.l7_fixed) * 11 / 10;
     drop(perf);
+    if let Some(before) = calls0 {
+        // The waypoint's own Redis calls during the paced run: the round
+        // trip its requests wait for, as they wait for it.
+        let after = redis_call_times(pods)?;
+        let p50 = histogram_p50(&before, &after)
+            .context("no Redis call during the paced run of the policies pass")?;
+        add(
+            "fixed_redis_call_p50",
+            "at 1,000 req/s, the waypoint's Redis calls, p50 (its histogram, interpolated)",
+            "µs",
+            p50,
+        );
+    }
     let cpu1 = Cpu::now(&proxy)?;
     let agents1 = Cpu::now(&agents)?;
     // The warm-up requests (a tenth) are paced too.
@@ -1002,6 +1075,15 @@ fn targets(results: &Results) -> Vec<Target> {
         if let Some(r) = rtt {
             target.shown = format!("{} (round trip {r:.1} µs)", target.shown);
         }
+        if let Some(c) = with("fixed_redis_call_p50") {
+            // What the waypoint's own calls took meanwhile: the round trip
+            // as a paced request meets it (idle CPUs woken at both ends, the
+            // script run), next to the tight-loop PING above.
+            target.shown = format!(
+                "{}; its calls {c:.1} µs",
+                target.shown.trim_end_matches(')')
+            ) + ")";
+        }
         out.push(target);
     }
     let r = row("l7.memory.rss_idle");
@@ -1138,6 +1220,19 @@ pub(super) fn markdown(l7: &L7, header: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_median_between_two_scrapes_of_a_histogram_is_interpolated() {
+        let before = [(50.0, 1), (100.0, 1), (200.0, 3), (f64::INFINITY, 3)];
+        let after = [(50.0, 1), (100.0, 5), (200.0, 11), (f64::INFINITY, 13)];
+        // Between them: 0 up to 50 µs, 4 up to 100, 8 up to 200, 10 in all:
+        // the 5th is a quarter into (100, 200].
+        assert_eq!(histogram_p50(&before, &after), Some(125.0));
+        assert_eq!(histogram_p50(&before, &before), None);
+        // Past the last bound: its bound, as histogram_quantile says.
+        let late = [(50.0, 1), (100.0, 1), (200.0, 3), (f64::INFINITY, 13)];
+        assert_eq!(histogram_p50(&before, &late), Some(200.0));
+    }
 
     #[test]
     fn l7_targets_compare_the_waypoint_with_nginx_and_direct() {

@@ -465,9 +465,7 @@ struct PolicyCounts {
 impl PolicyCounts {
     /// From the waypoint's metrics page, read inside its pod.
     fn scrape(pods: &Pods) -> Result<PolicyCounts> {
-        let out = pods
-            .waypoint
-            .exec_ok("curl", ["-sS", "http://127.0.0.1:15020/metrics"])?;
+        let out = waypoint_metrics(pods)?;
         let sum = |f: &dyn Fn(&str) -> bool| -> u64 {
             out.lines()
                 .filter(|l| !l.starts_with('#') && f(l))
@@ -535,12 +533,16 @@ impl PolicyCounts {
     }
 }
 
+/// The waypoint's metrics page, read inside its pod.
+fn waypoint_metrics(pods: &Pods) -> Result<String> {
+    pods.waypoint
+        .exec_ok("curl", ["-sS", "http://127.0.0.1:15020/metrics"])
+}
+
 /// The waypoint's `weft_ratelimit_redis_call_seconds` buckets: (upper bound
 /// in µs, cumulative count), `+Inf` last.
 fn redis_call_times(pods: &Pods) -> Result<Vec<(f64, u64)>> {
-    let out = pods
-        .waypoint
-        .exec_ok("curl", ["-sS", "http://127.0.0.1:15020/metrics"])?;
+    let out = waypoint_metrics(pods)?;
     let buckets: Vec<(f64, u64)> = out
         .lines()
         .filter_map(|l| l.strip_prefix("weft_ratelimit_redis_call_seconds_bucket{le=\""))

@@ -375,12 +375,7 @@ impl State {
         };
         self.labels.intern(&mut w.labels);
         let namespaces = self.kinds.get(&Res::Namespace).map(|o| &o.live);
-        let ns_mode = namespaces
-            .and_then(|n| n.get(&(String::new(), w.namespace.clone())))
-            .and_then(|e| match e {
-                Entry::Namespace(ns) => ns.mesh,
-                _ => None,
-            });
+        let ns_mode = mesh_mode_of(namespaces, &w.namespace);
         w.enrolled = super::labels::enrolled(p.mesh, ns_mode, w.native_tunnel);
     }
 
@@ -703,16 +698,7 @@ impl State {
                 continue;
             }
             let workload = |e: Option<&Entry>| match e {
-                Some(Entry::Pod(p)) => Some(
-                    p.in_namespace(
-                        namespaces
-                            .and_then(|n| n.get(&(String::new(), key.0.clone())))
-                            .and_then(|e| match e {
-                                Entry::Namespace(ns) => ns.mesh,
-                                _ => None,
-                            }),
-                    ),
-                ),
+                Some(Entry::Pod(p)) => Some(p.in_namespace(mesh_mode_of(namespaces, &key.0))),
                 _ => None,
             };
             if matches!(now, Some(Entry::Invalid(_))) {
@@ -829,7 +815,7 @@ impl State {
             return false;
         };
         namespaces.synced
-            && match namespaces.live.get(&(String::new(), name.to_owned())) {
+            && match namespace_entry(&namespaces.live, name) {
                 Some(Entry::Namespace(ns)) => ns.deleting,
                 Some(_) => false,
                 None => true,
@@ -839,6 +825,19 @@ impl State {
     /// The invalid objects at the last assembly: (kind, `namespace/name`) → why.
     pub fn invalid(&self) -> &BTreeMap<(&'static str, String), String> {
         &self.invalid
+    }
+}
+
+/// Namespace `name`'s entry among the listed namespaces.
+fn namespace_entry<'a>(namespaces: &'a BTreeMap<Key, Entry>, name: &str) -> Option<&'a Entry> {
+    namespaces.get(&(String::new(), name.to_owned()))
+}
+
+/// Namespace `name`'s enrollment label, if it is listed and has one.
+fn mesh_mode_of(namespaces: Option<&BTreeMap<Key, Entry>>, name: &str) -> Option<bool> {
+    match namespaces.and_then(|n| namespace_entry(n, name)) {
+        Some(Entry::Namespace(ns)) => ns.mesh,
+        _ => None,
     }
 }
 

@@ -16,7 +16,7 @@
 //! - one pod changing (its labels): the event's translation and apply, the
 //!   update the agent's ordered source sends for it (`State::next_update`: a
 //!   delta of that workload), and the agent applying it
-//!   (`View::with_workloads`); then, for comparison, what a change of another
+//!   (`View::with_delta`); then, for comparison, what a change of another
 //!   kind costs, a whole mesh (`State::build`) and `View::new`.
 //!
 //! `cargo bench -p weft --bench discovery` (`-- --quick`: 10,000 pods only).
@@ -50,6 +50,7 @@ use weft::{
         state::change,
         translate::{self, Entry},
     },
+    model::MeshDelta,
     view::{Balancers, View},
 };
 
@@ -346,45 +347,48 @@ fn run(pods: usize) {
     // One pod changes, over and over (a label flips; a different pod each
     // time): the event, the delta the source sends, the agent's new view.
     let rounds = 200;
-    let mut apply = Vec::new();
-    let mut publish = Vec::new();
-    let mut rebuild = Vec::new();
-    for r in 1..=rounds {
-        let changed = pod((pods / 2 + r as usize * 7) % pods, services, r);
-        let t = Instant::now();
-        state.apply(Res::Pod, change(Event::Apply(changed), translate::pod));
-        apply.push(t.elapsed());
-        let t = Instant::now();
-        let Some(Update::Workloads(delta)) = state.next_update() else {
-            panic!("a pod's change alone is a delta")
-        };
-        publish.push(t.elapsed());
-        assert_eq!(delta.upserts.len(), 1);
-        let t = Instant::now();
-        view = view.with_workloads(delta, &balancers);
-        rebuild.push(t.elapsed());
-    }
-    let (apply, publish, rebuild) = (tail(apply), tail(publish), tail(rebuild));
-    println!(
-        "one pod change (median / p99 of {rounds}): translate + apply {:.1} / {:.1} µs; \
-         the delta (State::next_update) {:.1} / {:.1} µs; View::with_workloads {:.1} / {:.1} µs; \
-         in all {:.1} µs at the median",
-        apply.0,
-        apply.1,
-        publish.0,
-        publish.1,
-        rebuild.0,
-        rebuild.1,
-        apply.0 + publish.0 + rebuild.0,
+    view = changes(
+        "one pod change",
+        rounds,
+        &mut state,
+        view,
+        &balancers,
+        |r, state| {
+            let changed = pod((pods / 2 + r * 7) % pods, services, r as u32);
+            state.apply(Res::Pod, change(Event::Apply(changed), translate::pod));
+            |d: &MeshDelta| d.upserts.len() == 1
+        },
+    );
+    // One endpoint changes, over and over (a pod of a service turns not
+    // ready in its EndpointSlice; a different service each time): the
+    // slice's event, the delta, the agent's new view and balancer.
+    view = changes(
+        "one endpoint change",
+        rounds,
+        &mut state,
+        view,
+        &balancers,
+        |r, state| {
+            let mut changed = slice((r * 13) % services, pods);
+            if let Some(c) = changed.endpoints[0].conditions.as_mut() {
+                c.ready = Some(false);
+            }
+            state.apply(
+                Res::EndpointSlice,
+                change(Event::Apply(changed), translate::endpoint_slice),
+            );
+            |d: &MeshDelta| d.services.len() == 1
+        },
     );
     let agent_after = live() - base;
     println!(
-        "the agent after {rounds} changes: {} B per pod",
+        "the agent after {rounds} changes of each: {} B per pod",
         agent_after / pods as i64
     );
     black_box(&view);
 
-    // A change of another kind is still a whole mesh and a whole view.
+    // A change of another kind (a Service, a policy, a namespace) is still a
+    // whole mesh and a whole view.
     let rounds = if pods > 20_000 { 3 } else { 10 };
     let mut publish = Vec::new();
     let mut rebuild = Vec::new();
@@ -402,6 +406,49 @@ fn run(pods: usize) {
         ms(median(publish)),
         ms(median(rebuild)),
     );
+}
+
+/// `rounds` changes, each made by `event` (which says what its delta must
+/// be), sent as a delta and applied to `view`; prints the cost of each step.
+fn changes<C: Fn(&MeshDelta) -> bool>(
+    what: &str,
+    rounds: usize,
+    state: &mut State,
+    mut view: View,
+    balancers: &Balancers,
+    mut event: impl FnMut(usize, &mut State) -> C,
+) -> View {
+    let mut apply = Vec::new();
+    let mut publish = Vec::new();
+    let mut rebuild = Vec::new();
+    for r in 1..=rounds {
+        let t = Instant::now();
+        let expected = event(r, state);
+        apply.push(t.elapsed());
+        let t = Instant::now();
+        let Some(Update::Delta(delta)) = state.next_update() else {
+            panic!("{what}: sent whole, not as a delta")
+        };
+        publish.push(t.elapsed());
+        assert!(expected(&delta), "{what}: {delta:?}");
+        let t = Instant::now();
+        view = view.with_delta(delta, balancers);
+        rebuild.push(t.elapsed());
+    }
+    let (apply, publish, rebuild) = (tail(apply), tail(publish), tail(rebuild));
+    println!(
+        "{what} (median / p99 of {rounds}): translate + apply {:.1} / {:.1} µs; \
+         the delta (State::next_update) {:.1} / {:.1} µs; View::with_delta {:.1} / {:.1} µs; \
+         in all {:.1} µs at the median",
+        apply.0,
+        apply.1,
+        publish.0,
+        publish.1,
+        rebuild.0,
+        rebuild.1,
+        apply.0 + publish.0 + rebuild.0,
+    );
+    view
 }
 
 /// The median and the 99th percentile, in µs.

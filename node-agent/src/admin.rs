@@ -239,7 +239,6 @@ impl Admin {
         let balancers: BTreeMap<_, _> = self.shared.balancers.all().into_iter().collect();
         let services = view
             .services()
-            .iter()
             .map(|svc| {
                 let key = (svc.namespace.clone(), svc.name.clone());
                 let endpoints = balancers

@@ -5,7 +5,7 @@
 //!
 //! A view is made whole from a mesh ([`View::new`]: a file reload, or a change
 //! of anything but workloads in Kubernetes) or from the view before it and the
-//! workloads that changed ([`View::with_workloads`]: a pod added, deleted or
+//! workloads that changed ([`View::with_delta`]: a pod added, deleted or
 //! changed). The second costs what changed, not the size of the cluster: the
 //! workload tables are [`Table`]s, which a copy shares and a change copies one
 //! small shard of; services, their index and the compiled policies are shared
@@ -20,10 +20,7 @@
 
 use std::{
     borrow::Borrow,
-    collections::{
-        BTreeMap, BTreeSet, HashMap,
-        hash_map::{Entry, RandomState},
-    },
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet, hash_map::RandomState},
     hash::{BuildHasher, Hash},
     net::IpAddr,
     sync::{Arc, Mutex},
@@ -33,7 +30,7 @@ use crate::{
     authz::Authorizer,
     lb::{Balancer, EndpointSpec},
     model::{
-        Endpoints, Mesh, Service, ServiceKey, Workload, WorkloadDelta, WorkloadId, WorkloadKey,
+        Endpoints, Mesh, MeshDelta, Service, ServiceKey, Workload, WorkloadId, WorkloadKey,
         endpoints_of, selects,
     },
     stats::ServiceName,
@@ -60,28 +57,41 @@ pub struct View {
     local: Arc<BTreeMap<WorkloadKey, Arc<Workload>>>,
     /// How many workloads are enrolled, mesh-wide (the shrink guard's base).
     enrolled: usize,
-    services: Arc<Services>,
+    services: Services,
     pub authz: Arc<Authorizer>,
 }
 
-/// The services of a view and their indexes; unchanged by changes of
-/// workloads.
+/// The services of a view and their indexes. A delta shares what it does
+/// not change: the index by address, key and waypoint always (a delta never
+/// adds or removes a service); the list and the index of endpoints but the
+/// one chunk or shard a change copies ([`Chunks`], [`Table`]).
+#[derive(Clone)]
 struct Services {
-    vips: HashMap<IpAddr, usize>,
+    fixed: Arc<ServiceIndex>,
     /// Per service (config order): the service, shared with connections to it
     /// (a refcount per connection, not a copy), and its balancer.
-    list: Vec<(Arc<Service>, Arc<Balancer>)>,
+    list: Chunks<(Arc<Service>, Arc<Balancer>)>,
+    /// Which services list each workload as an endpoint.
+    naming: Naming,
+}
+
+/// Per workload that services list as an endpoint (by a hash of its key,
+/// [`ServiceIndex::named`]): the first service that does, and in `more` any
+/// others. A hash, not the key: every pod of a cluster is some service's
+/// endpoint, and two strings per pod are ~100 bytes where this is 16; two
+/// keys that collide only make a change update one balancer more.
+#[derive(Clone)]
+struct Naming {
+    first: Table<u64, u32>,
+    more: Table<u64, Vec<u32>>,
+}
+
+/// What deltas leave as it is.
+struct ServiceIndex {
+    vips: HashMap<IpAddr, usize>,
     by_key: HashMap<ServiceKey, usize>,
     /// Per service: the index of the waypoint service it is bound to.
     waypoints: Vec<Option<usize>>,
-    /// Per workload that services list as an endpoint (by a hash of its
-    /// key, [`Services::named`]): the first service that does, and in
-    /// `naming_more` any others. A hash, not the key: every pod of a cluster
-    /// is some service's endpoint, and two strings per pod are ~100 bytes
-    /// where this is 16; two keys that collide only make a change update one
-    /// balancer more.
-    naming: HashMap<u64, u32>,
-    naming_more: HashMap<u64, Vec<u32>>,
     /// Keyed per process: no one can choose names that collide.
     hasher: RandomState,
     /// The services whose endpoints are a label selector (the file's form;
@@ -103,7 +113,20 @@ impl View {
             by_addr: Table::with_capacity(list.len()),
             local: Arc::default(),
             enrolled: 0,
-            services: Arc::new(Services::empty()),
+            services: Services {
+                fixed: Arc::new(ServiceIndex {
+                    vips: HashMap::new(),
+                    by_key: HashMap::new(),
+                    waypoints: Vec::new(),
+                    hasher: RandomState::new(),
+                    selecting: Vec::new(),
+                }),
+                list: Chunks::from(Vec::new()),
+                naming: Naming {
+                    first: Table::with_capacity(0),
+                    more: Table::with_capacity(0),
+                },
+            },
             authz,
         };
         let mut local = BTreeMap::new();
@@ -118,34 +141,40 @@ impl View {
             }
         }
         view.local = Arc::new(local);
-        let mut services = Services::empty();
+        let listed = mesh
+            .services
+            .iter()
+            .map(|s| match &s.endpoints {
+                Endpoints::Listed(eps) => eps.len(),
+                Endpoints::Selector(_) => 0,
+            })
+            .sum();
+        let mut fixed = ServiceIndex {
+            vips: HashMap::new(),
+            by_key: HashMap::with_capacity(mesh.services.len()),
+            waypoints: Vec::new(),
+            hasher: RandomState::new(),
+            selecting: Vec::new(),
+        };
+        let mut list = Vec::with_capacity(mesh.services.len());
+        let mut naming = Naming {
+            first: Table::with_capacity(listed),
+            more: Table::with_capacity(0),
+        };
         {
             let mut all = balancers.0.lock().unwrap_or_else(|e| e.into_inner());
             let mut kept = HashMap::new();
             for (i, svc) in mesh.services.iter().enumerate() {
                 for a in &svc.addresses {
-                    services.vips.insert(a.to_canonical(), i);
+                    fixed.vips.insert(a.to_canonical(), i);
                 }
                 match &svc.endpoints {
                     Endpoints::Listed(eps) => {
                         for ep in eps {
-                            let named = services.named(&svc.namespace, &ep.workload);
-                            let i = i as u32;
-                            match services.naming.entry(named) {
-                                Entry::Vacant(e) => {
-                                    e.insert(i);
-                                }
-                                Entry::Occupied(e) if *e.get() == i => {}
-                                Entry::Occupied(_) => {
-                                    let more = services.naming_more.entry(named).or_default();
-                                    if more.last() != Some(&i) {
-                                        more.push(i);
-                                    }
-                                }
-                            }
+                            naming.add(fixed.named(&svc.namespace, &ep.workload), i as u32);
                         }
                     }
-                    Endpoints::Selector(_) => services.selecting.push(i),
+                    Endpoints::Selector(_) => fixed.selecting.push(i),
                 }
                 let key = svc.key();
                 let endpoints = view.endpoint_specs(svc);
@@ -167,29 +196,33 @@ impl View {
                         endpoints,
                     )),
                 };
-                services.list.push((Arc::new(svc.clone()), b.clone()));
-                services.by_key.insert(key.clone(), i);
+                list.push((Arc::new(svc.clone()), b.clone()));
+                fixed.by_key.insert(key.clone(), i);
                 kept.insert(key, b);
             }
             *all = kept;
         }
-        services.waypoints = mesh
+        fixed.waypoints = mesh
             .waypoints()
             .into_iter()
-            .map(|k| k.and_then(|k| services.by_key.get(&k).copied()))
+            .map(|k| k.and_then(|k| fixed.by_key.get(&k).copied()))
             .collect();
-        view.services = Arc::new(services);
+        view.services = Services {
+            fixed: Arc::new(fixed),
+            list: Chunks::from(list),
+            naming,
+        };
         view.config = Arc::new(mesh);
         view
     }
 
     /// This view with `delta` applied: its workloads removed, added or
-    /// replaced, and the balancers of the services they are endpoints of
-    /// updated. Everything else is shared with `self`. The source checked
-    /// the changed workloads as it checks a whole mesh (keys, addresses
-    /// unique); a service's list of endpoints and the policies do not change
-    /// with them.
-    pub fn with_workloads(&self, delta: WorkloadDelta, balancers: &Balancers) -> View {
+    /// replaced, its services' endpoints replaced, and the balancers of the
+    /// services that changed or list a changed workload updated. Everything
+    /// else is shared with `self`. The source checked the delta as it checks
+    /// a whole mesh (keys, addresses unique, endpoints that exist); a delta
+    /// changes no service's address, port binding or waypoint, and no policy.
+    pub fn with_delta(&self, delta: MeshDelta, balancers: &Balancers) -> View {
         let mut view = View {
             config: self.config.clone(),
             node: self.node.clone(),
@@ -203,13 +236,11 @@ impl View {
         let mut touched = BTreeSet::new();
         let mut local_changed = false;
         let changed = |view: &View, w: &Workload, touched: &mut BTreeSet<usize>| {
-            let named = view.services.named(&w.namespace, &w.name);
             let s = &view.services;
-            let first = s.naming.get(&named).into_iter();
-            let more = s.naming_more.get(&named).into_iter().flatten();
-            touched.extend(first.chain(more).map(|&i| i as usize));
-            for &i in &view.services.selecting {
-                let svc = &view.services.list[i].0;
+            let named = s.fixed.named(&w.namespace, &w.name);
+            touched.extend(s.naming.of(named).map(|i| i as usize));
+            for &i in &s.fixed.selecting {
+                let svc = &s.list[i].0;
                 if let Endpoints::Selector(sel) = &svc.endpoints
                     && svc.namespace == w.namespace
                     && selects(sel, &w.labels)
@@ -244,6 +275,27 @@ impl View {
         }
         if local_changed {
             view.local = Arc::new(local);
+        }
+        if !delta.services.is_empty() {
+            for svc in delta.services {
+                let Some(&i) = view.services.fixed.by_key.get(&svc.key()) else {
+                    // Never sent (a delta adds no service): one unknown here
+                    // waits for the next whole mesh.
+                    continue;
+                };
+                let s = &mut view.services;
+                let before = s.fixed.listed(&s.list[i].0);
+                let after = s.fixed.listed(&svc);
+                for &gone in before.difference(&after) {
+                    s.naming.remove(gone, i as u32);
+                }
+                for &new in after.difference(&before) {
+                    s.naming.add(new, i as u32);
+                }
+                let b = s.list[i].1.clone();
+                s.list.set(i, (Arc::new(svc), b));
+                touched.insert(i);
+            }
         }
         if !touched.is_empty() {
             let all = balancers.0.lock().unwrap_or_else(|e| e.into_inner());
@@ -325,24 +377,26 @@ impl View {
     /// The service whose virtual IP is `ip`, and its balancer.
     pub fn service_by_vip(&self, ip: IpAddr) -> Option<&(Arc<Service>, Arc<Balancer>)> {
         let s = &self.services;
-        s.vips.get(&ip.to_canonical()).map(|&i| &s.list[i])
+        s.fixed.vips.get(&ip.to_canonical()).map(|&i| &s.list[i])
     }
 
     /// The service named `key`, and its balancer.
     pub fn service(&self, key: &ServiceKey) -> Option<&(Arc<Service>, Arc<Balancer>)> {
         let s = &self.services;
-        s.by_key.get(key).map(|&i| &s.list[i])
+        s.fixed.by_key.get(key).map(|&i| &s.list[i])
     }
 
     /// The waypoint `svc` is bound to (its service and balancer), if any.
     pub fn waypoint_of(&self, svc: &Service) -> Option<&(Arc<Service>, Arc<Balancer>)> {
         let s = &self.services;
-        let i = *s.by_key.get(&svc.key())?;
-        s.waypoints[i].map(|w| &s.list[w])
+        let i = *s.fixed.by_key.get(&svc.key())?;
+        s.fixed.waypoints[i].map(|w| &s.list[w])
     }
 
     /// The mesh this view was made from, **without its workloads** (ask the
-    /// view for those): services, policies, routes, settings.
+    /// view for those): services, policies, routes, settings. Its services'
+    /// endpoints are as that mesh had them; deltas since may have changed
+    /// them (ask [`View::service`] or [`View::services`]).
     pub fn config(&self) -> &Mesh {
         &self.config
     }
@@ -351,6 +405,7 @@ impl View {
     pub fn to_mesh(&self) -> Mesh {
         let mut mesh = Mesh::clone(&self.config);
         mesh.workloads = self.workloads.keys().map(|w| w.0.clone()).collect();
+        mesh.services = self.services().cloned().collect();
         mesh.workloads
             .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         mesh
@@ -364,15 +419,18 @@ impl View {
                 .workloads
                 .iter()
                 .all(|w| self.workload(&w.key()) == Some(&**w))
-            && self.config.eq_without_workloads(mesh)
+            && mesh.services.len() == self.services.list.len()
+            && mesh.services.iter().eq(self.services())
+            && self.config.eq_settings(mesh)
     }
 
     pub fn trust_domain(&self) -> &str {
         &self.config.trust_domain
     }
 
-    pub fn services(&self) -> &[Service] {
-        &self.config.services
+    /// Every service, in the mesh's order, with its endpoints in force.
+    pub fn services(&self) -> impl ExactSizeIterator<Item = &Service> {
+        self.services.list.iter().map(|(s, _)| &**s)
     }
 
     /// A service's endpoints that are workloads of this view, with their
@@ -400,23 +458,64 @@ impl View {
     }
 }
 
-impl Services {
-    fn empty() -> Services {
-        Services {
-            vips: HashMap::new(),
-            list: Vec::new(),
-            by_key: HashMap::new(),
-            waypoints: Vec::new(),
-            naming: HashMap::new(),
-            naming_more: HashMap::new(),
-            hasher: RandomState::new(),
-            selecting: Vec::new(),
+impl ServiceIndex {
+    /// What stands for the workload `namespace/name` in [`Naming`].
+    fn named(&self, namespace: &str, name: &str) -> u64 {
+        self.hasher.hash_one((namespace, name))
+    }
+
+    /// What stands for each endpoint `svc` lists.
+    fn listed(&self, svc: &Service) -> HashSet<u64> {
+        match &svc.endpoints {
+            Endpoints::Listed(eps) => eps
+                .iter()
+                .map(|ep| self.named(&svc.namespace, &ep.workload))
+                .collect(),
+            Endpoints::Selector(_) => HashSet::new(),
+        }
+    }
+}
+
+impl Naming {
+    /// The services that list `named`.
+    fn of(&self, named: u64) -> impl Iterator<Item = u32> + '_ {
+        let first = self.first.get(&named).copied();
+        let more = self.more.get(&named).into_iter().flatten().copied();
+        first.into_iter().chain(more)
+    }
+
+    /// Service `i` lists `named`.
+    fn add(&mut self, named: u64, i: u32) {
+        match self.first.get(&named) {
+            None => {
+                self.first.insert(named, i);
+            }
+            Some(&j) if j == i => {}
+            Some(_) => {
+                let mut more = self.more.get(&named).cloned().unwrap_or_default();
+                if !more.contains(&i) {
+                    more.push(i);
+                    self.more.insert(named, more);
+                }
+            }
         }
     }
 
-    /// What stands for the workload `namespace/name` in `naming`.
-    fn named(&self, namespace: &str, name: &str) -> u64 {
-        self.hasher.hash_one((namespace, name))
+    /// Service `i` no longer lists `named`.
+    fn remove(&mut self, named: u64, i: u32) {
+        let mut more = self.more.remove(&named).unwrap_or_default();
+        if self.first.get(&named) == Some(&i) {
+            if more.is_empty() {
+                self.first.remove(&named);
+            } else {
+                self.first.insert(named, more.remove(0));
+            }
+        } else {
+            more.retain(|&j| j != i);
+        }
+        if !more.is_empty() {
+            self.more.insert(named, more);
+        }
     }
 }
 
@@ -557,6 +656,85 @@ impl<K: Hash + Eq + Clone> Table<K, ()> {
     }
 }
 
+/// A list that is cheap to copy and to change an entry of in a copy: its
+/// entries in chunks of [`CHUNK`], each behind an `Arc`. A copy is a refcount
+/// per chunk (157 at 10,000 services, where a `Vec` of pointers is 20,000);
+/// a change copies its one chunk. Indexing is one more pointer away.
+#[derive(Clone)]
+pub struct Chunks<T> {
+    chunks: Vec<Arc<Vec<T>>>,
+    len: usize,
+}
+
+const CHUNK: usize = 64;
+
+impl<T: Clone> Chunks<T> {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Replaces entry `i` (in range), copying its chunk if shared.
+    pub fn set(&mut self, i: usize, v: T) {
+        Arc::make_mut(&mut self.chunks[i / CHUNK])[i % CHUNK] = v;
+    }
+
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = &T> + '_ {
+        Iter {
+            inner: self.chunks.iter().flat_map(|c| c.iter()),
+            left: self.len,
+        }
+    }
+}
+
+struct Iter<I> {
+    inner: I,
+    left: usize,
+}
+
+impl<'a, T: 'a, I: Iterator<Item = &'a T>> Iterator for Iter<I> {
+    type Item = &'a T;
+
+    fn next(&mut self) -> Option<&'a T> {
+        let next = self.inner.next()?;
+        self.left -= 1;
+        Some(next)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.left, Some(self.left))
+    }
+}
+
+impl<'a, T: 'a, I: Iterator<Item = &'a T>> ExactSizeIterator for Iter<I> {}
+
+impl<T> From<Vec<T>> for Chunks<T> {
+    fn from(v: Vec<T>) -> Self {
+        let len = v.len();
+        let mut chunks = Vec::with_capacity(len.div_ceil(CHUNK));
+        let mut v = v.into_iter();
+        loop {
+            let chunk: Vec<T> = v.by_ref().take(CHUNK).collect();
+            if chunk.is_empty() {
+                break;
+            }
+            chunks.push(Arc::new(chunk));
+        }
+        Chunks { chunks, len }
+    }
+}
+
+impl<T> std::ops::Index<usize> for Chunks<T> {
+    type Output = T;
+
+    fn index(&self, i: usize) -> &T {
+        &self.chunks[i / CHUNK][i % CHUNK]
+    }
+}
+
 /// A workload as the key of its table: equal, and hashed, as its
 /// (namespace, name), so that a `&WorkloadKey` finds it (through
 /// [`WorkloadId`]).
@@ -601,5 +779,38 @@ impl Eq for ByKey {}
 impl<'a> Borrow<dyn WorkloadId + 'a> for ByKey {
     fn borrow(&self) -> &(dyn WorkloadId + 'a) {
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_chunked_list_changed_in_a_copy_leaves_the_original_as_it_was() {
+        for n in [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 5 * CHUNK + 3] {
+            let list = Chunks::from((0..n).collect::<Vec<usize>>());
+            assert_eq!(list.len(), n);
+            assert_eq!(list.iter().len(), n);
+            assert!(list.iter().copied().eq(0..n));
+            let mut copy = list.clone();
+            for i in (0..n).step_by(7) {
+                copy.set(i, i + 1000);
+            }
+            assert!(list.iter().copied().eq(0..n), "{n}: the original");
+            for i in 0..n {
+                let want = if i % 7 == 0 { i + 1000 } else { i };
+                assert_eq!(copy[i], want, "{n}: entry {i}");
+            }
+            // Only the chunks a change touched were copied.
+            let shared = (0..list.chunks.len())
+                .filter(|&c| Arc::ptr_eq(&list.chunks[c], &copy.chunks[c]))
+                .count();
+            let touched = (0..n)
+                .step_by(7)
+                .map(|i| i / CHUNK)
+                .collect::<BTreeSet<_>>();
+            assert_eq!(shared, list.chunks.len() - touched.len(), "{n}");
+        }
     }
 }

@@ -3,7 +3,13 @@
 //! into two states, one sending deltas. (Here, not beside the state: the
 //! discovery module may not see the view.)
 
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::{
+    api::{
+        core::v1::{Namespace, ObjectReference, Pod},
+        discovery::v1::EndpointSlice,
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
 use kube::{core::DynamicObject, runtime::watcher::Event};
 use serde::de::DeserializeOwned;
 use weft::discovery::kube::{
@@ -107,14 +113,58 @@ impl Cluster {
     }
 }
 
-/// Pod changes alone are sent as deltas, and a mesh kept up by applying every
-/// update in order is, after each one, the mesh a whole assembly gives, and
-/// so is the agent's view: 250 random changes of pods (new, deleted,
-/// relabelled, opted out, made waypoints, moved to another node or address,
-/// taking another pod's or a service's address), with a namespace relabelled
-/// now and then.
+/// An EndpointSlice of `service` in `shop` listing `pods` (those `ready`
+/// ready), with port `http` on `port`.
+fn slice(name: &str, service: &str, pods: &[(&str, bool)], port: i32) -> EndpointSlice {
+    use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort};
+    EndpointSlice {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            namespace: Some("shop".to_owned()),
+            labels: Some(
+                [("kubernetes.io/service-name".to_owned(), service.to_owned())]
+                    .into_iter()
+                    .collect(),
+            ),
+            ..Default::default()
+        },
+        address_type: "IPv4".to_owned(),
+        endpoints: pods
+            .iter()
+            .map(|&(pod, ready)| Endpoint {
+                addresses: vec!["10.244.7.1".to_owned()],
+                conditions: Some(EndpointConditions {
+                    ready: Some(ready),
+                    ..Default::default()
+                }),
+                target_ref: Some(ObjectReference {
+                    kind: Some("Pod".to_owned()),
+                    name: Some(pod.to_owned()),
+                    namespace: Some("shop".to_owned()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .collect(),
+        ports: Some(vec![EndpointPort {
+            name: Some("http".to_owned()),
+            port: Some(port),
+            protocol: Some("TCP".to_owned()),
+            ..Default::default()
+        }]),
+    }
+}
+
+/// Changes of pods and EndpointSlices alone are sent as deltas, and a mesh
+/// kept up by applying every update in order is, after each one, the mesh a
+/// whole assembly gives, and so is the agent's view: 250 random changes of
+/// pods (new, deleted, relabelled, opted out, made waypoints, moved to
+/// another node or address, taking another pod's or a service's address) and
+/// of slices (listing other pods, ready or not, resolving the port to
+/// another number or to the mesh's, moved to another service, the
+/// waypoint's, deleted), with a namespace relabelled now and then.
 #[test]
-fn workloads_sent_as_deltas_add_up_to_the_whole_mesh() {
+fn changes_sent_as_deltas_add_up_to_the_whole_mesh() {
     use std::time::Instant;
 
     use weft::{
@@ -142,9 +192,10 @@ fn workloads_sent_as_deltas_add_up_to_the_whole_mesh() {
         p
     };
     for i in 0..30 {
+        // The address each is given below (its index in `names`).
         let ev = Event::Apply(make(
             &format!("extra-{i}"),
-            format!("10.244.9.{i}"),
+            format!("10.244.9.{}", i + 3),
             "node-1",
         ));
         ordered.event(Res::Pod, ev.clone(), translate::pod);
@@ -168,9 +219,38 @@ fn workloads_sent_as_deltas_add_up_to_the_whole_mesh() {
     // Addresses of the fixture's pods and a service's: taking one is a
     // conflict.
     let taken = ["10.244.1.10", "10.244.2.11", "10.244.1.12", "10.96.10.20"];
-    let (mut deltas, mut meshes) = (0, 0);
+    let (mut deltas, mut meshes, mut endpoints) = (0, 0, 0);
     for step in 0..250 {
         for _ in 0..=next(2) {
+            if next(3) == 0 {
+                let name = ["web-extra-a", "web-extra-b"][next(2) as usize];
+                let service = match next(12) {
+                    0 => "shop-waypoint",
+                    1 => "web-headless",
+                    2 => "no-such-service",
+                    _ => "web",
+                };
+                let port = match next(10) {
+                    0 => 15008,
+                    1..=3 => 8081,
+                    _ => 8080,
+                };
+                let listed: Vec<(&str, bool)> = (0..next(5))
+                    .map(|_| {
+                        let pod = names[next(names.len() as u64) as usize].as_str();
+                        (pod, next(4) != 0)
+                    })
+                    .collect();
+                let s = slice(name, service, &listed, port);
+                let ev = if next(6) == 0 {
+                    Event::Delete(s)
+                } else {
+                    Event::Apply(s)
+                };
+                ordered.event(Res::EndpointSlice, ev.clone(), translate::endpoint_slice);
+                whole.event(Res::EndpointSlice, ev, translate::endpoint_slice);
+                continue;
+            }
             let i = next(names.len() as u64) as usize;
             let name = names[i].as_str();
             if next(8) == 0 {
@@ -221,11 +301,12 @@ fn workloads_sent_as_deltas_add_up_to_the_whole_mesh() {
                 kept = Mesh::clone(&m);
                 view = View::new(kept.clone(), "node-1", &view_balancers);
             }
-            Some(Update::Workloads(d)) => {
+            Some(Update::Delta(d)) => {
                 deltas += 1;
-                kept.apply_workloads(d.clone());
+                endpoints += usize::from(!d.services.is_empty());
+                kept.apply_delta(d.clone());
                 let started = Instant::now();
-                view = view.with_workloads(d, &view_balancers);
+                view = view.with_delta(d, &view_balancers);
                 assert!(started.elapsed().as_millis() < 100);
             }
             None => {}
@@ -273,6 +354,10 @@ fn workloads_sent_as_deltas_add_up_to_the_whole_mesh() {
                 "step {step}: {ip}"
             );
         }
+        assert!(
+            view.services().eq(expected.services.iter()),
+            "step {step}: services"
+        );
         let local = |v: &View| v.local().map(Workload::key).collect::<Vec<WorkloadKey>>();
         assert_eq!(local(&view), local(&fresh), "step {step}: this node's");
         let now = Instant::now();
@@ -295,7 +380,7 @@ fn workloads_sent_as_deltas_add_up_to_the_whole_mesh() {
     }
     // Both paths ran, the cheap one most.
     assert!(
-        deltas > 100 && meshes > 10,
-        "{deltas} deltas, {meshes} meshes"
+        deltas > 80 && meshes > 10 && endpoints > 20,
+        "{deltas} deltas ({endpoints} changing endpoints), {meshes} meshes"
     );
 }

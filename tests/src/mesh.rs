@@ -59,8 +59,11 @@ pub struct Mesh<'c> {
     /// `weft` command line after them: `setpriv` with the DaemonSet's
     /// capabilities, say. Empty: the agent runs directly.
     pub agent_wrapper: Vec<String>,
-    /// Extra arguments for the CA.
+    /// Extra arguments for the CA (with `--discovery kubernetes`, it is not
+    /// given the mesh file).
     pub ca_args: Vec<String>,
+    /// Extra environment for the CA (e.g. `KUBECONFIG`).
+    pub ca_env: Vec<(String, String)>,
     /// Run the CA inside node 0's agent (`--embedded-ca-dir`) instead of as its
     /// own `weft ca` process. Set before `start_all`.
     pub embedded_ca: bool,
@@ -120,6 +123,7 @@ impl<'c> Mesh<'c> {
             agent_env: Vec::new(),
             agent_wrapper: Vec::new(),
             ca_args: Vec::new(),
+            ca_env: Vec::new(),
             embedded_ca: false,
             cni_sockets: false,
         };
@@ -233,11 +237,13 @@ impl<'c> Mesh<'c> {
         let mut cmd = self.cluster.node(0).command(&self.weft);
         cmd.env("LOG_FORMAT", "json")
             .env("RUST_LOG", "info")
+            .envs(self.ca_env.iter().map(|(k, v)| (k, v)))
             .arg("ca")
             .arg("--dir")
-            .arg(self.ca_dir())
-            .arg("--config")
-            .arg(&self.config);
+            .arg(self.ca_dir());
+        if !self.ca_args.iter().any(|a| a == "--discovery") {
+            cmd.arg("--config").arg(&self.config);
+        }
         // A test that picks another way for agents to authenticate says so.
         if !self.ca_args.iter().any(|a| a == "--agent-auth") {
             cmd.arg("--node-tokens").arg(self.node_tokens_path());

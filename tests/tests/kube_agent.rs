@@ -201,12 +201,12 @@ fn an_agent_leaves_its_node_when_weft_s_namespace_is_deleted_and_only_then() -> 
     Ok(())
 }
 
-/// Two nodes whose agents learn the mesh from the API alone (the harness's
-/// mesh file only tells its CA which identities run where): a pod of a
-/// labelled namespace, running before its agent, is found in /proc and
+/// Two nodes whose agents and CA learn the mesh from the API alone: a pod of
+/// a labelled namespace, running before its agent, is found in /proc and
 /// enrolled, and talks to a pod on the other node over mutual TLS with the
-/// identity of its service account; relabelled out of the mesh (a change of
-/// one pod: a delta), it is unenrolled and its traffic goes plain.
+/// identity of its service account, which the CA signed because the API
+/// places that pod on that node; relabelled out of the mesh (a change of one
+/// pod: a delta), it is unenrolled and its traffic goes plain.
 #[test]
 fn agents_on_kubernetes_mesh_the_pods_the_api_lists() -> Result<()> {
     if !require_privileged() {
@@ -225,10 +225,11 @@ fn agents_on_kubernetes_mesh_the_pods_the_api_lists() -> Result<()> {
         api.put(PODS, pod_object(&c, p))?;
     }
     mesh.agent_args = ["--discovery", "kubernetes"].map(String::from).to_vec();
-    mesh.agent_env.push((
-        "KUBECONFIG".into(),
-        api.kubeconfig(&dir)?.display().to_string(),
-    ));
+    let kubeconfig = api.kubeconfig(&dir)?.display().to_string();
+    mesh.agent_env
+        .push(("KUBECONFIG".into(), kubeconfig.clone()));
+    mesh.ca_args = ["--discovery", "kubernetes"].map(String::from).to_vec();
+    mesh.ca_env.push(("KUBECONFIG".into(), kubeconfig));
     // The pods run before their agents: only /proc tells where.
     let _echo = tk::echo(server, PORT)?;
     let _client_app = tk::echo(client, PORT)?;

@@ -529,16 +529,16 @@ impl Follow<'_> {
         admin: &Admin,
     ) {
         match update {
-            Some(discovery::kube::Update::Workloads(delta)) => match kube.held.as_mut() {
+            Some(discovery::kube::Update::Delta(delta)) => match kube.held.as_mut() {
                 // Relative to the held mesh, which is the source's latest.
-                Some(held) => held.apply_workloads(delta),
+                Some(held) => held.apply_delta(delta),
                 None => {
                     tracing::debug!(
                         changed = delta.upserts.len(),
                         removed = delta.removes.len(),
                         "workloads changed in Kubernetes, applying"
                     );
-                    let view = shared.apply_workloads(delta);
+                    let view = shared.apply_delta(delta);
                     pods.apply(&view, registry);
                     admin.config_applied(false);
                     admin.set_enrolled(pods.enrolled_pods());

@@ -6,7 +6,7 @@ use crate::{
     ca::{
         cluster,
         satoken::{Check, SaOptions},
-        server::{AgentAuth, CaOptions, CaServer, Limits, MeshSource},
+        server::{AgentAuth, CaOptions, CaServer, Limits, MeshSource, Updates},
     },
     cli::{AgentAuthMode, CaArgs, Discovery},
 };
@@ -41,13 +41,10 @@ pub fn run(args: CaArgs) -> anyhow::Result<()> {
                  client (in cluster, or KUBECONFIG)",
             )?),
         };
-        // With Kubernetes discovery: the mesh, for the bundle to follow
-        // waypoints into their namespaces.
-        let mut waypoints = None;
         let (mesh, trust_domain) = match (&client, args.config) {
             (Some(client), None) => {
                 // Pods and namespaces: which identities run on which node.
-                let source = crate::discovery::kube::start(
+                let source = crate::discovery::kube::start_ordered(
                     client.clone(),
                     crate::discovery::kube::KubeOptions {
                         kinds: crate::discovery::kube::Kinds::WorkloadsOnly,
@@ -55,10 +52,9 @@ pub fn run(args: CaArgs) -> anyhow::Result<()> {
                         ..Default::default()
                     },
                 );
-                waypoints = Some(source.updates.clone());
                 let updates = MeshSource::Updates {
                     trust_domain: args.trust_domain.clone(),
-                    updates: source.updates,
+                    updates: Updates::new(source.updates),
                 };
                 (updates, args.trust_domain)
             }
@@ -91,15 +87,15 @@ pub fn run(args: CaArgs) -> anyhow::Result<()> {
         .await?;
         if let (Some(client), Some((ns, name))) = (&client, &bundle_configmap) {
             cluster::publish_bundle(client, ns, name, &server.bundle_pem()).await?;
-            if let Some(mesh) = waypoints {
-                tokio::spawn(cluster::follow_waypoints(
-                    client.clone(),
-                    name.clone(),
-                    server.bundle_pem(),
-                    mesh,
-                    [ns.clone()].into(),
-                ));
-            }
+            // Into waypoints' namespaces too, and again now and then.
+            tokio::spawn(cluster::follow_waypoints(
+                client.clone(),
+                name.clone(),
+                server.bundle_pem(),
+                server.waypoint_namespaces(),
+                [ns.clone()].into(),
+                cluster::REFRESH_EVERY,
+            ));
         }
         server
             .run(async move {

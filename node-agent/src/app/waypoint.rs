@@ -301,9 +301,9 @@ async fn serve(args: WaypointArgs, me: WorkloadKey) -> anyhow::Result<()> {
                 match update {
                     // Routes, policies and limits name services: only the
                     // view changes (at the cost of the change).
-                    Update::Workloads(delta) => {
+                    Update::Delta(delta) => {
                         let config = engine.config();
-                        let view = config.view.with_workloads(delta, &balancers);
+                        let view = config.view.with_delta(delta, &balancers);
                         engine.set_config(config.with_view(Arc::new(view)));
                         debug!("workloads updated from Kubernetes");
                     }

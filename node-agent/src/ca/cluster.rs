@@ -14,7 +14,7 @@
 //! starting at once race on the Secret's creation; the one that loses takes
 //! the winner's root, so there is only ever one.
 
-use std::{collections::BTreeSet, path::Path, sync::Arc, time::Duration};
+use std::{collections::BTreeSet, path::Path, time::Duration};
 
 use k8s_openapi::{
     ByteString,
@@ -27,7 +27,6 @@ use kube::{
 use tracing::{info, warn};
 
 use super::{Authority, store};
-use crate::model::Mesh;
 
 /// The keys of the root Secret, the file names of the state directory.
 const CERT: &str = "root.pem";
@@ -119,31 +118,37 @@ pub async fn publish_bundle(
 /// How soon a namespace the bundle could not be published in is tried again.
 const REPUBLISH_AFTER: Duration = Duration::from_secs(30);
 
-/// Publishes the bundle as ConfigMap `name` in every namespace of `mesh`'s
-/// waypoint pods (`native_tunnel` workloads: the label `weft.dev/role:
-/// waypoint`), once per namespace, as they appear; a failed publication is
-/// tried again after [`REPUBLISH_AFTER`] or at the next change. Runs until
-/// the mesh's sender is gone. The waypoint mounts the ConfigMap as
-/// optional and waits for the file, which the kubelet writes once it exists.
+/// How often the bundle is published again everywhere it is wanted, so that
+/// a ConfigMap deleted or edited by hand is restored (a server-side apply
+/// that changes nothing writes nothing).
+pub const REFRESH_EVERY: Duration = Duration::from_secs(600);
+
+/// Publishes the bundle as ConfigMap `name` in `home` (where it was published
+/// at start) and in every namespace `waypoints` names (where pods that speak
+/// HBONE themselves run: the label `weft.dev/role: waypoint`), once per
+/// namespace as they appear, and again everywhere every `refresh`. A failed
+/// publication is tried again after [`REPUBLISH_AFTER`] or at the next
+/// change. Runs until the sender of `waypoints` is gone. The waypoint mounts
+/// the ConfigMap as optional and waits for the file, which the kubelet
+/// writes once it exists.
 pub async fn follow_waypoints(
     client: kube::Client,
     name: String,
     bundle_pem: String,
-    mut mesh: tokio::sync::watch::Receiver<Option<Arc<Mesh>>>,
-    mut done: BTreeSet<String>,
+    mut waypoints: tokio::sync::watch::Receiver<BTreeSet<String>>,
+    home: BTreeSet<String>,
+    refresh: Duration,
 ) {
+    let mut done = home.clone();
+    let mut again = tokio::time::interval_at(tokio::time::Instant::now() + refresh, refresh);
+    again.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let wanted: BTreeSet<String> = mesh
+        let wanted: BTreeSet<String> = waypoints
             .borrow_and_update()
-            .as_ref()
-            .map(|m| {
-                m.workloads
-                    .iter()
-                    .filter(|w| w.native_tunnel)
-                    .map(|w| w.namespace.clone())
-                    .collect()
-            })
-            .unwrap_or_default();
+            .iter()
+            .chain(&home)
+            .cloned()
+            .collect();
         let mut failed = false;
         for ns in wanted.difference(&done.clone()) {
             match publish_bundle(&client, ns, &name, &bundle_pem).await {
@@ -164,8 +169,9 @@ pub async fn follow_waypoints(
             }
         };
         tokio::select! {
-            changed = mesh.changed() => if changed.is_err() { return },
+            changed = waypoints.changed() => if changed.is_err() { return },
             () = retry => {}
+            _ = again.tick() => done.clear(),
         }
     }
 }
@@ -271,9 +277,10 @@ mod tests {
     /// again; ordinary pods' namespaces get nothing.
     #[tokio::test]
     async fn the_bundle_follows_waypoints_into_their_namespaces() {
-        use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-
-        use crate::model::Workload;
+        use std::sync::{
+            Arc,
+            atomic::{AtomicBool, Ordering::Relaxed},
+        };
 
         // The first apply in `shop` fails (403, as with a missing RBAC rule).
         let refused_once = Arc::new(AtomicBool::new(false));
@@ -288,34 +295,17 @@ mod tests {
             (200, String::from_utf8(body.to_vec()).unwrap())
         })
         .await;
-        let w = |ns: &str, name: &str, waypoint: bool| Workload {
-            name: name.into(),
-            namespace: ns.into(),
-            service_account: "default".into(),
-            node: "node-a".into(),
-            addresses: vec![],
-            enrolled: !waypoint,
-            outside_mesh: Default::default(),
-            labels: Default::default(),
-            native_tunnel: waypoint,
+        let set = |namespaces: &[&str]| -> BTreeSet<String> {
+            namespaces.iter().map(|ns| ns.to_string()).collect()
         };
-        let mesh = |ws: Vec<Workload>| {
-            Some(Arc::new(Mesh {
-                workloads: ws.into_iter().map(Arc::new).collect(),
-                ..Mesh::default()
-            }))
-        };
-        let (tx, rx) = tokio::sync::watch::channel(mesh(vec![
-            w("shop", "shop-waypoint-0", true),
-            w("shop", "web-0", false),
-            w("batch", "job-0", false),
-        ]));
+        let (tx, rx) = tokio::sync::watch::channel(set(&["shop"]));
         let task = tokio::spawn(follow_waypoints(
             client,
             "weft-trust-bundle".into(),
             "PEM".into(),
             rx,
-            ["weft-system".to_owned()].into(),
+            set(&["weft-system"]),
+            Duration::from_secs(3600),
         ));
         let calls = |seen: &std::sync::Mutex<Vec<String>>| seen.lock().unwrap().clone();
         let path = |ns: &str| format!("PATCH /api/v1/namespaces/{ns}/configmaps/weft-trust-bundle");
@@ -327,24 +317,18 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert_eq!(calls(&seen), [path("shop")]);
-        tx.send_replace(mesh(vec![
-            w("shop", "shop-waypoint-0", true),
-            w("shop", "shop-waypoint-1", true),
-            w("legacy", "legacy-waypoint-0", true),
-            w("batch", "job-0", false),
-            w("weft-system", "w", true),
-        ]));
+        tx.send_replace(set(&["shop", "legacy", "weft-system"]));
         for _ in 0..100 {
             if calls(&seen).len() >= 3 {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        // Once per namespace, never `batch`, never the home namespace again.
+        // Once per namespace, never the home namespace again.
         let mut got = calls(&seen);
         got[1..].sort();
         assert_eq!(got, [path("shop"), path("legacy"), path("shop")]);
-        tx.send_replace(mesh(vec![w("shop", "shop-waypoint-2", true)]));
+        tx.send_replace(set(&["shop"]));
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert_eq!(calls(&seen).len(), 3, "published once per namespace");
         // What was applied: the bundle, by the CA's field manager, forced.
@@ -360,5 +344,37 @@ mod tests {
             .await
             .expect("stops when the mesh's sender is gone")
             .unwrap();
+    }
+
+    /// A ConfigMap deleted or edited by hand comes back: every `refresh`,
+    /// the bundle is applied again in the home namespace and every
+    /// waypoint's.
+    #[tokio::test]
+    async fn the_bundle_is_published_again_everywhere_every_refresh() {
+        let (client, seen) = super::super::testapi::serve(|_, body| {
+            (200, String::from_utf8(body.to_vec()).unwrap())
+        })
+        .await;
+        let (tx, rx) = tokio::sync::watch::channel(["shop".to_owned()].into());
+        let task = tokio::spawn(follow_waypoints(
+            client,
+            "weft-trust-bundle".into(),
+            "PEM".into(),
+            rx,
+            ["weft-system".to_owned()].into(),
+            Duration::from_millis(200),
+        ));
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let calls = seen.lock().unwrap().clone();
+        let count = |ns: &str| {
+            let path = format!("PATCH /api/v1/namespaces/{ns}/configmaps/weft-trust-bundle");
+            calls.iter().filter(|c| **c == path).count()
+        };
+        // shop at once, then both every 200 ms: five refreshes in 1.1 s, at
+        // least three counted on a busy machine.
+        assert!(count("shop") >= 4, "{calls:?}");
+        assert!(count("weft-system") >= 3, "{calls:?}");
+        drop(tx);
+        task.await.unwrap();
     }
 }

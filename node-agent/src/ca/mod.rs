@@ -15,6 +15,7 @@
 
 pub mod client;
 pub mod cluster;
+pub mod placement;
 pub mod proto;
 pub mod satoken;
 pub mod server;

@@ -21,6 +21,7 @@
 //! State lives in one directory (see [`super::store`]).
 
 use std::{
+    collections::BTreeSet,
     future::Future,
     io,
     net::SocketAddr,
@@ -40,7 +41,7 @@ use h2::{
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
 use tokio::{
     net::{TcpListener, TcpStream},
-    sync::watch,
+    sync::{mpsc, watch},
     task::JoinSet,
     time::Instant,
 };
@@ -49,13 +50,14 @@ use tracing::{Instrument as _, debug, error, info, info_span, warn};
 
 use super::{
     Authority, new_key_and_csr,
+    placement::Placement,
     proto::{self, CertificateRequest, CertificateResponse, Code},
     satoken::{self, SaOptions, SaVerifier},
     store,
     tokens::{self, NodeTokens},
 };
 use crate::{
-    discovery::{self, file, watch::Watch},
+    discovery::{self, file, kube::Update, watch::Watch},
     identity::SpiffeId,
     model::Mesh,
     net::limit::{Full, Limit, Throttle},
@@ -122,14 +124,30 @@ pub struct CaOptions {
 pub enum MeshSource {
     /// The mesh file, watched.
     File(PathBuf),
-    /// A source that publishes whole meshes (Kubernetes discovery), `None` until
-    /// it has listed everything once. The CA starts serving only then: before,
-    /// it would refuse every node. A newer mesh applies as it arrives, so a pod
-    /// gone from a node stops being signed for it at once.
+    /// An ordered source (Kubernetes discovery): a whole mesh once it has
+    /// listed everything, then each change, pods as deltas. The CA starts
+    /// serving only after the first: before, it would refuse every node. Each
+    /// change applies as it arrives (a delta at its cost), so a pod gone from
+    /// a node stops being signed for it at once.
     Updates {
         trust_domain: String,
-        updates: tokio::sync::watch::Receiver<Option<Arc<Mesh>>>,
+        updates: Updates,
     },
+}
+
+/// The receiving end of an ordered source, for the one CA that binds with
+/// it (options are cloned; a receiver cannot be).
+#[derive(Debug, Clone)]
+pub struct Updates(Arc<std::sync::Mutex<Option<mpsc::Receiver<Update>>>>);
+
+impl Updates {
+    pub fn new(rx: mpsc::Receiver<Update>) -> Updates {
+        Updates(Arc::new(std::sync::Mutex::new(Some(rx))))
+    }
+
+    fn take(&self) -> Option<mpsc::Receiver<Update>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
 }
 
 impl MeshSource {
@@ -228,6 +246,10 @@ pub struct CaServer {
     shared: Arc<Shared>,
     opts: CaOptions,
     watch: Watch,
+    /// The mesh file's mesh, for its reloads to be compared with.
+    file_mesh: Option<Arc<Mesh>>,
+    /// The discovery source's receiver, followed once serving.
+    updates: Option<mpsc::Receiver<Update>>,
 }
 
 /// What every connection reads.
@@ -235,7 +257,11 @@ struct Shared {
     authority: Authority,
     trust_domain: String,
     max_ttl: Duration,
-    mesh: RwLock<Arc<Mesh>>,
+    /// Which identities run on which node.
+    placement: RwLock<Placement>,
+    /// The namespaces where pods that speak HBONE themselves run (the
+    /// placement's), for the trust bundle to follow.
+    native: watch::Sender<BTreeSet<String>>,
     auth: Auth,
     counters: Counters,
     limits: Limits,
@@ -263,27 +289,40 @@ impl CaServer {
             .chain(opts.auth.node_tokens())
             .collect();
         let watch = Watch::new(&files);
-        let mesh = match &opts.mesh {
-            MeshSource::File(path) => file::load(path, opts.config_max_bytes)?.mesh,
+        // The file's mesh, which its reloads are compared with; or the
+        // source's receiver, which follows it.
+        let (placement, file_mesh, updates) = match &opts.mesh {
+            MeshSource::File(path) => {
+                let mesh = file::load(path, opts.config_max_bytes)?.mesh;
+                (Placement::new(&mesh), Some(Arc::new(mesh)), None)
+            }
             MeshSource::Updates {
                 trust_domain,
                 updates,
             } => {
-                let mut updates = updates.clone();
+                let mut updates = updates
+                    .take()
+                    .ok_or_else(|| Error::Options("the discovery source is another CA's".into()))?;
                 info!("waiting for the first complete mesh from discovery");
-                let mesh = updates
-                    .wait_for(Option::is_some)
-                    .await
-                    .map_err(|_| Error::Options("discovery stopped before its first mesh".into()))?
-                    .clone()
-                    .unwrap_or_default();
+                let mesh = loop {
+                    // The first update is a whole mesh.
+                    match updates.recv().await {
+                        Some(Update::Mesh(m)) => break m,
+                        Some(Update::Delta(_)) => continue,
+                        None => {
+                            return Err(Error::Options(
+                                "discovery stopped before its first mesh".into(),
+                            ));
+                        }
+                    }
+                };
                 if mesh.trust_domain != *trust_domain {
                     return Err(Error::Options(format!(
                         "discovery's trust domain {:?} is not the CA's {trust_domain:?}",
                         mesh.trust_domain
                     )));
                 }
-                Arc::unwrap_or_clone(mesh)
+                (Placement::new(&mesh), None, Some(updates))
             }
         };
         let auth = match &opts.auth {
@@ -310,7 +349,7 @@ impl CaServer {
                 ))
             }
         };
-        let trust_domain = mesh.trust_domain.clone();
+        let trust_domain = placement.trust_domain().to_owned();
 
         let authority = store::load_authority(&opts.dir, &trust_domain)?;
         store::write_bundle(&opts.dir, &authority)?;
@@ -338,7 +377,8 @@ impl CaServer {
                 authority,
                 trust_domain,
                 max_ttl: opts.max_ttl,
-                mesh: RwLock::new(Arc::new(mesh)),
+                native: watch::channel(native_namespaces(&placement)).0,
+                placement: RwLock::new(placement),
                 auth,
                 counters: Counters::default(),
                 limits: opts.limits,
@@ -349,6 +389,8 @@ impl CaServer {
             }),
             opts,
             watch,
+            file_mesh,
+            updates,
         })
     }
 
@@ -371,6 +413,12 @@ impl CaServer {
         self.shared.authority.bundle().concat()
     }
 
+    /// The namespaces where pods that speak HBONE themselves (waypoints) run,
+    /// as the mesh changes: where the trust bundle must be published.
+    pub fn waypoint_namespaces(&self) -> watch::Receiver<BTreeSet<String>> {
+        self.shared.native.subscribe()
+    }
+
     /// Serves until `shutdown` completes, then stops accepting, lets connections
     /// in flight finish for a few seconds and cuts the rest.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
@@ -381,6 +429,8 @@ impl CaServer {
             shared,
             opts,
             watch,
+            file_mesh,
+            updates,
         } = self;
         let addr = listener.local_addr().map_err(|source| Error::Bind {
             addr: opts.listen,
@@ -389,9 +439,9 @@ impl CaServer {
         store::write_addr(&opts.dir, addr)?;
 
         let mut background = JoinSet::new();
-        background.spawn(watch_files(opts.clone(), shared.clone(), watch));
-        if let MeshSource::Updates { updates, .. } = &opts.mesh {
-            background.spawn(follow_updates(updates.clone(), shared.clone()));
+        background.spawn(watch_files(opts.clone(), shared.clone(), watch, file_mesh));
+        if let Some(updates) = updates {
+            background.spawn(follow_updates(updates, shared.clone()));
         }
         let metrics_addr = metrics
             .as_ref()
@@ -794,10 +844,12 @@ async fn create_certificate(
     }
 
     let node = caller.node.as_deref().unwrap_or_default();
-    let mesh = read_lock(&shared.mesh);
-    authorize(&mesh, &id, node)?;
-    if let Some((ns, sa, pod)) = &own {
-        authorize_own(&mesh, &id, node, ns, sa, pod)?;
+    {
+        let placement = shared.placement.read().unwrap_or_else(|e| e.into_inner());
+        authorize(&placement, &id, node)?;
+        if let Some((ns, sa, pod)) = &own {
+            authorize_own(&placement, &id, node, ns, sa, pod)?;
+        }
     }
 
     let ttl = match u64::try_from(request.validity_secs) {
@@ -824,14 +876,14 @@ async fn create_certificate(
 /// Whether `node` may have `id`: only if the mesh places a workload with that
 /// identity on it, and never the CA's own identity, whatever the mesh says (the
 /// model refuses a workload with it; this holds even if a source forgot to).
-fn authorize(mesh: &Mesh, id: &SpiffeId, node: &str) -> Result<(), Refusal> {
+fn authorize(placement: &Placement, id: &SpiffeId, node: &str) -> Result<(), Refusal> {
     let denied = |reason: String| Refusal::new(Outcome::Denied, Code::PERMISSION_DENIED, reason);
     if id.is_ca() {
         return Err(denied(format!(
             "{id} is the CA's own identity: it is signed for no node"
         )));
     }
-    if !mesh.identity_on_node(id, node) {
+    if !placement.identity_on_node(id, node) {
         return Err(denied(format!(
             "node {node} may not have {id}: the mesh config places no workload with \
              that identity on it"
@@ -845,7 +897,7 @@ fn authorize(mesh: &Mesh, id: &SpiffeId, node: &str) -> Result<(), Refusal> {
 /// HBONE itself (`native_tunnel`): any other pod's certificates are its
 /// agent's to ask for.
 fn authorize_own(
-    mesh: &Mesh,
+    placement: &Placement,
     id: &SpiffeId,
     node: &str,
     ns: &str,
@@ -858,13 +910,9 @@ fn authorize_own(
             "a token of {ns}/{sa} may have only its own identity, not {id}"
         )));
     }
-    let ok = mesh.workloads.iter().any(|w| {
-        w.namespace == ns
-            && w.name == pod
-            && w.service_account == sa
-            && w.node == node
-            && w.native_tunnel
-    });
+    let ok = placement
+        .workload(ns, pod)
+        .is_some_and(|w| w.service_account == sa && w.node == node && w.native_tunnel);
     if !ok {
         return Err(denied(format!(
             "pod {ns}/{pod} on {node} is not a workload that speaks HBONE itself \
@@ -1009,35 +1057,73 @@ fn watched(opts: &CaOptions) -> (Option<usize>, Option<usize>) {
     (mesh, tokens)
 }
 
-/// Applies each mesh a discovery source publishes.
-async fn follow_updates(
-    mut updates: tokio::sync::watch::Receiver<Option<Arc<Mesh>>>,
-    shared: Arc<Shared>,
-) {
-    while updates.changed().await.is_ok() {
-        let Some(mesh) = updates.borrow_and_update().clone() else {
-            continue;
-        };
-        if mesh.trust_domain != shared.trust_domain {
-            error!(from = %shared.trust_domain, to = %mesh.trust_domain, "mesh rejected: the trust domain changed; restart the CA to change it");
-            continue;
+/// Applies each update of a discovery source: a whole mesh replaces the
+/// placement, a delta changes it at its cost.
+async fn follow_updates(mut updates: mpsc::Receiver<Update>, shared: Arc<Shared>) {
+    while let Some(update) = updates.recv().await {
+        match update {
+            Update::Mesh(mesh) => {
+                if mesh.trust_domain != shared.trust_domain {
+                    error!(from = %shared.trust_domain, to = %mesh.trust_domain, "mesh rejected: the trust domain changed; restart the CA to change it");
+                    continue;
+                }
+                debug!(workloads = mesh.workloads.len(), "mesh updated");
+                let placement = Placement::new(&mesh);
+                drop(mesh);
+                *shared.placement.write().unwrap_or_else(|e| e.into_inner()) = placement;
+            }
+            Update::Delta(delta) => {
+                debug!(
+                    changed = delta.upserts.len(),
+                    removed = delta.removes.len(),
+                    "workloads updated"
+                );
+                shared
+                    .placement
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .apply(&delta);
+            }
         }
-        debug!(workloads = mesh.workloads.len(), "mesh updated");
-        write_lock(&shared.mesh, mesh);
+        shared.publish_native();
+    }
+}
+
+/// The namespaces of `placement`'s pods that speak HBONE themselves.
+fn native_namespaces(placement: &Placement) -> BTreeSet<String> {
+    placement.native_namespaces().map(str::to_owned).collect()
+}
+
+impl Shared {
+    /// Tells the bundle's follower where waypoints run now, if that changed.
+    fn publish_native(&self) {
+        let now = native_namespaces(&self.placement.read().unwrap_or_else(|e| e.into_inner()));
+        self.native.send_if_modified(|was| {
+            let changed = *was != now;
+            if changed {
+                *was = now;
+            }
+            changed
+        });
     }
 }
 
 /// Follows the mesh config and the node tokens; a file that fails to load (or
 /// a mesh change the guard refuses) is reported and the last good version keeps
 /// serving.
-async fn watch_files(opts: CaOptions, shared: Arc<Shared>, mut watch: Watch) {
+async fn watch_files(
+    opts: CaOptions,
+    shared: Arc<Shared>,
+    mut watch: Watch,
+    mut current: Option<Arc<Mesh>>,
+) {
     loop {
         let changed = watch.changed().await;
         let (mesh_file, tokens_file) = watched(&opts);
         if let Some(config) = opts.mesh.file()
+            && let Some(current) = current.as_mut()
             && mesh_file.is_some_and(|i| changed.contains(&i))
         {
-            let current = read_lock(&shared.mesh);
             match file::load(config, opts.config_max_bytes) {
                 Ok(c) if c.mesh.trust_domain != shared.trust_domain => error!(
                     path = %config.display(),
@@ -1046,19 +1132,22 @@ async fn watch_files(opts: CaOptions, shared: Arc<Shared>, mut watch: Watch) {
                     "mesh config rejected: the trust domain changed; restart the CA to change it \
                      (its identity is in the old one); the last good config keeps serving"
                 ),
-                Ok(c) => match discovery::guard(&current, &c.mesh, c.allow_shrink) {
+                Ok(c) => match discovery::guard(current, &c.mesh, c.allow_shrink) {
                     Err(e) => error!(
                         path = %config.display(),
                         error = %e,
                         "mesh config rejected; the last good config keeps serving (put `allow_shrink: true` in the file if the change is meant)"
                     ),
-                    Ok(()) if *current != c.mesh => {
+                    Ok(()) if **current != c.mesh => {
                         info!(
                             path = %config.display(),
                             workloads = c.mesh.workloads.len(),
                             "mesh config reloaded"
                         );
-                        write_lock(&shared.mesh, Arc::new(c.mesh));
+                        let placement = Placement::new(&c.mesh);
+                        *shared.placement.write().unwrap_or_else(|e| e.into_inner()) = placement;
+                        *current = Arc::new(c.mesh);
+                        shared.publish_native();
                     }
                     Ok(()) => {}
                 },
@@ -1201,6 +1290,7 @@ mod tests {
             CA_NAMESPACE, CA_SERVICE_ACCOUNT,
             client::{self, CaClient},
         },
+        model::{MeshDelta, WorkloadKey},
         tls::{Svid, TrustBundle},
     };
 
@@ -1451,11 +1541,13 @@ mod tests {
         w.namespace = CA_NAMESPACE.into();
         w.service_account = CA_SERVICE_ACCOUNT.into();
         assert!(mesh.identity_on_node(&ca_id, "n1"));
-        let refusal = authorize(&mesh, &ca_id, "n1").err().unwrap();
+        let refusal = authorize(&Placement::new(&mesh), &ca_id, "n1")
+            .err()
+            .unwrap();
         assert_eq!(refusal.code, Code::PERMISSION_DENIED);
         assert_eq!(refusal.outcome, Outcome::Denied);
         let web = file::parse(Path::new("mesh.yaml"), MESH).unwrap().mesh;
-        assert!(authorize(&web, &id("web"), "n1").is_ok());
+        assert!(authorize(&Placement::new(&web), &id("web"), "n1").is_ok());
     }
 
     #[tokio::test]
@@ -1565,14 +1657,14 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn with_a_discovery_source_the_ca_serves_once_synced_and_follows_each_mesh() {
+    async fn with_a_discovery_source_the_ca_serves_once_synced_and_follows_each_change() {
         let tmp = TempDir::new();
         let mut opts = options(&tmp);
         let parse = |text: &str| Arc::new(file::parse(Path::new("mesh"), text).unwrap().mesh);
-        let (tx, rx) = tokio::sync::watch::channel(None);
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
         opts.mesh = MeshSource::Updates {
             trust_domain: TD.into(),
-            updates: rx,
+            updates: Updates::new(rx),
         };
         // Not synced yet: the CA does not listen.
         let binding = tokio::spawn(CaServer::bind(opts));
@@ -1581,8 +1673,10 @@ mod tests {
             !binding.is_finished(),
             "the CA bound before discovery synced"
         );
-        tx.send_replace(Some(parse(MESH)));
+        tx.send(Update::Mesh(parse(MESH))).await.unwrap();
         let server = binding.await.unwrap().unwrap();
+        let mut waypoints = server.waypoint_namespaces();
+        assert!(waypoints.borrow_and_update().is_empty());
         let (stop, stopped) = oneshot::channel::<()>();
         let ca = Running {
             addr: server.local_addr().unwrap(),
@@ -1595,13 +1689,52 @@ mod tests {
         };
         let (n1, n2) = (ca.client(N1), ca.client(N2));
         sign(&n1, &id("web"), HOUR).await.unwrap();
-        // web's pod is rescheduled on n2: n1 loses it at once.
-        tx.send_replace(Some(parse(&MESH.replace("node: n1", "node: n2"))));
+        // web's pod is rescheduled on n2 (a whole mesh): n1 loses it at once.
+        tx.send(Update::Mesh(parse(&MESH.replace("node: n1", "node: n2"))))
+            .await
+            .unwrap();
         eventually("n1 loses web", || async {
             sign(&n1, &id("web"), HOUR).await.is_err()
         })
         .await;
         sign(&n2, &id("web"), HOUR).await.unwrap();
+        // As a delta: back on n1, and a waypoint appears in `shop`.
+        let moved = parse(
+            "workloads:
+- {name: web-0, namespace: shop, service_account: web, node: n1}
+- {name: shop-waypoint-0, namespace: shop, service_account: waypoint, node: n2, native_tunnel: true}
+",
+        );
+        tx.send(Update::Delta(MeshDelta {
+            upserts: moved.workloads.clone(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+        eventually("n1 has web again", || async {
+            sign(&n1, &id("web"), HOUR).await.is_ok()
+        })
+        .await;
+        assert!(sign(&n2, &id("web"), HOUR).await.is_err());
+        waypoints.changed().await.unwrap();
+        assert_eq!(
+            *waypoints.borrow_and_update(),
+            BTreeSet::from(["shop".to_owned()])
+        );
+        // A removal is one too.
+        tx.send(Update::Delta(MeshDelta {
+            removes: vec![WorkloadKey {
+                namespace: "shop".into(),
+                name: "web-0".into(),
+            }],
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+        eventually("n1 loses web again", || async {
+            sign(&n1, &id("web"), HOUR).await.is_err()
+        })
+        .await;
         ca.stop().await;
     }
 

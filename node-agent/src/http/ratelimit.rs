@@ -1712,10 +1712,10 @@ mod tests {
         let mut third = (*mesh.workloads[2]).clone();
         third.name = "wp-2".into();
         third.addresses = vec!["10.0.0.5".parse().unwrap()];
-        let grown = view.with_workloads(
-            crate::model::WorkloadDelta {
+        let grown = view.with_delta(
+            crate::model::MeshDelta {
                 upserts: vec![std::sync::Arc::new(third)],
-                removes: vec![],
+                ..Default::default()
             },
             &balancers,
         );

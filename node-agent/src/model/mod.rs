@@ -16,7 +16,13 @@ pub mod ratelimit;
 pub mod route;
 pub mod validate;
 
-use std::{collections::BTreeMap, fmt, net::IpAddr, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt,
+    net::IpAddr,
+    sync::Arc,
+    time::Duration,
+};
 
 use serde::Serialize;
 
@@ -47,19 +53,24 @@ pub struct Mesh {
     pub rate_limits: Vec<ratelimit::RateLimitPolicy>,
 }
 
-/// Workloads that changed since the mesh before: what a source that knows
-/// its changes (Kubernetes) sends instead of a whole mesh when nothing else
-/// changed. `upserts` are whole workloads, new or replacing the one of their
-/// key; `removes` are keys gone.
+/// What changed since the mesh before: what a source that knows its changes
+/// (Kubernetes) sends instead of a whole mesh when only pods and the
+/// endpoints of services changed. `upserts` are whole workloads, new or
+/// replacing the one of their key; `removes` are keys gone; `services` are
+/// whole services replacing the one of their key, changed only in what their
+/// EndpointSlices say (their endpoints, the ports their named target ports
+/// resolve to). A delta never adds or removes a service: that is a whole
+/// mesh.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct WorkloadDelta {
+pub struct MeshDelta {
     pub upserts: Vec<Arc<Workload>>,
     pub removes: Vec<WorkloadKey>,
+    pub services: Vec<Service>,
 }
 
-impl WorkloadDelta {
+impl MeshDelta {
     pub fn is_empty(&self) -> bool {
-        self.upserts.is_empty() && self.removes.is_empty()
+        self.upserts.is_empty() && self.removes.is_empty() && self.services.is_empty()
     }
 }
 
@@ -843,9 +854,9 @@ fn ser_opt_duration<S: serde::Serializer>(v: &Option<Duration>, s: S) -> Result<
 }
 
 impl Mesh {
-    /// Applies `delta` (a scan of the workloads: for a mesh held aside, not
-    /// the data path's view).
-    pub fn apply_workloads(&mut self, delta: WorkloadDelta) {
+    /// Applies `delta` (a scan of the workloads and services: for a mesh held
+    /// aside, not the data path's view).
+    pub fn apply_delta(&mut self, delta: MeshDelta) {
         let gone: std::collections::HashSet<WorkloadKey> = delta
             .removes
             .into_iter()
@@ -853,15 +864,30 @@ impl Mesh {
             .collect();
         self.workloads.retain(|w| !gone.contains(&w.key()));
         self.workloads.extend(delta.upserts);
+        if !delta.services.is_empty() {
+            let mut changed: HashMap<ServiceKey, Service> =
+                delta.services.into_iter().map(|s| (s.key(), s)).collect();
+            for svc in &mut self.services {
+                if let Some(s) = changed.remove(&svc.key()) {
+                    *svc = s;
+                }
+            }
+        }
     }
 
     /// Whether the two meshes are equal in everything but their workloads.
     pub fn eq_without_workloads(&self, other: &Mesh) -> bool {
+        self.services == other.services && self.eq_settings(other)
+    }
+
+    /// Whether the two meshes are equal in everything but their workloads
+    /// and services.
+    pub fn eq_settings(&self, other: &Mesh) -> bool {
         let Mesh {
             trust_domain,
             root_namespace,
             workloads: _,
-            services,
+            services: _,
             authorization_policies,
             peer_authentications,
             namespaces,
@@ -873,7 +899,6 @@ impl Mesh {
         } = self;
         *trust_domain == other.trust_domain
             && *root_namespace == other.root_namespace
-            && *services == other.services
             && *authorization_policies == other.authorization_policies
             && *peer_authentications == other.peer_authentications
             && *namespaces == other.namespaces
@@ -902,6 +927,21 @@ impl Mesh {
                 w.node == node
                     && w.namespace == id.namespace()
                     && w.service_account == id.service_account()
+            })
+    }
+
+    /// Every service something is bound to as its waypoint, by (namespace,
+    /// name), once per binding: by a service or a namespace.
+    pub fn waypoint_services(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.services
+            .iter()
+            .map(|s| &s.waypoint)
+            .chain(self.namespaces.iter().map(|n| &n.waypoint))
+            .filter_map(|b| match b {
+                Some(UseWaypoint::Service { namespace, name }) => {
+                    Some((namespace.as_str(), name.as_str()))
+                }
+                _ => None,
             })
     }
 

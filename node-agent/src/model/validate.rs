@@ -160,18 +160,7 @@ fn service_problems(
         .iter()
         .map(|w| (w.namespace.as_str(), w.name.as_str()))
         .collect();
-    let waypoints: HashSet<(&str, &str)> = mesh
-        .services
-        .iter()
-        .map(|s| &s.waypoint)
-        .chain(mesh.namespaces.iter().map(|n| &n.waypoint))
-        .filter_map(|b| match b {
-            Some(UseWaypoint::Service { namespace, name }) => {
-                Some((namespace.as_str(), name.as_str()))
-            }
-            _ => None,
-        })
-        .collect();
+    let waypoints: HashSet<(&str, &str)> = mesh.waypoint_services().collect();
     for (i, svc) in mesh.services.iter().enumerate() {
         let at = format!("services[{i}] ({}/{})", svc.namespace, svc.name);
         if !is_dns_label(&svc.name) || !is_dns_label(&svc.namespace) {

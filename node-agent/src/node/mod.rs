@@ -234,16 +234,16 @@ impl Shared {
     }
 
     /// Installs the view in force with `delta` applied (see
-    /// [`View::with_workloads`]), then closes the inbound connections to the
+    /// [`View::with_delta`]), then closes the inbound connections to the
     /// changed workloads it now denies. Only the follow loop changes the view.
-    pub fn apply_workloads(&self, delta: crate::model::WorkloadDelta) -> Arc<View> {
+    pub fn apply_delta(&self, delta: crate::model::MeshDelta) -> Arc<View> {
         let changed: std::collections::HashSet<WorkloadKey> = delta
             .upserts
             .iter()
             .map(|w| w.key())
             .chain(delta.removes.iter().cloned())
             .collect();
-        let view = Arc::new(self.view().with_workloads(delta, &self.balancers));
+        let view = Arc::new(self.view().with_delta(delta, &self.balancers));
         *self.view.write().unwrap_or_else(|e| e.into_inner()) = view.clone();
         self.live.recheck_to(&view, |k| changed.contains(k));
         view

@@ -10,15 +10,17 @@
 //! disconnect or a `410 Gone`) every kind [`Kinds`] names, and publishes the
 //! mesh they describe on a `watch` channel: `None` until every kind has been
 //! listed completely once (a partial mesh is never published), then a new
-//! `Arc<Mesh>` whenever it changed, at most every [`COALESCE`]. The CA needs
-//! only [`Kinds::WorkloadsOnly`] (pods and namespaces: which identities run on
-//! which node); the waypoint watches [`Kinds::All`].
+//! `Arc<Mesh>` whenever it changed, at most every [`COALESCE`]: for a
+//! consumer that wants only the latest whole mesh.
 //!
-//! [`start_ordered`] is the agent's: every update in order on a channel, the
-//! first a whole mesh, then, when only pods changed, just the workloads that
-//! did ([`Update::Workloads`]), which the agent applies to its view at the cost
-//! of the change (`View::with_workloads`) instead of compiling
-//! the whole cluster again.
+//! [`start_ordered`] is the agent's, the waypoint's ([`Kinds::All`]) and the
+//! CA's ([`Kinds::WorkloadsOnly`]: pods and namespaces, which identities run
+//! on which node): every update in
+//! order on a channel, the first a whole mesh, then, when only pods and
+//! EndpointSlices changed, just the workloads and the services' endpoints
+//! that did ([`Update::Delta`]), which they apply to their view at the cost
+//! of the change (`View::with_delta`) instead of compiling the whole cluster
+//! again.
 //!
 //! - Pods → workloads (every pod of the cluster, as ztunnel does: any of them may
 //!   be a peer), enrolled by label ([`labels`]); Namespaces → enrollment and

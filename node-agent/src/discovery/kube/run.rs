@@ -201,7 +201,7 @@ pub(super) async fn publish(
                         if let Some(update) = state.next_update() {
                             match &update {
                                 Update::Mesh(m) => debug!(workloads = m.workloads.len(), services = m.services.len(), build_ms = started.elapsed().as_millis() as u64, "mesh assembled"),
-                                Update::Workloads(d) => debug!(changed = d.upserts.len(), removed = d.removes.len(), build_us = started.elapsed().as_micros() as u64, "workloads changed"),
+                                Update::Delta(d) => debug!(changed = d.upserts.len(), removed = d.removes.len(), build_us = started.elapsed().as_micros() as u64, "workloads changed"),
                             }
                             if tx.send(update).await.is_err() {
                                 return;

@@ -11,14 +11,17 @@
 //! store does: an object that went away while the watch was down disappears
 //! then, and never is a half-listed kind published.
 //!
-//! Most changes in a cluster are pods. When only pods changed since the last
-//! update, [`State::next_update`] sends just those workloads
-//! ([`Update::Workloads`]), checked as validation checks a whole mesh (their
-//! own fields, their addresses against every other workload's and service's,
-//! and against what EndpointSlices say of them), at a cost of the pods that
-//! changed, not of the cluster. Anything it cannot decide that way (another
-//! kind changed, an invalid pod, an address taken, an endpoint appearing or
-//! disappearing, a burst of more than [`MAX_DELTA`] pods) is a whole mesh,
+//! Most changes in a cluster are pods and the EndpointSlices that list them
+//! (a pod turning ready or not). When only those changed since the last
+//! update, [`State::next_update`] sends just the workloads that did and the
+//! services whose slices did, whole ([`Update::Delta`]), checked as
+//! validation checks a whole mesh (the pods' own fields, their addresses
+//! against every other workload's and service's, what EndpointSlices say of
+//! them; the services' resolved target ports), at a cost of what changed,
+//! not of the cluster. Anything it cannot decide that way (another kind
+//! changed, an invalid pod or slice, an address taken, an endpoint whose pod
+//! appears or disappears, a waypoint's replicas, a service the last mesh left
+//! out, a burst of more than [`MAX_DELTA`] objects) is a whole mesh,
 //! assembled and validated as before.
 
 use std::{
@@ -31,10 +34,10 @@ use std::{
 use kube::runtime::watcher;
 use tracing::warn;
 
-use super::translate::{Entry, Key, PodEntry, SliceEntry};
-use crate::model::{self, Mesh, WorkloadDelta, authn};
+use super::translate::{Entry, Key, PodEntry, SliceEntry, SvcEntry, Target};
+use crate::model::{self, Mesh, MeshDelta, authn};
 
-/// At most this many pods in one [`Update::Workloads`] (nor more than a
+/// At most this many pods and slices in one [`Update::Delta`] (nor more pods than a
 /// quarter of the pods, so that a delta never carries a shrink the whole
 /// mesh's guard would hold back); more is a whole mesh.
 pub const MAX_DELTA: usize = 1000;
@@ -42,10 +45,12 @@ pub const MAX_DELTA: usize = 1000;
 /// What an ordered source publishes ([`super::start_ordered`]).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Update {
-    /// A whole mesh: the first, and after any change but of pods.
+    /// A whole mesh: the first, and after any change but of pods and
+    /// EndpointSlices.
     Mesh(Arc<Mesh>),
-    /// Only these workloads changed since the update before.
-    Workloads(WorkloadDelta),
+    /// Only these workloads and these services' endpoints changed since the
+    /// update before.
+    Delta(MeshDelta),
 }
 
 /// A kind of object that is watched. Policies are watched in two API groups.
@@ -245,8 +250,11 @@ pub struct State {
     /// Pods changed since the last update, with their entry as it was then
     /// (`None`: there was none).
     pending: BTreeMap<Key, Option<Entry>>,
-    /// Something else than a pod changed since the last update, or pods were
-    /// listed again: the next one is a whole mesh.
+    /// EndpointSlices changed since the last update, with their entry as it
+    /// was then.
+    pending_slices: BTreeMap<Key, Option<Entry>>,
+    /// Something else than a pod or an EndpointSlice changed since the last
+    /// update, or they were listed again: the next one is a whole mesh.
     others_changed: bool,
     /// What the updates published so far hold, to check a delta against;
     /// `None` before the first whole mesh.
@@ -260,8 +268,14 @@ pub struct State {
 struct Published {
     /// Every address of a workload or a service, and a hash of its owner.
     addrs: HashMap<IpAddr, u64>,
-    /// Hashes of the pods that EndpointSlices name.
-    named: HashSet<u64>,
+    /// Hashes of the pods that EndpointSlices name, and how many times they
+    /// are named.
+    named: HashMap<u64, u32>,
+    /// Hashes of the services in the mesh.
+    services: HashSet<u64>,
+    /// Hashes of the services that are waypoints (bound to by a service or
+    /// a namespace).
+    waypoints: HashSet<u64>,
     /// How many workloads there are.
     pods: usize,
 }
@@ -299,6 +313,7 @@ impl State {
             counts: Default::default(),
             deltas: false,
             pending: BTreeMap::new(),
+            pending_slices: BTreeMap::new(),
             others_changed: false,
             published: None,
             labels: model::LabelSets::default(),
@@ -349,17 +364,23 @@ impl State {
             return;
         };
         let was_dirty = std::mem::replace(&mut self.dirty, false);
-        if pod
+        let slice = res == Res::EndpointSlice;
+        if (pod || slice)
             && self.deltas
             && let Change::Apply(key, _) | Change::Delete(key) = &change
-            && !self.pending.contains_key(key)
         {
-            self.pending
-                .insert(key.clone(), objects.live.get(key).cloned());
+            let pending = if pod {
+                &mut self.pending
+            } else {
+                &mut self.pending_slices
+            };
+            if !pending.contains_key(key) {
+                pending.insert(key.clone(), objects.live.get(key).cloned());
+            }
         }
         let relist = matches!(change, Change::InitDone | Change::Absent);
         self.apply_to(res, change);
-        if self.dirty && (!pod || relist) {
+        if self.dirty && (!(pod || slice) || relist) {
             self.others_changed = true;
         }
         self.dirty |= was_dirty;
@@ -491,50 +512,11 @@ impl State {
         }
         let pods = self.kinds.get(&Res::Pod).map(|o| &o.live);
         let slices = self.kinds.get(&Res::EndpointSlice).map(|o| &o.live);
-        for ((ns, name), e) in self.live(Res::Service) {
+        for (key @ (ns, name), e) in self.live(Res::Service) {
             match e {
                 Entry::Service(s) => {
-                    let mut svc = s.service.clone();
-                    let key = (ns.clone(), name.clone());
-                    let mine: Vec<&SliceEntry> = self
-                        .slices_of
-                        .get(&key)
-                        .into_iter()
-                        .flatten()
-                        .filter_map(|slice| match slices?.get(&(ns.clone(), slice.clone()))? {
-                            Entry::Slice(s) => Some(&**s),
-                            _ => None,
-                        })
-                        .collect();
-                    let mut seen = HashSet::new();
-                    let mut endpoints = Vec::new();
-                    for pod in mine.iter().flat_map(|s| &s.pods) {
-                        let present = pods.is_some_and(|p| {
-                            matches!(p.get(&(ns.clone(), pod.clone())), Some(Entry::Pod(_)))
-                        });
-                        if present && seen.insert(pod) {
-                            endpoints.push(model::Endpoint {
-                                workload: pod.clone(),
-                                weight: 1,
-                            });
-                        }
-                    }
-                    svc.endpoints = model::Endpoints::Listed(endpoints);
-                    for (port, (port_name, target)) in svc.ports.iter_mut().zip(&s.targets) {
-                        // The slices say what a name resolved to; for a number they
-                        // say the same number.
-                        let resolved = mine
-                            .iter()
-                            .flat_map(|s| &s.ports)
-                            .find(|(n, _)| n == port_name)
-                            .map(|(_, p)| *p);
-                        port.target_port = match (target, resolved) {
-                            (_, Some(p)) => p,
-                            (super::translate::Target::Number(n), None) => *n,
-                            (super::translate::Target::Named(_), None) => port.port,
-                        };
-                    }
-                    mesh.services.push(svc);
+                    mesh.services
+                        .push(assemble_service(key, s, pods, slices, &self.slices_of));
                 }
                 Entry::Invalid(why) => {
                     invalid.insert(("Service", format!("{ns}/{name}")), why.clone());
@@ -547,16 +529,8 @@ impl State {
         // 15008 by their endpoints and has no use for them, and would refuse
         // them as ports of a service.
         let waypoints: HashSet<(String, String)> = mesh
-            .services
-            .iter()
-            .map(|s| &s.waypoint)
-            .chain(mesh.namespaces.iter().map(|n| &n.waypoint))
-            .filter_map(|b| match b {
-                Some(model::UseWaypoint::Service { namespace, name }) => {
-                    Some((namespace.clone(), name.clone()))
-                }
-                _ => None,
-            })
+            .waypoint_services()
+            .map(|(ns, name)| (ns.to_owned(), name.to_owned()))
             .collect();
         for svc in &mut mesh.services {
             if waypoints.contains(&(svc.namespace.clone(), svc.name.clone())) {
@@ -649,6 +623,7 @@ impl State {
             }
         }
         self.pending.clear();
+        self.pending_slices.clear();
         self.others_changed = false;
         if self.deltas {
             self.published = Some(self.index(&mesh));
@@ -667,7 +642,8 @@ impl State {
         if let Some(delta) = self.delta() {
             self.dirty = false;
             self.pending.clear();
-            return (!delta.is_empty()).then_some(Update::Workloads(delta));
+            self.pending_slices.clear();
+            return (!delta.is_empty()).then_some(Update::Delta(delta));
         }
         self.build().map(|m| Update::Mesh(Arc::new(m)))
     }
@@ -675,10 +651,10 @@ impl State {
     /// The pods changed since the last update as a delta, if it can be
     /// checked without assembling the mesh; `None`: assemble it. Cost: the
     /// changed pods.
-    fn delta(&mut self) -> Option<WorkloadDelta> {
+    fn delta(&mut self) -> Option<MeshDelta> {
         let published = self.published.as_mut()?;
         if self.others_changed
-            || self.pending.len() > MAX_DELTA
+            || self.pending.len() + self.pending_slices.len() > MAX_DELTA
             || self.pending.len() * 4 > published.pods
             // A pod left out as invalid may be valid now that another
             // changed (an address freed): the whole mesh decides.
@@ -688,7 +664,39 @@ impl State {
         }
         let pods = &self.kinds.get(&Res::Pod)?.live;
         let namespaces = self.kinds.get(&Res::Namespace).map(|o| &o.live);
+        let slices = self.kinds.get(&Res::EndpointSlice).map(|o| &o.live);
         let hasher = &*OWNERS;
+        // The services whose EndpointSlices changed, and what the slices name
+        // now (before the pods: a pod a slice stops naming in this batch is
+        // no endpoint any more).
+        let mut services: BTreeSet<Key> = BTreeSet::new();
+        for (key, old) in &self.pending_slices {
+            let now = slices.and_then(|s| s.get(key));
+            if now == old.as_ref() {
+                continue;
+            }
+            // An invalid one is reported, or no longer, by the whole mesh.
+            if matches!(now, Some(Entry::Invalid(_))) || matches!(old, Some(Entry::Invalid(_))) {
+                return None;
+            }
+            for (e, count) in [(old.as_ref(), false), (now, true)] {
+                let Some(Entry::Slice(slice)) = e else {
+                    continue;
+                };
+                services.insert((key.0.clone(), slice.service.clone()));
+                for p in &slice.pods {
+                    let named = owner(hasher, (&key.0, p), false);
+                    if count {
+                        *published.named.entry(named).or_default() += 1;
+                    } else if let Some(n) = published.named.get_mut(&named) {
+                        *n -= 1;
+                        if *n == 0 {
+                            published.named.remove(&named);
+                        }
+                    }
+                }
+            }
+        }
         // The workloads as they were and are. An invalid entry now is for
         // the whole mesh to report.
         let mut changes = Vec::with_capacity(self.pending.len());
@@ -722,10 +730,10 @@ impl State {
                 }
             }
         }
-        let mut delta = WorkloadDelta::default();
+        let mut delta = MeshDelta::default();
         for (key, old, now) in changes {
             let me = owner(hasher, (&key.0, &key.1), false);
-            if published.named.contains(&me) {
+            if published.named.contains_key(&me) {
                 // What a service's endpoints are (and what validation checks
                 // of a waypoint's) changes with these: the whole mesh.
                 let shape = |w: &Option<Arc<model::Workload>>| {
@@ -765,6 +773,34 @@ impl State {
                 None => {}
             }
         }
+        // The services whose slices changed, whole, as the mesh would have
+        // them. One the last mesh left out, or a waypoint (validation checks
+        // its replicas), is for the whole mesh.
+        let live = self.kinds.get(&Res::Service).map(|o| &o.live);
+        for key in services {
+            let me = owner(hasher, (&key.0, &key.1), true);
+            let published_now = published.services.contains(&me);
+            match live.and_then(|l| l.get(&key)) {
+                Some(Entry::Service(s)) => {
+                    if !published_now || published.waypoints.contains(&me) {
+                        return None;
+                    }
+                    let svc = assemble_service(&key, s, Some(pods), slices, &self.slices_of);
+                    // What validation checks of what slices say.
+                    if svc
+                        .ports
+                        .iter()
+                        .any(|p| p.target_port == 0 || weft_common::is_mesh_port(p.target_port))
+                    {
+                        return None;
+                    }
+                    delta.services.push(svc);
+                }
+                // A slice of no service (yet) changes nothing.
+                _ if !published_now => {}
+                _ => return None,
+            }
+        }
         Some(delta)
     }
 
@@ -790,17 +826,28 @@ impl State {
                 addrs.entry(a.to_canonical()).or_insert(me);
             }
         }
-        let named = self
-            .live(Res::EndpointSlice)
-            .filter_map(|((ns, _), e)| match e {
-                Entry::Slice(s) => Some((ns, s)),
-                _ => None,
-            })
-            .flat_map(|(ns, s)| s.pods.iter().map(move |p| owner(hasher, (ns, p), false)))
+        let mut named: HashMap<u64, u32> = HashMap::new();
+        for ((ns, _), e) in self.live(Res::EndpointSlice) {
+            if let Entry::Slice(s) = e {
+                for p in &s.pods {
+                    *named.entry(owner(hasher, (ns, p), false)).or_default() += 1;
+                }
+            }
+        }
+        let services = mesh
+            .services
+            .iter()
+            .map(|s| owner(hasher, (&s.namespace, &s.name), true))
+            .collect();
+        let waypoints = mesh
+            .waypoint_services()
+            .map(|key| owner(hasher, key, true))
             .collect();
         Published {
             addrs,
             named,
+            services,
+            waypoints,
             pods: mesh.workloads.len(),
         }
     }
@@ -829,6 +876,56 @@ impl State {
 }
 
 /// Namespace `name`'s entry among the listed namespaces.
+/// The service `key` as the mesh has it: its endpoints the pods its
+/// EndpointSlices list that exist (each once), its named target ports
+/// resolved as the slices say.
+fn assemble_service(
+    (ns, name): &Key,
+    s: &SvcEntry,
+    pods: Option<&BTreeMap<Key, Entry>>,
+    slices: Option<&BTreeMap<Key, Entry>>,
+    slices_of: &HashMap<Key, BTreeSet<String>>,
+) -> model::Service {
+    let mut svc = s.service.clone();
+    let mine: Vec<&SliceEntry> = slices_of
+        .get(&(ns.clone(), name.clone()))
+        .into_iter()
+        .flatten()
+        .filter_map(|slice| match slices?.get(&(ns.clone(), slice.clone()))? {
+            Entry::Slice(s) => Some(&**s),
+            _ => None,
+        })
+        .collect();
+    let mut seen = HashSet::new();
+    let mut endpoints = Vec::new();
+    for pod in mine.iter().flat_map(|s| &s.pods) {
+        let present =
+            pods.is_some_and(|p| matches!(p.get(&(ns.clone(), pod.clone())), Some(Entry::Pod(_))));
+        if present && seen.insert(pod) {
+            endpoints.push(model::Endpoint {
+                workload: pod.clone(),
+                weight: 1,
+            });
+        }
+    }
+    svc.endpoints = model::Endpoints::Listed(endpoints);
+    for (port, (port_name, target)) in svc.ports.iter_mut().zip(&s.targets) {
+        // The slices say what a name resolved to; for a number they say the
+        // same number.
+        let resolved = mine
+            .iter()
+            .flat_map(|s| &s.ports)
+            .find(|(n, _)| n == port_name)
+            .map(|(_, p)| *p);
+        port.target_port = match (target, resolved) {
+            (_, Some(p)) => p,
+            (Target::Number(n), None) => *n,
+            (Target::Named(_), None) => port.port,
+        };
+    }
+    svc
+}
+
 fn namespace_entry<'a>(namespaces: &'a BTreeMap<Key, Entry>, name: &str) -> Option<&'a Entry> {
     namespaces.get(&(String::new(), name.to_owned()))
 }

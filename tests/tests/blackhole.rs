@@ -149,8 +149,17 @@ fn a_black_holed_hbone_connection_is_closed_and_new_connections_work_soon_after_
     });
     let pooled = pooled.expect("the first connection's access-log line names its HBONE connection");
     let hbone = format!("dst {}:15008", server.ip);
-    let client_side = sockets(client, &hbone)?;
-    let server_side = sockets(server, "sport = :15008")?;
+    // Sampled until both are idle: a socket with bytes in flight (a frame
+    // being sent as the first stream closes) shows its retransmission timer
+    // instead.
+    let (mut client_side, mut server_side) = (String::new(), String::new());
+    eventually(weft_tests::PATIENCE, || {
+        client_side = sockets(client, &hbone).unwrap_or_default();
+        server_side = sockets(server, "sport = :15008").unwrap_or_default();
+        [&client_side, &server_side]
+            .iter()
+            .all(|ss| ss.contains("timer:(keepalive"))
+    });
 
     black_hole(&c, true)?;
     let cut = Instant::now();

@@ -215,6 +215,100 @@ fn add_enrolls_the_pod_and_del_releases_it() -> Result<()> {
     Ok(())
 }
 
+/// A CNI 1.1 runtime's STATUS and GC, run on `weft-cni` as containerd 2 runs
+/// them (no pod; Debian's reference plugins speak only 1.0, so the chain is
+/// not 1.1 here): STATUS fails with 50 while no agent can enroll, succeeds
+/// once one can; GC keeps the sandboxes the runtime lists and releases the
+/// one it does not, as its DEL would have.
+#[test]
+fn status_and_gc_as_a_1_1_runtime_runs_them() -> Result<()> {
+    if !require_privileged() {
+        return Ok(());
+    }
+    let c = Cluster::new("cni_gc", 2, 1)?;
+    let (mut mesh, rt) = setup(&c)?;
+    let mut sandbox = rt.sandbox(&c, "default", POD)?;
+    let socket = mesh.cni_socket(0);
+    // The environment a runtime gives these has no pod; one that names
+    // another sandbox changes nothing.
+    let env = rt.sandbox(&c, "default", "no-pod")?;
+    let pod_less = |command: &str, valid: Option<&[&str]>| {
+        let mut conf = serde_json::json!({
+            "cniVersion": "1.1.0",
+            "name": rt.conflist()["name"],
+            "type": "weft-cni",
+            "agent_socket": socket,
+        });
+        if let Some(valid) = valid {
+            conf["cni.dev/valid-attachments"] = valid
+                .iter()
+                .map(|id| serde_json::json!({"containerID": id, "ifname": "eth0"}))
+                .collect();
+        }
+        rt.exec_weft(command, &env, conf.to_string().as_bytes())
+    };
+
+    // No agent: not available.
+    let failure = pod_less("STATUS", None)?
+        .err()
+        .context("STATUS succeeded with no agent")?;
+    let error = failure.error.clone().context("no CNI error JSON")?;
+    ensure!(error["code"] == 50, "{error}");
+    mesh.start_all()?;
+    let ok = pod_less("STATUS", None)?.map_err(|f| anyhow::anyhow!("STATUS failed: {f}"))?;
+    ensure!(ok.is_empty(), "STATUS printed {ok:?}");
+
+    rt.add(&mut sandbox)?
+        .map_err(|f| anyhow::anyhow!("ADD failed: {f}"))?;
+    ensure!(eventually(PATIENCE, || {
+        mesh.logs(0, |v| is_event(v, "pod enrolled", POD)).len() == 1
+    }));
+    // Listed by the runtime: kept.
+    let id = sandbox.container_id.clone();
+    pod_less("GC", Some(&[&id, "another-sandbox"]))?
+        .map_err(|f| anyhow::anyhow!("GC failed: {f}"))?;
+    ensure!(
+        eventually(PATIENCE, || !mesh
+            .logs(0, |v| v["message"] == "CNI GC" && v["released"] == 0)
+            .is_empty()),
+        "no GC logged"
+    );
+    ensure!(
+        mesh.logs(0, |v| is_event(v, "pod unenrolled", POD))
+            .is_empty(),
+        "a listed sandbox was released"
+    );
+    let pod = sandbox.as_pod(0)?;
+    let server = c.pod(1, 0);
+    let _echo = tk::echo(server, PORT)?;
+    say_over_mtls(&mesh, &pod, server, "kept by GC")?;
+    // Not listed (its DEL was lost): released.
+    pod_less("GC", Some(&["another-sandbox"]))?.map_err(|f| anyhow::anyhow!("GC failed: {f}"))?;
+    ensure!(
+        eventually(PATIENCE, || {
+            mesh.logs(0, |v| is_event(v, "pod unenrolled", POD)).len() == 1
+        }),
+        "not unenrolled by the GC"
+    );
+    // Without a list, nothing is released and the runtime is told why.
+    let failure = pod_less("GC", None)?
+        .err()
+        .context("GC without a list succeeded")?;
+    let error = failure.error.clone().context("no CNI error JSON")?;
+    ensure!(error["code"] == 7, "{error}");
+    let metrics = c
+        .node(0)
+        .exec_ok("curl", ["-sS", "http://127.0.0.1:15020/metrics"])?;
+    for series in [
+        r#"weft_cni_requests_total{command="status",result="ready"} 1"#,
+        r#"weft_cni_requests_total{command="gc",result="released"} 2"#,
+    ] {
+        ensure!(metrics.contains(series), "no {series} in:\n{metrics}");
+    }
+    ensure!(mesh.exited_agents().is_empty(), "an agent died");
+    Ok(())
+}
+
 /// Fail closed: with the agent stopped the ADD fails with a CNI error and a
 /// non-zero exit, and the runtime's DEL of the chain releases the address; a
 /// pod the model does not know is refused after the agent's wait.

@@ -1,5 +1,5 @@
-//! `weft cni` as the container runtime runs it: a CNI plugin (spec 1.0.0, and
-//! 0.4.0) chained after the cluster's own plugins.
+//! `weft cni` as the container runtime runs it: a CNI plugin (spec 1.1.0, and
+//! 1.0.0 and 0.4.0) chained after the cluster's own plugins.
 //!
 //! The runtime gives the command and the pod in the environment (`CNI_*`,
 //! `K8S_POD_*` inside `CNI_ARGS`) and the network config on stdin, with the
@@ -11,6 +11,14 @@
 //! tears the sandbox down and tries again later: a pod of the mesh never
 //! starts unmeshed. A DEL tells the agent if it can and always succeeds, as the
 //! spec asks (a node whose agent is gone must still be able to delete pods).
+//!
+//! CNI 1.1 adds two commands without a pod. STATUS succeeds only while the
+//! agent is up and has its model (else error 50, "not available"): an ADD
+//! would fail, so the runtime reports its network as not ready rather than
+//! start sandboxes that fail. GC hands the agent the sandboxes the runtime
+//! still has (`cni.dev/valid-attachments`); the agent releases any other it
+//! holds, as if its DEL had come (a DEL lost while the agent was down). With
+//! no agent there is nothing of ours to collect, so GC then succeeds.
 
 use std::{
     collections::BTreeMap,
@@ -27,7 +35,10 @@ use serde_json::{Value, json};
 use super::proto::{self, Command, PodRef, Request, Response};
 
 /// The versions of the spec this plugin speaks.
-pub const SUPPORTED_VERSIONS: &[&str] = &["0.4.0", "1.0.0"];
+pub const SUPPORTED_VERSIONS: &[&str] = &["0.4.0", "1.0.0", "1.1.0"];
+
+/// The newest of [`SUPPORTED_VERSIONS`].
+const NEWEST: &str = "1.1.0";
 
 /// The largest network config read from stdin: a conflist entry with its
 /// `prevResult` is a few KiB.
@@ -48,6 +59,8 @@ mod code {
     pub const DECODE: u32 = 6;
     pub const INVALID_CONFIG: u32 = 7;
     pub const TRY_AGAIN_LATER: u32 = 11;
+    /// STATUS (1.1): the plugin cannot serve ADDs now.
+    pub const NOT_AVAILABLE: u32 = 50;
     /// Plugin-specific (100+): the agent refused to enroll the pod.
     pub const REFUSED: u32 = 100;
 }
@@ -102,6 +115,17 @@ struct Conf {
     /// own, which must start even while the mesh is down).
     #[serde(default)]
     exclude_namespaces: Vec<String>,
+    /// GC's list of the sandboxes the runtime still has (spec 1.1; libcni
+    /// also passes it as `cni.dev/attachments`, an earlier spelling).
+    #[serde(rename = "cni.dev/valid-attachments", alias = "cni.dev/attachments")]
+    valid_attachments: Option<Vec<Attachment>>,
+}
+
+/// An attachment GC keeps.
+#[derive(Debug, Deserialize)]
+struct Attachment {
+    #[serde(rename = "containerID")]
+    container_id: String,
 }
 
 /// Runs the plugin: the environment as given, stdin from `stdin`.
@@ -109,26 +133,26 @@ pub fn run(env: &BTreeMap<String, String>, stdin: impl std::io::Read) -> Outcome
     let command = env.get("CNI_COMMAND").map(String::as_str).unwrap_or("");
     if command == "VERSION" {
         return Outcome {
-            stdout: json!({"cniVersion": "1.0.0", "supportedVersions": SUPPORTED_VERSIONS})
+            stdout: json!({"cniVersion": NEWEST, "supportedVersions": SUPPORTED_VERSIONS})
                 .to_string(),
             success: true,
         };
     }
     // Until the config is read, errors carry the newest version we speak.
-    let mut version = "1.0.0".to_owned();
+    let mut version = NEWEST.to_owned();
     // A command we do not know is an error before stdin is read: run by
     // hand on a terminal, the plugin must not sit waiting for input.
     let known = match command {
-        "ADD" | "DEL" | "CHECK" => Ok(()),
+        "ADD" | "DEL" | "CHECK" | "STATUS" | "GC" => Ok(()),
         "" => Err(CniError::new(
             code::INVALID_ENV,
             "CNI_COMMAND is not set",
-            "weft-cni is a CNI plugin: the container runtime runs it with CNI_COMMAND (ADD, DEL, CHECK, VERSION) and the network config on stdin",
+            "weft-cni is a CNI plugin: the container runtime runs it with CNI_COMMAND (ADD, DEL, CHECK, STATUS, GC, VERSION) and the network config on stdin",
         )),
         other => Err(CniError::new(
             code::INVALID_ENV,
             "unknown CNI_COMMAND",
-            format!("{other:?} is not ADD, DEL, CHECK or VERSION"),
+            format!("{other:?} is not ADD, DEL, CHECK, STATUS, GC or VERSION"),
         )),
     };
     let result = known.and_then(|()| read_conf(stdin)).and_then(|conf| {
@@ -150,6 +174,8 @@ pub fn run(env: &BTreeMap<String, String>, stdin: impl std::io::Read) -> Outcome
                 del(env, &conf);
                 Ok(String::new())
             }
+            "STATUS" => status(&conf).map(|()| String::new()),
+            "GC" => gc(&conf).map(|()| String::new()),
             _ => check(env, &conf).map(|()| String::new()),
         }
     });
@@ -302,6 +328,7 @@ fn add(env: &BTreeMap<String, String>, conf: &Conf) -> Result<String, CniError> 
         container_id: container_id.to_owned(),
         netns: Some(PathBuf::from(netns)),
         ips,
+        valid: Vec::new(),
     };
     match ask(conf, &request, ANSWER_TIMEOUT)? {
         Response::Enrolled | Response::NotMeshed => Ok(output),
@@ -327,6 +354,7 @@ fn del(env: &BTreeMap<String, String>, conf: &Conf) {
             .filter(|n| !n.is_empty())
             .map(PathBuf::from),
         ips: Vec::new(),
+        valid: Vec::new(),
     };
     let _ = ask(conf, &request, DEL_TIMEOUT);
 }
@@ -346,10 +374,60 @@ fn check(env: &BTreeMap<String, String>, conf: &Conf) -> Result<(), CniError> {
         container_id: container_id.to_owned(),
         netns: Some(PathBuf::from(netns)),
         ips: Vec::new(),
+        valid: Vec::new(),
     };
     match ask(conf, &request, ANSWER_TIMEOUT)? {
         Response::Enrolled | Response::NotMeshed => Ok(()),
         other => Err(unwelcome(other)),
+    }
+}
+
+/// A request without a pod.
+fn request(command: Command, valid: Vec<String>) -> Request {
+    Request {
+        command,
+        pod: PodRef::default(),
+        container_id: String::new(),
+        netns: None,
+        ips: Vec::new(),
+        valid,
+    }
+}
+
+fn status(conf: &Conf) -> Result<(), CniError> {
+    let unavailable = |details: String| {
+        CniError::new(
+            code::NOT_AVAILABLE,
+            "the weft agent cannot enroll pods now",
+            details,
+        )
+    };
+    match ask(conf, &request(Command::Status, Vec::new()), ANSWER_TIMEOUT) {
+        Ok(Response::Ready) => Ok(()),
+        Ok(Response::NotReady) => Err(unavailable("it is up but has no mesh model yet".to_owned())),
+        Ok(other) => Err(unavailable(format!("unexpected answer {other:?}"))),
+        Err(e) => Err(unavailable(format!("{}: {}", e.msg, e.details))),
+    }
+}
+
+fn gc(conf: &Conf) -> Result<(), CniError> {
+    // Without the list, "every sandbox but these" is every sandbox: refuse
+    // rather than release them all.
+    let Some(valid) = &conf.valid_attachments else {
+        return Err(CniError::new(
+            code::INVALID_CONFIG,
+            "GC without cni.dev/valid-attachments",
+            "the runtime passes the sandboxes it still has; weft-cni releases none without the list",
+        ));
+    };
+    let valid = valid.iter().map(|a| a.container_id.clone()).collect();
+    match ask(conf, &request(Command::Gc, valid), ANSWER_TIMEOUT) {
+        Ok(Response::Released) => Ok(()),
+        // No agent, one still starting, or one that does not answer: it holds
+        // nothing from before its start that its scan of /proc does not
+        // check again, and the runtime calls GC again later.
+        Ok(Response::NotReady) | Err(_) => Ok(()),
+        Ok(other) => Err(unwelcome(other)),
     }
 }
 
@@ -468,7 +546,73 @@ mod tests {
         let out = run(&env(&[("CNI_COMMAND", "VERSION")]), &b""[..]);
         assert!(out.success);
         let v: Value = serde_json::from_str(&out.stdout).unwrap();
-        assert_eq!(v["supportedVersions"], json!(["0.4.0", "1.0.0"]));
+        assert_eq!(v["supportedVersions"], json!(["0.4.0", "1.0.0", "1.1.0"]));
+        assert_eq!(v["cniVersion"], "1.1.0");
+    }
+
+    /// A 1.1 runtime's STATUS and GC (no pod, no CNI_CONTAINERID).
+    fn pod_less(command: &str, socket: &std::path::Path, extra: &str) -> Outcome {
+        let stdin = format!(
+            r#"{{"cniVersion":"1.1.0","name":"k8s","type":"weft-cni","agent_socket":{:?}{extra}}}"#,
+            socket.display().to_string()
+        );
+        run(
+            &env(&[("CNI_COMMAND", command), ("CNI_PATH", "/opt/cni/bin")]),
+            stdin.as_bytes(),
+        )
+    }
+
+    #[test]
+    fn status_succeeds_only_while_the_agent_can_enroll() {
+        let (socket, answered) = agent(Response::Ready);
+        let out = pod_less("STATUS", &socket, "");
+        let req = answered.join().unwrap();
+        let _ = std::fs::remove_file(&socket);
+        assert!(out.success && out.stdout.is_empty(), "{}", out.stdout);
+        assert_eq!(req.command, Command::Status);
+        assert_eq!(req.pod, PodRef::default());
+        // Up without a model, or not there at all: 50, not available.
+        let (socket, answered) = agent(Response::NotReady);
+        let out = pod_less("STATUS", &socket, "");
+        answered.join().unwrap();
+        let _ = std::fs::remove_file(&socket);
+        let gone = pod_less("STATUS", &socket, "");
+        for out in [out, gone] {
+            assert!(!out.success);
+            let e: Value = serde_json::from_str(&out.stdout).unwrap();
+            assert_eq!(e["code"], 50, "{e}");
+            assert_eq!(e["cniVersion"], "1.1.0");
+        }
+    }
+
+    #[test]
+    fn gc_hands_the_agent_the_sandboxes_to_keep() {
+        let (socket, answered) = agent(Response::Released);
+        let out = pod_less(
+            "GC",
+            &socket,
+            r#","cni.dev/valid-attachments":[{"containerID":"c1","ifname":"eth0"},{"containerID":"c2","ifname":"eth0"}]"#,
+        );
+        let req = answered.join().unwrap();
+        let _ = std::fs::remove_file(&socket);
+        assert!(out.success && out.stdout.is_empty(), "{}", out.stdout);
+        assert_eq!(req.command, Command::Gc);
+        assert_eq!(req.valid, ["c1", "c2"]);
+        // The earlier spelling, and an empty list: nothing is kept.
+        let (socket, answered) = agent(Response::Released);
+        let out = pod_less("GC", &socket, r#","cni.dev/attachments":[]"#);
+        let req = answered.join().unwrap();
+        assert!(out.success, "{}", out.stdout);
+        assert!(req.valid.is_empty());
+        // No list: refused, rather than release every sandbox.
+        let out = pod_less("GC", &socket, "");
+        let _ = std::fs::remove_file(&socket);
+        assert!(!out.success);
+        let e: Value = serde_json::from_str(&out.stdout).unwrap();
+        assert_eq!(e["code"], 7, "{e}");
+        // No agent: nothing of ours to collect.
+        let out = pod_less("GC", &socket, r#","cni.dev/valid-attachments":[]"#);
+        assert!(out.success, "{}", out.stdout);
     }
 
     #[test]

@@ -20,10 +20,21 @@ pub enum Command {
     Add,
     Del,
     Check,
+    /// CNI 1.1 STATUS: may pods be added now? (No pod.)
+    Status,
+    /// CNI 1.1 GC: release every sandbox but [`Request::valid`]. (No pod.)
+    Gc,
+}
+
+impl Command {
+    /// Whether the request names a pod and a sandbox.
+    pub fn of_a_pod(self) -> bool {
+        matches!(self, Command::Add | Command::Del | Command::Check)
+    }
 }
 
 /// The pod, as the container runtime names it (`K8S_POD_*` in `CNI_ARGS`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PodRef {
     pub namespace: String,
@@ -36,9 +47,12 @@ pub struct PodRef {
 #[serde(deny_unknown_fields)]
 pub struct Request {
     pub command: Command,
+    /// Empty for STATUS and GC.
+    #[serde(default)]
     pub pod: PodRef,
     /// The sandbox's id: a DEL for an older sandbox of the same pod must not
-    /// release a newer one.
+    /// release a newer one. Empty for STATUS and GC.
+    #[serde(default)]
     pub container_id: String,
     /// The sandbox's network namespace; a DEL may come without one (spec).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -46,6 +60,9 @@ pub struct Request {
     /// The addresses the plugins before this one gave the pod.
     #[serde(default)]
     pub ips: Vec<IpAddr>,
+    /// For GC: the sandboxes the runtime still has (their container ids).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub valid: Vec<String>,
 }
 
 /// The agent's answer. Keys it does not know are ignored, so a newer agent
@@ -58,8 +75,10 @@ pub enum Response {
     Enrolled,
     /// The mesh does not capture this pod: it may start as it is.
     NotMeshed,
-    /// A DEL was taken in.
+    /// A DEL or GC was taken in.
     Released,
+    /// STATUS: pods may be added.
+    Ready,
     /// The agent has no model yet: try again later.
     NotReady,
     /// The pod cannot be enrolled (now): it must not start.
@@ -125,6 +144,7 @@ mod tests {
             container_id: "abc".into(),
             netns: Some("/var/run/netns/cni-1".into()),
             ips: vec!["10.1.2.3".parse().unwrap(), "fd00::3".parse().unwrap()],
+            valid: Vec::new(),
         }
     }
 
@@ -132,10 +152,26 @@ mod tests {
     fn requests_and_answers_round_trip() {
         let req = add();
         assert_eq!(decode::<Request>(&encode(&req)).unwrap(), req);
+        let gc = Request {
+            command: Command::Gc,
+            pod: PodRef::default(),
+            container_id: String::new(),
+            netns: None,
+            ips: Vec::new(),
+            valid: vec!["abc".into(), "def".into()],
+        };
+        assert_eq!(decode::<Request>(&encode(&gc)).unwrap(), gc);
+        assert_eq!(
+            decode::<Request>(b"{\"command\":\"status\"}\n")
+                .unwrap()
+                .command,
+            Command::Status
+        );
         for resp in [
             Response::Enrolled,
             Response::NotMeshed,
             Response::Released,
+            Response::Ready,
             Response::NotReady,
             Response::Refused {
                 reason: "no".into(),

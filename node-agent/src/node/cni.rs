@@ -198,6 +198,11 @@ async fn serve(mut stream: UnixStream, ready: &AtomicBool, calls: &mpsc::Sender<
             command = command_name(request.command);
             Response::NotReady
         }
+        // Answered here: the agent has its model, so it enrolls pods.
+        Ok(Ok(request)) if request.command == Command::Status => {
+            command = command_name(request.command);
+            Response::Ready
+        }
         Ok(Ok(request)) => {
             command = command_name(request.command);
             let (reply, answer) = oneshot::channel();
@@ -226,6 +231,8 @@ fn command_name(c: Command) -> &'static str {
         Command::Add => "add",
         Command::Del => "del",
         Command::Check => "check",
+        Command::Status => "status",
+        Command::Gc => "gc",
     }
 }
 
@@ -234,6 +241,7 @@ fn result_name(r: &Response) -> &'static str {
         Response::Enrolled => "enrolled",
         Response::NotMeshed => "not_meshed",
         Response::Released => "released",
+        Response::Ready => "ready",
         Response::NotReady => "not_ready",
         Response::Refused { .. } => "refused",
     }
@@ -246,7 +254,9 @@ async fn read_request(stream: &mut UnixStream) -> Result<Request, proto::Error> 
         .await?;
     let request: Request = proto::decode(&buf)?;
     let pod = &request.pod;
-    if pod.namespace.is_empty() || pod.name.is_empty() || request.container_id.is_empty() {
+    if request.command.of_a_pod()
+        && (pod.namespace.is_empty() || pod.name.is_empty() || request.container_id.is_empty())
+    {
         return Err(proto::Error::Io(io::Error::new(
             io::ErrorKind::InvalidData,
             "empty pod namespace, name or container id",
@@ -320,6 +330,11 @@ impl Cni {
             Command::Add => self.add(call, key, view, pods, registry),
             Command::Del => {
                 self.del(&call.request, &key, view, pods, registry);
+                call.answer(Response::Released);
+            }
+            Command::Status => call.answer(Response::Ready),
+            Command::Gc => {
+                self.gc(&call.request.valid, view, pods, registry);
                 call.answer(Response::Released);
             }
             Command::Check => {
@@ -464,6 +479,45 @@ impl Cni {
         pods.apply(view, registry);
     }
 
+    /// CNI GC: every sandbox this agent holds from an ADD that is not in
+    /// `valid` (the runtime's) is released as its DEL would have (a DEL lost
+    /// while the agent was down). An ADD still waiting for the model is
+    /// kept. No other grace is needed: a runtime lists its sandboxes after
+    /// those it has set up (libcni itself DELs every attachment it cached
+    /// that is not in the list before it sends GC to the plugins).
+    fn gc(&mut self, valid: &[String], view: &View, pods: &mut Pods, registry: &mut Registry) {
+        let valid: std::collections::HashSet<&str> = valid.iter().map(String::as_str).collect();
+        let stale: Vec<(WorkloadKey, Request)> = registry
+            .entries(Source::Cni)
+            .filter_map(|(key, e)| {
+                let id = e.container_id.as_deref()?;
+                let in_flight = self
+                    .waiting
+                    .iter()
+                    .any(|w| w.call.request.container_id == id);
+                (!valid.contains(id) && !in_flight).then(|| {
+                    let request = Request {
+                        command: Command::Del,
+                        pod: proto::PodRef {
+                            namespace: key.namespace.clone(),
+                            name: key.name.clone(),
+                            uid: None,
+                        },
+                        container_id: id.to_owned(),
+                        netns: Some(e.path.clone()),
+                        ips: Vec::new(),
+                        valid: Vec::new(),
+                    };
+                    (key.clone(), request)
+                })
+            })
+            .collect();
+        info!(valid = valid.len(), released = stale.len(), "CNI GC");
+        for (key, request) in stale {
+            self.del(&request, &key, view, pods, registry);
+        }
+    }
+
     /// The model changed: the ADDs waiting for it get their answer if it
     /// now has one.
     pub fn model_changed(&mut self, view: &View, pods: &Pods) {
@@ -574,13 +628,31 @@ mod tests {
                 container_id: "c".into(),
                 netns: Some("/proc/self/ns/net".into()),
                 ips: vec![],
+                valid: vec![],
             });
             assert_eq!(
                 proto::decode::<Response>(&exchange(good.clone()).await).unwrap(),
                 Response::NotReady
             );
-            // Ready: the request reaches the loop, whose answer comes back.
+            let status = proto::encode(&Request {
+                command: Command::Status,
+                pod: proto::PodRef::default(),
+                container_id: String::new(),
+                netns: None,
+                ips: vec![],
+                valid: vec![],
+            });
+            assert_eq!(
+                proto::decode::<Response>(&exchange(status.clone()).await).unwrap(),
+                Response::NotReady
+            );
+            // Ready: STATUS says so at once; the request reaches the loop,
+            // whose answer comes back.
             cni.set_ready();
+            assert_eq!(
+                proto::decode::<Response>(&exchange(status).await).unwrap(),
+                Response::Ready
+            );
             let asked = tokio::spawn(exchange(good));
             let call = cni.next().await;
             assert_eq!(call.request.pod.name, "b");

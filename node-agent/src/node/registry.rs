@@ -76,6 +76,13 @@ impl Registry {
     }
 
     /// `source`'s entry for `pod`.
+    /// Every entry of `source`.
+    pub fn entries(&self, source: Source) -> impl Iterator<Item = (&WorkloadKey, &Entry)> {
+        self.netns
+            .iter()
+            .filter_map(move |(key, e)| Some((key, e.get(&source)?)))
+    }
+
     pub fn get(&self, source: Source, pod: &WorkloadKey) -> Option<&Entry> {
         self.netns.get(pod)?.get(&source)
     }

@@ -1,7 +1,10 @@
 //! The agent in its Kubernetes mode (`--discovery kubernetes`), end to end in
 //! the virtual cluster, against `weft_tests::kubeapi` (list and watch over
 //! HTTP, as the API server serves them; no API server can run here) with a
-//! real kubeconfig and kube's real watcher in the agent.
+//! real kubeconfig and kube's real watcher in the agent and the CA.
+//!
+//! Pods and services the API lists are meshed; a change of one pod or of one
+//! EndpointSlice reaches the agents as a delta.
 //!
 //! An uninstall (`kubectl delete -k deploy/`) deletes Weft's namespace; an
 //! agent that saw it go takes itself out of its node as it stops: the chained
@@ -19,7 +22,11 @@ use weft_tests::{
 
 const NAMESPACES: &str = "/api/v1/namespaces";
 const PODS: &str = "/api/v1/pods";
+const SERVICES: &str = "/api/v1/services";
+const SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
 const PORT: u16 = 9000;
+/// A service's cluster IP.
+const VIP: &str = "10.96.0.20";
 
 fn namespace(name: &str) -> Value {
     json!({
@@ -281,6 +288,135 @@ fn agents_on_kubernetes_mesh_the_pods_the_api_lists() -> Result<()> {
         eventually(PATIENCE, || mesh.access_logs(1)[before..].iter().any(plain)),
         "the unenrolled client's connection should arrive plain: {:#?}",
         &mesh.access_logs(1)[before..]
+    );
+    Ok(())
+}
+
+/// The service `echo` on `VIP:80` → the port named `http`, as the API server
+/// shows it.
+fn echo_service() -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "echo", "namespace": "default", "uid": "uid-svc-echo"},
+        "spec": {
+            "type": "ClusterIP",
+            "clusterIP": VIP,
+            "clusterIPs": [VIP],
+            "selector": {"app": "echo"},
+            "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": "http"}],
+        },
+    })
+}
+
+/// `echo`'s EndpointSlice as the controller writes it: each pod, ready or
+/// not, and the port `http` resolved to `PORT`.
+fn echo_slice(c: &Cluster, endpoints: &[(&Pod, bool)]) -> Value {
+    json!({
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": "echo-x7k2p", "namespace": "default", "uid": "uid-slice-echo",
+            "labels": {"kubernetes.io/service-name": "echo",
+                       "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"},
+        },
+        "addressType": "IPv4",
+        "endpoints": endpoints.iter().map(|(p, ready)| json!({
+            "addresses": [p.ip.to_string()],
+            "conditions": {"ready": ready, "serving": ready, "terminating": false},
+            "nodeName": c.node(p.node).name,
+            "targetRef": {"kind": "Pod", "namespace": "default", "name": p.name,
+                          "uid": format!("uid-{}", p.name)},
+        })).collect::<Vec<_>>(),
+        "ports": [{"name": "http", "port": PORT, "protocol": "TCP"}],
+    })
+}
+
+/// A service whose endpoints the API lists: an endpoint that turns not
+/// ready in the EndpointSlice stops getting connections, and gets them
+/// again when it is ready, each change applied to the agents as a delta
+/// (no whole mesh assembled or compiled again).
+#[test]
+fn a_service_follows_its_endpoint_slice_by_deltas() -> Result<()> {
+    if !require_privileged() {
+        return Ok(());
+    }
+    let c = Cluster::new("kube_slice", 2, 2)?;
+    let (client, a, b) = (c.pod(0, 0), c.pod(1, 0), c.pod(1, 1));
+    let mut mesh = Mesh::new(&c, |_| true)?;
+    let dir = mesh.token_path(0).with_file_name("kube-slice");
+    std::fs::create_dir_all(&dir)?;
+    let api = FakeApi::start_at(&c.node(0).netns_path, c.node(0).ip.into())?;
+    api.put(NAMESPACES, namespace("weft-system"))?;
+    api.put(NAMESPACES, meshed("default"))?;
+    for p in [client, a, b, c.pod(0, 1)] {
+        api.put(PODS, pod_object(&c, p))?;
+    }
+    api.put(SERVICES, echo_service())?;
+    api.put(SLICES, echo_slice(&c, &[(a, true), (b, true)]))?;
+    let kubeconfig = api.kubeconfig(&dir)?.display().to_string();
+    mesh.agent_args = ["--discovery", "kubernetes"].map(String::from).to_vec();
+    mesh.agent_env
+        .push(("KUBECONFIG".into(), kubeconfig.clone()));
+    mesh.ca_args = ["--discovery", "kubernetes"].map(String::from).to_vec();
+    mesh.ca_env.push(("KUBECONFIG".into(), kubeconfig));
+    let _a = tk::name(a, PORT)?;
+    let _b = tk::name(b, PORT)?;
+    mesh.start_ca()?;
+    mesh.start_agent(0)?;
+    mesh.start_agent(1)?;
+
+    let to = format!("{VIP}:80");
+    let answering = |count: usize| -> Result<Vec<String>> {
+        let report = tk::who(client, &to, count, 2)?;
+        ensure!(report["failures"] == 0, "{report}");
+        let mut who: Vec<String> = report["counts"]
+            .as_object()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default();
+        who.sort();
+        Ok(who)
+    };
+    let both = vec![a.name.clone(), b.name.clone()];
+    let mut seen = Vec::new();
+    ensure!(
+        eventually(PATIENCE, || {
+            seen = answering(20).unwrap_or_default();
+            seen == both
+        }),
+        "both endpoints should answer through {to}: {seen:?}"
+    );
+    let whole = |mesh: &Mesh| {
+        mesh.logs(0, |v| {
+            v["message"] == "mesh changed in Kubernetes, applying"
+        })
+        .len()
+    };
+    let meshes = whole(&mesh);
+
+    // b turns not ready.
+    api.put(SLICES, echo_slice(&c, &[(a, true), (b, false)]))?;
+    ensure!(
+        eventually(PATIENCE, || {
+            seen = answering(20).unwrap_or_default();
+            seen == [a.name.clone()]
+        }),
+        "only {} should answer once {} is not ready: {seen:?}",
+        a.name,
+        b.name
+    );
+    // Ready again.
+    api.put(SLICES, echo_slice(&c, &[(a, true), (b, true)]))?;
+    ensure!(
+        eventually(PATIENCE, || {
+            seen = answering(20).unwrap_or_default();
+            seen == both
+        }),
+        "both should answer again: {seen:?}"
+    );
+    ensure!(
+        whole(&mesh) == meshes,
+        "an endpoint's change was applied as a whole mesh"
     );
     Ok(())
 }

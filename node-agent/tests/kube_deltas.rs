@@ -312,11 +312,6 @@ fn changes_sent_as_deltas_add_up_to_the_whole_mesh() {
             None => {}
         }
         let expected = whole.state.build().unwrap();
-        let sorted = |m: &Mesh| {
-            let mut w = m.workloads.clone();
-            w.sort_by_key(|w| w.key());
-            w
-        };
         assert_eq!(sorted(&kept), sorted(&expected), "step {step}: workloads");
         assert!(
             kept.eq_without_workloads(&expected),
@@ -378,9 +373,92 @@ fn changes_sent_as_deltas_add_up_to_the_whole_mesh() {
             );
         }
     }
+    eprintln!("STATS {deltas} {endpoints} {meshes}");
     // Both paths ran, the cheap one most.
     assert!(
         deltas > 80 && meshes > 10 && endpoints > 20,
         "{deltas} deltas ({endpoints} changing endpoints), {meshes} meshes"
     );
+}
+
+fn sorted(mesh: &Mesh) -> Vec<std::sync::Arc<Workload>> {
+    let mut w = mesh.workloads.clone();
+    w.sort_by_key(|w| w.key());
+    w
+}
+
+/// Meshing a namespace (or taking it out) by its label changes the
+/// enrollment of its pods only: a delta of those pods, not a whole mesh; a
+/// new namespace without pods sends nothing; a namespace bound to another
+/// waypoint is a whole mesh (the services' bindings change with it).
+#[test]
+fn a_namespace_relabelled_is_a_delta_of_its_pods() {
+    use weft::discovery::kube::Update;
+
+    let mut ordered =
+        Cluster::synced(State::new(Kinds::All, "cluster.local", "weft-system").with_deltas());
+    let mut whole = Cluster::synced(State::new(Kinds::All, "cluster.local", "weft-system"));
+    let Some(Update::Mesh(first)) = ordered.state.next_update() else {
+        panic!("the first update is a whole mesh");
+    };
+    let mut kept = Mesh::clone(&first);
+    let enrolled_in_shop = |m: &Mesh| {
+        m.workloads
+            .iter()
+            .filter(|w| w.namespace == "shop" && w.enrolled)
+            .count()
+    };
+    let before = enrolled_in_shop(&kept);
+    assert!(before > 0);
+    for (step, mode) in ["disabled", "enabled", "disabled"].into_iter().enumerate() {
+        let mut n = ns("shop");
+        n.metadata
+            .labels
+            .get_or_insert_default()
+            .insert("weft.dev/mesh".into(), mode.into());
+        let ev = Event::Apply(n);
+        ordered.event(Res::Namespace, ev.clone(), translate::namespace);
+        whole.event(Res::Namespace, ev, translate::namespace);
+        let Some(Update::Delta(d)) = ordered.state.next_update() else {
+            panic!("step {step}: a relabel is sent as a delta");
+        };
+        assert!(d.removes.is_empty() && d.services.is_empty(), "{d:?}");
+        assert!(
+            !d.upserts.is_empty() && d.upserts.iter().all(|w| w.namespace == "shop"),
+            "step {step}: {d:?}"
+        );
+        kept.apply_delta(d);
+        let expected = whole.state.build().unwrap();
+        assert_eq!(sorted(&kept), sorted(&expected), "step {step}");
+        assert!(kept.eq_without_workloads(&expected), "step {step}");
+        let now = enrolled_in_shop(&kept);
+        assert_eq!(now == 0, mode == "disabled", "step {step}: {now} enrolled");
+    }
+    assert_eq!(enrolled_in_shop(&kept), 0);
+
+    // A new namespace, no pods in it yet: nothing to send.
+    let mut fresh = ns("batch");
+    fresh.metadata.name = Some("fresh".into());
+    let ev = Event::Apply(fresh);
+    ordered.event(Res::Namespace, ev.clone(), translate::namespace);
+    whole.event(Res::Namespace, ev, translate::namespace);
+    assert_eq!(ordered.state.next_update(), None);
+    assert_eq!(sorted(&kept), sorted(&whole.state.build().unwrap()));
+
+    // Bound to a waypoint now: a whole mesh.
+    let mut bound = ns("batch");
+    bound
+        .metadata
+        .labels
+        .get_or_insert_default()
+        .insert("istio.io/use-waypoint".into(), "shop-waypoint".into());
+    let ev = Event::Apply(bound);
+    ordered.event(Res::Namespace, ev.clone(), translate::namespace);
+    whole.event(Res::Namespace, ev, translate::namespace);
+    let Some(Update::Mesh(m)) = ordered.state.next_update() else {
+        panic!("a new waypoint binding is a whole mesh");
+    };
+    let expected = whole.state.build().unwrap();
+    assert_eq!(sorted(&m), sorted(&expected));
+    assert!(m.eq_without_workloads(&expected));
 }

@@ -213,7 +213,8 @@ fn an_agent_leaves_its_node_when_weft_s_namespace_is_deleted_and_only_then() -> 
 /// enrolled, and talks to a pod on the other node over mutual TLS with the
 /// identity of its service account, which the CA signed because the API
 /// places that pod on that node; relabelled out of the mesh (a change of one
-/// pod: a delta), it is unenrolled and its traffic goes plain.
+/// pod: a delta), it is unenrolled and its traffic goes plain; and so is the
+/// other pod when its namespace is taken out (a delta of its pods).
 #[test]
 fn agents_on_kubernetes_mesh_the_pods_the_api_lists() -> Result<()> {
     if !require_privileged() {
@@ -288,6 +289,30 @@ fn agents_on_kubernetes_mesh_the_pods_the_api_lists() -> Result<()> {
         eventually(PATIENCE, || mesh.access_logs(1)[before..].iter().any(plain)),
         "the unenrolled client's connection should arrive plain: {:#?}",
         &mesh.access_logs(1)[before..]
+    );
+
+    // The namespace is taken out of the mesh: its pods' enrollment changes,
+    // sent as a delta of those pods, not a whole mesh.
+    let whole = |mesh: &Mesh| {
+        mesh.logs(1, |v| {
+            v["message"] == "mesh changed in Kubernetes, applying"
+        })
+        .len()
+    };
+    let meshes = whole(&mesh);
+    let mut out = meshed("default");
+    out["metadata"]["labels"]["weft.dev/mesh"] = json!("disabled");
+    api.put(NAMESPACES, out)?;
+    ensure!(
+        eventually(PATIENCE, || !mesh
+            .logs(1, |v| v["message"] == "pod unenrolled"
+                && v["workload"] == format!("default/{}", server.name))
+            .is_empty()),
+        "the server was not unenrolled with its namespace"
+    );
+    ensure!(
+        whole(&mesh) == meshes,
+        "a namespace's enrollment was applied as a whole mesh"
     );
     Ok(())
 }

@@ -13,13 +13,14 @@
 //!
 //! Most changes in a cluster are pods and the EndpointSlices that list them
 //! (a pod turning ready or not). When only those changed since the last
-//! update, [`State::next_update`] sends just the workloads that did and the
+//! update (or a namespace's enrollment label, whose pods are then settled
+//! again), [`State::next_update`] sends just the workloads that did and the
 //! services whose slices did, whole ([`Update::Delta`]), checked as
 //! validation checks a whole mesh (the pods' own fields, their addresses
 //! against every other workload's and service's, what EndpointSlices say of
 //! them; the services' resolved target ports), at a cost of what changed,
 //! not of the cluster. Anything it cannot decide that way (another kind
-//! changed, an invalid pod or slice, an address taken, an endpoint whose pod
+//! changed, a namespace's waypoint binding, an invalid pod or slice, an address taken, an endpoint whose pod
 //! appears or disappears, a waypoint's replicas, a service the last mesh left
 //! out, a burst of more than [`MAX_DELTA`] objects) is a whole mesh,
 //! assembled and validated as before.
@@ -253,6 +254,10 @@ pub struct State {
     /// EndpointSlices changed since the last update, with their entry as it
     /// was then.
     pending_slices: BTreeMap<Key, Option<Entry>>,
+    /// Namespaces whose enrollment label changed (or that came or went)
+    /// since the last update, their waypoint binding the same: their pods
+    /// are settled again and sent.
+    pending_namespaces: BTreeSet<String>,
     /// Something else than a pod or an EndpointSlice changed since the last
     /// update, or they were listed again: the next one is a whole mesh.
     others_changed: bool,
@@ -262,6 +267,10 @@ pub struct State {
     /// The pods' label sets, each held once.
     labels: model::LabelSets,
 }
+
+/// Pods settled again against their namespace, for the state's entries to
+/// take.
+type Settled = Vec<(Key, Arc<model::Workload>)>;
 
 /// The facts a delta is checked against (kept small: hashes, not names).
 #[derive(Debug)]
@@ -314,6 +323,7 @@ impl State {
             deltas: false,
             pending: BTreeMap::new(),
             pending_slices: BTreeMap::new(),
+            pending_namespaces: BTreeSet::new(),
             others_changed: false,
             published: None,
             labels: model::LabelSets::default(),
@@ -379,9 +389,29 @@ impl State {
             }
         }
         let relist = matches!(change, Change::InitDone | Change::Absent);
+        // A namespace whose waypoint binding stays: only its pods' enrollment
+        // can change with it.
+        let was = match &change {
+            Change::Apply(key, _) | Change::Delete(key) if res == Res::Namespace && self.deltas => {
+                Some((key.clone(), binding(objects.live.get(key))))
+            }
+            _ => None,
+        };
         self.apply_to(res, change);
-        if self.dirty && (!(pod || slice) || relist) {
-            self.others_changed = true;
+        let settles = was.and_then(|(key, was)| {
+            let now = binding(
+                self.kinds
+                    .get(&Res::Namespace)
+                    .and_then(|o| o.live.get(&key)),
+            );
+            (was.is_ok() && was == now).then_some(key.1)
+        });
+        match settles {
+            Some(name) if self.dirty => {
+                self.pending_namespaces.insert(name);
+            }
+            _ if self.dirty && (!(pod || slice) || relist) => self.others_changed = true,
+            _ => {}
         }
         self.dirty |= was_dirty;
     }
@@ -624,6 +654,7 @@ impl State {
         }
         self.pending.clear();
         self.pending_slices.clear();
+        self.pending_namespaces.clear();
         self.others_changed = false;
         if self.deltas {
             self.published = Some(self.index(&mesh));
@@ -639,19 +670,27 @@ impl State {
         if !self.synced() || !self.dirty {
             return None;
         }
-        if let Some(delta) = self.delta() {
+        if let Some((delta, settled)) = self.delta() {
             self.dirty = false;
             self.pending.clear();
             self.pending_slices.clear();
+            self.pending_namespaces.clear();
+            if let Some(pods) = self.kinds.get_mut(&Res::Pod) {
+                for (key, w) in settled {
+                    if let Some(Entry::Pod(p)) = pods.live.get_mut(&key) {
+                        p.workload = w;
+                    }
+                }
+            }
             return (!delta.is_empty()).then_some(Update::Delta(delta));
         }
         self.build().map(|m| Update::Mesh(Arc::new(m)))
     }
 
-    /// The pods changed since the last update as a delta, if it can be
-    /// checked without assembling the mesh; `None`: assemble it. Cost: the
-    /// changed pods.
-    fn delta(&mut self) -> Option<MeshDelta> {
+    /// What changed since the last update as a delta, if it can be checked
+    /// without assembling the mesh; `None`: assemble it. Cost: the changed
+    /// pods and slices, and the pods of relabelled namespaces.
+    fn delta(&mut self) -> Option<(MeshDelta, Settled)> {
         let published = self.published.as_mut()?;
         if self.others_changed
             || self.pending.len() + self.pending_slices.len() > MAX_DELTA
@@ -773,6 +812,30 @@ impl State {
                 None => {}
             }
         }
+        // The pods of the namespaces whose enrollment label changed, settled
+        // again (those changed themselves are above). The state's entries
+        // take the new workloads, so the next meshes share them.
+        let mut settled = Vec::new();
+        for ns in &self.pending_namespaces {
+            let mode = mesh_mode_of(namespaces, ns);
+            let first = (ns.clone(), String::new());
+            for (key, e) in pods.range(first..).take_while(|(k, _)| k.0 == *ns) {
+                if let Entry::Pod(p) = e
+                    && !self.pending.contains_key(key)
+                {
+                    let w = p.in_namespace(mode);
+                    if !Arc::ptr_eq(&w, &p.workload) {
+                        settled.push((key.clone(), w));
+                    }
+                }
+            }
+            // (The agent's shrink guard counts pods removed, not unenrolled:
+            // only the size of the delta bounds it.)
+            if settled.len() + delta.upserts.len() > MAX_DELTA {
+                return None;
+            }
+        }
+        delta.upserts.extend(settled.iter().map(|(_, w)| w.clone()));
         // The services whose slices changed, whole, as the mesh would have
         // them. One the last mesh left out, or a waypoint (validation checks
         // its replicas), is for the whole mesh.
@@ -801,7 +864,7 @@ impl State {
                 _ => return None,
             }
         }
-        Some(delta)
+        Some((delta, settled))
     }
 
     /// The facts of `mesh` a delta is checked against.
@@ -924,6 +987,16 @@ fn assemble_service(
         };
     }
     svc
+}
+
+/// What of a namespace's entry a delta cannot carry: its waypoint binding
+/// (`Err`: an entry that is not a namespace's).
+fn binding(e: Option<&Entry>) -> Result<Option<model::UseWaypoint>, ()> {
+    match e {
+        None => Ok(None),
+        Some(Entry::Namespace(ns)) => Ok(ns.waypoint.clone()),
+        Some(_) => Err(()),
+    }
 }
 
 fn namespace_entry<'a>(namespaces: &'a BTreeMap<Key, Entry>, name: &str) -> Option<&'a Entry> {

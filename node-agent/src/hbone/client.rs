@@ -224,6 +224,8 @@ struct Conn {
     serial: String,
     active: AtomicUsize,
     closed: Arc<AtomicBool>,
+    /// The peer said GOAWAY (or refused a stream): it takes no new streams.
+    going_away: AtomicBool,
     idle_since: Mutex<Instant>,
 }
 
@@ -297,6 +299,8 @@ struct Inner {
     next_id: AtomicU64,
     /// Connections closed because a PING went unanswered.
     unanswered: Arc<AtomicU64>,
+    /// Streams made again because the peer did not process them.
+    remade: AtomicU64,
 }
 
 impl Pool {
@@ -314,6 +318,7 @@ impl Pool {
             keys: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             unanswered: Arc::default(),
+            remade: AtomicU64::new(0),
         });
         tokio::spawn(reap(Arc::downgrade(&inner)));
         Pool { inner }
@@ -324,8 +329,12 @@ impl Pool {
         format!(
             "# HELP weft_hbone_ping_timeouts_total Pooled HBONE connections closed because the peer did not answer a PING in time.\n\
              # TYPE weft_hbone_ping_timeouts_total counter\n\
-             weft_hbone_ping_timeouts_total {}\n",
-            self.inner.unanswered.load(Relaxed)
+             weft_hbone_ping_timeouts_total {}\n\
+             # HELP weft_hbone_streams_remade_total HBONE streams the peer did not process (refused, or cut by its GOAWAY, as an agent stopping beside its successor says) and that were made again on another connection.\n\
+             # TYPE weft_hbone_streams_remade_total counter\n\
+             weft_hbone_streams_remade_total {}\n",
+            self.inner.unanswered.load(Relaxed),
+            self.inner.remade.load(Relaxed)
         )
     }
 
@@ -362,45 +371,98 @@ impl Pool {
             .entry(key)
             .or_default()
             .clone();
+        // A stream the peer did not process is made again on another
+        // connection: HTTP/2 says such a stream had no effect (one refused, or
+        // above the last one a GOAWAY counts). An agent stopping beside its
+        // successor (`app::succession`) says GOAWAY on all its connections,
+        // and the successor then takes the stream.
+        let mut retries = 0;
+        loop {
+            let slot = self.slot(&conns, &t, &svid).await?;
+            match self.stream(slot, &t, down, early).await {
+                Err(Attempt::Unprocessed(conn, source)) if retries < UNPROCESSED_RETRIES => {
+                    debug!(connection = conn.id, dst.addr = %t.hbone, error = %source, "HBONE stream not processed by the peer: made again on another connection");
+                    conn.going_away.store(true, Relaxed);
+                    self.inner.remade.fetch_add(1, Relaxed);
+                    retries += 1;
+                }
+                Err(Attempt::Unprocessed(_, source)) => {
+                    return Err(Error::H2 {
+                        addr: t.hbone,
+                        source: h2_io(source),
+                    });
+                }
+                Err(Attempt::Failed(e)) => return Err(e),
+                Ok(tunnel) => return Ok(tunnel),
+            }
+        }
+    }
+
+    /// A pooled connection for one more stream of `t`: the least busy one
+    /// made with the current certificate, or a new one (see [`choose`]).
+    async fn slot(
+        &self,
+        conns: &KeyConns,
+        t: &Target<'_>,
+        svid: &tls::Svid,
+    ) -> Result<Slot, Error> {
         // The choice is made under the key's lock, but a new connection is made
         // outside it: a stream that an existing connection can carry never
         // waits for another stream's handshake.
-        let slot = loop {
+        loop {
             let done = conns.done.notified();
             let choice = {
                 let mut made = conns.state.lock().unwrap_or_else(|e| e.into_inner());
-                let choice = choose(&mut made, &svid.serial, s);
+                let choice = choose(&mut made, &svid.serial, &self.inner.settings);
                 if let Choice::Connect = choice {
                     made.connecting += 1;
                 }
                 choice
             };
             match choice {
-                Choice::Use(conn) => break Slot(conn),
+                Choice::Use(conn) => return Ok(Slot(conn)),
                 Choice::Wait => done.await,
                 Choice::Connect => {
-                    let _connecting = Connecting(&conns);
-                    let conn = Arc::new(self.connect(&t, &svid).await?);
+                    let _connecting = Connecting(conns);
+                    let conn = Arc::new(self.connect(t, svid).await?);
                     conn.active.fetch_add(1, Relaxed);
                     let mut made = conns.state.lock().unwrap_or_else(|e| e.into_inner());
                     made.conns.push(conn.clone());
-                    break Slot(conn);
+                    return Ok(Slot(conn));
                 }
             }
+        }
+    }
+
+    /// One stream on `slot`'s connection, up to the peer's answer.
+    async fn stream(
+        &self,
+        slot: Slot,
+        t: &Target<'_>,
+        down: Option<&TcpStream>,
+        early: &mut Early,
+    ) -> Result<Tunnel, Attempt> {
+        let s = &self.inner.settings;
+        let conn = slot.0.clone();
+        let h2_err = |source: h2::Error| {
+            Attempt::Failed(Error::H2 {
+                addr: t.hbone,
+                source: h2_io(source),
+            })
         };
-        let conn = &slot.0;
-        let h2_err = |source: h2::Error| Error::H2 {
-            addr: t.hbone,
-            source: h2_io(source),
-        };
-        let mut send = conn.send.clone().ready().await.map_err(h2_err)?;
+        // Nothing is sent before the request is: a failure up to it leaves the
+        // stream unprocessed whatever it was.
+        let unprocessed = |source: h2::Error| Attempt::Unprocessed(conn.clone(), source);
+        let mut send = conn.send.clone().ready().await.map_err(unprocessed)?;
         let req = connect_request(t.authority, t.source_ip, t.baggage.clone());
         // Take what the client has already sent before the request goes out, so
         // the connection's task writes both in one go.
         if let Some(down) = down {
-            early.read_ready(down).map_err(Error::Downstream)?;
+            early
+                .read_ready(down)
+                .map_err(|e| Attempt::Failed(Error::Downstream(e)))?;
         }
-        let (response, mut stream) = send.send_request(req, false).map_err(h2_err)?;
+        let (response, mut stream) = send.send_request(req, false).map_err(unprocessed)?;
         // A failed send means the stream is already gone: the answer says why.
         let _ = early.replay(&mut stream);
         let answer = async {
@@ -408,11 +470,11 @@ impl Pool {
             loop {
                 tokio::select! {
                     biased;
-                    r = &mut response => return r.map_err(h2_err),
+                    r = &mut response => return r.map_err(|e| if not_processed(&e) { unprocessed(e) } else { h2_err(e) }),
                     ready = readable(down), if down.is_some() && early.wants_more() => {
-                        ready.map_err(Error::Downstream)?;
+                        ready.map_err(|e| Attempt::Failed(Error::Downstream(e)))?;
                         let Some(down) = down else { continue };
-                        if let Some((data, end)) = early.read_ready(down).map_err(Error::Downstream)? {
+                        if let Some((data, end)) = early.read_ready(down).map_err(|e| Attempt::Failed(Error::Downstream(e)))? {
                             let _ = stream.send_data(data, end);
                         }
                     }
@@ -422,14 +484,14 @@ impl Pool {
         let response = match tokio::time::timeout(s.connect_timeout, answer).await {
             Ok(r) => r?,
             Err(_) => {
-                return Err(Error::H2 {
+                return Err(Attempt::Failed(Error::H2 {
                     addr: t.hbone,
                     source: io::Error::new(io::ErrorKind::TimedOut, "no answer to CONNECT"),
-                });
+                }));
             }
         };
         if response.status() != StatusCode::OK {
-            return Err(Error::Status(response.status()));
+            return Err(Attempt::Failed(Error::Status(response.status())));
         }
         Ok(Tunnel {
             send: stream,
@@ -522,6 +584,7 @@ impl Pool {
             serial: svid.serial.clone(),
             active: AtomicUsize::new(0),
             closed,
+            going_away: AtomicBool::new(false),
             idle_since: Mutex::new(Instant::now()),
         })
     }
@@ -581,7 +644,8 @@ async fn silence(pings: Option<PingPong>, interval: Duration, timeout: Duration)
 /// counted and some are being made: then the stream waits for those. A chosen
 /// connection has the stream counted before the lock is let go.
 fn choose(made: &mut Made, serial: &str, s: &PoolSettings) -> Choice {
-    made.conns.retain(|c| !c.closed.load(Relaxed));
+    made.conns
+        .retain(|c| !c.closed.load(Relaxed) && !c.going_away.load(Relaxed));
     let current = made.conns.iter().filter(|c| c.serial == serial);
     let count = current.clone().count() + made.connecting;
     let best = current
@@ -595,6 +659,24 @@ fn choose(made: &mut Made, serial: &str, s: &PoolSettings) -> Choice {
         None if made.connecting > 0 && count >= s.spread => Choice::Wait,
         _ => Choice::Connect,
     }
+}
+
+/// How many times a stream the peer did not process is made again.
+const UNPROCESSED_RETRIES: usize = 2;
+
+/// How one attempt at a stream failed.
+enum Attempt {
+    /// The peer did not process it (see [`not_processed`]): it may be made
+    /// again on another connection than this one.
+    Unprocessed(Arc<Conn>, h2::Error),
+    Failed(Error),
+}
+
+/// Whether a stream's error says the peer never processed it: refused
+/// (`REFUSED_STREAM`), or cut by the peer's GOAWAY (which h2 reports only to
+/// the streams above the last one the GOAWAY counts).
+fn not_processed(e: &h2::Error) -> bool {
+    e.is_remote() && (e.is_go_away() || e.reason() == Some(h2::Reason::REFUSED_STREAM))
 }
 
 /// rustls shows a custom certificate error in debug form; say it plainly.
@@ -657,6 +739,7 @@ mod tests {
             serial: serial.to_owned(),
             active: AtomicUsize::new(active),
             closed: Arc::new(AtomicBool::new(false)),
+            going_away: AtomicBool::new(false),
             idle_since: Mutex::new(Instant::now()),
         })
     }

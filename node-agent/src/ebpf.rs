@@ -14,6 +14,7 @@ use std::{
     os::fd::{AsFd, AsRawFd, OwnedFd},
     path::{Path, PathBuf},
     sync::Arc,
+    time::{Duration, Instant},
 };
 
 use aya::{
@@ -139,6 +140,7 @@ impl OrigDstTable {
 
 /// `enum bpf_cmd`: `BPF_MAP_LOOKUP_AND_DELETE_ELEM`.
 const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 
@@ -200,6 +202,19 @@ impl HandoverTable {
         )
     }
 
+    /// Whether the map holds `key`.
+    pub fn contains(&self, key: &Handover) -> bool {
+        let mut value = 0u8;
+        map_elem(
+            BPF_MAP_LOOKUP_ELEM,
+            &self.0,
+            key as *const Handover as u64,
+            &mut value as *mut u8 as u64,
+            0,
+        )
+        .is_ok()
+    }
+
     /// Strikes it off (a missing entry is not an error).
     pub fn remove(&self, key: &Handover) {
         let _ = map_elem(
@@ -219,6 +234,9 @@ pub struct Capture {
     listeners: SockHash<MapData, ListenerKey>,
     orig_dst: OrigDstTable,
     handover: HandoverTable,
+    /// The handover entries found at start, and when: struck off later if
+    /// still there ([`Capture::clear_stale_handovers`]).
+    found_handovers: Option<(Instant, Vec<Handover>)>,
     links_dir: PathBuf,
 }
 
@@ -292,8 +310,9 @@ impl Capture {
             }
         };
         let orig_dst = typed_map(&mut ebpf, MAP_ORIG_DST)?;
-        let handover = handover_table(&mut ebpf)?;
+        let (handover, found) = handover_table(&mut ebpf)?;
         Ok(Capture {
+            found_handovers: (!found.is_empty()).then(|| (Instant::now(), found)),
             ebpf,
             enrolled,
             listeners,
@@ -312,6 +331,28 @@ impl Capture {
 
     pub fn handover(&self) -> HandoverTable {
         self.handover.clone()
+    }
+
+    /// Strikes off the handover entries found at start that are still there
+    /// `after` it: no `connect` lasts that long, so no agent is using them (a
+    /// previous one died between its two `bpf()` calls). Once; later calls do
+    /// nothing.
+    pub fn clear_stale_handovers(&mut self, after: Duration) {
+        let Some((since, found)) = self.found_handovers.take_if(|(t, _)| t.elapsed() >= after)
+        else {
+            return;
+        };
+        let stale: Vec<&Handover> = found.iter().filter(|k| self.handover.contains(k)).collect();
+        for key in &stale {
+            self.handover.remove(key);
+        }
+        if !stale.is_empty() {
+            warn!(
+                entries = stale.len(),
+                found_for = ?since.elapsed(),
+                "cleared handovers a previous agent left"
+            );
+        }
     }
 
     /// Enrolls a pod: registers its inbound listener, attaches `sk_lookup` to its
@@ -529,10 +570,13 @@ fn link_netns_ino(pin: &Path) -> io::Result<u32> {
     Ok(info.netns_ino)
 }
 
-/// The handover map, emptied: an entry a previous agent left (killed between
-/// its `bpf()` calls) would let one connection with that exact 4-tuple past
-/// `sk_lookup`.
-fn handover_table(ebpf: &mut Ebpf) -> Result<HandoverTable, Error> {
+/// The handover map, and what it holds as this agent starts. An entry a
+/// previous agent left (killed between its `bpf()` calls) would let one
+/// connection with that exact 4-tuple past `sk_lookup`, so those are struck
+/// off ([`Capture::clear_stale_handovers`]); but not at once: a predecessor
+/// still serving beside this agent (`app::succession`) has entries of its own
+/// in there, each for the time of one `connect`.
+fn handover_table(ebpf: &mut Ebpf) -> Result<(HandoverTable, Vec<Handover>), Error> {
     let fd = match ebpf.map(MAP_HANDOVER) {
         Some(aya::maps::Map::HashMap(m)) => {
             m.fd()
@@ -550,18 +594,9 @@ fn handover_table(ebpf: &mut Ebpf) -> Result<HandoverTable, Error> {
             });
         }
     };
-    let mut map: HashMap<MapData, Handover, u8> = typed_map(ebpf, MAP_HANDOVER)?;
-    let stale: Vec<Handover> = map.keys().filter_map(Result::ok).collect();
-    for key in &stale {
-        let _ = map.remove(key);
-    }
-    if !stale.is_empty() {
-        warn!(
-            entries = stale.len(),
-            "cleared handovers a previous agent left"
-        );
-    }
-    Ok(HandoverTable(Arc::new(fd)))
+    let map: HashMap<MapData, Handover, u8> = typed_map(ebpf, MAP_HANDOVER)?;
+    let found: Vec<Handover> = map.keys().filter_map(Result::ok).collect();
+    Ok((HandoverTable(Arc::new(fd)), found))
 }
 
 /// Takes map `name` out of the object as its typed wrapper.

@@ -61,20 +61,21 @@ pub type Handler = Arc<dyn Fn(&str, &str, &str) -> Reply + Send + Sync>;
 
 /// Serves `GET /metrics` with what `render` returns at scrape time.
 pub async fn serve(listener: TcpListener, render: Render) {
-    serve_http(
-        listener,
-        Arc::new(
-            move |method: &str, path: &str, _: &str| match (method, path) {
-                ("GET", "/metrics") => Reply {
-                    status: 200,
-                    content_type: "text/plain; version=0.0.4",
-                    body: render(),
-                },
-                _ => Reply::text(404, "not found\n"),
+    serve_http(listener, handler(render)).await
+}
+
+/// `GET /metrics`, answered with what `render` returns at scrape time.
+pub fn handler(render: Render) -> Handler {
+    Arc::new(
+        move |method: &str, path: &str, _: &str| match (method, path) {
+            ("GET", "/metrics") => Reply {
+                status: 200,
+                content_type: "text/plain; version=0.0.4",
+                body: render(),
             },
-        ),
+            _ => Reply::text(404, "not found\n"),
+        },
     )
-    .await
 }
 
 /// Serves small HTTP/1.1 requests (one per connection, no body) with `handler`,

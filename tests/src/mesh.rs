@@ -443,6 +443,28 @@ impl<'c> Mesh<'c> {
         Ok(())
     }
 
+    /// Starts a second agent on node `node` beside the running one, as a
+    /// DaemonSet rolling with `maxSurge` does, and waits until it reports
+    /// ready. It takes the node's slot (logs, metrics, [`Mesh::agent`]); the
+    /// predecessor is returned, still running, for the test to stop.
+    pub fn start_successor(&mut self, node: usize) -> Result<Proc> {
+        if self.agents[node].is_none() {
+            bail!("no agent of node {node} to succeed");
+        }
+        let mut cmd = self.agent_command(node);
+        let proc = Proc::spawn(&mut cmd, format!("weft agent n{node} (successor)"))?;
+        if let Err(e) = proc.wait_for_json(AGENT_START, |v| v["message"] == "agent ready") {
+            bail!(
+                "the successor on node {node} did not become ready: {e:#}\nstdout:\n{}\nstderr:\n{}",
+                proc.stdout_lines().join("\n"),
+                proc.stderr()
+            );
+        }
+        Ok(self.agents[node]
+            .replace(proc)
+            .expect("checked above: an agent runs"))
+    }
+
     /// The command that runs `weft waypoint` in `pod` as its workload (which
     /// must be `native_tunnel: true` in the config).
     pub fn waypoint_command(&self, pod: &Pod) -> Command {

@@ -101,6 +101,17 @@ fn the_daemonsets_capabilities_are_enough_to_capture_and_tunnel() -> Result<()> 
         "the traffic did not go through the agent: {:?}",
         mesh.access_logs(0)
     );
+    // Each pod was set up whole: the sysctls an upgrade's handover and the
+    // inbound handover need were written with these capabilities too.
+    for node in 0..2 {
+        let warnings = mesh.logs(node, |v| {
+            v["level"] == "WARN"
+                && v["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("cannot"))
+        });
+        ensure!(warnings.is_empty(), "node {node}: {warnings:?}");
+    }
     Ok(())
 }
 

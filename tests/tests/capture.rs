@@ -374,6 +374,101 @@ fn agent_restart_keeps_capture_attached_and_fails_closed_meanwhile() -> Result<(
     Ok(())
 }
 
+/// An upgrade as the DaemonSet rolls it (`maxSurge: 1`): the successor starts
+/// beside the running agent, takes the node's endpoints from it, and serves
+/// the pods beside it until the predecessor is stopped. Connections made one
+/// after another both ways through the node the whole time (outbound from
+/// the pod, inbound to it over HBONE) must all get through.
+#[test]
+fn an_agent_hands_its_node_to_a_successor_without_refusing_a_connection() -> Result<()> {
+    if !require_privileged() {
+        return Ok(());
+    }
+    const ECHO: u16 = 9100;
+    let c = Cluster::new("capture_succession", 2, 1)?;
+    let (a, b) = (c.pod(0, 0), c.pod(1, 0));
+    let mut mesh = Mesh::start(&c, |_| true)?;
+    let _echo_a = tk::echo(a, ECHO)?;
+    let _echo_b = tk::echo(b, ECHO)?;
+    let load = |from: &Pod, to: std::net::Ipv4Addr| -> Result<Proc> {
+        let mut cmd = from.command(weft_tests::bin_path("weft-tk"));
+        let to = SocketAddr::new(to.into(), ECHO).to_string();
+        cmd.args(["conn-rate", "--connect", &to, "--count", "1000000"])
+            .args(["--size", "64", "--for-secs", "8", "--timeout-secs", "5"]);
+        from.spawn(&mut cmd)
+    };
+    let out = load(a, b.ip)?;
+    let inbound = load(b, a.ip)?;
+    std::thread::sleep(Duration::from_millis(500));
+
+    let mut old = mesh.start_successor(0)?;
+    old.wait_for_json(PATIENCE, |v| {
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("a successor agent started on this node"))
+    })?;
+    let ready = |node: usize| {
+        c.node(node)
+            .exec_ok("curl", ["-sS", "http://127.0.0.1:15021/healthz/ready"])
+    };
+    ensure!(
+        ready(0)? == "ready\n",
+        "the node's readiness is not the successor's"
+    );
+    // Both serve the pods for a while.
+    std::thread::sleep(Duration::from_secs(2));
+    old.signal(libc::SIGTERM)?;
+    let status = old.wait_timeout(Duration::from_secs(15))?;
+    ensure!(status.success(), "the predecessor exited with {status}");
+    let stopped = old.wait_for_json(PATIENCE, |v| {
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("agent stopped"))
+    })?;
+    ensure!(
+        stopped["connections_cut"] == 0,
+        "the predecessor cut connections: {stopped}"
+    );
+
+    for (what, load) in [("a → b", out), ("b → a", inbound)] {
+        let r = load.wait_for_json(Duration::from_secs(30), |v| v.get("ok").is_some())?;
+        ensure!(r["ok"] == true, "{what} failed during the handover: {r}");
+        ensure!(
+            r["count"].as_u64().unwrap_or(0) >= 100,
+            "{what}: too few connections to say anything: {r}"
+        );
+    }
+    // The successor alone serves the node now, endpoints and pods.
+    ensure!(ready(0)? == "ready\n");
+    let served = |dir: &str| {
+        mesh.access_logs(0)
+            .iter()
+            .filter(|v| v["direction"] == dir)
+            .count()
+    };
+    ensure!(
+        served("outbound") > 0 && served("inbound") > 0,
+        "the successor served no connection: {} out, {} in",
+        served("outbound"),
+        served("inbound")
+    );
+    let r = tk::say(
+        a,
+        &SocketAddr::new(b.ip.into(), ECHO).to_string(),
+        "after",
+        &[],
+    )?;
+    ensure!(r["ok"] == true, "after the handover: {r}");
+    let r = tk::say(
+        b,
+        &SocketAddr::new(a.ip.into(), ECHO).to_string(),
+        "after",
+        &[],
+    )?;
+    ensure!(r["ok"] == true, "after the handover: {r}");
+    Ok(())
+}
+
 /// `text` (the harness's mesh file) with `name`'s workload entry changed by
 /// `edit` (given its lines; an empty result drops the entry).
 fn edit_entry(text: &str, name: &str, edit: impl Fn(Vec<&str>) -> Vec<String>) -> String {

@@ -646,11 +646,14 @@ fn every_container_has_resources_and_probes_where_it_serves() {
             );
         }
     }
+    // The agent declares no ports (see the DaemonSet test); its probes are on
+    // the ports it serves.
     let agent = &find(&all, "DaemonSet/weft-agent")["spec"]["template"]["spec"]["containers"][0];
     assert_eq!(
         agent["readinessProbe"]["httpGet"],
         json!({"path": "/healthz/ready", "port": 15021})
     );
+    assert_eq!(agent["livenessProbe"]["tcpSocket"], json!({"port": 15021}));
     let waypoint = &find(&all, "Deployment/waypoint")["spec"]["template"]["spec"]["containers"][0];
     assert_eq!(
         waypoint["readinessProbe"]["httpGet"],
@@ -721,11 +724,17 @@ fn the_agent_daemonset_runs_on_every_node_with_its_mounts() {
     assert_eq!(pod["dnsPolicy"], "ClusterFirstWithHostNet");
     assert_eq!(pod["priorityClassName"], "system-node-critical");
     assert_eq!(pod["tolerations"], json!([{"operator": "Exists"}]));
-    // One agent per node at a time (see the DaemonSet's comment): the
-    // strategy must not surge, and must let the rollout progress.
+    // A node is never without an agent (see the DaemonSet's comment): the
+    // new one starts beside the old one, which goes once it is ready.
     assert_eq!(
         ds["spec"]["updateStrategy"],
-        json!({"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0}})
+        json!({"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}})
+    );
+    // On the host network a declared port is a host port: the scheduler
+    // would keep the new agent off the node while the old one runs.
+    assert!(
+        pod["containers"][0]["ports"].is_null(),
+        "the agent declares ports: its upgrade could not surge"
     );
     let agent = &pod["containers"][0];
     let volumes: BTreeMap<&str, &Value> = pod["volumes"]

@@ -75,6 +75,14 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         .thread_name("weft-main")
         .build()?;
     runtime.block_on(async move {
+        // The node's endpoints first, taken from an agent already serving the
+        // node (an upgrade's predecessor): from here on the node's readiness
+        // is this agent's.
+        let endpoints = super::succession::NodeEndpoints::start(
+            &args.bpf_pin_dir,
+            [args.metrics_addr, args.readiness_addr, args.admin_addr],
+        )
+        .await?;
         // An embedded CA binds first: it writes the bundle this agent then reads.
         let embedded = match &args.embedded_ca_dir {
             Some(dir) => {
@@ -179,14 +187,6 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
             pool,
             budget,
         ));
-        let bind = async |addr: std::net::SocketAddr, what: &str| {
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("binding the {what} endpoint {addr}"))
-        };
-        let metrics = bind(args.metrics_addr, "metrics").await?;
-        let readiness = bind(args.readiness_addr, "readiness").await?;
-        let admin_listener = bind(args.admin_addr, "admin").await?;
         let certs_view = shared.certs.clone();
         let pool_view = shared.pool.clone();
         let invalid_view = kube.as_ref().map(|k| k.invalid.clone());
@@ -209,9 +209,11 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         ));
         tokio::spawn(return_memory_after_floods(shared.clone()));
         tokio::spawn(prune_departed_series(shared.clone()));
-        tokio::spawn(crate::metrics::serve(metrics, render));
-        tokio::spawn(crate::metrics::serve_http(readiness, admin.readiness()));
-        tokio::spawn(crate::metrics::serve_http(admin_listener, admin.handler()));
+        endpoints.serve(
+            crate::metrics::handler(render),
+            admin.readiness(),
+            admin.handler(),
+        );
 
         let mut pods = Pods::new(
             node.clone(),
@@ -475,6 +477,7 @@ impl Follow<'_> {
                 }
                 _ = count.tick() => {
                     pods.count_map_entries();
+                    pods.clear_stale_handovers();
                     continue;
                 }
                 _ = revisit.tick(), if pods.needs_revisit() || cni.waiting() => {

@@ -4,6 +4,7 @@
 
 mod agent;
 mod ca;
+mod succession;
 mod waypoint;
 
 use anyhow::Context as _;

@@ -58,6 +58,21 @@ fn proc_dir() -> &'static Path {
     PROC.get().map_or(Path::new("/proc"), PathBuf::as_path)
 }
 
+/// Has the kernel move connections waiting in a closing listener's queue to
+/// another listener of its `SO_REUSEPORT` group, instead of resetting them
+/// (`tcp_migrate_req`, Linux 5.14): when an agent stops beside its successor
+/// (see `app::succession`), what it had not accepted yet goes to the
+/// successor. With no other listener there is nowhere to move to, and they are
+/// reset as before. A write of one sysctl inside the pod.
+pub fn migrate_requests(netns: &Netns) -> io::Result<()> {
+    netns.run(|| -> io::Result<()> {
+        OpenOptions::new()
+            .write(true)
+            .open(proc_dir().join("sys/net/ipv4/tcp_migrate_req"))?
+            .write_all(b"1")
+    })?
+}
+
 /// Prepares `netns` for handovers: the sysctl, the rule and the `local` routes,
 /// for IPv4 and IPv6 (IPv6 only where the pod has it).
 pub fn prepare_handover(netns: &Netns) -> io::Result<()> {

@@ -31,9 +31,18 @@ fn tcp_socket(netns: &Netns, addr: SocketAddr) -> io::Result<Socket> {
 
 /// Opens a listening socket inside `netns` (non-blocking; whoever accepts on it
 /// registers it with the runtime it runs on).
+///
+/// `SO_REUSEPORT`, so that a successor agent on the node can listen beside this
+/// one before it stops (see `app::succession`): the kernel then spreads new
+/// connections over both, and when this one closes, what waits in its queue
+/// moves to the other (`tcp_migrate_req`, set in every enrolled pod). The
+/// kernel lets only sockets of the same user join a group, and a pod's own
+/// process that joined would receive only its own pod's connections, which
+/// the capture sends back to these listeners when it connects on.
 pub fn listen(netns: &Netns, addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let socket = tcp_socket(netns, addr)?;
     socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
     if addr.is_ipv6() {
         // [::1] is IPv6 only; [::] takes IPv4 too (one socket for sk_lookup).
         socket.set_only_v6(!addr.ip().is_unspecified())?;

@@ -101,7 +101,12 @@ impl CniServer {
         let name = path
             .file_name()
             .map_or_else(|| "cni.sock".into(), |n| n.to_string_lossy().into_owned());
-        let tmp = path.with_file_name(format!(".{name}.{}", std::process::id()));
+        // Unique per agent: two on one node (an upgrade's, see
+        // `app::succession`) may both be PID 1 of their containers.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let tmp = path.with_file_name(format!(".{name}.{}.{nanos}", std::process::id()));
         let _ = std::fs::remove_file(&tmp);
         let listener = UnixListener::bind(&tmp)?;
         let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))

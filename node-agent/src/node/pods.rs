@@ -44,6 +44,10 @@ pub enum Error {
     Ebpf(#[from] crate::ebpf::Error),
 }
 
+/// The least time after start before handover entries found then count as a
+/// dead agent's (see [`Pods::clear_stale_handovers`]).
+const STALE_HANDOVER_AFTER: std::time::Duration = std::time::Duration::from_secs(30);
+
 pub struct Pods {
     node: String,
     capture: Capture,
@@ -109,6 +113,14 @@ impl Pods {
     /// Entries per eBPF map, into the metrics.
     pub fn count_map_entries(&self) {
         crate::stats::STATS.set_map_entries(&self.capture.map_entries());
+    }
+
+    /// Strikes off the kernel's handover entries that were there when this
+    /// agent started and still are, long after any `connect` of a
+    /// predecessor would have ended: a dead agent's leftovers.
+    pub fn clear_stale_handovers(&mut self) {
+        let after = (self.shared.settings.connect_timeout * 2).max(STALE_HANDOVER_AFTER);
+        self.capture.clear_stale_handovers(after);
     }
 
     /// The enrolled pods and their namespace cookies.
@@ -232,6 +244,9 @@ impl Pods {
             path: path.to_owned(),
             source,
         })?;
+        if let Err(e) = crate::net::route::migrate_requests(&netns) {
+            warn!(workload = %key, error = %e, "cannot set tcp_migrate_req in this pod: when this agent stops beside its successor, the connections it has not accepted yet are reset");
+        }
         let handover = self.shared.settings.inbound_source == InboundSource::Client
             && match crate::net::route::prepare_handover(&netns) {
                 Ok(()) => true,

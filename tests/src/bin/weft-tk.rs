@@ -11,7 +11,7 @@
 //! weft-tk name --listen <addr:port> --name NAME
 //! weft-tk who --connect <addr:port> --count N [--concurrency C] [--hold-ms M] [--timeout-secs S]
 //! weft-tk rr --connect <addr:port> --count N [--size B] [--warmup N] [--rate R]
-//! weft-tk conn-rate --connect <addr:port> --count N [--size B]
+//! weft-tk conn-rate --connect <addr:port> --count N [--size B] [--for-secs S]
 //! weft-tk hold --connect <addr:port> --count N [--hold-secs S]
 //! weft-tk http-rr --connect <addr:port> --count N [--h2] [--path P] [--header 'name: value'] [--warmup N] [--rate R]
 //! weft-tk http-hold --connect <addr:port> --count N [--hold-secs S]
@@ -22,8 +22,9 @@
 //! The last three are benchmark clients for an `echo` server (`cargo xtask
 //! bench`): `rr` times `--size`-byte request/response round trips over one
 //! connection, back to back or paced at `--rate` per second; `conn-rate` makes
-//! `--count` connections one after another, each with one exchange, and times
-//! the connects and the whole exchanges; `hold` opens `--count` connections,
+//! `--count` connections one after another (or as many as `--for-secs` allows),
+//! each with one exchange, and times the connects and the whole exchanges,
+//! stopping at the first that fails; `hold` opens `--count` connections,
 //! checks each with a one-byte echo, prints `{"holding": N}` and keeps them
 //! open. `http-rr` and `http-hold` are the same two for an HTTP server
 //! (the L7 bench): `http-rr` times GET requests one at a time on one HTTP/1.1
@@ -93,7 +94,7 @@ const USAGE: &str = "usage:
   weft-tk name --listen <addr:port> --name NAME
   weft-tk who --connect <addr:port> --count N [--concurrency C] [--hold-ms M] [--timeout-secs S]
   weft-tk rr --connect <addr:port> --count N [--size B] [--warmup N] [--rate R] [--timeout-secs S]
-  weft-tk conn-rate --connect <addr:port> --count N [--size B] [--timeout-secs S]
+  weft-tk conn-rate --connect <addr:port> --count N [--size B] [--for-secs S] [--timeout-secs S]
   weft-tk hold --connect <addr:port> --count N [--hold-secs S] [--timeout-secs S]
   weft-tk http-rr --connect <addr:port> --count N [--h2] [--path P] [--header 'name: value'] [--warmup N] [--rate R] [--timeout-secs S]
   weft-tk http-hold --connect <addr:port> --count N [--hold-secs S] [--timeout-secs S]
@@ -1320,19 +1321,35 @@ fn rr(args: &[String]) -> Result<ExitCode, String> {
 fn conn_rate(args: &[String]) -> Result<ExitCode, String> {
     let opts = Opts::parse(
         args,
-        &["--connect", "--count", "--size", "--timeout-secs"],
+        &[
+            "--connect",
+            "--count",
+            "--size",
+            "--timeout-secs",
+            "--for-secs",
+        ],
         &[],
     )?;
     let addr = resolve(opts.required("--connect")?)?;
-    let count = count_opt(&opts)?;
+    let mut count = count_opt(&opts)?;
+    let for_secs = match opts.get("--for-secs") {
+        Some(s) => Some(Duration::from_secs_f64(
+            s.parse().map_err(|_| format!("bad --for-secs {s:?}"))?,
+        )),
+        None => None,
+    };
     let size = parse_size(opts.get("--size").unwrap_or("1K"))? as usize;
     let timeout = opts.timeout()?;
     let msg = bench_message(size);
     let mut reply = vec![0u8; size];
-    let mut connect = Vec::with_capacity(count);
-    let mut whole = Vec::with_capacity(count);
+    let mut connect = Vec::with_capacity(count.min(1 << 16));
+    let mut whole = Vec::with_capacity(count.min(1 << 16));
     let began = Instant::now();
     for i in 0..count {
+        if for_secs.is_some_and(|d| began.elapsed() >= d) {
+            count = i;
+            break;
+        }
         let start = Instant::now();
         let result = TcpStream::connect_timeout(&addr, timeout).and_then(|mut s| {
             connect.push(start.elapsed().as_secs_f64() * 1e6);

@@ -58,8 +58,7 @@ pub(super) fn spawn_all(client: &Client, kinds: &[Res], tx: &mpsc::Sender<(Res, 
             _ => {
                 let (group, version) = res.api_version().split_once('/').unwrap_or(("", "v1"));
                 let gvk = GroupVersionKind::gvk(group, version, res.kind());
-                let plural = format!("{}s", res.kind().to_ascii_lowercase());
-                let ar = ApiResource::from_gvk_with_plural(&gvk, &plural);
+                let ar = ApiResource::from_gvk_with_plural(&gvk, res.plural());
                 let api = Api::<DynamicObject>::all_with(client.clone(), &ar);
                 let translate: fn(&DynamicObject) -> Entry = match res {
                     Res::HttpRoute => translate::http_route,

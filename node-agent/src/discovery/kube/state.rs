@@ -102,6 +102,24 @@ impl Res {
         }
     }
 
+    /// The resource's name in the API's paths (and in RBAC rules): the
+    /// plural its CRD declares. Spelled out, not derived from the kind:
+    /// "AuthorizationPolicy" + "s" is a path no API server serves, and a
+    /// kind that 404s is taken as having no objects.
+    pub fn plural(self) -> &'static str {
+        match self {
+            Res::Namespace => "namespaces",
+            Res::Pod => "pods",
+            Res::Service => "services",
+            Res::EndpointSlice => "endpointslices",
+            Res::HttpRoute => "httproutes",
+            Res::GrpcRoute => "grpcroutes",
+            Res::AuthorizationPolicy(_) => "authorizationpolicies",
+            Res::PeerAuthentication(_) => "peerauthentications",
+            Res::RequestAuthentication(_) => "requestauthentications",
+        }
+    }
+
     /// `group/version` of the API serving it.
     pub fn api_version(self) -> &'static str {
         match self {

@@ -856,3 +856,81 @@ async fn the_ordered_publisher_reports_weft_s_namespace_being_deleted() {
         .unwrap();
     assert!(*uninstalling.borrow());
 }
+
+/// Each kind is listed and watched under the plural its API serves: the
+/// built-in kinds' from k8s-openapi, Weft's from its CRDs in `deploy/` (and
+/// Istio's, whose CRDs name theirs the same). A wrong plural is a path no API
+/// server serves, which the source would take as "no objects of that kind".
+#[test]
+fn every_kind_is_watched_under_the_plural_its_api_serves() {
+    use k8s_openapi::{Resource as _, api::core::v1::Service};
+    assert_eq!(Res::Namespace.plural(), Namespace::URL_PATH_SEGMENT);
+    assert_eq!(Res::Pod.plural(), Pod::URL_PATH_SEGMENT);
+    assert_eq!(Res::Service.plural(), Service::URL_PATH_SEGMENT);
+    assert_eq!(Res::EndpointSlice.plural(), EndpointSlice::URL_PATH_SEGMENT);
+    let crds = [
+        include_str!("../../../../deploy/crds/authorizationpolicies.yaml"),
+        include_str!("../../../../deploy/crds/peerauthentications.yaml"),
+        include_str!("../../../../deploy/crds/requestauthentications.yaml"),
+    ];
+    let mut checked = 0;
+    for res in Kinds::All.watched() {
+        let api_group = res.api_version().split_once('/').map(|(g, _)| g);
+        if !matches!(api_group, Some("weft.dev" | "security.istio.io")) {
+            continue;
+        }
+        let crd = crds
+            .iter()
+            .map(|text| crate::yaml::from_str::<serde_json::Value>(text).unwrap())
+            .find(|crd| crd["spec"]["names"]["kind"] == res.kind())
+            .unwrap_or_else(|| panic!("no CRD of kind {}", res.kind()));
+        assert_eq!(crd["spec"]["names"]["plural"], res.plural(), "{res:?}");
+        checked += 1;
+    }
+    assert_eq!(checked, 6);
+    // The Gateway API's, as its CRDs name them.
+    assert_eq!(Res::HttpRoute.plural(), "httproutes");
+    assert_eq!(Res::GrpcRoute.plural(), "grpcroutes");
+}
+
+/// What each role's source watches is what `deploy/` grants it: list and
+/// watch of every kind, under its group and plural. (The privileged
+/// `kube_agent` tests run the agent and the CA against an API stand-in that
+/// enforces these roles; the waypoint's is checked here.)
+#[test]
+fn deploy_grants_each_role_what_its_source_watches() {
+    let grants = |text: &str, role: &str| -> Vec<serde_json::Value> {
+        text.split("\n---\n")
+            .map(|doc| crate::yaml::from_str::<serde_json::Value>(doc).unwrap())
+            .filter(|o| o["kind"] == "ClusterRole" && o["metadata"]["name"] == role)
+            .flat_map(|o| o["rules"].as_array().cloned().unwrap_or_default())
+            .collect()
+    };
+    let has = |list: &serde_json::Value, x: &str| {
+        list.as_array().is_some_and(|l| l.iter().any(|v| v == x))
+    };
+    let agent = include_str!("../../../../deploy/agent/rbac.yaml");
+    let waypoint = include_str!("../../../../deploy/waypoint-access.yaml");
+    let ca = include_str!("../../../../deploy/ca/rbac.yaml");
+    for (text, role, kinds) in [
+        (agent, "weft-agent", Kinds::All),
+        (waypoint, "weft-waypoint", Kinds::All),
+        (ca, "weft-ca", Kinds::WorkloadsOnly),
+    ] {
+        let rules = grants(text, role);
+        assert!(!rules.is_empty(), "no ClusterRole {role}");
+        for res in kinds.watched() {
+            let group = res.api_version().split_once('/').map_or("", |(g, _)| g);
+            for verb in ["list", "watch"] {
+                assert!(
+                    rules.iter().any(|r| has(&r["apiGroups"], group)
+                        && has(&r["resources"], res.plural())
+                        && has(&r["verbs"], verb)
+                        && r["resourceNames"].is_null()),
+                    "{role} may not {verb} {}.{group}",
+                    res.plural()
+                );
+            }
+        }
+    }
+}

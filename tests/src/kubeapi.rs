@@ -7,12 +7,18 @@
 //! objects a test puts, so the agent's Kubernetes mode runs end to end.
 //!
 //! Not a conformance fake: no selectors, no pagination (`limit` is ignored:
-//! every list fits), no authentication (the bearer token is not checked),
-//! every watch from its `resourceVersion` with the events since.
+//! every list fits), every watch from its `resourceVersion` with the events
+//! since. The bearer token names the user; a user granted rules
+//! ([`FakeApi::grant`], read from `deploy/` by [`rules_of`]) is authorized as
+//! the API server's RBAC authorizer would, before anything else (a request
+//! to a kind that is not served is refused if not granted, as there), and
+//! each refusal is answered 403 and kept ([`FakeApi::forbidden`]): so a test
+//! running the agent and the CA this way proves `deploy/`'s roles are
+//! enough for them.
 
 use std::{
     collections::BTreeMap,
-    io::{BufRead, BufReader, Write},
+    io::{BufRead, BufReader, Read as _, Write},
     net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     os::fd::AsRawFd,
     path::{Path, PathBuf},
@@ -47,6 +53,10 @@ pub struct FakeApi {
 
 struct Shared {
     state: Mutex<State>,
+    /// Per user (the bearer token): the rules granted.
+    grants: Mutex<BTreeMap<String, Vec<Rule>>>,
+    /// Every request refused: `user VERB path`.
+    forbidden: Mutex<Vec<String>>,
     changed: Condvar,
     stop: AtomicBool,
 }
@@ -93,6 +103,8 @@ impl FakeApi {
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
+            grants: Mutex::default(),
+            forbidden: Mutex::default(),
             changed: Condvar::new(),
             stop: AtomicBool::new(false),
         });
@@ -114,20 +126,47 @@ impl FakeApi {
         Ok(FakeApi { addr, shared })
     }
 
-    /// A kubeconfig in `dir` that points a client here.
+    /// A kubeconfig in `dir` that points a client here (as a user granted
+    /// nothing, so not authorized).
     pub fn kubeconfig(&self, dir: &Path) -> Result<PathBuf> {
-        let path = dir.join("kubeconfig");
+        self.kubeconfig_as(dir, "not-checked")
+    }
+
+    /// A kubeconfig in `dir` for `user` (its bearer token), which
+    /// [`FakeApi::grant`] gives rules.
+    pub fn kubeconfig_as(&self, dir: &Path, user: &str) -> Result<PathBuf> {
+        let path = dir.join(format!("kubeconfig-{user}"));
         std::fs::write(
             &path,
             format!(
                 "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{}\n\
-                 users:\n- name: agent\n  user:\n    token: not-checked\n\
-                 contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: agent\n\
+                 users:\n- name: {user}\n  user:\n    token: {user}\n\
+                 contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: {user}\n\
                  current-context: fake\n",
                 self.addr
             ),
         )?;
         Ok(path)
+    }
+
+    /// Authorizes `user` by `rules` from now on (added to what it has).
+    pub fn grant(&self, user: &str, rules: Vec<Rule>) {
+        self.shared
+            .grants
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(user.to_owned())
+            .or_default()
+            .extend(rules);
+    }
+
+    /// The requests refused so far: `user VERB path`.
+    pub fn forbidden(&self) -> Vec<String> {
+        self.shared
+            .forbidden
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Adds `object` to `collection` (a path of [`COLLECTIONS`]), or replaces
@@ -212,24 +251,51 @@ fn serve(conn: TcpStream, shared: &Shared) -> Result<()> {
         if reader.read_line(&mut line)? == 0 {
             return Ok(());
         }
-        let target = line
-            .split_whitespace()
-            .nth(1)
-            .unwrap_or_default()
-            .to_owned();
-        // The headers: none matters (a GET has no body).
+        let mut words = line.split_whitespace();
+        let method = words.next().unwrap_or_default().to_owned();
+        let target = words.next().unwrap_or_default().to_owned();
+        // The headers: who asks, and how long a body is (read and dropped).
+        let (mut user, mut body) = (String::new(), 0usize);
         loop {
             let mut header = String::new();
             if reader.read_line(&mut header)? == 0 || header == "\r\n" || header == "\n" {
                 break;
             }
+            let Some((name, value)) = header.split_once(':') else {
+                continue;
+            };
+            let value = value.trim();
+            match name.to_ascii_lowercase().as_str() {
+                "authorization" => {
+                    user = value.strip_prefix("Bearer ").unwrap_or_default().to_owned();
+                }
+                "content-length" => body = value.parse().unwrap_or(0),
+                _ => {}
+            }
         }
+        std::io::copy(&mut (&mut reader).take(body as u64), &mut std::io::sink())?;
         let (path, query) = target.split_once('?').unwrap_or((&target, ""));
         let param = |name: &str| {
             query
                 .split('&')
                 .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
         };
+        if let Some(refused) =
+            authorize(shared, &user, &method, path, param("watch") == Some("true"))
+        {
+            let status = json!({
+                "kind": "Status", "apiVersion": "v1", "metadata": {},
+                "status": "Failure", "reason": "Forbidden", "code": 403,
+                "message": format!("user \"{user}\" cannot {refused}"),
+            });
+            shared
+                .forbidden
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(format!("{user} {method} {target}"));
+            respond(&mut out, "403 Forbidden", &status)?;
+            continue;
+        }
         let Some(&(collection, api_version, list_kind)) =
             COLLECTIONS.iter().find(|(p, _, _)| *p == path)
         else {
@@ -310,4 +376,105 @@ fn watch(mut out: TcpStream, shared: &Shared, collection: &str, mut since: u64) 
             .unwrap_or_else(|e| e.into_inner())
             .0;
     }
+}
+
+/// One RBAC rule, as a Role or ClusterRole lists it; a Role's rules hold
+/// only in its namespace.
+#[derive(Clone, Debug)]
+pub struct Rule {
+    groups: Vec<String>,
+    resources: Vec<String>,
+    verbs: Vec<String>,
+    names: Vec<String>,
+    namespace: Option<String>,
+}
+
+/// The rules of the `kind` (`ClusterRole` or `Role`) named `name` in the
+/// manifest file `file` (under `deploy/`, several documents).
+pub fn rules_of(file: &str, kind: &str, name: &str) -> Result<Vec<Rule>> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy")
+        .join(file);
+    let text = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
+    let strings = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s.as_str().map(String::from))
+            .collect()
+    };
+    for doc in text.split("\n---\n") {
+        let object: Value =
+            weft::yaml::from_str(doc).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        if object["kind"] != kind || object["metadata"]["name"] != name {
+            continue;
+        }
+        let namespace = object["metadata"]["namespace"].as_str().map(String::from);
+        return Ok(object["rules"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| Rule {
+                groups: strings(&r["apiGroups"]),
+                resources: strings(&r["resources"]),
+                verbs: strings(&r["verbs"]),
+                names: strings(&r["resourceNames"]),
+                namespace: namespace.clone(),
+            })
+            .collect());
+    }
+    bail!("no {kind} {name} in {}", path.display())
+}
+
+/// Whether `user` may make this request: `None` if so (or if `user` was
+/// granted nothing: not checked), else what it may not do.
+fn authorize(shared: &Shared, user: &str, method: &str, path: &str, watch: bool) -> Option<String> {
+    let grants = shared.grants.lock().unwrap_or_else(|e| e.into_inner());
+    let rules = grants.get(user)?;
+    // /api/v1/..., /apis/GROUP/VERSION/...; anything else (discovery,
+    // /version) is open to every authenticated user, as there.
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (group, rest) = match segments.as_slice() {
+        ["api", _version, rest @ ..] => ("", rest),
+        ["apis", group, _version, rest @ ..] => (*group, rest),
+        _ => return None,
+    };
+    let (namespace, resource, name) = match rest {
+        [] => return None,
+        ["namespaces", ns, resource, more @ ..] => (Some(*ns), *resource, more.first().copied()),
+        ["namespaces", name] => (None, "namespaces", Some(*name)),
+        [resource, more @ ..] => (None, *resource, more.first().copied()),
+    };
+    let verb = match (method, name, watch) {
+        ("GET", _, true) => "watch",
+        ("GET", Some(_), _) => "get",
+        ("GET", None, _) => "list",
+        ("POST", ..) => "create",
+        ("PATCH", ..) => "patch",
+        ("PUT", ..) => "update",
+        ("DELETE", Some(_), _) => "delete",
+        ("DELETE", None, _) => "deletecollection",
+        _ => "unknown",
+    };
+    let allowed = rules.iter().any(|r| {
+        let has = |list: &[String], x: &str| list.iter().any(|v| v == x || v == "*");
+        has(&r.groups, group)
+            && has(&r.resources, resource)
+            && has(&r.verbs, verb)
+            && (r.names.is_empty() || name.is_some_and(|n| r.names.iter().any(|v| v == n)))
+            && r.namespace
+                .as_deref()
+                .is_none_or(|own| namespace == Some(own))
+    });
+    (!allowed).then(|| {
+        format!(
+            "{verb} {resource}{} in {}",
+            if group.is_empty() {
+                String::new()
+            } else {
+                format!(".{group}")
+            },
+            namespace.map_or("the cluster".to_owned(), |n| format!("namespace {n}"))
+        )
+    })
 }

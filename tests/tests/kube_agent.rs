@@ -17,7 +17,9 @@ use std::{path::Path, time::Duration};
 use anyhow::{Context, Result, ensure};
 use serde_json::{Value, json};
 use weft_tests::{
-    Cluster, Mesh, PATIENCE, Pod, eventually, kubeapi::FakeApi, require_privileged, tk,
+    Cluster, Mesh, PATIENCE, Pod, eventually,
+    kubeapi::{FakeApi, rules_of},
+    require_privileged, tk,
 };
 
 const NAMESPACES: &str = "/api/v1/namespaces";
@@ -116,6 +118,33 @@ fn stop(mesh: &mut Mesh) -> Result<Value> {
     Ok(last)
 }
 
+/// Kubeconfigs for the agents and for the CA, each as its own service account
+/// with exactly the roles `deploy/` gives it: whatever either asks of the API
+/// beyond them is refused, and the test fails on [`all_granted`].
+fn as_deployed(api: &FakeApi, dir: &Path) -> Result<(String, String)> {
+    api.grant(
+        "weft-agent",
+        rules_of("agent/rbac.yaml", "ClusterRole", "weft-agent")?,
+    );
+    let mut ca = rules_of("ca/rbac.yaml", "ClusterRole", "weft-ca")?;
+    ca.extend(rules_of("ca/rbac.yaml", "Role", "weft-ca")?);
+    api.grant("weft-ca", ca);
+    Ok((
+        api.kubeconfig_as(dir, "weft-agent")?.display().to_string(),
+        api.kubeconfig_as(dir, "weft-ca")?.display().to_string(),
+    ))
+}
+
+/// Nothing the agents or the CA asked was beyond `deploy/`'s roles.
+fn all_granted(api: &FakeApi) -> Result<()> {
+    let refused = api.forbidden();
+    ensure!(
+        refused.is_empty(),
+        "refused by the roles in deploy/: {refused:#?}"
+    );
+    Ok(())
+}
+
 fn chained(conf: &Path) -> Result<bool> {
     Ok(std::fs::read_to_string(conf.join("10-bridge.conflist"))?.contains("weft-cni"))
 }
@@ -136,7 +165,7 @@ fn an_agent_leaves_its_node_when_weft_s_namespace_is_deleted_and_only_then() -> 
     let api = FakeApi::start_in(&c.node(0).netns_path)?;
     api.put(NAMESPACES, namespace("weft-system"))?;
     api.put(NAMESPACES, namespace("default"))?;
-    let kubeconfig = api.kubeconfig(&dir)?;
+    let (kubeconfig, _) = as_deployed(&api, &dir)?;
     mesh.agent_args = [
         "--discovery",
         "kubernetes",
@@ -149,8 +178,7 @@ fn an_agent_leaves_its_node_when_weft_s_namespace_is_deleted_and_only_then() -> 
     mesh.agent_args.push(conf.display().to_string());
     mesh.agent_args.push("--cni-bin-dir".into());
     mesh.agent_args.push(bin.display().to_string());
-    mesh.agent_env
-        .push(("KUBECONFIG".into(), kubeconfig.display().to_string()));
+    mesh.agent_env.push(("KUBECONFIG".into(), kubeconfig));
     mesh.start_ca()?;
     let pins = mesh.pin_dir(0);
 
@@ -205,7 +233,7 @@ fn an_agent_leaves_its_node_when_weft_s_namespace_is_deleted_and_only_then() -> 
         list["plugins"].as_array().map(Vec::len) == Some(1),
         "{list}"
     );
-    Ok(())
+    all_granted(&api)
 }
 
 /// Two nodes whose agents and CA learn the mesh from the API alone: a pod of
@@ -233,11 +261,10 @@ fn agents_on_kubernetes_mesh_the_pods_the_api_lists() -> Result<()> {
         api.put(PODS, pod_object(&c, p))?;
     }
     mesh.agent_args = ["--discovery", "kubernetes"].map(String::from).to_vec();
-    let kubeconfig = api.kubeconfig(&dir)?.display().to_string();
-    mesh.agent_env
-        .push(("KUBECONFIG".into(), kubeconfig.clone()));
+    let (agent_config, ca_config) = as_deployed(&api, &dir)?;
+    mesh.agent_env.push(("KUBECONFIG".into(), agent_config));
     mesh.ca_args = ["--discovery", "kubernetes"].map(String::from).to_vec();
-    mesh.ca_env.push(("KUBECONFIG".into(), kubeconfig));
+    mesh.ca_env.push(("KUBECONFIG".into(), ca_config));
     // The pods run before their agents: only /proc tells where.
     let _echo = tk::echo(server, PORT)?;
     let _client_app = tk::echo(client, PORT)?;
@@ -314,7 +341,7 @@ fn agents_on_kubernetes_mesh_the_pods_the_api_lists() -> Result<()> {
         whole(&mesh) == meshes,
         "a namespace's enrollment was applied as a whole mesh"
     );
-    Ok(())
+    all_granted(&api)
 }
 
 /// The service `echo` on `VIP:80` → the port named `http`, as the API server
@@ -379,12 +406,11 @@ fn a_service_follows_its_endpoint_slice_by_deltas() -> Result<()> {
     }
     api.put(SERVICES, echo_service())?;
     api.put(SLICES, echo_slice(&c, &[(a, true), (b, true)]))?;
-    let kubeconfig = api.kubeconfig(&dir)?.display().to_string();
+    let (agent_config, ca_config) = as_deployed(&api, &dir)?;
     mesh.agent_args = ["--discovery", "kubernetes"].map(String::from).to_vec();
-    mesh.agent_env
-        .push(("KUBECONFIG".into(), kubeconfig.clone()));
+    mesh.agent_env.push(("KUBECONFIG".into(), agent_config));
     mesh.ca_args = ["--discovery", "kubernetes"].map(String::from).to_vec();
-    mesh.ca_env.push(("KUBECONFIG".into(), kubeconfig));
+    mesh.ca_env.push(("KUBECONFIG".into(), ca_config));
     let _a = tk::name(a, PORT)?;
     let _b = tk::name(b, PORT)?;
     mesh.start_ca()?;
@@ -443,5 +469,5 @@ fn a_service_follows_its_endpoint_slice_by_deltas() -> Result<()> {
         whole(&mesh) == meshes,
         "an endpoint's change was applied as a whole mesh"
     );
-    Ok(())
+    all_granted(&api)
 }

@@ -504,6 +504,52 @@ fn a_restarted_agent_finds_the_running_pod_in_proc() -> Result<()> {
     Ok(())
 }
 
+/// An upgrade's successor (started beside the running agent) takes the CNI
+/// socket once it is ready: the next pod's ADD is answered by it, and the pod
+/// stays served when the predecessor stops.
+#[test]
+fn a_successor_answers_the_cni_plugin_once_ready() -> Result<()> {
+    if !require_privileged() {
+        return Ok(());
+    }
+    let c = Cluster::new("cni_succession", 2, 1)?;
+    let (mut mesh, rt) = setup(&c)?;
+    mesh.start_all()?;
+    let server = c.pod(1, 0);
+    let _echo = tk::echo(server, PORT)?;
+    let mut old = mesh.start_successor(0)?;
+    let mut sandbox: Sandbox = rt.sandbox(&c, "default", POD)?;
+    rt.add(&mut sandbox)?
+        .map_err(|f| anyhow::anyhow!("ADD failed: {f}"))?;
+    let pod = sandbox.as_pod(0)?;
+    let reported = |v: &Value| v["message"] == "CNI ADD: pod's network namespace reported";
+    ensure!(
+        mesh.logs(0, |v| is_event(v, "pod enrolled", POD)).len() == 1
+            && !mesh.logs(0, reported).is_empty(),
+        "the successor did not answer the ADD"
+    );
+    let old_lines = old.stdout_lines();
+    ensure!(
+        !old_lines
+            .iter()
+            .any(|l| l.contains("CNI ADD: pod's network namespace reported")),
+        "the predecessor answered the ADD"
+    );
+    say_over_mtls(&mesh, &pod, server, "beside the predecessor")?;
+    old.signal(libc::SIGTERM)?;
+    let status = old.wait_timeout(std::time::Duration::from_secs(15))?;
+    ensure!(status.success(), "the predecessor exited with {status}");
+    say_over_mtls(&mesh, &pod, server, "after the predecessor")?;
+    rt.del(&mut sandbox)?;
+    ensure!(
+        eventually(PATIENCE, || !mesh
+            .logs(0, |v| is_event(v, "pod unenrolled", POD))
+            .is_empty()),
+        "the successor did not release the pod on DEL"
+    );
+    Ok(())
+}
+
 /// `weft cni install` into a conf dir with the cluster's bridge conflist:
 /// the binary lands as `weft-cni` (and runs as the plugin under that name),
 /// weft is chained last, a second install changes nothing, uninstall gives the

@@ -11,7 +11,7 @@ use std::{
     fs::File,
     io,
     net::IpAddr,
-    os::fd::{AsFd, AsRawFd, OwnedFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant},
@@ -268,7 +268,27 @@ impl Capture {
             if pin.exists() {
                 match PinnedLink::from_pin(&pin) {
                     Ok(_) => {
-                        info!(program = name, "reusing pinned link");
+                        // The link stays (the programs stay attached through
+                        // a restart or an upgrade); the program it runs is
+                        // this build's.
+                        let refreshed = load_cgroup(&mut ebpf, name, kind).and_then(|prog| {
+                            refresh_link(&pin, prog.as_fd()).map_err(|e| Error::Pin {
+                                path: pin.clone(),
+                                detail: e.to_string(),
+                            })
+                        });
+                        match refreshed {
+                            Ok(false) => info!(program = name, "reusing pinned link"),
+                            Ok(true) => info!(
+                                program = name,
+                                "reusing pinned link; its program was another build's and is replaced in place"
+                            ),
+                            Err(e) => warn!(
+                                program = name,
+                                error = %e,
+                                "reusing pinned link; its program could not be checked or replaced, and runs as an earlier agent loaded it"
+                            ),
+                        }
                         continue;
                     }
                     Err(e) => {
@@ -384,7 +404,28 @@ impl Capture {
         }
 
         let pin = self.lookup_pin(cookie);
-        if !(pin.exists() && PinnedLink::from_pin(&pin).is_ok()) {
+        let pinned = pin.exists() && PinnedLink::from_pin(&pin).is_ok();
+        if pinned {
+            // Another build's program (an upgrade): this one's, in place.
+            let prog: &mut SkLookup = program(&mut self.ebpf, PROG_SK_LOOKUP)?;
+            let replaced = prog
+                .fd()
+                .map_err(io::Error::other)
+                .and_then(|fd| refresh_link(&pin, fd.as_fd()));
+            match replaced {
+                Ok(false) => {}
+                Ok(true) => info!(
+                    netns_cookie = cookie,
+                    "the pod's sk_lookup link ran another build's program: replaced in place"
+                ),
+                Err(e) => warn!(
+                    netns_cookie = cookie,
+                    error = %e,
+                    "cannot check or replace the program of the pod's sk_lookup link: it runs as an earlier agent loaded it"
+                ),
+            }
+        }
+        if !pinned {
             let _ = std::fs::remove_file(&pin);
             let ns = File::open(netns.path()).map_err(|e| Error::Pin {
                 path: netns.path().to_owned(),
@@ -497,12 +538,67 @@ where
 }
 
 /// The network-namespace inode a pinned netns link (`sk_lookup`) is attached
-/// to; 0 once that namespace is gone. Two `bpf()` calls: `BPF_OBJ_GET` on the
-/// pin and `BPF_OBJ_GET_INFO_BY_FD` (aya offers no link info for netns links).
+/// to; 0 once that namespace is gone.
 fn link_netns_ino(pin: &Path) -> io::Result<u32> {
+    pinned_link(pin).map(|(_, info)| info.netns_ino)
+}
+
+/// `struct bpf_link_info`'s head: type, id, prog_id, then (8-byte aligned)
+/// the union, whose netns member is { netns_ino, attach_type }.
+#[repr(C)]
+#[derive(Default)]
+struct LinkInfo {
+    kind: u32,
+    id: u32,
+    prog_id: u32,
+    _pad: u32,
+    netns_ino: u32,
+    attach_type: u32,
+    _rest: [u64; 6],
+}
+
+/// One `bpf()` command with `attr`; what it returns (a descriptor, for some).
+fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
+    // SAFETY: `attr` is a live `repr(C)` attribute struct of the size given,
+    // whose pointers (if any) point at memory that outlives the call; the
+    // kernel reads it, and writes only what the command's output fields say.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, std::mem::size_of::<T>()) };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// A descriptor the kernel just returned, owned from here on.
+fn owned(fd: libc::c_long) -> OwnedFd {
+    // SAFETY: `sys_bpf` returned it for a command that makes a descriptor.
+    unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) }
+}
+
+/// `BPF_OBJ_GET_INFO_BY_FD` into `info` (its size is the length asked for:
+/// the kernel fills what fits).
+fn info_by_fd<T>(fd: BorrowedFd<'_>, info: &mut T) -> io::Result<()> {
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    #[repr(C)]
+    struct InfoByFd {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let mut query = InfoByFd {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: std::mem::size_of::<T>() as u32,
+        info: info as *mut T as u64,
+    };
+    sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut query).map(drop)
+}
+
+/// A pinned link, opened, and its info. `BPF_OBJ_GET` and
+/// `BPF_OBJ_GET_INFO_BY_FD` (aya offers no link info for netns links).
+fn pinned_link(pin: &Path) -> io::Result<(OwnedFd, LinkInfo)> {
     use std::os::unix::ffi::OsStrExt;
     const BPF_OBJ_GET: libc::c_long = 7;
-    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
     let path = std::ffi::CString::new(pin.as_os_str().as_bytes())
         .map_err(|_| io::Error::other("a pin path with a NUL byte"))?;
     #[repr(C)]
@@ -511,63 +607,103 @@ fn link_netns_ino(pin: &Path) -> io::Result<u32> {
         bpf_fd: u32,
         file_flags: u32,
     }
-    let get = ObjGet {
+    let mut get = ObjGet {
         pathname: path.as_ptr() as u64,
         bpf_fd: 0,
         file_flags: 0,
     };
-    // SAFETY: `get` points at a NUL-terminated path that lives for the call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            &get as *const ObjGet,
-            std::mem::size_of::<ObjGet>(),
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
+    let fd = owned(sys_bpf(BPF_OBJ_GET, &mut get)?);
+    let mut info = LinkInfo::default();
+    info_by_fd(fd.as_fd(), &mut info)?;
+    Ok((fd, info))
+}
+
+/// A program by its id (`BPF_PROG_GET_FD_BY_ID`).
+fn prog_fd_by_id(id: u32) -> io::Result<OwnedFd> {
+    const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+    #[repr(C)]
+    struct ById {
+        id: u32,
+        next_id: u32,
+        open_flags: u32,
     }
-    // SAFETY: a descriptor the kernel just returned, owned from here on.
-    let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
-    // `struct bpf_link_info`: type, id, prog_id, then (8-byte aligned) the
-    // union, whose netns member is { netns_ino, attach_type }.
+    let mut by_id = ById {
+        id,
+        next_id: 0,
+        open_flags: 0,
+    };
+    sys_bpf(BPF_PROG_GET_FD_BY_ID, &mut by_id).map(owned)
+}
+
+/// A program's tag: the kernel's hash of its instructions (map references
+/// left out), equal for two loads of the same build's program.
+fn prog_tag(fd: BorrowedFd<'_>) -> io::Result<[u8; 8]> {
+    /// `struct bpf_prog_info`'s head: type, id, tag.
     #[repr(C)]
     #[derive(Default)]
-    struct LinkInfo {
+    struct ProgInfo {
         kind: u32,
         id: u32,
-        prog_id: u32,
-        _pad: u32,
-        netns_ino: u32,
-        attach_type: u32,
-        _rest: [u64; 6],
+        tag: [u8; 8],
     }
+    let mut info = ProgInfo::default();
+    info_by_fd(fd, &mut info)?;
+    Ok(info.tag)
+}
+
+/// Has `link` run `prog` from now on (`BPF_LINK_UPDATE`: atomic, the link
+/// stays attached throughout).
+fn link_update(link: &OwnedFd, prog: BorrowedFd<'_>) -> io::Result<()> {
+    const BPF_LINK_UPDATE: libc::c_long = 29;
     #[repr(C)]
-    struct InfoByFd {
-        bpf_fd: u32,
-        info_len: u32,
-        info: u64,
+    struct Update {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
     }
-    let mut info = LinkInfo::default();
-    let query = InfoByFd {
-        bpf_fd: fd.as_raw_fd() as u32,
-        info_len: std::mem::size_of::<LinkInfo>() as u32,
-        info: &mut info as *mut LinkInfo as u64,
+    let mut update = Update {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: prog.as_raw_fd() as u32,
+        flags: 0,
+        old_prog_fd: 0,
     };
-    // SAFETY: the kernel writes at most `info_len` bytes into `info`.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET_INFO_BY_FD,
-            &query as *const InfoByFd,
-            std::mem::size_of::<InfoByFd>(),
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
+    sys_bpf(BPF_LINK_UPDATE, &mut update).map(drop)
+}
+
+/// Gives the pinned link at `pin` the program `prog` if it runs another
+/// (by tag); whether it did.
+fn refresh_link(pin: &Path, prog: BorrowedFd<'_>) -> io::Result<bool> {
+    let (link, info) = pinned_link(pin)?;
+    let old = prog_fd_by_id(info.prog_id)?;
+    if prog_tag(old.as_fd())? == prog_tag(prog)? {
+        return Ok(false);
     }
-    Ok(info.netns_ino)
+    link_update(&link, prog)?;
+    Ok(true)
+}
+
+/// Loads the cgroup program `name` (not attached), for a pinned link.
+fn load_cgroup(ebpf: &mut Ebpf, name: &'static str, kind: CgroupKind) -> Result<OwnedFd, Error> {
+    let err = |source| Error::Program { name, source };
+    macro_rules! load {
+        ($ty:ty) => {{
+            let prog: &mut $ty = program(ebpf, name)?;
+            prog.load().map_err(err)?;
+            prog.fd()
+                .map_err(err)?
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| Error::Pin {
+                    path: PathBuf::from(name),
+                    detail: e.to_string(),
+                })?
+        }};
+    }
+    Ok(match kind {
+        CgroupKind::SockAddr => load!(CgroupSockAddr),
+        CgroupKind::SockOps => load!(SockOps),
+    })
 }
 
 /// The handover map, and what it holds as this agent starts. An entry a

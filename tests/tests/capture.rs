@@ -6,6 +6,7 @@
 
 use std::{
     net::{IpAddr, SocketAddr},
+    path::Path,
     process::Command,
     time::Duration,
 };
@@ -466,6 +467,178 @@ fn an_agent_hands_its_node_to_a_successor_without_refusing_a_connection() -> Res
         &[],
     )?;
     ensure!(r["ok"] == true, "after the handover: {r}");
+    Ok(())
+}
+
+/// What an agent of an earlier build leaves: a pinned link whose program is
+/// not this build's. Here one that lets everything through untouched (`r0 =
+/// 1; exit`), of `prog_type` for `attach_type`, attached to `target` (a
+/// cgroup or a network namespace) and pinned at `pin`, with raw `bpf()`
+/// calls.
+fn pin_a_pass_through(prog_type: u32, attach_type: u32, target: &Path, pin: &Path) -> Result<()> {
+    use std::os::{fd::AsRawFd, unix::ffi::OsStrExt};
+    fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> Result<i32> {
+        // SAFETY: a live attribute struct of the size given; its pointers
+        // point at memory that outlives the call.
+        let rc =
+            unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, std::mem::size_of::<T>()) };
+        ensure!(rc >= 0, "bpf({cmd}): {}", std::io::Error::last_os_error());
+        Ok(rc as i32)
+    }
+    // mov64 r0, 1; exit
+    let insns: [u64; 2] = [0x0000_0001_0000_00b7, 0x0000_0000_0000_0095];
+    let license = c"GPL";
+    #[repr(C)]
+    struct ProgLoad {
+        prog_type: u32,
+        insn_cnt: u32,
+        insns: u64,
+        license: u64,
+        log_level: u32,
+        log_size: u32,
+        log_buf: u64,
+        kern_version: u32,
+        prog_flags: u32,
+        prog_name: [u8; 16],
+        prog_ifindex: u32,
+        expected_attach_type: u32,
+    }
+    let mut load = ProgLoad {
+        prog_type,
+        insn_cnt: 2,
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        log_level: 0,
+        log_size: 0,
+        log_buf: 0,
+        kern_version: 0,
+        prog_flags: 0,
+        prog_name: *b"weft_old_build\0\0",
+        prog_ifindex: 0,
+        expected_attach_type: attach_type,
+    };
+    let prog = bpf(5, &mut load)?; // BPF_PROG_LOAD
+    let target = std::fs::File::open(target)?;
+    #[repr(C)]
+    struct LinkCreate {
+        prog_fd: u32,
+        target_fd: u32,
+        attach_type: u32,
+        flags: u32,
+    }
+    let mut create = LinkCreate {
+        prog_fd: prog as u32,
+        target_fd: target.as_raw_fd() as u32,
+        attach_type,
+        flags: 0,
+    };
+    let link = bpf(28, &mut create)?; // BPF_LINK_CREATE
+    let path = std::ffi::CString::new(pin.as_os_str().as_bytes())?;
+    #[repr(C)]
+    struct ObjPin {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let mut obj = ObjPin {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: link as u32,
+        file_flags: 0,
+    };
+    let pinned = bpf(6, &mut obj); // BPF_OBJ_PIN
+    // SAFETY: descriptors the kernel returned above, closed once; the pin
+    // keeps the link (and its program) alive.
+    unsafe {
+        libc::close(link);
+        libc::close(prog);
+    }
+    pinned.map(drop)
+}
+
+/// An upgrade whose build changes a program: the new agent finds the links
+/// pinned (the capture stays attached through it) and gives each its own
+/// program in place, so the fix reaches the node without an uninstall.
+#[test]
+fn an_agent_gives_a_pinned_link_its_own_build_of_the_program() -> Result<()> {
+    if !require_privileged() {
+        return Ok(());
+    }
+    let c = Cluster::new("capture_refresh", 2, 2)?;
+    let (a, outsider, b) = (c.pod(0, 0), c.pod(0, 1), c.pod(1, 0));
+    // `outsider` is not in the mesh: its connections arrive in plaintext,
+    // which only `sk_lookup` steers to the agent.
+    let mut mesh = Mesh::new(&c, |p| p.name != outsider.name)?;
+    let links = mesh.pin_dir(0).join("links");
+    std::fs::create_dir_all(&links)?;
+    const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
+    const BPF_CGROUP_INET4_CONNECT: u32 = 10;
+    pin_a_pass_through(
+        BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+        BPF_CGROUP_INET4_CONNECT,
+        &c.node(0).cgroup,
+        &links.join("weft_connect4"),
+    )?;
+    mesh.start_all()?;
+    let replaced = mesh.logs(0, |v| {
+        v["message"]
+            == "reusing pinned link; its program was another build's and is replaced in place"
+    });
+    ensure!(
+        replaced.len() == 1 && replaced[0]["program"] == "weft_connect4",
+        "{replaced:?}"
+    );
+    // The other four were this build's already.
+    ensure!(
+        mesh.logs(0, |v| v["message"] == "attached").len() == 4,
+        "{:?}",
+        mesh.logs(0, |v| v["message"] == "attached")
+    );
+    // The capture is this build's: a connect goes through the agent.
+    let _srv = server(b)?;
+    let to = addr(b.ip);
+    client_ok(a, &to, MIB, MIB, &[])?;
+    wait_access(&mesh, 0, "outbound after the replacement", |v| {
+        v["direction"] == "outbound" && v["dst.addr"] == to
+    });
+
+    // A pod's sk_lookup link likewise, as the pod is enrolled: node 1's
+    // agent away, the server pod's link is another build's.
+    let cookie = mesh.logs(1, |v| {
+        v["message"] == "pod enrolled" && v["workload"] == format!("default/{}", b.name)
+    })[0]["netns_cookie"]
+        .as_u64()
+        .context("no cookie logged")?;
+    mesh.stop_agent(1, true)?;
+    let lookup = mesh.pin_dir(1).join(format!("links/lookup-{cookie}"));
+    std::fs::remove_file(&lookup)?;
+    const BPF_PROG_TYPE_SK_LOOKUP: u32 = 30;
+    const BPF_SK_LOOKUP: u32 = 36;
+    pin_a_pass_through(
+        BPF_PROG_TYPE_SK_LOOKUP,
+        BPF_SK_LOOKUP,
+        Path::new(&format!("/var/run/netns/{}", b.netns)),
+        &lookup,
+    )?;
+    mesh.start_agent(1)?;
+    ensure!(
+        mesh.logs(1, |v| v["message"]
+            == "the pod's sk_lookup link ran another build's program: replaced in place"
+            && v["netns_cookie"] == cookie)
+            .len()
+            == 1,
+        "the pod's link was not given this build's program"
+    );
+    // Inbound to the pod is the agent's again: a plaintext client outside
+    // the mesh is steered to it (and logged), not let through to the server.
+    client_ok(outsider, &to, MIB, MIB, &[])?;
+    let from = outsider.ip.to_string();
+    wait_access(&mesh, 1, "plaintext inbound after the replacement", |v| {
+        v["direction"] == "inbound"
+            && v["dst.addr"] == to
+            && v["src.addr"]
+                .as_str()
+                .is_some_and(|s| s.starts_with(&format!("{from}:")))
+    });
     Ok(())
 }
 

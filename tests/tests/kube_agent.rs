@@ -145,6 +145,15 @@ fn all_granted(api: &FakeApi) -> Result<()> {
     Ok(())
 }
 
+/// How many whole meshes node `node`'s agent has applied (a delta is not
+/// logged so).
+fn whole_meshes(mesh: &Mesh, node: usize) -> usize {
+    mesh.logs(node, |v| {
+        v["message"] == "mesh changed in Kubernetes, applying"
+    })
+    .len()
+}
+
 fn chained(conf: &Path) -> Result<bool> {
     Ok(std::fs::read_to_string(conf.join("10-bridge.conflist"))?.contains("weft-cni"))
 }
@@ -320,12 +329,7 @@ fn agents_on_kubernetes_mesh_the_pods_the_api_lists() -> Result<()> {
 
     // The namespace is taken out of the mesh: its pods' enrollment changes,
     // sent as a delta of those pods, not a whole mesh.
-    let whole = |mesh: &Mesh| {
-        mesh.logs(1, |v| {
-            v["message"] == "mesh changed in Kubernetes, applying"
-        })
-        .len()
-    };
+    let whole = |mesh: &Mesh| whole_meshes(mesh, 1);
     let meshes = whole(&mesh);
     let mut out = meshed("default");
     out["metadata"]["labels"]["weft.dev/mesh"] = json!("disabled");
@@ -437,12 +441,7 @@ fn a_service_follows_its_endpoint_slice_by_deltas() -> Result<()> {
         }),
         "both endpoints should answer through {to}: {seen:?}"
     );
-    let whole = |mesh: &Mesh| {
-        mesh.logs(0, |v| {
-            v["message"] == "mesh changed in Kubernetes, applying"
-        })
-        .len()
-    };
+    let whole = |mesh: &Mesh| whole_meshes(mesh, 0);
     let meshes = whole(&mesh);
 
     // b turns not ready.

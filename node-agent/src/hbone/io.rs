@@ -20,6 +20,8 @@ use bytes::{Buf, Bytes};
 use h2::{RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use super::stream::h2_io;
+
 pub struct StreamIo {
     send: SendStream<Bytes>,
     recv: RecvStream,
@@ -37,14 +39,6 @@ impl StreamIo {
             pending: Bytes::new(),
             shut: false,
         }
-    }
-}
-
-fn h2_io(e: h2::Error) -> io::Error {
-    if e.is_io() {
-        e.into_io().unwrap_or_else(|| io::Error::other("h2"))
-    } else {
-        io::Error::new(io::ErrorKind::ConnectionReset, e)
     }
 }
 

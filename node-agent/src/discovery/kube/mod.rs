@@ -2,25 +2,22 @@
 //! beside the mesh file.
 //!
 //! ```ignore
-//! let source = discovery::kube::start(client, KubeOptions { kinds: Kinds::All, ..Default::default() });
-//! let mut updates = source.updates; // watch::Receiver<Option<Arc<Mesh>>>
+//! let mut source = discovery::kube::start_ordered(client, KubeOptions { kinds: Kinds::All, ..Default::default() });
+//! let first = source.first().await; // the first whole mesh
+//! let next = source.updates.recv().await; // then every update, in order
 //! ```
 //!
-//! [`start`] watches (kube's `watcher`, list then watch, re-listing after a
-//! disconnect or a `410 Gone`) every kind [`Kinds`] names, and publishes the
-//! mesh they describe on a `watch` channel: `None` until every kind has been
-//! listed completely once (a partial mesh is never published), then a new
-//! `Arc<Mesh>` whenever it changed, at most every [`COALESCE`]: for a
-//! consumer that wants only the latest whole mesh.
-//!
-//! [`start_ordered`] is the agent's, the waypoint's ([`Kinds::All`]) and the
-//! CA's ([`Kinds::WorkloadsOnly`]: pods and namespaces, which identities run
-//! on which node): every update in
-//! order on a channel, the first a whole mesh, then, when only pods and
-//! EndpointSlices changed, just the workloads and the services' endpoints
-//! that did ([`Update::Delta`]), which they apply to their view at the cost
-//! of the change (`View::with_delta`) instead of compiling the whole cluster
-//! again.
+//! [`start_ordered`] watches (kube's `watcher`, list then watch, re-listing
+//! after a disconnect or a `410 Gone`) every kind [`Kinds`] names: the
+//! agent's and the waypoint's ([`Kinds::All`]) and the CA's
+//! ([`Kinds::WorkloadsOnly`]: pods and namespaces, which identities run on
+//! which node). Nothing is sent until every kind has been listed completely
+//! once (a partial mesh is never published); then every update in order on a
+//! channel, at most every [`COALESCE`], the first a whole mesh, then, when
+//! only pods, EndpointSlices and namespaces' enrollment labels changed, just
+//! the workloads and the services' endpoints that did ([`Update::Delta`]),
+//! which they apply to their view at the cost of the change
+//! (`View::with_delta`) instead of compiling the whole cluster again.
 //!
 //! - Pods → workloads (every pod of the cluster, as ztunnel does: any of them may
 //!   be a peer), enrolled by label ([`labels`]); Namespaces → enrollment and
@@ -88,37 +85,6 @@ impl Default for KubeOptions {
     }
 }
 
-/// A running source.
-pub struct Source {
-    /// `None` until synced, then the latest mesh.
-    pub updates: watch::Receiver<Option<Arc<Mesh>>>,
-    /// Objects skipped as invalid, per kind (for the metrics page).
-    pub invalid: Arc<Invalid>,
-}
-
-impl Source {
-    /// Waits for the first complete mesh (none is published before every kind
-    /// has been listed); `None` if the source stopped first.
-    pub async fn first(&mut self) -> Option<Arc<Mesh>> {
-        tracing::info!("waiting for the first complete list from the Kubernetes API");
-        self.updates.wait_for(Option::is_some).await.ok()?.clone()
-    }
-}
-
-/// Starts the watches and the publisher on the current tokio runtime. They run
-/// until the runtime stops; watch failures are retried, never fatal.
-pub fn start(client: kube::Client, opts: KubeOptions) -> Source {
-    let state = State::new(opts.kinds, &opts.trust_domain, &opts.root_namespace);
-    let invalid = state.counts.clone();
-    let (tx, updates) = watch::channel(None);
-    // Bounded: a publisher busy assembling makes the watches wait (their
-    // streams then buffer in the API server's watch cache, not here).
-    let (changes, rx) = mpsc::channel(1024);
-    run::spawn_all(&client, &opts.kinds.watched(), &changes);
-    tokio::spawn(run::publish(state, rx, run::Out::Latest(tx), None));
-    Source { updates, invalid }
-}
-
 /// A running ordered source: every update, in order.
 pub struct OrderedSource {
     /// A whole mesh first (once synced), then an [`Update`] per change, at most
@@ -158,7 +124,7 @@ pub fn start_ordered(client: kube::Client, opts: KubeOptions) -> OrderedSource {
         namespace,
         tx: going_tx,
     });
-    tokio::spawn(run::publish(state, rx, run::Out::Ordered(tx), going));
+    tokio::spawn(run::publish(state, rx, tx, going));
     OrderedSource {
         updates,
         invalid,

@@ -2,7 +2,7 @@
 //! stream into translated [`Change`]s; one task applies them to the [`State`]
 //! and publishes a new mesh at most every [`super::COALESCE`].
 
-use std::{fmt::Debug, sync::Arc, time::Duration};
+use std::{fmt::Debug, time::Duration};
 
 use futures_util::StreamExt as _;
 use k8s_openapi::api::{
@@ -23,7 +23,6 @@ use super::{
     state::{Change, Res, State, Update, change},
     translate::{self, Entry},
 };
-use crate::model::Mesh;
 
 /// After a failed watch, the first retry waits this long, doubling up to
 /// [`MAX_BACKOFF`].
@@ -134,26 +133,19 @@ pub(super) fn not_found(e: &watcher::Error) -> bool {
     }
 }
 
-/// Where the publisher sends.
-pub(super) enum Out {
-    /// The latest whole mesh.
-    Latest(watch::Sender<Option<Arc<Mesh>>>),
-    /// Every update, in order.
-    Ordered(mpsc::Sender<Update>),
-}
-
 /// A namespace whose deletion is watched for ([`State::namespace_going`]).
 pub(super) struct Going {
     pub namespace: String,
     pub tx: watch::Sender<bool>,
 }
 
-/// Applies changes as they come and publishes the assembled mesh when it
-/// changed, at most every [`COALESCE`], and never before every kind is synced.
+/// Applies changes as they come and sends every update to `out` in order
+/// (a whole mesh, or a delta), at most every [`COALESCE`], and never before
+/// every kind is synced.
 pub(super) async fn publish(
     mut state: State,
     mut rx: mpsc::Receiver<(Res, Change)>,
-    out: Out,
+    out: mpsc::Sender<Update>,
     going: Option<Going>,
 ) {
     let mut last = tokio::time::Instant::now() - COALESCE;
@@ -186,26 +178,13 @@ pub(super) async fn publish(
             }
             _ = tokio::time::sleep_until(last + COALESCE), if ready => {
                 let started = std::time::Instant::now();
-                match &out {
-                    Out::Latest(tx) => {
-                        if let Some(mesh) = state.build() {
-                            let same = tx.borrow().as_deref() == Some(&mesh);
-                            if !same {
-                                debug!(workloads = mesh.workloads.len(), services = mesh.services.len(), build_ms = started.elapsed().as_millis() as u64, "mesh assembled");
-                                tx.send_replace(Some(Arc::new(mesh)));
-                            }
-                        }
+                if let Some(update) = state.next_update() {
+                    match &update {
+                        Update::Mesh(m) => debug!(workloads = m.workloads.len(), services = m.services.len(), build_ms = started.elapsed().as_millis() as u64, "mesh assembled"),
+                        Update::Delta(d) => debug!(changed = d.upserts.len(), removed = d.removes.len(), build_us = started.elapsed().as_micros() as u64, "workloads changed"),
                     }
-                    Out::Ordered(tx) => {
-                        if let Some(update) = state.next_update() {
-                            match &update {
-                                Update::Mesh(m) => debug!(workloads = m.workloads.len(), services = m.services.len(), build_ms = started.elapsed().as_millis() as u64, "mesh assembled"),
-                                Update::Delta(d) => debug!(changed = d.upserts.len(), removed = d.removes.len(), build_us = started.elapsed().as_micros() as u64, "workloads changed"),
-                            }
-                            if tx.send(update).await.is_err() {
-                                return;
-                            }
-                        }
+                    if out.send(update).await.is_err() {
+                        return;
                     }
                 }
                 last = tokio::time::Instant::now();

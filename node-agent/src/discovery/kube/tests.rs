@@ -645,22 +645,23 @@ fn a_missing_crd_is_told_apart_from_a_failing_watch() {
 }
 
 /// The publisher: nothing before the first complete list, then one mesh per
-/// burst (at most every `COALESCE`).
+/// burst (at most every `COALESCE`). (A state without deltas: every update
+/// is a whole mesh.)
 #[tokio::test]
 async fn the_publisher_waits_for_a_full_list_and_coalesces_bursts() {
     use std::time::Duration;
     let state = State::new(Kinds::WorkloadsOnly, "cluster.local", "weft-system");
     let (changes, rx) = tokio::sync::mpsc::channel(1024);
-    let (tx, mut updates) = tokio::sync::watch::channel(None);
-    tokio::spawn(super::run::publish(
-        state,
-        rx,
-        super::run::Out::Latest(tx),
-        None,
-    ));
+    let (tx, mut updates) = tokio::sync::mpsc::channel(1024);
+    tokio::spawn(super::run::publish(state, rx, tx, None));
     let send = |res, c| {
         let changes = changes.clone();
         async move { changes.send((res, c)).await.unwrap() }
+    };
+    use super::Update;
+    let mesh = |u: Option<Update>| match u {
+        Some(Update::Mesh(m)) => m,
+        other => panic!("not a whole mesh: {other:?}"),
     };
     send(Res::Namespace, Change::Init).await;
     for n in items::<Namespace>(NAMESPACES) {
@@ -672,40 +673,17 @@ async fn the_publisher_waits_for_a_full_list_and_coalesces_bursts() {
     }
     send(Res::Namespace, Change::InitDone).await;
     tokio::time::sleep(super::COALESCE * 2).await;
-    assert!(updates.borrow_and_update().is_none(), "pods not listed yet");
+    assert!(updates.try_recv().is_err(), "pods not listed yet");
     send(Res::Pod, Change::Init).await;
     for p in items::<Pod>(PODS) {
         send(Res::Pod, change(Event::InitApply(p), translate::pod)).await;
     }
     send(Res::Pod, Change::InitDone).await;
-    tokio::time::timeout(Duration::from_secs(5), updates.changed())
+    let first = tokio::time::timeout(Duration::from_secs(5), updates.recv())
         .await
-        .expect("published")
-        .unwrap();
-    assert_eq!(
-        updates
-            .borrow_and_update()
-            .as_ref()
-            .unwrap()
-            .workloads
-            .len(),
-        7
-    );
+        .expect("published");
+    assert_eq!(mesh(first).workloads.len(), 7);
     // A burst of 200 changes of one pod: a handful of meshes, the last one right.
-    let mut published = 0;
-    let counter = {
-        let mut updates = updates.clone();
-        tokio::spawn(async move {
-            let mut n = 0;
-            while tokio::time::timeout(Duration::from_millis(500), updates.changed())
-                .await
-                .is_ok_and(|r| r.is_ok())
-            {
-                n += 1;
-            }
-            n
-        })
-    };
     let web0 = pod("web-0");
     for i in 0..200u32 {
         let mut p = web0.clone();
@@ -716,12 +694,17 @@ async fn the_publisher_waits_for_a_full_list_and_coalesces_bursts() {
             .insert("rev".into(), i.to_string());
         send(Res::Pod, change(Event::Apply(p), translate::pod)).await;
     }
-    published += counter.await.unwrap();
+    let mut published = 0;
+    let mut last = None;
+    while let Ok(Some(u)) = tokio::time::timeout(Duration::from_millis(500), updates.recv()).await {
+        published += 1;
+        last = Some(mesh(Some(u)));
+    }
     assert!(
         (1..=10).contains(&published),
         "{published} meshes for one burst"
     );
-    let last = updates.borrow().clone().unwrap();
+    let last = last.unwrap();
     assert_eq!(
         &workload(&last, "shop", "web-0").unwrap().labels["rev"],
         "199"
@@ -816,7 +799,7 @@ async fn the_ordered_publisher_reports_weft_s_namespace_being_deleted() {
     tokio::spawn(super::run::publish(
         state,
         rx,
-        super::run::Out::Ordered(tx),
+        tx,
         Some(super::run::Going {
             namespace: "weft-system".into(),
             tx: going,

@@ -2,6 +2,14 @@
 //! socket: one request and one answer per connection, each a JSON object on
 //! one line, at most [`MAX_MESSAGE`] bytes. Both sides read with that cap, so
 //! a peer that never sends a newline costs a bounded buffer and a timeout.
+//!
+//! Across an upgrade the new plugin (installed by the new agent pod's init
+//! container) talks to the old agent until the new one is ready and takes the
+//! socket (`app::succession`). The agent refuses unknown fields, so a release
+//! must not send the previous release a field it does not know: a new field is
+//! sent only once the agents that read it have rolled out (an answer the old
+//! agent refuses fails the ADD, and the runtime retries it: fail closed, for
+//! those seconds).
 
 use std::{io, net::IpAddr, path::PathBuf};
 

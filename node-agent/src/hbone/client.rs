@@ -224,7 +224,7 @@ struct Conn {
     serial: String,
     active: AtomicUsize,
     closed: Arc<AtomicBool>,
-    /// The peer said GOAWAY (or refused a stream): it takes no new streams.
+    /// The peer said GOAWAY: it takes no new streams.
     going_away: AtomicBool,
     idle_since: Mutex<Instant>,
 }
@@ -330,7 +330,7 @@ impl Pool {
             "# HELP weft_hbone_ping_timeouts_total Pooled HBONE connections closed because the peer did not answer a PING in time.\n\
              # TYPE weft_hbone_ping_timeouts_total counter\n\
              weft_hbone_ping_timeouts_total {}\n\
-             # HELP weft_hbone_streams_remade_total HBONE streams the peer did not process (refused, or cut by its GOAWAY, as an agent stopping beside its successor says) and that were made again on another connection.\n\
+             # HELP weft_hbone_streams_remade_total HBONE streams the peer did not process because it said GOAWAY (as an agent stopping beside its successor does) and that were made again on another connection.\n\
              # TYPE weft_hbone_streams_remade_total counter\n\
              weft_hbone_streams_remade_total {}\n",
             self.inner.unanswered.load(Relaxed),
@@ -371,9 +371,9 @@ impl Pool {
             .entry(key)
             .or_default()
             .clone();
-        // A stream the peer did not process is made again on another
-        // connection: HTTP/2 says such a stream had no effect (one refused, or
-        // above the last one a GOAWAY counts). An agent stopping beside its
+        // A stream the peer did not process because its connection is going
+        // away is made again on another connection: HTTP/2 says a stream
+        // above the last one a GOAWAY counts had no effect. An agent stopping beside its
         // successor (`app::succession`) says GOAWAY on all its connections,
         // and the successor then takes the stream.
         let mut retries = 0;
@@ -672,11 +672,14 @@ enum Attempt {
     Failed(Error),
 }
 
-/// Whether a stream's error says the peer never processed it: refused
-/// (`REFUSED_STREAM`), or cut by the peer's GOAWAY (which h2 reports only to
-/// the streams above the last one the GOAWAY counts).
+/// Whether a stream's error says the peer never processed it because the
+/// connection is going away: cut by the peer's GOAWAY, which h2 reports only
+/// to the streams above the last one the GOAWAY counts. (A `REFUSED_STREAM`
+/// is unprocessed too, but ours says the peer is over its stream limit for
+/// this client: another connection to it would be refused the same way, at
+/// the price of a handshake, so it fails as before.)
 fn not_processed(e: &h2::Error) -> bool {
-    e.is_remote() && (e.is_go_away() || e.reason() == Some(h2::Reason::REFUSED_STREAM))
+    e.is_remote() && e.is_go_away()
 }
 
 /// rustls shows a custom certificate error in debug form; say it plainly.

@@ -40,6 +40,35 @@ use crate::{
     tls,
 };
 
+/// HBONE connections past their handshake and not closed yet, in this
+/// process: a stopping agent waits for them ([`open_connections`]).
+static OPEN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How many HBONE connections this process serves now. A stopping agent
+/// waits (within its drain) until they have said GOAWAY, finished their
+/// streams and closed: a process that exits first resets them, and a stream
+/// the peer sent meanwhile then fails with nothing to tell it was never
+/// processed (so the peer cannot make it again elsewhere).
+pub fn open_connections() -> usize {
+    OPEN.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// One connection counted in [`OPEN`] while it lives.
+struct Open;
+
+impl Open {
+    fn new() -> Open {
+        OPEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Open
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        OPEN.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Why a stream is refused: the status the peer gets, and the reason kept for
 /// logs (never sent).
 #[derive(Debug, Clone)]
@@ -279,6 +308,7 @@ impl Server {
             Err(_) => return refuse(Refused::HandshakeTimeout, &"HTTP/2 handshake timed out"),
         };
         drop(handshake);
+        let _open = Open::new();
         debug!(workload = %self.name, %peer, peer_identity = %identity, "HBONE connection accepted");
         let peer = Arc::new(Peer {
             identity,

@@ -117,13 +117,15 @@ pub fn in_flight() -> usize {
     ACTIVE.load(Relaxed)
 }
 
-/// Waits until no connection is in flight, or `deadline` passes; returns how many
-/// were still open.
+/// Waits until no connection is in flight and every HBONE connection served
+/// has closed (after its GOAWAY: see [`crate::hbone::server::open_connections`]),
+/// or `deadline` passes; returns how many connections were still open.
 pub async fn drain(deadline: Duration) -> usize {
     let until = Instant::now() + deadline;
     loop {
         let n = ACTIVE.load(Relaxed);
-        if n == 0 || Instant::now() >= until {
+        let done = n == 0 && crate::hbone::server::open_connections() == 0;
+        if done || Instant::now() >= until {
             return n;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -1,7 +1,8 @@
 //! A stand-in for the Kubernetes API server, as far as an agent's watches
 //! reach it: list and watch (HTTP/1.1, plain, `watch=true` streamed as
-//! chunked JSON lines) of Namespaces, Pods, Services, EndpointSlices and
-//! Weft's AuthorizationPolicies, and 404 for every other path (the kinds
+//! chunked JSON lines) of Namespaces, Pods, Services, EndpointSlices, and
+//! Weft's and (at `v1beta1`) Istio's AuthorizationPolicies, and 404 for
+//! every other path (the kinds
 //! whose CRDs are not installed, which the agent takes as none). No API server can run on these machines; this
 //! serves the agent's real client (kube's watcher, a real kubeconfig) the
 //! objects a test puts, so the agent's Kubernetes mode runs end to end.
@@ -34,9 +35,10 @@ use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
 /// The collections served, with their list's `apiVersion` and `kind`: the
-/// built-in kinds, and Weft's AuthorizationPolicy as its CRD serves it once
-/// installed (the other CRDs' paths answer 404: not installed).
-const COLLECTIONS: [(&str, &str, &str); 5] = [
+/// built-in kinds, Weft's AuthorizationPolicy as its CRD serves it once
+/// installed, and Istio's as an Istio before 1.22 serves it (`v1beta1`
+/// only); the other CRDs' paths answer 404: not installed.
+const COLLECTIONS: [(&str, &str, &str); 6] = [
     ("/api/v1/namespaces", "v1", "NamespaceList"),
     ("/api/v1/pods", "v1", "PodList"),
     ("/api/v1/services", "v1", "ServiceList"),
@@ -48,6 +50,11 @@ const COLLECTIONS: [(&str, &str, &str); 5] = [
     (
         "/apis/weft.dev/v1/authorizationpolicies",
         "weft.dev/v1",
+        "AuthorizationPolicyList",
+    ),
+    (
+        "/apis/security.istio.io/v1beta1/authorizationpolicies",
+        "security.istio.io/v1beta1",
         "AuthorizationPolicyList",
     ),
 ];

@@ -472,6 +472,7 @@ fn a_service_follows_its_endpoint_slice_by_deltas() -> Result<()> {
 }
 
 const POLICIES: &str = "/apis/weft.dev/v1/authorizationpolicies";
+const ISTIO_POLICIES: &str = "/apis/security.istio.io/v1beta1/authorizationpolicies";
 
 /// A Weft AuthorizationPolicy as `kubectl get -o json` shows it: `action`
 /// on the server's pods for connections from `principal`.
@@ -492,7 +493,7 @@ fn policy(name: &str, server: &Pod, action: &str, principal: &str) -> Value {
 /// Policies as Kubernetes resources, end to end: a DENY put into the API
 /// refuses the client's connections at the server's agent, an invalid policy
 /// beside it is reported and breaks nothing, and deleting the DENY lets the
-/// client through again.
+/// client through again; Istio's, served at `v1beta1` only, are read there.
 #[test]
 fn an_authorization_policy_from_the_api_is_enforced() -> Result<()> {
     if !require_privileged() {
@@ -580,6 +581,25 @@ fn an_authorization_policy_from_the_api_is_enforced() -> Result<()> {
             .is_ok_and(|r| r["ok"] == true)),
         "deleting the DENY did not let the client through: {:#?}",
         mesh.access_logs(1).last()
+    );
+
+    // Istio's own, from an Istio before 1.22 whose CRD serves only
+    // `v1beta1`: read there when `v1` is not served, and enforced the same.
+    let mut istio = policy("istio-deny-client", server, "DENY", &principal);
+    istio["apiVersion"] = json!("security.istio.io/v1beta1");
+    api.put(ISTIO_POLICIES, istio)?;
+    ensure!(
+        eventually(PATIENCE, || say("denied by istio")
+            .is_ok_and(|r| r["ok"] == false)),
+        "Istio's v1beta1 DENY was not enforced"
+    );
+    ensure!(
+        !mesh
+            .logs(1, |v| v["message"] == "now served; watching it"
+                && v["api"] == "security.istio.io/v1beta1"
+                && v["kind"] == "AuthorizationPolicy")
+            .is_empty(),
+        "no word of Istio's policies read at v1beta1"
     );
     all_granted(&api)
 }

@@ -36,29 +36,42 @@ pub(super) fn spawn_all(client: &Client, kinds: &[Res], tx: &mpsc::Sender<(Res, 
         let tx = tx.clone();
         match res {
             Res::Namespace => spawn(
-                Api::<Namespace>::all(client.clone()),
+                vec![(Api::<Namespace>::all(client.clone()), res.api_version())],
                 res,
                 translate::namespace,
                 tx,
             ),
-            Res::Pod => spawn(Api::<Pod>::all(client.clone()), res, translate::pod, tx),
+            Res::Pod => spawn(
+                vec![(Api::<Pod>::all(client.clone()), res.api_version())],
+                res,
+                translate::pod,
+                tx,
+            ),
             Res::Service => spawn(
-                Api::<Service>::all(client.clone()),
+                vec![(Api::<Service>::all(client.clone()), res.api_version())],
                 res,
                 translate::service,
                 tx,
             ),
             Res::EndpointSlice => spawn(
-                Api::<EndpointSlice>::all(client.clone()),
+                vec![(Api::<EndpointSlice>::all(client.clone()), res.api_version())],
                 res,
                 translate::endpoint_slice,
                 tx,
             ),
             _ => {
+                // The version read, then the older one a CRD may serve alone
+                // (Istio's before 1.22): a 404 at one is no "none" until every
+                // one has said it.
                 let (group, version) = res.api_version().split_once('/').unwrap_or(("", "v1"));
-                let gvk = GroupVersionKind::gvk(group, version, res.kind());
-                let ar = ApiResource::from_gvk_with_plural(&gvk, res.plural());
-                let api = Api::<DynamicObject>::all_with(client.clone(), &ar);
+                let apis = std::iter::once((version, res.api_version()))
+                    .chain(res.older_version())
+                    .map(|(version, label)| {
+                        let gvk = GroupVersionKind::gvk(group, version, res.kind());
+                        let ar = ApiResource::from_gvk_with_plural(&gvk, res.plural());
+                        (Api::<DynamicObject>::all_with(client.clone(), &ar), label)
+                    })
+                    .collect();
                 let translate: fn(&DynamicObject) -> Entry = match res {
                     Res::HttpRoute => translate::http_route,
                     Res::GrpcRoute => translate::grpc_route,
@@ -66,33 +79,51 @@ pub(super) fn spawn_all(client: &Client, kinds: &[Res], tx: &mpsc::Sender<(Res, 
                     Res::PeerAuthentication(_) => translate::peer_authentication,
                     _ => translate::request_authentication,
                 };
-                spawn(api, res, translate, tx);
+                spawn(apis, res, translate, tx);
             }
         }
     }
 }
 
-fn spawn<K>(api: Api<K>, res: Res, translate: fn(&K) -> Entry, tx: mpsc::Sender<(Res, Change)>)
-where
+/// Watches `res` at the first of `apis` (each with its `group/version`)
+/// that the API serves, in order, translating every event.
+fn spawn<K>(
+    apis: Vec<(Api<K>, &'static str)>,
+    res: Res,
+    translate: fn(&K) -> Entry,
+    tx: mpsc::Sender<(Res, Change)>,
+) where
     K: kube::Resource + Clone + DeserializeOwned + Debug + Send + 'static,
 {
     tokio::spawn(async move {
-        let mut stream = std::pin::pin!(watcher(api, watcher::Config::default()));
+        let mut at = 0;
+        let open = |at: usize| Box::pin(watcher(apis[at].0.clone(), watcher::Config::default()));
+        let mut stream = open(at);
         let mut backoff = MIN_BACKOFF;
-        let mut absent = false;
+        // Absent at every version; `announce`: say so when one is served.
+        let (mut absent, mut announce) = (false, false);
         while let Some(item) = stream.next().await {
+            let api = apis[at].1;
             let change = match item {
                 Ok(ev) => {
                     backoff = MIN_BACKOFF;
-                    if absent {
-                        info!(
-                            kind = res.kind(),
-                            api = res.api_version(),
-                            "now served; watching it"
-                        );
-                        absent = false;
+                    if announce {
+                        info!(kind = res.kind(), api, "now served; watching it");
+                        announce = false;
                     }
+                    absent = false;
                     change(ev, translate)
+                }
+                // Not at this version: the next one, at once.
+                Err(e) if res.optional() && not_found(&e) && at + 1 < apis.len() => {
+                    debug!(
+                        kind = res.kind(),
+                        api, "not served at this version; trying the next"
+                    );
+                    at += 1;
+                    announce = true;
+                    stream = open(at);
+                    continue;
                 }
                 Err(e) if res.optional() && not_found(&e) => {
                     if !absent {
@@ -104,14 +135,19 @@ where
                         );
                         absent = true;
                     }
+                    announce = true;
                     if tx.send((res, Change::Absent)).await.is_err() {
                         return;
                     }
                     tokio::time::sleep(ABSENT_RETRY).await;
+                    if at > 0 {
+                        at = 0;
+                        stream = open(at);
+                    }
                     continue;
                 }
                 Err(e) => {
-                    warn!(kind = res.kind(), api = res.api_version(), error = %e, retry_ms = backoff.as_millis() as u64, "watch failed; the last good objects keep serving");
+                    warn!(kind = res.kind(), api, error = %e, retry_ms = backoff.as_millis() as u64, "watch failed; the last good objects keep serving");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                     continue;

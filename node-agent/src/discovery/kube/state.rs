@@ -135,6 +135,20 @@ impl Res {
         }
     }
 
+    /// An older version a CRD of this kind may serve alone, read when
+    /// [`Res::api_version`] is not served: Istio's `v1beta1`, the only one
+    /// before Istio 1.22 (the spec is the same). Its `group/version` too.
+    pub fn older_version(self) -> Option<(&'static str, &'static str)> {
+        match self {
+            Res::AuthorizationPolicy(Group::Istio)
+            | Res::PeerAuthentication(Group::Istio)
+            | Res::RequestAuthentication(Group::Istio) => {
+                Some(("v1beta1", "security.istio.io/v1beta1"))
+            }
+            _ => None,
+        }
+    }
+
     /// Served by a CRD that may not be installed: a 404 means "none of them".
     pub fn optional(self) -> bool {
         !matches!(

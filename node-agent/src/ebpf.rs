@@ -140,7 +140,6 @@ impl OrigDstTable {
 
 /// `enum bpf_cmd`: `BPF_MAP_LOOKUP_AND_DELETE_ELEM`.
 const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
-const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 
@@ -157,29 +156,16 @@ struct ElemAttr {
 
 /// One `bpf()` map element command on `fd`.
 fn map_elem(cmd: libc::c_long, fd: &OwnedFd, key: u64, value: u64, flags: u64) -> io::Result<()> {
-    let attr = ElemAttr {
+    // `key` (and `value`) point at a live key of the map's sizes, which
+    // callers take from the types the object shares.
+    let mut attr = ElemAttr {
         map_fd: fd.as_raw_fd() as u32,
         _pad: 0,
         key,
         value,
         flags,
     };
-    // SAFETY: `attr` points at a live key (and value) of the map's sizes, which
-    // callers take from the types the object shares; the kernel reads `attr`
-    // only during the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            &attr as *const ElemAttr,
-            std::mem::size_of::<ElemAttr>(),
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    sys_bpf(cmd, &mut attr).map(drop)
 }
 
 /// The connections the agent is handing to applications from their clients'
@@ -202,28 +188,17 @@ impl HandoverTable {
         )
     }
 
-    /// Whether the map holds `key`.
-    pub fn contains(&self, key: &Handover) -> bool {
-        let mut value = 0u8;
+    /// Strikes it off; whether it was there (a missing entry is not an
+    /// error).
+    pub fn remove(&self, key: &Handover) -> bool {
         map_elem(
-            BPF_MAP_LOOKUP_ELEM,
-            &self.0,
-            key as *const Handover as u64,
-            &mut value as *mut u8 as u64,
-            0,
-        )
-        .is_ok()
-    }
-
-    /// Strikes it off (a missing entry is not an error).
-    pub fn remove(&self, key: &Handover) {
-        let _ = map_elem(
             BPF_MAP_DELETE_ELEM,
             &self.0,
             key as *const Handover as u64,
             0,
             0,
-        );
+        )
+        .is_ok()
     }
 }
 
@@ -362,13 +337,10 @@ impl Capture {
         else {
             return;
         };
-        let stale: Vec<&Handover> = found.iter().filter(|k| self.handover.contains(k)).collect();
-        for key in &stale {
-            self.handover.remove(key);
-        }
-        if !stale.is_empty() {
+        let stale = found.iter().filter(|k| self.handover.remove(k)).count();
+        if stale > 0 {
             warn!(
-                entries = stale.len(),
+                entries = stale,
                 found_for = ?since.elapsed(),
                 "cleared handovers a previous agent left"
             );

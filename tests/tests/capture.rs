@@ -453,20 +453,15 @@ fn an_agent_hands_its_node_to_a_successor_without_refusing_a_connection() -> Res
         served("outbound"),
         served("inbound")
     );
-    let r = tk::say(
-        a,
-        &SocketAddr::new(b.ip.into(), ECHO).to_string(),
-        "after",
-        &[],
-    )?;
-    ensure!(r["ok"] == true, "after the handover: {r}");
-    let r = tk::say(
-        b,
-        &SocketAddr::new(a.ip.into(), ECHO).to_string(),
-        "after",
-        &[],
-    )?;
-    ensure!(r["ok"] == true, "after the handover: {r}");
+    for (from, to) in [(a, b), (b, a)] {
+        let r = tk::say(
+            from,
+            &SocketAddr::new(to.ip.into(), ECHO).to_string(),
+            "after",
+            &[],
+        )?;
+        ensure!(r["ok"] == true, "after the handover: {r}");
+    }
     Ok(())
 }
 

@@ -135,6 +135,27 @@ fn as_deployed(api: &FakeApi, dir: &Path) -> Result<(String, String)> {
     ))
 }
 
+/// The API stand-in on node 0's uplink (both nodes reach it, as they reach
+/// the CA), listing Weft's namespace, a meshed `default` and `pods`; the
+/// agents and the CA of `mesh` learn the mesh from it, as their service
+/// accounts ([`as_deployed`]), with their kubeconfigs in `dir`.
+fn on_kubernetes(c: &Cluster, mesh: &mut Mesh, dir: &str, pods: &[&Pod]) -> Result<FakeApi> {
+    let dir = mesh.token_path(0).with_file_name(dir);
+    std::fs::create_dir_all(&dir)?;
+    let api = FakeApi::start_at(&c.node(0).netns_path, c.node(0).ip.into())?;
+    api.put(NAMESPACES, namespace("weft-system"))?;
+    api.put(NAMESPACES, meshed("default"))?;
+    for p in pods {
+        api.put(PODS, pod_object(c, p))?;
+    }
+    let (agent_config, ca_config) = as_deployed(&api, &dir)?;
+    mesh.agent_args = ["--discovery", "kubernetes"].map(String::from).to_vec();
+    mesh.agent_env.push(("KUBECONFIG".into(), agent_config));
+    mesh.ca_args = ["--discovery", "kubernetes"].map(String::from).to_vec();
+    mesh.ca_env.push(("KUBECONFIG".into(), ca_config));
+    Ok(api)
+}
+
 /// Nothing the agents or the CA asked was beyond `deploy/`'s roles.
 fn all_granted(api: &FakeApi) -> Result<()> {
     let refused = api.forbidden();
@@ -260,20 +281,7 @@ fn agents_on_kubernetes_mesh_the_pods_the_api_lists() -> Result<()> {
     let c = Cluster::new("kube_mesh", 2, 1)?;
     let (client, server) = (c.pod(0, 0), c.pod(1, 0));
     let mut mesh = Mesh::new(&c, |_| true)?;
-    let dir = mesh.token_path(0).with_file_name("kube-agent");
-    std::fs::create_dir_all(&dir)?;
-    // On node 0's uplink: both nodes reach it, as they reach the CA.
-    let api = FakeApi::start_at(&c.node(0).netns_path, c.node(0).ip.into())?;
-    api.put(NAMESPACES, namespace("weft-system"))?;
-    api.put(NAMESPACES, meshed("default"))?;
-    for p in [client, server] {
-        api.put(PODS, pod_object(&c, p))?;
-    }
-    mesh.agent_args = ["--discovery", "kubernetes"].map(String::from).to_vec();
-    let (agent_config, ca_config) = as_deployed(&api, &dir)?;
-    mesh.agent_env.push(("KUBECONFIG".into(), agent_config));
-    mesh.ca_args = ["--discovery", "kubernetes"].map(String::from).to_vec();
-    mesh.ca_env.push(("KUBECONFIG".into(), ca_config));
+    let api = on_kubernetes(&c, &mut mesh, "kube-agent", &[client, server])?;
     // The pods run before their agents: only /proc tells where.
     let _echo = tk::echo(server, PORT)?;
     let _client_app = tk::echo(client, PORT)?;
@@ -400,21 +408,9 @@ fn a_service_follows_its_endpoint_slice_by_deltas() -> Result<()> {
     let c = Cluster::new("kube_slice", 2, 2)?;
     let (client, a, b) = (c.pod(0, 0), c.pod(1, 0), c.pod(1, 1));
     let mut mesh = Mesh::new(&c, |_| true)?;
-    let dir = mesh.token_path(0).with_file_name("kube-slice");
-    std::fs::create_dir_all(&dir)?;
-    let api = FakeApi::start_at(&c.node(0).netns_path, c.node(0).ip.into())?;
-    api.put(NAMESPACES, namespace("weft-system"))?;
-    api.put(NAMESPACES, meshed("default"))?;
-    for p in [client, a, b, c.pod(0, 1)] {
-        api.put(PODS, pod_object(&c, p))?;
-    }
+    let api = on_kubernetes(&c, &mut mesh, "kube-slice", &[client, a, b, c.pod(0, 1)])?;
     api.put(SERVICES, echo_service())?;
     api.put(SLICES, echo_slice(&c, &[(a, true), (b, true)]))?;
-    let (agent_config, ca_config) = as_deployed(&api, &dir)?;
-    mesh.agent_args = ["--discovery", "kubernetes"].map(String::from).to_vec();
-    mesh.agent_env.push(("KUBECONFIG".into(), agent_config));
-    mesh.ca_args = ["--discovery", "kubernetes"].map(String::from).to_vec();
-    mesh.ca_env.push(("KUBECONFIG".into(), ca_config));
     let _a = tk::name(a, PORT)?;
     let _b = tk::name(b, PORT)?;
     mesh.start_ca()?;
@@ -502,19 +498,7 @@ fn an_authorization_policy_from_the_api_is_enforced() -> Result<()> {
     let c = Cluster::new("kube_policy", 2, 1)?;
     let (client, server) = (c.pod(0, 0), c.pod(1, 0));
     let mut mesh = Mesh::new(&c, |_| true)?;
-    let dir = mesh.token_path(0).with_file_name("kube-policy");
-    std::fs::create_dir_all(&dir)?;
-    let api = FakeApi::start_at(&c.node(0).netns_path, c.node(0).ip.into())?;
-    api.put(NAMESPACES, namespace("weft-system"))?;
-    api.put(NAMESPACES, meshed("default"))?;
-    for p in [client, server] {
-        api.put(PODS, pod_object(&c, p))?;
-    }
-    let (agent_config, ca_config) = as_deployed(&api, &dir)?;
-    mesh.agent_args = ["--discovery", "kubernetes"].map(String::from).to_vec();
-    mesh.agent_env.push(("KUBECONFIG".into(), agent_config));
-    mesh.ca_args = ["--discovery", "kubernetes"].map(String::from).to_vec();
-    mesh.ca_env.push(("KUBECONFIG".into(), ca_config));
+    let api = on_kubernetes(&c, &mut mesh, "kube-policy", &[client, server])?;
     let _echo = tk::echo(server, PORT)?;
     let _client_app = tk::echo(client, PORT)?;
     mesh.start_ca()?;

@@ -443,7 +443,7 @@ impl Pool {
         early: &mut Early,
     ) -> Result<Tunnel, Attempt> {
         let s = &self.inner.settings;
-        let conn = slot.0.clone();
+        let conn = &slot.0;
         let h2_err = |source: h2::Error| {
             Attempt::Failed(Error::H2 {
                 addr: t.hbone,

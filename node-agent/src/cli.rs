@@ -147,7 +147,9 @@ pub struct WaypointArgs {
     #[arg(long, env = "WEFT_REQUEST_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     pub request_timeout: Duration,
 
-    /// Worker threads; default: one per CPU.
+    /// Data-path worker threads, as the agent's: a downstream connection
+    /// stays on one with its requests, and each keeps its own upstream and
+    /// Redis connections. Default: the CPUs this process may use.
     #[arg(long, env = "WEFT_WORKERS")]
     pub workers: Option<usize>,
 

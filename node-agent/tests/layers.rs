@@ -63,6 +63,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "telemetry",
             "tls",
             "view",
+            "workers",
         ],
     ),
     // The waypoint's front: HBONE in, the engine behind.

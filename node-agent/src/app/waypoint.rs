@@ -47,11 +47,17 @@ pub fn run(args: WaypointArgs) -> anyhow::Result<()> {
         namespace: namespace.to_owned(),
         name: name.to_owned(),
     };
+    // The data path runs on the workers, as the agent's does: a downstream
+    // connection, its requests' tasks, the upstream connections they use and
+    // the Redis connection of their limits all live on one thread, so a
+    // request's steps wake no other thread. This runtime has the control
+    // plane (config, certificates, metrics).
     let workers = args
         .workers
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    crate::workers::start(workers).context("starting the worker threads")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers.max(1))
+        .worker_threads(1)
         .enable_all()
         .thread_name("weft-waypoint")
         .build()?;
@@ -205,8 +211,9 @@ async fn serve(args: WaypointArgs, me: WorkloadKey) -> anyhow::Result<()> {
             idle_timeout: crate::hbone::SERVER_IDLE_TIMEOUT,
         },
     );
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
+    // Bound here, registered by its accept loop on the worker that runs it.
+    let listener = std::net::TcpListener::bind(args.listen)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
         .with_context(|| format!("binding HBONE on {}", args.listen))?;
     let metrics = tokio::net::TcpListener::bind(args.metrics_addr)
         .await
@@ -259,6 +266,10 @@ async fn serve(args: WaypointArgs, me: WorkloadKey) -> anyhow::Result<()> {
         let server = server.clone();
         let front = front.clone();
         async move {
+            let listener = match tokio::net::TcpListener::from_std(listener) {
+                Ok(l) => l,
+                Err(e) => return error!(error = %e, "cannot register the HBONE listener"),
+            };
             loop {
                 let (tcp, peer) = match listener.accept().await {
                     Ok(c) => c,
@@ -273,14 +284,15 @@ async fn serve(args: WaypointArgs, me: WorkloadKey) -> anyhow::Result<()> {
                     continue;
                 };
                 let (server, front, stop) = (server.clone(), front.clone(), stop.clone());
-                tokio::spawn(async move {
+                // On the least loaded worker, for its whole life.
+                crate::workers::serve(tcp, move |tcp| async move {
                     server.serve(tcp, peer, front, stop).await;
                     drop(permit);
                 });
             }
         }
     };
-    let accept = tokio::spawn(accept);
+    let accept = crate::workers::spawn_listener(accept);
     ready.store(true, std::sync::atomic::Ordering::Relaxed);
     info!(
         workload = %me,

@@ -1040,7 +1040,7 @@ pub fn render() -> String {
 /// allowed (1/0), then the budget left (allowed) or the retry-after
 /// (refused), then the time until the bucket is full. The TAT is written with
 /// `%.0f`: Lua 5.1's `tostring` keeps 14 digits, and µs since 1970 have 16.
-const SCRIPT: &str = r#"
+pub const SCRIPT: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local out = {}
@@ -1120,15 +1120,18 @@ pub enum Reply {
 /// connects again.
 pub struct Redis {
     sha: String,
-    conns: [Arc<Conn>; CONNS],
+    conns: Box<[Arc<Conn>]>,
     next: AtomicUsize,
 }
 
-/// Two connections. Redis runs commands one at a time on one thread, so more
-/// connections add no capacity there; the second one lets two of the
-/// waypoint's threads write and read at once when they are busy, at the price
-/// of batches half as large; more would shrink the batches (and so the saving
-/// of syscalls on both sides) for nothing.
+/// Connections: one per data-path worker ([`crate::workers`]), at least two.
+/// A worker's calls go on its own connection, whose reader task is spawned by
+/// the call that opens it and so runs on that worker too: a reply wakes its
+/// caller on the thread already awake, never another one. Redis runs
+/// commands one at a time on one thread, so more connections add no capacity
+/// there; two let two threads write and read at once when they are busy, at
+/// the price of batches half as large. Off the workers (tests), calls go
+/// round robin.
 const CONNS: usize = 2;
 
 /// The most calls one connection holds, queued and in flight: a caller past
@@ -1194,17 +1197,19 @@ impl Redis {
         let addr: Arc<str> = addr.into();
         let writes = Arc::new(AtomicU64::new(0));
         Redis {
-            conns: std::array::from_fn(|_| {
-                Arc::new(Conn {
-                    addr: addr.clone(),
-                    writes: writes.clone(),
-                    state: Mutex::new(ConnState::default()),
-                    link: tokio::sync::Mutex::new(Link {
-                        write: None,
-                        retry_at: None,
-                    }),
+            conns: (0..crate::workers::loads().len().max(CONNS))
+                .map(|_| {
+                    Arc::new(Conn {
+                        addr: addr.clone(),
+                        writes: writes.clone(),
+                        state: Mutex::new(ConnState::default()),
+                        link: tokio::sync::Mutex::new(Link {
+                            write: None,
+                            retry_at: None,
+                        }),
+                    })
                 })
-            }),
+                .collect(),
             sha,
             next: AtomicUsize::new(0),
         }
@@ -1212,8 +1217,12 @@ impl Redis {
 
     async fn call(&self, args: &[&[u8]]) -> Result<Reply, RedisError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        // Round robin over the connections.
-        let conn = &self.conns[self.next.fetch_add(1, Relaxed) % CONNS];
+        // The worker's own connection; round robin off the workers.
+        let i = match crate::workers::current() {
+            0 => self.next.fetch_add(1, Relaxed),
+            worker => worker - 1,
+        };
+        let conn = &self.conns[i % self.conns.len()];
         let flush = {
             let mut s = conn.lock();
             if s.queued_replies.len() + s.waiting.len() >= IN_FLIGHT {

@@ -99,7 +99,10 @@ impl Error {
     }
 }
 
-type Key = (Endpoint, Protocol);
+/// An endpoint, a protocol, and the worker ([`crate::workers::current`]):
+/// each worker keeps its own connections, whose tasks run on it, so a request
+/// never hands its upstream work to another thread.
+type Key = (Endpoint, Protocol, usize);
 
 enum Idle {
     H2(conn::http2::SendRequest<Body>),
@@ -142,8 +145,10 @@ impl Upstreams {
                     Some(s) => s,
                     None => {
                         let s = self.connect_h2(ep).await?;
-                        self.lock()
-                            .insert((ep.clone(), Protocol::H2c), Idle::H2(s.clone()));
+                        self.lock().insert(
+                            (ep.clone(), Protocol::H2c, crate::workers::current()),
+                            Idle::H2(s.clone()),
+                        );
                         s
                     }
                 };
@@ -160,7 +165,7 @@ impl Upstreams {
                 // that is once this response's body has been read to its end.
                 let mut conns = self.lock();
                 if let Idle::H1(stack) = conns
-                    .entry((ep.clone(), Protocol::Http1))
+                    .entry((ep.clone(), Protocol::Http1, crate::workers::current()))
                     .or_insert_with(|| Idle::H1(Vec::new()))
                     && stack.len() < MAX_IDLE_H1
                 {
@@ -177,7 +182,7 @@ impl Upstreams {
 
     fn idle_h2(&self, ep: &Endpoint) -> Option<conn::http2::SendRequest<Body>> {
         let mut conns = self.lock();
-        let key = (ep.clone(), Protocol::H2c);
+        let key = (ep.clone(), Protocol::H2c, crate::workers::current());
         match conns.get(&key) {
             Some(Idle::H2(s)) if !s.is_closed() => Some(s.clone()),
             Some(_) => {
@@ -190,7 +195,8 @@ impl Upstreams {
 
     fn idle_h1(&self, ep: &Endpoint) -> Option<conn::http1::SendRequest<Body>> {
         let mut conns = self.lock();
-        let Some(Idle::H1(stack)) = conns.get_mut(&(ep.clone(), Protocol::Http1)) else {
+        let key = (ep.clone(), Protocol::Http1, crate::workers::current());
+        let Some(Idle::H1(stack)) = conns.get_mut(&key) else {
             return None;
         };
         stack.retain(|s| !s.is_closed());

@@ -13,7 +13,8 @@
 //! weft-tk rr --connect <addr:port> --count N [--size B] [--warmup N] [--rate R]
 //! weft-tk conn-rate --connect <addr:port> --count N [--size B] [--for-secs S]
 //! weft-tk hold --connect <addr:port> --count N [--hold-secs S]
-//! weft-tk http-rr --connect <addr:port> --count N [--h2] [--path P] [--header 'name: value'] [--warmup N] [--rate R]
+//! weft-tk http-rr --connect <addr:port> --count N [--h2] [--path P] [--header 'name: value']... [--alternate 'name: a|b'] [--warmup N] [--rate R]
+//! weft-tk redis-rr --connect <addr:port> --count N [--gcra] [--warmup N] [--rate R]
 //! weft-tk http-hold --connect <addr:port> --count N [--hold-secs S]
 //! weft-tk relay --listen <addr:port> --connect <addr:port> [--workers N]
 //! weft-tk http-echo --port P --name NAME [--h2c-only] [--fail-every K]
@@ -30,7 +31,10 @@
 //! (the L7 bench): `http-rr` times GET requests one at a time on one HTTP/1.1
 //! or HTTP/2 (`--h2`, prior knowledge) connection, each latency recorded, and
 //! `http-hold` opens `--count` HTTP/1.1 keep-alive connections, makes one
-//! request on each, and holds them idle. `echo --workers N` serves connections on N threads instead of one
+//! request on each, and holds them idle. `redis-rr` times `PING`s to a Redis
+//! as `rr` times echoes, or with `--gcra` the waypoint's rate-limit script
+//! (the L7 bench's yardsticks of a Redis round trip).
+//! `echo --workers N` serves connections on N threads instead of one
 //! thread per connection, and `--quiet` drops the per-connection JSON lines.
 //!
 //! `name` answers every connection with its name and a newline, then closes;
@@ -96,7 +100,8 @@ const USAGE: &str = "usage:
   weft-tk rr --connect <addr:port> --count N [--size B] [--warmup N] [--rate R] [--timeout-secs S]
   weft-tk conn-rate --connect <addr:port> --count N [--size B] [--for-secs S] [--timeout-secs S]
   weft-tk hold --connect <addr:port> --count N [--hold-secs S] [--timeout-secs S]
-  weft-tk http-rr --connect <addr:port> --count N [--h2] [--path P] [--header 'name: value'] [--warmup N] [--rate R] [--timeout-secs S]
+  weft-tk http-rr --connect <addr:port> --count N [--h2] [--path P] [--header 'name: value']... [--alternate 'name: a|b'] [--warmup N] [--rate R] [--timeout-secs S]
+  weft-tk redis-rr --connect <addr:port> --count N [--gcra] [--warmup N] [--rate R] [--timeout-secs S]
   weft-tk http-hold --connect <addr:port> --count N [--hold-secs S] [--timeout-secs S]
   weft-tk echo --listen <addr:port> [--workers N] [--quiet]
   weft-tk relay --listen <addr:port> --connect <addr:port> [--workers N]
@@ -118,6 +123,7 @@ fn main() -> ExitCode {
         Some("conn-rate") => conn_rate(&args[1..]),
         Some("hold") => hold(&args[1..]),
         Some("http-rr") => http_rr(&args[1..]),
+        Some("redis-rr") => redis_rr(&args[1..]),
         Some("http-hold") => http_hold(&args[1..]),
         Some("relay") => relay(&args[1..]),
         Some("http-echo") => http_echo(&args[1..]),
@@ -1274,10 +1280,35 @@ fn rr(args: &[String]) -> Result<ExitCode, String> {
     let _ = stream.set_read_timeout(Some(timeout));
     let msg = bench_message(size);
     let mut reply = vec![0u8; size];
-    let mut micros = Vec::with_capacity(count);
-    // Paced runs send on a fixed schedule; a late exchange delays the next
-    // send rather than being followed by a burst.
+    let timed = timed_loop(count, warmup, rate, |i| {
+        exchange(&mut stream, &msg, &mut reply)
+            .map_err(|e| format!("exchange {} of {}: {e}", i + 1, warmup + count))
+    });
+    let (mut micros, elapsed) = match timed {
+        Ok(t) => t,
+        Err(e) => return fail(e),
+    };
+    let mut out = latencies(&mut micros, elapsed);
+    out.insert("ok".into(), true.into());
+    out.insert("size".into(), size.into());
+    emit(&Value::Object(out));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs `once` `warmup + count` times, back to back or paced at `rate` per
+/// second, and times each: the timed ones' microseconds in order, and the
+/// seconds they took in all. Paced runs keep a fixed schedule, where a late
+/// one delays the next send rather than being followed by a burst; the pause
+/// is a blocking sleep (a runtime's timer ticks in milliseconds, as long as
+/// the interval itself).
+fn timed_loop(
+    count: usize,
+    warmup: usize,
+    rate: f64,
+    mut once: impl FnMut(usize) -> Result<(), String>,
+) -> Result<(Vec<f64>, f64), String> {
     let interval = (rate > 0.0).then(|| Duration::from_secs_f64(1.0 / rate));
+    let mut micros = Vec::with_capacity(count);
     let mut next = Instant::now();
     let mut timed_from = Instant::now();
     for i in 0..warmup + count {
@@ -1293,27 +1324,136 @@ fn rr(args: &[String]) -> Result<ExitCode, String> {
             next = next.max(now) + interval;
         }
         let start = Instant::now();
-        if let Err(e) = exchange(&mut stream, &msg, &mut reply) {
-            return fail(format!("exchange {} of {}: {e}", i + 1, warmup + count));
-        }
+        once(i)?;
         if i >= warmup {
             micros.push(start.elapsed().as_secs_f64() * 1e6);
         }
     }
-    let elapsed = timed_from.elapsed().as_secs_f64();
+    Ok((micros, timed_from.elapsed().as_secs_f64()))
+}
+
+/// The JSON fields of a latency run: count, rate, mean, percentiles, max.
+/// Sorts `micros` (at least one).
+fn latencies(micros: &mut [f64], elapsed: f64) -> serde_json::Map<String, Value> {
     micros.sort_by(f64::total_cmp);
-    emit(&json!({
-        "ok": true,
+    let count = micros.len();
+    let v = json!({
         "count": count,
-        "size": size,
         "rate_per_s": count as f64 / elapsed,
         "mean_us": micros.iter().sum::<f64>() / count as f64,
-        "p50_us": quantile(&micros, 0.50),
-        "p90_us": quantile(&micros, 0.90),
-        "p99_us": quantile(&micros, 0.99),
-        "p999_us": quantile(&micros, 0.999),
+        "p50_us": quantile(micros, 0.50),
+        "p90_us": quantile(micros, 0.90),
+        "p99_us": quantile(micros, 0.99),
+        "p999_us": quantile(micros, 0.999),
         "max_us": micros[count - 1],
-    }));
+    });
+    match v {
+        Value::Object(m) => m,
+        _ => unreachable!("a JSON object literal"),
+    }
+}
+
+/// Redis round trips over one connection: `PING`s one at a time, back to
+/// back or paced at `--rate` per second, each timed from its write to its
+/// answer read whole. With `--gcra`, the waypoint's rate-limit call instead:
+/// its script (loaded first) on one key of a limit that never refuses. The
+/// yardsticks of "one Redis round trip" for the L7 bench, paced as the
+/// waypoint's calls are.
+fn redis_rr(args: &[String]) -> Result<ExitCode, String> {
+    let opts = Opts::parse(
+        args,
+        &[
+            "--connect",
+            "--count",
+            "--warmup",
+            "--rate",
+            "--timeout-secs",
+        ],
+        &["--gcra"],
+    )?;
+    let addr = resolve(opts.required("--connect")?)?;
+    let count = count_opt(&opts)?;
+    let warmup: usize = match opts.get("--warmup") {
+        Some(w) => w.parse().map_err(|e| format!("--warmup: {e}"))?,
+        None => count / 10,
+    };
+    let rate: f64 = opts
+        .get("--rate")
+        .unwrap_or("0")
+        .parse()
+        .map_err(|e| format!("--rate: {e}"))?;
+    let timeout = opts.timeout()?;
+    let fail = |e: String| {
+        emit(&json!({ "ok": false, "error": e }));
+        Ok(ExitCode::FAILURE)
+    };
+    let mut stream = match TcpStream::connect_timeout(&addr, timeout) {
+        Ok(s) => s,
+        Err(e) => return fail(format!("connect {addr}: {e}")),
+    };
+    let _ = stream.set_nodelay(true);
+    let _ = stream.set_read_timeout(Some(timeout));
+    let mut reader = match stream.try_clone() {
+        Ok(s) => io::BufReader::new(s),
+        Err(e) => return fail(format!("cannot clone the socket: {e}")),
+    };
+    let resp = |args: &[&str]| {
+        let mut out = format!("*{}\r\n", args.len());
+        for a in args {
+            out += &format!("${}\r\n{a}\r\n", a.len());
+        }
+        out
+    };
+    // One answer: a line, and as many more as an array's length says (the
+    // script answers integers).
+    let mut line = String::new();
+    let mut answer = |reader: &mut io::BufReader<TcpStream>| -> io::Result<String> {
+        line.clear();
+        io::BufRead::read_line(reader, &mut line)?;
+        let mut whole = line.clone();
+        if let Some(n) = line.strip_prefix('*') {
+            for _ in 0..n.trim().parse::<usize>().unwrap_or(0) {
+                io::BufRead::read_line(reader, &mut whole)?;
+            }
+        } else if line.starts_with('$') && line.trim() != "$-1" {
+            io::BufRead::read_line(reader, &mut whole)?;
+        }
+        Ok(whole)
+    };
+    let gcra = opts.has("--gcra");
+    let (command, expected) = if gcra {
+        let load = resp(&["SCRIPT", "LOAD", weft::http::ratelimit::SCRIPT]);
+        let loaded = stream
+            .write_all(load.as_bytes())
+            .and_then(|()| answer(&mut reader));
+        let sha = match loaded {
+            Ok(a) => a.lines().nth(1).unwrap_or_default().to_owned(),
+            Err(e) => return fail(format!("SCRIPT LOAD: {e}")),
+        };
+        // A limit of 10⁹ a second: T = 1 µs, a burst of 10⁹ µs.
+        let call = resp(&["EVALSHA", &sha, "1", "weft:bench:rr", "1", "1000000000"]);
+        (call, "*3\r\n:1\r\n")
+    } else {
+        (resp(&["PING"]), "+PONG\r\n")
+    };
+    let timed = timed_loop(count, warmup, rate, |i| {
+        let failed = |e: String| format!("call {} of {}: {e}", i + 1, warmup + count);
+        let got = stream
+            .write_all(command.as_bytes())
+            .and_then(|()| answer(&mut reader))
+            .map_err(|e| failed(e.to_string()))?;
+        if !got.starts_with(expected) {
+            return Err(failed(format!("answered {got:?}")));
+        }
+        Ok(())
+    });
+    let (mut micros, elapsed) = match timed {
+        Ok(t) => t,
+        Err(e) => return fail(e),
+    };
+    let mut out = latencies(&mut micros, elapsed);
+    out.insert("ok".into(), true.into());
+    emit(&Value::Object(out));
     Ok(ExitCode::SUCCESS)
 }
 
@@ -1448,13 +1588,13 @@ impl HttpSender {
         })
     }
 
-    /// One GET of `path` with `header` (name, value) if any, its whole body
-    /// read; the status.
+    /// One GET of `path` with `headers` (name, value), its whole body read;
+    /// the status.
     async fn get(
         &mut self,
         addr: SocketAddr,
         path: &str,
-        header: Option<&(String, String)>,
+        headers: &[(String, String)],
     ) -> Result<u16, String> {
         use http_body_util::BodyExt as _;
         let failed = |e: hyper::Error| e.to_string();
@@ -1462,7 +1602,7 @@ impl HttpSender {
             HttpSender::H1(s) => {
                 s.ready().await.map_err(failed)?;
                 let mut req = http::Request::get(path).header(http::header::HOST, addr.to_string());
-                if let Some((name, value)) = header {
+                for (name, value) in headers {
                     req = req.header(name, value);
                 }
                 let req = req
@@ -1474,7 +1614,7 @@ impl HttpSender {
                 s.ready().await.map_err(failed)?;
                 let mut req = http::Request::get(format!("http://{addr}{path}"))
                     .version(http::Version::HTTP_2);
-                if let Some((name, value)) = header {
+                for (name, value) in headers {
                     req = req.header(name, value);
                 }
                 let req = req
@@ -1491,7 +1631,10 @@ impl HttpSender {
 
 /// HTTP request/response latency over one connection: GETs one at a time,
 /// back to back or paced at `--rate` per second, each timed from its send to
-/// the end of its response body.
+/// the end of its response body. `--alternate 'name: a|b'` sends that header
+/// with `a` on every other request and `b` on the rest, and reports the two
+/// halves apart too (`by_alternate`): two variants measured in the same run,
+/// so what drifts between runs drifts for both.
 fn http_rr(args: &[String]) -> Result<ExitCode, String> {
     let opts = Opts::parse(
         args,
@@ -1500,20 +1643,31 @@ fn http_rr(args: &[String]) -> Result<ExitCode, String> {
             "--count",
             "--path",
             "--header",
+            "--alternate",
             "--warmup",
             "--rate",
             "--timeout-secs",
         ],
         &["--h2"],
     )?;
-    // One header for every request, e.g. a bearer token (the L7 bench's
+    let header = |h: &str| {
+        h.split_once(':')
+            .map(|(name, value)| (name.trim().to_owned(), value.trim().to_owned()))
+            .ok_or_else(|| format!("{h}: not `name: value`"))
+    };
+    // Headers for every request, e.g. a bearer token (the L7 bench's
     // policies).
-    let header = match opts.get("--header") {
+    let headers = opts
+        .all("--header")
+        .map(header)
+        .collect::<Result<Vec<_>, _>>()?;
+    let alternate = match opts.get("--alternate") {
         Some(h) => {
-            let (name, value) = h
-                .split_once(':')
-                .ok_or_else(|| format!("--header {h}: not `name: value`"))?;
-            Some((name.trim().to_owned(), value.trim().to_owned()))
+            let (name, values) = header(h)?;
+            let (a, b) = values
+                .split_once('|')
+                .ok_or_else(|| format!("--alternate {h}: not `name: a|b`"))?;
+            Some([(name.clone(), a.to_owned()), (name, b.to_owned())])
         }
         None => None,
     };
@@ -1531,73 +1685,71 @@ fn http_rr(args: &[String]) -> Result<ExitCode, String> {
         .map_err(|e| format!("--rate: {e}"))?;
     let timeout = opts.timeout()?;
     let h2 = opts.has("--h2");
+    let fail = |e: String| {
+        emit(&json!({ "ok": false, "error": e }));
+        Ok(ExitCode::FAILURE)
+    };
+    // One thread: the connection's task runs only while a request is
+    // awaited, and nothing else is due meanwhile.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
-    let result: Result<(Vec<f64>, f64), String> = runtime.block_on(async {
-        let mut sender = tokio::time::timeout(timeout, HttpSender::connect(addr, h2))
+    let connected = runtime.block_on(async {
+        tokio::time::timeout(timeout, HttpSender::connect(addr, h2))
             .await
-            .map_err(|_| format!("connect {addr}: timed out"))??;
-        let mut micros = Vec::with_capacity(count);
-        // As `rr`: a fixed schedule, where a late request delays the next
-        // send rather than being followed by a burst. The pause is a blocking
-        // sleep (the runtime's timer ticks in milliseconds, as long as the
-        // interval itself); nothing else is due on this thread meanwhile.
-        let interval = (rate > 0.0).then(|| Duration::from_secs_f64(1.0 / rate));
-        let mut next = Instant::now();
-        let mut timed_from = Instant::now();
-        for i in 0..warmup + count {
-            if i == warmup {
-                timed_from = Instant::now();
-                next = timed_from;
-            }
-            if let Some(interval) = interval {
-                let now = Instant::now();
-                if next > now {
-                    thread::sleep(next - now);
-                }
-                next = next.max(now) + interval;
-            }
-            let start = Instant::now();
-            let status = tokio::time::timeout(timeout, sender.get(addr, &path, header.as_ref()))
-                .await
-                .map_err(|_| "timed out".to_owned())
-                .and_then(|r| r)
-                .map_err(|e| format!("request {} of {}: {e}", i + 1, warmup + count))?;
-            if status != 200 {
-                return Err(format!(
-                    "request {} of {}: status {status}",
-                    i + 1,
-                    warmup + count
-                ));
-            }
-            if i >= warmup {
-                micros.push(start.elapsed().as_secs_f64() * 1e6);
-            }
-        }
-        Ok((micros, timed_from.elapsed().as_secs_f64()))
+            .map_err(|_| format!("connect {addr}: timed out"))?
     });
-    let (mut micros, elapsed) = match result {
-        Ok(r) => r,
-        Err(e) => {
-            emit(&json!({ "ok": false, "error": e }));
-            return Ok(ExitCode::FAILURE);
-        }
+    let mut sender = match connected {
+        Ok(s) => s,
+        Err(e) => return fail(e),
     };
-    micros.sort_by(f64::total_cmp);
-    emit(&json!({
-        "ok": true,
-        "count": count,
-        "protocol": if h2 { "h2c" } else { "http/1.1" },
-        "rate_per_s": count as f64 / elapsed,
-        "mean_us": micros.iter().sum::<f64>() / count as f64,
-        "p50_us": quantile(&micros, 0.50),
-        "p90_us": quantile(&micros, 0.90),
-        "p99_us": quantile(&micros, 0.99),
-        "p999_us": quantile(&micros, 0.999),
-        "max_us": micros[count - 1],
-    }));
+    let mut with = headers.clone();
+    let timed = timed_loop(count, warmup, rate, |i| {
+        with.truncate(headers.len());
+        if let Some(alternate) = &alternate {
+            with.push(alternate[i % 2].clone());
+        }
+        let got = runtime.block_on(async {
+            tokio::time::timeout(timeout, sender.get(addr, &path, &with)).await
+        });
+        let failed = |e: String| format!("request {} of {}: {e}", i + 1, warmup + count);
+        match got {
+            Err(_) => Err(failed("timed out".to_owned())),
+            Ok(Err(e)) => Err(failed(e)),
+            Ok(Ok(200)) => Ok(()),
+            Ok(Ok(status)) => Err(failed(format!("status {status}"))),
+        }
+    });
+    let (mut micros, elapsed) = match timed {
+        Ok(t) => t,
+        Err(e) => return fail(e),
+    };
+    let halves = alternate.map(|alternate| {
+        // The timed requests' alternate is by their index in the whole run.
+        let mut halves = [Vec::new(), Vec::new()];
+        for (j, us) in micros.iter().enumerate() {
+            halves[(warmup + j) % 2].push(*us);
+        }
+        let by = alternate
+            .iter()
+            .zip(halves)
+            .filter(|(_, half)| !half.is_empty())
+            .map(|((_, value), mut half)| {
+                (value.clone(), Value::Object(latencies(&mut half, elapsed)))
+            });
+        Value::Object(by.collect())
+    });
+    let mut out = latencies(&mut micros, elapsed);
+    out.insert("ok".into(), true.into());
+    out.insert(
+        "protocol".into(),
+        if h2 { "h2c" } else { "http/1.1" }.into(),
+    );
+    if let Some(halves) = halves {
+        out.insert("by_alternate".into(), halves);
+    }
+    emit(&Value::Object(out));
     Ok(ExitCode::SUCCESS)
 }
 
@@ -1718,7 +1870,8 @@ fn parse_size(s: &str) -> Result<u64, String> {
 
 /// Command-line options: `--name value`, `--name=value` and switches.
 struct Opts {
-    values: HashMap<String, String>,
+    /// Each option's values in order (most take one: the last counts).
+    values: HashMap<String, Vec<String>>,
     switches: Vec<String>,
 }
 
@@ -1742,7 +1895,7 @@ impl Opts {
                         .cloned()
                         .ok_or_else(|| format!("{name} needs a value"))?,
                 };
-                opts.values.insert(name.to_owned(), value);
+                opts.values.entry(name.to_owned()).or_default().push(value);
             } else if switches.contains(&name) && inline.is_none() {
                 opts.switches.push(name.to_owned());
             } else {
@@ -1753,7 +1906,16 @@ impl Opts {
     }
 
     fn get(&self, name: &str) -> Option<&str> {
-        self.values.get(name).map(String::as_str)
+        self.all(name).last()
+    }
+
+    /// Every value given for `name`, in order.
+    fn all(&self, name: &str) -> impl Iterator<Item = &str> {
+        self.values
+            .get(name)
+            .into_iter()
+            .flatten()
+            .map(String::as_str)
     }
 
     fn required(&self, name: &str) -> Result<&str, String> {

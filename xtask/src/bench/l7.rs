@@ -31,7 +31,8 @@
 //!   Redis is a `redis-server` in `n2p1` (outside the mesh; the waypoint gets
 //!   `--redis-addr`). Its rows sit in the waypoint column under their own
 //!   names; the waypoint's metrics must show a verified token and two allowed
-//!   limit decisions per request sent, else the run fails. To judge "the
+//!   limit decisions per request sent (one for the requests the Global limit
+//!   does not select), else the run fails. To judge "the
 //!   Redis limit adds no more than one Redis round trip at p50", the pass
 //!   then makes a paired run: 1,000 req/s on one connection where every other
 //!   request carries the header the Global limit's rule selects and the rest

@@ -1258,26 +1258,16 @@ fn rr(args: &[String]) -> Result<ExitCode, String> {
     let addr = resolve(opts.required("--connect")?)?;
     let count = count_opt(&opts)?;
     let size = parse_size(opts.get("--size").unwrap_or("1K"))? as usize;
-    let warmup: usize = match opts.get("--warmup") {
-        Some(w) => w.parse().map_err(|e| format!("--warmup: {e}"))?,
-        None => count / 10,
-    };
-    let rate: f64 = opts
-        .get("--rate")
-        .unwrap_or("0")
-        .parse()
-        .map_err(|e| format!("--rate: {e}"))?;
+    let (warmup, rate) = opts.pacing(count)?;
     let timeout = opts.timeout()?;
     let fail = |e: String| {
         emit(&json!({ "ok": false, "error": e }));
         Ok(ExitCode::FAILURE)
     };
-    let mut stream = match TcpStream::connect_timeout(&addr, timeout) {
+    let mut stream = match timed_client(addr, timeout) {
         Ok(s) => s,
-        Err(e) => return fail(format!("connect {addr}: {e}")),
+        Err(e) => return fail(e),
     };
-    let _ = stream.set_nodelay(true);
-    let _ = stream.set_read_timeout(Some(timeout));
     let msg = bench_message(size);
     let mut reply = vec![0u8; size];
     let timed = timed_loop(count, warmup, rate, |i| {
@@ -1293,6 +1283,16 @@ fn rr(args: &[String]) -> Result<ExitCode, String> {
     out.insert("size".into(), size.into());
     emit(&Value::Object(out));
     Ok(ExitCode::SUCCESS)
+}
+
+/// A connection for timed exchanges: no Nagle delay, reads bounded by
+/// `timeout`.
+fn timed_client(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, String> {
+    let stream =
+        TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect {addr}: {e}"))?;
+    let _ = stream.set_nodelay(true);
+    let _ = stream.set_read_timeout(Some(timeout));
+    Ok(stream)
 }
 
 /// Runs `once` `warmup + count` times, back to back or paced at `rate` per
@@ -1373,26 +1373,16 @@ fn redis_rr(args: &[String]) -> Result<ExitCode, String> {
     )?;
     let addr = resolve(opts.required("--connect")?)?;
     let count = count_opt(&opts)?;
-    let warmup: usize = match opts.get("--warmup") {
-        Some(w) => w.parse().map_err(|e| format!("--warmup: {e}"))?,
-        None => count / 10,
-    };
-    let rate: f64 = opts
-        .get("--rate")
-        .unwrap_or("0")
-        .parse()
-        .map_err(|e| format!("--rate: {e}"))?;
+    let (warmup, rate) = opts.pacing(count)?;
     let timeout = opts.timeout()?;
     let fail = |e: String| {
         emit(&json!({ "ok": false, "error": e }));
         Ok(ExitCode::FAILURE)
     };
-    let mut stream = match TcpStream::connect_timeout(&addr, timeout) {
+    let mut stream = match timed_client(addr, timeout) {
         Ok(s) => s,
-        Err(e) => return fail(format!("connect {addr}: {e}")),
+        Err(e) => return fail(e),
     };
-    let _ = stream.set_nodelay(true);
-    let _ = stream.set_read_timeout(Some(timeout));
     let mut reader = match stream.try_clone() {
         Ok(s) => io::BufReader::new(s),
         Err(e) => return fail(format!("cannot clone the socket: {e}")),
@@ -1674,15 +1664,7 @@ fn http_rr(args: &[String]) -> Result<ExitCode, String> {
     let addr = resolve(opts.required("--connect")?)?;
     let count = count_opt(&opts)?;
     let path = opts.get("--path").unwrap_or("/").to_owned();
-    let warmup: usize = match opts.get("--warmup") {
-        Some(w) => w.parse().map_err(|e| format!("--warmup: {e}"))?,
-        None => count / 10,
-    };
-    let rate: f64 = opts
-        .get("--rate")
-        .unwrap_or("0")
-        .parse()
-        .map_err(|e| format!("--rate: {e}"))?;
+    let (warmup, rate) = opts.pacing(count)?;
     let timeout = opts.timeout()?;
     let h2 = opts.has("--h2");
     let fail = |e: String| {
@@ -1925,6 +1907,21 @@ impl Opts {
 
     fn has(&self, name: &str) -> bool {
         self.switches.iter().any(|s| s == name)
+    }
+
+    /// `--warmup` (default: a tenth of `count`) and `--rate` (per second; 0,
+    /// the default: back to back), for the timed clients.
+    fn pacing(&self, count: usize) -> Result<(usize, f64), String> {
+        let warmup = match self.get("--warmup") {
+            Some(w) => w.parse().map_err(|e| format!("--warmup: {e}"))?,
+            None => count / 10,
+        };
+        let rate = self
+            .get("--rate")
+            .unwrap_or("0")
+            .parse()
+            .map_err(|e| format!("--rate: {e}"))?;
+        Ok((warmup, rate))
     }
 
     fn timeout(&self) -> Result<Duration, String> {

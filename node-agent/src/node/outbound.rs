@@ -168,7 +168,14 @@ async fn handle(
         let timeout = shared.settings.connect_timeout;
         log.identities(&endpoint);
         let mut early = Early::default();
-        match connect(&shared, &pod, &from, &endpoint, timeout, &down, &mut early).await {
+        // Boxed: the connect's state (the HBONE handshake's, when it opens a
+        // connection) is freed once connected, instead of sizing the task
+        // every idle connection keeps.
+        match Box::pin(connect(
+            &shared, &pod, &from, &endpoint, timeout, &down, &mut early,
+        ))
+        .await
+        {
             Ok(up) => carry(log, down, up, early, labels, &endpoint).await,
             Err(e) => {
                 log.opened(labels);
@@ -676,7 +683,8 @@ async fn to_service(
         let Ok(ep) = ep else {
             continue;
         };
-        match connect(shared, pod, &from, &ep, timeout, &down, &mut early).await {
+        // Boxed, as above.
+        match Box::pin(connect(shared, pod, &from, &ep, timeout, &down, &mut early)).await {
             Ok(up) => {
                 balancer.report(&key, true, Instant::now());
                 drop(view);

@@ -104,6 +104,11 @@ impl Error {
 /// never hands its upstream work to another thread.
 type Key = (Endpoint, Protocol, usize);
 
+/// `ep`'s key for `proto` on this worker.
+fn key(ep: &Endpoint, proto: Protocol) -> Key {
+    (ep.clone(), proto, crate::workers::current())
+}
+
 enum Idle {
     H2(conn::http2::SendRequest<Body>),
     H1(Vec<conn::http1::SendRequest<Body>>),
@@ -145,10 +150,8 @@ impl Upstreams {
                     Some(s) => s,
                     None => {
                         let s = self.connect_h2(ep).await?;
-                        self.lock().insert(
-                            (ep.clone(), Protocol::H2c, crate::workers::current()),
-                            Idle::H2(s.clone()),
-                        );
+                        self.lock()
+                            .insert(key(ep, Protocol::H2c), Idle::H2(s.clone()));
                         s
                     }
                 };
@@ -165,7 +168,7 @@ impl Upstreams {
                 // that is once this response's body has been read to its end.
                 let mut conns = self.lock();
                 if let Idle::H1(stack) = conns
-                    .entry((ep.clone(), Protocol::Http1, crate::workers::current()))
+                    .entry(key(ep, Protocol::Http1))
                     .or_insert_with(|| Idle::H1(Vec::new()))
                     && stack.len() < MAX_IDLE_H1
                 {
@@ -182,7 +185,7 @@ impl Upstreams {
 
     fn idle_h2(&self, ep: &Endpoint) -> Option<conn::http2::SendRequest<Body>> {
         let mut conns = self.lock();
-        let key = (ep.clone(), Protocol::H2c, crate::workers::current());
+        let key = key(ep, Protocol::H2c);
         match conns.get(&key) {
             Some(Idle::H2(s)) if !s.is_closed() => Some(s.clone()),
             Some(_) => {
@@ -195,8 +198,7 @@ impl Upstreams {
 
     fn idle_h1(&self, ep: &Endpoint) -> Option<conn::http1::SendRequest<Body>> {
         let mut conns = self.lock();
-        let key = (ep.clone(), Protocol::Http1, crate::workers::current());
-        let Some(Idle::H1(stack)) = conns.get_mut(&key) else {
+        let Some(Idle::H1(stack)) = conns.get_mut(&key(ep, Protocol::Http1)) else {
             return None;
         };
         stack.retain(|s| !s.is_closed());

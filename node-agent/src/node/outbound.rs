@@ -168,14 +168,7 @@ async fn handle(
         let timeout = shared.settings.connect_timeout;
         log.identities(&endpoint);
         let mut early = Early::default();
-        // Boxed: the connect's state (the HBONE handshake's, when it opens a
-        // connection) is freed once connected, instead of sizing the task
-        // every idle connection keeps.
-        match Box::pin(connect(
-            &shared, &pod, &from, &endpoint, timeout, &down, &mut early,
-        ))
-        .await
-        {
+        match connect(&shared, &pod, &from, &endpoint, timeout, &down, &mut early).await {
             Ok(up) => carry(log, down, up, early, labels, &endpoint).await,
             Err(e) => {
                 log.opened(labels);
@@ -373,7 +366,24 @@ struct Source {
 /// Connects `from` to `ep`. An HBONE stream already carries what the client
 /// sent while it was being opened (kept in `early`); a node-local or plaintext
 /// connection gets what an earlier attempt kept before anything else.
+///
+/// Its state (an HBONE handshake's, when it opens a connection; the retry
+/// loop's) lives in a box freed once connected, instead of sizing the task
+/// each idle connection keeps for its life.
 async fn connect(
+    shared: &Shared,
+    pod: &Pod,
+    from: &Source,
+    ep: &Endpoint,
+    timeout: std::time::Duration,
+    down: &tokio::net::TcpStream,
+    early: &mut Early,
+) -> Result<Upstream, ConnectError> {
+    Box::pin(connect_boxed(shared, pod, from, ep, timeout, down, early)).await
+}
+
+/// [`connect`]'s body.
+async fn connect_boxed(
     shared: &Shared,
     pod: &Pod,
     from: &Source,
@@ -683,8 +693,7 @@ async fn to_service(
         let Ok(ep) = ep else {
             continue;
         };
-        // Boxed, as above.
-        match Box::pin(connect(shared, pod, &from, &ep, timeout, &down, &mut early)).await {
+        match connect(shared, pod, &from, &ep, timeout, &down, &mut early).await {
             Ok(up) => {
                 balancer.report(&key, true, Instant::now());
                 drop(view);

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use weft_tests::l7::{self, CurlResult};
-use weft_tests::{Cluster, Mesh, Proc, require_privileged};
+use weft_tests::{Cluster, Host as _, Mesh, Proc, require_privileged};
 
 const ECHO: &str = "10.96.0.20";
 const HTTP: u16 = 8080;
@@ -253,6 +253,66 @@ fn global_limit_across_two_replicas_and_redis_failures() -> Result<()> {
         ensure!(
             failed == 0 && (20..=21).contains(&ok) && limited >= 4,
             "after the restart: {ok} {limited} {failed}"
+        );
+        Ok(())
+    })
+}
+
+/// A sample of a waypoint's metrics page: the value of series `name`.
+fn metric(s: &Rl, replica: usize, name: &str) -> Result<f64> {
+    let page =
+        s.c.pod(0, replica)
+            .exec_ok("curl", ["-sS", "http://127.0.0.1:15020/metrics"])?;
+    page.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .with_context(|| format!("no {name} on replica {replica}'s metrics page"))
+}
+
+/// A hot bucket with a large burst is leased: Redis grants budget ahead, the
+/// replicas admit most requests without a call, and the limit still holds
+/// across both: never more than Redis's GCRA allows (shifted by at most a
+/// lease's 100 ms), at most a lease per replica (a twentieth of the burst)
+/// fewer.
+#[test]
+fn global_limit_leases_hot_buckets_and_still_holds_across_replicas() -> Result<()> {
+    privileged(|| {
+        let c = Cluster::new("rl-lease", 2, 3)?;
+        let _redis = redis(&c)?;
+        let addr = format!("{}:{REDIS}", c.pod(1, 1).ip);
+        // 600 a minute: a burst of 600, 10 a second after it; a lease of
+        // at most 30.
+        let s = Rl::start(
+            &c,
+            "rate_limits:\n\
+             - name: hot\n  target_refs: [{kind: Service, name: echo}]\n  type: Global\n\
+             \x20 failure_mode: closed\n  rules: [{limit: {requests: 600, unit: Minute}}]\n",
+            2,
+            &["--redis-addr", &addr],
+        )?;
+        let (ok, limited, failed, secs) = load(&s, 2000, 8)?;
+        ensure!(failed == 0, "{failed} failed");
+        let allowed = 600.0 + 10.0 * secs;
+        let (ok_f, lease) = (ok as f64, 30.0);
+        ensure!(
+            ok_f <= allowed + 10.0 * 0.1 + 3.0,
+            "{ok} passed in {secs:.2}s: more than the limit allows ({allowed:.0})"
+        );
+        ensure!(
+            ok_f >= allowed - 2.0 * lease - 3.0,
+            "{ok} passed in {secs:.2}s, {limited} limited: more than two leases short of {allowed:.0}"
+        );
+        let mut leased = 0.0;
+        let mut calls = 0.0;
+        for replica in [1, 2] {
+            leased += metric(&s, replica, "weft_ratelimit_leased_total")?;
+            calls += metric(&s, replica, "weft_ratelimit_redis_call_seconds_count")?;
+        }
+        println!(
+            "{ok} admitted, {limited} limited in {secs:.2}s (the limit allows {allowed:.0}); {leased} from leases, {calls} Redis calls"
+        );
+        ensure!(
+            leased >= ok_f / 2.0 && calls <= ok_f / 2.0,
+            "{ok} admitted, {leased} of them from leases, with {calls} Redis calls"
         );
         Ok(())
     })

@@ -32,7 +32,12 @@
 //! when idle and shares it with the others under load, with no pool of
 //! connections for Redis to juggle. A refusal is remembered (the negative
 //! cache) until its retry-after, so a client over its limit costs no Redis
-//! call.
+//! call. And a hot bucket with a large burst is leased: Redis grants a few
+//! of its requests ahead (as many as the bucket saw in the last 20 ms, at
+//! most a twentieth of its burst), the requests that follow are admitted
+//! here without a call, and the lease is topped up in the background when
+//! half is used (see [`Leases`]: what that costs the limit's precision,
+//! which is never to admit more).
 //!
 //! Answers: 429 with `Retry-After`, `RateLimit-Policy` and `RateLimit`
 //! (draft-ietf-httpapi-ratelimit-headers-10's structured fields) and, as an
@@ -97,6 +102,25 @@ pub struct Outcome {
 }
 
 impl Gcra {
+    /// T in µs, as Redis counts (at least 1).
+    fn interval_us(&self) -> u64 {
+        (self.interval / 1000).max(1)
+    }
+
+    /// The args of [`SCRIPT`] for this limit, asking for `n` requests.
+    pub fn args(&self, n: u64) -> [String; 3] {
+        [
+            self.interval_us().to_string(),
+            (self.tolerance / 1000).to_string(),
+            n.to_string(),
+        ]
+    }
+
+    /// The most a lease of this bucket may hold ([`Leases`]).
+    fn lease_max(&self) -> u64 {
+        (self.tolerance / self.interval / LEASE_SHARE).min(MAX_LEASE)
+    }
+
     /// `requests` per `per`, `burst` at once (at least 1), each divided by
     /// `divide` (the replicas sharing the limit; the result at least 1).
     pub fn new(requests: u32, per: Duration, burst: u32, divide: u32) -> Gcra {
@@ -452,8 +476,9 @@ pub fn key_parts(parts: &[KeyPart], a: &Attributes, key: &mut Vec<u8>) {
 /// negative cache and the Redis client.
 pub struct Limiter {
     buckets: Buckets,
-    negative: Mutex<HashMap<String, Instant>>,
-    redis: Option<Redis>,
+    negative: Arc<Negative>,
+    leases: Arc<Leases>,
+    redis: Option<Arc<Redis>>,
 }
 
 impl Default for Limiter {
@@ -476,6 +501,8 @@ struct Pending<'p> {
     rule: &'p Rule,
     key: String,
     gcra: Gcra,
+    /// Requests to ask Redis for: this one, and any more for the lease.
+    ask: u64,
 }
 
 impl Limiter {
@@ -483,8 +510,9 @@ impl Limiter {
     pub fn new(redis: Option<String>) -> Limiter {
         Limiter {
             buckets: Buckets::new(MAX_KEYS),
-            negative: Mutex::new(HashMap::new()),
-            redis: redis.map(Redis::new),
+            negative: Arc::default(),
+            leases: Arc::default(),
+            redis: redis.map(|addr| Arc::new(Redis::new(addr))),
         }
     }
 
@@ -569,6 +597,7 @@ impl Limiter {
                         rule,
                         key: redis_key(&key),
                         gcra,
+                        ask: 1,
                     }),
                 }
             }
@@ -597,7 +626,7 @@ impl Limiter {
         // The negative cache: a bucket Redis refused is refused here until its
         // retry-after, without asking again.
         {
-            let cache = self.negative.lock().unwrap_or_else(|e| e.into_inner());
+            let cache = lock(&self.negative.0);
             let mut first = None;
             pending.retain(|p| match cache.get(&p.key) {
                 Some(until) if *until > now => {
@@ -617,6 +646,31 @@ impl Limiter {
                 return Err(refused(r, record));
             }
         }
+        // Then the leases: a bucket with budget leased here goes without
+        // asking Redis.
+        pending.retain_mut(
+            |p| match self.leases.take(&p.key, p.gcra.lease_max(), now) {
+                Leased::Taken {
+                    remaining,
+                    reset,
+                    refill,
+                } => {
+                    LEASED.fetch_add(1, Relaxed);
+                    if !p.policy.shadow {
+                        tighten(used, p.policy, p.rule, remaining, reset);
+                    }
+                    decide(p.policy, true, ctx);
+                    if let Some(n) = refill {
+                        self.refill(p.key.clone(), p.gcra, n, p.policy.timeout);
+                    }
+                    false
+                }
+                Leased::Ask(n) => {
+                    p.ask = n;
+                    true
+                }
+            },
+        );
         if pending.is_empty() {
             return Ok(());
         }
@@ -629,11 +683,7 @@ impl Limiter {
             None => Err(RedisError::Unconfigured),
             Some(redis) => {
                 let keys: Vec<&str> = pending.iter().map(|p| p.key.as_str()).collect();
-                let args: Vec<String> = pending
-                    .iter()
-                    .flat_map(|p| [(p.gcra.interval / 1000).max(1), p.gcra.tolerance / 1000])
-                    .map(|n| n.to_string())
-                    .collect();
+                let args: Vec<String> = pending.iter().flat_map(|p| p.gcra.args(p.ask)).collect();
                 let started = Instant::now();
                 let answer = match tokio::time::timeout(timeout, redis.gcra(&keys, &args)).await {
                     Ok(r) => r,
@@ -648,8 +698,10 @@ impl Limiter {
             Err(e) => {
                 REDIS_ERRORS.count(&e);
                 debug!(error = %e, "redis rate limit call failed");
+                let now = Instant::now();
                 let mut closed = None;
                 for p in &pending {
+                    self.leases.granted(&p.key, p.ask, None, now);
                     let c = &p.policy.counters;
                     match p.policy.failure_mode {
                         FailureMode::Open => c.failed_open.fetch_add(1, Relaxed),
@@ -670,28 +722,20 @@ impl Limiter {
                 return Ok(());
             }
         };
+        let now = Instant::now();
         let mut first = None;
-        for (p, (allowed, a, b)) in pending.iter().zip(outcomes) {
+        for (p, (granted, a, b)) in pending.iter().zip(outcomes) {
+            let allowed = granted > 0;
+            let (for_lease, left) = (granted.saturating_sub(1), a / p.gcra.interval_us());
+            let reset = Duration::from_micros(b);
+            self.leases
+                .granted(&p.key, p.ask, Some((for_lease, left, reset)), now);
             if allowed && !p.policy.shadow {
-                let interval_us = (p.gcra.interval / 1000).max(1);
-                tighten(
-                    used,
-                    p.policy,
-                    p.rule,
-                    a / interval_us,
-                    Duration::from_micros(b),
-                );
+                tighten(used, p.policy, p.rule, left + for_lease, reset);
             }
             if !allowed {
-                let retry = Duration::from_micros(a);
-                let mut cache = self.negative.lock().unwrap_or_else(|e| e.into_inner());
-                if cache.len() >= MAX_NEGATIVE {
-                    cache.retain(|_, until| *until > now);
-                    if cache.len() >= MAX_NEGATIVE {
-                        cache.clear();
-                    }
-                }
-                cache.insert(p.key.clone(), now + retry);
+                self.negative
+                    .remember(&p.key, now + Duration::from_micros(a), now);
             }
             if decide(p.policy, allowed, ctx) && first.is_none() {
                 first = Some(Refusal {
@@ -708,11 +752,234 @@ impl Limiter {
         }
     }
 
+    /// Tops up the lease of bucket `key` by `n` in the background: no
+    /// request waits for it.
+    fn refill(&self, key: String, gcra: Gcra, n: u64, timeout: Duration) {
+        let (Some(redis), Ok(rt)) = (&self.redis, tokio::runtime::Handle::try_current()) else {
+            self.leases.granted(&key, n, None, Instant::now());
+            return;
+        };
+        let (redis, leases, negative) = (redis.clone(), self.leases.clone(), self.negative.clone());
+        rt.spawn(async move {
+            let started = Instant::now();
+            let answer =
+                match tokio::time::timeout(timeout, redis.gcra(&[&key], &gcra.args(n))).await {
+                    Ok(r) => r,
+                    Err(_) => Err(RedisError::Timeout),
+                };
+            let now = Instant::now();
+            CALL_TIMES.observe(now - started);
+            match answer.as_deref() {
+                Ok(&[(granted, a, b)]) => {
+                    if granted == 0 {
+                        negative.remember(&key, now + Duration::from_micros(a), now);
+                    }
+                    let left = a / gcra.interval_us();
+                    leases.granted(
+                        &key,
+                        n,
+                        Some((granted, left, Duration::from_micros(b))),
+                        now,
+                    );
+                }
+                Ok(_) => leases.granted(&key, n, None, now),
+                Err(e) => {
+                    REDIS_ERRORS.count(e);
+                    debug!(error = %e, "refilling a rate limit lease failed");
+                    leases.granted(&key, n, None, now);
+                }
+            }
+        });
+    }
+
     /// The local buckets (for tests and the bench).
     pub fn buckets(&self) -> &Buckets {
         &self.buckets
     }
 }
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The negative cache: a bucket Redis refused, until its retry-after.
+#[derive(Default)]
+struct Negative(Mutex<HashMap<String, Instant>>);
+
+impl Negative {
+    fn remember(&self, key: &str, until: Instant, now: Instant) {
+        let mut cache = lock(&self.0);
+        if cache.len() >= MAX_NEGATIVE {
+            cache.retain(|_, until| *until > now);
+            if cache.len() >= MAX_NEGATIVE {
+                cache.clear();
+            }
+        }
+        cache.insert(key.to_owned(), until);
+    }
+}
+
+// ---- leases of global budget ---------------------------------------------------
+
+/// How long leased budget stays good: unused by then, it is dropped (its
+/// budget is lost, never given twice).
+const LEASE_TTL: Duration = Duration::from_millis(100);
+/// A key's demand in this window sizes its lease, which so lasts about as
+/// long: far longer than a Redis round trip, so the refill, asked for when
+/// half is used, comes back before the rest is.
+const LEASE_WINDOW: Duration = Duration::from_millis(20);
+/// A lease holds at most one part in this many of its bucket's burst...
+const LEASE_SHARE: u64 = 20;
+/// ...and never more than this many requests.
+const MAX_LEASE: u64 = 1000;
+/// The most keys with a lease at once.
+const MAX_LEASES: usize = 10_000;
+
+/// Global budget held by this replica: Redis grants a hot bucket's
+/// requests in advance, a lease of them, and the requests that follow are
+/// admitted here, with no Redis call on their path; the lease is topped up
+/// in the background when half is used. A bucket is leased only as far as
+/// its demand in the last [`LEASE_WINDOW`] (so one seen once in a while is
+/// asked about per request, exactly, as without leases) and at most a
+/// [`LEASE_SHARE`]th of its burst ([`Gcra::lease_max`]; a bucket whose burst
+/// is under twice that is never leased).
+///
+/// What it changes, and what it does not: Redis's GCRA counts every
+/// request it grants, leased or not, so all replicas together never admit
+/// more than the limit allows; a lease's requests may be admitted up to
+/// [`LEASE_TTL`] after Redis granted them. What a replica holds unused,
+/// another cannot have: across R replicas the limit can admit up to
+/// R × the lease (at most a twentieth of the burst each) fewer than it
+/// allows, and budget leased but not used in time is lost. The `RateLimit`
+/// header's `r` of a request admitted from a lease is Redis's count at the
+/// last grant plus what the lease holds.
+#[derive(Default)]
+struct Leases(Mutex<HashMap<String, Lease>>);
+
+struct Lease {
+    /// Requests granted and not used yet, good until `expires`.
+    tokens: u64,
+    expires: Instant,
+    /// A call that will top up `tokens` is on its way.
+    asking: bool,
+    /// At the last grant: Redis's budget left (requests, this lease
+    /// included), and the time until its bucket is full.
+    left: u64,
+    reset: Duration,
+    /// The demand: requests since `window`, and the lease they call for.
+    window: Instant,
+    seen: u64,
+    size: u64,
+}
+
+/// What a bucket's lease says for a request.
+enum Leased {
+    /// Admitted from the lease: the budget left and the reset, for the
+    /// `RateLimit` header, and a top-up to ask for (its size), if due.
+    Taken {
+        remaining: u64,
+        reset: Duration,
+        refill: Option<u64>,
+    },
+    /// Ask Redis for this many: the request's own, and the rest to lease.
+    Ask(u64),
+}
+
+impl Leases {
+    /// One request of bucket `key`, whose lease may hold up to `max`.
+    fn take(&self, key: &str, max: u64, now: Instant) -> Leased {
+        if max <= 1 {
+            return Leased::Ask(1);
+        }
+        let mut map = lock(&self.0);
+        if !map.contains_key(key) {
+            if map.len() >= MAX_LEASES {
+                map.retain(|_, l| l.asking || l.expires > now || now - l.window < LEASE_WINDOW);
+                if map.len() >= MAX_LEASES {
+                    return Leased::Ask(1);
+                }
+            }
+            let lease = Lease {
+                tokens: 0,
+                expires: now,
+                asking: false,
+                left: 0,
+                reset: Duration::ZERO,
+                window: now,
+                seen: 0,
+                size: 1,
+            };
+            map.insert(key.to_owned(), lease);
+        }
+        let Some(l) = map.get_mut(key) else {
+            return Leased::Ask(1);
+        };
+        let since = now.saturating_duration_since(l.window);
+        if since >= LEASE_WINDOW {
+            // The last window's demand, if it was the last; after a pause,
+            // start again from one.
+            l.size = if since < 2 * LEASE_WINDOW {
+                l.seen.clamp(1, max)
+            } else {
+                1
+            };
+            l.window = now;
+            l.seen = 0;
+        }
+        l.seen += 1;
+        if l.expires <= now {
+            l.tokens = 0;
+        }
+        if l.tokens > 0 {
+            l.tokens -= 1;
+            // Topped up to its size (no more) when half is used.
+            let refill = (!l.asking && l.tokens * 2 <= l.size).then(|| {
+                l.asking = true;
+                l.size - l.tokens
+            });
+            return Leased::Taken {
+                remaining: l.left + l.tokens,
+                reset: l.reset,
+                refill: refill.filter(|n| *n > 0),
+            };
+        }
+        if l.asking || l.size <= 1 {
+            return Leased::Ask(1);
+        }
+        l.asking = true;
+        Leased::Ask(l.size)
+    }
+
+    /// Redis answered (`None`: failed) a call that asked for `asked` of
+    /// bucket `key`: `for_lease` of them (those no request took), Redis's
+    /// budget left after them, and its bucket's reset.
+    fn granted(&self, key: &str, asked: u64, grant: Option<(u64, u64, Duration)>, now: Instant) {
+        if asked <= 1 {
+            return;
+        }
+        let mut map = lock(&self.0);
+        // Evicted meanwhile: what it was granted is dropped.
+        let Some(l) = map.get_mut(key) else {
+            return;
+        };
+        l.asking = false;
+        let Some((for_lease, left, reset)) = grant else {
+            return;
+        };
+        if l.expires <= now {
+            l.tokens = 0;
+        }
+        if for_lease > 0 {
+            l.tokens += for_lease;
+            l.expires = now + LEASE_TTL;
+        }
+        l.left = left;
+        l.reset = reset;
+    }
+}
+
+/// Decisions admitted from a lease, without a Redis call.
+static LEASED: AtomicU64 = AtomicU64::new(0);
 
 /// Counts a bucket's answer; whether the request is to be refused (never in
 /// shadow mode).
@@ -1029,6 +1296,13 @@ pub fn render() -> String {
             n.load(Relaxed)
         );
     }
+    let _ = writeln!(
+        out,
+        "# HELP weft_ratelimit_leased_total Global rate limit decisions admitted from budget Redis leased ahead, without a call.\n\
+         # TYPE weft_ratelimit_leased_total counter\n\
+         weft_ratelimit_leased_total {}",
+        LEASED.load(Relaxed)
+    );
     CALL_TIMES.render(&mut out);
     out
 }
@@ -1036,28 +1310,33 @@ pub fn render() -> String {
 // ---- Redis -----------------------------------------------------------------------------
 
 /// GCRA over every key of a request at once, with Redis's clock (µs). ARGV
-/// holds each key's T and burst × T in µs. Returns three integers per key:
-/// allowed (1/0), then the budget left (allowed) or the retry-after
-/// (refused), then the time until the bucket is full. The TAT is written with
-/// `%.0f`: Lua 5.1's `tostring` keeps 14 digits, and µs since 1970 have 16.
+/// holds each key's T, burst × T (µs) and how many requests to take (1, or
+/// more to lease some: see [`Leases`]). Returns three integers per key: how
+/// many were granted (as many as fit, up to the number asked; 0 refuses),
+/// then the budget left (granted) or the retry-after of one (refused), then
+/// the time until the bucket is full. The TAT is written with `%.0f`: Lua
+/// 5.1's `tostring` keeps 14 digits, and µs since 1970 have 16.
 pub const SCRIPT: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local out = {}
 for i, key in ipairs(KEYS) do
-  local interval = tonumber(ARGV[2 * i - 1])
-  local tolerance = tonumber(ARGV[2 * i])
+  local interval = tonumber(ARGV[3 * i - 2])
+  local tolerance = tonumber(ARGV[3 * i - 1])
+  local want = tonumber(ARGV[3 * i])
   local tat = tonumber(redis.call('GET', key) or '0')
   if tat < now then tat = now end
-  local new = tat + interval
-  local ahead = new - now
-  if ahead > tolerance then
+  local fit = math.floor((tolerance - (tat - now)) / interval)
+  if fit > want then fit = want end
+  if fit < 1 then
     out[#out + 1] = 0
-    out[#out + 1] = ahead - tolerance
+    out[#out + 1] = tat + interval - now - tolerance
     out[#out + 1] = tat - now
   else
+    local new = tat + fit * interval
+    local ahead = new - now
     redis.call('SET', key, string.format('%.0f', new), 'PX', math.floor(ahead / 1000) + 1)
-    out[#out + 1] = 1
+    out[#out + 1] = fit
     out[#out + 1] = tolerance - ahead
     out[#out + 1] = ahead
   end
@@ -1255,12 +1534,12 @@ impl Redis {
         }
     }
 
-    /// The script over `keys`: per key, (allowed, µs, µs).
+    /// The script over `keys`: per key, (granted, µs, µs).
     pub async fn gcra(
         &self,
         keys: &[&str],
         args: &[String],
-    ) -> Result<Vec<(bool, u64, u64)>, RedisError> {
+    ) -> Result<Vec<(u64, u64, u64)>, RedisError> {
         let n = keys.len().to_string();
         let mut call: Vec<&[u8]> = vec![b"EVALSHA", self.sha.as_bytes(), n.as_bytes()];
         call.extend(keys.iter().map(|k| k.as_bytes()));
@@ -1292,7 +1571,7 @@ impl Redis {
         }
         Ok(ints
             .chunks(3)
-            .map(|c| (c[0] == 1, c[1].max(0) as u64, c[2].max(0) as u64))
+            .map(|c| (c[0].max(0) as u64, c[1].max(0) as u64, c[2].max(0) as u64))
             .collect())
     }
 }
@@ -1926,12 +2205,9 @@ mod tests {
         panic!("redis-server did not listen");
     }
 
-    /// The args of [`SCRIPT`] for one limit.
-    fn args(g: &Gcra) -> [String; 2] {
-        [
-            (g.interval / 1000).to_string(),
-            (g.tolerance / 1000).to_string(),
-        ]
+    /// The args of [`SCRIPT`] for one request of a limit.
+    fn args(g: &Gcra) -> [String; 3] {
+        g.args(1)
     }
 
     #[tokio::test]
@@ -1945,14 +2221,83 @@ mod tests {
             // The first call loads the script (NOSCRIPT, then EVAL).
             seen.push(redis.gcra(&["weft:rl:test"], &args).await.unwrap()[0]);
         }
-        let allowed: Vec<bool> = seen.iter().map(|s| s.0).collect();
-        assert_eq!(allowed, [true, true, true, false, false]);
+        let granted: Vec<u64> = seen.iter().map(|s| s.0).collect();
+        assert_eq!(granted, [1, 1, 1, 0, 0]);
         assert_eq!(
             seen[0].1, 12_000_000,
             "two more after the first, in µs of budget"
         );
         // Refused: retry after about T (6s), less the time the calls took.
         assert!((5_000_000..=6_000_000).contains(&seen[3].1), "{seen:?}");
+    }
+
+    /// Asked for several (a lease), the script grants as many as fit and
+    /// charges the bucket for those only.
+    #[tokio::test]
+    async fn the_script_grants_what_fits_of_a_lease() {
+        let Some((_server, redis)) = redis_server().await else {
+            return;
+        };
+        let g = Gcra::new(10, Duration::from_secs(60), 3, 1);
+        let got = redis.gcra(&["weft:rl:lease"], &g.args(5)).await.unwrap();
+        assert_eq!(got, [(3, 0, 18_000_000)], "3 of 5 fit, none left");
+        let got = redis.gcra(&["weft:rl:lease"], &g.args(2)).await.unwrap();
+        assert_eq!(got[0].0, 0, "{got:?}");
+        assert!((5_000_000..=6_000_000).contains(&got[0].1), "{got:?}");
+    }
+
+    /// A lease follows its bucket's demand, stays within its share of the
+    /// burst, is topped up in the background when half is used, and what it
+    /// holds expires.
+    #[test]
+    fn leases_follow_demand_within_their_bound() {
+        let leases = Leases::default();
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        let ask = |l: &Leased| match l {
+            Leased::Ask(n) => Some(*n),
+            Leased::Taken { .. } => None,
+        };
+        // A small burst is never leased.
+        assert_eq!(Gcra::new(20, Duration::from_secs(60), 20, 1).lease_max(), 1);
+        assert_eq!(
+            Gcra::new(600, Duration::from_secs(60), 600, 1).lease_max(),
+            30
+        );
+        assert_eq!(ask(&leases.take("small", 1, t0)), Some(1));
+        // A new key is asked about per request; 40 requests in a window
+        // make the next ask a lease, capped at 30.
+        for i in 0..40 {
+            assert_eq!(ask(&leases.take("k", 30, ms(i / 2))), Some(1));
+        }
+        assert_eq!(ask(&leases.take("k", 30, ms(20))), Some(30));
+        // While that call is out, others ask for themselves only.
+        assert_eq!(ask(&leases.take("k", 30, ms(20))), Some(1));
+        leases.granted("k", 30, Some((29, 500, Duration::from_secs(1))), ms(21));
+        // Taken from the lease, with Redis's count plus the lease's.
+        let mut refills = Vec::new();
+        for _ in 0..29 {
+            match leases.take("k", 30, ms(22)) {
+                Leased::Taken {
+                    remaining, refill, ..
+                } => {
+                    assert!(remaining >= 500, "{remaining}");
+                    refills.extend(refill);
+                }
+                Leased::Ask(n) => panic!("asked for {n} with a lease left"),
+            }
+        }
+        // One top-up, when half was used: up to the size again, no more.
+        assert_eq!(refills, [15], "topped up once, to 30");
+        // Used up before the top-up came: the next one asks for itself.
+        assert_eq!(ask(&leases.take("k", 30, ms(23))), Some(1));
+        leases.granted("k", 15, Some((15, 400, Duration::from_secs(1))), ms(24));
+        assert!(matches!(leases.take("k", 30, ms(25)), Leased::Taken { .. }));
+        // Unused past its TTL, it is gone; after a pause, the demand starts
+        // from one again.
+        assert_eq!(ask(&leases.take("k", 30, ms(200))), Some(1));
+        let held = leases.0.lock().unwrap()["k"].tokens;
+        assert_eq!(held, 0);
     }
 
     /// Many callers at once: each gets its own answer (every key has its own
@@ -1982,7 +2327,7 @@ mod tests {
                 let g = Gcra::new(i + 1, Duration::from_secs(3600), 3, 1);
                 let got = redis.gcra(&[&format!("weft:rl:many:{i}")], &args(&g)).await;
                 let (t, burst) = (g.interval / 1000, g.tolerance / 1000);
-                assert_eq!(got.unwrap(), [(true, burst - t, t)], "caller {i}");
+                assert_eq!(got.unwrap(), [(1, burst - t, t)], "caller {i}");
             });
         }
         while let Some(r) = tasks.join_next().await {
@@ -2018,7 +2363,7 @@ mod tests {
             let got = redis
                 .gcra(&[&format!("weft:rl:after:{i}")], &args(&g))
                 .await;
-            assert_eq!(got.unwrap(), [(true, 12_000_000, 6_000_000)]);
+            assert_eq!(got.unwrap(), [(1, 12_000_000, 6_000_000)]);
         }
     }
 
@@ -2093,7 +2438,7 @@ mod tests {
             )
             .await
             .expect("answered");
-            assert_eq!(got.unwrap(), [(true, 12_000_000, 6_000_000)], "call {i}");
+            assert_eq!(got.unwrap(), [(1, 12_000_000, 6_000_000)], "call {i}");
             redis.ping().await.unwrap();
         }
     }

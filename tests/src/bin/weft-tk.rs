@@ -1421,7 +1421,15 @@ fn redis_rr(args: &[String]) -> Result<ExitCode, String> {
             Err(e) => return fail(format!("SCRIPT LOAD: {e}")),
         };
         // A limit of 10⁹ a second: T = 1 µs, a burst of 10⁹ µs.
-        let call = resp(&["EVALSHA", &sha, "1", "weft:bench:rr", "1", "1000000000"]);
+        let call = resp(&[
+            "EVALSHA",
+            &sha,
+            "1",
+            "weft:bench:rr",
+            "1",
+            "1000000000",
+            "1",
+        ]);
         (call, "*3\r\n:1\r\n")
     } else {
         (resp(&["PING"]), "+PONG\r\n")

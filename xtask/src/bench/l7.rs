@@ -41,7 +41,11 @@
 //!   after, from the waypoint's pod and paced at the same rate (`weft-tk
 //!   redis-rr`), the limit's own call (its script: the one round trip the
 //!   target allows) and a PING. `redis-benchmark`'s back-to-back PING is
-//!   shown beside them.
+//!   shown beside them. The `global` bucket is hot and its burst large, so
+//!   the waypoint leases it (most of its requests make no call: the proof
+//!   counts them); a second paired run alternates with an `exact` rule whose
+//!   burst is too small to lease, so that every one of its requests calls
+//!   Redis, and shows what a call on the path costs.
 //! - **waypoint+policies without Redis**, next to it: the same policies but
 //!   the Global limit, which is what the CPU target names ("JWT + authz +
 //!   local limit add ≤ 20 µs CPU per request"); the pass with Redis then
@@ -236,8 +240,11 @@ impl Pass<'_> {
 /// Request authentication with an ES256 key inline and a token for it, an
 /// ALLOW policy of 100 rules (each: `requestPrincipals`, two methods, two
 /// paths; [`POLICY_PATH`] matches the last only), a Local limit per `sub` and
-/// a Global one, neither of which ever refuses. Shapes as in docs/config.md
-/// and `benches/policy.rs`.
+/// a Global one, neither of which ever refuses. The Global one has two rules:
+/// `global`, the bench's, whose large burst the waypoint leases (most of its
+/// requests make no Redis call), and `exact`, whose burst is too small to
+/// lease (each of its requests calls Redis). Shapes as in docs/config.md and
+/// `benches/policy.rs`.
 fn policies() -> Result<Policies> {
     let key = EsKey::new("bench")?;
     let now = std::time::SystemTime::now()
@@ -273,7 +280,9 @@ fn policies() -> Result<Policies> {
          - name: bench-global\n  target_refs: [{{kind: Service, name: web}}]\n  type: Global\n  failure_mode: closed\n  \
          timeout: 1s\n  key: [\"claim:sub\"]\n  rules:\n  \
          - client_selectors: [{{headers: [{{name: {LIMIT_HEADER}, type: Exact, value: global}}]}}]\n    \
-         limit: {{requests: 1000000000, unit: Second}}\n"
+         limit: {{requests: 1000000000, unit: Second}}\n  \
+         - client_selectors: [{{headers: [{{name: {LIMIT_HEADER}, type: Exact, value: exact}}]}}]\n    \
+         limit: {{requests: 1000000, unit: Second}}\n    burst: 39\n"
     );
     Ok(Policies {
         sections,
@@ -472,6 +481,8 @@ struct PolicyCounts {
     verified: u64,
     local: u64,
     global: u64,
+    /// Global decisions taken from a lease, without a Redis call.
+    leased: u64,
     refused: u64,
     redis_errors: u64,
 }
@@ -498,6 +509,7 @@ impl PolicyCounts {
             refused: sum(&|l: &str| l.starts_with("weft_jwt_tokens_total{result=\"refused\"")),
             local: allowed("bench-local"),
             global: allowed("bench-global"),
+            leased: sum(&|l: &str| l.starts_with("weft_ratelimit_leased_total ")),
             redis_errors: sum(&|l: &str| l.starts_with("weft_ratelimit_redis_errors_total{")),
         })
     }
@@ -544,6 +556,7 @@ impl PolicyCounts {
             "tokens_verified": verified,
             "local_limit_allowed": local,
             "global_limit_allowed": global,
+            "global_limit_allowed_from_leases": d(self.leased, before.leased),
         }))
     }
 }
@@ -914,9 +927,36 @@ fn scenarios(
             "µs",
             ping,
         );
+        // 6. The same with a bucket too small to lease: every request of
+        // the `exact` half calls Redis.
+        let alternate = format!("{LIMIT_HEADER}: exact|local");
+        let paired_req = Req {
+            alternate: Some(&alternate),
+            ..paired_req
+        };
+        let paired = http_rr(
+            pods.client,
+            &target,
+            proto,
+            &paired_req,
+            plan.l7_fixed,
+            Some(RATE),
+        )
+        .context("the paired run, unleased")?;
+        sent += n;
+        exempt += n / 2;
+        let half = |v: &str| num(&paired["by_alternate"][v], "p50_us");
+        let (exact, exact_local) = (half("exact")?, half("local")?);
+        add(
+            "redis_exact_added_p50",
+            "p50 added by the Redis limit on a bucket too small to lease (a call per request; the halves of one alternating run)",
+            "µs",
+            exact - exact_local,
+        );
         redis_line = format!(
-            "  the Redis limit adds {:.1} µs (its call {call:.1}, PING {ping:.1})",
-            global - local
+            "  the Redis limit adds {:.1} µs, unleased {:.1} (its call {call:.1}, PING {ping:.1})",
+            global - local,
+            exact - exact_local
         );
     }
     let mut line = format!(
@@ -1275,6 +1315,10 @@ fn targets(results: &Results) -> Vec<Target> {
         if let Some(c) = with("fixed_redis_call_p50") {
             // What the waypoint's own calls took, as its client sees them.
             context.push(format!("the waypoint's calls {c:.1} µs"));
+        }
+        if let Some(e) = with("redis_exact_added_p50") {
+            // A bucket too small to lease: a call on every request's path.
+            context.push(format!("unleased {e:.1} µs"));
         }
         if let Some(apart) = with("fixed_p50").zip(local("fixed_p50")) {
             // The same, from two passes minutes apart: drift included.

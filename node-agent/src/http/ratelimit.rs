@@ -674,6 +674,17 @@ impl Limiter {
         if pending.is_empty() {
             return Ok(());
         }
+        // A lease this request asks for is the bucket's only one under way:
+        // if the request goes away before the answer (its client left), the
+        // lease must not stay "asked for" forever.
+        let mut asked = Asked {
+            leases: &self.leases,
+            keys: pending
+                .iter()
+                .filter(|p| p.ask > 1)
+                .map(|p| (p.key.clone(), p.ask))
+                .collect(),
+        };
         let timeout = pending
             .iter()
             .map(|p| p.policy.timeout)
@@ -693,6 +704,8 @@ impl Limiter {
                 answer
             }
         };
+        // Answered (or failed): each lease is settled below.
+        asked.keys.clear();
         let outcomes = match answer {
             Ok(o) => o,
             Err(e) => {
@@ -975,6 +988,22 @@ impl Leases {
         }
         l.left = left;
         l.reset = reset;
+    }
+}
+
+/// The leases a request asked for, settled as failed if it is dropped
+/// before they are.
+struct Asked<'a> {
+    leases: &'a Leases,
+    keys: Vec<(String, u64)>,
+}
+
+impl Drop for Asked<'_> {
+    fn drop(&mut self) {
+        let now = Instant::now();
+        for (key, n) in self.keys.drain(..) {
+            self.leases.granted(&key, n, None, now);
+        }
     }
 }
 
@@ -2273,6 +2302,13 @@ mod tests {
         assert_eq!(ask(&leases.take("k", 30, ms(20))), Some(30));
         // While that call is out, others ask for themselves only.
         assert_eq!(ask(&leases.take("k", 30, ms(20))), Some(1));
+        // The request that asked went away (its client left): the lease is
+        // not left "asked for" forever.
+        drop(Asked {
+            leases: &leases,
+            keys: vec![("k".to_owned(), 30)],
+        });
+        assert_eq!(ask(&leases.take("k", 30, ms(20))), Some(30));
         leases.granted("k", 30, Some((29, 500, Duration::from_secs(1))), ms(21));
         // Taken from the lease, with Redis's count plus the lease's.
         let mut refills = Vec::new();

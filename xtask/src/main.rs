@@ -21,6 +21,7 @@
 mod bench;
 mod cmd;
 mod demo;
+mod fuzz;
 mod image;
 mod lab;
 mod setup;
@@ -70,6 +71,16 @@ enum Task {
         #[arg(long)]
         tag: Option<String>,
     },
+    /// Build the fuzz targets of fuzz/ (nightly, libFuzzer coverage) and run
+    /// each for a while: a smoke run of every parser of outside input. A
+    /// crash fails it, with the input kept in fuzz/artifacts/<target>/.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 20)]
+        secs: u32,
+        /// One target only (a file name in fuzz/fuzz_targets, without `.rs`).
+        target: Option<String>,
+    },
     /// Benchmark Weft against direct TCP on a virtual cluster (needs root; release
     /// builds): throughput, latency, connection rate, HTTP, CPU and memory. Writes
     /// target/bench/*.json and the latest results into BENCHMARKS.md.
@@ -101,6 +112,7 @@ fn main() -> ExitCode {
         Task::Test { args } => test(&args),
         Task::Demo { once } => demo::run(once).map(|()| ExitCode::SUCCESS),
         Task::Image { tag } => image::run(tag).map(|()| ExitCode::SUCCESS),
+        Task::Fuzz { secs, target } => fuzz::run(secs, target).map(|()| ExitCode::SUCCESS),
         Task::Bench {
             quick,
             perf,

@@ -945,15 +945,19 @@ impl Leases {
         }
         if l.tokens > 0 {
             l.tokens -= 1;
-            // Topped up to its size (no more) when half is used.
-            let refill = (!l.asking && l.tokens * 2 <= l.size).then(|| {
+            // Topped up to its size (no more) when half is used. `asking`
+            // marks a lease call (two or more) under way, which
+            // [`Leases::granted`] settles: a top-up of one is left to the
+            // next request's own call.
+            let due = l.tokens * 2 <= l.size && l.size - l.tokens >= 2;
+            let refill = (due && !l.asking).then(|| {
                 l.asking = true;
                 l.size - l.tokens
             });
             return Leased::Taken {
                 remaining: l.left + l.tokens,
                 reset: l.reset,
-                refill: refill.filter(|n| *n > 0),
+                refill,
             };
         }
         if l.asking || l.size <= 1 {
@@ -2334,6 +2338,54 @@ mod tests {
         assert_eq!(ask(&leases.take("k", 30, ms(200))), Some(1));
         let held = leases.0.lock().unwrap()["k"].tokens;
         assert_eq!(held, 0);
+    }
+
+    /// Whatever the demand and however the calls end, a lease is marked
+    /// "asked for" only while a call that asked for it is out: a mark left
+    /// behind would stop the bucket's leasing for good (the first version
+    /// left one after a top-up of one, and the bench saw leasing stop).
+    #[test]
+    fn a_lease_is_asked_for_only_while_a_call_is_out() {
+        let leases = Leases::default();
+        let t0 = Instant::now();
+        let mut rng = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = |m: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % m
+        };
+        let mut out: Vec<u64> = Vec::new();
+        let mut at = Duration::ZERO;
+        for _ in 0..200_000 {
+            // Bursts and pauses: demand from 0 to a few per millisecond.
+            at += Duration::from_micros(next(3) * next(400) + 1);
+            let now = t0 + at;
+            let max = [2, 3, 5, 30][next(4) as usize];
+            match leases.take("k", max, now) {
+                Leased::Ask(n) if n > 1 => out.push(n),
+                Leased::Taken {
+                    refill: Some(n), ..
+                } => out.push(n),
+                _ => {}
+            }
+            // Calls end in any order, granted in part, in full or failed.
+            if !out.is_empty() && next(3) == 0 {
+                let n = out.swap_remove(next(out.len() as u64) as usize);
+                let grant = match next(3) {
+                    0 => None,
+                    1 => Some((next(n + 1), 10, Duration::ZERO)),
+                    _ => Some((n, 10, Duration::ZERO)),
+                };
+                leases.granted("k", n, grant, now);
+            }
+            let map = leases.0.lock().unwrap();
+            if let Some(l) = map.get("k") {
+                assert_eq!(l.asking, !out.is_empty(), "{out:?}");
+                assert!(out.len() <= 1, "one lease call at a time: {out:?}");
+                assert!(l.tokens <= l.size.max(30), "{} held", l.tokens);
+            }
+        }
     }
 
     /// Many callers at once: each gets its own answer (every key has its own

@@ -912,6 +912,15 @@ fn memory(
             .iter()
             .map(|&(_, _, node)| rss_kib(mesh, node))
             .collect::<Result<Vec<_>>>()?;
+        let idle_parts = sides
+            .iter()
+            .map(|&(_, _, node)| {
+                Ok((
+                    status_kib(mesh, node, "RssAnon")?,
+                    status_kib(mesh, node, "RssFile")?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
         let mut c = client.command(&tk);
         c.args([
             "hold",
@@ -946,6 +955,20 @@ fn memory(
                     "MiB",
                     Mode::Weft,
                     idle[i] / 1024.0,
+                );
+                results.add(
+                    &format!("memory.rss_idle_anon_{key}"),
+                    &format!("  of which anonymous: heap, stacks ({side})"),
+                    "MiB",
+                    Mode::Weft,
+                    idle_parts[i].0 / 1024.0,
+                );
+                results.add(
+                    &format!("memory.rss_idle_file_{key}"),
+                    &format!("  of which file-backed: the binary's pages, shared ({side})"),
+                    "MiB",
+                    Mode::Weft,
+                    idle_parts[i].1 / 1024.0,
                 );
             }
             results.add(
@@ -1063,13 +1086,22 @@ impl Drop for Profiler {
 
 /// Resident memory of node `node`'s agent, in KiB.
 fn rss_kib(mesh: &Mesh, node: usize) -> Result<f64> {
+    status_kib(mesh, node, "VmRSS")
+}
+
+/// A `kB` field of the agent's `/proc/<pid>/status`: `VmRSS`, or its parts
+/// `RssAnon` (heap, stacks: the agent's own) and `RssFile` (mapped files:
+/// its binary's pages, shared with every process that maps it and
+/// reclaimable; how many of them are mapped depends on how large the page
+/// cache's folios of the file are, so on how it was written and read).
+fn status_kib(mesh: &Mesh, node: usize, field: &str) -> Result<f64> {
     let pid = mesh.agent(node).pid();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .with_context(|| format!("no VmRSS in /proc/{pid}/status"))
+        .with_context(|| format!("no {field} in /proc/{pid}/status"))
 }
 
 /// CPU seconds used so far: by the whole machine (busy time of every CPU) and by

@@ -878,6 +878,7 @@ fn scenarios(
             headers: req.headers[..1].to_vec(),
             alternate: Some(&alternate),
         };
+        let counts = PolicyCounts::scrape(pods)?;
         let paired = http_rr(
             pods.client,
             &target,
@@ -890,6 +891,15 @@ fn scenarios(
         let n = u64::from(plan.l7_fixed) * 11 / 10;
         sent += n;
         exempt = n / 2;
+        // How many of the global half the lease admitted (no call).
+        let after = PolicyCounts::scrape(pods)?;
+        let global_n = after.global.saturating_sub(counts.global).max(1);
+        add(
+            "paired_leased_share",
+            "at 1,000 req/s, alternating, share of the Redis limit's decisions taken from a lease",
+            "%",
+            100.0 * after.leased.saturating_sub(counts.leased) as f64 / global_n as f64,
+        );
         let half = |v: &str| num(&paired["by_alternate"][v], "p50_us");
         let (global, local) = (half("global")?, half("local")?);
         add(

@@ -774,6 +774,10 @@ impl Limiter {
         };
         let (redis, leases, negative) = (redis.clone(), self.leases.clone(), self.negative.clone());
         rt.spawn(async move {
+            // Behind the work the request that asked has queued on this
+            // worker (its upstream write, its stream's frames): the top-up
+            // is not urgent, that request is.
+            tokio::task::yield_now().await;
             let started = Instant::now();
             let answer =
                 match tokio::time::timeout(timeout, redis.gcra(&[&key], &gcra.args(n))).await {

@@ -872,22 +872,28 @@ fn scenarios(
         // through the same JWT, authorization and local limit, on one
         // connection, at the same time. Two passes minutes apart differ by
         // more than this on this VM.
-        let alternate = format!("{LIMIT_HEADER}: global|local");
-        let paired_req = Req {
-            path: req.path,
-            headers: req.headers[..1].to_vec(),
-            alternate: Some(&alternate),
+        // One paired run, `a` and `b` alternating: the p50s of the halves.
+        let paired_run = |a: &str, b: &str| -> Result<(f64, f64)> {
+            let alternate = format!("{LIMIT_HEADER}: {a}|{b}");
+            let paired_req = Req {
+                path: req.path,
+                headers: req.headers[..1].to_vec(),
+                alternate: Some(&alternate),
+            };
+            let paired = http_rr(
+                pods.client,
+                &target,
+                proto,
+                &paired_req,
+                plan.l7_fixed,
+                Some(RATE),
+            )
+            .with_context(|| format!("the paired run {a}|{b}"))?;
+            let half = |v: &str| num(&paired["by_alternate"][v], "p50_us");
+            Ok((half(a)?, half(b)?))
         };
         let counts = PolicyCounts::scrape(pods)?;
-        let paired = http_rr(
-            pods.client,
-            &target,
-            proto,
-            &paired_req,
-            plan.l7_fixed,
-            Some(RATE),
-        )
-        .context("the paired run")?;
+        let (global, local) = paired_run("global", "local")?;
         let n = u64::from(plan.l7_fixed) * 11 / 10;
         sent += n;
         exempt = n / 2;
@@ -900,8 +906,6 @@ fn scenarios(
             "%",
             100.0 * after.leased.saturating_sub(counts.leased) as f64 / global_n as f64,
         );
-        let half = |v: &str| num(&paired["by_alternate"][v], "p50_us");
-        let (global, local) = (half("global")?, half("local")?);
         add(
             "paired_global_p50",
             "at 1,000 req/s, alternating, p50 of the requests the Redis limit applies to",
@@ -939,24 +943,9 @@ fn scenarios(
         );
         // 6. The same with a bucket too small to lease: every request of
         // the `exact` half calls Redis.
-        let alternate = format!("{LIMIT_HEADER}: exact|local");
-        let paired_req = Req {
-            alternate: Some(&alternate),
-            ..paired_req
-        };
-        let paired = http_rr(
-            pods.client,
-            &target,
-            proto,
-            &paired_req,
-            plan.l7_fixed,
-            Some(RATE),
-        )
-        .context("the paired run, unleased")?;
+        let (exact, exact_local) = paired_run("exact", "local")?;
         sent += n;
         exempt += n / 2;
-        let half = |v: &str| num(&paired["by_alternate"][v], "p50_us");
-        let (exact, exact_local) = (half("exact")?, half("local")?);
         add(
             "redis_exact_added_p50",
             "p50 added by the Redis limit on a bucket too small to lease (a call per request; the halves of one alternating run)",

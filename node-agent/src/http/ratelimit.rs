@@ -695,13 +695,7 @@ impl Limiter {
             Some(redis) => {
                 let keys: Vec<&str> = pending.iter().map(|p| p.key.as_str()).collect();
                 let args: Vec<String> = pending.iter().flat_map(|p| p.gcra.args(p.ask)).collect();
-                let started = Instant::now();
-                let answer = match tokio::time::timeout(timeout, redis.gcra(&keys, &args)).await {
-                    Ok(r) => r,
-                    Err(_) => Err(RedisError::Timeout),
-                };
-                CALL_TIMES.observe(started.elapsed());
-                answer
+                redis.gcra_timed(&keys, &args, timeout).await
             }
         };
         // Answered (or failed): each lease is settled below.
@@ -778,14 +772,8 @@ impl Limiter {
             // worker (its upstream write, its stream's frames): the top-up
             // is not urgent, that request is.
             tokio::task::yield_now().await;
-            let started = Instant::now();
-            let answer =
-                match tokio::time::timeout(timeout, redis.gcra(&[&key], &gcra.args(n))).await {
-                    Ok(r) => r,
-                    Err(_) => Err(RedisError::Timeout),
-                };
+            let answer = redis.gcra_timed(&[&key], &gcra.args(n), timeout).await;
             let now = Instant::now();
-            CALL_TIMES.observe(now - started);
             match answer.as_deref() {
                 Ok(&[(granted, a, b)]) => {
                     if granted == 0 {
@@ -1569,6 +1557,22 @@ impl Redis {
             Reply::Simple(s) if s == "PONG" => Ok(()),
             _ => Err(RedisError::Protocol("PING")),
         }
+    }
+
+    /// [`Redis::gcra`] within `timeout`, timed in
+    /// `weft_ratelimit_redis_call_seconds`.
+    async fn gcra_timed(
+        &self,
+        keys: &[&str],
+        args: &[String],
+        timeout: Duration,
+    ) -> Result<Vec<(u64, u64, u64)>, RedisError> {
+        let started = Instant::now();
+        let answer = tokio::time::timeout(timeout, self.gcra(keys, args))
+            .await
+            .unwrap_or(Err(RedisError::Timeout));
+        CALL_TIMES.observe(started.elapsed());
+        answer
     }
 
     /// The script over `keys`: per key, (granted, µs, µs).

@@ -978,6 +978,8 @@ impl Leases {
         if l.expires <= now {
             l.tokens = 0;
         }
+        // Never more than was asked for, whatever Redis answers.
+        let for_lease = for_lease.min(asked);
         if for_lease > 0 {
             l.tokens += for_lease;
             l.expires = now + LEASE_TTL;
